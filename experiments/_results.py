@@ -1,0 +1,69 @@
+"""Shared helpers for experiment scripts: result sections in RESULTS.md, atomic writes, statistics."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import tempfile
+from pathlib import Path
+from typing import Iterable
+
+RESULTS_MD = Path(__file__).with_name("RESULTS.md")
+
+__all__ = ["write_section", "atomic_write_text", "write_json", "mean_std", "paired_ci", "RESULTS_MD"]
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` through a temporary file and a rename (never half written)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    with os.fdopen(fd, "w") as fh:
+        fh.write(text)
+    os.replace(tmp, path)
+
+
+def write_json(path: Path, obj) -> None:
+    """Atomically write ``obj`` as indented JSON."""
+    atomic_write_text(Path(path), json.dumps(obj, indent=2, sort_keys=True) + "\n")
+
+
+def write_section(name: str, markdown: str, results_md: Path = RESULTS_MD) -> None:
+    """Replace (or append) the section ``name`` of RESULTS.md, delimited by HTML comment markers.
+
+    Each experiment owns one section, so scripts can be rerun independently.
+    """
+    begin, end = f"<!-- BEGIN {name} -->", f"<!-- END {name} -->"
+    block = f"{begin}\n{markdown.strip()}\n{end}"
+    text = results_md.read_text() if results_md.exists() else "# Results\n\nEach section is written by the script it names.\n"
+    pattern = re.compile(re.escape(begin) + r".*?" + re.escape(end), re.DOTALL)
+    if pattern.search(text):
+        text = pattern.sub(lambda _: block, text)
+    else:
+        text = text.rstrip() + "\n\n" + block + "\n"
+    atomic_write_text(results_md, text)
+
+
+def mean_std(values: Iterable[float]) -> tuple:
+    """Mean and sample standard deviation (0 for a single value)."""
+    vals = [float(v) for v in values]
+    if not vals:
+        raise ValueError("values: empty")
+    m = sum(vals) / len(vals)
+    if len(vals) < 2:
+        return m, 0.0
+    return m, math.sqrt(sum((v - m) ** 2 for v in vals) / (len(vals) - 1))
+
+
+def paired_ci(a: Iterable[float], b: Iterable[float], level: float = 0.95) -> tuple:
+    """Mean of the paired differences a - b and its two-sided t confidence interval."""
+    from scipy import stats
+
+    diffs = [float(x) - float(y) for x, y in zip(a, b, strict=True)]
+    m, s = mean_std(diffs)
+    if len(diffs) < 2:
+        return m, (float("nan"), float("nan"))
+    half = stats.t.ppf(0.5 + level / 2, len(diffs) - 1) * s / math.sqrt(len(diffs))
+    return m, (m - half, m + half)
