@@ -1,0 +1,408 @@
+"""Trainers with per-sample weights and one seed: plain ERM, Madry PGD adversarial training, TRADES.
+
+``Trainer.fit(model, train, weights=..., seed=...)`` returns a NEW trained model and never mutates
+its input. ``retrain="scratch"`` re-initialises a deep copy (every submodule's ``reset_parameters``
+under the seed); ``retrain="finetune"`` continues training a deep copy. The seed fixes the
+initialisation, the data order (a ``torch.Generator``), the random starts of the inner attacks and
+any randomness inside the model (e.g. dropout), so the same seed gives the same model.
+
+Subclasses change what is minimised through two hooks:
+
+- ``sample_losses(model, xb, yb, step) -> (b,)``: the per-sample training losses;
+- ``batch_loss(model, xb, yb, wb, step) -> scalar``: how they are combined with the weights
+  (default: ``mean(wb * sample_losses)``, with weights normalised to mean 1 over the training set);
+
+and can follow the run through ``begin_fit`` (called once, sees the training and validation data)
+and ``begin_step`` (called before every optimisation step with the step and epoch numbers).
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from typing import Callable, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from .data import as_tensors
+
+__all__ = [
+    "Trainer",
+    "ERM",
+    "PGDAT",
+    "TRADES",
+    "per_sample_loss",
+    "copy_for_training",
+    "check_weights",
+    "maximise_in_ball",
+    "RETRAIN_MODES",
+    "OPTIMIZERS",
+    "NORMS",
+]
+
+RETRAIN_MODES = ("scratch", "finetune")
+OPTIMIZERS = ("adam", "sgd")
+NORMS = ("linf", "l2")
+
+
+def per_sample_loss(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Per-sample loss, shape ``(n,)``: cross-entropy for >= 2 logits, BCE-with-logits for one logit."""
+    if outputs.dim() == 1 or outputs.shape[-1] == 1:
+        return F.binary_cross_entropy_with_logits(outputs.reshape(-1), targets.reshape(-1).to(outputs.dtype),
+                                                  reduction="none")
+    return F.cross_entropy(outputs, targets, reduction="none")
+
+
+def _class_log_probs(logits: torch.Tensor) -> torch.Tensor:
+    """Log class probabilities; one logit z is read as the two logits (0, z)."""
+    if logits.dim() == 1 or logits.shape[-1] == 1:
+        z = logits.reshape(-1, 1)
+        logits = torch.cat([torch.zeros_like(z), z], dim=1)
+    return F.log_softmax(logits, dim=1)
+
+
+def _model_device(model: nn.Module) -> torch.device:
+    for tensor in list(model.parameters()) + list(model.buffers()):
+        return tensor.device
+    return torch.device("cpu")
+
+
+def _check_int(value, name: str, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name}: must be an int, got {type(value).__name__}")
+    if value < minimum:
+        raise ValueError(f"{name}: must be >= {minimum}, got {value}")
+    return value
+
+
+def _check_positive(value, name: str, allow_zero: bool = False) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name}: must be a number, got {type(value).__name__}")
+    if not math.isfinite(value) or value < 0 or (value == 0 and not allow_zero):
+        raise ValueError(f"{name}: must be {'>= 0' if allow_zero else '> 0'} and finite, got {value}")
+    return float(value)
+
+
+def _check_choice(value, name: str, choices: tuple) -> str:
+    if value not in choices:
+        raise ValueError(f"{name}: must be one of {', '.join(choices)}, got {value!r}")
+    return value
+
+
+def check_weights(weights, n: int) -> Optional[torch.Tensor]:
+    """Validate per-sample ``weights`` (None, or ``n`` finite values >= 0 with a positive sum).
+
+    Returns them as float32 normalised to mean 1, or None for uniform weights.
+    """
+    if weights is None:
+        return None
+    w = torch.as_tensor(weights).detach().to(torch.float32).cpu().reshape(-1)
+    if w.numel() != n:
+        raise ValueError(f"weights: need one weight per training sample ({n}), got {w.numel()}")
+    if not torch.isfinite(w).all() or (w < 0).any():
+        raise ValueError("weights: must be finite and >= 0")
+    if w.sum() <= 0:
+        raise ValueError("weights: at least one weight must be > 0")
+    return w / w.mean()
+
+
+def copy_for_training(model: nn.Module, retrain: str, seed: int) -> nn.Module:
+    """Deep-copy ``model``; for ``retrain="scratch"`` re-initialise it with ``reset_parameters`` under ``seed``.
+
+    Raises ``ValueError`` when ``"scratch"`` cannot reach some parameter (a parameter registered on
+    a module without ``reset_parameters``).
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model: must be a torch.nn.Module, got {type(model).__name__}")
+    _check_choice(retrain, "retrain", RETRAIN_MODES)
+    model = copy.deepcopy(model)
+    if retrain == "finetune":
+        return model
+    resettable = [m for m in model.modules() if callable(getattr(m, "reset_parameters", None))]
+    covered = {id(p) for m in resettable for p in m.parameters(recurse=False)}
+    missing = [name for name, p in model.named_parameters() if id(p) not in covered]
+    if missing:
+        raise ValueError(f"retrain: 'scratch' cannot re-initialise {', '.join(missing)} (their modules "
+                         "have no reset_parameters); use retrain='finetune' or add reset_parameters")
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        for module in resettable:
+            module.reset_parameters()
+    return model
+
+
+def maximise_in_ball(
+    objective: Callable[[torch.Tensor], torch.Tensor],
+    x: torch.Tensor,
+    *,
+    eps: float,
+    alpha: float,
+    steps: int,
+    norm: str,
+    bounds,
+    start: torch.Tensor,
+) -> torch.Tensor:
+    """Projected gradient ascent of ``objective(x_adv)`` (a per-sample vector) in the ``norm`` ball.
+
+    ``start`` is the initial perturbation; linf steps follow the gradient sign, l2 steps the
+    per-sample normalised gradient. ``bounds`` (None or ``(low, high)``) clips the points.
+    Returns the detached adversarial points.
+    """
+    delta = start.detach()
+    dims = tuple(range(1, x.dim()))
+
+    def project(d: torch.Tensor) -> torch.Tensor:
+        if norm == "linf":
+            d = d.clamp(-eps, eps)
+        else:
+            size = d.flatten(1).norm(dim=1).clamp_min(1e-12).reshape(-1, *([1] * len(dims)))
+            d = d * torch.clamp(eps / size, max=1.0)
+        if bounds is not None:
+            d = torch.clamp(x + d, bounds[0], bounds[1]) - x
+        return d
+
+    delta = project(delta)
+    for _ in range(steps):
+        delta.requires_grad_(True)
+        (grad,) = torch.autograd.grad(objective(x + delta).sum(), delta)
+        with torch.no_grad():
+            if norm == "linf":
+                step = grad.sign()
+            else:
+                step = grad / grad.flatten(1).norm(dim=1).clamp_min(1e-12).reshape(-1, *([1] * len(dims)))
+            delta = project(delta + alpha * step)
+    return (x + delta).detach()
+
+
+class Trainer:
+    """Mini-batch training on per-sample weighted losses (base class; ``ERM`` is the plain case).
+
+    Args:
+        epochs: passes over the training data.
+        lr: learning rate.
+        batch_size: samples per step.
+        optimizer: ``"adam"`` or ``"sgd"`` (momentum 0.9).
+        weight_decay: L2 penalty of the optimizer.
+        retrain: ``"scratch"`` (re-initialise a copy) or ``"finetune"`` (continue from the given model).
+        progress: show a tqdm progress bar.
+        loss_fn: per-sample loss ``(outputs, targets) -> (n,)``; default :func:`per_sample_loss`.
+    """
+
+    def __init__(
+        self,
+        *,
+        epochs: int,
+        lr: float,
+        batch_size: int,
+        optimizer: str = "adam",
+        weight_decay: float = 0.0,
+        retrain: str = "scratch",
+        progress: bool = True,
+        loss_fn: Optional[Callable] = None,
+    ):
+        self.epochs = _check_int(epochs, "epochs", 1)
+        self.lr = _check_positive(lr, "lr")
+        self.batch_size = _check_int(batch_size, "batch_size", 1)
+        self.optimizer = _check_choice(optimizer, "optimizer", OPTIMIZERS)
+        self.weight_decay = _check_positive(weight_decay, "weight_decay", allow_zero=True)
+        self.retrain = _check_choice(retrain, "retrain", RETRAIN_MODES)
+        if not isinstance(progress, bool):
+            raise TypeError(f"progress: must be a bool, got {type(progress).__name__}")
+        self.progress = progress
+        if loss_fn is not None and not callable(loss_fn):
+            raise TypeError(f"loss_fn: must be callable, got {type(loss_fn).__name__}")
+        self.loss_fn = loss_fn or per_sample_loss
+
+    def with_retrain(self, retrain: str) -> "Trainer":
+        """A shallow copy of this trainer with another ``retrain`` mode."""
+        other = copy.copy(self)
+        other.retrain = _check_choice(retrain, "retrain", RETRAIN_MODES)
+        return other
+
+    def __repr__(self) -> str:
+        return (f"{type(self).__name__}(epochs={self.epochs}, lr={self.lr}, batch_size={self.batch_size}, "
+                f"optimizer={self.optimizer!r}, retrain={self.retrain!r})")
+
+    # ----------------------------------------------------------------- hooks for subclasses
+    def begin_fit(self, model: nn.Module, train: tuple, val: Optional[tuple], *, seed: int,
+                  steps_per_epoch: int) -> None:
+        """Called once before the first step, with the model being trained (no-op by default)."""
+
+    def begin_step(self, model: nn.Module, *, step: int, epoch: int) -> None:
+        """Called before every optimisation step (no-op by default)."""
+
+    def sample_losses(self, model: nn.Module, xb: torch.Tensor, yb: torch.Tensor, step: int) -> torch.Tensor:
+        """Per-sample training losses of one batch, shape ``(b,)`` (clean loss by default)."""
+        return self.loss_fn(model(xb), yb)
+
+    def batch_loss(self, model: nn.Module, xb: torch.Tensor, yb: torch.Tensor, wb: torch.Tensor,
+                   step: int) -> torch.Tensor:
+        """The scalar minimised at one step: per-sample losses times the (mean-1) weights, averaged."""
+        return (wb * self.sample_losses(model, xb, yb, step)).mean()
+
+    # ----------------------------------------------------------------- training loop
+    def _make_optimizer(self, model: nn.Module) -> torch.optim.Optimizer:
+        params = [p for p in model.parameters() if p.requires_grad]
+        if not params:
+            raise ValueError("model: has no trainable parameters")
+        if self.optimizer == "adam":
+            return torch.optim.Adam(params, lr=self.lr, weight_decay=self.weight_decay)
+        return torch.optim.SGD(params, lr=self.lr, momentum=0.9, weight_decay=self.weight_decay)
+
+    def fit(self, model: nn.Module, train, *, weights=None, seed: int = 0, val=None) -> nn.Module:
+        """Train a copy of ``model`` on ``train`` (``(X, y[, s])``) and return it in eval mode.
+
+        ``weights`` (one per sample, >= 0) scale the per-sample losses; ``val`` is passed to the
+        hooks only (the base trainers do not use it).
+        """
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model: must be a torch.nn.Module, got {type(model).__name__}")
+        _check_int(seed, "seed", 0)
+        X, y = as_tensors(train, "train")[:2]
+        val = None if val is None else as_tensors(val, "val")
+        w = check_weights(weights, X.shape[0])
+        device = _model_device(model)
+        n = X.shape[0]
+        steps_per_epoch = math.ceil(n / self.batch_size)
+        cuda = [device] if device.type == "cuda" else []
+        with torch.random.fork_rng(devices=cuda):
+            torch.manual_seed(seed)
+            model = copy_for_training(model, self.retrain, seed)
+            optimizer = self._make_optimizer(model)
+            order_generator = torch.Generator().manual_seed(seed)
+            self.begin_fit(model, (X, y), val, seed=seed, steps_per_epoch=steps_per_epoch)
+            model.train()
+            step = 0
+            with tqdm(total=self.epochs * steps_per_epoch, desc=type(self).__name__, disable=not self.progress,
+                      leave=False) as bar:
+                for epoch in range(self.epochs):
+                    order = torch.randperm(n, generator=order_generator)
+                    for start in range(0, n, self.batch_size):
+                        idx = order[start:start + self.batch_size]
+                        xb, yb = X[idx].to(device), y[idx].to(device)
+                        wb = torch.ones(len(idx), device=device) if w is None else w[idx].to(device)
+                        self.begin_step(model, step=step, epoch=epoch)
+                        loss = self.batch_loss(model, xb, yb, wb, step)
+                        if not torch.isfinite(loss):
+                            raise FloatingPointError(f"lr: training diverged at step {step} (loss {loss.item()});"
+                                                     " try a smaller learning rate")
+                        optimizer.zero_grad(set_to_none=True)
+                        loss.backward()
+                        optimizer.step()
+                        step += 1
+                        bar.update()
+                        bar.set_postfix(loss=f"{loss.item():.4f}", refresh=False)
+        model.eval()
+        return model
+
+
+class ERM(Trainer):
+    """Plain (weighted) empirical risk minimisation on the clean training points."""
+
+
+class _BallTrainer(Trainer):
+    """Shared options of trainers with an inner maximisation in an ``eps``-ball."""
+
+    def __init__(self, *, eps: float, norm: str = "linf", steps: int = 7, alpha: Optional[float] = None,
+                 bounds=(0.0, 1.0), **trainer_options):
+        super().__init__(**trainer_options)
+        self.eps = _check_positive(eps, "eps", allow_zero=True)
+        self.norm = _check_choice(norm, "norm", NORMS)
+        self.steps = _check_int(steps, "steps", 1)
+        self.alpha = 2.5 * self.eps / self.steps if alpha is None else _check_positive(alpha, "alpha")
+        if bounds is not None:
+            if not isinstance(bounds, (tuple, list)) or len(bounds) != 2 or not bounds[0] < bounds[1]:
+                raise ValueError(f"bounds: must be None or a (low, high) pair with low < high, got {bounds!r}")
+            bounds = (float(bounds[0]), float(bounds[1]))
+        self.bounds = bounds
+        self._noise: Optional[torch.Generator] = None
+
+    def begin_fit(self, model, train, val, *, seed, steps_per_epoch):
+        """Seed the generator of the inner attack's random starts."""
+        self._noise = torch.Generator().manual_seed(seed)
+
+    def _random_start(self, x: torch.Tensor, scale: float, uniform: bool) -> torch.Tensor:
+        noise = (torch.rand(x.shape, generator=self._noise) * 2 - 1) if uniform else torch.randn(
+            x.shape, generator=self._noise)
+        return (scale * noise).to(device=x.device, dtype=x.dtype)
+
+    def __repr__(self) -> str:
+        return f"{super().__repr__()[:-1]}, eps={self.eps}, norm={self.norm!r}, steps={self.steps})"
+
+
+class PGDAT(_BallTrainer):
+    """Madry et al. (2018) PGD adversarial training: minimise the weighted loss at PGD points.
+
+    The PGD points maximise the per-sample loss in the ``eps``-ball (random start, ``steps`` steps of
+    size ``alpha``, default ``2.5 * eps / steps``); they are generated with the model in eval mode,
+    then the step is taken in train mode. ``attack`` (an ``attack(model, x, y) -> x_adv`` callable)
+    replaces the built-in PGD when given.
+    """
+
+    def __init__(self, *, eps: float, norm: str = "linf", steps: int = 7, alpha: Optional[float] = None,
+                 bounds=(0.0, 1.0), attack: Optional[Callable] = None, **trainer_options):
+        super().__init__(eps=eps, norm=norm, steps=steps, alpha=alpha, bounds=bounds, **trainer_options)
+        if attack is not None and not callable(attack):
+            raise TypeError(f"attack: must be callable, got {type(attack).__name__}")
+        self.attack = attack
+
+    def adversarial_points(self, model: nn.Module, xb: torch.Tensor, yb: torch.Tensor) -> torch.Tensor:
+        """PGD points of one batch, generated with the model in eval mode."""
+        was_training = model.training
+        model.eval()
+        try:
+            if self.attack is not None:
+                return self.attack(model, xb, yb).detach()
+            start = self._random_start(xb, self.eps, uniform=True)
+            if self.norm == "l2":
+                start = start / math.sqrt(max(xb[0].numel(), 1))
+            return maximise_in_ball(lambda z: self.loss_fn(model(z), yb), xb, eps=self.eps, alpha=self.alpha,
+                                    steps=self.steps, norm=self.norm, bounds=self.bounds, start=start)
+        finally:
+            model.train(was_training)
+
+    def sample_losses(self, model, xb, yb, step):
+        """Per-sample loss at the PGD points."""
+        return self.loss_fn(model(self.adversarial_points(model, xb, yb)), yb)
+
+
+class TRADES(_BallTrainer):
+    """Zhang et al. (2019) TRADES: ``loss(f(x), y) + beta * KL(p(x) || p(x_adv))`` per sample.
+
+    ``x_adv`` maximises the KL term in the ``eps``-ball from a small Gaussian start (0.001), with
+    the model in eval mode; the clean distribution in the KL keeps its gradient, as in the paper.
+    """
+
+    def __init__(self, *, eps: float, beta: float = 6.0, norm: str = "linf", steps: int = 7,
+                 alpha: Optional[float] = None, bounds=(0.0, 1.0), **trainer_options):
+        super().__init__(eps=eps, norm=norm, steps=steps, alpha=alpha, bounds=bounds, **trainer_options)
+        self.beta = _check_positive(beta, "beta", allow_zero=True)
+
+    def adversarial_points(self, model: nn.Module, xb: torch.Tensor) -> torch.Tensor:
+        """Points in the ball maximising KL(p(x) || p(x_adv)), generated in eval mode."""
+        was_training = model.training
+        model.eval()
+        try:
+            with torch.no_grad():
+                clean_log_probs = _class_log_probs(model(xb))
+
+            def kl_to_clean(z):
+                return F.kl_div(_class_log_probs(model(z)), clean_log_probs, reduction="none",
+                                log_target=True).sum(dim=1)
+
+            return maximise_in_ball(kl_to_clean, xb, eps=self.eps, alpha=self.alpha, steps=self.steps,
+                                    norm=self.norm, bounds=self.bounds,
+                                    start=self._random_start(xb, 0.001, uniform=False))
+        finally:
+            model.train(was_training)
+
+    def sample_losses(self, model, xb, yb, step):
+        """Clean loss plus ``beta`` times the per-sample KL to the adversarial prediction."""
+        x_adv = self.adversarial_points(model, xb)
+        logits = model(xb)
+        clean_log_probs = _class_log_probs(logits)
+        kl = F.kl_div(_class_log_probs(model(x_adv)), clean_log_probs, reduction="none", log_target=True).sum(dim=1)
+        return self.loss_fn(logits, yb) + self.beta * kl

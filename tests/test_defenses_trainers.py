@@ -1,0 +1,229 @@
+"""Trainers: determinism, no mutation, scratch vs finetune, weights as known answers, PGD-AT / TRADES."""
+
+import pytest
+import torch
+from torch import nn
+
+from defenses import ERM, PGDAT, TRADES, Trainer, per_sample_loss
+from defenses.trainers import copy_for_training, maximise_in_ball
+from robust_infl.models import MLP, LogisticRegression
+
+
+def _blobs(n=64, d=5, seed=0, classes=2):
+    g = torch.Generator().manual_seed(seed)
+    y = torch.randint(0, classes, (n,), generator=g)
+    X = torch.randn(n, d, generator=g) + 1.5 * (y.float() - 0.5).unsqueeze(1)
+    return X, y
+
+
+def _params(model):
+    return torch.cat([p.detach().flatten() for p in model.parameters()])
+
+
+def _erm(**kw):
+    options = dict(epochs=3, lr=0.05, batch_size=16, progress=False)
+    options.update(kw)
+    return ERM(**options)
+
+
+def test_fit_returns_new_model_and_leaves_input_untouched():
+    model = MLP(5, 2, hidden=(8,))
+    before = _params(model).clone()
+    trained = _erm().fit(model, _blobs())
+    assert trained is not model
+    assert torch.equal(_params(model), before)
+    assert not torch.equal(_params(trained), before)
+    assert not trained.training
+
+
+def test_same_seed_same_model_and_other_seed_differs():
+    data = _blobs()
+    a = _erm().fit(MLP(5, 2, hidden=(8,)), data, seed=3)
+    b = _erm().fit(MLP(5, 2, hidden=(8,)), data, seed=3)
+    c = _erm().fit(MLP(5, 2, hidden=(8,)), data, seed=4)
+    assert torch.equal(_params(a), _params(b))
+    assert not torch.equal(_params(a), _params(c))
+
+
+def test_fit_does_not_disturb_global_rng():
+    model, data = MLP(5, 2, hidden=(8,)), _blobs()
+    torch.manual_seed(123)
+    expected = torch.rand(3)
+    torch.manual_seed(123)
+    _erm().fit(model, data, seed=0)
+    assert torch.equal(torch.rand(3), expected)
+
+
+def test_scratch_reinitialises_and_finetune_continues():
+    data = _blobs()
+    torch.manual_seed(0)
+    m1 = MLP(5, 2, hidden=(8,))
+    torch.manual_seed(1)
+    m2 = MLP(5, 2, hidden=(8,))
+    # scratch ignores the starting weights: two different inits give the same result under one seed
+    assert torch.equal(_params(_erm().fit(m1, data, seed=7)), _params(_erm().fit(m2, data, seed=7)))
+    # finetune starts from the given weights: a tiny learning rate stays next to them
+    tuned = _erm(retrain="finetune", lr=1e-6, epochs=1).fit(m1, data, seed=7)
+    assert torch.allclose(_params(tuned), _params(m1), atol=1e-4)
+    assert not torch.allclose(_params(_erm(lr=1e-6, epochs=1).fit(m1, data, seed=7)), _params(m1), atol=1e-4)
+
+
+def test_zero_one_weights_equal_training_on_the_subset():
+    """Full-batch SGD: mean-1 normalised 0/1 weights give exactly the gradient of the subset's mean loss."""
+    X, y = _blobs(n=40)
+    keep = torch.arange(40) % 3 != 0
+    model = LogisticRegression(5, 1)
+    sgd = dict(optimizer="sgd", lr=0.1, epochs=20, retrain="finetune")
+    weighted = _erm(batch_size=40, **sgd).fit(model, (X, y), weights=keep.float())
+    subset = _erm(batch_size=int(keep.sum()), **sgd).fit(model, (X[keep], y[keep]))
+    assert torch.allclose(_params(weighted), _params(subset), atol=1e-5)
+
+
+def test_integer_weights_equal_duplicated_samples():
+    X, y = _blobs(n=30)
+    counts = (torch.arange(30) % 3).long()  # 0, 1 or 2 copies
+    model = MLP(5, 2, hidden=(6,))
+    sgd = dict(optimizer="sgd", lr=0.05, epochs=15, retrain="finetune")
+    weighted = _erm(batch_size=30, **sgd).fit(model, (X, y), weights=counts.float())
+    dup = torch.repeat_interleave(torch.arange(30), counts)
+    duplicated = _erm(batch_size=len(dup), **sgd).fit(model, (X[dup], y[dup]))
+    assert torch.allclose(_params(weighted), _params(duplicated), atol=1e-5)
+
+
+def test_per_sample_loss_matches_torch_losses():
+    logits = torch.randn(7, 3)
+    y = torch.randint(0, 3, (7,))
+    assert torch.allclose(per_sample_loss(logits, y), nn.CrossEntropyLoss(reduction="none")(logits, y))
+    z = torch.randn(7, 1)
+    yb = torch.randint(0, 2, (7,))
+    expected = nn.BCEWithLogitsLoss(reduction="none")(z.squeeze(1), yb.float())
+    assert torch.allclose(per_sample_loss(z, yb), expected)
+
+
+def test_hooks_see_every_step_and_epoch():
+    seen = []
+
+    class Recorder(ERM):
+        def begin_fit(self, model, train, val, *, seed, steps_per_epoch):
+            seen.append(("fit", steps_per_epoch, val is not None))
+
+        def begin_step(self, model, *, step, epoch):
+            seen.append((step, epoch))
+
+    data = _blobs(n=40)
+    Recorder(epochs=2, lr=0.01, batch_size=16, progress=False).fit(MLP(5, 2, hidden=(4,)), data, val=data)
+    assert seen == [("fit", 3, True)] + [(s, s // 3) for s in range(6)]
+
+
+def test_pgd_points_match_the_closed_form_worst_case_of_a_linear_model():
+    """For a linear score w.x + b the linf worst case is x - eps * sign(w) * (2y - 1)."""
+    X, y = _blobs(n=32)
+    model = LogisticRegression(5, 1)
+    trainer = PGDAT(eps=0.3, steps=10, bounds=None, epochs=1, lr=0.1, batch_size=32, progress=False)
+    trainer.begin_fit(model, (X, y), None, seed=0, steps_per_epoch=1)
+    x_adv = trainer.adversarial_points(model, X, y)
+    w = model.linear.weight.detach().reshape(-1)
+    expected = X - 0.3 * torch.sign(w) * (2 * y.float() - 1).unsqueeze(1)
+    assert torch.allclose(x_adv, expected, atol=1e-6)
+
+
+def test_l2_ball_and_bounds_are_respected():
+    X = torch.rand(16, 1, 4, 4)
+    y = torch.randint(0, 3, (16,))
+    model = nn.Sequential(nn.Flatten(), nn.Linear(16, 3))
+    start = torch.randn_like(X)
+    x_adv = maximise_in_ball(lambda z: per_sample_loss(model(z), y), X, eps=0.5, alpha=0.2, steps=5, norm="l2",
+                             bounds=(0.0, 1.0), start=start)
+    assert ((x_adv - X).flatten(1).norm(dim=1) <= 0.5 + 1e-5).all()
+    assert x_adv.min() >= 0 and x_adv.max() <= 1
+    assert (per_sample_loss(model(x_adv), y) >= per_sample_loss(model(X), y) - 1e-6).all()
+
+
+def test_pgd_at_is_more_robust_than_erm_on_its_own_attack():
+    """Feature 0 separates the classes by a margin smaller than eps, feature 1 is noisier but robust."""
+    g = torch.Generator().manual_seed(0)
+    y = torch.randint(0, 2, (200,), generator=g)
+    sign = 2 * y.float() - 1
+    X = torch.stack([0.25 * sign + 0.05 * torch.randn(200, generator=g),
+                     sign + 0.7 * torch.randn(200, generator=g)], dim=1)
+    options = dict(epochs=30, lr=0.05, batch_size=50, progress=False)
+    erm = ERM(**options).fit(MLP(2, 2, hidden=(16,)), (X, y))
+    pgd = PGDAT(eps=0.3, steps=5, bounds=None, **options).fit(MLP(2, 2, hidden=(16,)), (X, y))
+    probe = PGDAT(eps=0.3, steps=10, bounds=None, **options)
+    probe.begin_fit(None, None, None, seed=1, steps_per_epoch=1)
+
+    def robust_acc(m):
+        return (m(probe.adversarial_points(m, X, y)).argmax(1) == y).float().mean().item()
+
+    assert robust_acc(pgd) > robust_acc(erm) + 0.2
+
+
+def test_trades_with_beta_zero_is_erm():
+    data = _blobs(n=48)
+    options = dict(epochs=2, lr=0.05, batch_size=16, progress=False)
+    erm = ERM(**options).fit(MLP(5, 2, hidden=(8,)), data, seed=2)
+    trades = TRADES(eps=0.3, beta=0.0, steps=2, bounds=None, **options).fit(MLP(5, 2, hidden=(8,)), data, seed=2)
+    assert torch.allclose(_params(erm), _params(trades), atol=1e-6)
+
+
+def test_trades_points_increase_the_kl_and_one_logit_models_work():
+    X, y = _blobs(n=32)
+    model = LogisticRegression(5, 1)
+    trainer = TRADES(eps=0.5, steps=5, bounds=None, epochs=1, lr=0.1, batch_size=32, progress=False)
+    trainer.begin_fit(model, (X, y), None, seed=0, steps_per_epoch=1)
+    x_adv = trainer.adversarial_points(model, X)
+    p, q = torch.sigmoid(model(X)), torch.sigmoid(model(x_adv))
+    kl = p * torch.log(p / q) + (1 - p) * torch.log((1 - p) / (1 - q))
+    assert (kl >= -1e-6).all() and kl.mean() > 1e-3
+    trained = trainer.fit(model, (X, y), seed=0)
+    assert torch.isfinite(_params(trained)).all()
+
+
+def test_scratch_refuses_parameters_it_cannot_reset():
+    class Bare(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = nn.Parameter(torch.zeros(5, 2))
+
+        def forward(self, x):
+            return x @ self.w
+
+    with pytest.raises(ValueError, match="^retrain: 'scratch' cannot re-initialise w"):
+        copy_for_training(Bare(), "scratch", 0)
+    assert isinstance(copy_for_training(Bare(), "finetune", 0), Bare)
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(epochs=0), "^epochs: must be >= 1"),
+        (dict(lr=-1.0), "^lr: must be > 0"),
+        (dict(batch_size=0), "^batch_size: must be >= 1"),
+        (dict(optimizer="rmsprop"), "^optimizer: must be one of"),
+        (dict(retrain="warm"), "^retrain: must be one of"),
+        (dict(weight_decay=-0.1), "^weight_decay: must be >= 0"),
+    ],
+)
+def test_constructor_validation(kwargs, message):
+    options = dict(epochs=1, lr=0.1, batch_size=4, progress=False)
+    options.update(kwargs)
+    with pytest.raises(ValueError, match=message):
+        ERM(**options)
+
+
+def test_fit_validation():
+    trainer = _erm()
+    X, y = _blobs(n=10)
+    with pytest.raises(ValueError, match="^weights: need one weight per training sample"):
+        trainer.fit(MLP(5, 2), (X, y), weights=torch.ones(9))
+    with pytest.raises(ValueError, match="^weights: must be finite and >= 0"):
+        trainer.fit(MLP(5, 2), (X, y), weights=-torch.ones(10))
+    with pytest.raises(ValueError, match="^weights: at least one weight"):
+        trainer.fit(MLP(5, 2), (X, y), weights=torch.zeros(10))
+    with pytest.raises(TypeError, match="^model: must be a torch.nn.Module"):
+        trainer.fit("mlp", (X, y))
+    with pytest.raises(ValueError, match="^train: all tensors need the same first dimension"):
+        trainer.fit(MLP(5, 2), (X, y[:5]))
+    with pytest.raises(ValueError, match="^eps: must be >= 0"):
+        PGDAT(eps=-1, epochs=1, lr=0.1, batch_size=4)
+    assert isinstance(trainer, Trainer)
