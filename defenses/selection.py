@@ -1,0 +1,118 @@
+"""Turn harm scores into a data selection: prune (keep-mask), reweight (per-sample weights), relabel.
+
+Scores follow the project's sign convention: larger = more harmful. Every rule spends the same
+budget, ``budget_size(n, fraction)`` samples, so a defence and its baselines are comparable.
+Ties are broken by sample index (the earlier sample counts as more harmful), so results are
+deterministic.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+__all__ = ["prune", "reweight", "relabel", "budget_size", "most_harmful", "REWEIGHT_SCHEMES"]
+
+REWEIGHT_SCHEMES = ("smooth", "hard")
+
+
+def _check_scores(scores) -> torch.Tensor:
+    if not torch.is_tensor(scores):
+        try:
+            scores = torch.as_tensor(scores)
+        except (TypeError, ValueError, RuntimeError) as err:
+            raise TypeError(f"scores: must be a 1-D tensor or array of numbers, got {type(scores).__name__}") from err
+    if scores.dim() != 1 or scores.numel() == 0:
+        raise ValueError(f"scores: must be a non-empty 1-D tensor, got shape {tuple(scores.shape)}")
+    if scores.dtype == torch.bool or scores.is_complex():
+        raise TypeError(f"scores: must be real numbers, got {scores.dtype}")
+    scores = scores.detach().cpu().to(torch.float64)
+    if not torch.isfinite(scores).all():
+        raise ValueError("scores: contains NaN or infinite values")
+    return scores
+
+
+def _check_fraction(fraction) -> float:
+    if isinstance(fraction, bool) or not isinstance(fraction, (int, float)):
+        raise TypeError(f"fraction: must be a number, got {type(fraction).__name__}")
+    if not 0.0 <= fraction < 1.0:
+        raise ValueError(f"fraction: must be in [0, 1), got {fraction}")
+    return float(fraction)
+
+
+def budget_size(n: int, fraction: float) -> int:
+    """Number of samples a ``fraction`` of ``n`` removes: ``fraction * n`` rounded half up."""
+    return int(math.floor(_check_fraction(fraction) * n + 0.5))
+
+
+def most_harmful(scores, fraction: float) -> torch.Tensor:
+    """Boolean mask of the ``budget_size(n, fraction)`` samples with the largest harm."""
+    scores = _check_scores(scores)
+    k = budget_size(scores.numel(), fraction)
+    order = torch.sort(-scores, stable=True).indices
+    flagged = torch.zeros(scores.numel(), dtype=torch.bool)
+    flagged[order[:k]] = True
+    return flagged
+
+
+def prune(scores, fraction: float) -> torch.Tensor:
+    """Keep-mask (``torch.bool``, True = keep) that drops the ``fraction`` with the largest harm."""
+    return ~most_harmful(scores, fraction)
+
+
+def reweight(scores, scheme: str = "smooth", *, fraction: float, temperature: float = 1.0,
+             w_max: float = 1.0) -> torch.Tensor:
+    """Per-sample training weights in ``[0, w_max]`` (float32), non-increasing in harm.
+
+    - ``scheme="hard"``: ``w_max`` for kept samples and 0 for the ``fraction`` with the largest harm
+      (the weights of :func:`prune`).
+    - ``scheme="smooth"``: ``w_max * sigmoid(-(harm - c) / (temperature * s))``, with ``c`` the harm
+      threshold of the same budget (midway between the last pruned and the first kept score) and
+      ``s`` the standard deviation of the scores. The top ``fraction`` gets weights below
+      ``w_max / 2``; a small temperature approaches the hard scheme, a large one uniform weights.
+    """
+    scores = _check_scores(scores)
+    if scheme not in REWEIGHT_SCHEMES:
+        raise ValueError(f"scheme: must be one of {', '.join(REWEIGHT_SCHEMES)}, got {scheme!r}")
+    flagged = most_harmful(scores, fraction)
+    if isinstance(w_max, bool) or not isinstance(w_max, (int, float)) or not (0 < w_max < math.inf):
+        raise ValueError(f"w_max: must be a positive finite number, got {w_max!r}")
+    if scheme == "hard":
+        return (~flagged).to(torch.float32) * float(w_max)
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not (
+            0 < temperature < math.inf):
+        raise ValueError(f"temperature: must be a positive finite number, got {temperature!r}")
+    spread = scores.std(unbiased=False)
+    scale = spread if spread > 0 else torch.tensor(1.0, dtype=torch.float64)
+    if not flagged.any():
+        center = scores.max() + scale
+    elif flagged.all():
+        center = scores.min() - scale
+    else:
+        center = 0.5 * (scores[flagged].min() + scores[~flagged].max())
+    return (float(w_max) * torch.sigmoid(-(scores - center) / (temperature * scale))).to(torch.float32)
+
+
+def relabel(scores, labels: torch.Tensor, predictions: torch.Tensor, fraction: float) -> tuple:
+    """Relabel the ``fraction`` with the largest harm to the model's prediction (label-noise repair).
+
+    ``predictions`` are class indices ``(n,)``, or the model's outputs: logits ``(n, C)`` (argmax) or
+    one binary logit ``(n, 1)`` (positive = class 1). Returns ``(new_labels, flagged)``.
+    """
+    scores = _check_scores(scores)
+    n = scores.numel()
+    if not torch.is_tensor(labels) or labels.shape != (n,) or labels.is_floating_point():
+        raise ValueError(f"labels: must be an integer tensor of shape ({n},)")
+    if not torch.is_tensor(predictions) or predictions.shape[0] != n or predictions.dim() > 2:
+        raise ValueError(f"predictions: must be class indices ({n},) or model outputs ({n}, C)")
+    if predictions.dim() == 2:
+        predicted = (predictions[:, 0] > 0).long() if predictions.shape[1] == 1 else predictions.argmax(dim=1)
+    elif predictions.is_floating_point():
+        raise ValueError("predictions: a 1-D tensor must hold class indices, not floats")
+    else:
+        predicted = predictions
+    flagged = most_harmful(scores, fraction)
+    new_labels = labels.clone()
+    new_labels[flagged] = predicted[flagged].to(labels.device, labels.dtype)
+    return new_labels, flagged
