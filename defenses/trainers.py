@@ -28,6 +28,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .data import as_tensors
+from .validation import check_bool, check_choice, check_int, check_positive
 
 __all__ = [
     "Trainer",
@@ -36,8 +37,10 @@ __all__ = [
     "TRADES",
     "per_sample_loss",
     "copy_for_training",
+    "make_optimizer",
     "check_weights",
     "maximise_in_ball",
+    "model_device",
     "RETRAIN_MODES",
     "OPTIMIZERS",
     "NORMS",
@@ -64,32 +67,10 @@ def _class_log_probs(logits: torch.Tensor) -> torch.Tensor:
     return F.log_softmax(logits, dim=1)
 
 
-def _model_device(model: nn.Module) -> torch.device:
+def model_device(model: nn.Module) -> torch.device:
     for tensor in list(model.parameters()) + list(model.buffers()):
         return tensor.device
     return torch.device("cpu")
-
-
-def _check_int(value, name: str, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name}: must be an int, got {type(value).__name__}")
-    if value < minimum:
-        raise ValueError(f"{name}: must be >= {minimum}, got {value}")
-    return value
-
-
-def _check_positive(value, name: str, allow_zero: bool = False) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{name}: must be a number, got {type(value).__name__}")
-    if not math.isfinite(value) or value < 0 or (value == 0 and not allow_zero):
-        raise ValueError(f"{name}: must be {'>= 0' if allow_zero else '> 0'} and finite, got {value}")
-    return float(value)
-
-
-def _check_choice(value, name: str, choices: tuple) -> str:
-    if value not in choices:
-        raise ValueError(f"{name}: must be one of {', '.join(choices)}, got {value!r}")
-    return value
 
 
 def check_weights(weights, n: int) -> Optional[torch.Tensor]:
@@ -109,6 +90,16 @@ def check_weights(weights, n: int) -> Optional[torch.Tensor]:
     return w / w.mean()
 
 
+def make_optimizer(model: nn.Module, name: str, lr: float, weight_decay: float) -> torch.optim.Optimizer:
+    """Adam, or SGD with momentum 0.9, over the trainable parameters of ``model``."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise ValueError("model: has no trainable parameters")
+    if name == "adam":
+        return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
+    return torch.optim.SGD(params, lr=lr, momentum=0.9, weight_decay=weight_decay)
+
+
 def copy_for_training(model: nn.Module, retrain: str, seed: int) -> nn.Module:
     """Deep-copy ``model``; for ``retrain="scratch"`` re-initialise it with ``reset_parameters`` under ``seed``.
 
@@ -117,7 +108,7 @@ def copy_for_training(model: nn.Module, retrain: str, seed: int) -> nn.Module:
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model: must be a torch.nn.Module, got {type(model).__name__}")
-    _check_choice(retrain, "retrain", RETRAIN_MODES)
+    check_choice(retrain, "retrain", RETRAIN_MODES)
     model = copy.deepcopy(model)
     if retrain == "finetune":
         return model
@@ -203,15 +194,13 @@ class Trainer:
         progress: bool = True,
         loss_fn: Optional[Callable] = None,
     ):
-        self.epochs = _check_int(epochs, "epochs", 1)
-        self.lr = _check_positive(lr, "lr")
-        self.batch_size = _check_int(batch_size, "batch_size", 1)
-        self.optimizer = _check_choice(optimizer, "optimizer", OPTIMIZERS)
-        self.weight_decay = _check_positive(weight_decay, "weight_decay", allow_zero=True)
-        self.retrain = _check_choice(retrain, "retrain", RETRAIN_MODES)
-        if not isinstance(progress, bool):
-            raise TypeError(f"progress: must be a bool, got {type(progress).__name__}")
-        self.progress = progress
+        self.epochs = check_int(epochs, "epochs", 1)
+        self.lr = check_positive(lr, "lr")
+        self.batch_size = check_int(batch_size, "batch_size", 1)
+        self.optimizer = check_choice(optimizer, "optimizer", OPTIMIZERS)
+        self.weight_decay = check_positive(weight_decay, "weight_decay", allow_zero=True)
+        self.retrain = check_choice(retrain, "retrain", RETRAIN_MODES)
+        self.progress = check_bool(progress, "progress")
         if loss_fn is not None and not callable(loss_fn):
             raise TypeError(f"loss_fn: must be callable, got {type(loss_fn).__name__}")
         self.loss_fn = loss_fn or per_sample_loss
@@ -219,7 +208,7 @@ class Trainer:
     def with_retrain(self, retrain: str) -> "Trainer":
         """A shallow copy of this trainer with another ``retrain`` mode."""
         other = copy.copy(self)
-        other.retrain = _check_choice(retrain, "retrain", RETRAIN_MODES)
+        other.retrain = check_choice(retrain, "retrain", RETRAIN_MODES)
         return other
 
     def __repr__(self) -> str:
@@ -244,14 +233,6 @@ class Trainer:
         return (wb * self.sample_losses(model, xb, yb, step)).mean()
 
     # ----------------------------------------------------------------- training loop
-    def _make_optimizer(self, model: nn.Module) -> torch.optim.Optimizer:
-        params = [p for p in model.parameters() if p.requires_grad]
-        if not params:
-            raise ValueError("model: has no trainable parameters")
-        if self.optimizer == "adam":
-            return torch.optim.Adam(params, lr=self.lr, weight_decay=self.weight_decay)
-        return torch.optim.SGD(params, lr=self.lr, momentum=0.9, weight_decay=self.weight_decay)
-
     def fit(self, model: nn.Module, train, *, weights=None, seed: int = 0, val=None) -> nn.Module:
         """Train a copy of ``model`` on ``train`` (``(X, y[, s])``) and return it in eval mode.
 
@@ -260,18 +241,18 @@ class Trainer:
         """
         if not isinstance(model, nn.Module):
             raise TypeError(f"model: must be a torch.nn.Module, got {type(model).__name__}")
-        _check_int(seed, "seed", 0)
+        check_int(seed, "seed", 0)
         X, y = as_tensors(train, "train")[:2]
         val = None if val is None else as_tensors(val, "val")
         w = check_weights(weights, X.shape[0])
-        device = _model_device(model)
+        device = model_device(model)
         n = X.shape[0]
         steps_per_epoch = math.ceil(n / self.batch_size)
         cuda = [device] if device.type == "cuda" else []
         with torch.random.fork_rng(devices=cuda):
             torch.manual_seed(seed)
             model = copy_for_training(model, self.retrain, seed)
-            optimizer = self._make_optimizer(model)
+            optimizer = make_optimizer(model, self.optimizer, self.lr, self.weight_decay)
             order_generator = torch.Generator().manual_seed(seed)
             self.begin_fit(model, (X, y), val, seed=seed, steps_per_epoch=steps_per_epoch)
             model.train()
@@ -309,10 +290,10 @@ class _BallTrainer(Trainer):
     def __init__(self, *, eps: float, norm: str = "linf", steps: int = 7, alpha: Optional[float] = None,
                  bounds=(0.0, 1.0), **trainer_options):
         super().__init__(**trainer_options)
-        self.eps = _check_positive(eps, "eps", allow_zero=True)
-        self.norm = _check_choice(norm, "norm", NORMS)
-        self.steps = _check_int(steps, "steps", 1)
-        self.alpha = 2.5 * self.eps / self.steps if alpha is None else _check_positive(alpha, "alpha")
+        self.eps = check_positive(eps, "eps", allow_zero=True)
+        self.norm = check_choice(norm, "norm", NORMS)
+        self.steps = check_int(steps, "steps", 1)
+        self.alpha = 2.5 * self.eps / self.steps if alpha is None else check_positive(alpha, "alpha")
         if bounds is not None:
             if not isinstance(bounds, (tuple, list)) or len(bounds) != 2 or not bounds[0] < bounds[1]:
                 raise ValueError(f"bounds: must be None or a (low, high) pair with low < high, got {bounds!r}")
@@ -379,7 +360,7 @@ class TRADES(_BallTrainer):
     def __init__(self, *, eps: float, beta: float = 6.0, norm: str = "linf", steps: int = 7,
                  alpha: Optional[float] = None, bounds=(0.0, 1.0), **trainer_options):
         super().__init__(eps=eps, norm=norm, steps=steps, alpha=alpha, bounds=bounds, **trainer_options)
-        self.beta = _check_positive(beta, "beta", allow_zero=True)
+        self.beta = check_positive(beta, "beta", allow_zero=True)
 
     def adversarial_points(self, model: nn.Module, xb: torch.Tensor) -> torch.Tensor:
         """Points in the ball maximising KL(p(x) || p(x_adv)), generated in eval mode."""
