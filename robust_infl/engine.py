@@ -1,0 +1,412 @@
+"""Building blocks of every influence method: the scoring problem and its differential operators.
+
+A :class:`ScoringProblem` bundles what a method needs (model, scored parameter names, functional
+parameters and buffers, per-sample loss, the objective and its target set, the batched training
+stream, device, seed, progress flag and training-loss mode). The operators below all take the
+parameter dict EXPLICITLY, so a method can evaluate them at perturbed weights (ensemble members)
+or at checkpoints (TracIn) without touching the model:
+
+- :func:`objective_gradient` -- ``grad f`` on the target set (attack computed once at ``params``).
+- :func:`directional_derivatives` -- ``<grad l_i, v>`` for every training sample by forward-mode AD
+  (``torch.func.jvp``), streaming the training set; per-sample gradients are never formed and the
+  memory does not grow with the number of training samples.
+- :func:`per_sample_gradients` / :func:`target_gradients` -- flattened per-sample gradients
+  (``vmap(grad(...))``) for train x target matrices, self-influence and Hessian methods.
+- :func:`hessian_vector_products` -- products with the Hessian of the mean training loss.
+
+Parameter dicts map the scored names (``problem.param_names``) to tensors; the unscored
+parameters (``problem.frozen``) and buffers are added by :meth:`ScoringProblem.outputs`. The model
+forward is pluggable (``problem.forward``), e.g. to run the network with functional dropout masks.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from typing import Callable, Iterator, Mapping, Optional, Union
+
+import torch
+from torch import Tensor, nn
+from torch.func import functional_call, grad, jvp, vmap
+from torch.utils.data import DataLoader, Dataset
+from tqdm.auto import tqdm
+
+from robust_infl.objectives import Attack, LossFn, Objective, PreparedObjective
+from robust_infl.validation import (
+    TargetSet,
+    call_attack,
+    check_finite,
+    check_labels,
+    model_device,
+    model_dtype,
+)
+
+__all__ = [
+    "ForwardFn",
+    "Params",
+    "TrainStream",
+    "ScoringProblem",
+    "build_problem",
+    "flatten",
+    "unflatten",
+    "train_batches",
+    "objective_value",
+    "objective_gradient",
+    "target_gradients",
+    "directional_derivatives",
+    "per_sample_gradients",
+    "hessian_vector_products",
+]
+
+Params = dict[str, Tensor]
+ForwardFn = Callable[[Mapping[str, Tensor], Mapping[str, Tensor], Tensor], Tensor]
+
+
+class TrainStream:
+    """The training set as fixed-order batches ``(start, x, y)`` on a device, in a floating dtype.
+
+    ``source`` is ``(X, y)`` tensors (sliced directly) or a sized ``Dataset`` of ``(x, y, ...)``
+    items (read with a non-shuffling ``DataLoader``; extra item fields are ignored). Batches from
+    a Dataset are checked on the fly: finite inputs, and labels valid for ``label_outputs``
+    logits when that is set (the default loss).
+    """
+
+    def __init__(
+        self,
+        source: Union[tuple[Tensor, Tensor], Dataset],
+        batch_size: int,
+        label_outputs: Optional[int] = None,
+    ):
+        self.source = source
+        self.batch_size = batch_size
+        self.label_outputs = label_outputs
+        self.n = source[0].shape[0] if isinstance(source, tuple) else len(source)  # type: ignore[arg-type]
+
+    def __len__(self) -> int:
+        return self.n
+
+    @property
+    def n_batches(self) -> int:
+        """Number of batches per pass."""
+        return math.ceil(self.n / self.batch_size)
+
+    def _raw_batches(self) -> Iterator[tuple[Tensor, Tensor]]:
+        if isinstance(self.source, tuple):
+            x, y = self.source
+            for start in range(0, self.n, self.batch_size):
+                yield x[start : start + self.batch_size], y[start : start + self.batch_size]
+            return
+        loader = DataLoader(self.source, batch_size=self.batch_size, shuffle=False)
+        for item in loader:
+            if not isinstance(item, (tuple, list)) or len(item) < 2:
+                raise ValueError("train: Dataset items must be (x, y) tuples")
+            x, y = item[0], item[1]
+            check_finite("train", x)
+            if self.label_outputs is not None:
+                check_labels("train", y, self.label_outputs)
+            yield x, y
+
+    def batches(
+        self, device: torch.device, dtype: torch.dtype, progress: bool = False, desc: str = "train"
+    ) -> Iterator[tuple[int, Tensor, Tensor]]:
+        """Yield ``(start, x, y)``: the batch's first index, inputs in ``dtype`` and labels, on ``device``."""
+        start = 0
+        bar = tqdm(total=self.n_batches, desc=desc, disable=not progress, leave=False)
+        try:
+            for x, y in self._raw_batches():
+                yield start, x.to(device=device, dtype=dtype), y.to(device)
+                start += x.shape[0]
+                bar.update(1)
+        finally:
+            bar.close()
+
+
+@dataclass(frozen=True)
+class ScoringProblem:
+    """Everything an influence method needs, validated and on one device.
+
+    ``params`` holds the scored parameters (detached), ``frozen`` the other parameters; both with
+    ``buffers`` are passed to ``forward(all_params, buffers, x)``, by default
+    ``torch.func.functional_call`` of the model (in eval mode during scoring). ``train_loss`` is
+    ``"clean"`` or ``"adversarial"`` (per-sample training losses at ``train_attack(model, x, y)``).
+    """
+
+    model: nn.Module
+    objective: Objective
+    target: TargetSet
+    train: TrainStream
+    loss_fn: LossFn
+    param_names: tuple[str, ...]
+    params: Params
+    frozen: Params
+    buffers: Params
+    device: torch.device
+    dtype: torch.dtype
+    damping: float = 0.0
+    seed: int = 0
+    progress: bool = False
+    train_loss: str = "clean"
+    train_attack: Optional[Attack] = None
+    forward: Optional[ForwardFn] = None
+
+    @property
+    def n_train(self) -> int:
+        """Number of training samples."""
+        return len(self.train)
+
+    @property
+    def n_params(self) -> int:
+        """Number of scored parameters (length of a flattened gradient)."""
+        return sum(p.numel() for p in self.params.values())
+
+    def outputs(self, params: Mapping[str, Tensor], x: Tensor) -> Tensor:
+        """Model outputs on ``x`` with the scored parameters set to ``params``."""
+        all_params = {**self.frozen, **params}
+        if self.forward is not None:
+            return self.forward(all_params, self.buffers, x)
+        return functional_call(self.model, (all_params, self.buffers), (x,))
+
+    def with_forward(self, forward: ForwardFn) -> "ScoringProblem":
+        """A copy of the problem whose model forward is ``forward(all_params, buffers, x)``."""
+        return dataclasses.replace(self, forward=forward)
+
+    def module_at(self, params: Mapping[str, Tensor]) -> nn.Module:
+        """An ``nn.Module`` computing :meth:`outputs` at ``params``, for attacks.
+
+        The model itself when ``params`` is ``self.params`` and the forward is the model's own;
+        otherwise a wrapper module with the given weights (in eval mode).
+        """
+        if params is self.params and self.forward is None and model_device(self.model) == self.device:
+            return self.model
+        return _ParametrisedModule(self, params)
+
+
+class _ParametrisedModule(nn.Module):
+    """The problem's forward at fixed parameters, wrapped as a module an attack can call."""
+
+    def __init__(self, problem: ScoringProblem, params: Mapping[str, Tensor]):
+        super().__init__()
+        self._problem = problem
+        self._names = list(params)
+        self.weights = nn.ParameterList(
+            [nn.Parameter(params[name].detach(), requires_grad=False) for name in self._names]
+        )
+        self.eval()
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self._problem.outputs(dict(zip(self._names, self.weights)), x)
+
+
+def build_problem(
+    model: nn.Module,
+    train: Union[tuple[Tensor, Tensor], Dataset],
+    target: TargetSet,
+    objective: Objective,
+    *,
+    loss_fn: LossFn,
+    param_names: tuple[str, ...],
+    batch_size: int,
+    device: torch.device,
+    damping: float = 0.0,
+    seed: int = 0,
+    progress: bool = False,
+    train_loss: str = "clean",
+    train_attack: Optional[Attack] = None,
+    label_outputs: Optional[int] = None,
+    forward: Optional[ForwardFn] = None,
+) -> ScoringProblem:
+    """Assemble a :class:`ScoringProblem` from already validated pieces (see ``robust_infl.api``)."""
+    dtype = model_dtype(model)
+    scored = set(param_names)
+    named = dict(model.named_parameters())
+    return ScoringProblem(
+        model=model,
+        objective=objective,
+        target=target.to(device, dtype),
+        train=TrainStream(train, batch_size, label_outputs),
+        loss_fn=loss_fn,
+        param_names=tuple(param_names),
+        params={name: named[name].detach().to(device) for name in param_names},
+        frozen={name: p.detach().to(device) for name, p in named.items() if name not in scored},
+        buffers={name: b.to(device) for name, b in model.named_buffers()},
+        device=device,
+        dtype=dtype,
+        damping=damping,
+        seed=seed,
+        progress=progress,
+        train_loss=train_loss,
+        train_attack=train_attack,
+        forward=forward,
+    )
+
+
+def flatten(tensors: Mapping[str, Tensor], names: tuple[str, ...]) -> Tensor:
+    """Concatenate the flattened ``tensors[name]`` in the order of ``names``."""
+    return torch.cat([tensors[name].reshape(-1) for name in names])
+
+
+def unflatten(vector: Tensor, like: Mapping[str, Tensor]) -> Params:
+    """Split a flat ``vector`` into tensors shaped like the values of ``like`` (in its key order)."""
+    out, offset = {}, 0
+    for name, ref in like.items():
+        out[name] = vector[offset : offset + ref.numel()].view_as(ref)
+        offset += ref.numel()
+    if offset != vector.numel():
+        raise ValueError(f"vector: has {vector.numel()} entries, expected {offset}")
+    return out
+
+
+def _as_param_dict(v: Union[Mapping[str, Tensor], Tensor], params: Params) -> Params:
+    if isinstance(v, Tensor):
+        return unflatten(v.to(next(iter(params.values())).dtype), params)
+    return {name: v[name] for name in params}
+
+
+def train_batches(
+    problem: ScoringProblem, params: Params, desc: str = "train"
+) -> Iterator[tuple[int, Tensor, Tensor]]:
+    """Yield ``(start, x, y)`` training batches, with ``x`` attacked at ``params`` in adversarial mode.
+
+    In ``train_loss="adversarial"`` mode each batch is replaced by ``train_attack(module, x, y)``
+    computed at ``params`` under the seed ``problem.seed + 1 + batch_index`` (so every pass and every
+    method sees the same adversarial points), then held fixed.
+    """
+    batches = problem.train.batches(problem.device, problem.dtype, problem.progress, desc)
+    if problem.train_loss != "adversarial":
+        yield from batches
+        return
+    module = problem.module_at(params)
+    for index, (start, x, y) in enumerate(batches):
+        x_adv = call_attack(problem.train_attack, module, x, y, seed=problem.seed + 1 + index, name="train_attack")
+        yield start, x_adv, y
+
+
+def _prepare(problem: ScoringProblem, params: Params) -> PreparedObjective:
+    return problem.objective.prepare(problem.module_at(params), problem.target, seed=problem.seed)
+
+
+def _target_chunks(problem: ScoringProblem) -> list[slice]:
+    step = problem.train.batch_size
+    return [slice(start, start + step) for start in range(0, len(problem.target), step)]
+
+
+def objective_value(problem: ScoringProblem, params: Params) -> Tensor:
+    """The objective on the target set at ``params`` (any attack recomputed at ``params``)."""
+    prepared = _prepare(problem, params)
+    with torch.no_grad():
+        sums = sum(
+            prepared.chunk_sums(problem.outputs(params, prepared.inputs[chunk]), chunk, problem.loss_fn)
+            for chunk in _target_chunks(problem)
+        )
+        return prepared.combine(sums)
+
+
+def objective_gradient(problem: ScoringProblem, params: Params) -> Params:
+    """Gradient of the objective with respect to the scored parameters, at ``params``.
+
+    The objective is prepared at ``params`` (a :class:`~robust_infl.objectives.Robust` attack runs
+    once there and is held fixed). The target set is streamed in chunks of ``batch_size``; for a
+    non-linear objective (fairness gaps) a first no-grad pass collects the chunk statistics and the
+    second pass differentiates their linearisation, which gives the exact gradient.
+    """
+    prepared = _prepare(problem, params)
+    chunks = _target_chunks(problem)
+
+    def chunk_sums(p: Params, chunk: slice) -> Tensor:
+        return prepared.chunk_sums(problem.outputs(p, prepared.inputs[chunk]), chunk, problem.loss_fn)
+
+    if len(chunks) == 1:
+        return grad(lambda p: prepared.combine(chunk_sums(p, chunks[0])))(params)
+    if problem.objective.linear:
+        weight_of_chunk = None
+    else:
+        with torch.no_grad():
+            totals = sum(chunk_sums(params, chunk) for chunk in chunks)
+        weight_of_chunk = grad(prepared.combine)(totals)
+    gradient = {name: torch.zeros_like(p) for name, p in params.items()}
+    for chunk in chunks:
+        if weight_of_chunk is None:
+            part = grad(lambda p: prepared.combine(chunk_sums(p, chunk)))(params)
+        else:
+            part = grad(lambda p: (weight_of_chunk * chunk_sums(p, chunk)).sum())(params)
+        for name in gradient:
+            gradient[name] += part[name]
+    return gradient
+
+
+def directional_derivatives(
+    problem: ScoringProblem, params: Params, v: Union[Mapping[str, Tensor], Tensor]
+) -> Tensor:
+    """``<grad l_i(params), v>`` for every training sample ``i``, shape ``(n_train,)``.
+
+    One forward-mode pass (``torch.func.jvp`` of the per-sample losses along ``v``) per training
+    batch; ``v`` is a parameter dict or a flat vector. Memory is that of one batch.
+    """
+    tangent = _as_param_dict(v, params)
+    out = torch.empty(problem.n_train, dtype=problem.dtype, device=problem.device)
+    for start, x, y in train_batches(problem, params, desc="directional derivatives"):
+        _, derivative = jvp(lambda p: problem.loss_fn(problem.outputs(p, x), y), (params,), (tangent,))
+        out[start : start + x.shape[0]] = derivative.detach()
+    return out
+
+
+def per_sample_gradients(problem: ScoringProblem, params: Params, batch: tuple[Tensor, Tensor]) -> Tensor:
+    """Flattened per-sample loss gradients ``(b, n_params)`` of the batch ``(x, y)`` at ``params``.
+
+    The batch is used as given (take it from :func:`train_batches` to get adversarial training
+    points). Columns follow ``problem.param_names``.
+    """
+    x, y = batch
+
+    def sample_loss(p: Params, xi: Tensor, yi: Tensor) -> Tensor:
+        return problem.loss_fn(problem.outputs(p, xi.unsqueeze(0)), yi.unsqueeze(0)).sum()
+
+    grads = vmap(grad(sample_loss), in_dims=(None, 0, 0))(params, x, y)
+    return torch.cat([grads[name].reshape(x.shape[0], -1) for name in problem.param_names], dim=1).detach()
+
+
+def target_gradients(problem: ScoringProblem, params: Params) -> Tensor:
+    """Flattened gradients ``(n_target, n_params)`` of each target sample's objective term.
+
+    Defined for per-sample objectives (``objective.per_sample``: Utility, Robust), whose
+    per-target-sample value is that sample's loss at the (possibly attacked) target input.
+    """
+    if not problem.objective.per_sample:
+        raise ValueError(
+            f"aggregate: {problem.objective!r} has no per-target-sample value; use aggregate=True"
+        )
+    prepared = _prepare(problem, params)
+    return torch.cat(
+        [
+            per_sample_gradients(problem, params, (prepared.inputs[chunk], prepared.labels[chunk]))
+            for chunk in _target_chunks(problem)
+        ]
+    )
+
+
+def hessian_vector_products(
+    problem: ScoringProblem, params: Params, vectors: Tensor, chunk_size: Optional[int] = None
+) -> Tensor:
+    """``H @ v`` for each row ``v`` of ``vectors`` (shape ``(k, n_params)`` or ``(n_params,)``).
+
+    ``H`` is the Hessian of the MEAN training loss at ``params`` over the scored parameters
+    (no damping), accumulated over one pass of the training stream with forward-over-reverse AD,
+    vectorised over the rows in chunks of ``chunk_size`` (all at once when ``None``).
+    """
+    single = vectors.ndim == 1
+    rows = vectors.reshape(1, -1) if single else vectors
+    rows = rows.to(device=problem.device, dtype=problem.dtype)
+    total = torch.zeros_like(rows)
+    for _, x, y in train_batches(problem, params, desc="Hessian-vector products"):
+
+        def batch_loss(p: Params) -> Tensor:
+            return problem.loss_fn(problem.outputs(p, x), y).sum()
+
+        def hvp(row: Tensor) -> Tensor:
+            _, product = jvp(grad(batch_loss), (params,), (unflatten(row, params),))
+            return flatten(product, problem.param_names)
+
+        total += vmap(hvp, chunk_size=chunk_size)(rows).detach()
+    total /= problem.n_train
+    return total[0] if single else total

@@ -1,0 +1,75 @@
+"""Registry of influence methods: ``influence(..., method=name)`` looks the name up here.
+
+Contract for a method
+---------------------
+A method is a function ``fn(problem, **options) -> torch.Tensor`` registered with
+``@register_method("name")`` in its own file ``robust_infl/methods/<name>.py``, plus ONE import
+line at the bottom of this file. It receives a validated
+:class:`~robust_infl.engine.ScoringProblem` (model in eval mode, scored parameters in
+``problem.params``, data, objective, loss, damping, seed and progress flag on the problem) and
+returns a tensor of shape ``(problem.n_train,)`` in the harm convention: a positive value is the
+first-order prediction that REMOVING the training sample DECREASES the objective, proportional to
+that predicted decrease. Options (e.g. ``aggregate`` for ``"ip"``) are keyword-only parameters
+with defaults; ``influence`` passes ``**method_options`` through and rejects names the function
+does not declare (unless it takes ``**kwargs``). A method that returns another shape for some
+option documents it. Build methods from the operators in :mod:`robust_infl.engine`, which take
+the parameter dict explicitly; use ``problem.seed`` for any random choice and
+``problem.progress`` for progress bars.
+"""
+
+from __future__ import annotations
+
+import inspect
+from typing import Callable
+
+import torch
+
+__all__ = ["MethodFn", "register_method", "available_methods", "get_method", "check_method_options"]
+
+MethodFn = Callable[..., torch.Tensor]
+
+_METHODS: dict[str, MethodFn] = {}
+
+
+def register_method(name: str) -> Callable[[MethodFn], MethodFn]:
+    """Decorator registering an influence method under ``name`` (names must be unique)."""
+    if not isinstance(name, str) or not name:
+        raise ValueError(f"name: must be a non-empty string, got {name!r}")
+
+    def decorate(fn: MethodFn) -> MethodFn:
+        if name in _METHODS and _METHODS[name] is not fn:
+            raise ValueError(f"name: method {name!r} is already registered")
+        _METHODS[name] = fn
+        return fn
+
+    return decorate
+
+
+def available_methods() -> tuple[str, ...]:
+    """Names of the registered methods, sorted."""
+    return tuple(sorted(_METHODS))
+
+
+def get_method(name: str) -> MethodFn:
+    """The method registered under ``name``; ``ValueError`` listing the valid names otherwise."""
+    if name not in _METHODS:
+        raise ValueError(f"method: unknown method {name!r}; valid names are {', '.join(available_methods())}")
+    return _METHODS[name]
+
+
+def check_method_options(name: str, options: dict) -> None:
+    """Raise ``TypeError`` if method ``name`` does not declare every keyword in ``options``."""
+    parameters = list(inspect.signature(get_method(name)).parameters.values())[1:]
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters):
+        return
+    accepted = [p.name for p in parameters if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    unknown = sorted(set(options) - set(accepted))
+    if unknown:
+        raise TypeError(
+            f"method_options: method {name!r} does not accept {unknown}; "
+            f"its options are {accepted if accepted else 'none'}"
+        )
+
+
+# One import line per method file (each registers itself on import).
+from robust_infl.methods import ip  # noqa: E402,F401

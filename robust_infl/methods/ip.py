@@ -1,0 +1,47 @@
+"""Hessian-free inner-product influence (IP): the Hessian replaced by the identity.
+
+    harm_i = - <grad f(theta), grad l_i(theta)>
+
+(arXiv 2405.17490). With one aggregate objective all scores are a single forward-mode
+directional derivative of the per-sample training losses along ``grad f``, streamed over the
+training set: about the cost of a few forward passes, no per-sample gradients.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from robust_infl.engine import (
+    ScoringProblem,
+    directional_derivatives,
+    objective_gradient,
+    per_sample_gradients,
+    target_gradients,
+    train_batches,
+)
+from robust_infl.methods import register_method
+
+__all__ = ["inner_product_influence"]
+
+
+@register_method("ip")
+def inner_product_influence(problem: ScoringProblem, *, aggregate: bool = True) -> torch.Tensor:
+    """IP harm scores; ``problem.damping`` is ignored (H = I).
+
+    ``aggregate=True`` (default): shape ``(n_train,)``, ``-<grad f, grad l_i>`` by one jvp pass.
+    ``aggregate=False``: the ``(n_train, n_target)`` matrix ``-<grad f_j, grad l_i>`` where ``f_j``
+    is target sample j's own loss (at its adversarial point for ``Robust``), from per-sample
+    gradients in batches (memory ``O((batch + n_target) * n_params)``). For ``Utility`` and
+    ``Robust`` its row means equal the aggregate scores. Fairness objectives have no
+    per-sample form and raise ``ValueError``.
+    """
+    if not isinstance(aggregate, bool):
+        raise TypeError(f"aggregate: must be True or False, got {type(aggregate).__name__}")
+    params = problem.params
+    if aggregate:
+        return -directional_derivatives(problem, params, objective_gradient(problem, params))
+    target = target_gradients(problem, params)
+    out = torch.empty(problem.n_train, target.shape[0], dtype=problem.dtype, device=problem.device)
+    for start, x, y in train_batches(problem, params, desc="ip train x target"):
+        out[start : start + x.shape[0]] = -(per_sample_gradients(problem, params, (x, y)) @ target.T)
+    return out

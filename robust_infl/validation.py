@@ -1,0 +1,271 @@
+"""Input checks at the public boundary, and the seeded call of user-supplied attacks.
+
+Every error names the argument it is about first (``"train: ..."``, ``"params: ..."``) and says
+what was wrong, so that a bad call fails here and not with a stack trace from inside torch.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from dataclasses import dataclass
+from typing import Any, Callable, Optional, Sequence, Union
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+from torch.utils.data import Dataset
+
+__all__ = [
+    "TargetSet",
+    "as_tensor",
+    "check_finite",
+    "check_labels",
+    "check_model",
+    "check_positive_int",
+    "check_nonnegative_float",
+    "check_train_loss",
+    "check_seed",
+    "resolve_device",
+    "validate_train",
+    "validate_target",
+    "resolve_param_names",
+    "model_dtype",
+    "model_device",
+    "call_attack",
+]
+
+TRAIN_LOSSES = ("clean", "adversarial")
+
+
+@dataclass(frozen=True)
+class TargetSet:
+    """Target (validation) samples: inputs ``x``, labels ``y``, optional 0/1 group ``s``."""
+
+    x: Tensor
+    y: Tensor
+    s: Optional[Tensor] = None
+
+    def __len__(self) -> int:
+        return self.x.shape[0]
+
+    def to(self, device: torch.device, dtype: torch.dtype) -> "TargetSet":
+        """The same samples with floating inputs (and groups) in ``dtype`` on ``device``."""
+        s = None if self.s is None else self.s.to(device=device, dtype=dtype)
+        return TargetSet(self.x.to(device=device, dtype=dtype), self.y.to(device), s)
+
+
+def as_tensor(name: str, value: Any) -> Tensor:
+    """``value`` as a tensor (tensors, numpy arrays and nested sequences of numbers are accepted)."""
+    if isinstance(value, Tensor):
+        return value
+    if isinstance(value, (np.ndarray, list, tuple)):
+        try:
+            return torch.as_tensor(np.asarray(value))
+        except (TypeError, ValueError) as err:
+            raise TypeError(f"{name}: cannot be converted to a tensor ({err})") from err
+    raise TypeError(f"{name}: expected a tensor or numpy array, got {type(value).__name__}")
+
+
+def check_finite(name: str, x: Tensor) -> None:
+    """Raise ``ValueError`` if ``x`` holds NaN or infinite values."""
+    if x.is_floating_point() or x.is_complex():
+        bad = int((~torch.isfinite(x)).sum())
+        if bad:
+            raise ValueError(f"{name}: contains {bad} NaN or infinite value(s)")
+
+
+def check_labels(name: str, y: Tensor, n_outputs: int) -> None:
+    """Raise ``ValueError`` unless ``y`` holds class indices a model with ``n_outputs`` logits can take.
+
+    One output means binary labels {0, 1}; ``C >= 2`` outputs mean labels in ``[0, C)``.
+    """
+    if y.ndim != 1:
+        raise ValueError(f"{name}: labels must be a 1-D tensor of class indices, got shape {tuple(y.shape)}")
+    if y.numel() == 0:
+        return
+    if y.is_floating_point():
+        check_finite(name, y)
+        if not bool((y == torch.round(y)).all()):
+            raise ValueError(f"{name}: labels must be integer class indices, got non-integer values")
+    n_classes = 2 if n_outputs == 1 else n_outputs
+    low, high = int(y.min()), int(y.max())
+    if low < 0 or high >= n_classes:
+        raise ValueError(
+            f"{name}: labels must lie in [0, {n_classes - 1}] for a model with {n_outputs} output(s), "
+            f"got values in [{low}, {high}]"
+        )
+
+
+def check_model(model: Any) -> nn.Module:
+    """Raise ``TypeError`` unless ``model`` is an ``nn.Module``."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
+    return model
+
+
+def check_positive_int(name: str, value: Any) -> int:
+    """``value`` as an int, or an error naming ``name`` if it is not a positive integer."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name}: must be an integer, got {type(value).__name__}")
+    if value <= 0:
+        raise ValueError(f"{name}: must be > 0, got {value}")
+    return int(value)
+
+
+def check_nonnegative_float(name: str, value: Any) -> float:
+    """``value`` as a float, or an error naming ``name`` if it is not a finite number >= 0."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name}: must be a number, got {type(value).__name__}")
+    if not math.isfinite(value) or value < 0:
+        raise ValueError(f"{name}: must be a finite number >= 0, got {value}")
+    return float(value)
+
+
+def check_train_loss(train_loss: Any, train_attack: Any) -> None:
+    """Check the training-loss mode and that an attack comes with (and only with) ``"adversarial"``."""
+    if train_loss not in TRAIN_LOSSES:
+        raise ValueError(f"train_loss: must be one of {', '.join(TRAIN_LOSSES)}, got {train_loss!r}")
+    if train_loss == "adversarial" and not callable(train_attack):
+        raise ValueError("train_attack: train_loss='adversarial' needs a callable train_attack(model, x, y)")
+    if train_loss == "clean" and train_attack is not None:
+        raise ValueError("train_attack: only used with train_loss='adversarial'; pass train_loss='adversarial'")
+
+
+def _check_pair(name: str, x: Tensor, y: Tensor) -> None:
+    if x.ndim == 0:
+        raise ValueError(f"{name}: X must have a leading sample dimension, got a scalar")
+    if y.ndim == 0 or y.shape[0] != x.shape[0]:
+        n_labels = "a scalar" if y.ndim == 0 else y.shape[0]
+        raise ValueError(f"{name}: X and y have different lengths ({x.shape[0]} vs {n_labels})")
+    if x.shape[0] == 0:
+        raise ValueError(f"{name}: is empty (0 samples)")
+    check_finite(name, x)
+
+
+def validate_train(train: Any) -> Union[tuple[Tensor, Tensor], Dataset]:
+    """Check ``train`` (``(X, y)`` or a sized ``Dataset`` of ``(x, y)``) and return it normalised."""
+    if isinstance(train, Dataset):
+        try:
+            n = len(train)  # type: ignore[arg-type]
+        except TypeError as err:
+            raise TypeError("train: a Dataset must define __len__") from err
+        if n == 0:
+            raise ValueError("train: is empty (0 samples)")
+        return train
+    if not isinstance(train, (tuple, list)) or len(train) != 2:
+        raise TypeError(
+            f"train: expected (X, y) or a torch.utils.data.Dataset of (x, y), got {type(train).__name__}"
+            + (f" of length {len(train)}" if isinstance(train, (tuple, list)) else "")
+        )
+    x, y = as_tensor("train", train[0]), as_tensor("train", train[1])
+    _check_pair("train", x, y)
+    return x, y
+
+
+def validate_target(target: Any) -> TargetSet:
+    """Check ``target`` (``(X, y)`` or ``(X, y, s)`` with ``s`` in {0, 1}) and return a :class:`TargetSet`."""
+    if not isinstance(target, (tuple, list)) or len(target) not in (2, 3):
+        raise TypeError(f"target: expected (X, y) or (X, y, s), got {type(target).__name__}")
+    x, y = as_tensor("target", target[0]), as_tensor("target", target[1])
+    _check_pair("target", x, y)
+    s = None
+    if len(target) == 3:
+        s = as_tensor("target", target[2])
+        if s.ndim != 1 or s.shape[0] != x.shape[0]:
+            raise ValueError(f"target: s must have shape ({x.shape[0]},), got {tuple(s.shape)}")
+        check_finite("target", s)
+        if not bool(((s == 0) | (s == 1)).all()):
+            raise ValueError("target: the sensitive attribute s must take values in {0, 1}")
+    return TargetSet(x, y, s)
+
+
+def resolve_param_names(model: nn.Module, params: Optional[Sequence[str]]) -> tuple[str, ...]:
+    """Names of the parameters to score: all trainable ones by default, else the given names."""
+    named = dict(model.named_parameters())
+    if params is None:
+        names = tuple(name for name, p in named.items() if p.requires_grad)
+        if not names:
+            raise ValueError("params: the model has no trainable parameters")
+        return names
+    if isinstance(params, str) or not isinstance(params, (list, tuple)):
+        raise TypeError(f"params: expected a list of parameter names, got {type(params).__name__}")
+    if not params:
+        raise ValueError("params: the list of parameter names is empty")
+    unknown = [name for name in params if name not in named]
+    if unknown:
+        raise ValueError(f"params: unknown parameter name(s) {unknown}; valid names are {list(named)}")
+    if len(set(params)) != len(params):
+        raise ValueError(f"params: duplicate parameter names in {list(params)}")
+    return tuple(params)
+
+
+def model_dtype(model: nn.Module) -> torch.dtype:
+    """The floating dtype of the model's parameters (float32 if it has none)."""
+    for p in model.parameters():
+        if p.is_floating_point():
+            return p.dtype
+    return torch.float32
+
+
+def model_device(model: nn.Module) -> torch.device:
+    """The device of the model's first parameter or buffer (CPU if it has none)."""
+    for t in list(model.parameters()) + list(model.buffers()):
+        return t.device
+    return torch.device("cpu")
+
+
+def call_attack(
+    attack: Callable[[nn.Module, Tensor, Tensor], Tensor],
+    model: nn.Module,
+    x: Tensor,
+    y: Tensor,
+    *,
+    seed: int,
+    name: str,
+) -> Tensor:
+    """Run ``attack(model, x, y)`` under a seeded random state and check what it returns.
+
+    The global torch (CPU and the current accelerator) and numpy random states are restored
+    afterwards, so the attack is reproducible and leaves the caller's random streams untouched.
+    Gradients are enabled inside (attacks differentiate with respect to the input). The result is
+    detached; an error naming ``name`` is raised unless it is a finite tensor of ``x``'s shape.
+    """
+    devices = [x.device.index or 0] if x.device.type == "cuda" else []
+    numpy_state = np.random.get_state()
+    try:
+        with torch.random.fork_rng(devices=devices), torch.enable_grad():
+            torch.manual_seed(seed)
+            np.random.seed(seed % 2**32)
+            x_adv = attack(model, x, y)
+    finally:
+        np.random.set_state(numpy_state)
+    if not isinstance(x_adv, Tensor):
+        raise TypeError(f"{name}: must return a tensor of adversarial inputs, got {type(x_adv).__name__}")
+    if x_adv.shape != x.shape:
+        raise ValueError(f"{name}: returned shape {tuple(x_adv.shape)}, expected the input shape {tuple(x.shape)}")
+    x_adv = x_adv.detach().to(device=x.device, dtype=x.dtype)
+    check_finite(name, x_adv)
+    return x_adv
+
+
+def check_seed(seed: Any) -> int:
+    """``seed`` as an int, or an error naming ``seed`` unless it is an integer >= 0."""
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
+        raise TypeError(f"seed: must be an integer, got {type(seed).__name__}")
+    if seed < 0:
+        raise ValueError(f"seed: must be >= 0, got {seed}")
+    return int(seed)
+
+
+def resolve_device(device: Any, model: nn.Module) -> torch.device:
+    """``device`` as a ``torch.device`` (with an index for CUDA); the model's device when ``None``."""
+    if device is None:
+        return model_device(model)
+    try:
+        resolved = torch.device(device)
+    except (TypeError, RuntimeError) as err:
+        raise ValueError(f"device: not a valid torch device: {device!r}") from err
+    if resolved.type == "cuda" and resolved.index is None:
+        resolved = torch.device("cuda", torch.cuda.current_device())
+    return resolved

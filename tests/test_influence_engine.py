@@ -1,0 +1,180 @@
+"""Engine building blocks at explicit parameters, the method registry, seeding and model modes."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import robust_infl as ri
+from robust_infl import engine, methods
+from robust_infl.models import MLP
+from robust_infl.objectives import cross_entropy_loss
+from robust_infl.validation import validate_target
+
+
+def make_problem(model, x, y, xt, yt, objective, **options):
+    defaults = dict(
+        loss_fn=cross_entropy_loss,
+        param_names=tuple(n for n, _ in model.named_parameters()),
+        batch_size=8,
+        device=torch.device("cpu"),
+    )
+    return engine.build_problem(model, (x, y), validate_target((xt, yt)), objective, **{**defaults, **options})
+
+
+def flat_grad(value, model):
+    return torch.cat([g.reshape(-1) for g in torch.autograd.grad(value, list(model.parameters()))])
+
+
+@pytest.fixture
+def mlp_and_data():
+    torch.manual_seed(3)
+    model = MLP(5, 3, hidden=(7,)).double().eval()
+    x, y = torch.randn(21, 5, dtype=torch.float64), torch.randint(0, 3, (21,))
+    xt, yt = torch.randn(9, 5, dtype=torch.float64), torch.randint(0, 3, (9,))
+    return model, x, y, xt, yt
+
+
+def test_objective_gradient_at_perturbed_params_recomputes_the_attack_there(mlp_and_data, fgsm_attack):
+    model, x, y, xt, yt = mlp_and_data
+    problem = make_problem(model, x, y, xt, yt, ri.Robust(fgsm_attack(0.1)))
+    perturbed = {name: p + 0.05 * torch.randn_like(p) for name, p in problem.params.items()}
+    gradient = engine.flatten(engine.objective_gradient(problem, perturbed), problem.param_names)
+
+    member = copy.deepcopy(model)
+    member.load_state_dict(perturbed)
+    x_adv = fgsm_attack(0.1)(member, xt, yt)
+    expected = flat_grad(F.cross_entropy(member(x_adv), yt), member)
+    torch.testing.assert_close(gradient, expected)
+    torch.testing.assert_close(engine.objective_value(problem, perturbed), F.cross_entropy(member(x_adv), yt).detach())
+
+
+def test_directional_derivatives_and_per_sample_gradients_match_autograd(mlp_and_data):
+    model, x, y, xt, yt = mlp_and_data
+    problem = make_problem(model, x, y, xt, yt, ri.Utility())
+    rows = torch.stack([flat_grad(F.cross_entropy(model(x[i : i + 1]), y[i : i + 1]), model) for i in range(21)])
+    torch.testing.assert_close(engine.per_sample_gradients(problem, problem.params, (x, y)), rows)
+    v = torch.randn(problem.n_params, dtype=torch.float64)
+    torch.testing.assert_close(engine.directional_derivatives(problem, problem.params, v), rows @ v)
+    as_dict = engine.unflatten(v, problem.params)
+    torch.testing.assert_close(engine.directional_derivatives(problem, problem.params, as_dict), rows @ v)
+
+
+def test_hessian_vector_products_match_the_autograd_hessian(mlp_and_data):
+    model, x, y, xt, yt = mlp_and_data
+    problem = make_problem(model, x, y, xt, yt, ri.Utility())
+    names = problem.param_names
+
+    def mean_loss(flat):
+        return F.cross_entropy(torch.func.functional_call(model, engine.unflatten(flat, problem.params), (x,)), y)
+
+    hessian = torch.autograd.functional.hessian(mean_loss, engine.flatten(problem.params, names))
+    vectors = torch.randn(4, problem.n_params, dtype=torch.float64)
+    torch.testing.assert_close(engine.hessian_vector_products(problem, problem.params, vectors, chunk_size=3), vectors @ hessian)
+    torch.testing.assert_close(engine.hessian_vector_products(problem, problem.params, vectors[0]), hessian @ vectors[0])
+
+
+class HalvedLogits(nn.Module):
+    def __init__(self, inner):
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, x):
+        return 0.5 * self.inner(x)
+
+
+def test_pluggable_forward_is_used_by_every_operator(mlp_and_data):
+    model, x, y, xt, yt = mlp_and_data
+    problem = make_problem(model, x, y, xt, yt, ri.Utility())
+
+    def halved_forward(params, buffers, inputs):
+        return 0.5 * torch.func.functional_call(model, (params, buffers), (inputs,))
+
+    scaled = problem.with_forward(halved_forward)
+    halved = HalvedLogits(model)
+    rows = torch.stack([flat_grad(F.cross_entropy(halved(x[i : i + 1]), y[i : i + 1]), halved) for i in range(21)])
+    objective_grad = flat_grad(F.cross_entropy(halved(xt), yt), halved)
+
+    v = engine.objective_gradient(scaled, scaled.params)
+    torch.testing.assert_close(engine.flatten(v, scaled.param_names), objective_grad)
+    torch.testing.assert_close(engine.per_sample_gradients(scaled, scaled.params, (x, y)), rows)
+    torch.testing.assert_close(engine.directional_derivatives(scaled, scaled.params, v), rows @ objective_grad)
+    assert isinstance(scaled.module_at(scaled.params), nn.Module)
+    assert scaled.module_at(scaled.params) is not model
+    assert problem.module_at(problem.params) is model
+
+
+def test_method_registry_lists_looks_up_and_rejects(monkeypatch):
+    assert "ip" in ri.available_methods()
+    monkeypatch.setattr(methods, "_METHODS", dict(methods._METHODS))
+
+    @ri.register_method("constant-test")
+    def constant(problem, *, value: float = 1.0):
+        return torch.full((problem.n_train,), value, dtype=problem.dtype)
+
+    model = MLP(3, 2, hidden=(4,))
+    data = (torch.randn(6, 3), torch.randint(0, 2, (6,)))
+    scores = ri.influence(model, data, data, objective=ri.Utility(), method="constant-test", value=2.0, progress=False)
+    torch.testing.assert_close(scores, torch.full((6,), 2.0))
+    with pytest.raises(TypeError, match="^method_options: .*'bogus'"):
+        ri.influence(model, data, data, objective=ri.Utility(), method="constant-test", bogus=1, progress=False)
+    with pytest.raises(ValueError, match="^name: .*already registered"):
+        ri.register_method("ip")(constant)
+    with pytest.raises(ValueError, match="^method: unknown method 'nope'; valid names are .*constant-test.*ip"):
+        ri.influence(model, data, data, objective=ri.Utility(), method="nope", progress=False)
+
+
+def random_noise_attack(model, x, y):
+    return x + 0.1 * torch.randn_like(x)
+
+
+def test_same_seed_gives_identical_scores_and_leaves_global_rng_alone(mlp_and_data):
+    model, x, y, xt, yt = mlp_and_data
+    state = torch.random.get_rng_state()
+
+    def score(seed):
+        return ri.influence(model, (x, y), (xt, yt), objective=ri.Robust(random_noise_attack), seed=seed, progress=False)
+
+    first, again, other = score(5), score(5), score(6)
+    assert torch.equal(first, again)
+    assert not torch.allclose(first, other)
+    assert torch.equal(torch.random.get_rng_state(), state)
+
+
+class FailingAttack:
+    def __call__(self, model, x, y):
+        raise RuntimeError("attack exploded")
+
+
+def test_model_mode_is_restored_after_success_and_after_error(mlp_and_data, fgsm_attack):
+    model, x, y, xt, yt = mlp_and_data
+    model = nn.Sequential(model.net[0], nn.Dropout(0.5), *model.net[1:])
+    model.train()
+    model[1].eval()  # mixed modes must come back exactly
+    seen_modes = []
+
+    def spy_attack(m, inputs, labels):
+        seen_modes.append(m.training)
+        return fgsm_attack(0.1)(m, inputs, labels)
+
+    ri.influence(model, (x, y), (xt, yt), objective=ri.Robust(spy_attack), progress=False)
+    assert seen_modes == [False]
+    assert model.training and not model[1].training and model[2].training
+    with pytest.raises(RuntimeError, match="attack exploded"):
+        ri.influence(model, (x, y), (xt, yt), objective=ri.Robust(FailingAttack()), progress=False)
+    assert model.training and not model[1].training and model[2].training
+
+
+def test_scores_are_computed_in_eval_mode():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.Dropout(0.5), nn.ReLU(), nn.Linear(8, 2)).double()
+    x, y = torch.randn(12, 4, dtype=torch.float64), torch.randint(0, 2, (12,))
+    model.train()
+    in_train_mode = ri.influence(model, (x, y), (x, y), objective=ri.Utility(), progress=False)
+    model.eval()
+    in_eval_mode = ri.influence(model, (x, y), (x, y), objective=ri.Utility(), progress=False)
+    torch.testing.assert_close(in_train_mode, in_eval_mode, rtol=0, atol=0)
