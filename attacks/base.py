@@ -1,0 +1,217 @@
+"""Shared plumbing for every attack: argument checks, model state, seeding, logits handling.
+
+An attack is a callable ``attack(model, x, y) -> x_adv`` with the same shape, dtype and device
+as ``x``. :class:`Attack` runs the subclass's ``_perturb`` with the model switched to eval mode and
+its parameters frozen (``requires_grad=False``), then restores each module's train/eval mode,
+each parameter's ``requires_grad`` and any ``.grad`` the parameters held before, so an attack
+leaves no trace on the model.
+
+Models output either ``C >= 2`` logits (cross-entropy) or ONE logit (binary, BCE with logits,
+label 1 = positive logit). Own attacks maximise the per-sample loss :func:`per_sample_loss`;
+third-party libraries see a one-logit model through :class:`BinaryAsTwoLogits` (logits
+``[0, z]``), which makes the same decisions.
+"""
+
+from __future__ import annotations
+
+import math
+from abc import ABC, abstractmethod
+from contextlib import contextmanager
+from typing import Iterator
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+__all__ = [
+    "Attack",
+    "BinaryAsTwoLogits",
+    "NORMS",
+    "check_eps",
+    "check_norm",
+    "check_positive_int",
+    "check_seed",
+    "check_model",
+    "check_batch",
+    "check_logits",
+    "per_sample_loss",
+    "predict",
+    "frozen_in_eval",
+    "seeded",
+    "make_generator",
+]
+
+NORMS = ("linf", "l2")
+
+
+def check_eps(eps, name: str = "eps") -> float:
+    """Return ``eps`` as a float after checking it is a finite number ``>= 0``."""
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)):
+        raise TypeError(f"{name}: must be a number, got {type(eps).__name__}")
+    if not math.isfinite(eps) or eps < 0:
+        raise ValueError(f"{name}: must be a finite number >= 0, got {eps}")
+    return float(eps)
+
+
+def check_norm(norm) -> str:
+    """Return the norm name (``"linf"`` or ``"l2"``, case-insensitive) or raise ``ValueError``."""
+    if not isinstance(norm, str) or norm.lower() not in NORMS:
+        raise ValueError(f"norm: must be one of {', '.join(NORMS)}, got {norm!r}")
+    return norm.lower()
+
+
+def check_positive_int(value, name: str) -> int:
+    """Return ``value`` after checking it is an integer ``>= 1``."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name}: must be an integer, got {type(value).__name__}")
+    if value < 1:
+        raise ValueError(f"{name}: must be >= 1, got {value}")
+    return value
+
+
+def check_seed(seed) -> int:
+    """Return ``seed`` after checking it is a non-negative integer."""
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise TypeError(f"seed: must be an integer, got {type(seed).__name__}")
+    if seed < 0:
+        raise ValueError(f"seed: must be >= 0, got {seed}")
+    return seed
+
+
+def check_model(model) -> None:
+    """Raise ``TypeError`` unless ``model`` is a ``torch.nn.Module``."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model: must be a torch.nn.Module, got {type(model).__name__}")
+
+
+def check_batch(x, y) -> None:
+    """Check that ``x`` is a floating batch ``(n, ...)`` and ``y`` integer labels ``(n,)`` beside it."""
+    if not isinstance(x, torch.Tensor) or not x.is_floating_point():
+        kind = x.dtype if isinstance(x, torch.Tensor) else type(x).__name__
+        raise TypeError(f"x: must be a floating-point tensor, got {kind}")
+    if x.dim() < 2:
+        raise ValueError(f"x: expected a batch of shape (n, ...), got shape {tuple(x.shape)}")
+    if not isinstance(y, torch.Tensor):
+        raise TypeError(f"y: must be a tensor of class labels, got {type(y).__name__}")
+    if y.is_floating_point() or y.is_complex() or y.dtype == torch.bool:
+        raise TypeError(f"y: must hold integer class labels, got {y.dtype}")
+    if tuple(y.shape) != (x.shape[0],):
+        raise ValueError(f"y: expected shape ({x.shape[0]},) to match x, got {tuple(y.shape)}")
+    if y.device != x.device:
+        raise ValueError(f"y: is on {y.device} but x is on {x.device}")
+
+
+def check_logits(logits: torch.Tensor, y: torch.Tensor) -> int:
+    """Check the model's outputs ``(n, C)`` against labels ``y`` and return ``C``."""
+    if logits.dim() != 2 or logits.shape[0] != y.shape[0]:
+        raise ValueError(f"model: expected outputs of shape ({y.shape[0]}, C), got {tuple(logits.shape)}")
+    num_classes = max(logits.shape[1], 2)
+    if y.numel() and (int(y.min()) < 0 or int(y.max()) >= num_classes):
+        raise ValueError(f"y: labels must lie in [0, {num_classes}) for a model with "
+                         f"{logits.shape[1]} output(s), got range [{int(y.min())}, {int(y.max())}]")
+    return logits.shape[1]
+
+
+def per_sample_loss(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Loss of every sample, shape ``(n,)``: cross-entropy for ``C >= 2`` logits, binary
+    cross-entropy with logits for one logit (label 1 = positive logit)."""
+    if logits.shape[1] == 1:
+        return F.binary_cross_entropy_with_logits(logits[:, 0], y.to(logits.dtype), reduction="none")
+    return F.cross_entropy(logits, y, reduction="none")
+
+
+def predict(logits: torch.Tensor) -> torch.Tensor:
+    """Predicted class of every sample: argmax for ``C >= 2`` logits, ``logit > 0`` for one."""
+    if logits.shape[1] == 1:
+        return (logits[:, 0] > 0).long()
+    return logits.argmax(dim=1)
+
+
+class BinaryAsTwoLogits(nn.Module):
+    """Show a one-logit binary model to libraries that expect class logits: ``z -> [0, z]``.
+
+    ``softmax([0, z])[1] = sigmoid(z)``, so decisions and cross-entropy equal the binary ones.
+    Models with ``C >= 2`` outputs pass through unchanged.
+    """
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        logits = self.model(x)
+        if logits.dim() == 2 and logits.shape[1] == 1:
+            return torch.cat([torch.zeros_like(logits), logits], dim=1)
+        return logits
+
+
+@contextmanager
+def frozen_in_eval(model: nn.Module) -> Iterator[None]:
+    """Put ``model`` in eval mode with frozen parameters; on exit restore every module's mode,
+    every parameter's ``requires_grad`` and the ``.grad`` each parameter held on entry."""
+    modes = [(module, module.training) for module in model.modules()]
+    params = list(model.parameters())
+    requires = [p.requires_grad for p in params]
+    grads = [p.grad for p in params]
+    model.eval()
+    for p in params:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for module, training in modes:
+            module.training = training
+        for p, req, grad in zip(params, requires, grads):
+            p.requires_grad_(req)
+            p.grad = grad
+
+
+@contextmanager
+def seeded(seed: int, device: torch.device) -> Iterator[None]:
+    """Seed torch (CPU and ``device``) and numpy's global generator, restoring their states on exit.
+
+    For third-party attacks that draw from the global generators.
+    """
+    cuda_devices = list(range(torch.cuda.device_count())) if device.type == "cuda" else []
+    numpy_state = np.random.get_state()
+    with torch.random.fork_rng(devices=cuda_devices):
+        torch.manual_seed(seed)
+        np.random.seed(seed % 2**32)
+        try:
+            yield
+        finally:
+            np.random.set_state(numpy_state)
+
+
+def make_generator(seed: int, device: torch.device) -> torch.Generator:
+    """A fresh ``torch.Generator`` on ``device`` seeded with ``seed`` (for own attacks)."""
+    generator = torch.Generator(device=device)
+    generator.manual_seed(seed)
+    return generator
+
+
+class Attack(ABC):
+    """Base class of an attack ``attack(model, x, y) -> x_adv``.
+
+    Subclasses implement ``_perturb(model, x, y)``, which receives validated, detached inputs, a
+    model in eval mode with frozen parameters, and gradients enabled.
+    """
+
+    def __call__(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """Return adversarial examples for the batch ``(x, y)`` (same shape, dtype, device as ``x``)."""
+        check_model(model)
+        check_batch(x, y)
+        if x.shape[0] == 0:
+            return x.detach().clone()
+        with frozen_in_eval(model), torch.enable_grad():
+            x_adv = self._perturb(model, x.detach(), y.detach())
+        return x_adv.detach().to(device=x.device, dtype=x.dtype).reshape(x.shape)
+
+    @abstractmethod
+    def _perturb(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """Compute the adversarial batch; called by ``__call__``."""
+
+    def __repr__(self) -> str:
+        settings = ", ".join(f"{k}={v!r}" for k, v in vars(self).items() if not k.startswith("_"))
+        return f"{type(self).__name__}({settings})"
