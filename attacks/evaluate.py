@@ -1,0 +1,130 @@
+"""Clean accuracy, robust accuracy and attack success rate of a model under several attacks."""
+
+from __future__ import annotations
+
+import math
+from typing import Callable, Dict, Iterator, Mapping, Tuple
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+from tqdm.auto import tqdm
+
+from .base import check_batch, check_model, check_positive_int, frozen_in_eval, predict
+
+__all__ = ["evaluate", "accuracy"]
+
+RESERVED_KEYS = ("n", "clean_acc", "worst_case_robust_acc")
+
+
+def _model_device(model: nn.Module, fallback: torch.device) -> torch.device:
+    """Device of the model's first parameter or buffer, else ``fallback``."""
+    for tensor in (*model.parameters(), *model.buffers()):
+        return tensor.device
+    return fallback
+
+
+def _batches(data, batch_size: int) -> Tuple[int, Iterator[Tuple[torch.Tensor, torch.Tensor]]]:
+    """Number of samples and an iterator of ``(x, y)`` batches of ``data`` (``s`` dropped)."""
+    if isinstance(data, Dataset):
+        loader = DataLoader(data, batch_size=batch_size, shuffle=False)
+        return len(data), ((batch[0], batch[1]) for batch in loader)
+    if not isinstance(data, (tuple, list)) or len(data) not in (2, 3):
+        raise ValueError("data: expected (X, y), (X, y, s) or a Dataset yielding such tuples, "
+                         f"got {type(data).__name__}")
+    X, y = data[0], data[1]
+    check_batch(X, y)
+    return len(X), ((X[i:i + batch_size], y[i:i + batch_size]) for i in range(0, len(X), batch_size))
+
+
+@torch.no_grad()
+def _correct(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Boolean mask of the samples the model classifies correctly."""
+    return predict(model(x)) == y
+
+
+def accuracy(model: nn.Module, X: torch.Tensor, y: torch.Tensor, batch_size: int = 1024) -> float:
+    """Fraction of ``(X, y)`` the model classifies correctly, in eval mode (mode restored after).
+
+    Works for ``C >= 2`` logits (argmax) and one-logit binary models (``logit > 0``).
+    """
+    check_model(model)
+    check_batch(X, y)
+    check_positive_int(batch_size, "batch_size")
+    if len(X) == 0:
+        raise ValueError("X: is empty")
+    device = _model_device(model, X.device)
+    correct = 0
+    with frozen_in_eval(model):
+        for i in range(0, len(X), batch_size):
+            correct += int(_correct(model, X[i:i + batch_size].to(device), y[i:i + batch_size].to(device)).sum())
+    return correct / len(X)
+
+
+def evaluate(model: nn.Module, data, attacks: Mapping[str, Callable], batch_size: int = 256,
+             progress: bool = True, return_adv: bool = False):
+    """Attack ``model`` on ``data`` with every attack in ``attacks`` and measure the damage.
+
+    Arguments:
+        model: the classifier (evaluated in eval mode; its mode is restored afterwards).
+        data: ``(X, y)``, ``(X, y, s)`` (``s`` is ignored) or a ``Dataset`` yielding such tuples.
+        attacks: maps a name to a callable ``attack(model, x, y) -> x_adv``.
+        batch_size: samples per attack call.
+        progress: show a tqdm progress bar over batches.
+        return_adv: also return the adversarial examples.
+
+    Returns:
+        ``{"n": int, "clean_acc": float, <name>: {"robust_acc": float, "asr": float}, ...,
+        "worst_case_robust_acc": float}`` where ``asr`` is the fraction of clean-correct samples
+        that the attack flips (NaN when no sample is clean-correct) and a sample counts toward
+        ``worst_case_robust_acc`` only if it is classified correctly clean AND after every attack.
+        With ``return_adv=True``, a pair ``(results, {name: x_adv})`` with the adversarial
+        examples on the data's device, in the data's order.
+    """
+    check_model(model)
+    if not isinstance(attacks, Mapping):
+        raise TypeError(f"attacks: must map names to attack callables, got {type(attacks).__name__}")
+    for name, attack in attacks.items():
+        if not isinstance(name, str) or name in RESERVED_KEYS:
+            raise ValueError(f"attacks: names must be strings other than {RESERVED_KEYS}, got {name!r}")
+        if not callable(attack):
+            raise TypeError(f"attacks: {name!r} is not callable")
+    check_positive_int(batch_size, "batch_size")
+    n, batches = _batches(data, batch_size)
+    if n == 0:
+        raise ValueError("data: is empty")
+
+    clean_correct = 0
+    worst_case_correct = 0
+    robust_correct = {name: 0 for name in attacks}
+    flipped = {name: 0 for name in attacks}
+    adversarial: Dict[str, list] = {name: [] for name in attacks}
+    with frozen_in_eval(model):
+        device = _model_device(model, torch.device("cpu"))
+        for x, y in tqdm(batches, total=math.ceil(n / batch_size), desc="evaluate", disable=not progress):
+            data_device = x.device
+            x, y = x.to(device), y.to(device)
+            clean_ok = _correct(model, x, y)
+            survives_all = clean_ok.clone()
+            for name, attack in attacks.items():
+                x_adv = attack(model, x, y)
+                if not isinstance(x_adv, torch.Tensor) or x_adv.shape != x.shape:
+                    shape = tuple(x_adv.shape) if isinstance(x_adv, torch.Tensor) else type(x_adv).__name__
+                    raise ValueError(f"attacks: {name!r} returned {shape} for a batch of shape {tuple(x.shape)}")
+                robust_ok = _correct(model, x_adv, y)
+                robust_correct[name] += int(robust_ok.sum())
+                flipped[name] += int((clean_ok & ~robust_ok).sum())
+                survives_all &= robust_ok
+                if return_adv:
+                    adversarial[name].append(x_adv.detach().to(data_device))
+            clean_correct += int(clean_ok.sum())
+            worst_case_correct += int(survives_all.sum())
+
+    results: Dict = {"n": n, "clean_acc": clean_correct / n}
+    for name in attacks:
+        asr = flipped[name] / clean_correct if clean_correct else math.nan
+        results[name] = {"robust_acc": robust_correct[name] / n, "asr": asr}
+    results["worst_case_robust_acc"] = worst_case_correct / n
+    if return_adv:
+        return results, {name: torch.cat(chunks) for name, chunks in adversarial.items()}
+    return results
