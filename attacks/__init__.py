@@ -1,10 +1,12 @@
 """Adversarial attacks with one interface, ``attack(model, x, y) -> x_adv``, and their evaluation.
 
 Own attacks: :class:`FGSM`, :class:`PGD` (linf / l2, restarts), :class:`LinearClosedForm` (the
-paper's closed-form boundary crossing).
+paper's closed-form boundary crossing). Third-party attacks: :class:`TorchAttacks`,
+:class:`AutoAttack` (torchattacks) and :class:`ART` (Adversarial Robustness Toolbox).
 :func:`evaluate` reports clean accuracy, robust accuracy and attack success rate.
 """
 
+from .adapters import ART, AutoAttack, TorchAttacks, art_evasion_names, torchattacks_names
 from .base import Attack, BinaryAsTwoLogits, per_sample_loss, predict
 from .closed_form import LinearClosedForm
 from .evaluate import accuracy, evaluate
@@ -16,9 +18,14 @@ __all__ = [
     "FGSM",
     "PGD",
     "LinearClosedForm",
+    "TorchAttacks",
+    "AutoAttack",
+    "ART",
     "evaluate",
     "accuracy",
     "per_sample_loss",
     "predict",
     "BinaryAsTwoLogits",
+    "torchattacks_names",
+    "art_evasion_names",
 ]
