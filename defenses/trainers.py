@@ -27,6 +27,8 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from robust_infl.objectives import default_loss_fn
+
 from .data import as_tensors
 from .validation import check_bool, check_choice, check_int, check_positive
 
@@ -52,11 +54,11 @@ NORMS = ("linf", "l2")
 
 
 def per_sample_loss(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Per-sample loss, shape ``(n,)``: cross-entropy for >= 2 logits, BCE-with-logits for one logit."""
-    if outputs.dim() == 1 or outputs.shape[-1] == 1:
-        return F.binary_cross_entropy_with_logits(outputs.reshape(-1), targets.reshape(-1).to(outputs.dtype),
-                                                  reduction="none")
-    return F.cross_entropy(outputs, targets, reduction="none")
+    """Per-sample loss, shape ``(n,)``: the engine's default (``robust_infl.objectives.default_loss_fn``),
+    cross-entropy for >= 2 logits, BCE-with-logits for one logit (1-D outputs count as one logit)."""
+    if outputs.dim() == 1:
+        outputs = outputs.unsqueeze(1)
+    return default_loss_fn(outputs.shape[1])(outputs, targets)
 
 
 def _class_log_probs(logits: torch.Tensor) -> torch.Tensor:
