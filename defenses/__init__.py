@@ -1,6 +1,32 @@
-"""Defences driven by influence scores: select (prune / reweight / relabel), retrain, re-attack, report."""
+"""Defences driven by influence scores: select (prune / reweight / relabel), retrain, re-attack, report.
 
+- :func:`prune`, :func:`reweight`, :func:`relabel`: scores -> keep-mask / weights / repaired labels.
+- :class:`ERM`, :class:`PGDAT`, :class:`TRADES` (subclasses of :class:`Trainer`) and
+  :class:`ARTTrainer`: (re)training with per-sample weights and a seed, from scratch or fine-tuning.
+- :func:`run`: the closed loop with baselines over several seeds, writing ``report.json``,
+  ``report.md`` and ``robust_vs_fraction.png``; recipes are pluggable (:func:`register_recipe`).
+"""
+
+from .art_trainer import ARTTrainer
+from .pipeline import evaluate_on_test, run, seeded_split
+from .recipes import DefenceContext, available_recipes, register_recipe
 from .selection import prune, relabel, reweight
 from .trainers import ERM, PGDAT, TRADES, Trainer, per_sample_loss
 
-__all__ = ["prune", "reweight", "relabel", "Trainer", "ERM", "PGDAT", "TRADES", "per_sample_loss"]
+__all__ = [
+    "prune",
+    "reweight",
+    "relabel",
+    "Trainer",
+    "ERM",
+    "PGDAT",
+    "TRADES",
+    "ARTTrainer",
+    "per_sample_loss",
+    "run",
+    "evaluate_on_test",
+    "seeded_split",
+    "DefenceContext",
+    "register_recipe",
+    "available_recipes",
+]

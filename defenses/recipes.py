@@ -1,0 +1,200 @@
+"""Defence recipes: name -> function that turns the trained base model into a defended model.
+
+A recipe receives a :class:`DefenceContext` -- the trained model, the training and validation
+splits, the trainer, the attack, the budget and the seed -- and returns a new ``nn.Module``. The
+context holds NO test data, so nothing a recipe does (scoring, selection, training) can see the
+test split. Add a recipe with one line::
+
+    register_recipe("my-defence", my_function, uses_budget=False, description="...")
+
+Built in:
+
+- ``none``: no defence (scratch: the base model itself, which retraining on all data with the same
+  seed reproduces exactly; finetune: fine-tuned on all data for the same epochs).
+- ``influence``: harm on ``Robust(attack)`` over the VALIDATION split (``robust_infl.influence``),
+  then prune / reweight by it.
+- ``random``: the same budget, chosen uniformly at random (seeded).
+- ``loss``: the same budget, the samples with the highest training loss under the base model.
+- ``train+val``: no selection, plain (re)training on train + validation (a fair reference for
+  defences that use the validation labels).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Optional
+
+import torch
+from torch import nn
+
+from .data import take
+from .selection import prune, reweight
+from .trainers import per_sample_loss
+
+__all__ = [
+    "DefenceContext",
+    "Recipe",
+    "register_recipe",
+    "available_recipes",
+    "get_recipe",
+    "score_based",
+    "select_and_retrain",
+    "DEFAULT_RECIPES",
+]
+
+
+@dataclass
+class DefenceContext:
+    """What a recipe may use. There is deliberately no test split here.
+
+    Attributes:
+        model: the trained base model (do not mutate it; trainers return copies).
+        train, val: ``(X, y[, s])`` tensors.
+        trainer: has ``fit(model, train, *, weights=None, seed=0, val=None) -> nn.Module``.
+        attack: ``attack(model, x, y) -> x_adv``, the threat model being defended against.
+        seed: the run's seed.
+        fraction: the budget (share of training samples), None for budget-free recipes.
+        mode: ``"prune"`` or ``"reweight"``; ``scheme`` / ``temperature``: the reweighting rule.
+        method, method_options: the influence method and its options.
+        train_attack: the training-point attack of an adversarial trainer (None for ERM): scores
+            and training losses are then taken at the adversarial training points.
+        progress: show progress bars.
+        cache: per-seed storage shared by the calls of one seed (scores do not depend on the budget).
+    """
+
+    model: nn.Module
+    train: tuple
+    val: tuple
+    trainer: object
+    attack: Callable
+    seed: int
+    fraction: Optional[float] = None
+    mode: str = "prune"
+    scheme: str = "smooth"
+    temperature: float = 1.0
+    method: str = "ip"
+    method_options: dict = field(default_factory=dict)
+    train_attack: Optional[Callable] = None
+    progress: bool = True
+    cache: dict = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """A registered recipe: ``fn(context) -> nn.Module``; ``uses_budget`` False runs once per seed."""
+
+    name: str
+    fn: Callable[[DefenceContext], nn.Module]
+    uses_budget: bool
+    description: str
+
+
+_RECIPES: dict = {}
+
+
+def register_recipe(name: str, fn: Callable[[DefenceContext], nn.Module], *, uses_budget: bool = True,
+                    description: str = "") -> Recipe:
+    """Register ``fn`` under ``name`` (unique) and return the :class:`Recipe`."""
+    if not isinstance(name, str) or not name:
+        raise ValueError(f"name: must be a non-empty string, got {name!r}")
+    if not callable(fn):
+        raise TypeError(f"fn: must be callable, got {type(fn).__name__}")
+    if name in _RECIPES and _RECIPES[name].fn is not fn:
+        raise ValueError(f"name: recipe {name!r} is already registered")
+    _RECIPES[name] = Recipe(name, fn, bool(uses_budget), description)
+    return _RECIPES[name]
+
+
+def available_recipes() -> tuple:
+    """Names of the registered recipes, in registration order."""
+    return tuple(_RECIPES)
+
+
+def get_recipe(name: str) -> Recipe:
+    """The recipe registered under ``name``; ``ValueError`` listing the valid names otherwise."""
+    if name not in _RECIPES:
+        raise ValueError(f"recipes: unknown recipe {name!r}; valid names are {', '.join(_RECIPES)}")
+    return _RECIPES[name]
+
+
+def select_and_retrain(ctx: DefenceContext, scores: torch.Tensor) -> nn.Module:
+    """Prune (train on the kept samples) or reweight (train on all, weighted) by ``scores``, then retrain."""
+    if ctx.mode == "prune":
+        keep = prune(scores, ctx.fraction)
+        return ctx.trainer.fit(ctx.model, take(ctx.train, keep), seed=ctx.seed, val=ctx.val)
+    weights = reweight(scores, ctx.scheme, fraction=ctx.fraction, temperature=ctx.temperature)
+    return ctx.trainer.fit(ctx.model, ctx.train, weights=weights, seed=ctx.seed, val=ctx.val)
+
+
+def score_based(name: str, score_fn: Callable[[DefenceContext], torch.Tensor]) -> Callable:
+    """A recipe that scores the training samples once per seed (cached) and selects by the budget."""
+
+    def recipe(ctx: DefenceContext) -> nn.Module:
+        if name not in ctx.cache:
+            ctx.cache[name] = score_fn(ctx).detach().cpu()
+        return select_and_retrain(ctx, ctx.cache[name])
+
+    recipe.__name__ = f"{name}_recipe"
+    return recipe
+
+
+def influence_scores(ctx: DefenceContext) -> torch.Tensor:
+    """Harm of every training sample on ``Robust(attack)`` measured on the validation split."""
+    import robust_infl
+
+    adversarial = ctx.train_attack is not None
+    return robust_infl.influence(
+        ctx.model, ctx.train[:2], ctx.val, objective=robust_infl.Robust(ctx.attack), method=ctx.method,
+        seed=ctx.seed, progress=ctx.progress, train_loss="adversarial" if adversarial else "clean",
+        train_attack=ctx.train_attack, **ctx.method_options)
+
+
+def random_scores(ctx: DefenceContext) -> torch.Tensor:
+    """Uniform random scores (seeded): a random selection of the same budget."""
+    return torch.rand(ctx.train[0].shape[0], generator=torch.Generator().manual_seed(ctx.seed),
+                      dtype=torch.float64)
+
+
+def training_loss_scores(ctx: DefenceContext, batch_size: int = 512) -> torch.Tensor:
+    """Per-sample training loss of the base model (at the adversarial training points for adversarial trainers)."""
+    X, y = ctx.train[:2]
+    device = next(ctx.model.parameters()).device
+    was_training = ctx.model.training
+    ctx.model.eval()
+    losses = []
+    try:
+        for start in range(0, X.shape[0], batch_size):
+            xb, yb = X[start:start + batch_size].to(device), y[start:start + batch_size].to(device)
+            if ctx.train_attack is not None:
+                xb = ctx.train_attack(ctx.model, xb, yb)
+            with torch.no_grad():
+                losses.append(per_sample_loss(ctx.model(xb), yb).double().cpu())
+    finally:
+        ctx.model.train(was_training)
+    return torch.cat(losses)
+
+
+def no_defence(ctx: DefenceContext) -> nn.Module:
+    """The undefended model: the base model (scratch), or fine-tuned on all data (finetune)."""
+    if getattr(ctx.trainer, "retrain", "scratch") == "scratch":
+        return ctx.model
+    return ctx.trainer.fit(ctx.model, ctx.train, seed=ctx.seed, val=ctx.val)
+
+
+def train_and_val(ctx: DefenceContext) -> nn.Module:
+    """Plain (re)training on the training and validation splits together."""
+    k = min(len(ctx.train), len(ctx.val))
+    joined = tuple(torch.cat([a, b]) for a, b in zip(ctx.train[:k], ctx.val[:k]))
+    return ctx.trainer.fit(ctx.model, joined, seed=ctx.seed)
+
+
+register_recipe("none", no_defence, uses_budget=False, description="no defence")
+register_recipe("influence", score_based("influence", influence_scores),
+                description="prune / reweight by harm on Robust(attack) over the validation split")
+register_recipe("random", score_based("random", random_scores), description="random selection, same budget")
+register_recipe("loss", score_based("loss", training_loss_scores),
+                description="highest training loss, same budget")
+register_recipe("train+val", train_and_val, uses_budget=False,
+                description="plain training on train + validation")
+
+DEFAULT_RECIPES = ("none", "influence", "random", "loss")

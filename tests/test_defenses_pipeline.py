@@ -1,0 +1,198 @@
+"""The closed loop end to end on tiny settings: files, statistics, determinism, test isolation, recipes."""
+
+import json
+import math
+
+import pytest
+import torch
+from torch import nn
+
+import attacks
+import defenses
+from defenses import pipeline, recipes
+from defenses.report import paired_difference
+from defenses.trainers import ERM
+from robust_infl.datasets import Splits, load_dataset
+
+TINY = dict(model="logreg", attack="pgd", seeds=2, epochs=3, progress=False)
+
+
+def _rows(report, recipe, fraction):
+    return sorted((r for r in report["per_seed"]["runs"] if r["recipe"] == recipe and r["fraction"] == fraction),
+                  key=lambda r: r["seed"])
+
+
+def test_end_to_end_writes_the_report_and_the_numbers_add_up(tmp_path):
+    report = defenses.run("moons", fractions=[0.05, 0.1], out=tmp_path, **TINY)
+    assert {p.name for p in tmp_path.iterdir()} == {"report.json", "report.md", "robust_vs_fraction.png"}
+    assert json.loads((tmp_path / "report.json").read_text())["config"]["fractions"] == [0.05, 0.1]
+    table = (tmp_path / "report.md").read_text()
+    assert "| influence | 0.05 |" in table and "| none | – |" in table
+    assert (tmp_path / "robust_vs_fraction.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    keys = [(e["recipe"], e["fraction"]) for e in report["summary"]]
+    assert keys == [("none", None)] + [(r, f) for f in (0.05, 0.1) for r in ("influence", "random", "loss")]
+    # scratch: "none" is the base model, so its numbers are the base model's
+    assert [{k: r[k] for k in ("clean_acc", "robust_acc")} for r in _rows(report, "none", None)] == \
+        [{k: b[k] for k in ("clean_acc", "robust_acc")} for b in report["per_seed"]["base"]]
+    for entry in report["summary"]:
+        rows = _rows(report, entry["recipe"], entry["fraction"])
+        for metric in ("clean_acc", "robust_acc", "transfer_acc"):
+            assert entry[metric]["mean"] == pytest.approx(sum(r[metric] for r in rows) / len(rows))
+        if entry["recipe"] != "none":
+            expected = paired_difference([r["robust_acc"] for r in rows],
+                                         [r["robust_acc"] for r in _rows(report, "none", None)])
+            assert entry["vs_none"]["robust_acc"] == expected
+        if entry["recipe"] in ("influence", "loss"):
+            assert "vs_random" in entry
+
+
+def test_paired_difference_known_answer():
+    out = paired_difference([1.0, 2.0, 3.0], [0.0, 0.0, 0.0])
+    half = 4.302652729911275 / math.sqrt(3)  # t(0.975, df=2) * std / sqrt(n), std = 1
+    assert out["mean"] == 2.0 and out["std"] == 1.0
+    assert out["ci95"] == pytest.approx([2.0 - half, 2.0 + half])
+    assert paired_difference([1.0], [0.5])["ci95"] is None
+
+
+def test_same_seed_gives_an_identical_report(tmp_path):
+    options = dict(fractions=[0.1], mode="reweight", **TINY)
+    defenses.run("moons", out=tmp_path / "a", **options)
+    defenses.run("moons", out=tmp_path / "b", **options)
+    assert (tmp_path / "a" / "report.json").read_bytes() == (tmp_path / "b" / "report.json").read_bytes()
+    assert (tmp_path / "a" / "report.md").read_bytes() == (tmp_path / "b" / "report.md").read_bytes()
+    other = defenses.run("moons", **{**options, "seeds": [5, 6]})
+    assert other["per_seed"] != json.loads((tmp_path / "a" / "report.json").read_text())["per_seed"]
+
+
+class _Sealed(torch.Tensor):
+    """A tensor that fails on every data access while ``armed`` (shape / dtype / device stay readable)."""
+
+    armed = True
+    METADATA = {torch.Tensor.shape.__get__, torch.Tensor.dtype.__get__, torch.Tensor.device.__get__,
+                torch.Tensor.dim, torch.Tensor.size, torch.Tensor.__len__, torch.Tensor.is_floating_point}
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        if cls.armed and func not in cls.METADATA:
+            raise AssertionError(f"the test split was touched outside evaluation by {func}")
+        with torch._C.DisableTorchFunctionSubclass():
+            return func(*args, **(kwargs or {}))
+
+
+def test_the_test_split_never_reaches_scoring_or_training(monkeypatch):
+    """The test split is sealed; only ``evaluate_on_test`` may open it. Scoring, selection and
+    training of every recipe run with it sealed, so any access there would raise."""
+    def sealed_splits(seed):
+        s = load_dataset("moons", seed=seed)
+        test = tuple(t.as_subclass(_Sealed) for t in s.test)
+        return Splits(s.name, s.train, s.val, test, s.input_shape, s.num_classes, s.bounds)
+
+    with pytest.raises(AssertionError, match="touched outside evaluation"):
+        defenses.prune(sealed_splits(0).test[0][:, 0], 0.1)
+
+    opened = []
+    real_evaluate = pipeline.evaluate_on_test
+
+    def evaluate_unsealed(*args, **kwargs):
+        _Sealed.armed = False
+        try:
+            opened.append(True)
+            return real_evaluate(*args, **kwargs)
+        finally:
+            _Sealed.armed = True
+
+    scored = []
+    real_influence = recipes.influence_scores
+    monkeypatch.setattr(pipeline, "evaluate_on_test", evaluate_unsealed)
+    monkeypatch.setitem(recipes._RECIPES, "influence", recipes.Recipe(
+        "influence", recipes.score_based("influence", lambda ctx: scored.append(ctx) or real_influence(ctx)),
+        True, ""))
+    defenses.run(sealed_splits, fractions=[0.1], recipes=["none", "influence", "random", "loss", "train+val"],
+                 **TINY)
+    assert len(opened) == 2 * 5  # base + influence, random, loss, train+val per seed ("none" reuses base)
+    assert scored and all(not hasattr(ctx, "test") for ctx in scored)
+
+
+def test_prune_trains_on_exactly_the_kept_samples_and_reweight_on_all(monkeypatch):
+    seen = []
+
+    class Recording(ERM):
+        def fit(self, model, train, *, weights=None, seed=0, val=None):
+            seen.append((len(train[0]), None if weights is None else weights.clone()))
+            return super().fit(model, train, weights=weights, seed=seed, val=val)
+
+    trainer = Recording(epochs=2, lr=0.01, batch_size=32, progress=False)
+    options = dict(model="logreg", seeds=1, trainer=trainer, progress=False, recipes=["influence", "random"])
+    defenses.run("moons", fractions=[0.1], **options)
+    assert [n for n, _ in seen] == [400, 360, 360] and all(w is None for _, w in seen)
+    seen.clear()
+    defenses.run("moons", fractions=[0.1], mode="reweight", scheme="hard", **options)
+    assert [n for n, _ in seen] == [400, 400, 400]
+    assert all(int((w == 0).sum()) == 40 for _, w in seen[1:])
+
+
+def test_user_module_tensors_and_attack_callable_with_finetune():
+    g = torch.Generator().manual_seed(0)
+    X = torch.rand(300, 6, generator=g)
+    y = (X[:, 0] + 0.3 * torch.randn(300, generator=g) > 0.5).long()
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.body = nn.Sequential(nn.Linear(6, 16), nn.ReLU(), nn.Linear(16, 2))
+
+        def forward(self, x):
+            return self.body(x)
+
+    report = defenses.run((X, y), Net(), attacks.FGSM(0.05), fractions=[0.1], retrain="finetune", seeds=2,
+                          epochs=3, lr=0.01, batch_size=32, bounds=(0.0, 1.0), progress=False)
+    assert report["config"]["model"] == "Net" and report["config"]["attack"] == "FGSM"
+    assert report["config"]["n_train"] == 195 and report["config"]["n_test"] == 60
+    assert report["config"]["eps"] == 0.05
+    none = _rows(report, "none", None)
+    assert len(none) == 2  # finetune: "none" is a fine-tuned model, evaluated on its own
+
+
+def test_a_registered_recipe_runs_once_per_seed(monkeypatch):
+    calls = []
+
+    def plain_on_val_too(ctx):
+        calls.append(ctx.fraction)
+        return recipes.train_and_val(ctx)
+
+    monkeypatch.setitem(recipes._RECIPES, "mine", recipes.Recipe("mine", plain_on_val_too, False, ""))
+    report = defenses.run("moons", fractions=[0.05, 0.1], recipes=["none", "mine"], **TINY)
+    assert calls == [None, None]
+    assert [(e["recipe"], e["fraction"]) for e in report["summary"]] == [("none", None), ("mine", None)]
+    assert "vs_none" in report["summary"][1]
+
+
+def test_pgd_at_trainer_scores_at_adversarial_training_points():
+    report = defenses.run("moons", model="mlp", trainer="pgd-at", fractions=[0.1], seeds=1, epochs=2,
+                          train_steps=2, progress=False)
+    assert report["config"]["trainer"] == "pgd-at"
+    assert all(0.0 <= r["robust_acc"] <= r["clean_acc"] + 1e-9 for r in report["per_seed"]["runs"])
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, message",
+    [
+        (dict(fractions=[1.5]), ValueError, r"^fractions: every fraction must be in \(0, 1\)"),
+        (dict(fractions=[]), ValueError, "^fractions: must be a non-empty list"),
+        (dict(mode="drop"), ValueError, "^mode: must be one of prune, reweight"),
+        (dict(recipes=["nope"]), ValueError, "^recipes: unknown recipe 'nope'"),
+        (dict(seeds=0), ValueError, "^seeds: must be >= 1"),
+        (dict(method="magic"), ValueError, "^method: unknown method 'magic'"),
+        (dict(attack="cw"), ValueError, "^attack: unknown name 'cw'"),
+        (dict(trainer="sgd"), ValueError, "^trainer: unknown name 'sgd'"),
+        (dict(trainer="art-pgd-at", mode="reweight"), ValueError, "^mode: ART's trainers take no per-sample"),
+        (dict(data="cifar"), ValueError, "^data: unknown data set 'cifar'"),
+        (dict(data=42), TypeError, "^data: expected"),
+    ],
+)
+def test_validation(kwargs, error, message):
+    options = dict(data="moons", model="logreg", seeds=1, epochs=1, progress=False)
+    options.update(kwargs)
+    with pytest.raises(error, match=message):
+        defenses.run(**options)
