@@ -1,0 +1,278 @@
+"""The ``robust-infl`` command line: ``defend``, ``score``, ``attack`` and ``demo``.
+
+Run ``robust-infl <command> --help`` for every flag. User errors print one line on stderr and exit
+with status 2 (``--debug`` shows the traceback instead).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Optional, Sequence
+
+__all__ = ["main", "build_parser"]
+
+PROG = "robust-infl"
+USER_ERRORS = (ValueError, TypeError, FileNotFoundError, ImportError, FloatingPointError)
+
+
+class _OneLineErrorParser(argparse.ArgumentParser):
+    """argparse with usage errors reported on one line."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def _common_options() -> argparse.ArgumentParser:
+    from robust_infl.experiment_setup import DATASET_NAMES, MODEL_NAMES
+
+    common = argparse.ArgumentParser(add_help=False)
+    group = common.add_argument_group("data, model and threat model")
+    group.add_argument("--data", choices=DATASET_NAMES, default="mnist",
+                       help="data set, shipped with the install (default: %(default)s)")
+    group.add_argument("--model", choices=MODEL_NAMES, default=None,
+                       help="reference model (default per data set: mnist cnn, digits/moons mlp, adult logreg)")
+    group.add_argument("--eps", type=float, default=None,
+                       help="attack budget (default per data set: images 0.1 linf, tabular 0.5 l2)")
+    group.add_argument("--norm", choices=("linf", "l2"), default=None,
+                       help="attack norm (default per data set: images linf, tabular l2)")
+    group.add_argument("--steps", type=int, default=None, help="attack steps for pgd (default 10)")
+    group.add_argument("--n-train", type=int, default=None, help="training split size (default per data set)")
+    group.add_argument("--n-val", type=int, default=None, help="validation split size (default per data set)")
+    group.add_argument("--n-test", type=int, default=None, help="test split size (default per data set)")
+    train = common.add_argument_group("training")
+    train.add_argument("--epochs", type=int, default=None, help="training epochs (default per data set)")
+    train.add_argument("--lr", type=float, default=None, help="learning rate (default per data set)")
+    train.add_argument("--batch-size", type=int, default=None, help="training batch size (default per data set)")
+    train.add_argument("--train-steps", type=int, default=5,
+                       help="PGD steps inside adversarial trainers (default: %(default)s)")
+    other = common.add_argument_group("output")
+    other.add_argument("--no-progress", action="store_true", help="hide the progress bars")
+    other.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
+    return common
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of ``robust-infl`` with its four subcommands."""
+    import robust_infl
+    from defenses.recipes import DEFAULT_RECIPES, available_recipes
+    from robust_infl.experiment_setup import ATTACK_NAMES, OBJECTIVE_NAMES, TRAINER_NAMES
+
+    parser = _OneLineErrorParser(prog=PROG, description=(
+        "Find the training samples that make a model easier to attack, prune or down-weight them, "
+        "retrain, attack again and compare with honest baselines."))
+    parser.add_argument("--debug", dest="debug_all", action="store_true", help="show full tracebacks on errors")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_OneLineErrorParser)
+    common = _common_options()
+    methods = robust_infl.available_methods()
+
+    defend = commands.add_parser(
+        "defend", parents=[common], help="run the defence and its baselines over seeds, write the report",
+        description="Split, train, attack, score on the validation split, prune / reweight, retrain and "
+                    "re-attack (adaptive and transfer); writes report.json, report.md and, with several "
+                    "fractions, robust_vs_fraction.png.")
+    defend.add_argument("--attack", choices=ATTACK_NAMES, default="pgd", help="attack (default: %(default)s)")
+    defend.add_argument("--method", choices=methods, default="ip", help="influence method (default: %(default)s)")
+    defend.add_argument("--fraction", type=float, nargs="+", default=[0.05], metavar="F",
+                        help="budget(s): share of training samples pruned / down-weighted (default: 0.05)")
+    defend.add_argument("--mode", choices=("prune", "reweight"), default="prune",
+                        help="prune (train on the kept samples) or reweight (default: %(default)s)")
+    defend.add_argument("--scheme", choices=("smooth", "hard"), default="smooth",
+                        help="reweighting scheme for --mode reweight (default: %(default)s)")
+    defend.add_argument("--temperature", type=float, default=1.0,
+                        help="temperature of the smooth scheme (default: %(default)s)")
+    defend.add_argument("--retrain", choices=("scratch", "finetune"), default="scratch",
+                        help="retrain defended models from scratch or fine-tune the base model (default: %(default)s)")
+    defend.add_argument("--trainer", choices=TRAINER_NAMES, default="erm",
+                        help="training: erm, pgd-at (Madry), trades, or ART's art-pgd-at / art-trades "
+                             "(default: %(default)s)")
+    defend.add_argument("--recipes", nargs="+", choices=available_recipes(), default=list(DEFAULT_RECIPES),
+                        metavar="R", help=f"defence and baselines to run, from {', '.join(available_recipes())} "
+                                          f"(default: {' '.join(DEFAULT_RECIPES)})")
+    defend.add_argument("--seeds", type=int, default=3, help="number of seeds 0..N-1 (default: %(default)s)")
+    defend.add_argument("--out", default="runs/defend", help="output folder (default: %(default)s)")
+
+    score = commands.add_parser(
+        "score", parents=[common], help="train a model and save every training sample's harm score",
+        description="Train the model, score every training sample's harm on an objective over the validation "
+                    "split, save the scores as .npy and print the most harmful samples.")
+    score.add_argument("--objective", choices=OBJECTIVE_NAMES, default="robust",
+                       help="utility (loss), robust (adversarial loss), dp (demographic parity), "
+                            "eop (equal opportunity) (default: %(default)s)")
+    score.add_argument("--attack", choices=ATTACK_NAMES, default="pgd",
+                       help="attack of the robust objective (default: %(default)s)")
+    score.add_argument("--method", choices=methods, default="ip", help="influence method (default: %(default)s)")
+    score.add_argument("--trainer", choices=TRAINER_NAMES, default="erm", help="training (default: %(default)s)")
+    score.add_argument("--seed", type=int, default=0, help="seed of split, training and scoring (default: 0)")
+    score.add_argument("--top", type=int, default=10, help="how many of the most harmful to print (default: 10)")
+    score.add_argument("--out", required=True, help="where to save the scores (a .npy file)")
+
+    attack = commands.add_parser(
+        "attack", parents=[common], help="train a model and print its clean and robust test accuracy",
+        description="Train the model and evaluate it on the test split under one or more attacks.")
+    attack.add_argument("--attack", choices=ATTACK_NAMES, nargs="+", default=["pgd"],
+                        help="attack(s) to run (default: pgd)")
+    attack.add_argument("--trainer", choices=TRAINER_NAMES, default="erm", help="training (default: %(default)s)")
+    attack.add_argument("--seed", type=int, default=0, help="seed of split, training and attacks (default: 0)")
+
+    demo = commands.add_parser(
+        "demo", help="the README demo: MNIST subset + small CNN + PGD, Adult + logistic regression",
+        description="Run the defence on the MNIST subset (small CNN, PGD linf eps 0.1, 10 steps) and on Adult "
+                    "(logistic regression, PGD L2 eps 0.5, unbounded features) and print the before/after tables.")
+    demo.add_argument("--out", default="runs/demo", help="output folder (default: %(default)s)")
+    demo.add_argument("--quick", action="store_true", help="tiny sizes and one seed (a smoke test, ~1 minute)")
+    demo.add_argument("--no-progress", action="store_true", help="hide the progress bars")
+    demo.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
+    return parser
+
+
+def _setup(args):
+    """Splits (seed ``args.seed``), data defaults and the resolved threat model for score / attack."""
+    from robust_infl.experiment_setup import data_defaults, load_splits
+
+    defaults = data_defaults(args.data)
+    splits = load_splits(args.data, args.seed, args.n_train, args.n_val, args.n_test)
+    eps = defaults.eps if args.eps is None else args.eps
+    norm = args.norm or defaults.norm
+    steps = defaults.steps if args.steps is None else args.steps
+    return splits, defaults, eps, norm, steps
+
+
+def _train(args, splits, defaults, eps, norm):
+    from robust_infl.experiment_setup import make_trainer, model_factory
+
+    def pick(value, default):
+        return default if value is None else value
+
+    trainer = make_trainer(args.trainer, epochs=pick(args.epochs, defaults.epochs), lr=pick(args.lr, defaults.lr),
+                           batch_size=pick(args.batch_size, defaults.batch_size), eps=eps, norm=norm,
+                           bounds=splits.bounds, train_steps=args.train_steps, progress=not args.no_progress)
+    model = model_factory(args.model or defaults.model, splits)(args.seed)
+    return trainer.fit(model, splits.train, seed=args.seed, val=splits.val)
+
+
+def _cmd_defend(args) -> int:
+    import defenses
+    from defenses.report import render_markdown
+
+    start = time.perf_counter()
+    report = defenses.run(
+        args.data, args.model, args.attack, eps=args.eps, norm=args.norm, steps=args.steps, method=args.method,
+        fractions=args.fraction, mode=args.mode, scheme=args.scheme, temperature=args.temperature,
+        retrain=args.retrain, trainer=args.trainer, recipes=args.recipes, seeds=args.seeds, epochs=args.epochs,
+        lr=args.lr, batch_size=args.batch_size, train_steps=args.train_steps, n_train=args.n_train,
+        n_val=args.n_val, n_test=args.n_test, out=args.out, progress=not args.no_progress)
+    print(render_markdown(report))
+    print(f"wrote {Path(args.out) / 'report.json'} and report.md in {time.perf_counter() - start:.0f} s")
+    return 0
+
+
+def _cmd_score(args) -> int:
+    import numpy as np
+
+    import robust_infl
+    from robust_infl.experiment_setup import make_attack, make_objective
+
+    out = Path(args.out)
+    if out.suffix != ".npy":
+        raise ValueError(f"out: must end in .npy, got {args.out!r}")
+    if args.top < 0:
+        raise ValueError(f"top: must be >= 0, got {args.top}")
+    splits, defaults, eps, norm, steps = _setup(args)
+    if args.objective in ("dp", "eop") and not splits.has_sensitive:
+        raise ValueError(f"objective: {args.objective} needs a sensitive attribute; {args.data} has none "
+                         "(use --data adult or moons)")
+    attack = make_attack(args.attack, eps=eps, norm=norm, steps=steps, bounds=splits.bounds, seed=args.seed) \
+        if args.objective == "robust" else None
+    objective = make_objective(args.objective, attack)
+    model = _train(args, splits, defaults, eps, norm)
+    scores = robust_infl.influence(model, splits.train[:2], splits.val, objective=objective, method=args.method,
+                                   seed=args.seed, progress=not args.no_progress)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".npy")
+    os.close(fd)
+    np.save(tmp, scores.detach().cpu().numpy())
+    os.replace(tmp, out)
+    order = scores.argsort(descending=True, stable=True)[: args.top]
+    print(f"harm on {args.objective} ({args.method}) of {len(scores)} training samples; larger = more harmful")
+    print(f"{'rank':>4}  {'index':>6}  {'label':>5}  {'harm':>12}")
+    for rank, index in enumerate(order.tolist(), start=1):
+        print(f"{rank:>4}  {index:>6}  {int(splits.train[1][index]):>5}  {float(scores[index]):>12.4g}")
+    print(f"saved {out}")
+    return 0
+
+
+def _cmd_attack(args) -> int:
+    import attacks
+    from robust_infl.experiment_setup import make_attack
+
+    splits, defaults, eps, norm, steps = _setup(args)
+    built = {name: make_attack(name, eps=eps, norm=norm, steps=steps, bounds=splits.bounds, seed=args.seed)
+             for name in dict.fromkeys(args.attack)}
+    model = _train(args, splits, defaults, eps, norm)
+    results = attacks.evaluate(model, splits.test, built, progress=not args.no_progress)
+    print(f"{args.data} / {args.model or defaults.model} / trainer {args.trainer}; test n={results['n']}; "
+          f"eps={eps} {norm}")
+    print("| attack | robust acc | attack success |\n|---|---|---|")
+    print(f"| (clean) | {100 * results['clean_acc']:.1f} | – |")
+    for name in built:
+        print(f"| {name} | {100 * results[name]['robust_acc']:.1f} | {100 * results[name]['asr']:.1f} |")
+    if len(built) > 1:
+        print(f"| worst case | {100 * results['worst_case_robust_acc']:.1f} | – |")
+    return 0
+
+
+# The demo's settings: sized to finish in <= 10 minutes on 2 CPU cores (both data sets together).
+DEMO_RUNS = {
+    "mnist": dict(data="mnist", model="cnn", attack="pgd", eps=0.1, norm="linf", steps=10, seeds=3,
+                  fractions=[0.05], epochs=5),
+    "adult": dict(data="adult", model="logreg", attack="pgd", eps=0.5, norm="l2", steps=10, seeds=5,
+                  fractions=[0.05]),
+}
+DEMO_QUICK = {
+    "mnist": dict(seeds=1, n_train=600, n_val=100, n_test=200, epochs=2, steps=5),
+    "adult": dict(seeds=1, n_train=1000, n_val=300, n_test=500, epochs=2),
+}
+
+
+def _cmd_demo(args) -> int:
+    import defenses
+    from defenses.report import render_markdown
+
+    total = time.perf_counter()
+    for name, settings in DEMO_RUNS.items():
+        settings = {**settings, **(DEMO_QUICK[name] if args.quick else {})}
+        start = time.perf_counter()
+        report = defenses.run(out=Path(args.out) / name, progress=not args.no_progress, **settings)
+        print(render_markdown(report))
+        print(f"[{name}: {time.perf_counter() - start:.0f} s, files in {Path(args.out) / name}]\n")
+    print(f"demo finished in {time.perf_counter() - total:.0f} s")
+    return 0
+
+
+COMMANDS = {"defend": _cmd_defend, "score": _cmd_score, "attack": _cmd_attack, "demo": _cmd_demo}
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Entry point of ``robust-infl``; returns the exit status."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help(sys.stderr)
+        return 2
+    try:
+        return COMMANDS[args.command](args)
+    except USER_ERRORS as err:
+        if args.debug or args.debug_all:
+            raise
+        message = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        print(f"{PROG} {args.command}: error: {message}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,112 @@
+"""The robust-infl command line: help for every flag, the four commands on tiny settings, one-line errors."""
+
+import argparse
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from robust_infl import cli
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ["--data", "moons", "--model", "logreg", "--epochs", "2", "--no-progress"]
+
+
+def _subparsers(parser):
+    action = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    return action.choices
+
+
+def test_help_documents_every_flag_of_every_command():
+    parser = cli.build_parser()
+    commands = _subparsers(parser)
+    assert set(commands) == {"defend", "score", "attack", "demo"}
+    for name, sub in commands.items():
+        text = sub.format_help()
+        for action in sub._actions:
+            if action.option_strings:
+                assert action.help, f"{name} {action.option_strings} has no help"
+                assert all(opt in text for opt in action.option_strings)
+    defend_flags = {opt for a in commands["defend"]._actions for opt in a.option_strings}
+    assert {"--data", "--model", "--attack", "--eps", "--method", "--fraction", "--mode", "--retrain", "--trainer",
+            "--seeds", "--out"} <= defend_flags
+    score_flags = {opt for a in commands["score"]._actions for opt in a.option_strings}
+    assert {"--objective", "--attack", "--eps", "--method", "--out"} <= score_flags
+
+
+def test_module_entry_point_runs():
+    result = subprocess.run([sys.executable, "-m", "robust_infl.cli", "defend", "--help"], cwd=ROOT,
+                            capture_output=True, text=True, env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"})
+    assert result.returncode == 0, result.stderr
+    assert "--fraction F [F ...]" in result.stdout and "robust_vs_fraction.png" in result.stdout
+
+
+def test_defend_writes_the_report_and_prints_the_table(tmp_path, capsys):
+    code = cli.main(["defend", *TINY, "--seeds", "2", "--fraction", "0.05", "0.1", "--out", str(tmp_path)])
+    out = capsys.readouterr().out
+    assert code == 0
+    assert "| influence | 0.05 |" in out and "| random | 0.1 |" in out
+    assert {p.name for p in tmp_path.iterdir()} == {"report.json", "report.md", "robust_vs_fraction.png"}
+    config = json.loads((tmp_path / "report.json").read_text())["config"]
+    assert config["data"] == "moons" and config["seeds"] == [0, 1] and config["norm"] == "l2"
+
+
+def test_score_saves_one_harm_per_training_sample_and_prints_the_ranking(tmp_path, capsys):
+    path = tmp_path / "scores.npy"
+    assert cli.main(["score", *TINY, "--objective", "dp", "--top", "3", "--out", str(path)]) == 0
+    out = capsys.readouterr().out
+    scores = np.load(path)
+    assert scores.shape == (400,) and np.isfinite(scores).all()
+    best = int(np.argmax(scores))
+    lines = [line.split() for line in out.splitlines() if line.strip()[:1].isdigit()]
+    assert len(lines) == 3 and int(lines[0][1]) == best
+
+
+def test_attack_prints_clean_and_robust_accuracy(capsys):
+    assert cli.main(["attack", *TINY, "--attack", "fgsm", "pgd", "linear"]) == 0
+    out = capsys.readouterr().out
+    assert "| (clean) |" in out and "| fgsm |" in out and "| linear |" in out and "| worst case |" in out
+
+
+def test_demo_runs_both_data_sets(tmp_path, capsys, monkeypatch):
+    """The demo command on its quick settings, shrunk further so the test stays short."""
+    monkeypatch.setitem(cli.DEMO_QUICK, "mnist", dict(seeds=1, n_train=150, n_val=50, n_test=50, epochs=1, steps=2))
+    monkeypatch.setitem(cli.DEMO_QUICK, "adult", dict(seeds=1, n_train=300, n_val=100, n_test=100, epochs=1))
+    assert cli.main(["demo", "--quick", "--no-progress", "--out", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "mnist / cnn / pgd" in out and "adult / logreg / pgd" in out and "demo finished" in out
+    assert (tmp_path / "mnist" / "report.md").exists() and (tmp_path / "adult" / "report.md").exists()
+    assert cli.DEMO_RUNS["mnist"]["eps"] == 0.1 and cli.DEMO_RUNS["mnist"]["norm"] == "linf"
+    assert cli.DEMO_RUNS["adult"]["eps"] == 0.5 and cli.DEMO_RUNS["adult"]["norm"] == "l2"
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["defend", *TINY, "--fraction", "1.5"], "robust-infl defend: error: fractions: every fraction must be in"),
+        (["score", *TINY, "--objective", "dp", "--data", "digits", "--out", "x.npy"],
+         "robust-infl score: error: objective: dp needs a sensitive attribute"),
+        (["score", *TINY, "--out", "scores.txt"], "robust-infl score: error: out: must end in .npy"),
+        (["attack", *TINY, "--attack", "cw"], "robust-infl attack: error: argument --attack"),
+        (["defend", "--seeds"], "robust-infl defend: error: argument --seeds: expected one argument"),
+    ],
+)
+def test_user_errors_are_one_line_without_traceback(argv, message, capsys):
+    try:
+        code = cli.main(argv)
+    except SystemExit as stop:  # argparse's own usage errors
+        code = stop.code
+    err = capsys.readouterr().err
+    assert code == 2
+    assert err.startswith(message) and err.count("\n") == 1 and "Traceback" not in err
+
+
+def test_debug_shows_the_traceback():
+    with pytest.raises(ValueError, match="fractions"):
+        cli.main(["--debug", "defend", *TINY, "--fraction", "1.5"])
+    with pytest.raises(ValueError, match="fractions"):
+        cli.main(["defend", *TINY, "--fraction", "1.5", "--debug"])
+
