@@ -17,7 +17,7 @@ from __future__ import annotations
 import math
 from abc import ABC, abstractmethod
 from contextlib import contextmanager
-from typing import Iterator
+from typing import Iterator, Optional
 
 import numpy as np
 import torch
@@ -79,10 +79,16 @@ def check_seed(seed) -> int:
     return seed
 
 
-def check_model(model) -> None:
-    """Raise ``TypeError`` unless ``model`` is a ``torch.nn.Module``."""
+def check_model(model, x: Optional[torch.Tensor] = None) -> None:
+    """Raise ``TypeError`` unless ``model`` is a ``torch.nn.Module``, and ``ValueError`` when its
+    parameters live on another device than the batch ``x`` (if given)."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"model: must be a torch.nn.Module, got {type(model).__name__}")
+    if x is not None:
+        for p in model.parameters():
+            if p.device != x.device:
+                raise ValueError(f"model: its parameters are on {p.device} but x is on {x.device}")
+            break
 
 
 def check_batch(x, y) -> None:
@@ -200,8 +206,8 @@ class Attack(ABC):
 
     def __call__(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """Return adversarial examples for the batch ``(x, y)`` (same shape, dtype, device as ``x``)."""
-        check_model(model)
         check_batch(x, y)
+        check_model(model, x)
         if x.shape[0] == 0:
             return x.detach().clone()
         with frozen_in_eval(model), torch.enable_grad():

@@ -33,7 +33,8 @@ class PGD(Attack):
         norm: ``"linf"`` or ``"l2"``.
         random_start: start from a point drawn uniformly from the ``eps`` ball (clipped to
             ``bounds``) instead of the clean point.
-        restarts: number of runs; the worst case per sample is returned.
+        restarts: number of runs; the worst case per sample is returned (without a random
+            start every run is the same).
         bounds: ``None`` (unbounded), ``(low, high)`` numbers, or per-feature tensors broadcastable
             to one sample's shape.
         seed: seed of the random starts; the same seed gives the same output on every call.

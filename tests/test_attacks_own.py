@@ -283,3 +283,5 @@ def test_bad_calls_raise_errors_naming_the_argument():
         attack(model, x + 2.0, y)  # outside the (0, 1) bounds
     with pytest.raises(TypeError, match="^model:"):
         attack(lambda t: t, x, y)
+    with pytest.raises(ValueError, match="^model:.*meta"):
+        attack(tabular_mlp().to("meta"), x, y)
