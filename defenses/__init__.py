@@ -3,11 +3,14 @@
 - :func:`prune`, :func:`reweight`, :func:`relabel`: scores -> keep-mask / weights / repaired labels.
 - :class:`ERM`, :class:`PGDAT`, :class:`TRADES` (subclasses of :class:`Trainer`) and
   :class:`ARTTrainer`: (re)training with per-sample weights and a seed, from scratch or fine-tuning.
+- :class:`LookaheadReweighting`: online one-step-lookahead reweighting against the adversarial
+  validation loss (recipe ``lookahead``).
 - :func:`run`: the closed loop with baselines over several seeds, writing ``report.json``,
   ``report.md`` and ``robust_vs_fraction.png``; recipes are pluggable (:func:`register_recipe`).
 """
 
 from .art_trainer import ARTTrainer
+from .lookahead import LookaheadReweighting
 from .pipeline import evaluate_on_test, run, seeded_split
 from .recipes import DefenceContext, available_recipes, register_recipe
 from .selection import prune, relabel, reweight
@@ -22,6 +25,7 @@ __all__ = [
     "PGDAT",
     "TRADES",
     "ARTTrainer",
+    "LookaheadReweighting",
     "per_sample_loss",
     "run",
     "evaluate_on_test",

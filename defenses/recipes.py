@@ -196,5 +196,8 @@ register_recipe("loss", score_based("loss", training_loss_scores),
                 description="highest training loss, same budget")
 register_recipe("train+val", train_and_val, uses_budget=False,
                 description="plain training on train + validation")
+from .lookahead import lookahead_recipe  # noqa: E402  (lookahead.py does not import this module)
+register_recipe("lookahead", lookahead_recipe, uses_budget=False,
+                description="online lookahead reweighting against the adversarial validation loss (issue 7)")
 
 DEFAULT_RECIPES = ("none", "influence", "random", "loss")
