@@ -74,3 +74,4 @@ def check_method_options(name: str, options: dict) -> None:
 # One import line per method file (each registers itself on import).
 from robust_infl.methods import ip  # noqa: E402,F401
 from robust_infl.methods import hessian  # noqa: E402,F401
+from robust_infl.methods import ensemble  # noqa: E402,F401
