@@ -75,3 +75,4 @@ def check_method_options(name: str, options: dict) -> None:
 from robust_infl.methods import ip  # noqa: E402,F401
 from robust_infl.methods import hessian  # noqa: E402,F401
 from robust_infl.methods import ensemble  # noqa: E402,F401
+from robust_infl.methods import tracin  # noqa: E402,F401
