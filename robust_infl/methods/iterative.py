@@ -1,0 +1,231 @@
+"""Influence functions with an iterative inverse-Hessian-vector product: "if-cg" and "if-lissa".
+
+Both approximate ``x = (H + damping I)^{-1} grad f`` with Hessian-vector products only (never the
+d x d Hessian), then score every training sample with one forward-mode pass:
+
+    harm_i = - <x, grad l_i(theta)>                  (the same quantity as "if-exact")
+
+- "if-cg": conjugate gradient (Hestenes & Stiefel 1952; Martens 2010 for HVPs); each iteration is
+  one pass of Hessian-vector products over the training set. The damped Hessian must be positive
+  definite (``damping > 0`` at a minimum of the training loss).
+- "if-lissa": the stochastic LiSSA recursion (Agarwal et al. 2017, as used by Koh & Liang 2017)
+  ``h_0 = v, h_j = v + (I - (H_j + damping I) / scale) h_{j-1}``, estimate ``h_depth / scale``,
+  averaged over ``repeats``; ``H_j`` is the Hessian of the mean loss on a minibatch drawn with a
+  generator seeded by ``problem.seed``. It converges when ``scale`` exceeds the largest eigenvalue
+  of the damped Hessian and ``depth`` is large compared to ``scale / (smallest eigenvalue)``.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from typing import Optional
+
+import torch
+from torch import Tensor
+from torch.func import grad, jvp, vmap
+from torch.utils.data import Dataset
+from torch.utils.data.dataloader import default_collate
+from tqdm.auto import tqdm
+
+from robust_infl.engine import (
+    Params,
+    ScoringProblem,
+    directional_derivatives,
+    flatten,
+    hessian_vector_products,
+    objective_gradient,
+    unflatten,
+)
+from robust_infl.methods import register_method
+from robust_infl.methods._checks import positive_float, positive_int
+from robust_infl.validation import call_attack, check_nonnegative_float
+
+__all__ = [
+    "conjugate_gradient_influence",
+    "lissa_influence",
+    "damped_hvp",
+    "sampled_batch",
+    "batch_hessian_vector_products",
+    "largest_eigenvalue",
+]
+
+DIVERGENCE_FACTOR = 1e8
+"""LiSSA is declared divergent when its iterate grows beyond this multiple of ``||v||``."""
+
+
+def damped_hvp(problem: ScoringProblem, vector: Tensor) -> Tensor:
+    """``(H + damping I) @ vector`` in float64, ``H`` the Hessian of the mean training loss."""
+    product = hessian_vector_products(problem, problem.params, vector.to(problem.dtype)).double()
+    return product + problem.damping * vector
+
+
+def _objective_gradient_flat(problem: ScoringProblem) -> Tensor:
+    return flatten(objective_gradient(problem, problem.params), problem.param_names).double()
+
+
+def _harm(problem: ScoringProblem, direction: Tensor) -> Tensor:
+    return -directional_derivatives(problem, problem.params, direction.to(problem.dtype))
+
+
+@register_method("if-cg")
+def conjugate_gradient_influence(problem: ScoringProblem, *, tol: float = 1e-6, max_iter: int = 100) -> Tensor:
+    """Influence-function harm with ``(H + damping I)^{-1} grad f`` solved by conjugate gradient.
+
+    Args:
+        tol: stop when ``||residual|| <= tol * ||grad f||``.
+        max_iter: at most this many iterations (one pass of HVPs over the training set each); a
+            ``RuntimeWarning`` reports the residual if ``tol`` is not reached.
+
+    Raises ``ValueError`` naming ``damping`` when CG meets a direction of non-positive curvature
+    (the damped Hessian is not positive definite: increase ``damping``).
+    """
+    tol = positive_float("tol", tol)
+    max_iter = positive_int("max_iter", max_iter)
+    b = _objective_gradient_flat(problem)
+    x = torch.zeros_like(b)
+    residual, direction = b.clone(), b.clone()
+    target, rr = tol * float(b.norm()), float(residual @ residual)
+    bar = tqdm(range(max_iter), desc="if-cg iterations", disable=not problem.progress, leave=False)
+    for _ in bar:
+        if math.sqrt(rr) <= target:
+            break
+        product = damped_hvp(problem, direction)
+        curvature = float(direction @ product)
+        if curvature <= 0:
+            raise ValueError(
+                f"damping: the damped Hessian is not positive definite (curvature {curvature:.3g} along a CG "
+                f"direction, damping={problem.damping}); increase damping"
+            )
+        step = rr / curvature
+        x += step * direction
+        residual -= step * product
+        rr_next = float(residual @ residual)
+        direction = residual + (rr_next / rr) * direction
+        rr = rr_next
+    bar.close()
+    if math.sqrt(rr) > target:
+        warnings.warn(
+            f"max_iter: conjugate gradient stopped after {max_iter} iterations with relative residual "
+            f"{math.sqrt(rr) / max(float(b.norm()), 1e-300):.3g} > tol={tol}",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+    return _harm(problem, x)
+
+
+def sampled_batch(problem: ScoringProblem, params: Params, indices: Tensor, seed: int) -> tuple[Tensor, Tensor]:
+    """The training samples ``indices`` as ``(x, y)`` on the problem's device and dtype.
+
+    In ``train_loss="adversarial"`` mode ``x`` is replaced by ``train_attack`` at ``params``
+    (seeded with ``seed``).
+    """
+    source = problem.train.source
+    if isinstance(source, Dataset):
+        x, y = default_collate([tuple(source[int(i)][:2]) for i in indices])
+    else:
+        x, y = source[0][indices], source[1][indices]
+    x, y = x.to(device=problem.device, dtype=problem.dtype), y.to(problem.device)
+    if problem.train_loss == "adversarial":
+        x = call_attack(problem.train_attack, problem.module_at(params), x, y, seed=seed, name="train_attack")
+    return x, y
+
+
+def batch_hessian_vector_products(
+    problem: ScoringProblem, params: Params, x: Tensor, y: Tensor, vectors: Tensor
+) -> Tensor:
+    """``H_k @ vectors[k]`` for each k, ``H_k`` the Hessian of the MEAN loss on the batch ``(x[k], y[k])``.
+
+    ``x`` is ``(k, b, ...)``, ``y`` is ``(k, b)`` and ``vectors`` is ``(k, n_params)``: k
+    independent minibatch HVPs in one vectorised call.
+    """
+
+    def one(xk: Tensor, yk: Tensor, vector: Tensor) -> Tensor:
+        def mean_loss(p: Params) -> Tensor:
+            return problem.loss_fn(problem.outputs(p, xk), yk).mean()
+
+        _, product = jvp(grad(mean_loss), (params,), (unflatten(vector, params),))
+        return flatten(product, problem.param_names)
+
+    return vmap(one)(x, y, vectors.to(problem.dtype)).detach()
+
+
+def largest_eigenvalue(problem: ScoringProblem, iterations: int = 20) -> float:
+    """Power-iteration estimate of the largest eigenvalue of the damped training-loss Hessian.
+
+    Seeded by ``problem.seed``; one pass of HVPs over the training set per iteration.
+    """
+    generator = torch.Generator().manual_seed(problem.seed)
+    vector = torch.randn(problem.n_params, generator=generator, dtype=torch.float64).to(problem.device)
+    eigenvalue = 0.0
+    for _ in range(iterations):
+        vector = vector / vector.norm()
+        product = damped_hvp(problem, vector)
+        eigenvalue = float(vector @ product)
+        if float(product.norm()) == 0:
+            break
+        vector = product
+    return abs(eigenvalue)
+
+
+@register_method("if-lissa")
+def lissa_influence(
+    problem: ScoringProblem,
+    *,
+    depth: int = 1000,
+    scale: Optional[float] = None,
+    repeats: int = 1,
+    hvp_batch_size: Optional[int] = None,
+) -> Tensor:
+    """Influence-function harm with ``(H + damping I)^{-1} grad f`` estimated by LiSSA.
+
+    Args:
+        depth: recursion steps per repeat (one minibatch HVP each).
+        scale: must exceed the largest eigenvalue of the damped Hessian; ``None`` uses 1.5 times
+            a 20-step power-iteration estimate of it (20 full passes of HVPs).
+        repeats: independent recursions, run side by side (vectorised) and averaged; with
+            full-batch HVPs they would be identical, so one is run.
+        hvp_batch_size: minibatch size of each HVP, drawn without replacement; at least the number
+            of training samples (or ``None`` with a batch size that large) uses the full training
+            set in every step, which makes the recursion deterministic.
+
+    Raises ``ValueError`` naming ``scale`` if the recursion diverges (scale too small).
+    """
+    depth = positive_int("depth", depth)
+    repeats = positive_int("repeats", repeats)
+    if scale is not None:
+        scale = positive_float("scale", scale)
+    batch = problem.train.batch_size if hvp_batch_size is None else positive_int("hvp_batch_size", hvp_batch_size)
+    check_nonnegative_float("damping", problem.damping)
+    if scale is None:
+        scale = 1.5 * largest_eigenvalue(problem) or 1.0
+    v = _objective_gradient_flat(problem)
+    full_batch = batch >= problem.n_train
+    rows = 1 if full_batch else repeats  # the recursions run side by side, one row each
+    generator = torch.Generator().manual_seed(problem.seed)
+    h = v.expand(rows, -1).clone()
+    for step in tqdm(range(depth), desc="if-lissa steps", disable=not problem.progress, leave=False):
+        if full_batch:
+            product = hessian_vector_products(problem, problem.params, h).double()
+        else:
+            x, y = _sampled_batches(problem, rows, batch, generator)
+            product = batch_hessian_vector_products(problem, problem.params, x, y, h).double()
+        h = v + h - (product + problem.damping * h) / scale
+        if not bool(torch.isfinite(h).all()) or float(h.norm(dim=1).max()) > DIVERGENCE_FACTOR * max(float(v.norm()), 1e-300):
+            raise ValueError(
+                f"scale: the LiSSA recursion diverged at step {step + 1} (scale={scale:.4g}); scale must "
+                "exceed the largest eigenvalue of the damped Hessian: increase it"
+            )
+    return _harm(problem, h.mean(dim=0) / scale)
+
+
+def _sampled_batches(
+    problem: ScoringProblem, count: int, batch: int, generator: torch.Generator
+) -> tuple[Tensor, Tensor]:
+    """``count`` minibatches of ``batch`` distinct training samples, stacked: ``(count, batch, ...)``."""
+    pairs = []
+    for _ in range(count):
+        indices = torch.randperm(problem.n_train, generator=generator)[:batch]
+        attack_seed = int(torch.randint(2**31 - 1, (), generator=generator))
+        pairs.append(sampled_batch(problem, problem.params, indices, attack_seed))
+    return torch.stack([x for x, _ in pairs]), torch.stack([y for _, y in pairs])
