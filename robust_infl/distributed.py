@@ -1,0 +1,426 @@
+"""Chunked scoring of the training set, sharded over torch.distributed processes, resumable on disk.
+
+:func:`sharded_influence` takes the arguments of :func:`robust_infl.influence` and computes the
+same scores in chunks of ``chunk_size`` consecutive training samples:
+
+- **Sharding.** With an initialised ``torch.distributed`` process group (``torchrun``; ``gloo``
+  on CPU, ``nccl`` on GPU) rank ``r`` of ``W`` scores a contiguous run of chunks (the chunk
+  indices split into ``W`` near-equal consecutive parts), so its samples are one contiguous range.
+  Whatever the target needs once (the objective gradient, or the attacked target inputs) is
+  computed on rank 0 and broadcast, so every rank scores against the same numbers. The rows are
+  gathered with ``all_gather`` (padded to the longest shard) and every rank returns all scores.
+  Without a process group it runs in one process.
+- **Store.** With ``store=DIR`` each finished chunk is written atomically to a
+  :class:`~robust_infl.store.ChunkStore`, with the objective gradient / attacked targets; with
+  ``resume=True`` the chunks already on disk are read instead of recomputed. A run killed at any
+  point and resumed returns exactly the scores of an uninterrupted run. Several ranks may share one
+  store (a folder they all see); the layout does not depend on the number of ranks, so a run can
+  be resumed with another number of processes.
+- **Methods.** ``"ip"`` (``aggregate=True``: one forward-mode pass per chunk;
+  ``aggregate=False``: the ``(n_train, n_target)`` matrix from layer-factored per-sample gradients,
+  or its random-projection estimate with ``projection_dim=k``) and ``"self"`` (squared gradient
+  norms). The score of a sample depends only on that sample and on quantities fixed before the
+  chunks are scored, which is what makes chunking and sharding exact; methods that need the whole
+  training set at once (Hessians) are not offered here.
+
+``chunk_size`` must be a multiple of ``batch_size``: every batch is then the batch a single
+:func:`robust_infl.influence` call would form, and adversarial training points get the same seeds.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Any, Callable, Optional, Sequence, Union
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+from torch.utils.data import Dataset, Subset
+from tqdm.auto import tqdm
+
+from robust_infl.api import _check_model_fits_data, _eval_mode
+from robust_infl.engine import (
+    ScoringProblem,
+    TrainStream,
+    build_problem,
+    directional_derivatives,
+    flatten,
+    objective_gradient,
+    train_batches,
+    unflatten,
+)
+from robust_infl.grad_norms import BatchGradients, batch_gradients, squared_gradient_norms
+from robust_infl.objectives import Attack, LossFn, Objective, PreparedObjective
+from robust_infl.projection import RandomProjection
+from robust_infl.store import ChunkStore, data_hash, model_hash, stable_repr
+from robust_infl.validation import (
+    check_model,
+    check_positive_int,
+    check_seed,
+    check_train_loss,
+    resolve_device,
+    resolve_param_names,
+    validate_target,
+    validate_train,
+)
+
+__all__ = [
+    "sharded_influence",
+    "init_process_group_from_env",
+    "rank_and_world_size",
+    "shard_chunks",
+    "gather_rows",
+    "broadcast_from_rank0",
+    "SHARDED_METHODS",
+]
+
+SHARDED_METHODS = ("ip", "self")
+CHUNK_BATCHES = 16  # default chunk_size = CHUNK_BATCHES * batch_size
+
+
+def init_process_group_from_env(device: Optional[Union[str, torch.device]] = None) -> bool:
+    """Initialise the default process group from ``torchrun``'s environment when it is needed.
+
+    Does nothing (returns ``False``) when a group already exists or ``WORLD_SIZE`` is unset or 1.
+    The backend is ``nccl`` for a CUDA ``device`` (and the rank's GPU becomes ``cuda:LOCAL_RANK``),
+    ``gloo`` otherwise. Returns ``True`` when it initialised the group.
+    """
+    if dist.is_initialized() or int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return False
+    cuda = device is not None and torch.device(device).type == "cuda"
+    if cuda:
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    dist.init_process_group(backend="nccl" if cuda else "gloo")
+    return True
+
+
+def rank_and_world_size(group: Optional[Any] = None) -> tuple[int, int]:
+    """``(rank, world_size)`` in ``group`` (the default group), ``(0, 1)`` without torch.distributed."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(group), dist.get_world_size(group)
+    return 0, 1
+
+
+def shard_chunks(n_chunks: int, rank: int, world_size: int) -> range:
+    """The chunks of ``rank``: the ``rank``-th of ``world_size`` near-equal consecutive runs of chunks."""
+    if world_size < 1 or not 0 <= rank < world_size:
+        raise ValueError(f"rank: must lie in [0, {world_size}), got {rank}")
+    base, extra = divmod(n_chunks, world_size)
+    start = rank * base + min(rank, extra)
+    return range(start, start + base + (1 if rank < extra else 0))
+
+
+def _comm_device(group: Optional[Any]) -> torch.device:
+    """Where the backend of ``group`` takes tensors: the current GPU for nccl, the CPU otherwise."""
+    if dist.get_backend(group) == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def gather_rows(local: Tensor, group: Optional[Any] = None) -> Tensor:
+    """Concatenate every rank's ``local`` rows in rank order (``all_gather``, padded to the longest).
+
+    Row shapes and dtypes must agree across ranks; the row counts may differ (also be 0). Returns
+    the whole array on every rank, on ``local``'s device. Without torch.distributed: ``local``.
+    """
+    rank, world_size = rank_and_world_size(group)
+    if world_size == 1:
+        return local
+    device = _comm_device(group)
+    count = torch.tensor([local.shape[0]], device=device)
+    counts = [torch.zeros_like(count) for _ in range(world_size)]
+    dist.all_gather(counts, count, group=group)
+    longest = max(int(c) for c in counts)
+    padded = torch.zeros((longest, *local.shape[1:]), dtype=local.dtype, device=device)
+    padded[: local.shape[0]] = local.to(device)
+    parts = [torch.empty_like(padded) for _ in range(world_size)]
+    dist.all_gather(parts, padded, group=group)
+    return torch.cat([part[: int(c)] for part, c in zip(parts, counts)]).to(local.device)
+
+
+def broadcast_from_rank0(tensor: Tensor, group: Optional[Any] = None) -> Tensor:
+    """Rank 0's ``tensor`` on every rank (other ranks pass a tensor of the same shape and dtype)."""
+    _, world_size = rank_and_world_size(group)
+    if world_size == 1:
+        return tensor
+    device = _comm_device(group)
+    buffer = tensor.to(device).contiguous()
+    dist.broadcast(buffer, src=dist.get_global_rank(group, 0) if group is not None else 0, group=group)
+    return buffer.to(tensor.device)
+
+
+def _raise_on_any_rank(error: Optional[str], group: Optional[Any]) -> None:
+    """Raise ``ValueError(message)`` on every rank if any rank reports one (all ranks must call)."""
+    _, world_size = rank_and_world_size(group)
+    if world_size > 1:
+        messages: list[Optional[str]] = [None] * world_size
+        dist.all_gather_object(messages, error, group=group)
+        error = next((m for m in messages if m), None)
+    if error:
+        raise ValueError(error)
+
+
+def _numpy_dtype(dtype: torch.dtype) -> np.dtype:
+    try:
+        return torch.empty((), dtype=dtype).numpy().dtype
+    except TypeError as err:
+        raise ValueError(f"store: the model's dtype {dtype} cannot be stored as .npy") from err
+
+
+def sharded_influence(
+    model: nn.Module,
+    train: Union[tuple[Tensor, Tensor], Dataset],
+    target: Union[tuple[Tensor, Tensor], tuple[Tensor, Tensor, Tensor]],
+    *,
+    objective: Objective,
+    method: str = "ip",
+    aggregate: bool = True,
+    loss_fn: Optional[LossFn] = None,
+    batch_size: int = 256,
+    params: Optional[Sequence[str]] = None,
+    seed: int = 0,
+    train_loss: str = "clean",
+    train_attack: Optional[Attack] = None,
+    device: Optional[Union[str, torch.device]] = None,
+    progress: bool = True,
+    projection_dim: Optional[int] = None,
+    projection_seed: int = 0,
+    store: Optional[Union[str, os.PathLike]] = None,
+    resume: bool = False,
+    chunk_size: Optional[int] = None,
+    group: Optional[Any] = None,
+) -> Tensor:
+    """Scores of :func:`robust_infl.influence`, computed chunk by chunk, sharded and resumable.
+
+    The arguments shared with :func:`robust_infl.influence` mean the same; the others:
+
+    Args:
+        method: ``"ip"`` (harm, as ``influence(method="ip")``) or ``"self"`` (``||grad l_i||^2``,
+            as ``influence(method="self")``).
+        aggregate: ``"ip"`` only: ``True`` for ``(n_train,)`` harms on the objective, ``False``
+            for the ``(n_train, n_target)`` matrix of harms on each target sample's own loss
+            (``Utility`` / ``Robust``).
+        projection_dim: with ``aggregate=False``, estimate the matrix from per-sample gradients
+            projected to this many dimensions by a :class:`~robust_infl.projection.RandomProjection`
+            seeded with ``projection_seed`` (the projected training gradients are stored too).
+        store: a directory for a :class:`~robust_infl.store.ChunkStore` of the results.
+        resume: continue the store found in ``store`` (it must have been made by the same model,
+            data, method and options); chunks already written are read, not recomputed.
+        chunk_size: training samples per chunk, a multiple of ``batch_size`` (default
+            ``16 * batch_size``).
+        group: the ``torch.distributed`` process group to shard over (default group if one is
+            initialised, else one process).
+
+    Returns:
+        Every training sample's score (``(n_train,)`` or ``(n_train, n_target)``) on ``device``
+        in the model's dtype, on every rank.
+    """
+    check_model(model)
+    if not isinstance(objective, Objective):
+        raise TypeError(f"objective: expected an Objective such as robust_infl.Utility(), got {type(objective).__name__}")
+    if method not in SHARDED_METHODS:
+        raise ValueError(f"method: sharded scoring offers {', '.join(SHARDED_METHODS)}, got {method!r}")
+    for name, flag in (("aggregate", aggregate), ("progress", progress), ("resume", resume)):
+        if not isinstance(flag, bool):
+            raise TypeError(f"{name}: must be True or False, got {type(flag).__name__}")
+    if method == "self" and not aggregate:
+        raise ValueError("aggregate: method 'self' gives one score per sample; use aggregate=True")
+    if projection_dim is not None:
+        projection_dim = check_positive_int("projection_dim", projection_dim)
+        if aggregate:
+            raise ValueError("projection_dim: only used for train x target matrices; pass aggregate=False")
+    projection_seed = check_seed(projection_seed)
+    if loss_fn is not None and not callable(loss_fn):
+        raise TypeError(f"loss_fn: must be callable loss_fn(outputs, targets), got {type(loss_fn).__name__}")
+    batch_size = check_positive_int("batch_size", batch_size)
+    chunk_size = CHUNK_BATCHES * batch_size if chunk_size is None else check_positive_int("chunk_size", chunk_size)
+    if chunk_size % batch_size:
+        raise ValueError(f"chunk_size: must be a multiple of batch_size={batch_size}, got {chunk_size}")
+    seed = check_seed(seed)
+    check_train_loss(train_loss, train_attack)
+    if resume and store is None:
+        raise ValueError("resume: needs a store directory to resume from; pass store=DIR")
+    device = resolve_device(device, model)
+    param_names = resolve_param_names(model, params)
+    train = validate_train(train)
+    target_set = validate_target(target)
+
+    with _eval_mode(model):
+        checks_labels = loss_fn is None
+        loss_fn, n_outputs = _check_model_fits_data(model, train, target_set, loss_fn, device)
+        objective.check(target_set, n_outputs)
+        if method == "ip" and not aggregate and not objective.per_sample:
+            raise ValueError(f"aggregate: {objective!r} has no per-target-sample value; use aggregate=True")
+        label_outputs = n_outputs if checks_labels and isinstance(train, Dataset) else None
+        problem = build_problem(
+            model, train, target_set, objective, loss_fn=loss_fn, param_names=param_names,
+            batch_size=batch_size, device=device, seed=seed, progress=False, train_loss=train_loss,
+            train_attack=train_attack, label_outputs=label_outputs,
+        )
+        scorer = _Scorer(problem, train, label_outputs, method, aggregate, projection_dim, projection_seed, group)
+        chunks = None
+        if store is not None:
+            identity = {
+                "model_hash": model_hash(model),
+                "data_hash": data_hash(train, target_set),
+                "method": method,
+                "options": {
+                    "objective": stable_repr(objective), "aggregate": aggregate, "projection_dim": projection_dim,
+                    "projection_seed": projection_seed, "loss_fn": stable_repr(loss_fn) if not checks_labels else "default",
+                    "params": list(param_names), "seed": seed, "train_loss": train_loss,
+                    "train_attack": stable_repr(train_attack), "batch_size": batch_size,
+                },
+            }
+            chunks = _open_store(store, identity, problem.n_train, scorer.row_arrays(), problem.dtype, chunk_size, resume, group)
+        scorer.prepare(chunks)
+        return scorer.score_all(chunk_size, chunks, progress)
+
+
+def _open_store(
+    directory, identity, n_rows, arrays, dtype, chunk_size, resume, group
+) -> ChunkStore:
+    """Open the store on rank 0 first (it creates or checks the manifest), then on the other ranks."""
+    rank, _ = rank_and_world_size(group)
+    opened, error = None, None
+    if rank == 0:
+        try:
+            opened = ChunkStore(directory, identity=identity, n_rows=n_rows, arrays=arrays,
+                                dtype=_numpy_dtype(dtype), chunk_size=chunk_size, resume=resume, writer=True)
+        except (ValueError, TypeError, OSError) as err:
+            error = str(err)
+    _raise_on_any_rank(error, group)
+    if rank != 0:
+        try:
+            opened = ChunkStore(directory, identity=identity, n_rows=n_rows, arrays=arrays,
+                                dtype=_numpy_dtype(dtype), chunk_size=chunk_size, resume=True, writer=False)
+        except (ValueError, TypeError, OSError) as err:
+            error = str(err)
+    _raise_on_any_rank(error, group)
+    return opened
+
+
+class _Scorer:
+    """Scores chunks of training samples for one method, against quantities fixed beforehand."""
+
+    def __init__(self, problem: ScoringProblem, train, label_outputs, method, aggregate, projection_dim,
+                 projection_seed, group):
+        self.problem = problem
+        self.train = train
+        self.label_outputs = label_outputs
+        self.method = method
+        self.aggregate = aggregate
+        self.group = group
+        self.projection = None
+        if projection_dim is not None:
+            self.projection = RandomProjection(problem.n_params, projection_dim, projection_seed,
+                                               device=problem.device, dtype=problem.dtype)
+        self.direction: Optional[Tensor] = None
+        self.target_gradients: list[BatchGradients] = []
+        self.target_projected: Optional[Tensor] = None
+
+    def row_arrays(self) -> dict[str, tuple[int, ...]]:
+        """The chunked arrays of a store and their row shapes."""
+        if self.method == "self" or self.aggregate:
+            return {"scores": ()}
+        arrays = {"scores": (len(self.problem.target),)}
+        if self.projection is not None:
+            arrays["train_gradients"] = (self.projection.dim,)
+        return arrays
+
+    def _fixed(self, chunks: Optional[ChunkStore], name: str, shape: tuple, compute: Callable[[], Tensor]) -> Tensor:
+        """A quantity computed (or loaded from the store) on rank 0, saved, and broadcast."""
+        rank, _ = rank_and_world_size(self.group)
+        value = torch.empty(shape, dtype=self.problem.dtype, device=self.problem.device)
+        if rank == 0:
+            stored = None if chunks is None else chunks.load_array(name)
+            if stored is not None:
+                value = torch.as_tensor(np.array(stored), device=self.problem.device)
+            else:
+                value = compute()
+                if chunks is not None:
+                    chunks.save_array(name, value)
+        return broadcast_from_rank0(value, self.group)
+
+    def prepare(self, chunks: Optional[ChunkStore]) -> None:
+        """Compute what every chunk is scored against: ``grad f`` or the target gradients."""
+        problem, params = self.problem, self.problem.params
+        if self.method == "self":
+            return
+        if self.aggregate:
+            self.direction = self._fixed(
+                chunks, "objective_gradient", (problem.n_params,),
+                lambda: flatten(objective_gradient(problem, params), problem.param_names),
+            )
+            return
+        inputs = self._fixed(
+            chunks, "target_inputs", tuple(problem.target.x.shape),
+            lambda: problem.objective.prepare(problem.module_at(params), problem.target, seed=problem.seed).inputs,
+        )
+        prepared = PreparedObjective(problem.objective, inputs, problem.target.y, problem.target.s)
+        step = problem.train.batch_size
+        self.target_gradients = [
+            batch_gradients(problem, params, (prepared.inputs[s : s + step], prepared.labels[s : s + step]))
+            for s in range(0, len(problem.target), step)
+        ]
+        if self.projection is not None:
+            self.target_projected = torch.cat([self.projection.project(g.flatten()) for g in self.target_gradients])
+            self.target_gradients = []
+
+    def _chunk_problem(self, start: int, stop: int) -> ScoringProblem:
+        part = (self.train[0][start:stop], self.train[1][start:stop]) if isinstance(self.train, tuple) \
+            else Subset(self.train, range(start, stop))
+        # The engine seeds the attack of training batch k with seed + 1 + k: shift by the batches before.
+        return dataclasses.replace(
+            self.problem, train=TrainStream(part, self.problem.train.batch_size, self.label_outputs),
+            seed=self.problem.seed + start // self.problem.train.batch_size,
+        )
+
+    def score_chunk(self, start: int, stop: int) -> dict[str, Tensor]:
+        """The chunked arrays of training samples ``[start, stop)``."""
+        problem = self._chunk_problem(start, stop)
+        params = problem.params
+        if self.method == "self":
+            return {"scores": squared_gradient_norms(problem, params)}
+        if self.aggregate:
+            return {"scores": -directional_derivatives(problem, params, unflatten(self.direction, params))}
+        scores, projected = [], []
+        for _, x, y in train_batches(problem, params):
+            gradients = batch_gradients(problem, params, (x, y))
+            if self.projection is None:
+                scores.append(-torch.cat([gradients.inner(t) for t in self.target_gradients], dim=1))
+            else:
+                projected.append(self.projection.project(gradients.flatten()))
+                scores.append(-(projected[-1] @ self.target_projected.T))
+        out = {"scores": torch.cat(scores)}
+        if projected:
+            out["train_gradients"] = torch.cat(projected)
+        return out
+
+    def score_all(self, chunk_size: int, chunks: Optional[ChunkStore], progress: bool) -> Tensor:
+        """Score (or read from the store) this rank's chunks, then gather every rank's rows."""
+        problem = self.problem
+        n = problem.n_train
+        n_chunks = -(-n // chunk_size)
+        rank, world_size = rank_and_world_size(self.group)
+        mine = shard_chunks(n_chunks, rank, world_size)
+        rows = []
+        for chunk in tqdm(mine, desc=f"{self.method} chunks", disable=not progress or rank != 0, leave=False):
+            start, stop = chunk * chunk_size, min((chunk + 1) * chunk_size, n)
+            if chunks is not None and chunks.is_complete(chunk):
+                scores = torch.as_tensor(np.array(chunks.read_chunk(chunk)), device=problem.device)
+            else:
+                values = {name: value.detach() for name, value in self.score_chunk(start, stop).items()}
+                if chunks is not None:
+                    chunks.write_chunk(chunk, values)
+                scores = values["scores"]
+            rows.append(scores.to(problem.dtype))
+        shape = () if self.method == "self" or self.aggregate else (len(problem.target),)
+        local = torch.cat(rows) if rows else torch.empty((0, *shape), dtype=problem.dtype, device=problem.device)
+        out = gather_rows(local, self.group)
+        if chunks is not None and world_size > 1:
+            dist.barrier(group=self.group)
+            if rank == 0:
+                chunks.refresh_manifest(rescan=True)
+        return out
