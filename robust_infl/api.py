@@ -22,6 +22,7 @@ from robust_infl.validation import (
     check_positive_int,
     check_seed,
     check_train_loss,
+    model_device,
     model_dtype,
     resolve_device,
     resolve_param_names,
@@ -154,16 +155,17 @@ def _probe_batch(train: Union[tuple[Tensor, Tensor], Dataset]) -> tuple[Tensor, 
 
 
 def _forward(name: str, model: nn.Module, x: Tensor, device: torch.device) -> Tensor:
+    """Probe outputs of ``model`` on ``x``, computed where the model lives, returned on ``device``."""
     try:
         with torch.no_grad():
-            outputs = model(x.to(device=device, dtype=model_dtype(model)))
+            outputs = model(x.to(device=model_device(model), dtype=model_dtype(model)))
     except RuntimeError as err:
         raise ValueError(
             f"{name}: the model cannot evaluate inputs of shape {tuple(x.shape[1:])} ({err})"
         ) from err
     if not isinstance(outputs, Tensor):
         raise ValueError(f"model: must return a tensor of outputs, got {type(outputs).__name__}")
-    return outputs
+    return outputs.to(device)
 
 
 def _check_model_fits_data(
