@@ -192,3 +192,8 @@ def test_lookahead_recipe_is_registered_and_retrains_from_scratch(setup):
     defended = get_recipe("lookahead").fn(ctx)
     assert isinstance(defended, nn.Module) and defended is not base
     assert not torch.equal(_params(defended), _params(base))
+    ctx.trainer = _pgdat()
+    assert isinstance(get_recipe("lookahead").fn(ctx), nn.Module)
+    ctx.trainer = TRADES(eps=0.1, norm="l2", bounds=None, epochs=1, lr=0.1, batch_size=16, progress=False)
+    with pytest.raises(TypeError, match="^trainer:"):
+        get_recipe("lookahead").fn(ctx)
