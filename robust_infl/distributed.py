@@ -73,6 +73,7 @@ __all__ = [
     "shard_chunks",
     "gather_rows",
     "broadcast_from_rank0",
+    "broadcast_module_state",
     "SHARDED_METHODS",
 ]
 
@@ -149,6 +150,19 @@ def broadcast_from_rank0(tensor: Tensor, group: Optional[Any] = None) -> Tensor:
     buffer = tensor.to(device).contiguous()
     dist.broadcast(buffer, src=dist.get_global_rank(group, 0) if group is not None else 0, group=group)
     return buffer.to(tensor.device)
+
+
+def broadcast_module_state(module: nn.Module, group: Optional[Any] = None) -> nn.Module:
+    """Copy rank 0's parameters and buffers into ``module`` on every rank (in place; returns it).
+
+    For models trained on every rank: afterwards all ranks score exactly the same weights.
+    """
+    _, world_size = rank_and_world_size(group)
+    if world_size > 1:
+        with torch.no_grad():
+            for tensor in list(module.parameters()) + list(module.buffers()):
+                tensor.copy_(broadcast_from_rank0(tensor.detach(), group))
+    return module
 
 
 def _raise_on_any_rank(error: Optional[str], group: Optional[Any]) -> None:

@@ -24,7 +24,8 @@ import sys
 import torch
 import torch.distributed as dist
 import robust_infl as ri
-from robust_infl.distributed import gather_rows, init_process_group_from_env, rank_and_world_size, sharded_influence
+from robust_infl.distributed import (broadcast_module_state, gather_rows, init_process_group_from_env,
+                                     rank_and_world_size, sharded_influence)
 sys.path.insert(0, {tests!r})
 from test_distributed_gloo import RUNS, setting
 
@@ -34,6 +35,9 @@ model, train, target = setting()
 results = {{name: sharded_influence(model, train, target, progress=False, **run(sys.argv[2])) for name, run in RUNS.items()}}
 results["gather"] = gather_rows(torch.full((rank + 1, 2), float(rank)))
 results["world_size"] = world_size
+torch.manual_seed(100 + rank)  # a different model on each rank, then rank 0's everywhere
+other = broadcast_module_state(type(model)(12, 4, hidden=(16,)))
+results["states"] = gather_rows(torch.cat([p.detach().reshape(1, -1) for p in other.parameters()], dim=1))
 if rank == 0:
     torch.save(results, sys.argv[1])
 dist.destroy_process_group()
@@ -102,6 +106,14 @@ def test_two_gloo_processes_give_the_one_process_scores(two_processes, tmp_path)
 def test_rows_of_uneven_shards_are_gathered_in_rank_order(two_processes):
     results, _ = two_processes
     assert torch.equal(results["gather"], torch.tensor([[0.0, 0.0], [1.0, 1.0], [1.0, 1.0]]))
+
+
+@pytest.mark.slow
+def test_rank_0_weights_are_broadcast_to_every_rank(two_processes):
+    results, _ = two_processes
+    torch.manual_seed(100)
+    expected = torch.cat([p.detach().reshape(-1) for p in MLP(12, 4, hidden=(16,)).parameters()])
+    assert torch.equal(results["states"][0], expected) and torch.equal(results["states"][1], expected)
 
 
 @pytest.mark.slow
