@@ -39,7 +39,7 @@ from robust_infl.engine import (
 )
 from robust_infl.methods import register_method
 from robust_infl.methods._checks import positive_float, positive_int
-from robust_infl.validation import call_attack, check_nonnegative_float
+from robust_infl.validation import call_attack
 
 __all__ = [
     "conjugate_gradient_influence",
@@ -196,7 +196,6 @@ def lissa_influence(
     if scale is not None:
         scale = positive_float("scale", scale)
     batch = problem.train.batch_size if hvp_batch_size is None else positive_int("hvp_batch_size", hvp_batch_size)
-    check_nonnegative_float("damping", problem.damping)
     if scale is None:
         scale = 1.5 * largest_eigenvalue(problem) or 1.0
     v = _objective_gradient_flat(problem)
@@ -204,6 +203,7 @@ def lissa_influence(
     rows = 1 if full_batch else repeats  # the recursions run side by side, one row each
     generator = torch.Generator().manual_seed(problem.seed)
     h = v.expand(rows, -1).clone()
+    limit = DIVERGENCE_FACTOR * max(float(v.norm()), 1e-300)
     for step in tqdm(range(depth), desc="if-lissa steps", disable=not problem.progress, leave=False):
         if full_batch:
             product = hessian_vector_products(problem, problem.params, h).double()
@@ -211,7 +211,7 @@ def lissa_influence(
             x, y = _sampled_batches(problem, rows, batch, generator)
             product = batch_hessian_vector_products(problem, problem.params, x, y, h).double()
         h = v + h - (product + problem.damping * h) / scale
-        if not bool(torch.isfinite(h).all()) or float(h.norm(dim=1).max()) > DIVERGENCE_FACTOR * max(float(v.norm()), 1e-300):
+        if not bool(torch.isfinite(h).all()) or float(h.norm(dim=1).max()) > limit:
             raise ValueError(
                 f"scale: the LiSSA recursion diverged at step {step + 1} (scale={scale:.4g}); scale must "
                 "exceed the largest eigenvalue of the damped Hessian: increase it"

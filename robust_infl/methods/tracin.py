@@ -39,7 +39,9 @@ def load_checkpoint(checkpoint: Checkpoint, index: int) -> Mapping[str, Tensor]:
         if not isinstance(state, Mapping):
             raise ValueError(f"checkpoints: checkpoint {index} does not hold a state dict, got {type(state).__name__}")
         return state
-    raise TypeError(f"checkpoints: checkpoint {index} must be a state dict or a file path, got {type(checkpoint).__name__}")
+    raise TypeError(
+        f"checkpoints: checkpoint {index} must be a state dict or a file path, got {type(checkpoint).__name__}"
+    )
 
 
 def _learning_rates(lrs: Any, n_checkpoints: int) -> list[float]:
@@ -65,7 +67,9 @@ def _tensors_from(state: Mapping[str, Tensor], reference: Mapping[str, Tensor], 
         value = state[name]
         if not isinstance(value, Tensor) or value.shape != ref.shape:
             shape = tuple(value.shape) if isinstance(value, Tensor) else type(value).__name__
-            raise ValueError(f"checkpoints: checkpoint {index} has {name!r} of shape {shape}, expected {tuple(ref.shape)}")
+            raise ValueError(
+                f"checkpoints: checkpoint {index} has {name!r} of shape {shape}, expected {tuple(ref.shape)}"
+            )
         out[name] = value.detach().to(device=ref.device, dtype=ref.dtype)
     return out
 
