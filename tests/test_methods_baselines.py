@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from torch import nn
 from torch.utils.data import TensorDataset
 
 import robust_infl as ri
@@ -38,6 +39,18 @@ def test_self_influence_is_the_squared_gradient_norm(mlp_and_data):
         for i in range(17)
     ])
     torch.testing.assert_close(score(model, (x, y), target, method="self", params=["net.3.weight", "net.3.bias"]), expected_last)
+
+
+def test_self_influence_of_a_conv_net_is_the_squared_gradient_norm():
+    torch.manual_seed(3)
+    model = nn.Sequential(nn.Conv2d(1, 2, 3), nn.ReLU(), nn.Flatten(), nn.Linear(2 * 6 * 6, 3)).double().eval()
+    x, y = torch.rand(7, 1, 8, 8, dtype=torch.float64), torch.randint(0, 3, (7,))
+    expected = torch.stack([
+        sum((g**2).sum() for g in torch.autograd.grad(F.cross_entropy(model(x[i : i + 1]), y[i : i + 1]),
+                                                       list(model.parameters())))
+        for i in range(7)
+    ])
+    torch.testing.assert_close(score(model, (x, y), (x, y), method="self", batch_size=4), expected)
 
 
 def test_loss_score_is_the_training_loss_clean_or_adversarial(mlp_and_data, fgsm_attack):

@@ -16,7 +16,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from robust_infl.engine import ScoringProblem, per_sample_gradients, train_batches
+from robust_infl.engine import ScoringProblem, train_batches
+from robust_infl.grad_norms import squared_gradient_norms
 from robust_infl.methods import register_method
 
 __all__ = ["self_influence", "loss_score", "random_score"]
@@ -24,12 +25,12 @@ __all__ = ["self_influence", "loss_score", "random_score"]
 
 @register_method("self")
 def self_influence(problem: ScoringProblem) -> Tensor:
-    """Squared norm of each training sample's loss gradient over the scored parameters, ``(n_train,)``."""
-    out = torch.empty(problem.n_train, dtype=problem.dtype, device=problem.device)
-    for start, x, y in train_batches(problem, problem.params, desc="self-influence"):
-        g = per_sample_gradients(problem, problem.params, (x, y))
-        out[start : start + x.shape[0]] = (g * g).sum(dim=1)
-    return out
+    """Squared norm of each training sample's loss gradient over the scored parameters, ``(n_train,)``.
+
+    Per layer from the layer's inputs and output gradients where the layer allows it (Linear,
+    Conv2d; see :mod:`robust_infl.grad_norms`), so the per-sample gradients are not formed.
+    """
+    return squared_gradient_norms(problem)
 
 
 @register_method("loss")
