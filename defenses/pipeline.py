@@ -123,7 +123,8 @@ def _check_seeds(seeds) -> list:
 
 
 def _resolve_data(data, n_sizes: tuple, bounds) -> tuple:
-    """``(splits_for(seed) -> Splits, defaults, label)`` for a name, Splits, (train, val, test), (X, y) or callable."""
+    """``(splits_for(seed) -> Splits, defaults, label)`` for a name, Splits, (train, val, test), (X, y) or callable
+    (label None: the name of the splits it returns)."""
     def with_bounds(splits: Splits) -> Splits:
         if isinstance(bounds, str):
             return splits
@@ -145,13 +146,13 @@ def _resolve_data(data, n_sizes: tuple, bounds) -> tuple:
         user_bounds = None if isinstance(bounds, str) else bounds
         return (lambda seed: seeded_split(data, seed, bounds=user_bounds)), USER_DATA_DEFAULTS, "user"
     if callable(data) and not isinstance(data, (Splits, tuple, list)):
-        return (lambda seed: to_splits(data(seed))), USER_DATA_DEFAULTS, _label(data)
+        return (lambda seed: to_splits(data(seed))), USER_DATA_DEFAULTS, None
     fixed = to_splits(data)
     return (lambda seed: fixed), DATA_DEFAULTS.get(fixed.name, USER_DATA_DEFAULTS), fixed.name
 
 
 def _resolve_model(model, defaults) -> tuple:
-    """``(model_for(seed, splits) -> nn.Module, label)``."""
+    """``(model_for(seed, splits) -> nn.Module, label)`` (label None: the class of the model a factory builds)."""
     if model is None:
         if not defaults.model:
             raise ValueError("model: required when the data is not a named data set")
@@ -166,7 +167,7 @@ def _resolve_model(model, defaults) -> tuple:
             if not isinstance(built, nn.Module):
                 raise TypeError(f"model: the factory must return an nn.Module, got {type(built).__name__}")
             return built
-        return build, _label(model)
+        return build, None
     raise TypeError(f"model: expected a name, an nn.Module or a factory seed -> nn.Module, got {type(model).__name__}")
 
 
@@ -259,6 +260,8 @@ def run(
     splits_for, defaults, data_label = _resolve_data(data, (n_train, n_val, n_test), bounds)
     model_for, model_label = _resolve_model(model, defaults)
     first = splits_for(seeds[0])
+    data_label = data_label or first.name
+    model_label = model_label or type(model_for(seeds[0], first)).__name__
     norm = defaults.norm if norm is None else check_choice(norm, "norm", ("linf", "l2"))
     eps = defaults.eps if eps is None else check_positive(eps, "eps", allow_zero=True)
     steps = defaults.steps if steps is None else check_int(steps, "steps", 1)
@@ -297,9 +300,11 @@ def run(
                          "with an art-* trainer")
     base_trainer = trainer.with_retrain("scratch")
 
+    budget_free_attack = attack_label == "linear"  # the closed-form attack has no eps, norm or steps
     config = {
-        "data": data_label, "model": model_label, "attack": attack_label, "eps": eps, "norm": norm,
-        "steps": steps, "method": method, "method_options": {k: repr(v) for k, v in method_options.items()},
+        "data": data_label, "model": model_label, "attack": attack_label,
+        "eps": None if budget_free_attack else eps, "norm": None if budget_free_attack else norm,
+        "steps": None if budget_free_attack else steps, "method": method, "method_options": {k: repr(v) for k, v in method_options.items()},
         "fractions": fractions, "mode": mode, "scheme": scheme if mode == "reweight" else None,
         "temperature": temperature if mode == "reweight" and scheme == "smooth" else None,
         "retrain": retrain, "trainer": trainer_label, "recipes": list(recipes), "seeds": seeds,

@@ -92,13 +92,17 @@ def _delta(stat: Optional[dict]) -> str:
     return text
 
 
+def _threat(cfg: dict) -> str:
+    return cfg["attack"] + ("" if cfg["eps"] is None else f" {cfg['norm']} eps={cfg['eps']}")
+
+
 def render_markdown(report: dict) -> str:
     """The before/after table (accuracies in %, mean ± std over seeds; Δ: paired, with 95% t-interval)."""
     cfg = report["config"]
     lines = [
         f"# Defence report: {cfg['data']} / {cfg['model']} / {cfg['attack']}",
         "",
-        f"Threat model: {cfg['attack']} {cfg['norm']} eps={cfg['eps']}; scores: {cfg['method']} on Robust(attack) "
+        f"Threat model: {_threat(cfg)}; scores: {cfg['method']} on Robust(attack) "
         f"over the validation split; mode={cfg['mode']}, retrain={cfg['retrain']}, trainer={cfg['trainer']}; "
         f"seeds {cfg['seeds']}.",
         "",
@@ -143,7 +147,7 @@ def plot_robust_vs_fraction(report: dict, path) -> None:
     cfg = report["config"]
     ax.set_xlabel(f"fraction {'removed' if cfg['mode'] == 'prune' else 'down-weighted'}")
     ax.set_ylabel("robust test accuracy, adaptive (%)")
-    ax.set_title(f"{cfg['data']} / {cfg['model']} / {cfg['attack']} eps={cfg['eps']}")
+    ax.set_title(f"{cfg['data']} / {cfg['model']} / {_threat(cfg)}")
     ax.legend()
     fig.tight_layout()
     fd, tmp = tempfile.mkstemp(dir=Path(path).parent, prefix=".plot.", suffix=".png")

@@ -228,7 +228,7 @@ def _cmd_attack(args) -> int:
 
 # The demo's settings: sized to finish in <= 10 minutes on 2 CPU cores (both data sets together).
 DEMO_RUNS = {
-    "mnist": dict(data="mnist", model="cnn", attack="pgd", eps=0.1, norm="linf", steps=10, seeds=3,
+    "mnist": dict(data="mnist", model="cnn", attack="pgd", eps=0.1, norm="linf", steps=10, seeds=5,
                   fractions=[0.05], epochs=5),
     "adult": dict(data="adult", model="logreg", attack="pgd", eps=0.5, norm="l2", steps=10, seeds=5,
                   fractions=[0.05]),

@@ -168,6 +168,17 @@ def test_a_registered_recipe_runs_once_per_seed(monkeypatch):
     assert "vs_none" in report["summary"][1]
 
 
+def test_the_budget_free_linear_attack_reports_no_eps(tmp_path):
+    report = defenses.run("moons", model="logreg", attack="linear", fractions=[0.1], seeds=1, epochs=2,
+                          recipes=["none", "influence"], out=tmp_path, progress=False)
+    assert report["config"]["eps"] is None and report["config"]["norm"] is None
+    assert "Threat model: linear; scores" in (tmp_path / "report.md").read_text()
+    # the closed-form move flips the prediction of every point of a linear model: only the
+    # misclassified points end up correct
+    base = report["base"]
+    assert base["robust_acc"]["mean"] == pytest.approx(1.0 - base["clean_acc"]["mean"])
+
+
 def test_pgd_at_trainer_scores_at_adversarial_training_points():
     report = defenses.run("moons", model="mlp", trainer="pgd-at", fractions=[0.1], seeds=1, epochs=2,
                           train_steps=2, progress=False)
