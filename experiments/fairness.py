@@ -168,31 +168,35 @@ def run_seed(seed: int, config: Config, progress: bool = False) -> dict:
                 removed[method] = {str(f): ~prune(scores, f) for f in config.fractions}
             out[objective_name]["overlap"] = {f: jaccard(removed["ip"][f], removed["ip-ensemble"][f])
                                               for f in removed["ip"]}
-            out[objective_name]["ip_removed_groups"] = {f: group_shares(mask, y, s) for f, mask in removed["ip"].items()}
+            out[objective_name]["ip_removed_groups"] = {f: group_shares(mask, y, s)
+                                                        for f, mask in removed["ip"].items()}
         results[model_name] = out
     return results
 
 
-def format_mean_std(values: list, scale: float = 100.0) -> str:
-    """``"mean ± std"`` of ``scale * values`` (sample std), two decimals."""
+def format_mean_std(values: list, scale: float = 100.0, digits: int = 2) -> str:
+    """``"mean ± std"`` of ``scale * values`` (sample std) with ``digits`` decimals."""
     m, s = mean_std([scale * v for v in values])
-    return f"{m:.2f} ± {s:.2f}"
+    return f"{m:.{digits}f} ± {s:.{digits}f}"
 
 
-def format_delta(a: list, b: list, scale: float = 100.0) -> str:
+def format_delta(a: list, b: list, scale: float = 100.0, digits: int = 2) -> str:
     """``"+d [lo, hi]"``: mean paired difference ``scale * (a - b)`` and its 95% t-interval."""
     m, (lo, hi) = paired_ci([scale * v for v in a], [scale * v for v in b])
-    return f"{m:+.2f} [{lo:+.2f}, {hi:+.2f}]"
+    return f"{m:+.{digits}f} [{lo:+.{digits}f}, {hi:+.{digits}f}]"
 
 
 def _verdict(a: list, b: list) -> str:
-    """'lower than' / 'higher than' if the 95% CI of the paired difference a - b excludes 0."""
+    """'lower than' / 'higher than' if the 95% CI of the paired difference a - b excludes 0.
+
+    Otherwise 'no different from'.
+    """
     _, (lo, hi) = paired_ci(a, b)
     if hi < 0:
         return "lower than"
     if lo > 0:
         return "higher than"
-    return "not significantly different from"
+    return "no different from"
 
 
 def _conditions(result: dict, model_name: str, objective_name: str, fraction: str) -> dict:
@@ -218,6 +222,7 @@ def summarise(per_seed: list, config: Config) -> tuple:
         for objective_name in OBJECTIVES:
             gap = GAP_OF_OBJECTIVE[objective_name]
             other = GAP_OF_OBJECTIVE["eo" if objective_name == "dp" else "dp"]
+            verdicts, flips = [], []
             for f in map(str, config.fractions):
                 runs = [_conditions(r, model_name, objective_name, f) for r in per_seed]
 
@@ -237,14 +242,19 @@ def summarise(per_seed: list, config: Config) -> tuple:
                     entry[method]["gap_vs_random"] = paired_ci(values(method, gap), values("random", gap))
                     entry[method]["acc_vs_random"] = paired_ci(values(method, "acc"), values("random", "acc"))
                 summary.setdefault(model_name, {}).setdefault(objective_name, {})[f] = entry
-                if len(per_seed) > 1:
-                    ip_gap, ip_acc = values("ip", gap), values("ip", "acc")
-                    reading.append(
-                        f"{model_name}, {objective_name.upper()} objective, {100 * float(f):g}% removed by ip: the "
-                        f"test {gap.replace('_', ' ')} is {_verdict(ip_gap, values('none', gap))} no removal and "
-                        f"{_verdict(ip_gap, values('random', gap))} random removal; accuracy is "
-                        f"{_verdict(ip_acc, values('random', 'acc'))} random removal "
-                        f"({format_delta(ip_acc, values('random', 'acc'))} points).")
+                signed = [mean_std(values(c, gap.replace("_gap", "_signed")))[0] for c in ("none", "ip")]
+                flips.append(f"{100 * signed[0]:+.1f} → {100 * signed[1]:+.1f}")
+                verdicts.append((_verdict(values("ip", gap), values("none", gap)),
+                                 _verdict(values("ip", gap), values("random", gap)),
+                                 format_delta(values("ip", "acc"), values("random", "acc"))))
+            at = "/".join(f"{100 * f:g}" for f in config.fractions)
+            if len(per_seed) > 1:
+                reading.append(
+                    f"{model_name}, {objective_name.upper()} objective, ip removing {at}%: test "
+                    f"{gap.replace('_', ' ')} {' / '.join(v[0] for v in verdicts)} no removal and "
+                    f"{' / '.join(v[1] for v in verdicts)} random removal; accuracy vs random "
+                    f"{' / '.join(v[2] for v in verdicts)} points; signed {gap.replace('_gap', '').upper()} difference "
+                    f"(s=1 minus s=0, points) {' / '.join(flips)}.")
             largest = str(config.fractions[-1])
             shares = {cell: mean_std([r[model_name][objective_name]["ip_removed_groups"][largest][cell]
                                       for r in per_seed])[0] for cell in ("y1_s1", "y1_s0", "y0_s1", "y0_s0")}
@@ -272,7 +282,8 @@ def plot(per_seed: list, config: Config, path: Path) -> None:
 
     xs = [0.0, *(100 * f for f in config.fractions)]
     fig, axes = plt.subplots(len(MODELS), 3, figsize=(14, 3.8 * len(MODELS)), squeeze=False)
-    panels = [("dp", "dp_signed", "DP difference, DP objective"), ("eo", "eo_signed", "EO (TPR) difference, EO objective")]
+    panels = [("dp", "dp_signed", "DP difference, DP objective"),
+              ("eo", "eo_signed", "EO (TPR) difference, EO objective")]
     styles = {"ip": dict(marker="o"), "ip-ensemble": dict(marker="^", alpha=0.7), "random": dict(marker="s", ls="--")}
 
     def curve(ax, model_name: str, objective_name: str, condition: str, key: str, label: str) -> None:
@@ -320,13 +331,17 @@ def section(rows: list, reading: list, config: Config, command: str, plot_name: 
         f"{', '.join(f'{100 * f:g}%' for f in config.fractions)} by harm, or as many random samples, are removed "
         "and the model is retrained from the same initialisation and data order. Test split only for this table. "
         "Gaps are of hard predictions, in percentage points; Δ are paired differences (mean [95% t-interval]) "
-        "over seeds; the targeted gap is the DP gap for the DP objective and the EO gap for the EO objective.",
+        "over seeds; the targeted gap is the DP gap for the DP objective and the EO gap for the EO objective. "
+        "Harm scores are first-order predictions for removing ONE sample; removing k% at once is not additive, "
+        "so a large budget can overshoot.",
         "",
         *rows,
         "",
         f"![gaps and accuracy vs removed fraction](plots/{plot_name})",
         "",
-        "Reading (generated from the confidence intervals above):",
+        "Reading (generated from the confidence intervals above; 'no different from' = the 95% interval of the "
+        "paired difference contains 0; verdicts and values are listed per removed fraction; a signed "
+        "difference that changes sign means the removal overshot parity):",
         "",
         *[f"- {line}" for line in reading],
     ])
@@ -336,7 +351,8 @@ def main(argv: Optional[list] = None) -> dict:
     """Run the experiment, write the JSON, the plot and (full runs only) the RESULTS.md section."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="tiny configuration for the smoke test")
-    parser.add_argument("--out", type=Path, default=None, help="JSON path (default experiments/out/fairness[_quick].json)")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="JSON path (default experiments/out/fairness[_quick].json)")
     parser.add_argument("--plots", type=Path, default=EXPERIMENTS / "plots", help="folder of the PNG")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bars")
     args = parser.parse_args(argv)

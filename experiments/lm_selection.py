@@ -75,7 +75,7 @@ CONTRAST = ("{subj} seemed {adj} at first, but it turned out {adj2}.",
 class Config:
     """Everything that defines one run of the experiment."""
 
-    seeds: tuple = (0, 1, 2)
+    seeds: tuple = (0, 1, 2, 3, 4)
     n_train: int = 1200
     n_val: int = 300
     n_test: int = 800
@@ -196,7 +196,7 @@ def detection(scores: torch.Tensor, corrupted: torch.Tensor, fraction: float) ->
 def run_seed(seed: int, config: Config, tokenizer, encoder: nn.Module, progress: bool = False) -> dict:
     """One seed: generate, encode, fine-tune on all / selected / random subsets, score, evaluate.
 
-    Returns ``{"full": metrics, "oracle": metrics, "random": {fraction: metrics},
+    Returns ``{"full": metrics, "oracle": metrics, "noisy_train_acc": float, "random": {fraction: metrics},
     method: {fraction: metrics + detection}, "detection": {method: auroc}}``; fractions are strings.
     """
     total = config.n_train + config.n_val + config.n_test
@@ -217,7 +217,8 @@ def run_seed(seed: int, config: Config, tokenizer, encoder: nn.Module, progress:
         return trainer.fit(initial, (X, y), weights=weights, seed=seed)
 
     full = fine_tune(None)
-    out: dict = {"full": test_metrics(full, X_test, y_test), "oracle": test_metrics(fine_tune(~corrupted), X_test, y_test),
+    out: dict = {"full": test_metrics(full, X_test, y_test),
+                 "oracle": test_metrics(fine_tune(~corrupted), X_test, y_test),
                  "noisy_train_acc": accuracy(full, X, y, batch_size=500)}
     chance = random_scores(len(y), seed)
     out["random"] = {str(f): test_metrics(fine_tune(prune(chance, f)), X_test, y_test) for f in config.fractions}
@@ -248,23 +249,24 @@ def summarise(per_seed: list, config: Config) -> tuple:
     rows = [header, "|" + "---|" * (header.count("|") - 1)]
     full_loss = [r["full"]["loss"] for r in per_seed]
     full_acc = [r["full"]["acc"] for r in per_seed]
-    rows.append(f"| full data | 0% | {format_mean_std(full_loss, 1.0)} | {format_mean_std(full_acc)} | | | | | |")
+    rows.append(f"| full data | 0% | {format_mean_std(full_loss, 1.0, 3)} | {format_mean_std(full_acc)} | | | | | |")
     summary: dict = {"full": {k: mean_std([r["full"][k] for r in per_seed]) for k in ("loss", "acc")},
                      "oracle": {k: mean_std([r["oracle"][k] for r in per_seed]) for k in ("loss", "acc")}}
     reading = []
     for f in map(str, config.fractions):
         rand = [r["random"][f] for r in per_seed]
         rand_loss, rand_acc = [m["loss"] for m in rand], [m["acc"] for m in rand]
-        rows.append(f"| random | {100 * float(f):g}% | {format_mean_std(rand_loss, 1.0)} | {format_mean_std(rand_acc)} | "
-                    f"{format_delta(rand_loss, full_loss, 1.0)} | | {format_delta(rand_acc, full_acc)} | | "
+        rows.append(f"| random | {100 * float(f):g}% | {format_mean_std(rand_loss, 1.0, 3)} | "
+                    f"{format_mean_std(rand_acc)} | "
+                    f"{format_delta(rand_loss, full_loss, 1.0, 3)} | | {format_delta(rand_acc, full_acc)} | | "
                     f"{100 * config.noise:.0f} (expected) |")
         summary.setdefault("random", {})[f] = {k: mean_std([m[k] for m in rand]) for k in ("loss", "acc")}
         for method in METHODS:
             runs = [r[method][f] for r in per_seed]
             loss, acc = [m["loss"] for m in runs], [m["acc"] for m in runs]
             rows.append(
-                f"| {method} | {100 * float(f):g}% | {format_mean_std(loss, 1.0)} | {format_mean_std(acc)} | "
-                f"{format_delta(loss, full_loss, 1.0)} | {format_delta(loss, rand_loss, 1.0)} | "
+                f"| {method} | {100 * float(f):g}% | {format_mean_std(loss, 1.0, 3)} | {format_mean_std(acc)} | "
+                f"{format_delta(loss, full_loss, 1.0, 3)} | {format_delta(loss, rand_loss, 1.0, 3)} | "
                 f"{format_delta(acc, full_acc)} | {format_delta(acc, rand_acc)} | "
                 f"{format_mean_std([m['precision'] for m in runs])} |")
             summary.setdefault(method, {})[f] = {
@@ -273,19 +275,26 @@ def summarise(per_seed: list, config: Config) -> tuple:
                 "acc_vs_full": paired_ci(acc, full_acc), "acc_vs_random": paired_ci(acc, rand_acc)}
             if len(per_seed) > 1:
                 reading.append(
-                    f"{method}, {100 * float(f):g}% removed: test loss {_verdict(loss, full_loss, False)} the full data "
+                    f"{method}, {100 * float(f):g}% removed: test loss {_verdict(loss, full_loss, False)} the full "
+                    "data "
                     f"and {_verdict(loss, rand_loss, False)} random selection; accuracy "
                     f"{_verdict(acc, full_acc, True)} the full data and {_verdict(acc, rand_acc, True)} random "
                     "selection (95% CI).")
     oracle_loss = [r["oracle"]["loss"] for r in per_seed]
     oracle_acc = [r["oracle"]["acc"] for r in per_seed]
     rows.append(f"| oracle: drop exactly the corrupted (reference) | {100 * config.noise:.0f}% | "
-                f"{format_mean_std(oracle_loss, 1.0)} | {format_mean_std(oracle_acc)} | "
-                f"{format_delta(oracle_loss, full_loss, 1.0)} | | {format_delta(oracle_acc, full_acc)} | | 100 |")
+                f"{format_mean_std(oracle_loss, 1.0, 3)} | {format_mean_std(oracle_acc)} | "
+                f"{format_delta(oracle_loss, full_loss, 1.0, 3)} | | {format_delta(oracle_acc, full_acc)} | | 100 |")
+    if len(per_seed) > 1:
+        reading.append(
+            f"Reference: dropping exactly the corrupted {100 * config.noise:.0f}% changes the test loss by "
+            f"{format_delta(oracle_loss, full_loss, 1.0, 3)} and the accuracy by {format_delta(oracle_acc, full_acc)} "
+            "points vs the full data: the room any selection has.")
     for method in METHODS:
         auroc = mean_std([r["detection"][method] for r in per_seed])
         summary["detection_auroc_" + method] = auroc
-        reading.append(f"{method} scores detect the corrupted training labels with AUROC {auroc[0]:.3f} ± {auroc[1]:.3f}.")
+        reading.append(f"{method} scores detect the corrupted training labels with AUROC "
+                       f"{auroc[0]:.3f} ± {auroc[1]:.3f}.")
     return rows, reading, summary
 
 
