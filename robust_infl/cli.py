@@ -110,6 +110,16 @@ def build_parser() -> argparse.ArgumentParser:
     score.add_argument("--seed", type=int, default=0, help="seed of split, training and scoring (default: 0)")
     score.add_argument("--top", type=int, default=10, help="how many of the most harmful to print (default: 10)")
     score.add_argument("--out", required=True, help="where to save the scores (a .npy file)")
+    scale = score.add_argument_group("scale (see the README's Scale section)")
+    scale.add_argument("--store", default=None, metavar="DIR",
+                       help="write the scores chunk by chunk into a resumable on-disk store in DIR")
+    scale.add_argument("--resume", action="store_true",
+                       help="continue the store in --store after a crash (same data, model and options)")
+    scale.add_argument("--chunk-size", type=int, default=None,
+                       help="training samples per store chunk and shard unit, a multiple of 256 (default 4096)")
+    scale.add_argument("--device", default=None,
+                       help="where to score: cpu, cuda, cuda:1 (default: cpu); under torchrun with cuda each "
+                            "process takes the GPU of its LOCAL_RANK")
 
     attack = commands.add_parser(
         "attack", parents=[common], help="train a model and print its clean and robust test accuracy",
@@ -174,7 +184,6 @@ def _cmd_defend(args) -> int:
 def _cmd_score(args) -> int:
     import numpy as np
 
-    import robust_infl
     from robust_infl.experiment_setup import make_attack, make_objective
 
     out = Path(args.out)
@@ -182,6 +191,8 @@ def _cmd_score(args) -> int:
         raise ValueError(f"out: must end in .npy, got {args.out!r}")
     if args.top < 0:
         raise ValueError(f"top: must be >= 0, got {args.top}")
+    if args.resume and args.store is None:
+        raise ValueError("resume: needs a store to resume from; pass --store DIR")
     splits, defaults, eps, norm, steps = _setup(args)
     if args.objective in ("dp", "eop") and not splits.has_sensitive:
         raise ValueError(f"objective: {args.objective} needs a sensitive attribute; {args.data} has none "
@@ -189,9 +200,9 @@ def _cmd_score(args) -> int:
     attack = make_attack(args.attack, eps=eps, norm=norm, steps=steps, bounds=splits.bounds, seed=args.seed) \
         if args.objective == "robust" else None
     objective = make_objective(args.objective, attack)
-    model = _train(args, splits, defaults, eps, norm)
-    scores = robust_infl.influence(model, splits.train[:2], splits.val, objective=objective, method=args.method,
-                                   seed=args.seed, progress=not args.no_progress)
+    rank, scores = _score(args, splits, defaults, eps, norm, objective)
+    if rank != 0:
+        return 0
     out.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".npy")
     os.close(fd)
@@ -204,6 +215,35 @@ def _cmd_score(args) -> int:
         print(f"{rank:>4}  {index:>6}  {int(splits.train[1][index]):>5}  {float(scores[index]):>12.4g}")
     print(f"saved {out}")
     return 0
+
+
+def _score(args, splits, defaults, eps, norm, objective):
+    """``(rank, scores)``: train, then score in one process, or sharded over torchrun's processes
+    and / or into a resumable store (``robust_infl.distributed.sharded_influence``)."""
+    import torch.distributed as dist
+
+    import robust_infl
+    from robust_infl.distributed import (SHARDED_METHODS, broadcast_module_state, init_process_group_from_env,
+                                         rank_and_world_size, sharded_influence)
+
+    started_group = init_process_group_from_env(args.device)
+    try:
+        rank, world_size = rank_and_world_size()
+        if rank != 0:
+            args.no_progress = True
+        model = _train(args, splits, defaults, eps, norm)
+        options = dict(objective=objective, method=args.method, seed=args.seed, device=args.device,
+                       progress=not args.no_progress)
+        if args.store is None and world_size == 1:
+            return rank, robust_infl.influence(model, splits.train[:2], splits.val, **options)
+        if args.method not in SHARDED_METHODS:
+            raise ValueError(f"method: --store and torchrun score with {', '.join(SHARDED_METHODS)}, got {args.method!r}")
+        broadcast_module_state(model)
+        return rank, sharded_influence(model, splits.train[:2], splits.val, store=args.store, resume=args.resume,
+                                       chunk_size=args.chunk_size, **options)
+    finally:
+        if started_group:
+            dist.destroy_process_group()
 
 
 def _cmd_attack(args) -> int:
