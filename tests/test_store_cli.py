@@ -40,27 +40,33 @@ def uninterrupted(tmp_path_factory) -> np.ndarray:
     return np.load(out)
 
 
-@pytest.mark.slow
-def test_a_killed_score_run_resumes_to_the_scores_of_an_uninterrupted_run(tmp_path, uninterrupted):
-    store = tmp_path / "store"
-    command = [sys.executable, "-m", "robust_infl.cli", *SCORE, "--store", str(store), "--chunk-size", "256"]
-    killed = subprocess.Popen([*command, "--out", str(tmp_path / "killed.npy")], env=ENV,
-                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+def kill_after(command: list, store: Path, n_chunks: int) -> int:
+    """Start ``command``, SIGKILL it once ``store`` holds ``n_chunks`` chunks; return how many it holds."""
+    process = subprocess.Popen(command, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     deadline = time.monotonic() + 300
-    while chunks_in(store) < 1:
-        assert killed.poll() is None, killed.stderr.read().decode()[-2000:]
-        assert time.monotonic() < deadline
+    while chunks_in(store) < n_chunks:
+        assert process.poll() is None, f"exited before the kill: {process.stderr.read().decode()[-2000:]}"
+        assert time.monotonic() < deadline, "no progress"
         time.sleep(0.002)
-    killed.send_signal(signal.SIGKILL)
-    killed.wait()
-    assert killed.returncode == -signal.SIGKILL
-    assert 1 <= chunks_in(store) < N_CHUNKS and not (tmp_path / "killed.npy").exists()
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert process.returncode == -signal.SIGKILL
+    return chunks_in(store)
 
-    resumed = subprocess.run([*command, "--resume", "--out", str(tmp_path / "resumed.npy")], env=ENV,
-                             capture_output=True, text=True, timeout=300)
+
+@pytest.mark.slow
+def test_runs_killed_at_two_points_resume_to_the_scores_of_an_uninterrupted_run(tmp_path, uninterrupted):
+    store = tmp_path / "store"
+    command = [sys.executable, "-m", "robust_infl.cli", *SCORE, "--store", str(store), "--chunk-size", "256",
+               "--resume", "--out", str(tmp_path / "scores.npy")]
+    first = kill_after(command, store, 1)  # right after the first chunk
+    second = kill_after(command, store, first + 3)  # a resumed run, killed a few chunks later
+    assert 1 <= first < second < N_CHUNKS and not (tmp_path / "scores.npy").exists()
+
+    resumed = subprocess.run(command, env=ENV, capture_output=True, text=True, timeout=300)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
-    assert chunks_in(store) == N_CHUNKS
-    assert np.array_equal(np.load(tmp_path / "resumed.npy"), uninterrupted)
+    assert chunks_in(store) == N_CHUNKS and not list(store.glob(".*.tmp"))
+    assert np.array_equal(np.load(tmp_path / "scores.npy"), uninterrupted)
 
 
 @pytest.mark.slow
