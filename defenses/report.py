@@ -7,15 +7,14 @@ defended model); ``transfer_acc`` is the accuracy on the base model's adversaria
 
 from __future__ import annotations
 
-import json
 import math
-import os
-import tempfile
 from pathlib import Path
 from typing import Iterable, Optional
 
+from robust_infl.io import atomic_write, atomic_write_json, atomic_write_text
+
 __all__ = ["METRICS", "mean_std", "paired_difference", "summarise", "render_markdown", "plot_robust_vs_fraction",
-           "write_report", "atomic_write_bytes"]
+           "write_report"]
 
 METRICS = ("clean_acc", "robust_acc", "transfer_acc")
 _LABELS = {"clean_acc": "clean acc", "robust_acc": "robust acc (adaptive)", "transfer_acc": "robust acc (transfer)"}
@@ -150,51 +149,24 @@ def plot_robust_vs_fraction(report: dict, path) -> None:
     ax.set_title(f"{cfg['data']} / {cfg['model']} / {_threat(cfg)}")
     ax.legend()
     fig.tight_layout()
-    fd, tmp = tempfile.mkstemp(dir=Path(path).parent, prefix=".plot.", suffix=".png")
-    os.close(fd)
     try:
-        fig.savefig(tmp, format="png", dpi=120)
-        os.replace(tmp, path)
+        atomic_write(path, lambda handle: fig.savefig(handle, format="png", dpi=120))
     finally:
         plt.close(fig)
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
-def atomic_write_bytes(path, data: bytes) -> None:
-    """Write ``data`` to ``path`` through a temporary file in the same folder and ``os.replace``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
-def _json_safe(value):
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {k: _json_safe(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_json_safe(v) for v in value]
-    return value
 
 
 def write_report(report: dict, out_dir) -> dict:
     """Write ``report.json``, ``report.md`` and, with several fractions, ``robust_vs_fraction.png``.
+
+    Each file is written atomically (:mod:`robust_infl.io`): never half written.
 
     Returns ``{name: path}`` of the files written.
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     paths = {"json": out / "report.json", "markdown": out / "report.md"}
-    atomic_write_bytes(paths["json"], (json.dumps(_json_safe(report), indent=2, sort_keys=True) + "\n").encode())
-    atomic_write_bytes(paths["markdown"], render_markdown(report).encode())
+    atomic_write_json(paths["json"], report)
+    atomic_write_text(paths["markdown"], render_markdown(report))
     if len(report["config"]["fractions"]) > 1:
         paths["plot"] = out / "robust_vs_fraction.png"
         plot_robust_vs_fraction(report, paths["plot"])

@@ -7,9 +7,7 @@ with status 2 (``--debug`` shows the traceback instead).
 from __future__ import annotations
 
 import argparse
-import os
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Optional, Sequence
@@ -182,9 +180,8 @@ def _cmd_defend(args) -> int:
 
 
 def _cmd_score(args) -> int:
-    import numpy as np
-
     from robust_infl.experiment_setup import make_attack, make_objective
+    from robust_infl.io import atomic_save_npy
 
     out = Path(args.out)
     if out.suffix != ".npy":
@@ -203,11 +200,7 @@ def _cmd_score(args) -> int:
     rank, scores = _score(args, splits, defaults, eps, norm, objective)
     if rank != 0:
         return 0
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".npy")
-    os.close(fd)
-    np.save(tmp, scores.detach().cpu().numpy())
-    os.replace(tmp, out)
+    atomic_save_npy(out, scores)
     order = scores.argsort(descending=True, stable=True)[: args.top]
     print(f"harm on {args.objective} ({args.method}) of {len(scores)} training samples; larger = more harmful")
     print(f"{'rank':>4}  {'index':>6}  {'label':>5}  {'harm':>12}")

@@ -81,7 +81,7 @@ def test_unscored_parameters_come_from_the_checkpoint(mlp_and_data):
         ({}, ValueError, r"^checkpoints: method 'tracin' needs at least one checkpoint"),
         ({"checkpoints": "model.pt"}, TypeError, r"^checkpoints: must be a list"),
         ({"checkpoints": [{"net.1.weight": torch.zeros(6, 4)}]}, ValueError, r"^checkpoints: checkpoint 0 lacks the scored parameter"),
-        ({"checkpoints": ["/nonexistent/ckpt.pt"]}, ValueError, r"^checkpoints: checkpoint 0 is not a file"),
+        ({"checkpoints": ["/nonexistent/ckpt.pt"]}, ValueError, r"^checkpoints: checkpoint 0: no such file"),
         ({"checkpoints": [3]}, TypeError, r"^checkpoints: checkpoint 0 must be a state dict or a file path"),
         ({"checkpoints": "STATES2", "lrs": [0.1]}, ValueError, r"^lrs: has 1 entries but there are 2 checkpoints"),
         ({"checkpoints": "STATES2", "lrs": [0.1, -1.0]}, ValueError, r"^lrs: every learning rate must be a finite number > 0"),

@@ -21,6 +21,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from robust_infl.engine import ScoringProblem, directional_derivatives, objective_gradient
+from robust_infl.io import safe_load
 from robust_infl.methods import register_method
 
 __all__ = ["tracin_influence", "load_checkpoint"]
@@ -29,13 +30,15 @@ Checkpoint = Union[Mapping[str, Tensor], str, os.PathLike]
 
 
 def load_checkpoint(checkpoint: Checkpoint, index: int) -> Mapping[str, Tensor]:
-    """A state dict as given, or read from a path with ``torch.load(weights_only=True)`` on the CPU."""
+    """A state dict as given, or read from a path with :func:`robust_infl.io.safe_load` (weights only, CPU).
+
+    A file holding pickled objects other than tensors (which could run code) is refused with a
+    ``ValueError`` naming ``checkpoints``.
+    """
     if isinstance(checkpoint, Mapping):
         return checkpoint
     if isinstance(checkpoint, (str, os.PathLike)):
-        if not os.path.isfile(checkpoint):
-            raise ValueError(f"checkpoints: checkpoint {index} is not a file: {os.fspath(checkpoint)!r}")
-        state = torch.load(checkpoint, map_location="cpu", weights_only=True)
+        state = safe_load(checkpoint, name=f"checkpoints: checkpoint {index}")
         if not isinstance(state, Mapping):
             raise ValueError(f"checkpoints: checkpoint {index} does not hold a state dict, got {type(state).__name__}")
         return state
