@@ -68,3 +68,38 @@ def test_noisy_labels_quick(tmp_path):
                 mean, (low, high) = summary["removal"]["loss"]["vs_random"]
                 assert mean == pytest.approx(sum(diffs) / len(diffs)) and low <= mean <= high
     assert all(math.isfinite(s) for scale in result["summary"].values() for s in scale["seconds"].values())
+
+
+def test_paper_defense_quick(tmp_path):
+    result = run_quick("paper_defense", tmp_path)
+    settings = {s["data"] + "-" + s["model"]: s for s in result["config"]["settings"]}
+    assert set(result["per_seed"]) == set(settings) == {"adult-logreg", "digits-mlp"}
+    for name, setting in settings.items():
+        runs = result["per_seed"][name]
+        assert len(runs) == len(setting["seeds"]) >= 2
+        for run in runs:
+            for attack in setting["attacks"]:
+                base = run["base"][attack]
+                assert base["robust_acc"] == base["transfer_acc"] <= base["clean_acc"]
+                cells = [run["honest"][attack][m][str(f)] for m in (*setting["methods"], "random", "loss")
+                         for f in setting["fractions"]]
+                for cell in cells:
+                    assert all(in_unit_interval(cell[k]) for k in ("clean_acc", "robust_acc", "transfer_acc"))
+                    if attack == "linear":  # the closed form flips every prediction of a binary linear model
+                        assert cell["robust_acc"] == pytest.approx(1 - cell["clean_acc"])
+    for run in result["per_seed"]["digits-mlp"]:  # AutoAttack ran (at a budget that breaks nearly everything)
+        assert run["base"]["autoattack"] <= 0.2
+        assert run["honest"]["pgd-linf"]["ip"]["0.05"]["autoattack_acc"] <= 0.2
+        assert "autoattack_acc" in run["honest"]["pgd-linf"]["random"]["0.05"]
+
+    n_test = settings["adult-logreg"]["sizes"][2]
+    paper_runs = [run["paper"] for run in result["per_seed"]["adult-logreg"]]
+    for paper in paper_runs:
+        assert 0.05 <= paper["share"] <= 0.25 and paper["n_attacked"] == round(paper["share"] * n_test)
+        assert paper["none"] < 0.5  # the undefended model is right only on the points it got wrong before
+        for method in ("random", "loss"):  # objective-free: the same retrained models under both targets
+            assert paper["targets"]["paper"][method] == paper["targets"]["leak-free"][method]
+    summary = result["summary"]["adult-logreg"]["paper"]["ip"]["0.05"]
+    diffs = [p["targets"]["paper"]["ip"]["0.05"] - p["targets"]["leak-free"]["ip"]["0.05"] for p in paper_runs]
+    mean, (low, high) = summary["leak"]
+    assert mean == pytest.approx(sum(diffs) / len(diffs)) and low <= mean <= high
