@@ -92,12 +92,15 @@ def check_model(model, x: Optional[torch.Tensor] = None) -> None:
 
 
 def check_batch(x, y) -> None:
-    """Check that ``x`` is a floating batch ``(n, ...)`` and ``y`` integer labels ``(n,)`` beside it."""
+    """Check that ``x`` is a finite floating batch ``(n, ...)`` and ``y`` integer labels ``(n,)`` beside it."""
     if not isinstance(x, torch.Tensor) or not x.is_floating_point():
         kind = x.dtype if isinstance(x, torch.Tensor) else type(x).__name__
         raise TypeError(f"x: must be a floating-point tensor, got {kind}")
     if x.dim() < 2:
         raise ValueError(f"x: expected a batch of shape (n, ...), got shape {tuple(x.shape)}")
+    bad = int((~torch.isfinite(x)).sum())
+    if bad:
+        raise ValueError(f"x: contains {bad} NaN or infinite value(s)")
     if not isinstance(y, torch.Tensor):
         raise TypeError(f"y: must be a tensor of class labels, got {type(y).__name__}")
     if y.is_floating_point() or y.is_complex() or y.dtype == torch.bool:
@@ -109,9 +112,11 @@ def check_batch(x, y) -> None:
 
 
 def check_logits(logits: torch.Tensor, y: torch.Tensor) -> int:
-    """Check the model's outputs ``(n, C)`` against labels ``y`` and return ``C``."""
+    """Check the model's outputs ``(n, C)`` (finite) against labels ``y`` and return ``C``."""
     if logits.dim() != 2 or logits.shape[0] != y.shape[0]:
         raise ValueError(f"model: expected outputs of shape ({y.shape[0]}, C), got {tuple(logits.shape)}")
+    if not bool(torch.isfinite(logits).all()):
+        raise ValueError("model: produced non-finite outputs (NaN or infinity) on the attacked batch")
     num_classes = max(logits.shape[1], 2)
     if y.numel() and (int(y.min()) < 0 or int(y.max()) >= num_classes):
         raise ValueError(f"y: labels must lie in [0, {num_classes}) for a model with "
@@ -200,8 +205,9 @@ def make_generator(seed: int, device: torch.device) -> torch.Generator:
 class Attack(ABC):
     """Base class of an attack ``attack(model, x, y) -> x_adv``.
 
-    Subclasses implement ``_perturb(model, x, y)``, which receives validated, detached inputs, a
-    model in eval mode with frozen parameters, and gradients enabled.
+    Subclasses implement ``_perturb(model, x, y)``, which receives validated, detached, finite
+    inputs, a model in eval mode with frozen parameters, and gradients enabled. A non-finite result
+    (a model producing NaN) raises ``ValueError`` naming ``model``.
     """
 
     def __call__(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -212,6 +218,9 @@ class Attack(ABC):
             return x.detach().clone()
         with frozen_in_eval(model), torch.enable_grad():
             x_adv = self._perturb(model, x.detach(), y.detach())
+        bad = int((~torch.isfinite(x_adv)).sum())
+        if bad:
+            raise ValueError(f"model: its outputs or gradients made {bad} adversarial value(s) NaN or infinite")
         return x_adv.detach().to(device=x.device, dtype=x.dtype).reshape(x.shape)
 
     @abstractmethod

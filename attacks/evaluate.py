@@ -38,9 +38,12 @@ def _batches(data, batch_size: int) -> Tuple[int, Iterator[Tuple[torch.Tensor, t
 
 
 @torch.no_grad()
-def _correct(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """Boolean mask of the samples the model classifies correctly."""
-    return predict(model(x)) == y
+def _correct(model: nn.Module, x: torch.Tensor, y: torch.Tensor, where: str) -> torch.Tensor:
+    """Boolean mask of the samples the model classifies correctly (``ValueError`` on non-finite outputs)."""
+    logits = model(x)
+    if not bool(torch.isfinite(logits).all()):
+        raise ValueError(f"model: produced non-finite outputs on {where}")
+    return predict(logits) == y
 
 
 def accuracy(model: nn.Module, X: torch.Tensor, y: torch.Tensor, batch_size: int = 1024) -> float:
@@ -57,7 +60,8 @@ def accuracy(model: nn.Module, X: torch.Tensor, y: torch.Tensor, batch_size: int
     correct = 0
     with frozen_in_eval(model):
         for i in range(0, len(X), batch_size):
-            correct += int(_correct(model, X[i:i + batch_size].to(device), y[i:i + batch_size].to(device)).sum())
+            batch_x, batch_y = X[i:i + batch_size].to(device), y[i:i + batch_size].to(device)
+            correct += int(_correct(model, batch_x, batch_y, f"the batch starting at index {i}").sum())
     return correct / len(X)
 
 
@@ -101,17 +105,20 @@ def evaluate(model: nn.Module, data, attacks: Mapping[str, Callable], batch_size
     adversarial: Dict[str, list] = {name: [] for name in attacks}
     with frozen_in_eval(model):
         device = _model_device(model, torch.device("cpu"))
+        start = 0
         for x, y in tqdm(batches, total=math.ceil(n / batch_size), desc="evaluate", disable=not progress):
             data_device = x.device
             x, y = x.to(device), y.to(device)
-            clean_ok = _correct(model, x, y)
+            where = f"the batch starting at index {start}"
+            start += x.shape[0]
+            clean_ok = _correct(model, x, y, where)
             survives_all = clean_ok.clone()
             for name, attack in attacks.items():
                 x_adv = attack(model, x, y)
                 if not isinstance(x_adv, torch.Tensor) or x_adv.shape != x.shape:
                     shape = tuple(x_adv.shape) if isinstance(x_adv, torch.Tensor) else type(x_adv).__name__
                     raise ValueError(f"attacks: {name!r} returned {shape} for a batch of shape {tuple(x.shape)}")
-                robust_ok = _correct(model, x_adv, y)
+                robust_ok = _correct(model, x_adv, y, f"the {name!r} adversarial examples of {where}")
                 robust_correct[name] += int(robust_ok.sum())
                 flipped[name] += int((clean_ok & ~robust_ok).sum())
                 survives_all &= robust_ok

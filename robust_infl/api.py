@@ -10,7 +10,7 @@ from torch import Tensor, nn
 from torch.utils.data import Dataset
 from torch.utils.data.dataloader import default_collate
 
-from robust_infl.engine import build_problem
+from robust_infl.engine import build_problem, check_finite_results
 from robust_infl.methods import check_method_options, get_method
 from robust_infl.objectives import Attack, LossFn, Objective, default_loss_fn
 from robust_infl.validation import (
@@ -165,6 +165,7 @@ def _forward(name: str, model: nn.Module, x: Tensor, device: torch.device) -> Te
         ) from err
     if not isinstance(outputs, Tensor):
         raise ValueError(f"model: must return a tensor of outputs, got {type(outputs).__name__}")
+    check_finite_results(outputs, "outputs", f"the first {name} samples")
     return outputs.to(device)
 
 

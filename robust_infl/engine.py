@@ -57,6 +57,7 @@ __all__ = [
     "directional_derivatives",
     "per_sample_gradients",
     "hessian_vector_products",
+    "check_finite_results",
 ]
 
 Params = dict[str, Tensor]
@@ -257,6 +258,17 @@ def unflatten(vector: Tensor, like: Mapping[str, Tensor]) -> Params:
     return out
 
 
+def check_finite_results(values: Union[Tensor, Mapping[str, Tensor]], what: str, where: str) -> None:
+    """Raise ``ValueError`` naming ``model`` if ``values`` (a tensor or a dict of them) hold NaN or infinity.
+
+    Called on results the methods compute anyway (losses, gradients), so a model that returns
+    NaN fails with a clear message instead of giving NaN scores, at no extra forward pass.
+    """
+    tensors = values.values() if isinstance(values, Mapping) else (values,)
+    if not all(bool(torch.isfinite(t).all()) for t in tensors):
+        raise ValueError(f"model: produced non-finite {what} on {where}")
+
+
 def _as_param_dict(v: Union[Mapping[str, Tensor], Tensor], params: Params) -> Params:
     if isinstance(v, Tensor):
         return unflatten(v.to(next(iter(params.values())).dtype), params)
@@ -299,7 +311,9 @@ def objective_value(problem: ScoringProblem, params: Params) -> Tensor:
             prepared.chunk_sums(problem.outputs(params, prepared.inputs[chunk]), chunk, problem.loss_fn)
             for chunk in _target_chunks(problem)
         )
-        return prepared.combine(sums)
+        value = prepared.combine(sums)
+    check_finite_results(value, "outputs", "the target set (objective value)")
+    return value
 
 
 def objective_gradient(problem: ScoringProblem, params: Params) -> Params:
@@ -317,7 +331,9 @@ def objective_gradient(problem: ScoringProblem, params: Params) -> Params:
         return prepared.chunk_sums(problem.outputs(p, prepared.inputs[chunk]), chunk, problem.loss_fn)
 
     if len(chunks) == 1:
-        return grad(lambda p: prepared.combine(chunk_sums(p, chunks[0])))(params)
+        gradient = grad(lambda p: prepared.combine(chunk_sums(p, chunks[0])))(params)
+        check_finite_results(gradient, "outputs or gradients", "the target set (objective gradient)")
+        return gradient
     if problem.objective.linear:
         weight_of_chunk = None
     else:
@@ -332,6 +348,7 @@ def objective_gradient(problem: ScoringProblem, params: Params) -> Params:
             part = grad(lambda p: (weight_of_chunk * chunk_sums(p, chunk)).sum())(params)
         for name in gradient:
             gradient[name] += part[name]
+    check_finite_results(gradient, "outputs or gradients", "the target set (objective gradient)")
     return gradient
 
 
@@ -341,29 +358,42 @@ def directional_derivatives(
     """``<grad l_i(params), v>`` for every training sample ``i``, shape ``(n_train,)``.
 
     One forward-mode pass (``torch.func.jvp`` of the per-sample losses along ``v``) per training
-    batch; ``v`` is a parameter dict or a flat vector. Memory is that of one batch.
+    batch; ``v`` is a parameter dict or a flat vector. Memory is that of one batch. The losses and
+    derivatives are checked to be finite (``ValueError`` naming ``model`` and the batch otherwise).
     """
     tangent = _as_param_dict(v, params)
+    if not all(bool(torch.isfinite(t).all()) for t in tangent.values()):
+        raise ValueError("v: the direction of the directional derivatives holds NaN or infinite values")
     out = torch.empty(problem.n_train, dtype=problem.dtype, device=problem.device)
     for start, x, y in train_batches(problem, params, desc="directional derivatives"):
-        _, derivative = jvp(lambda p: problem.loss_fn(problem.outputs(p, x), y), (params,), (tangent,))
+        losses, derivative = jvp(lambda p: problem.loss_fn(problem.outputs(p, x), y), (params,), (tangent,))
+        where = f"the training batch starting at index {start}"
+        check_finite_results(losses, "outputs (losses)", where)
+        check_finite_results(derivative, "loss gradients", where)
         out[start : start + x.shape[0]] = derivative.detach()
     return out
 
 
-def per_sample_gradients(problem: ScoringProblem, params: Params, batch: tuple[Tensor, Tensor]) -> Tensor:
+def per_sample_gradients(
+    problem: ScoringProblem, params: Params, batch: tuple[Tensor, Tensor], where: str = "a batch of samples"
+) -> Tensor:
     """Flattened per-sample loss gradients ``(b, n_params)`` of the batch ``(x, y)`` at ``params``.
 
     The batch is used as given (take it from :func:`train_batches` to get adversarial training
-    points). Columns follow ``problem.param_names``.
+    points). Columns follow ``problem.param_names``. Non-finite gradients raise ``ValueError``
+    naming ``model`` and ``where`` (e.g. ``"the training batch starting at index 128"``).
     """
     x, y = batch
 
-    def sample_loss(p: Params, xi: Tensor, yi: Tensor) -> Tensor:
-        return problem.loss_fn(problem.outputs(p, xi.unsqueeze(0)), yi.unsqueeze(0)).sum()
+    def sample_loss(p: Params, xi: Tensor, yi: Tensor) -> tuple[Tensor, Tensor]:
+        loss = problem.loss_fn(problem.outputs(p, xi.unsqueeze(0)), yi.unsqueeze(0)).sum()
+        return loss, loss.detach()
 
-    grads = vmap(grad(sample_loss), in_dims=(None, 0, 0))(params, x, y)
-    return torch.cat([grads[name].reshape(x.shape[0], -1) for name in problem.param_names], dim=1).detach()
+    grads, losses = vmap(grad(sample_loss, has_aux=True), in_dims=(None, 0, 0))(params, x, y)
+    flat = torch.cat([grads[name].reshape(x.shape[0], -1) for name in problem.param_names], dim=1).detach()
+    check_finite_results(losses, "outputs (losses)", where)
+    check_finite_results(flat, "loss gradients", where)
+    return flat
 
 
 def target_gradients(problem: ScoringProblem, params: Params) -> Tensor:
@@ -379,7 +409,12 @@ def target_gradients(problem: ScoringProblem, params: Params) -> Tensor:
     prepared = _prepare(problem, params)
     return torch.cat(
         [
-            per_sample_gradients(problem, params, (prepared.inputs[chunk], prepared.labels[chunk]))
+            per_sample_gradients(
+                problem,
+                params,
+                (prepared.inputs[chunk], prepared.labels[chunk]),
+                where=f"the target chunk starting at index {chunk.start}",
+            )
             for chunk in _target_chunks(problem)
         ]
     )
@@ -408,5 +443,6 @@ def hessian_vector_products(
             return flatten(product, problem.param_names)
 
         total += vmap(hvp, chunk_size=chunk_size)(rows).detach()
+    check_finite_results(total, "Hessian-vector products", "the training set")
     total /= problem.n_train
     return total[0] if single else total

@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from robust_infl.engine import ScoringProblem, train_batches
+from robust_infl.engine import ScoringProblem, check_finite_results, train_batches
 from robust_infl.grad_norms import squared_gradient_norms
 from robust_infl.methods import register_method
 
@@ -30,7 +30,9 @@ def self_influence(problem: ScoringProblem) -> Tensor:
     Per layer from the layer's inputs and output gradients where the layer allows it (Linear,
     Conv2d; see :mod:`robust_infl.grad_norms`), so the per-sample gradients are not formed.
     """
-    return squared_gradient_norms(problem)
+    norms = squared_gradient_norms(problem)
+    check_finite_results(norms, "outputs or loss gradients", "the training set")
+    return norms
 
 
 @register_method("loss")
@@ -39,7 +41,9 @@ def loss_score(problem: ScoringProblem) -> Tensor:
     out = torch.empty(problem.n_train, dtype=problem.dtype, device=problem.device)
     for start, x, y in train_batches(problem, problem.params, desc="training loss"):
         with torch.no_grad():
-            out[start : start + x.shape[0]] = problem.loss_fn(problem.outputs(problem.params, x), y)
+            losses = problem.loss_fn(problem.outputs(problem.params, x), y)
+        check_finite_results(losses, "outputs (losses)", f"the training batch starting at index {start}")
+        out[start : start + x.shape[0]] = losses
     return out
 
 

@@ -81,7 +81,7 @@ def datainf_influence(problem: ScoringProblem, *, lambda_scale: float = 0.1) -> 
     norms = torch.empty(problem.n_train, n_layers, dtype=problem.dtype, device=problem.device)
     dots = torch.empty_like(norms)
     for start, x, y in train_batches(problem, params, desc="datainf per-sample gradients"):
-        g = per_sample_gradients(problem, params, (x, y))
+        g = per_sample_gradients(problem, params, (x, y), f"the training batch starting at index {start}")
         norms[start : start + x.shape[0]] = (g * g) @ selector.T
         dots[start : start + x.shape[0]] = (g * v) @ selector.T
     lambdas = lambda_scale * norms.mean(dim=0)

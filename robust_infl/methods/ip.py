@@ -43,5 +43,6 @@ def inner_product_influence(problem: ScoringProblem, *, aggregate: bool = True) 
     target = target_gradients(problem, params)
     out = torch.empty(problem.n_train, target.shape[0], dtype=problem.dtype, device=problem.device)
     for start, x, y in train_batches(problem, params, desc="ip train x target"):
-        out[start : start + x.shape[0]] = -(per_sample_gradients(problem, params, (x, y)) @ target.T)
+        where = f"the training batch starting at index {start}"
+        out[start : start + x.shape[0]] = -(per_sample_gradients(problem, params, (x, y), where) @ target.T)
     return out

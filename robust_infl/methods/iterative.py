@@ -31,6 +31,7 @@ from tqdm.auto import tqdm
 from robust_infl.engine import (
     Params,
     ScoringProblem,
+    check_finite_results,
     directional_derivatives,
     flatten,
     hessian_vector_products,
@@ -147,7 +148,9 @@ def batch_hessian_vector_products(
         _, product = jvp(grad(mean_loss), (params,), (unflatten(vector, params),))
         return flatten(product, problem.param_names)
 
-    return vmap(one)(x, y, vectors.to(problem.dtype)).detach()
+    products = vmap(one)(x, y, vectors.to(problem.dtype)).detach()
+    check_finite_results(products, "Hessian-vector products", "a sampled training minibatch")
+    return products
 
 
 def largest_eigenvalue(problem: ScoringProblem, iterations: int = 20) -> float:
