@@ -151,7 +151,7 @@ class AutoAttack(Attack):
     binary ones) the components built on it are left out and the others run as usual.
 
     Arguments:
-        eps: perturbation budget (>= 0).
+        eps: perturbation budget (> 0).
         norm: ``"linf"`` or ``"l2"``.
         version: ``"standard"``, ``"plus"`` or ``"rand"``.
         seed: seed of every component attack.

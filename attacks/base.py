@@ -45,12 +45,15 @@ __all__ = [
 NORMS = ("linf", "l2")
 
 
-def check_eps(eps, name: str = "eps") -> float:
-    """Return ``eps`` as a float after checking it is a finite number ``>= 0``."""
+def check_eps(eps, name: str = "eps", allow_zero: bool = False) -> float:
+    """Return ``eps`` as a float after checking it is a finite number ``> 0`` (``>= 0`` with ``allow_zero``).
+
+    A budget of 0 is refused: it would silently turn robust accuracy into clean accuracy.
+    """
     if isinstance(eps, bool) or not isinstance(eps, (int, float)):
         raise TypeError(f"{name}: must be a number, got {type(eps).__name__}")
-    if not math.isfinite(eps) or eps < 0:
-        raise ValueError(f"{name}: must be a finite number >= 0, got {eps}")
+    if not math.isfinite(eps) or eps < 0 or (eps == 0 and not allow_zero):
+        raise ValueError(f"{name}: must be a finite number {'>= 0' if allow_zero else '> 0'}, got {eps}")
     return float(eps)
 
 

@@ -44,7 +44,7 @@ class LinearClosedForm(Attack):
     """
 
     def __init__(self, overshoot: float = 0.3):
-        self.overshoot = check_eps(overshoot, "overshoot")
+        self.overshoot = check_eps(overshoot, "overshoot", allow_zero=True)
 
     def _perturb(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         def logits_of_one(sample: torch.Tensor) -> torch.Tensor:

@@ -20,7 +20,7 @@ class FGSM(Attack):
     l2-normalised gradient (``norm="l2"``), then clipped to ``bounds``.
 
     Arguments:
-        eps: perturbation budget (>= 0) in the chosen norm.
+        eps: perturbation budget (> 0) in the chosen norm.
         norm: ``"linf"`` or ``"l2"``.
         bounds: ``None`` (unbounded), ``(low, high)`` numbers, or per-feature tensors broadcastable
             to one sample's shape.

@@ -27,8 +27,8 @@ class PGD(Attack):
     misclassified result beats a correctly classified one, otherwise the higher loss wins.
 
     Arguments:
-        eps: perturbation budget (>= 0) in the chosen norm.
-        alpha: step size; default ``2.5 * eps / steps``.
+        eps: perturbation budget (> 0) in the chosen norm.
+        alpha: step size (> 0); default ``2.5 * eps / steps``.
         steps: number of gradient steps (>= 1).
         norm: ``"linf"`` or ``"l2"``.
         random_start: start from a point drawn uniformly from the ``eps`` ball (clipped to

@@ -263,7 +263,7 @@ def run(
     data_label = data_label or first.name
     model_label = model_label or type(model_for(seeds[0], first)).__name__
     norm = defaults.norm if norm is None else check_choice(norm, "norm", ("linf", "l2"))
-    eps = defaults.eps if eps is None else check_positive(eps, "eps", allow_zero=True)
+    eps = defaults.eps if eps is None else check_positive(eps, "eps")
     steps = defaults.steps if steps is None else check_int(steps, "steps", 1)
     epochs = defaults.epochs if epochs is None else epochs
     lr = defaults.lr if lr is None else lr

@@ -292,7 +292,7 @@ class _BallTrainer(Trainer):
     def __init__(self, *, eps: float, norm: str = "linf", steps: int = 7, alpha: Optional[float] = None,
                  bounds=(0.0, 1.0), **trainer_options):
         super().__init__(**trainer_options)
-        self.eps = check_positive(eps, "eps", allow_zero=True)
+        self.eps = check_positive(eps, "eps")
         self.norm = check_choice(norm, "norm", NORMS)
         self.steps = check_int(steps, "steps", 1)
         self.alpha = 2.5 * self.eps / self.steps if alpha is None else check_positive(alpha, "alpha")

@@ -224,6 +224,6 @@ def test_fit_validation():
         trainer.fit("mlp", (X, y))
     with pytest.raises(ValueError, match="^train: all tensors need the same first dimension"):
         trainer.fit(MLP(5, 2), (X, y[:5]))
-    with pytest.raises(ValueError, match="^eps: must be >= 0"):
+    with pytest.raises(ValueError, match="^eps: must be > 0"):
         PGDAT(eps=-1, epochs=1, lr=0.1, batch_size=4)
     assert isinstance(trainer, Trainer)
