@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from attacks import BinaryAsTwoLogits
+from robust_infl.validation import check_labels
 
 from .data import as_tensors
 from .trainers import NORMS, OPTIMIZERS, RETRAIN_MODES, copy_for_training, make_optimizer, model_device
@@ -190,6 +191,7 @@ class ARTTrainer:
                 net = BinaryAsTwoLogits(model)
                 with torch.no_grad():
                     num_classes = int(net.eval()(X[:1].to(device)).shape[1])
+                check_labels("train", y, num_classes)
                 classifier = PyTorchClassifier(
                     model=net, loss=nn.CrossEntropyLoss(), optimizer=make_optimizer(
                         net, self.optimizer, self.lr, self.weight_decay),

@@ -15,7 +15,7 @@ __all__ = ["as_tensors", "take", "num_samples"]
 
 
 def as_tensors(data, name: str = "data") -> tuple:
-    """Return ``data`` as a tuple of tensors ``(X, y, *rest)`` with equal first dimensions.
+    """Return ``data`` as a tuple of tensors ``(X, y, *rest)`` with equal first dimensions and finite ``X``.
 
     Raises ``TypeError``/``ValueError`` starting with ``name`` when ``data`` has another form.
     """
@@ -46,6 +46,9 @@ def as_tensors(data, name: str = "data") -> tuple:
                          f"{[tuple(t.shape) for t in tensors]}")
     if not tensors[0].is_floating_point():
         raise TypeError(f"{name}: X must be a floating-point tensor, got {tensors[0].dtype}")
+    bad = int((~torch.isfinite(tensors[0])).sum())
+    if bad:
+        raise ValueError(f"{name}: X contains {bad} NaN or infinite value(s)")
     return tensors
 
 

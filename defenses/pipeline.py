@@ -95,6 +95,14 @@ def _training_attack(trainer, seed: int) -> Optional[Callable]:
     return None
 
 
+def _check_two_classes(train: tuple, seed: int) -> None:
+    """Refuse a training split whose labels are all one class (nothing to defend, a degenerate model)."""
+    classes = torch.unique(train[1])
+    if classes.numel() < 2:
+        raise ValueError(f"data: the training split of seed {seed} holds a single class "
+                         f"({classes.tolist()}); a classifier and its defence need at least two")
+
+
 def _check_fractions(fractions) -> list:
     if isinstance(fractions, (int, float)) and not isinstance(fractions, bool):
         fractions = [fractions]
@@ -321,6 +329,7 @@ def run(
         for seed in seeds:
             splits = first if seed == seeds[0] else splits_for(seed)
             train, val = as_tensors(splits.train, "train"), as_tensors(splits.val, "val")
+            _check_two_classes(train, seed)
             attack_fn = attack_for(seed, splits)
             bar.set_postfix_str(f"seed {seed}: base model")
             base = base_trainer.fit(model_for(seed, splits), train, seed=seed, val=val)

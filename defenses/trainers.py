@@ -27,7 +27,9 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from attacks.base import frozen_in_eval
 from robust_infl.objectives import default_loss_fn
+from robust_infl.validation import check_labels
 
 from .data import as_tensors
 from .validation import check_bool, check_choice, check_int, check_positive
@@ -41,6 +43,7 @@ __all__ = [
     "copy_for_training",
     "make_optimizer",
     "check_weights",
+    "check_labels_fit",
     "maximise_in_ball",
     "model_device",
     "RETRAIN_MODES",
@@ -90,6 +93,20 @@ def check_weights(weights, n: int) -> Optional[torch.Tensor]:
     if w.sum() <= 0:
         raise ValueError("weights: at least one weight must be > 0")
     return w / w.mean()
+
+
+def check_labels_fit(model: nn.Module, X: torch.Tensor, y: torch.Tensor) -> None:
+    """Raise ``ValueError`` naming ``train`` unless ``y`` are class indices the model's outputs can take.
+
+    The number of outputs is read off one forward pass on ``X[:1]`` in eval mode (every module's
+    mode restored after); one output means binary labels {0, 1}.
+    """
+    with frozen_in_eval(model), torch.no_grad():
+        outputs = model(X[:1].to(model_device(model)))
+    if not isinstance(outputs, torch.Tensor) or outputs.dim() not in (1, 2):
+        shape = tuple(outputs.shape) if isinstance(outputs, torch.Tensor) else type(outputs).__name__
+        raise ValueError(f"model: must return (batch, n_outputs) logits, got {shape}")
+    check_labels("train", y, 1 if outputs.dim() == 1 else outputs.shape[1])
 
 
 def make_optimizer(model: nn.Module, name: str, lr: float, weight_decay: float) -> torch.optim.Optimizer:
@@ -247,6 +264,8 @@ class Trainer:
         X, y = as_tensors(train, "train")[:2]
         val = None if val is None else as_tensors(val, "val")
         w = check_weights(weights, X.shape[0])
+        if self.loss_fn is per_sample_loss:
+            check_labels_fit(model, X, y)
         device = model_device(model)
         n = X.shape[0]
         steps_per_epoch = math.ceil(n / self.batch_size)

@@ -133,6 +133,10 @@ def check_train_loss(train_loss: Any, train_attack: Any) -> None:
 
 
 def _check_pair(name: str, x: Tensor, y: Tensor) -> None:
+    if x.dtype == torch.bool or x.is_complex():
+        raise TypeError(f"{name}: X must hold real numbers (a floating or integer tensor), got {x.dtype}")
+    if y.is_complex():
+        raise TypeError(f"{name}: y must hold class labels (an integer tensor), got {y.dtype}")
     if x.ndim == 0:
         raise ValueError(f"{name}: X must have a leading sample dimension, got a scalar")
     if y.ndim == 0 or y.shape[0] != x.shape[0]:
