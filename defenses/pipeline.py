@@ -21,11 +21,13 @@ from tqdm.auto import tqdm
 from robust_infl.datasets import Splits
 from robust_infl.experiment_setup import (DATA_DEFAULTS, USER_DATA_DEFAULTS, data_defaults, load_splits,
                                           make_attack, make_trainer, model_factory)
+from robust_infl.store import data_hash, model_hash
 
 from .art_trainer import ARTTrainer
 from .data import as_tensors
 from .recipes import DEFAULT_RECIPES, DefenceContext, get_recipe
 from .report import METRICS, mean_std, summarise, write_report
+from .seed_results import SeedResults
 from .selection import REWEIGHT_SCHEMES
 from .trainers import PGDAT
 from .validation import check_bool, check_choice, check_int, check_positive
@@ -93,6 +95,45 @@ def _training_attack(trainer, seed: int) -> Optional[Callable]:
         return attacks.PGD(trainer.eps, alpha=trainer.eps_step, steps=trainer.max_iter, norm=trainer.norm,
                            bounds=trainer.bounds, seed=seed)
     return None
+
+
+def _resume_settings(config: dict, model, bounds, train_steps: int, eval_batch_size: int) -> dict:
+    """What per-seed results depend on besides the seed and its data: the config without the seed list,
+    the bounds, the adversarial trainers' steps, the evaluation batch size and a given module's weights."""
+    settings = {k: v for k, v in config.items() if k != "seeds"}
+    settings.update(bounds=repr(bounds), train_steps=train_steps, eval_batch_size=eval_batch_size,
+                    model_hash=model_hash(model) if isinstance(model, nn.Module) else None)
+    return settings
+
+
+def _run_seed(seed: int, splits: Splits, tasks: list, bar, *, model_for: Callable, attack_fn: Callable,
+              base_trainer, eval_batch_size: int, progress: bool, context: dict) -> dict:
+    """Train the base model of ``seed``, evaluate it, then run every ``(recipe, fraction)`` task.
+
+    Returns ``{"base": row, "runs": [row, ...]}``; ``context`` holds the :class:`DefenceContext`
+    fields shared by the tasks.
+    """
+    train, val = as_tensors(splits.train, "train"), as_tensors(splits.val, "val")
+    _check_two_classes(train, seed)
+    bar.set_postfix_str(f"seed {seed}: base model")
+    base = base_trainer.fit(model_for(seed, splits), train, seed=seed, val=val)
+    base_metrics, base_adversarial = evaluate_on_test(base, splits.test, attack_fn, batch_size=eval_batch_size,
+                                                      progress=progress)
+    bar.update()
+    cache: dict = {}
+    runs = []
+    for recipe, fraction in tasks:
+        bar.set_postfix_str(f"seed {seed}: {recipe.name}" + ("" if fraction is None else f" @ {fraction:g}"))
+        defended = recipe.fn(DefenceContext(model=base, train=train, val=val, attack=attack_fn, seed=seed,
+                                            fraction=fraction, cache=cache, **context))
+        if defended is base:
+            metrics = dict(base_metrics)
+        else:
+            metrics, _ = evaluate_on_test(defended, splits.test, attack_fn, base_adversarial,
+                                          batch_size=eval_batch_size, progress=progress)
+        runs.append({"seed": seed, "recipe": recipe.name, "fraction": fraction, **metrics})
+        bar.update()
+    return {"base": {"seed": seed, **base_metrics}, "runs": runs}
 
 
 def _check_two_classes(train: tuple, seed: int) -> None:
@@ -207,6 +248,7 @@ def run(
     n_test: Optional[int] = None,
     eval_batch_size: int = 256,
     out=None,
+    resume: bool = False,
     progress: bool = True,
 ) -> dict:
     """Run the defence and its baselines over several seeds and return (and optionally write) the report.
@@ -237,7 +279,13 @@ def run(
             ``train_steps``: PGD steps of adversarial trainers.
         n_train, n_val, n_test: split sizes of named data sets (defaults per data set).
         eval_batch_size: samples per attack call at evaluation.
-        out: folder for ``report.json``, ``report.md`` and ``robust_vs_fraction.png`` (None: write nothing).
+        out: folder for ``report.json``, ``report.md`` and ``robust_vs_fraction.png`` (None: write nothing);
+            each seed's results are also saved there as it completes (``seeds/seed_<k>.json``), and
+            every file is written atomically.
+        resume: reuse the per-seed results already in ``out`` (a run that crashed or was stopped, or
+            more seeds added to a finished run); a seed file written with other settings is refused
+            with a ``ValueError``. Custom model factories and attack callables are identified by their
+            names only (see :mod:`defenses.seed_results`).
         progress: show progress bars.
 
     Returns:
@@ -245,6 +293,9 @@ def run(
         (mean ± std over seeds, paired differences vs ``none`` and vs ``random``).
     """
     check_bool(progress, "progress")
+    check_bool(resume, "resume")
+    if resume and out is None:
+        raise ValueError("resume: needs out, the folder holding the per-seed results to reuse")
     fractions = _check_fractions(fractions)
     seeds = _check_seeds(seeds)
     check_choice(mode, "mode", MODES)
@@ -323,37 +374,28 @@ def run(
 
     budgeted = [r for r in chosen if r.uses_budget]
     once = [r for r in chosen if not r.uses_budget]
-    total = len(seeds) * (1 + len(once) + len(budgeted) * len(fractions))
+    tasks = [(r, None) for r in once] + [(r, f) for f in fractions for r in budgeted]
+    saved = None if out is None else SeedResults(out, _resume_settings(config, model, bounds, train_steps,
+                                                                        eval_batch_size))
     base_rows, rows = [], []
-    with tqdm(total=total, desc="defence", disable=not progress) as bar:
+    with tqdm(total=len(seeds) * (1 + len(tasks)), desc="defence", disable=not progress) as bar:
         for seed in seeds:
             splits = first if seed == seeds[0] else splits_for(seed)
-            train, val = as_tensors(splits.train, "train"), as_tensors(splits.val, "val")
-            _check_two_classes(train, seed)
-            attack_fn = attack_for(seed, splits)
-            bar.set_postfix_str(f"seed {seed}: base model")
-            base = base_trainer.fit(model_for(seed, splits), train, seed=seed, val=val)
-            base_metrics, base_adversarial = evaluate_on_test(base, splits.test, attack_fn, batch_size=eval_batch_size,
-                                                              progress=progress)
-            base_rows.append({"seed": seed, **base_metrics})
-            bar.update()
-            cache: dict = {}
-            tasks = [(r, None) for r in once] + [(r, f) for f in fractions for r in budgeted]
-            for recipe, fraction in tasks:
-                bar.set_postfix_str(f"seed {seed}: {recipe.name}" + ("" if fraction is None else f" @ {fraction:g}"))
-                context = DefenceContext(model=base, train=train, val=val, trainer=trainer, attack=attack_fn,
-                                         seed=seed, fraction=fraction, mode=mode, scheme=scheme,
-                                         temperature=temperature, method=method, method_options=method_options,
-                                         train_attack=_training_attack(trainer, seed), progress=progress,
-                                         cache=cache)
-                defended = recipe.fn(context)
-                if defended is base:
-                    metrics = dict(base_metrics)
-                else:
-                    metrics, _ = evaluate_on_test(defended, splits.test, attack_fn, base_adversarial,
-                                                  batch_size=eval_batch_size, progress=progress)
-                rows.append({"seed": seed, "recipe": recipe.name, "fraction": fraction, **metrics})
-                bar.update()
+            fingerprint = None if saved is None else data_hash(splits.train, splits.val, splits.test)
+            results = saved.load(seed, fingerprint) if resume else None
+            if results is None:
+                bar.set_postfix_str(f"seed {seed}")
+                results = _run_seed(seed, splits, tasks, bar, model_for=model_for, attack_fn=attack_for(seed, splits),
+                                    base_trainer=base_trainer, eval_batch_size=eval_batch_size, progress=progress,
+                                    context=dict(trainer=trainer, mode=mode, scheme=scheme, temperature=temperature,
+                                                 method=method, method_options=method_options,
+                                                 train_attack=_training_attack(trainer, seed), progress=progress))
+                if saved is not None:
+                    saved.save(seed, fingerprint, results)
+            else:
+                bar.update(1 + len(tasks))
+            base_rows.append(results["base"])
+            rows += results["runs"]
 
     report = {
         "config": config,

@@ -24,7 +24,7 @@ def _rows(report, recipe, fraction):
 
 def test_end_to_end_writes_the_report_and_the_numbers_add_up(tmp_path):
     report = defenses.run("moons", fractions=[0.05, 0.1], out=tmp_path, **TINY)
-    assert {p.name for p in tmp_path.iterdir()} == {"report.json", "report.md", "robust_vs_fraction.png"}
+    assert {p.name for p in tmp_path.iterdir()} == {"report.json", "report.md", "robust_vs_fraction.png", "seeds"}
     assert json.loads((tmp_path / "report.json").read_text())["config"]["fractions"] == [0.05, 0.1]
     table = (tmp_path / "report.md").read_text()
     assert "| influence | 0.05 |" in table and "| none | – |" in table
