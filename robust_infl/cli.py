@@ -15,7 +15,7 @@ from typing import Optional, Sequence
 __all__ = ["main", "build_parser"]
 
 PROG = "robust-infl"
-USER_ERRORS = (ValueError, TypeError, FileNotFoundError, ImportError, FloatingPointError)
+USER_ERRORS = (ValueError, TypeError, OSError, ImportError, FloatingPointError)
 
 
 class _OneLineErrorParser(argparse.ArgumentParser):
@@ -54,6 +54,19 @@ def _common_options() -> argparse.ArgumentParser:
     return common
 
 
+def _weights_options() -> argparse.ArgumentParser:
+    """``--weights`` / ``--save-weights`` of the commands that work on one model (score, attack)."""
+    parent = argparse.ArgumentParser(add_help=False)
+    weights = parent.add_argument_group("model weights")
+    weights.add_argument("--weights", default=None, metavar="PATH",
+                         help="use the model weights in PATH (a state dict saved with torch.save or --save-weights) "
+                              "instead of training; read with torch.load(weights_only=True): files carrying "
+                              "pickled code are refused")
+    weights.add_argument("--save-weights", default=None, metavar="PATH",
+                         help="save the model's state dict to PATH (written atomically)")
+    return parent
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of ``robust-infl`` with its four subcommands."""
     import robust_infl
@@ -66,6 +79,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--debug", dest="debug_all", action="store_true", help="show full tracebacks on errors")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_OneLineErrorParser)
     common = _common_options()
+    one_model = [common, _weights_options()]
     methods = robust_infl.available_methods()
 
     defend = commands.add_parser(
@@ -93,9 +107,12 @@ def build_parser() -> argparse.ArgumentParser:
                                           f"(default: {' '.join(DEFAULT_RECIPES)})")
     defend.add_argument("--seeds", type=int, default=3, help="number of seeds 0..N-1 (default: %(default)s)")
     defend.add_argument("--out", default="runs/defend", help="output folder (default: %(default)s)")
+    defend.add_argument("--resume", action="store_true",
+                        help="reuse the per-seed results already in --out (after a crash, or to add seeds); "
+                             "results written with other settings are refused")
 
     score = commands.add_parser(
-        "score", parents=[common], help="train a model and save every training sample's harm score",
+        "score", parents=one_model, help="train a model and save every training sample's harm score",
         description="Train the model, score every training sample's harm on an objective over the validation "
                     "split, save the scores as .npy and print the most harmful samples.")
     score.add_argument("--objective", choices=OBJECTIVE_NAMES, default="robust",
@@ -120,7 +137,7 @@ def build_parser() -> argparse.ArgumentParser:
                             "process takes the GPU of its LOCAL_RANK")
 
     attack = commands.add_parser(
-        "attack", parents=[common], help="train a model and print its clean and robust test accuracy",
+        "attack", parents=one_model, help="train a model and print its clean and robust test accuracy",
         description="Train the model and evaluate it on the test split under one or more attacks.")
     attack.add_argument("--attack", choices=ATTACK_NAMES, nargs="+", default=["pgd"],
                         help="attack(s) to run (default: pgd)")
@@ -151,16 +168,41 @@ def _setup(args):
 
 
 def _train(args, splits, defaults, eps, norm):
+    """The model of score / attack: trained (seed ``args.seed``), or loaded from ``--weights``; saved to
+    ``--save-weights`` when given."""
     from robust_infl.experiment_setup import make_trainer, model_factory
+    from robust_infl.io import atomic_save_tensor
 
     def pick(value, default):
         return default if value is None else value
 
-    trainer = make_trainer(args.trainer, epochs=pick(args.epochs, defaults.epochs), lr=pick(args.lr, defaults.lr),
-                           batch_size=pick(args.batch_size, defaults.batch_size), eps=eps, norm=norm,
-                           bounds=splits.bounds, train_steps=args.train_steps, progress=not args.no_progress)
-    model = model_factory(args.model or defaults.model, splits)(args.seed)
-    return trainer.fit(model, splits.train, seed=args.seed, val=splits.val)
+    name = args.model or defaults.model
+    model = model_factory(name, splits)(args.seed)
+    if args.weights is not None:
+        model = _load_weights(model, args.weights, name)
+    else:
+        trainer = make_trainer(args.trainer, epochs=pick(args.epochs, defaults.epochs), lr=pick(args.lr, defaults.lr),
+                               batch_size=pick(args.batch_size, defaults.batch_size), eps=eps, norm=norm,
+                               bounds=splits.bounds, train_steps=args.train_steps, progress=not args.no_progress)
+        model = trainer.fit(model, splits.train, seed=args.seed, val=splits.val)
+    if args.save_weights is not None:
+        atomic_save_tensor(args.save_weights, model.state_dict())
+    return model
+
+
+def _load_weights(model, path, name: str):
+    """``model`` with the state dict read safely from ``path`` (ValueError naming ``weights`` on a mismatch)."""
+    from robust_infl.io import safe_load
+
+    state = safe_load(path, name="weights")
+    if not isinstance(state, dict):
+        raise ValueError(f"weights: {path!r} does not hold a state dict, got {type(state).__name__}")
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as err:
+        detail = " ".join(str(err).split())
+        raise ValueError(f"weights: {path!r} does not fit model {name!r} on this data ({detail[:300]})") from None
+    return model.eval()
 
 
 def _cmd_defend(args) -> int:
@@ -173,7 +215,7 @@ def _cmd_defend(args) -> int:
         fractions=args.fraction, mode=args.mode, scheme=args.scheme, temperature=args.temperature,
         retrain=args.retrain, trainer=args.trainer, recipes=args.recipes, seeds=args.seeds, epochs=args.epochs,
         lr=args.lr, batch_size=args.batch_size, train_steps=args.train_steps, n_train=args.n_train,
-        n_val=args.n_val, n_test=args.n_test, out=args.out, progress=not args.no_progress)
+        n_val=args.n_val, n_test=args.n_test, out=args.out, resume=args.resume, progress=not args.no_progress)
     print(render_markdown(report))
     print(f"wrote {Path(args.out) / 'report.json'} and report.md in {time.perf_counter() - start:.0f} s")
     return 0
@@ -305,6 +347,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         message = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         print(f"{PROG} {args.command}: error: {message}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        if args.debug or args.debug_all:
+            raise
+        print(f"{PROG} {args.command}: interrupted (files already written are complete)", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":
