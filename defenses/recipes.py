@@ -27,6 +27,8 @@ from typing import Callable, Optional
 import torch
 from torch import nn
 
+from attacks.base import frozen_in_eval
+
 from .data import take
 from .selection import prune, reweight
 from .trainers import per_sample_loss
@@ -156,21 +158,18 @@ def random_scores(ctx: DefenceContext) -> torch.Tensor:
 
 
 def training_loss_scores(ctx: DefenceContext, batch_size: int = 512) -> torch.Tensor:
-    """Per-sample training loss of the base model (at the adversarial training points for adversarial trainers)."""
+    """Per-sample training loss of the base model (at the adversarial training points for adversarial trainers),
+    in eval mode; every submodule's mode is restored after."""
     X, y = ctx.train[:2]
     device = next(ctx.model.parameters()).device
-    was_training = ctx.model.training
-    ctx.model.eval()
     losses = []
-    try:
+    with frozen_in_eval(ctx.model):
         for start in range(0, X.shape[0], batch_size):
             xb, yb = X[start:start + batch_size].to(device), y[start:start + batch_size].to(device)
             if ctx.train_attack is not None:
                 xb = ctx.train_attack(ctx.model, xb, yb)
             with torch.no_grad():
                 losses.append(per_sample_loss(ctx.model(xb), yb).double().cpu())
-    finally:
-        ctx.model.train(was_training)
     return torch.cat(losses)
 
 

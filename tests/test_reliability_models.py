@@ -95,6 +95,23 @@ def test_evaluate_runs_in_eval_mode_and_restores_every_mode():
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
 
 
+def test_the_loss_baseline_scores_in_eval_mode_and_restores_every_mode():
+    from defenses.recipes import DefenceContext, training_loss_scores
+
+    model = batchnorm_dropout_model()
+    train = data(20)
+
+    def scores(m):
+        return training_loss_scores(DefenceContext(model=m, train=train, val=train, trainer=None, attack=None,
+                                                   seed=0), batch_size=8)
+
+    expected = scores(copy.deepcopy(model).eval())
+    modes, before = set_mixed_modes(model), state_copy(model)
+    assert torch.equal(scores(model), expected)
+    assert {name: m.training for name, m in model.named_modules()} == modes
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
 class NaNModel(nn.Module):
     """A linear model that returns NaN logits for inputs whose first feature equals ``NAN_MARKER``."""
 
