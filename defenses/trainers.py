@@ -28,6 +28,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from attacks.base import frozen_in_eval
+from attacks.steps import ascent_direction, clamp_to, project_l2_, random_delta
 from robust_infl.objectives import default_loss_fn
 from robust_infl.validation import check_labels
 
@@ -157,33 +158,22 @@ def maximise_in_ball(
 ) -> torch.Tensor:
     """Projected gradient ascent of ``objective(x_adv)`` (a per-sample vector) in the ``norm`` ball.
 
-    ``start`` is the initial perturbation; linf steps follow the gradient sign, l2 steps the
-    per-sample normalised gradient. ``bounds`` (None or ``(low, high)``) clips the points.
-    Returns the detached adversarial points.
+    ``start`` is the initial perturbation. The steps and projections are those of the attacks
+    package (:mod:`attacks.steps`): linf steps follow the gradient sign, l2 steps the per-sample
+    normalised gradient, then the perturbation is projected onto the ball and the point clipped
+    to ``bounds`` (None or ``(low, high)``). Returns the detached adversarial points.
     """
-    delta = start.detach()
-    dims = tuple(range(1, x.dim()))
 
-    def project(d: torch.Tensor) -> torch.Tensor:
-        if norm == "linf":
-            d = d.clamp(-eps, eps)
-        else:
-            size = d.flatten(1).norm(dim=1).clamp_min(1e-12).reshape(-1, *([1] * len(dims)))
-            d = d * torch.clamp(eps / size, max=1.0)
-        if bounds is not None:
-            d = torch.clamp(x + d, bounds[0], bounds[1]) - x
-        return d
+    def project(delta: torch.Tensor) -> torch.Tensor:
+        delta = delta.clamp(-eps, eps) if norm == "linf" else project_l2_(delta, eps)
+        return clamp_to(x + delta, bounds) - x
 
-    delta = project(delta)
+    delta = project(start.detach().clone())
     for _ in range(steps):
         delta.requires_grad_(True)
         (grad,) = torch.autograd.grad(objective(x + delta).sum(), delta)
         with torch.no_grad():
-            if norm == "linf":
-                step = grad.sign()
-            else:
-                step = grad / grad.flatten(1).norm(dim=1).clamp_min(1e-12).reshape(-1, *([1] * len(dims)))
-            delta = project(delta + alpha * step)
+            delta = project(delta + alpha * ascent_direction(grad, norm))
     return (x + delta).detach()
 
 
@@ -326,10 +316,14 @@ class _BallTrainer(Trainer):
         """Seed the generator of the inner attack's random starts."""
         self._noise = torch.Generator().manual_seed(seed)
 
-    def _random_start(self, x: torch.Tensor, scale: float, uniform: bool) -> torch.Tensor:
-        noise = (torch.rand(x.shape, generator=self._noise) * 2 - 1) if uniform else torch.randn(
-            x.shape, generator=self._noise)
-        return (scale * noise).to(device=x.device, dtype=x.dtype)
+    def _random_start(self, x: torch.Tensor) -> torch.Tensor:
+        """A start drawn uniformly from the ``eps``-ball, as :class:`attacks.PGD` draws it (seeded generator)."""
+        like = torch.empty(x.shape, dtype=x.dtype)
+        return random_delta(like, self.eps, self.norm, self._noise).to(x.device)
+
+    def _gaussian_start(self, x: torch.Tensor, scale: float) -> torch.Tensor:
+        """A small Gaussian start ``N(0, scale^2)`` (seeded generator)."""
+        return (scale * torch.randn(x.shape, generator=self._noise)).to(device=x.device, dtype=x.dtype)
 
     def __repr__(self) -> str:
         return f"{super().__repr__()[:-1]}, eps={self.eps}, norm={self.norm!r}, steps={self.steps})"
@@ -338,10 +332,11 @@ class _BallTrainer(Trainer):
 class PGDAT(_BallTrainer):
     """Madry et al. (2018) PGD adversarial training: minimise the weighted loss at PGD points.
 
-    The PGD points maximise the per-sample loss in the ``eps``-ball (random start, ``steps`` steps of
-    size ``alpha``, default ``2.5 * eps / steps``); they are generated with the model in eval mode,
-    then the step is taken in train mode. ``attack`` (an ``attack(model, x, y) -> x_adv`` callable)
-    replaces the built-in PGD when given.
+    The PGD points maximise the per-sample loss in the ``eps``-ball: a start drawn uniformly from the
+    ball as :class:`attacks.PGD` draws it, then ``steps`` steps of size ``alpha`` (default
+    ``2.5 * eps / steps``) with the attacks package's steps and projections. They are generated
+    with the model in eval mode, then the training step is taken in train mode. ``attack`` (an
+    ``attack(model, x, y) -> x_adv`` callable) replaces the built-in PGD when given.
     """
 
     def __init__(self, *, eps: float, norm: str = "linf", steps: int = 7, alpha: Optional[float] = None,
@@ -358,9 +353,7 @@ class PGDAT(_BallTrainer):
         try:
             if self.attack is not None:
                 return self.attack(model, xb, yb).detach()
-            start = self._random_start(xb, self.eps, uniform=True)
-            if self.norm == "l2":
-                start = start / math.sqrt(max(xb[0].numel(), 1))
+            start = self._random_start(xb)
             return maximise_in_ball(lambda z: self.loss_fn(model(z), yb), xb, eps=self.eps, alpha=self.alpha,
                                     steps=self.steps, norm=self.norm, bounds=self.bounds, start=start)
         finally:
@@ -397,7 +390,7 @@ class TRADES(_BallTrainer):
 
             return maximise_in_ball(kl_to_clean, xb, eps=self.eps, alpha=self.alpha, steps=self.steps,
                                     norm=self.norm, bounds=self.bounds,
-                                    start=self._random_start(xb, 0.001, uniform=False))
+                                    start=self._gaussian_start(xb, 0.001))
         finally:
             model.train(was_training)
 

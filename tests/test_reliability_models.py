@@ -132,7 +132,8 @@ def poisoned_data(n: int, poisoned_index: int):
 
 @pytest.mark.parametrize("method, options", [
     ("ip", {}), ("ip", dict(aggregate=False)), ("if-exact", dict(damping=0.1)), ("if-cg", dict(damping=0.1)),
-    ("if-lissa", dict(damping=0.1, scale=10.0, depth=2)), ("datainf", {}), ("ip-ensemble", dict(perturbation="gaussian")),
+    ("if-lissa", dict(damping=0.1, scale=10.0, depth=2)), ("datainf", {}),
+    ("ip-ensemble", dict(perturbation="gaussian")),
     ("loss", {}), ("self", {}),
 ])
 def test_a_model_returning_nan_on_training_samples_is_named(method, options):
@@ -156,7 +157,8 @@ def test_a_model_returning_nan_on_the_target_set_is_named():
 def test_attacks_and_evaluate_name_a_model_returning_nan():
     torch.manual_seed(0)
     x, y = poisoned_data(12, poisoned_index=5)
-    for attack in (attacks.PGD(0.1, steps=2, bounds=None, random_start=False), attacks.FGSM(0.1, bounds=None), attacks.LinearClosedForm()):
+    for attack in (attacks.PGD(0.1, steps=2, bounds=None, random_start=False), attacks.FGSM(0.1, bounds=None),
+                   attacks.LinearClosedForm()):
         with pytest.raises(ValueError, match=r"^model: produced non-finite outputs"):
             attack(NaNModel(), x, y)
     with pytest.raises(ValueError, match=r"^model: produced non-finite outputs on the batch starting at index 4"):
