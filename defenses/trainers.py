@@ -347,17 +347,13 @@ class PGDAT(_BallTrainer):
         self.attack = attack
 
     def adversarial_points(self, model: nn.Module, xb: torch.Tensor, yb: torch.Tensor) -> torch.Tensor:
-        """PGD points of one batch, generated with the model in eval mode."""
-        was_training = model.training
-        model.eval()
-        try:
+        """PGD points of one batch, generated with the model in eval mode (every module's mode restored)."""
+        with frozen_in_eval(model):
             if self.attack is not None:
                 return self.attack(model, xb, yb).detach()
-            start = self._random_start(xb)
             return maximise_in_ball(lambda z: self.loss_fn(model(z), yb), xb, eps=self.eps, alpha=self.alpha,
-                                    steps=self.steps, norm=self.norm, bounds=self.bounds, start=start)
-        finally:
-            model.train(was_training)
+                                    steps=self.steps, norm=self.norm, bounds=self.bounds,
+                                    start=self._random_start(xb))
 
     def sample_losses(self, model, xb, yb, step):
         """Per-sample loss at the PGD points."""
@@ -377,10 +373,8 @@ class TRADES(_BallTrainer):
         self.beta = check_positive(beta, "beta", allow_zero=True)
 
     def adversarial_points(self, model: nn.Module, xb: torch.Tensor) -> torch.Tensor:
-        """Points in the ball maximising KL(p(x) || p(x_adv)), generated in eval mode."""
-        was_training = model.training
-        model.eval()
-        try:
+        """Points in the ball maximising KL(p(x) || p(x_adv)), generated in eval mode (every module's mode restored)."""
+        with frozen_in_eval(model):
             with torch.no_grad():
                 clean_log_probs = _class_log_probs(model(xb))
 
@@ -389,10 +383,7 @@ class TRADES(_BallTrainer):
                                 log_target=True).sum(dim=1)
 
             return maximise_in_ball(kl_to_clean, xb, eps=self.eps, alpha=self.alpha, steps=self.steps,
-                                    norm=self.norm, bounds=self.bounds,
-                                    start=self._gaussian_start(xb, 0.001))
-        finally:
-            model.train(was_training)
+                                    norm=self.norm, bounds=self.bounds, start=self._gaussian_start(xb, 0.001))
 
     def sample_losses(self, model, xb, yb, step):
         """Clean loss plus ``beta`` times the per-sample KL to the adversarial prediction."""
