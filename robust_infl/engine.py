@@ -175,12 +175,28 @@ class ScoringProblem:
     def module_at(self, params: Mapping[str, Tensor]) -> nn.Module:
         """An ``nn.Module`` computing :meth:`outputs` at ``params``, for attacks.
 
-        The model itself when ``params`` is ``self.params`` and the forward is the model's own;
-        otherwise a wrapper module with the given weights (in eval mode).
+        The user's model itself exactly when it computes the same function: the problem has no
+        custom forward, computes on the model's device, and ``params`` (with ``frozen`` and
+        ``buffers``) are the model's own tensors, i.e. share their memory (see
+        :meth:`holds_model_state`). Anything else (perturbed weights, a checkpoint, a custom
+        forward, another device) gets a wrapper module with the given weights, in eval mode.
         """
-        if params is self.params and self.forward is None and model_device(self.model) == self.device:
+        if self.forward is None and model_device(self.model) == self.device and self.holds_model_state(params):
             return self.model
         return _ParametrisedModule(self, params)
+
+    def holds_model_state(self, params: Mapping[str, Tensor]) -> bool:
+        """Whether ``params``, ``frozen`` and ``buffers`` are exactly the model's own parameters and
+        buffers (the same tensors in memory, as :func:`build_problem` takes them on the model's device)."""
+        own = {**dict(self.model.named_parameters()), **dict(self.model.named_buffers())}
+        given = {**self.frozen, **params, **self.buffers}
+        return given.keys() == own.keys() and all(_same_memory(given[name], own[name]) for name in own)
+
+
+def _same_memory(a: Tensor, b: Tensor) -> bool:
+    """Whether ``a`` and ``b`` view the same memory with the same layout (e.g. ``b`` and ``b.detach()``)."""
+    return (a.device == b.device and a.dtype == b.dtype and a.shape == b.shape and a.stride() == b.stride()
+            and a.data_ptr() == b.data_ptr())
 
 
 class _ParametrisedModule(nn.Module):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 
 import pytest
 import torch
@@ -106,6 +107,23 @@ def test_pluggable_forward_is_used_by_every_operator(mlp_and_data):
     assert isinstance(scaled.module_at(scaled.params), nn.Module)
     assert scaled.module_at(scaled.params) is not model
     assert problem.module_at(problem.params) is model
+
+
+def test_attacks_see_the_users_model_only_when_it_computes_the_same_function(mlp_and_data):
+    model, x, y, xt, yt = mlp_and_data
+    problem = make_problem(model, x, y, xt, yt, ri.Utility())
+    assert problem.module_at(problem.params) is model
+    assert problem.module_at(dict(problem.params)) is model  # the same tensors in a new dict
+    perturbed = {name: p + 0.1 for name, p in problem.params.items()}
+    wrapper = problem.module_at(perturbed)
+    assert wrapper is not model
+    torch.testing.assert_close(wrapper(xt), problem.outputs(perturbed, xt))
+    # the model's own scored tensors but other unscored weights (a checkpoint's): a wrapper
+    last_layer = tuple(name for name, _ in model.named_parameters())[-2:]
+    partial = make_problem(model, x, y, xt, yt, ri.Utility(), param_names=last_layer)
+    assert partial.module_at(partial.params) is model
+    checkpoint = dataclasses.replace(partial, frozen={name: p + 0.1 for name, p in partial.frozen.items()})
+    assert checkpoint.module_at(checkpoint.params) is not model
 
 
 def test_method_registry_lists_looks_up_and_rejects(monkeypatch):

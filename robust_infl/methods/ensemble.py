@@ -138,7 +138,7 @@ def ip_ensemble_influence(
     for _ in tqdm(range(1, members), desc="ip-ensemble members", disable=not problem.progress, leave=False):
         if perturbation == "dropout":
             member = problem.with_forward(dropout_forward(problem, _draw_masks(layers, scale, generator, problem)))
-            total = total + _ip(member, dict(problem.params))
+            total = total + _ip(member, problem.params)
         else:
             noisy = {
                 name: p + scale * torch.randn(p.shape, generator=generator, dtype=torch.float64).to(p)

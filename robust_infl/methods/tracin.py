@@ -106,7 +106,6 @@ def tracin_influence(
         tqdm(list(zip(checkpoints, rates)), desc="tracin checkpoints", disable=not problem.progress, leave=False)
     ):
         state = load_checkpoint(checkpoint, index)
-        # A fresh dict (never ``problem.params`` itself) so that attacks run on the checkpoint's weights.
         params = _tensors_from(state, problem.params, index, required=True)
         at_checkpoint = dataclasses.replace(
             problem,
