@@ -64,9 +64,24 @@ def influence(
         target: ``(X, y)`` or ``(X, y, s)`` with a sensitive attribute ``s`` in {0, 1}.
         objective: ``Utility()``, ``Robust(attack)``, ``DemographicParity()``,
             ``EqualOpportunity()`` or another :class:`~robust_infl.objectives.Objective`.
-        method: a name from ``robust_infl.available_methods()``: ``"ip"`` (identity Hessian, one
-            forward-mode pass) or ``"if-exact"`` (explicit damped Hessian, at most
-            ``robust_infl.methods.hessian.MAX_PARAMS`` scored parameters).
+        method: a name from ``robust_infl.available_methods()``; each method's options (passed as
+            ``**method_options``) are documented in the docstring of its function, in the module named:
+
+            - ``"ip"``: ``-<grad f, grad l_i>``, identity Hessian, one forward-mode pass
+              (``methods.ip``; ``aggregate``).
+            - ``"ip-ensemble"``: IP summed or averaged over seeded dropout-masked or weight-noised
+              copies of the model (``methods.ensemble``; ``members``, ``perturbation``, ``scale``, ``combine``).
+            - ``"tracin"``: learning-rate-weighted IP over saved checkpoints (``methods.tracin``;
+              ``checkpoints``, ``lrs``).
+            - ``"if-exact"``: influence function with the explicit damped Hessian, at most
+              ``methods.hessian.MAX_PARAMS`` scored parameters (``methods.hessian``; ``hvp_chunk_size``).
+            - ``"if-cg"``: influence function, ``H^{-1} grad f`` by conjugate gradient
+              (``methods.iterative``; ``tol``, ``max_iter``).
+            - ``"if-lissa"``: influence function, ``H^{-1} grad f`` by the LiSSA recursion
+              (``methods.iterative``; ``depth``, ``scale``, ``repeats``, ``hvp_batch_size``).
+            - ``"datainf"``: DataInf's layer-wise closed-form inverse (``methods.datainf``; ``lambda_scale``).
+            - ``"self"``, ``"loss"``, ``"random"``: objective-free baselines, the squared gradient norm,
+              the training loss and seeded noise (``methods.baselines``; no options).
         loss_fn: per-sample loss ``loss_fn(outputs, targets) -> (n,)``; default cross-entropy for
             >= 2 outputs, binary cross-entropy with logits for 1 output (labels are then checked
             against the model's classes).
@@ -80,8 +95,9 @@ def influence(
         train_attack: the training-point attack for ``train_loss="adversarial"``.
         device: where to compute; the model's device by default.
         progress: show tqdm progress bars over training batches.
-        **method_options: passed to the method, e.g. ``aggregate=False`` for ``"ip"`` (returns the
-            ``(n_train, n_target)`` matrix of harms on each target sample's own loss).
+        **method_options: passed to the method (see ``method``), e.g. ``aggregate=False`` for ``"ip"``
+            (returns the ``(n_train, n_target)`` matrix of harms on each target sample's own loss);
+            a name the method does not take raises ``TypeError``.
 
     Returns:
         A tensor of shape ``(n_train,)`` (or as documented by the method option) on ``device``, in

@@ -196,3 +196,8 @@ def test_scores_are_computed_in_eval_mode():
     model.eval()
     in_eval_mode = ri.influence(model, (x, y), (x, y), objective=ri.Utility(), progress=False)
     torch.testing.assert_close(in_train_mode, in_eval_mode, rtol=0, atol=0)
+
+
+def test_influence_docstring_lists_every_registered_method():
+    for name in ri.available_methods():
+        assert f'- ``"{name}"``' in ri.influence.__doc__ or f'``"{name}"``,' in ri.influence.__doc__, name
