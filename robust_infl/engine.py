@@ -55,6 +55,8 @@ __all__ = [
     "objective_gradient",
     "target_gradients",
     "directional_derivatives",
+    "flat_objective_gradient",
+    "harm_along",
     "per_sample_gradients",
     "hessian_vector_products",
     "check_finite_results",
@@ -388,6 +390,22 @@ def directional_derivatives(
         check_finite_results(derivative, "loss gradients", where)
         out[start : start + x.shape[0]] = derivative.detach()
     return out
+
+
+def flat_objective_gradient(problem: ScoringProblem, params: Params) -> Tensor:
+    """:func:`objective_gradient` at ``params`` as one flat vector (``problem.param_names`` order), ``(n_params,)``."""
+    return flatten(objective_gradient(problem, params), problem.param_names)
+
+
+def harm_along(problem: ScoringProblem, params: Params, direction: Union[Mapping[str, Tensor], Tensor]) -> Tensor:
+    """Harm scores ``-<grad l_i(params), direction>`` of every training sample, shape ``(n_train,)``.
+
+    ``direction`` is ``grad f`` (inner-product methods) or an approximation of ``H^{-1} grad f``
+    (influence functions), as a parameter dict or a flat vector of any floating dtype. The one place
+    where the sign convention is applied: positive = removing the sample is predicted to DECREASE
+    the objective.
+    """
+    return -directional_derivatives(problem, params, direction)
 
 
 def per_sample_gradients(

@@ -31,9 +31,8 @@ from torch.func import grad, vmap
 from robust_infl.engine import (
     Params,
     ScoringProblem,
-    directional_derivatives,
-    flatten,
-    objective_gradient,
+    flat_objective_gradient,
+    harm_along,
     per_sample_gradients,
     train_batches,
 )
@@ -74,7 +73,7 @@ def datainf_influence(problem: ScoringProblem, *, lambda_scale: float = 0.1) -> 
     """
     lambda_scale = positive_float("lambda_scale", lambda_scale)
     params = problem.params
-    v = flatten(objective_gradient(problem, params), problem.param_names)
+    v = flat_objective_gradient(problem, params)
     selector = _layer_matrix(problem, layer_columns(problem))
     n_layers = selector.shape[0]
 
@@ -102,4 +101,4 @@ def datainf_influence(problem: ScoringProblem, *, lambda_scale: float = 0.1) -> 
     layer_lambda = (selector * torch.where(active, lambdas, 1.0)[:, None]).sum(dim=0)
     layer_active = (selector * active[:, None].to(problem.dtype)).sum(dim=0)
     direction = layer_active * (v - u / problem.n_train) / layer_lambda
-    return -directional_derivatives(problem, params, direction)
+    return harm_along(problem, params, direction)

@@ -27,7 +27,7 @@ from torch import Tensor, nn
 from torch.func import functional_call
 from tqdm.auto import tqdm
 
-from robust_infl.engine import ForwardFn, ScoringProblem, directional_derivatives, objective_gradient
+from robust_infl.engine import ForwardFn, ScoringProblem, harm_along, objective_gradient
 from robust_infl.methods import register_method
 from robust_infl.methods._checks import choice, fraction, positive_float, positive_int
 
@@ -98,7 +98,7 @@ def _draw_masks(
 
 
 def _ip(problem: ScoringProblem, params: dict[str, Tensor]) -> Tensor:
-    return -directional_derivatives(problem, params, objective_gradient(problem, params))
+    return harm_along(problem, params, objective_gradient(problem, params))
 
 
 @register_method("ip-ensemble")

@@ -14,13 +14,7 @@ from __future__ import annotations
 
 import torch
 
-from robust_infl.engine import (
-    ScoringProblem,
-    directional_derivatives,
-    flatten,
-    hessian_vector_products,
-    objective_gradient,
-)
+from robust_infl.engine import ScoringProblem, flat_objective_gradient, harm_along, hessian_vector_products
 from robust_infl.methods import register_method
 
 __all__ = ["MAX_PARAMS", "exact_influence", "damped_hessian"]
@@ -53,11 +47,11 @@ def exact_influence(problem: ScoringProblem, *, hvp_chunk_size: int = 256) -> to
     if isinstance(hvp_chunk_size, bool) or not isinstance(hvp_chunk_size, int) or hvp_chunk_size <= 0:
         raise ValueError(f"hvp_chunk_size: must be a positive integer, got {hvp_chunk_size!r}")
     hessian = damped_hessian(problem, hvp_chunk_size)
-    gradient = flatten(objective_gradient(problem, problem.params), problem.param_names).double()
+    gradient = flat_objective_gradient(problem, problem.params).double()
     try:
         direction = torch.linalg.solve(hessian, gradient)
     except torch.linalg.LinAlgError as err:
         raise ValueError(
             f"damping: the damped Hessian is singular (damping={problem.damping}); use damping > 0"
         ) from err
-    return -directional_derivatives(problem, problem.params, direction.to(problem.dtype))
+    return harm_along(problem, problem.params, direction)

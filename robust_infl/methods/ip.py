@@ -13,7 +13,7 @@ import torch
 
 from robust_infl.engine import (
     ScoringProblem,
-    directional_derivatives,
+    harm_along,
     objective_gradient,
     per_sample_gradients,
     target_gradients,
@@ -39,7 +39,7 @@ def inner_product_influence(problem: ScoringProblem, *, aggregate: bool = True) 
         raise TypeError(f"aggregate: must be True or False, got {type(aggregate).__name__}")
     params = problem.params
     if aggregate:
-        return -directional_derivatives(problem, params, objective_gradient(problem, params))
+        return harm_along(problem, params, objective_gradient(problem, params))
     target = target_gradients(problem, params)
     out = torch.empty(problem.n_train, target.shape[0], dtype=problem.dtype, device=problem.device)
     for start, x, y in train_batches(problem, params, desc="ip train x target"):

@@ -32,10 +32,10 @@ from robust_infl.engine import (
     Params,
     ScoringProblem,
     check_finite_results,
-    directional_derivatives,
+    flat_objective_gradient,
     flatten,
+    harm_along,
     hessian_vector_products,
-    objective_gradient,
     unflatten,
 )
 from robust_infl.methods import register_method
@@ -61,14 +61,6 @@ def damped_hvp(problem: ScoringProblem, vector: Tensor) -> Tensor:
     return product + problem.damping * vector
 
 
-def _objective_gradient_flat(problem: ScoringProblem) -> Tensor:
-    return flatten(objective_gradient(problem, problem.params), problem.param_names).double()
-
-
-def _harm(problem: ScoringProblem, direction: Tensor) -> Tensor:
-    return -directional_derivatives(problem, problem.params, direction.to(problem.dtype))
-
-
 @register_method("if-cg")
 def conjugate_gradient_influence(problem: ScoringProblem, *, tol: float = 1e-6, max_iter: int = 100) -> Tensor:
     """Influence-function harm with ``(H + damping I)^{-1} grad f`` solved by conjugate gradient.
@@ -83,7 +75,7 @@ def conjugate_gradient_influence(problem: ScoringProblem, *, tol: float = 1e-6, 
     """
     tol = positive_float("tol", tol)
     max_iter = positive_int("max_iter", max_iter)
-    b = _objective_gradient_flat(problem)
+    b = flat_objective_gradient(problem, problem.params).double()
     x = torch.zeros_like(b)
     residual, direction = b.clone(), b.clone()
     target, rr = tol * float(b.norm()), float(residual @ residual)
@@ -112,7 +104,7 @@ def conjugate_gradient_influence(problem: ScoringProblem, *, tol: float = 1e-6, 
             RuntimeWarning,
             stacklevel=2,
         )
-    return _harm(problem, x)
+    return harm_along(problem, problem.params, x)
 
 
 def sampled_batch(problem: ScoringProblem, params: Params, indices: Tensor, seed: int) -> tuple[Tensor, Tensor]:
@@ -201,7 +193,7 @@ def lissa_influence(
     batch = problem.train.batch_size if hvp_batch_size is None else positive_int("hvp_batch_size", hvp_batch_size)
     if scale is None:
         scale = 1.5 * largest_eigenvalue(problem) or 1.0
-    v = _objective_gradient_flat(problem)
+    v = flat_objective_gradient(problem, problem.params).double()
     full_batch = batch >= problem.n_train
     rows = 1 if full_batch else repeats  # the recursions run side by side, one row each
     generator = torch.Generator().manual_seed(problem.seed)
@@ -219,7 +211,7 @@ def lissa_influence(
                 f"scale: the LiSSA recursion diverged at step {step + 1} (scale={scale:.4g}); scale must "
                 "exceed the largest eigenvalue of the damped Hessian: increase it"
             )
-    return _harm(problem, h.mean(dim=0) / scale)
+    return harm_along(problem, problem.params, h.mean(dim=0) / scale)
 
 
 def _sampled_batches(

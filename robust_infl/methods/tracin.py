@@ -20,7 +20,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from robust_infl.engine import ScoringProblem, directional_derivatives, objective_gradient
+from robust_infl.engine import ScoringProblem, harm_along, objective_gradient
 from robust_infl.io import safe_load
 from robust_infl.methods import register_method
 
@@ -112,5 +112,5 @@ def tracin_influence(
             frozen=_tensors_from(state, problem.frozen, index, required=False),
             buffers=_tensors_from(state, problem.buffers, index, required=False),
         )
-        total -= rate * directional_derivatives(at_checkpoint, params, objective_gradient(at_checkpoint, params))
+        total += rate * harm_along(at_checkpoint, params, objective_gradient(at_checkpoint, params))
     return total
