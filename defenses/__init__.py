@@ -6,7 +6,8 @@
 - :class:`LookaheadReweighting`: online one-step-lookahead reweighting against the adversarial
   validation loss (recipe ``lookahead``).
 - :func:`run`: the closed loop with baselines over several seeds, writing ``report.json``,
-  ``report.md`` and ``robust_vs_fraction.png``; recipes are pluggable (:func:`register_recipe`).
+  ``report.md`` and ``robust_vs_fraction.png`` atomically, and each seed's results as it completes
+  (``resume=True`` reuses them after a crash); recipes are pluggable (:func:`register_recipe`).
 """
 
 from .art_trainer import ARTTrainer
