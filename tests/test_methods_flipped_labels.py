@@ -24,7 +24,7 @@ CHECKPOINT_EVERY = 100
 OPTIONS = {
     "ip-ensemble": {"members": 3, "scale": 0.2},
     "if-cg": {"max_iter": 200},
-    "if-lissa": {"depth": 300, "scale": 2.0, "hvp_batch_size": 32, "repeats": 2},
+    "if-lissa": {"depth": 100, "scale": 2.0, "hvp_batch_size": 32, "repeats": 2},
 }
 
 
