@@ -70,7 +70,7 @@ def _weights_options() -> argparse.ArgumentParser:
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of ``robust-infl`` with its four subcommands."""
     import robust_infl
-    from defenses.recipes import DEFAULT_RECIPES, available_recipes
+    from defenses.recipes import DEFAULT_RECIPES, available_recipes, get_recipe
     from robust_infl.experiment_setup import ATTACK_NAMES, OBJECTIVE_NAMES, TRAINER_NAMES
 
     parser = _OneLineErrorParser(prog=PROG, description=(
@@ -84,9 +84,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     defend = commands.add_parser(
         "defend", parents=[common], help="run the defence and its baselines over seeds, write the report",
-        description="Split, train, attack, score on the validation split, prune / reweight, retrain and "
-                    "re-attack (adaptive and transfer); writes report.json, report.md and, with several "
-                    "fractions, robust_vs_fraction.png.")
+        description="Split, train, attack, score on the validation split, prune / reweight, retrain and\n"
+                    "re-attack (adaptive and transfer); writes report.json, report.md and, with several\n"
+                    "fractions, robust_vs_fraction.png.",
+        epilog="recipes (--recipes):\n" + "\n".join(
+            f"  {name:<10} {get_recipe(name).description}" for name in available_recipes()),
+        formatter_class=argparse.RawDescriptionHelpFormatter)
     defend.add_argument("--attack", choices=ATTACK_NAMES, default="pgd", help="attack (default: %(default)s)")
     defend.add_argument("--method", choices=methods, default="ip", help="influence method (default: %(default)s)")
     defend.add_argument("--fraction", type=float, nargs="+", default=[0.05], metavar="F",
