@@ -6,6 +6,11 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from hypothesis import settings
+
+# Property tests draw the same examples on every run (CI must not depend on luck); no example database.
+settings.register_profile("robust-infl", derandomize=True, database=None, deadline=None)
+settings.load_profile("robust-infl")
 
 
 @pytest.fixture(autouse=True)
