@@ -4,25 +4,15 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import re
-import tempfile
 from pathlib import Path
 from typing import Iterable
+
+from robust_infl.io import atomic_write_text
 
 RESULTS_MD = Path(__file__).with_name("RESULTS.md")
 
 __all__ = ["write_section", "atomic_write_text", "write_json", "mean_std", "paired_ci", "RESULTS_MD"]
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` through a temporary file and a rename (never half written)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(fd, "w") as fh:
-        fh.write(text)
-    os.replace(tmp, path)
 
 
 def write_json(path: Path, obj) -> None:

@@ -38,19 +38,31 @@ __all__ = [
 PathLike = Union[str, os.PathLike]
 
 
+def _file_mode(path: Path) -> int:
+    """The permission bits a replaced file keeps, or those of a new file under the current umask."""
+    if path.exists():
+        return path.stat().st_mode & 0o777
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
 def atomic_write(path: PathLike, write: Callable[[BinaryIO], None]) -> Path:
     """Create or replace ``path`` atomically: ``write(handle)`` fills a temporary binary file next to it.
 
-    The parent folders are created. Returns ``path`` as a :class:`~pathlib.Path`.
+    The parent folders are created; the file gets the permissions an ordinary ``open(path, "w")``
+    would give it (not the private mode of the temporary file). Returns ``path`` as a :class:`~pathlib.Path`.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    mode = _file_mode(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as handle:
             write(handle)
             handle.flush()
             os.fsync(handle.fileno())
+        os.chmod(tmp, mode)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):

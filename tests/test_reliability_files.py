@@ -132,3 +132,20 @@ def test_write_report_writes_every_file_atomically(tmp_path, monkeypatch):
     assert calls == ["report.json"]
     assert sorted(os.listdir(tmp_path)) == ["report.json", "report.md", "robust_vs_fraction.png"]
     assert paths["plot"].read_bytes().startswith(b"\x89PNG")
+
+
+def test_atomic_writes_get_ordinary_file_permissions(tmp_path):
+    """The temporary file's private mode (0600) must not leak into the result; a replaced file keeps its mode."""
+    import os
+
+    from robust_infl.io import atomic_write_text
+
+    umask = os.umask(0o022)
+    try:
+        fresh = atomic_write_text(tmp_path / "report.md", "a")
+        assert fresh.stat().st_mode & 0o777 == 0o644
+        os.chmod(fresh, 0o640)
+        atomic_write_text(fresh, "b")
+        assert fresh.stat().st_mode & 0o777 == 0o640 and fresh.read_text() == "b"
+    finally:
+        os.umask(umask)
