@@ -136,8 +136,6 @@ def test_write_report_writes_every_file_atomically(tmp_path, monkeypatch):
 
 def test_atomic_writes_get_ordinary_file_permissions(tmp_path):
     """The temporary file's private mode (0600) must not leak into the result; a replaced file keeps its mode."""
-    import os
-
     from robust_infl.io import atomic_write_text
 
     umask = os.umask(0o022)
