@@ -14,8 +14,10 @@ clean. Train the model (:class:`CheckpointingERM`, which keeps evenly spaced che
 on the noisy labels and score every training sample with ip, ip-ensemble, tracin, if-lissa and
 datainf against the clean VALIDATION ``Utility`` objective, and with the objective-free self and
 loss (and random as a control). Detection: AUROC of the score against the flipped-label mask and
-precision at k (k = number of flipped labels). Removal: drop the top 5 % by each score, retrain
-from the same initialisation and seed, and report the clean test accuracy against random removal
+precision at k (k = number of flipped labels). Removal: give the top 5 % by each score weight 0 and
+retrain from the same initialisation, seed and data order (as many steps as the model trained on
+everything: dropping the rows would shorten training by 5 %, which alone raises the test accuracy
+under heavy noise), and report the clean test accuracy against random removal and no removal
 (paired differences over seeds, 95 % t-intervals).
 
 Methods whose cost grows with per-sample gradients or Hessian-vector products over the whole
@@ -50,7 +52,6 @@ from tqdm.auto import tqdm
 import robust_infl as ri
 from attacks import accuracy
 from defenses import ERM, prune
-from defenses.data import take
 from experiments._results import mean_std, paired_ci, write_json, write_section
 from experiments.fairness import ensemble_options, format_delta, format_mean_std
 from robust_infl.datasets import flip_labels, load_dataset
@@ -272,7 +273,7 @@ def run_condition(scale: Scale, data, mode: str, rate: float, seed: int, config:
         result["detection"][method] = detection_metrics(scores, flipped)
         keep = prune(scores, config.removal_fraction)
         result["removed_flipped"][method] = float(flipped[~keep].double().mean())
-        retrained = trainer.fit(initial, take(train, keep), seed=seed)
+        retrained = trainer.fit(initial, train, weights=keep.float(), seed=seed)
         result["removal_acc"][method] = accuracy(retrained, X_test, y_test)
     return result
 
@@ -371,6 +372,17 @@ def _reading(by_mode: dict, scale: Scale, config: Config, n_seeds: int) -> list:
     ranked = sorted(METHODS, key=lambda m: -mean_auroc[m])
     lines.append(f"{scale.name}: mean detection AUROC over the {len(conditions)} noise settings: "
                  + ", ".join(f"{m} {mean_auroc[m]:.3f}" for m in ranked) + ".")
+    for method in ("ip", "if-lissa"):
+        below = sum(by_mode[mo][r]["detection"][method]["auroc"][0] < by_mode[mo][r]["detection"]["loss"]["auroc"][0]
+                    for mo, r in conditions)
+        lines.append(f"{scale.name}: {method} (scored against the clean validation loss) detects worse than the "
+                     f"objective-free training loss (lower mean AUROC) in {below} of {len(conditions)} noise settings.")
+    gains = {m: sum(by_mode[mo][r]["removal"][m]["vs_none"][0] for mo, r in conditions) / len(conditions)
+             for m in METHODS if m != "random"}
+    lines.append(f"{scale.name}: test accuracy after removing the top {100 * config.removal_fraction:g}%, minus no "
+                 "removal, averaged over the noise settings (points): "
+                 + ", ".join(f"{m} {100 * g:+.2f}" for m, g in sorted(gains.items(), key=lambda item: -item[1]))
+                 + ".")
     if n_seeds > 1:
         better, worse = [], []
         for mode, rate in conditions:
@@ -443,7 +455,7 @@ def section(tables: tuple, reading: list, config: Config, command: str, plot_nam
     return "\n".join([
         "## Noisy-label detection: MNIST 5k subset and full 50k (issue 6, part 2)",
         "",
-        f"Regenerate: `{command}` ({minutes:.0f} min on this machine)",
+        f"Regenerate: `{command}` ({minutes:.0f} min wall-clock on the shared 2-core machine)",
         "",
         f"Configuration: {scales}. Seeds {list(config.seeds)}; training labels flipped at "
         f"{', '.join(f'{100 * r:g}%' for r in config.noise_rates)}, {' and '.join(config.noise_modes)} "
@@ -455,8 +467,10 @@ def section(tables: tuple, reading: list, config: Config, command: str, plot_nam
         "scale from power iteration; datainf: lambda = 0.1 x mean squared gradient norm per layer. 'Last-layer-only' "
         "methods are computed exactly on the output layer fed with the trained network's penultimate features. "
         "Detection: AUROC (mean ± std over seeds) / precision at k = number of flipped labels (mean). Removal: the top "
-        f"{100 * config.removal_fraction:g}% by each score is dropped and the model retrained from the same "
-        "initialisation and seed; Δ are paired differences of clean test accuracy in points, mean [95% t-interval].",
+        f"{100 * config.removal_fraction:g}% by each score gets weight 0 and the model is retrained from the same "
+        "initialisation, seed and data order (as many steps as without removal; dropping the rows instead shortens "
+        "training by 5%, and in a first run that way random removal beat no removal in all 12 (scale, noise) "
+        "settings, by 0.3 to 7.7 points on average); Δ are paired differences of clean test accuracy in points, mean [95% t-interval].",
         "",
         "Detection (AUROC ± std / precision at k):",
         "",
