@@ -470,7 +470,8 @@ def section(tables: tuple, reading: list, config: Config, command: str, plot_nam
         f"{100 * config.removal_fraction:g}% by each score gets weight 0 and the model is retrained from the same "
         "initialisation, seed and data order (as many steps as without removal; dropping the rows instead shortens "
         "training by 5%, and in a first run that way random removal beat no removal in all 12 (scale, noise) "
-        "settings, by 0.3 to 7.7 points on average); Δ are paired differences of clean test accuracy in points, mean [95% t-interval].",
+        "settings, by 0.3 to 7.7 points on average); Δ are paired differences of clean test accuracy in points, "
+        "mean [95% t-interval].",
         "",
         "Detection (AUROC ± std / precision at k):",
         "",

@@ -59,7 +59,7 @@ from robust_infl.experiment_setup import make_attack
 from robust_infl.models import build_model
 
 __all__ = ["ThreatModel", "Setting", "Config", "FULL", "QUICK", "BASELINES", "build_attack", "method_options",
-           "paper_targets", "run_seed", "summarise", "plot", "main"]
+           "paper_targets", "majority_rate", "run_seed", "summarise", "plot", "main"]
 
 EXPERIMENTS = Path(__file__).resolve().parent
 BASELINES = ("random", "loss")
@@ -206,11 +206,25 @@ def _autoattack_accuracy(model: nn.Module, test: tuple, config: Config, seed: in
     return attacks.evaluate(model, (X, y), {"aa": attack}, progress=False)["aa"]["robust_acc"]
 
 
+def majority_rate(model: nn.Module, X: torch.Tensor, majority: int) -> float:
+    """Share of the inputs ``X`` that ``model`` assigns to class ``majority`` (clean predictions)."""
+    if X.shape[0] == 0:
+        raise ValueError("X: is empty")
+    was_training = model.training
+    model.eval()
+    with torch.no_grad():
+        rate = float((attacks.predict(model(X)) == majority).double().mean())
+    model.train(was_training)
+    return rate
+
+
 def run_seed(setting: Setting, seed: int, config: Config, progress: bool = False) -> dict:
     """Both protocols for one setting and seed.
 
     Result keys: ``base[attack]`` and ``honest[attack][method][fraction]`` (``clean_acc``,
-    ``robust_acc`` = adaptive, ``transfer_acc``; ``autoattack_acc`` where run, with ``base["autoattack"]``);
+    ``robust_acc`` = adaptive, ``transfer_acc``, ``majority_rate`` = share of clean test points predicted as
+    the training majority class; ``autoattack_acc`` where run, with ``base["autoattack"]``);
+    ``majority_share``: the share of the majority class among the test labels;
     ``paper`` (paper's protocol only): ``share``, ``none`` and ``targets[target][method][fraction]``,
     the accuracy on the fixed attacked test points for ``target`` in ``paper`` / ``leak-free``.
     Fractions are strings.
@@ -223,10 +237,13 @@ def run_seed(setting: Setting, seed: int, config: Config, progress: bool = False
     base = trainer.fit(build_model(setting.model, data.input_shape, data.num_classes, seed=seed), train, seed=seed)
     checkpoints = list(trainer.checkpoints)
     attack_fns = {name: build_attack(name, setting.data, seed) for name in setting.attacks}
-    result: dict = {"base": {}, "honest": {name: {} for name in setting.attacks}}
+    majority = int(torch.bincount(train[1]).argmax())
+    result: dict = {"base": {}, "honest": {name: {} for name in setting.attacks},
+                    "majority_share": float((test[1] == majority).double().mean())}
     base_adversarial = {}
     for name, attack in attack_fns.items():
         result["base"][name], base_adversarial[name] = evaluate_on_test(base, test, attack, progress=False)
+        result["base"][name]["majority_rate"] = majority_rate(base, test[0], majority)
     aa_attack = "pgd-linf" if setting.autoattack and "pgd-linf" in setting.attacks else None
     if aa_attack:
         result["base"]["autoattack"] = _autoattack_accuracy(base, test, config, seed)
@@ -239,6 +256,7 @@ def run_seed(setting: Setting, seed: int, config: Config, progress: bool = False
 
     def evaluate(model: nn.Module, attack: str, method: str, fraction: float) -> dict:
         metrics, _ = evaluate_on_test(model, test, attack_fns[attack], base_adversarial[attack], progress=False)
+        metrics["majority_rate"] = majority_rate(model, test[0], majority)
         if attack == aa_attack and fraction == config.autoattack_fraction and method in config.autoattack_methods:
             metrics["autoattack_acc"] = _autoattack_accuracy(model, test, config, seed)
         return metrics
@@ -314,7 +332,7 @@ def summarise_honest(runs: list, setting: Setting) -> dict:
         for method in (*BASELINES, *setting.methods):
             for fraction in map(str, setting.fractions):
                 cell: dict = {}
-                for metric in ("clean_acc", "robust_acc", "transfer_acc"):
+                for metric in ("clean_acc", "robust_acc", "transfer_acc", "majority_rate"):
                     values = _honest(runs, attack, method, fraction, metric)
                     cell[metric] = mean_std(values)
                     cell[f"{metric}_vs_none"] = paired_ci(values, _honest(runs, attack, "none", fraction, metric))
@@ -378,8 +396,10 @@ def tables(per_setting: dict, summary: dict, config: Config) -> dict:
                 "|" + "---|" * (3 + 2 * len(fractions))]
     late = [f for f in fractions if float(f) >= 0.05]
     transfer = ["| setting | attack | method | " + " | ".join(f"transfer Δ vs none {_fraction_label(f)}" for f in late)
-                + " | " + " | ".join(f"clean Δ vs none {_fraction_label(f)}" for f in late) + " |",
-                "|" + "---|" * (3 + 2 * len(late))]
+                + " | " + " | ".join(f"clean Δ vs none {_fraction_label(f)}" for f in late)
+                + " | " + " | ".join(f"majority-class predictions Δ vs none {_fraction_label(f)}" for f in late)
+                + " |",
+                "|" + "---|" * (3 + 3 * len(late))]
     autoattack = ["| setting | method | AutoAttack acc | Δ vs none | Δ vs random |", "|---|---|---|---|---|"]
     paper = ["| setting | method | removed | paper: acc on fixed attacked points | paper Δ vs none | paper Δ vs random "
              "| leak-free Δ vs none | leak (paper − leak-free) | honest Δ vs none, closed-form re-attack "
@@ -402,7 +422,9 @@ def tables(per_setting: dict, summary: dict, config: Config) -> dict:
                 adaptive.append(f"| {setting.name} | {attack} | {method} | " + " | ".join(vs_none + vs_random) + " |")
                 moved = [_ci(cells[f]["transfer_acc_vs_none"]) if f in cells else "—" for f in late]
                 clean_moved = [_ci(cells[f]["clean_acc_vs_none"]) if f in cells else "—" for f in late]
-                transfer.append(f"| {setting.name} | {attack} | {method} | " + " | ".join(moved + clean_moved) + " |")
+                shifted = [_ci(cells[f]["majority_rate_vs_none"]) if f in cells else "—" for f in late]
+                transfer.append(f"| {setting.name} | {attack} | {method} | "
+                                + " | ".join(moved + clean_moved + shifted) + " |")
                 cell = cells.get(str(config.autoattack_fraction), {})
                 if "autoattack_acc" in cell:
                     autoattack.append(f"| {setting.name} | {method} | {_ms(cell['autoattack_acc'])} | "
@@ -456,6 +478,20 @@ def reading(per_setting: dict, summary: dict, config: Config) -> list:
         lines.append(f"{setting.name}: the largest mean adaptive gain over no defence is {m} against {a} at "
                      f"{_fraction_label(f)}: {_ci(c['robust_acc_vs_none'])} points (vs random "
                      f"{_ci(c['robust_acc_vs_random'])}); clean accuracy {_ci(c['clean_acc_vs_none'])}.")
+        top = str(max(setting.fractions))
+        at_top = [c for a, m, f, c in cells if f == top]
+        runs = per_setting[setting.name]
+        shift = 100 * sum(c["majority_rate_vs_none"][0] for c in at_top) / len(at_top)
+        gain = 100 * sum(c["robust_acc_vs_none"][0] for c in at_top) / len(at_top)
+        share = 100 * mean_std([run["majority_share"] for run in runs])[0]
+        before = 100 * mean_std(_honest(runs, budgeted[0], "none", top, "majority_rate"))[0]
+        if share > 50:  # a skewed (binary) task: predicting the majority class is "robust" on its whole share
+            lines.append(
+                f"{setting.name}: at {_fraction_label(top)} removed, the influence-pruned models predict the training "
+                f"majority class for {before + shift:.1f}% of the clean test points on average, the undefended model "
+                f"for {before:.1f}% (true share {share:.1f}%), with a mean adaptive gain of {gain:+.2f} points"
+                + (". A constant majority prediction is robust on that whole share, so part of such a gain can be a "
+                   "shift toward the majority class rather than robustness." if shift > 0 else "."))
         stale = 100 * sum(c["transfer_acc"][0] - c["robust_acc"][0] for *_, c in cells) / len(cells)
         lines.append(f"{setting.name}: averaged over these cells, transfer robust accuracy (the undefended model's "
                      f"adversarial points) is {abs(stale):.2f} points {'above' if stale >= 0 else 'below'} the "
@@ -591,7 +627,8 @@ def section(table: dict, lines: list, config: Config, command: str, plot_name: s
         "",
         *table["adaptive"],
         "",
-        "Honest protocol, transfer robust accuracy (the undefended model's adversarial test points) and clean accuracy:",
+        "Honest protocol, transfer robust accuracy (the undefended model's adversarial test points), clean accuracy "
+        "and the share of clean test points predicted as the training majority class:",
         "",
         *table["transfer"],
         "",
@@ -628,8 +665,8 @@ def main(argv: Optional[list] = None) -> dict:
     per_setting: dict = {setting.name: [] for setting in config.settings}
     seconds = 0.0
     for setting, seed in tqdm(runs, desc="paper_defense", disable=args.no_progress):
-        key = {**json.loads(json.dumps(dataclasses.asdict(setting))), "seed": seed,
-               "config": json.loads(json.dumps({k: v for k, v in dataclasses.asdict(config).items() if k != "settings"}))}
+        shared = {k: v for k, v in dataclasses.asdict(config).items() if k != "settings"}
+        key = json.loads(json.dumps({**dataclasses.asdict(setting), "seed": seed, "config": shared}))
         result, took = cached(None if folder is None else folder / f"{setting.name}-seed{seed}.json", key,
                               lambda: run_seed(setting, seed, config, progress=not args.no_progress))
         per_setting[setting.name].append(result)

@@ -84,7 +84,8 @@ def test_paper_defense_quick(tmp_path):
                 cells = [run["honest"][attack][m][str(f)] for m in (*setting["methods"], "random", "loss")
                          for f in setting["fractions"]]
                 for cell in cells:
-                    assert all(in_unit_interval(cell[k]) for k in ("clean_acc", "robust_acc", "transfer_acc"))
+                    metrics = ("clean_acc", "robust_acc", "transfer_acc", "majority_rate")
+                    assert all(in_unit_interval(cell[k]) for k in metrics)
                     if attack == "linear":  # the closed form flips every prediction of a binary linear model
                         assert cell["robust_acc"] == pytest.approx(1 - cell["clean_acc"])
     for run in result["per_seed"]["digits-mlp"]:  # AutoAttack ran (at a budget that breaks nearly everything)
