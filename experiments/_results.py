@@ -12,7 +12,8 @@ from robust_infl.io import atomic_write_text
 
 RESULTS_MD = Path(__file__).with_name("RESULTS.md")
 
-__all__ = ["write_section", "atomic_write_text", "write_json", "mean_std", "paired_ci", "RESULTS_MD"]
+__all__ = ["write_section", "atomic_write_text", "write_json", "mean_std", "paired_ci", "format_mean_std",
+           "format_delta", "RESULTS_MD"]
 
 
 def write_json(path: Path, obj) -> None:
@@ -57,3 +58,15 @@ def paired_ci(a: Iterable[float], b: Iterable[float], level: float = 0.95) -> tu
         return m, (float("nan"), float("nan"))
     half = stats.t.ppf(0.5 + level / 2, len(diffs) - 1) * s / math.sqrt(len(diffs))
     return m, (m - half, m + half)
+
+
+def format_mean_std(values: list, scale: float = 100.0, digits: int = 2) -> str:
+    """``"mean ± std"`` of ``scale * values`` (sample std) with ``digits`` decimals."""
+    m, s = mean_std([scale * v for v in values])
+    return f"{m:.{digits}f} ± {s:.{digits}f}"
+
+
+def format_delta(a: list, b: list, scale: float = 100.0, digits: int = 2) -> str:
+    """``"+d [lo, hi]"``: mean paired difference ``scale * (a - b)`` and its 95% t-interval."""
+    m, (lo, hi) = paired_ci([scale * v for v in a], [scale * v for v in b])
+    return f"{m:+.{digits}f} [{lo:+.{digits}f}, {hi:+.{digits}f}]"

@@ -31,12 +31,12 @@ from tqdm.auto import tqdm
 import robust_infl as ri
 from attacks import accuracy, predict
 from defenses import ERM, prune
-from experiments._results import mean_std, paired_ci, write_json, write_section
+from experiments._results import format_delta, format_mean_std, mean_std, paired_ci, write_json, write_section
 from robust_infl.datasets import load_dataset
 from robust_infl.models import build_model
 
 __all__ = ["Config", "FULL", "QUICK", "group_gaps", "random_scores", "jaccard", "group_shares", "make_trainer",
-           "ensemble_options", "format_mean_std", "format_delta", "run_seed", "summarise", "main"]
+           "ensemble_options", "run_seed", "summarise", "main"]
 
 EXPERIMENTS = Path(__file__).resolve().parent
 OBJECTIVES = {"dp": ri.DemographicParity, "eo": ri.EqualOpportunity}
@@ -172,18 +172,6 @@ def run_seed(seed: int, config: Config, progress: bool = False) -> dict:
                                                         for f, mask in removed["ip"].items()}
         results[model_name] = out
     return results
-
-
-def format_mean_std(values: list, scale: float = 100.0, digits: int = 2) -> str:
-    """``"mean ± std"`` of ``scale * values`` (sample std) with ``digits`` decimals."""
-    m, s = mean_std([scale * v for v in values])
-    return f"{m:.{digits}f} ± {s:.{digits}f}"
-
-
-def format_delta(a: list, b: list, scale: float = 100.0, digits: int = 2) -> str:
-    """``"+d [lo, hi]"``: mean paired difference ``scale * (a - b)`` and its 95% t-interval."""
-    m, (lo, hi) = paired_ci([scale * v for v in a], [scale * v for v in b])
-    return f"{m:+.{digits}f} [{lo:+.{digits}f}, {hi:+.{digits}f}]"
 
 
 def _verdict(a: list, b: list) -> str:

@@ -43,8 +43,8 @@ from tqdm.auto import tqdm
 import robust_infl as ri
 from attacks import accuracy
 from defenses import ERM, prune
-from experiments._results import mean_std, paired_ci, write_json, write_section
-from experiments.fairness import format_delta, format_mean_std, random_scores
+from experiments._results import format_delta, format_mean_std, mean_std, paired_ci, write_json, write_section
+from experiments.fairness import random_scores
 from robust_infl.datasets import flip_labels
 
 __all__ = ["Config", "FULL", "QUICK", "load_minilm", "generate_reviews", "encode_frozen", "LastLayerClassifier",

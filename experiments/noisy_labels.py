@@ -52,8 +52,8 @@ from tqdm.auto import tqdm
 import robust_infl as ri
 from attacks import accuracy
 from defenses import ERM, prune
-from experiments._results import mean_std, paired_ci, write_json, write_section
-from experiments.fairness import ensemble_options, format_delta, format_mean_std
+from experiments._results import format_delta, format_mean_std, mean_std, paired_ci, write_json, write_section
+from experiments.fairness import ensemble_options
 from robust_infl.datasets import flip_labels, load_dataset
 from robust_infl.models import build_model
 

@@ -52,14 +52,15 @@ import robust_infl as ri
 from defenses import DefenceContext, evaluate_on_test
 from defenses.recipes import influence_scores, random_scores, select_and_retrain, training_loss_scores
 from experiments._results import mean_std, paired_ci, write_json, write_section
-from experiments.fairness import ensemble_options, format_delta, format_mean_std
+from experiments.fairness import ensemble_options
 from experiments.noisy_labels import CheckpointingERM, cached
 from robust_infl.datasets import load_dataset
 from robust_infl.experiment_setup import make_attack
 from robust_infl.models import build_model
 
 __all__ = ["ThreatModel", "Setting", "Config", "FULL", "QUICK", "BASELINES", "build_attack", "method_options",
-           "paper_targets", "majority_rate", "run_seed", "summarise", "plot", "main"]
+           "paper_targets", "majority_rate", "run_seed", "summarise_honest", "summarise_paper", "plot",
+           "main"]
 
 EXPERIMENTS = Path(__file__).resolve().parent
 BASELINES = ("random", "loss")

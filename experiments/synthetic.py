@@ -34,9 +34,8 @@ from tqdm.auto import tqdm
 import robust_infl as ri
 from attacks import PGD, accuracy, evaluate, per_sample_loss
 from defenses import prune
-from experiments._results import mean_std, paired_ci, write_json, write_section
-from experiments.fairness import (ensemble_options, format_delta, format_mean_std, group_gaps, jaccard, make_trainer,
-                                  random_scores)
+from experiments._results import format_delta, format_mean_std, mean_std, paired_ci, write_json, write_section
+from experiments.fairness import ensemble_options, group_gaps, jaccard, make_trainer, random_scores
 from robust_infl.datasets import load_dataset
 from robust_infl.models import build_model
 

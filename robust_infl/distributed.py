@@ -40,11 +40,9 @@ from torch import Tensor, nn
 from torch.utils.data import Dataset, Subset
 from tqdm.auto import tqdm
 
-from robust_infl.api import _check_model_fits_data, _eval_mode
 from robust_infl.engine import (
     ScoringProblem,
     TrainStream,
-    build_problem,
     directional_derivatives,
     flatten,
     objective_gradient,
@@ -55,16 +53,8 @@ from robust_infl.grad_norms import BatchGradients, batch_gradients, squared_grad
 from robust_infl.objectives import Attack, LossFn, Objective, PreparedObjective
 from robust_infl.projection import RandomProjection
 from robust_infl.store import ChunkStore, data_hash, model_hash, stable_repr
-from robust_infl.validation import (
-    check_model,
-    check_positive_int,
-    check_seed,
-    check_train_loss,
-    resolve_device,
-    resolve_param_names,
-    validate_target,
-    validate_train,
-)
+from robust_infl.preparation import prepared_problem
+from robust_infl.validation import check_positive_int, check_seed
 
 __all__ = [
     "sharded_influence",
@@ -231,9 +221,6 @@ def sharded_influence(
         Every training sample's score (``(n_train,)`` or ``(n_train, n_target)``) on ``device``
         in the model's dtype, on every rank.
     """
-    check_model(model)
-    if not isinstance(objective, Objective):
-        raise TypeError(f"objective: expected an Objective such as robust_infl.Utility(), got {type(objective).__name__}")
     if method not in SHARDED_METHODS:
         raise ValueError(f"method: sharded scoring offers {', '.join(SHARDED_METHODS)}, got {method!r}")
     for name, flag in (("aggregate", aggregate), ("progress", progress), ("resume", resume)):
@@ -246,44 +233,33 @@ def sharded_influence(
         if aggregate:
             raise ValueError("projection_dim: only used for train x target matrices; pass aggregate=False")
     projection_seed = check_seed(projection_seed)
-    if loss_fn is not None and not callable(loss_fn):
-        raise TypeError(f"loss_fn: must be callable loss_fn(outputs, targets), got {type(loss_fn).__name__}")
     batch_size = check_positive_int("batch_size", batch_size)
     chunk_size = CHUNK_BATCHES * batch_size if chunk_size is None else check_positive_int("chunk_size", chunk_size)
     if chunk_size % batch_size:
         raise ValueError(f"chunk_size: must be a multiple of batch_size={batch_size}, got {chunk_size}")
-    seed = check_seed(seed)
-    check_train_loss(train_loss, train_attack)
     if resume and store is None:
         raise ValueError("resume: needs a store directory to resume from; pass store=DIR")
-    device = resolve_device(device, model)
-    param_names = resolve_param_names(model, params)
-    train = validate_train(train)
-    target_set = validate_target(target)
 
-    with _eval_mode(model):
-        checks_labels = loss_fn is None
-        loss_fn, n_outputs = _check_model_fits_data(model, train, target_set, loss_fn, device)
-        objective.check(target_set, n_outputs)
+    with prepared_problem(
+        model, train, target, objective, loss_fn=loss_fn, batch_size=batch_size, params=params, seed=seed,
+        train_loss=train_loss, train_attack=train_attack, device=device, progress=False,
+    ) as prepared:
+        problem, train = prepared.problem, prepared.train
         if method == "ip" and not aggregate and not objective.per_sample:
             raise ValueError(f"aggregate: {objective!r} has no per-target-sample value; use aggregate=True")
-        label_outputs = n_outputs if checks_labels and isinstance(train, Dataset) else None
-        problem = build_problem(
-            model, train, target_set, objective, loss_fn=loss_fn, param_names=param_names,
-            batch_size=batch_size, device=device, seed=seed, progress=False, train_loss=train_loss,
-            train_attack=train_attack, label_outputs=label_outputs,
-        )
+        label_outputs = prepared.label_outputs
         scorer = _Scorer(problem, train, label_outputs, method, aggregate, projection_dim, projection_seed, group)
         chunks = None
         if store is not None:
             identity = {
                 "model_hash": model_hash(model),
-                "data_hash": data_hash(train, target_set),
+                "data_hash": data_hash(train, prepared.target),
                 "method": method,
                 "options": {
                     "objective": stable_repr(objective), "aggregate": aggregate, "projection_dim": projection_dim,
-                    "projection_seed": projection_seed, "loss_fn": stable_repr(loss_fn) if not checks_labels else "default",
-                    "params": list(param_names), "seed": seed, "train_loss": train_loss,
+                    "projection_seed": projection_seed,
+                    "loss_fn": "default" if loss_fn is None else stable_repr(loss_fn),
+                    "params": list(problem.param_names), "seed": seed, "train_loss": train_loss,
                     "train_attack": stable_repr(train_attack), "batch_size": batch_size,
                 },
             }
