@@ -7,7 +7,10 @@ Both with plain training (ERM) and with PGD adversarial training (3 PGD steps pe
 Recipes (each retrained from scratch with the seed): ``none`` (no defence), ``train+val`` (plain
 training on train + validation, the fair reference for anything that uses the validation labels),
 ``random`` (remove 5% at random), ``ip-prune`` (remove the top 5% by IP harm on the adversarial
-validation loss) and ``lookahead`` (:class:`defenses.LookaheadReweighting`, online one-step-lookahead
+validation loss), three variants of it (``ensemble-prune``: scores of the paper's ip-ensemble;
+``misclassified-prune``: the top harm among the samples the base model misclassifies, at their
+adversarial training points under PGD-AT; ``iterative-prune``: 2.5% twice, re-scoring with the
+retrained model in between) and ``lookahead`` (:class:`defenses.LookaheadReweighting`, online one-step-lookahead
 reweighting against the adversarial validation loss; the pipeline recipe ``lookahead``).
 
 Every defended model is attacked again (adaptive): PGD (the threat model) on the whole test split,
@@ -50,13 +53,20 @@ import attacks
 from defenses import ERM, PGDAT, DefenceContext, LookaheadReweighting
 from defenses.lookahead import (ADVERSARIAL_TRAINING_OPTIONS, PLAIN_TRAINING_OPTIONS, lookahead_recipe,
                                 validation_attack)
-from defenses.recipes import get_recipe
+from defenses.data import take
+from defenses.recipes import get_recipe, influence_scores
+from defenses.selection import budget_size
 from experiments._results import mean_std, paired_ci, write_json, write_section
 from robust_infl.datasets import load_dataset
 from robust_infl.models import build_model
 
 OUT = Path(__file__).with_name("out")
-RECIPES = ("none", "train+val", "random", "ip-prune", "lookahead")
+RECIPES = ("none", "train+val", "random", "ip-prune", "ensemble-prune", "misclassified-prune", "iterative-prune",
+           "lookahead")
+SCORED_RECIPES = ("ip-prune", "ensemble-prune", "misclassified-prune", "iterative-prune")
+# The paper's ensemble for deep models: 6 dropout-masked copies, dropout rates drawn from U(0, 0.01).
+ENSEMBLE_OPTIONS = {"members": 6, "perturbation": "dropout", "scale": 0.01}
+ITERATIVE_ROUNDS = 2
 TRAINERS = ("plain", "pgd-at")
 METRICS = ("clean_acc", "pgd_acc", "aa_acc")
 BASELINES = ("none", "random", "train+val")
@@ -195,8 +205,59 @@ def defended_model(recipe: str, ctx: DefenceContext) -> nn.Module:
         return ctx.model
     if recipe == "lookahead":
         return lookahead_recipe(ctx)
+    if recipe == "ensemble-prune":
+        return get_recipe("influence").fn(replace(ctx, method="ip-ensemble", method_options=ENSEMBLE_OPTIONS,
+                                                  cache=ctx.cache.setdefault("ensemble", {})))
+    if recipe == "misclassified-prune":
+        return misclassified_prune(ctx)
+    if recipe == "iterative-prune":
+        return iterative_prune(ctx, ITERATIVE_ROUNDS)
     registered = {"train+val": "train+val", "random": "random", "ip-prune": "influence"}[recipe]
     return get_recipe(registered).fn(ctx)
+
+
+def misclassified(ctx: DefenceContext, model: nn.Module) -> torch.Tensor:
+    """Training samples ``model`` misclassifies, at their adversarial training points for an adversarial
+    trainer (the points its loss is taken at), else clean."""
+    X, y = ctx.train[:2]
+    wrong = []
+    for start in range(0, X.shape[0], 512):
+        xb, yb = X[start:start + 512], y[start:start + 512]
+        if ctx.train_attack is not None:
+            xb = ctx.train_attack(model, xb, yb)
+        with torch.no_grad():
+            wrong.append(model(xb).argmax(1) != yb)
+    return torch.cat(wrong)
+
+
+def misclassified_prune(ctx: DefenceContext) -> nn.Module:
+    """Remove the samples with the largest IP harm among those the base model misclassifies (up to the
+    budget; fewer when fewer are misclassified), retrain from scratch on the rest."""
+    scores = ctx.cache.get("influence")
+    if scores is None:
+        scores = ctx.cache["influence"] = influence_scores(ctx).detach().cpu()
+    wrong = misclassified(ctx, ctx.model)
+    k = min(budget_size(scores.numel(), ctx.fraction), int(wrong.sum()))
+    restricted = torch.where(wrong, scores.double(), torch.tensor(-torch.inf, dtype=torch.float64))
+    keep = torch.ones(scores.numel(), dtype=torch.bool)
+    keep[torch.sort(-restricted, stable=True).indices[:k]] = False
+    return ctx.trainer.fit(ctx.model, take(ctx.train, keep), seed=ctx.seed, val=ctx.val)
+
+
+def iterative_prune(ctx: DefenceContext, rounds: int) -> nn.Module:
+    """Remove the budget in ``rounds`` equal steps: score the kept samples with the current model, drop
+    the most harmful share, retrain from scratch, score again with the retrained model, and so on."""
+    n = ctx.train[0].shape[0]
+    kept = torch.arange(n)
+    model = ctx.model
+    total = budget_size(n, ctx.fraction)
+    for r in range(rounds):
+        k = total * (r + 1) // rounds - (n - kept.numel())
+        step_ctx = replace(ctx, model=model, train=take(ctx.train, kept), cache={})
+        scores = influence_scores(step_ctx).detach().cpu()
+        kept = kept[torch.sort(scores, stable=True).indices[: kept.numel() - k].sort().values]
+        model = ctx.trainer.fit(ctx.model, take(ctx.train, kept), seed=ctx.seed, val=ctx.val)
+    return model
 
 
 def run_seed(setting: Setting, kind: str, seed: int, checkpoint: Path, progress: bool) -> dict:
@@ -461,7 +522,7 @@ def render_directions(summaries: dict) -> str:
     lines += ["", f"Compute: {total / 60:.0f} min of training + evaluation in all (sum over models, 1 thread each).",
               "", "### How close each direction came", ""]
     for (data, kind), summary in summaries.items():
-        for recipe in ("lookahead", "ip-prune"):
+        for recipe in ("lookahead", *SCORED_RECIPES):
             d = summary["differences"]
             parts = [f"PGD {_diff(d[f'{recipe} - {b}']['pgd_acc'])} / AutoAttack {_diff(d[f'{recipe} - {b}']['aa_acc'])}"
                      f" vs {b}" for b in BASELINES]
