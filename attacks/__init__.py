@@ -2,13 +2,16 @@
 
 Own attacks: :class:`FGSM`, :class:`PGD` (linf / l2, restarts), :class:`LinearClosedForm` (the
 paper's closed-form boundary crossing). Third-party attacks: :class:`TorchAttacks`,
-:class:`AutoAttack` (torchattacks) and :class:`ART` (Adversarial Robustness Toolbox).
+:class:`AutoAttack` (torchattacks) and :class:`ART` (Adversarial Robustness Toolbox). Composites:
+:class:`Cascade` (members in turn on the points still correct) and :class:`UnitBoxView` (an attack
+that clips to [0, 1] run on unbounded data through an exact affine change of variables).
 :func:`evaluate` reports clean accuracy, robust accuracy and attack success rate.
 """
 
 from .adapters import ART, AutoAttack, TorchAttacks, art_evasion_names, torchattacks_names
 from .base import Attack, BinaryAsTwoLogits, per_sample_loss, predict
 from .closed_form import LinearClosedForm
+from .composite import Cascade, UnitBoxView
 from .evaluate import accuracy, evaluate
 from .fgsm import FGSM
 from .pgd import PGD
@@ -21,6 +24,8 @@ __all__ = [
     "TorchAttacks",
     "AutoAttack",
     "ART",
+    "Cascade",
+    "UnitBoxView",
     "evaluate",
     "accuracy",
     "per_sample_loss",

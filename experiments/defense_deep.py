@@ -109,53 +109,6 @@ def quick(setting: Setting) -> Setting:
 
 
 # --------------------------------------------------------------------------- attacks
-class Cascade(attacks.Attack):
-    """Run attacks in turn, each on the points the previous ones left correctly classified (as AutoAttack)."""
-
-    def __init__(self, *members: Callable):
-        self.members = members
-
-    def _perturb(self, model, x, y):
-        x_adv = x.clone()
-        for member in self.members:
-            with torch.no_grad():
-                alive = attacks.predict(model(x_adv)) == y
-            if not bool(alive.any()):
-                break
-            x_adv[alive] = member(model, x[alive], y[alive]).to(x.dtype)
-        return x_adv
-
-
-class _AffineInput(nn.Module):
-    """``model(offset + scale * u)``: the model seen on unit-box coordinates ``u``."""
-
-    def __init__(self, model: nn.Module, offset: torch.Tensor, scale: float):
-        super().__init__()
-        self.model, self.offset, self.scale = model, offset, scale
-
-    def forward(self, u: torch.Tensor) -> torch.Tensor:
-        return self.model(self.offset + self.scale * u)
-
-
-class UnitBoxView(attacks.Attack):
-    """Run an attack that clips to [0, 1] on unbounded data through an exact affine change of variables.
-
-    ``x = offset + scale * u`` with one scalar ``scale`` (so L2 and linf balls map to balls of radius
-    ``eps / scale``) and a margin of ``eps`` on every side, so the [0, 1] clipping never binds.
-    ``build(eps_in_u) -> attack`` makes the attack for the scaled budget.
-    """
-
-    def __init__(self, build: Callable[[float], Callable], eps: float):
-        self.build, self.eps = build, eps
-
-    def _perturb(self, model, x, y):
-        low, high = x.min(dim=0).values - self.eps, x.max(dim=0).values + self.eps
-        scale = float((high - low).max()) * 1.01
-        view = _AffineInput(model, low, scale).eval()
-        u_adv = self.build(self.eps / scale)(view, (x - low) / scale, y)
-        return low + scale * u_adv
-
-
 def threat_attack(setting: Setting, seed: int) -> attacks.PGD:
     """The threat model: PGD with 10 steps and a random start."""
     return attacks.PGD(setting.eps, alpha=setting.alpha, steps=10, norm=setting.norm, bounds=setting.bounds,
@@ -166,10 +119,10 @@ def autoattack(setting: Setting, seed: int) -> Callable:
     """The AutoAttack evaluation of this setting (see the module docstring)."""
     norm = {"linf": "Linf", "l2": "L2"}[setting.norm]
     if setting.bounds is None:
-        return UnitBoxView(lambda eps: Cascade(
+        return attacks.UnitBoxView(lambda eps: attacks.Cascade(
             attacks.TorchAttacks("APGD", seed=seed, eps=eps, norm=norm, steps=50, loss="ce"),
             attacks.TorchAttacks("FAB", seed=seed, eps=eps, norm=norm, multi_targeted=True, n_classes=2)), setting.eps)
-    return Cascade(attacks.TorchAttacks("APGD", seed=seed, eps=setting.eps, norm=norm, steps=50, loss="ce"),
+    return attacks.Cascade(attacks.TorchAttacks("APGD", seed=seed, eps=setting.eps, norm=norm, steps=50, loss="ce"),
                    attacks.TorchAttacks("APGDT", seed=seed, eps=setting.eps, norm=norm, steps=25, n_classes=10))
 
 
