@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import fcntl
 import json
 import math
 import re
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterable
+from typing import Iterable, Iterator
 
 from robust_infl.io import atomic_write_text
 
@@ -24,17 +26,31 @@ def write_json(path: Path, obj) -> None:
 def write_section(name: str, markdown: str, results_md: Path = RESULTS_MD) -> None:
     """Replace (or append) the section ``name`` of RESULTS.md, delimited by HTML comment markers.
 
-    Each experiment owns one section, so scripts can be rerun independently.
+    Each experiment owns one section, so scripts can be rerun independently; the read-modify-write
+    holds an exclusive lock on ``<results_md>.lock``, so scripts finishing at the same time do not
+    drop each other's sections.
     """
     begin, end = f"<!-- BEGIN {name} -->", f"<!-- END {name} -->"
     block = f"{begin}\n{markdown.strip()}\n{end}"
-    text = results_md.read_text() if results_md.exists() else "# Results\n\nEach section is written by the script it names.\n"
     pattern = re.compile(re.escape(begin) + r".*?" + re.escape(end), re.DOTALL)
-    if pattern.search(text):
-        text = pattern.sub(lambda _: block, text)
-    else:
-        text = text.rstrip() + "\n\n" + block + "\n"
-    atomic_write_text(results_md, text)
+    with _locked(Path(str(results_md) + ".lock")):
+        text = results_md.read_text() if results_md.exists() else "# Results\n\nEach section is written by the script it names.\n"
+        if pattern.search(text):
+            text = pattern.sub(lambda _: block, text)
+        else:
+            text = text.rstrip() + "\n\n" + block + "\n"
+        atomic_write_text(results_md, text)
+
+
+@contextmanager
+def _locked(path: Path) -> Iterator[None]:
+    """Hold an exclusive ``flock`` on ``path`` (created if missing) for the block."""
+    with open(path, "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def mean_std(values: Iterable[float]) -> tuple:

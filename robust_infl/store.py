@@ -138,6 +138,16 @@ def _short(value: Any) -> str:
     return text if len(text) <= 80 else text[:77] + "..."
 
 
+def _load_npy(path: Path) -> np.ndarray:
+    """A numeric ``.npy`` file of the store, memory-mapped; ``ValueError`` naming the file if it is not one
+    (truncated, foreign or pickled object data, which is never loaded)."""
+    try:
+        return np.load(path, mmap_mode="r", allow_pickle=False)
+    except (ValueError, OSError, EOFError) as err:
+        raise ValueError(f"store: {path} is not a numeric .npy array written by this store ({err}); "
+                         "delete the store directory (or that file) and score again") from err
+
+
 class ChunkStore:
     """Chunked, memory-mapped arrays with one row per training sample, plus whole named arrays.
 
@@ -272,7 +282,7 @@ class ChunkStore:
     def read_chunk(self, chunk: int, name: str = "scores") -> np.ndarray:
         """The memory-mapped array ``name`` of a complete ``chunk``."""
         start, stop = self.rows(chunk)
-        array = np.load(self._chunk_path(name, chunk), mmap_mode="r")
+        array = _load_npy(self._chunk_path(name, chunk))
         if array.shape != (stop - start, *self.arrays[name]) or array.dtype != self.dtype:
             raise ValueError(f"store: {self._chunk_path(name, chunk)} has shape {array.shape}, dtype {array.dtype}; "
                              f"expected {(stop - start, *self.arrays[name])}, {self.dtype}")
@@ -305,7 +315,7 @@ class ChunkStore:
     def load_array(self, name: str) -> Optional[np.ndarray]:
         """The array saved as ``name`` (memory-mapped), or ``None`` if there is none."""
         path = self.directory / f"{name}.npy"
-        return np.load(path, mmap_mode="r") if path.exists() else None
+        return _load_npy(path) if path.exists() else None
 
     def refresh_manifest(self, rescan: bool = False) -> None:
         """Rewrite ``manifest.json`` (atomically) with the chunks known to be complete.

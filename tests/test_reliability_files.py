@@ -67,9 +67,12 @@ def test_store_refuses_a_chunk_holding_pickled_objects_and_never_runs_it(tmp_pat
     chunk = tmp_path / "store" / "scores_000000.npy"
     np.save(chunk, np.array([CreatesMarkerWhenUnpickled(marker)] * 4, dtype=object), allow_pickle=True)
     store = ChunkStore(tmp_path / "store", resume=True, **settings)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="store: .*scores_000000.npy is not a numeric .npy array"):
         store.read()
     assert not marker.exists()
+    chunk.write_bytes(b"truncated")
+    with pytest.raises(ValueError, match="scores_000000.npy is not a numeric .npy array"):
+        store.read()
 
 
 def test_safe_load_round_trips_a_state_dict_and_names_missing_or_corrupt_files(tmp_path):
