@@ -10,7 +10,7 @@ training on train + validation, the fair reference for anything that uses the va
 validation loss), three variants of it (``ensemble-prune``: scores of the paper's ip-ensemble;
 ``misclassified-prune``: the top harm among the samples the base model misclassifies, at their
 adversarial training points under PGD-AT; ``iterative-prune``: 2.5% twice, re-scoring with the
-retrained model in between) and ``lookahead`` (:class:`defenses.LookaheadReweighting`, online one-step-lookahead
+retrained model in between; ``per-class-prune``: the top 5% within each class) and ``lookahead`` (:class:`defenses.LookaheadReweighting`, online one-step-lookahead
 reweighting against the adversarial validation loss; the pipeline recipe ``lookahead``).
 
 Every defended model is attacked again (adaptive): PGD (the threat model) on the whole test split,
@@ -55,15 +55,15 @@ from defenses.lookahead import (ADVERSARIAL_TRAINING_OPTIONS, PLAIN_TRAINING_OPT
                                 validation_attack)
 from defenses.data import take
 from defenses.recipes import get_recipe, influence_scores
-from defenses.selection import budget_size
+from defenses.selection import budget_size, prune
 from experiments._results import mean_std, paired_ci, write_json, write_section
 from robust_infl.datasets import load_dataset
 from robust_infl.models import build_model
 
 OUT = Path(__file__).with_name("out")
 RECIPES = ("none", "train+val", "random", "ip-prune", "ensemble-prune", "misclassified-prune", "iterative-prune",
-           "lookahead")
-SCORED_RECIPES = ("ip-prune", "ensemble-prune", "misclassified-prune", "iterative-prune")
+           "per-class-prune", "lookahead")
+SCORED_RECIPES = ("ip-prune", "ensemble-prune", "misclassified-prune", "iterative-prune", "per-class-prune")
 # The paper's ensemble for deep models: 6 dropout-masked copies, dropout rates drawn from U(0, 0.01).
 ENSEMBLE_OPTIONS = {"members": 6, "perturbation": "dropout", "scale": 0.01}
 ITERATIVE_ROUNDS = 2
@@ -165,6 +165,8 @@ def defended_model(recipe: str, ctx: DefenceContext) -> nn.Module:
         return misclassified_prune(ctx)
     if recipe == "iterative-prune":
         return iterative_prune(ctx, ITERATIVE_ROUNDS)
+    if recipe == "per-class-prune":
+        return per_class_prune(ctx)
     registered = {"train+val": "train+val", "random": "random", "ip-prune": "influence"}[recipe]
     return get_recipe(registered).fn(ctx)
 
@@ -186,14 +188,30 @@ def misclassified(ctx: DefenceContext, model: nn.Module) -> torch.Tensor:
 def misclassified_prune(ctx: DefenceContext) -> nn.Module:
     """Remove the samples with the largest IP harm among those the base model misclassifies (up to the
     budget; fewer when fewer are misclassified), retrain from scratch on the rest."""
-    scores = ctx.cache.get("influence")
-    if scores is None:
-        scores = ctx.cache["influence"] = influence_scores(ctx).detach().cpu()
+    scores = cached_influence_scores(ctx)
     wrong = misclassified(ctx, ctx.model)
     k = min(budget_size(scores.numel(), ctx.fraction), int(wrong.sum()))
     restricted = torch.where(wrong, scores.double(), torch.tensor(-torch.inf, dtype=torch.float64))
     keep = torch.ones(scores.numel(), dtype=torch.bool)
     keep[torch.sort(-restricted, stable=True).indices[:k]] = False
+    return ctx.trainer.fit(ctx.model, take(ctx.train, keep), seed=ctx.seed, val=ctx.val)
+
+
+def cached_influence_scores(ctx: DefenceContext) -> torch.Tensor:
+    """The IP harm scores of the seed (computed once, shared with ``ip-prune``)."""
+    if "influence" not in ctx.cache:
+        ctx.cache["influence"] = influence_scores(ctx).detach().cpu()
+    return ctx.cache["influence"]
+
+
+def per_class_prune(ctx: DefenceContext) -> nn.Module:
+    """Remove the top ``fraction`` by IP harm within each class (the class shares of the training set
+    stay as they are), retrain from scratch on the rest."""
+    scores, y = cached_influence_scores(ctx), ctx.train[1]
+    keep = torch.ones(scores.numel(), dtype=torch.bool)
+    for label in torch.unique(y):
+        members = torch.nonzero(y == label).flatten()
+        keep[members] = prune(scores[members], ctx.fraction)
     return ctx.trainer.fit(ctx.model, take(ctx.train, keep), seed=ctx.seed, val=ctx.val)
 
 
