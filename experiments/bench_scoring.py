@@ -1,12 +1,14 @@
 """Benchmark: time of IP scoring over a training set / time of one no-grad forward pass over it.
 
-IP computes every score as one forward-mode directional derivative (``torch.func.jvp``) of the
+IP computes every score as one forward-mode directional derivative (forward-mode AD) of the
 per-sample training losses along the objective gradient, so its cost should be a small multiple
 of a plain forward pass. Set-up (issue 2): the reference SmallCNN (~106k parameters), 4,000 random
 1x28x28 inputs in [0, 1], batch 500, objective ``Utility`` on 500 random targets. Both timings run
 in this one process, interleaved, and the median over repeats is reported; the IP time includes
 everything ``robust_infl.influence`` does (validation, the objective gradient on the targets and
-the streaming jvp pass).
+the streaming jvp pass). The forward pass runs over the same pieces the engine uses
+(``robust_infl.engine.piece_size``: at most ``CPU_PIECE`` samples on CPU), so neither side gets a
+cache advantage.
 
     PYTHONPATH=. .venv/bin/python experiments/bench_scoring.py [--repeats 5] [--write-results]
 """
@@ -75,10 +77,11 @@ def main() -> None:
     )
     gradient = engine.objective_gradient(problem, problem.params)
 
-    warm_up = {"forward": seconds(lambda: forward_pass(model, x, args.batch_size)), "ip": seconds(ip)}
+    piece = engine.piece_size(problem)
+    warm_up = {"forward": seconds(lambda: forward_pass(model, x, piece)), "ip": seconds(ip)}
     forward_times, ip_times, gradient_times, jvp_times = [], [], [], []
     for _ in range(args.repeats):
-        forward_times.append(seconds(lambda: forward_pass(model, x, args.batch_size)))
+        forward_times.append(seconds(lambda: forward_pass(model, x, piece)))
         ip_times.append(seconds(ip))
         gradient_times.append(seconds(lambda: engine.objective_gradient(problem, problem.params)))
         jvp_times.append(seconds(lambda: engine.directional_derivatives(problem, problem.params, gradient)))
@@ -88,7 +91,8 @@ def main() -> None:
     paired = statistics.median(i / f for i, f in zip(ip_times, forward_times))
     met = ratio <= TARGET_RATIO
     lines = [
-        f"SmallCNN ({n_params:,} parameters), {args.n_train:,} training inputs 1x28x28, batch {args.batch_size}, "
+        f"SmallCNN ({n_params:,} parameters), {args.n_train:,} training inputs 1x28x28, batch {args.batch_size} "
+        f"(passes in pieces of {piece}), "
         f"Utility on {args.n_target} targets, {torch.get_num_threads()} torch thread(s), median of {args.repeats} "
         f"(warm-up: forward {warm_up['forward']:.3f} s, ip {warm_up['ip']:.3f} s)",
         f"no-grad forward pass : {forward_s:.3f} s",

@@ -319,11 +319,13 @@ def _prepare(problem: ScoringProblem, params: Params) -> PreparedObjective:
     return problem.objective.prepare(problem.module_at(params), problem.target, seed=problem.seed)
 
 
-# On CPU, one pass (forward, forward-mode or backward) over more than a few hundred samples is slower
-# per sample: its activations outgrow the processor caches. Measured on the SmallCNN with 28x28 images
-# at 1 thread (the experiments/bench_peers.py setting): the forward-mode pass over batches of 500 took
-# 1.4-1.6x as long as over pieces of 128, the objective gradient 1.4x; pieces of 64 to 256 were equally
-# fast. So on CPU every batch is computed in pieces of at most this many samples; elsewhere whole.
+# On CPU, one pass (forward, forward-mode or backward) over more than a few hundred samples can be
+# slower per sample: its activations (25 MB per layer for 500 SmallCNN images) outgrow the processor
+# caches and are freshly allocated on every call. Measured on the SmallCNN with 28x28 images at 1 thread
+# (the experiments/bench_peers.py setting): the forward-mode pass over batches of 500 took 1.0-1.8x as
+# long as over pieces of 128 (varying from run to run and with the load of the machine), the objective
+# gradient 1.4x; pieces of 64 to 256 were equally fast. So on CPU every batch is computed in pieces of
+# at most this many samples; elsewhere whole.
 CPU_PIECE = 128
 
 
