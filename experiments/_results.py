@@ -2,20 +2,22 @@
 
 from __future__ import annotations
 
+import argparse
 import fcntl
 import json
 import math
 import re
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Iterable, Iterator, Optional
 
 from robust_infl.io import atomic_write_text
 
-RESULTS_MD = Path(__file__).with_name("RESULTS.md")
+EXPERIMENTS = Path(__file__).resolve().parent
+RESULTS_MD = EXPERIMENTS / "RESULTS.md"
 
 __all__ = ["write_section", "atomic_write_text", "write_json", "mean_std", "paired_ci", "format_mean_std",
-           "format_delta", "RESULTS_MD"]
+           "format_delta", "experiment_arguments", "EXPERIMENTS", "RESULTS_MD"]
 
 
 def write_json(path: Path, obj) -> None:
@@ -86,3 +88,21 @@ def format_delta(a: list, b: list, scale: float = 100.0, digits: int = 2) -> str
     """``"+d [lo, hi]"``: mean paired difference ``scale * (a - b)`` and its 95% t-interval."""
     m, (lo, hi) = paired_ci([scale * v for v in a], [scale * v for v in b])
     return f"{m:+.{digits}f} [{lo:+.{digits}f}, {hi:+.{digits}f}]"
+
+
+def experiment_arguments(doc: str, name: str, argv: Optional[list] = None) -> argparse.Namespace:
+    """The command line shared by the paper-experiment scripts, parsed from ``argv``.
+
+    ``--quick`` (tiny configuration for the smoke test), ``--out`` (the JSON; default
+    ``experiments/out/<name>[_quick].json``), ``--plots`` (folder of the PNGs), ``--no-progress``.
+    The result also carries ``name``: ``<name>`` or ``<name>_quick``, the stem of the outputs.
+    """
+    parser = argparse.ArgumentParser(description=doc.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="tiny configuration for the smoke test")
+    parser.add_argument("--out", type=Path, default=None, help=f"JSON path (default experiments/out/{name}[_quick].json)")
+    parser.add_argument("--plots", type=Path, default=EXPERIMENTS / "plots", help="folder of the PNG")
+    parser.add_argument("--no-progress", action="store_true", help="hide the progress bars")
+    args = parser.parse_args(argv)
+    args.name = f"{name}_quick" if args.quick else name
+    args.out = args.out or EXPERIMENTS / "out" / f"{args.name}.json"
+    return args

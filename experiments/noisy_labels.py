@@ -34,7 +34,6 @@ with the same configuration.
 
 from __future__ import annotations
 
-import argparse
 import copy
 import dataclasses
 import json
@@ -52,7 +51,8 @@ from tqdm.auto import tqdm
 import robust_infl as ri
 from attacks import accuracy
 from defenses import ERM, prune
-from experiments._results import format_delta, format_mean_std, mean_std, paired_ci, write_json, write_section
+from experiments._results import (experiment_arguments, format_delta, format_mean_std, mean_std, paired_ci,
+                                 write_json, write_section)
 from experiments.fairness import ensemble_options
 from robust_infl.datasets import flip_labels, load_dataset
 from robust_infl.models import build_model
@@ -495,16 +495,10 @@ def section(tables: tuple, reading: list, config: Config, command: str, plot_nam
 
 def main(argv: Optional[list] = None) -> dict:
     """Run the experiment, write the JSON, the plot and (full runs only) the RESULTS.md section."""
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="tiny configuration for the smoke test")
-    parser.add_argument("--out", type=Path, default=None,
-                        help="JSON path (default experiments/out/noisy_labels[_quick].json)")
-    parser.add_argument("--plots", type=Path, default=EXPERIMENTS / "plots", help="folder of the PNG")
-    parser.add_argument("--no-progress", action="store_true", help="hide the progress bars")
-    args = parser.parse_args(argv)
+    args = experiment_arguments(__doc__, "noisy_labels", argv)
     config = QUICK if args.quick else FULL
-    name = "noisy_labels_quick" if args.quick else "noisy_labels"
-    out = args.out or EXPERIMENTS / "out" / f"{name}.json"
+    name = args.name
+    out = args.out
     folder = None if args.quick else EXPERIMENTS / "out" / name
     key = json.loads(json.dumps(dataclasses.asdict(config)))
     runs = [cached(None if folder is None else folder / f"seed{seed}.json", {**key, "seed": seed},

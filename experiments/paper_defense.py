@@ -35,7 +35,6 @@ it when rerun with the same configuration.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import math
@@ -51,7 +50,7 @@ import attacks
 import robust_infl as ri
 from defenses import DefenceContext, evaluate_on_test
 from defenses.recipes import influence_scores, random_scores, select_and_retrain, training_loss_scores
-from experiments._results import mean_std, paired_ci, write_json, write_section
+from experiments._results import experiment_arguments, mean_std, paired_ci, write_json, write_section
 from experiments.fairness import ensemble_options
 from experiments.noisy_labels import CheckpointingERM, cached
 from robust_infl.datasets import load_dataset
@@ -651,16 +650,10 @@ def section(table: dict, lines: list, config: Config, command: str, plot_name: s
 
 def main(argv: Optional[list] = None) -> dict:
     """Run the experiment, write the JSON, the plot and (full runs only) the RESULTS.md section."""
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="tiny configuration for the smoke test")
-    parser.add_argument("--out", type=Path, default=None,
-                        help="JSON path (default experiments/out/paper_defense[_quick].json)")
-    parser.add_argument("--plots", type=Path, default=EXPERIMENTS / "plots", help="folder of the PNG")
-    parser.add_argument("--no-progress", action="store_true", help="hide the progress bars")
-    args = parser.parse_args(argv)
+    args = experiment_arguments(__doc__, "paper_defense", argv)
     config = QUICK if args.quick else FULL
-    name = "paper_defense_quick" if args.quick else "paper_defense"
-    out = args.out or EXPERIMENTS / "out" / f"{name}.json"
+    name = args.name
+    out = args.out
     folder = None if args.quick else EXPERIMENTS / "out" / name
     runs = [(setting, seed) for setting in config.settings for seed in setting.seeds]
     per_setting: dict = {setting.name: [] for setting in config.settings}

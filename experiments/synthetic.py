@@ -21,7 +21,6 @@ before (dashed) and after (solid) removing 10%, and each targeted metric against
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,7 +33,8 @@ from tqdm.auto import tqdm
 import robust_infl as ri
 from attacks import PGD, accuracy, evaluate, per_sample_loss
 from defenses import prune
-from experiments._results import format_delta, format_mean_std, mean_std, paired_ci, write_json, write_section
+from experiments._results import (experiment_arguments, format_delta, format_mean_std, mean_std, paired_ci,
+                                 write_json, write_section)
 from experiments.fairness import ensemble_options, group_gaps, jaccard, make_trainer, random_scores
 from robust_infl.datasets import load_dataset
 from robust_infl.models import build_model
@@ -323,15 +323,9 @@ def section(rows: list, reading: list, config: Config, command: str, plot_names:
 
 def main(argv: Optional[list] = None) -> dict:
     """Run the experiment, write the JSON, the plot and (full runs only) the RESULTS.md section."""
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="tiny configuration for the smoke test")
-    parser.add_argument("--out", type=Path, default=None,
-                        help="JSON path (default experiments/out/synthetic[_quick].json)")
-    parser.add_argument("--plots", type=Path, default=EXPERIMENTS / "plots", help="folder of the PNG")
-    parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
-    args = parser.parse_args(argv)
+    args = experiment_arguments(__doc__, "synthetic", argv)
     config = QUICK if args.quick else FULL
-    name = "synthetic_quick" if args.quick else "synthetic"
+    name = args.name
     per_seed, first = [], {}
     for seed in tqdm(config.seeds, desc="synthetic seeds", disable=args.no_progress):
         results, artefacts = run_seed(seed, config, keep_models=not per_seed)
@@ -342,7 +336,7 @@ def main(argv: Optional[list] = None) -> dict:
     plot_boundaries(first, per_seed[0], max(config.fractions), args.plots / plot_names[0])
     plot_budgets(per_seed, config, args.plots / plot_names[1])
     result = {"config": dataclasses.asdict(config), "per_seed": per_seed, "summary": summary}
-    write_json(args.out or EXPERIMENTS / "out" / f"{name}.json", result)
+    write_json(args.out, result)
     if not args.quick:
         command = "OMP_NUM_THREADS=1 PYTHONPATH=. .venv/bin/python -m experiments.synthetic"
         write_section("synthetic", section(rows, reading, config, command, plot_names))
