@@ -17,7 +17,7 @@ EXPERIMENTS = Path(__file__).resolve().parent
 RESULTS_MD = EXPERIMENTS / "RESULTS.md"
 
 __all__ = ["write_section", "atomic_write_text", "write_json", "mean_std", "paired_ci", "format_mean_std",
-           "format_delta", "experiment_arguments", "EXPERIMENTS", "RESULTS_MD"]
+           "format_delta", "experiment_arguments", "save_figure", "EXPERIMENTS", "RESULTS_MD"]
 
 
 def write_json(path: Path, obj) -> None:
@@ -106,3 +106,13 @@ def experiment_arguments(doc: str, name: str, argv: Optional[list] = None) -> ar
     args.name = f"{name}_quick" if args.quick else name
     args.out = args.out or EXPERIMENTS / "out" / f"{args.name}.json"
     return args
+
+
+def save_figure(fig, path: Path, dpi: int = 110) -> None:
+    """Lay out ``fig``, write it as a PNG to ``path`` (creating the folder) and close it."""
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=dpi)
+    plt.close(fig)

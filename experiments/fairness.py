@@ -31,7 +31,7 @@ import robust_infl as ri
 from attacks import accuracy, predict
 from defenses import ERM, prune
 from experiments._results import (experiment_arguments, format_delta, format_mean_std, mean_std, paired_ci,
-                                 write_json, write_section)
+                                  save_figure, write_json, write_section)
 from robust_infl.datasets import load_dataset
 from robust_infl.models import build_model
 
@@ -297,10 +297,7 @@ def plot(per_seed: list, config: Config, path: Path) -> None:
         curve(ax, model_name, "dp", "random", "acc", "random")
         ax.set(title=f"{model_name}: test accuracy", xlabel="training samples removed (%)", ylabel="accuracy (%)")
         ax.legend(fontsize=8)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path, dpi=120)
 
 
 def section(rows: list, reading: list, config: Config, command: str, plot_name: str) -> str:

@@ -43,7 +43,7 @@ import robust_infl as ri
 from attacks import accuracy
 from defenses import ERM, prune
 from experiments._results import (experiment_arguments, format_delta, format_mean_std, mean_std, paired_ci,
-                                 write_json, write_section)
+                                  save_figure, write_json, write_section)
 from experiments.fairness import random_scores
 from robust_infl.datasets import flip_labels
 
@@ -320,10 +320,7 @@ def plot(per_seed: list, config: Config, path: Path) -> None:
         ax.set(xlabel="training samples removed (%)", ylabel=label, title=label)
         ax.legend(fontsize=8)
     fig.suptitle(f"MiniLM last layer + head, {100 * config.noise:.0f}% flipped training labels")
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path, dpi=120)
 
 
 def section(rows: list, reading: list, config: Config, command: str, plot_name: str) -> str:

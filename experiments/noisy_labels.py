@@ -52,7 +52,7 @@ import robust_infl as ri
 from attacks import accuracy
 from defenses import ERM, prune
 from experiments._results import (experiment_arguments, format_delta, format_mean_std, mean_std, paired_ci,
-                                 write_json, write_section)
+                                  save_figure, write_json, write_section)
 from experiments.fairness import ensemble_options
 from robust_infl.datasets import flip_labels, load_dataset
 from robust_infl.models import build_model
@@ -439,10 +439,7 @@ def plot(summary: dict, config: Config, path: Path) -> None:
                        ylabel="test acc − random removal (points, 95% CI)")
             ax.set_xlabel("flipped training labels (%)")
             ax.legend(fontsize=7)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def section(tables: tuple, reading: list, config: Config, command: str, plot_name: str, minutes: float) -> str:

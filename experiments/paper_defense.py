@@ -50,7 +50,7 @@ import attacks
 import robust_infl as ri
 from defenses import DefenceContext, evaluate_on_test
 from defenses.recipes import influence_scores, random_scores, select_and_retrain, training_loss_scores
-from experiments._results import experiment_arguments, mean_std, paired_ci, write_json, write_section
+from experiments._results import experiment_arguments, mean_std, paired_ci, save_figure, write_json, write_section
 from experiments.fairness import ensemble_options
 from experiments.noisy_labels import CheckpointingERM, cached
 from robust_infl.datasets import load_dataset
@@ -574,10 +574,7 @@ def plot(summary: dict, config: Config, path: Path) -> None:
         ax.legend(fontsize=7)
     for ax in flat[panels:]:
         ax.axis("off")
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def section(table: dict, lines: list, config: Config, command: str, plot_name: str, minutes: float) -> str:

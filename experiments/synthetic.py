@@ -34,7 +34,7 @@ import robust_infl as ri
 from attacks import PGD, accuracy, evaluate, per_sample_loss
 from defenses import prune
 from experiments._results import (experiment_arguments, format_delta, format_mean_std, mean_std, paired_ci,
-                                 write_json, write_section)
+                                  save_figure, write_json, write_section)
 from experiments.fairness import ensemble_options, group_gaps, jaccard, make_trainer, random_scores
 from robust_infl.datasets import load_dataset
 from robust_infl.models import build_model
@@ -246,10 +246,7 @@ def plot_boundaries(artefacts: dict, results: dict, fraction: float, path: Path)
             ax.legend(loc="lower left", fontsize=8)
     fig.suptitle(f"make_moons, first seed: boundary before (dashed) and after removing {100 * fraction:g}% by ip "
                  "harm (solid)")
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def plot_budgets(per_seed: list, config: Config, path: Path) -> None:
@@ -279,10 +276,7 @@ def plot_budgets(per_seed: list, config: Config, path: Path) -> None:
             ax.set(title=f"{model_name}, {objective_name} objective", xlabel="training samples removed (%)",
                    ylabel=f"test {key}" + ("" if key == "loss" else " (%)"))
             ax.legend(fontsize=8)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def section(rows: list, reading: list, config: Config, command: str, plot_names: tuple) -> str:
