@@ -15,6 +15,8 @@ Built in:
   then prune / reweight by it.
 - ``random``: the same budget, chosen uniformly at random (seeded).
 - ``loss``: the same budget, the samples with the highest training loss under the base model.
+- ``influence-misclassified``: the largest harm among the samples the base model misclassifies (at
+  their adversarial training points for adversarial trainers), at most the budget.
 - ``train+val``: no selection, plain (re)training on train + validation (a fair reference for
   defences that use the validation labels).
 """
@@ -27,10 +29,10 @@ from typing import Callable, Optional
 import torch
 from torch import nn
 
-from attacks.base import frozen_in_eval
+from attacks.base import frozen_in_eval, predict
 
 from .data import take
-from .selection import prune, reweight
+from .selection import budget_size, prune, reweight
 from .trainers import per_sample_loss
 
 __all__ = [
@@ -173,6 +175,39 @@ def training_loss_scores(ctx: DefenceContext, batch_size: int = 512) -> torch.Te
     return torch.cat(losses)
 
 
+def misclassified_training_samples(ctx: DefenceContext, batch_size: int = 512) -> torch.Tensor:
+    """Boolean mask of the training samples the base model misclassifies, at their adversarial training
+    points for adversarial trainers (the points its training loss is taken at), in eval mode."""
+    X, y = ctx.train[:2]
+    device = next(ctx.model.parameters()).device
+    wrong = []
+    with frozen_in_eval(ctx.model):
+        for start in range(0, X.shape[0], batch_size):
+            xb, yb = X[start:start + batch_size].to(device), y[start:start + batch_size].to(device)
+            if ctx.train_attack is not None:
+                xb = ctx.train_attack(ctx.model, xb, yb)
+            with torch.no_grad():
+                wrong.append((predict(ctx.model(xb)) != yb).cpu())
+    return torch.cat(wrong)
+
+
+def influence_on_misclassified(ctx: DefenceContext) -> nn.Module:
+    """Remove the samples with the largest harm (as ``influence``) among those the base model misclassifies:
+    the budget's worth, or fewer when fewer are misclassified; retrain on the rest (prune mode) or with
+    weight 0 for them (reweight mode)."""
+    if "influence" not in ctx.cache:
+        ctx.cache["influence"] = influence_scores(ctx).detach().cpu()
+    scores = ctx.cache["influence"].double()
+    wrong = misclassified_training_samples(ctx)
+    k = min(budget_size(scores.numel(), ctx.fraction), int(wrong.sum()))
+    restricted = torch.where(wrong, scores, torch.tensor(-torch.inf, dtype=torch.float64))
+    keep = torch.ones(scores.numel(), dtype=torch.bool)
+    keep[torch.sort(-restricted, stable=True).indices[:k]] = False
+    if ctx.mode == "prune":
+        return ctx.trainer.fit(ctx.model, take(ctx.train, keep), seed=ctx.seed, val=ctx.val)
+    return ctx.trainer.fit(ctx.model, ctx.train, weights=keep.to(torch.float32), seed=ctx.seed, val=ctx.val)
+
+
 def no_defence(ctx: DefenceContext) -> nn.Module:
     """The undefended model: the base model (scratch), or fine-tuned on all data (finetune)."""
     if getattr(ctx.trainer, "retrain", "scratch") == "scratch":
@@ -193,6 +228,9 @@ register_recipe("influence", score_based("influence", influence_scores),
 register_recipe("random", score_based("random", random_scores), description="random selection, same budget")
 register_recipe("loss", score_based("loss", training_loss_scores),
                 description="highest training loss, same budget")
+register_recipe("influence-misclassified", influence_on_misclassified,
+                description="highest harm among the misclassified training samples, at most the budget "
+                            "(Adult MLP: +3.0 robust points vs none and random, exploratory)")
 register_recipe("train+val", train_and_val, uses_budget=False,
                 description="plain training on train + validation")
 from .lookahead import lookahead_recipe  # noqa: E402  (lookahead.py does not import this module)

@@ -167,8 +167,6 @@ def defended_model(recipe: str, ctx: DefenceContext) -> nn.Module:
     if recipe == "ensemble-prune":
         return get_recipe("influence").fn(replace(ctx, method="ip-ensemble", method_options=ENSEMBLE_OPTIONS,
                                                   cache=ctx.cache.setdefault("ensemble", {})))
-    if recipe == "misclassified-prune":
-        return misclassified_prune(ctx)
     if recipe == "iterative-prune":
         return iterative_prune(ctx, ITERATIVE_ROUNDS)
     if recipe == "per-class-prune":
@@ -176,34 +174,9 @@ def defended_model(recipe: str, ctx: DefenceContext) -> nn.Module:
     if recipe in ("finetune-all", "finetune-ip-prune"):
         keep = prune(cached_influence_scores(ctx), ctx.fraction) if recipe == "finetune-ip-prune" else slice(None)
         return fine_tuner(ctx.trainer).fit(ctx.model, take(ctx.train, keep), seed=ctx.seed)
-    registered = {"train+val": "train+val", "random": "random", "ip-prune": "influence"}[recipe]
+    registered = {"train+val": "train+val", "random": "random", "ip-prune": "influence",
+                  "misclassified-prune": "influence-misclassified"}[recipe]
     return get_recipe(registered).fn(ctx)
-
-
-def misclassified(ctx: DefenceContext, model: nn.Module) -> torch.Tensor:
-    """Training samples ``model`` misclassifies, at their adversarial training points for an adversarial
-    trainer (the points its loss is taken at), else clean."""
-    X, y = ctx.train[:2]
-    wrong = []
-    for start in range(0, X.shape[0], 512):
-        xb, yb = X[start:start + 512], y[start:start + 512]
-        if ctx.train_attack is not None:
-            xb = ctx.train_attack(model, xb, yb)
-        with torch.no_grad():
-            wrong.append(model(xb).argmax(1) != yb)
-    return torch.cat(wrong)
-
-
-def misclassified_prune(ctx: DefenceContext) -> nn.Module:
-    """Remove the samples with the largest IP harm among those the base model misclassifies (up to the
-    budget; fewer when fewer are misclassified), retrain from scratch on the rest."""
-    scores = cached_influence_scores(ctx)
-    wrong = misclassified(ctx, ctx.model)
-    k = min(budget_size(scores.numel(), ctx.fraction), int(wrong.sum()))
-    restricted = torch.where(wrong, scores.double(), torch.tensor(-torch.inf, dtype=torch.float64))
-    keep = torch.ones(scores.numel(), dtype=torch.bool)
-    keep[torch.sort(-restricted, stable=True).indices[:k]] = False
-    return ctx.trainer.fit(ctx.model, take(ctx.train, keep), seed=ctx.seed, val=ctx.val)
 
 
 def fine_tuner(trainer):

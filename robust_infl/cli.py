@@ -88,7 +88,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "re-attack (adaptive and transfer); writes report.json, report.md and, with several\n"
                     "fractions, robust_vs_fraction.png.",
         epilog="recipes (--recipes):\n" + "\n".join(
-            f"  {name:<10} {get_recipe(name).description}" for name in available_recipes()),
+            f"  {name}\n      {get_recipe(name).description}" for name in available_recipes()),
         formatter_class=argparse.RawDescriptionHelpFormatter)
     defend.add_argument("--attack", choices=ATTACK_NAMES, default="pgd", help="attack (default: %(default)s)")
     defend.add_argument("--method", choices=methods, default="ip", help="influence method (default: %(default)s)")
