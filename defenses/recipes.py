@@ -24,7 +24,7 @@ Built in:
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable, Optional
+from typing import Callable, Iterator, Optional
 
 import torch
 from torch import nn
@@ -42,6 +42,7 @@ __all__ = [
     "available_recipes",
     "get_recipe",
     "score_based",
+    "cached_scores",
     "select_and_retrain",
     "DEFAULT_RECIPES",
 ]
@@ -130,13 +131,18 @@ def select_and_retrain(ctx: DefenceContext, scores: torch.Tensor) -> nn.Module:
     return ctx.trainer.fit(ctx.model, ctx.train, weights=weights, seed=ctx.seed, val=ctx.val)
 
 
+def cached_scores(ctx: DefenceContext, name: str, score_fn: Callable[[DefenceContext], torch.Tensor]) -> torch.Tensor:
+    """``score_fn(ctx)`` on the CPU, computed once per seed and kept in ``ctx.cache[name]``."""
+    if name not in ctx.cache:
+        ctx.cache[name] = score_fn(ctx).detach().cpu()
+    return ctx.cache[name]
+
+
 def score_based(name: str, score_fn: Callable[[DefenceContext], torch.Tensor]) -> Callable:
     """A recipe that scores the training samples once per seed (cached) and selects by the budget."""
 
     def recipe(ctx: DefenceContext) -> nn.Module:
-        if name not in ctx.cache:
-            ctx.cache[name] = score_fn(ctx).detach().cpu()
-        return select_and_retrain(ctx, ctx.cache[name])
+        return select_and_retrain(ctx, cached_scores(ctx, name, score_fn))
 
     recipe.__name__ = f"{name}_recipe"
     return recipe
@@ -159,45 +165,39 @@ def random_scores(ctx: DefenceContext) -> torch.Tensor:
                       dtype=torch.float64)
 
 
-def training_loss_scores(ctx: DefenceContext, batch_size: int = 512) -> torch.Tensor:
-    """Per-sample training loss of the base model (at the adversarial training points for adversarial trainers),
-    in eval mode; every submodule's mode is restored after."""
+def _outputs_at_training_points(ctx: DefenceContext, batch_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """``(outputs, labels)`` of the base model, batch by batch, at the training points its training loss is
+    taken at (adversarial for adversarial trainers); eval mode, every submodule's mode restored after."""
     X, y = ctx.train[:2]
     device = next(ctx.model.parameters()).device
-    losses = []
     with frozen_in_eval(ctx.model):
         for start in range(0, X.shape[0], batch_size):
             xb, yb = X[start:start + batch_size].to(device), y[start:start + batch_size].to(device)
             if ctx.train_attack is not None:
                 xb = ctx.train_attack(ctx.model, xb, yb)
             with torch.no_grad():
-                losses.append(per_sample_loss(ctx.model(xb), yb).double().cpu())
-    return torch.cat(losses)
+                yield ctx.model(xb), yb
+
+
+def training_loss_scores(ctx: DefenceContext, batch_size: int = 512) -> torch.Tensor:
+    """Per-sample training loss of the base model (at the adversarial training points for adversarial trainers),
+    in eval mode; every submodule's mode is restored after."""
+    batches = _outputs_at_training_points(ctx, batch_size)
+    return torch.cat([per_sample_loss(out, yb).double().cpu() for out, yb in batches])
 
 
 def misclassified_training_samples(ctx: DefenceContext, batch_size: int = 512) -> torch.Tensor:
     """Boolean mask of the training samples the base model misclassifies, at their adversarial training
     points for adversarial trainers (the points its training loss is taken at), in eval mode."""
-    X, y = ctx.train[:2]
-    device = next(ctx.model.parameters()).device
-    wrong = []
-    with frozen_in_eval(ctx.model):
-        for start in range(0, X.shape[0], batch_size):
-            xb, yb = X[start:start + batch_size].to(device), y[start:start + batch_size].to(device)
-            if ctx.train_attack is not None:
-                xb = ctx.train_attack(ctx.model, xb, yb)
-            with torch.no_grad():
-                wrong.append((predict(ctx.model(xb)) != yb).cpu())
-    return torch.cat(wrong)
+    batches = _outputs_at_training_points(ctx, batch_size)
+    return torch.cat([(predict(out) != yb).cpu() for out, yb in batches])
 
 
 def influence_on_misclassified(ctx: DefenceContext) -> nn.Module:
     """Remove the samples with the largest harm (as ``influence``) among those the base model misclassifies:
     the budget's worth, or fewer when fewer are misclassified; retrain on the rest (prune mode) or with
     weight 0 for them (reweight mode)."""
-    if "influence" not in ctx.cache:
-        ctx.cache["influence"] = influence_scores(ctx).detach().cpu()
-    scores = ctx.cache["influence"].double()
+    scores = cached_scores(ctx, "influence", influence_scores).double()
     wrong = misclassified_training_samples(ctx)
     k = min(budget_size(scores.numel(), ctx.fraction), int(wrong.sum()))
     restricted = torch.where(wrong, scores, torch.tensor(-torch.inf, dtype=torch.float64))

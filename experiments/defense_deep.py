@@ -57,7 +57,7 @@ from defenses import ERM, PGDAT, DefenceContext, LookaheadReweighting
 from defenses.lookahead import (ADVERSARIAL_TRAINING_OPTIONS, PLAIN_TRAINING_OPTIONS, lookahead_recipe,
                                 validation_attack)
 from defenses.data import take
-from defenses.recipes import get_recipe, influence_scores
+from defenses.recipes import cached_scores, get_recipe, influence_scores
 from defenses.selection import budget_size, prune
 from experiments._results import mean_std, paired_ci, write_json, write_section
 from robust_infl.datasets import load_dataset
@@ -188,9 +188,7 @@ def fine_tuner(trainer):
 
 def cached_influence_scores(ctx: DefenceContext) -> torch.Tensor:
     """The IP harm scores of the seed (computed once, shared with ``ip-prune``)."""
-    if "influence" not in ctx.cache:
-        ctx.cache["influence"] = influence_scores(ctx).detach().cpu()
-    return ctx.cache["influence"]
+    return cached_scores(ctx, "influence", influence_scores)
 
 
 def per_class_prune(ctx: DefenceContext) -> nn.Module:
