@@ -17,7 +17,8 @@ EXPERIMENTS = Path(__file__).resolve().parent
 RESULTS_MD = EXPERIMENTS / "RESULTS.md"
 
 __all__ = ["write_section", "atomic_write_text", "write_json", "mean_std", "paired_ci", "format_mean_std",
-           "format_delta", "experiment_arguments", "save_figure", "EXPERIMENTS", "RESULTS_MD"]
+           "format_delta", "experiment_arguments", "scoring_benchmark_parser", "parse_benchmark_arguments",
+           "save_figure", "EXPERIMENTS", "RESULTS_MD"]
 
 
 def write_json(path: Path, obj) -> None:
@@ -116,3 +117,28 @@ def save_figure(fig, path: Path, dpi: int = 110) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=dpi)
     plt.close(fig)
+
+
+def scoring_benchmark_parser(doc: str, *, repeats: int) -> argparse.ArgumentParser:
+    """The command line shared by the scoring benchmarks (SmallCNN on 4,000 inputs, 500 targets, batch 500):
+    ``--n-train``, ``--n-target``, ``--batch-size``, ``--repeats``, ``--seed``, ``--threads`` and
+    ``--write-results``. Add a script's own options to it."""
+    parser = argparse.ArgumentParser(description=doc.split("\n\n")[0])
+    parser.add_argument("--n-train", type=int, default=4000)
+    parser.add_argument("--n-target", type=int, default=500)
+    parser.add_argument("--batch-size", type=int, default=500)
+    parser.add_argument("--repeats", type=int, default=repeats)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
+    parser.add_argument("--write-results", action="store_true", help="write a section of experiments/RESULTS.md")
+    return parser
+
+
+def parse_benchmark_arguments(parser: argparse.ArgumentParser, argv: Optional[list] = None) -> argparse.Namespace:
+    """Parse ``argv`` and apply ``--threads`` (when given) to torch."""
+    import torch
+
+    args = parser.parse_args(argv)
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    return args

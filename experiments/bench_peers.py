@@ -34,7 +34,6 @@ import os
 
 os.environ.setdefault("TQDM_DISABLE", "1")  # the peers' progress bars; read by tqdm when it is imported
 
-import argparse  # noqa: E402
 import statistics  # noqa: E402
 import time  # noqa: E402
 import warnings  # noqa: E402
@@ -45,6 +44,7 @@ import torch.nn.functional as F  # noqa: E402
 from torch.utils.data import DataLoader, TensorDataset  # noqa: E402
 
 import robust_infl as ri  # noqa: E402
+from experiments._results import parse_benchmark_arguments, scoring_benchmark_parser, write_section  # noqa: E402
 from robust_infl.datasets import load_dataset  # noqa: E402
 from robust_infl.distributed import sharded_influence  # noqa: E402
 from robust_infl.engine import build_problem, per_sample_gradients, train_batches  # noqa: E402
@@ -121,18 +121,9 @@ def dattri_grad_dot(model):
 
 def main() -> None:
     """Run the benchmark; print timings, ratios, correlations and whether each target is met."""
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--n-train", type=int, default=4000)
-    parser.add_argument("--n-target", type=int, default=500)
-    parser.add_argument("--batch-size", type=int, default=500)
+    parser = scoring_benchmark_parser(__doc__, repeats=3)
     parser.add_argument("--epochs", type=int, default=1, help="training epochs of the CNN")
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
-    parser.add_argument("--write-results", action="store_true", help="write a section of experiments/RESULTS.md")
-    args = parser.parse_args()
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
+    args = parse_benchmark_arguments(parser)
     warnings.filterwarnings("ignore", category=UserWarning)
 
     model, train, target = build_setting(args)
@@ -212,8 +203,6 @@ def main() -> None:
     ]
     print("\n".join(lines))
     if args.write_results:
-        from experiments._results import write_section
-
         write_section("bench_peers", "## Speed against Captum and dattri (experiments/bench_peers.py)\n\n" + "\n".join(lines))
 
 

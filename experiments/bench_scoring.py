@@ -15,7 +15,6 @@ cache advantage.
 
 from __future__ import annotations
 
-import argparse
 import statistics
 import time
 from typing import Callable
@@ -23,6 +22,7 @@ from typing import Callable
 import torch
 
 import robust_infl as ri
+from experiments._results import parse_benchmark_arguments, scoring_benchmark_parser, write_section
 from robust_infl import engine
 from robust_infl.models import SmallCNN
 from robust_infl.objectives import default_loss_fn
@@ -47,17 +47,7 @@ def forward_pass(model: torch.nn.Module, x: torch.Tensor, batch_size: int) -> No
 
 def main() -> None:
     """Run the benchmark and print the timings, the ratio and whether the target is met."""
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--n-train", type=int, default=4000)
-    parser.add_argument("--n-target", type=int, default=500)
-    parser.add_argument("--batch-size", type=int, default=500)
-    parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
-    parser.add_argument("--write-results", action="store_true", help="write a section of experiments/RESULTS.md")
-    args = parser.parse_args()
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
+    args = parse_benchmark_arguments(scoring_benchmark_parser(__doc__, repeats=5))
 
     generator = torch.Generator().manual_seed(args.seed)
     torch.manual_seed(args.seed)
@@ -103,8 +93,6 @@ def main() -> None:
     ]
     print("\n".join(lines))
     if args.write_results:
-        from experiments._results import write_section
-
         write_section("bench_scoring", "## Scoring speed (experiments/bench_scoring.py)\n\n```\n" + "\n".join(lines) + "\n```")
 
 

@@ -336,15 +336,13 @@ def main(argv: Optional[list] = None) -> dict:
     """Run the experiment, write the JSON, the plot and (full runs only) the RESULTS.md section."""
     args = experiment_arguments(__doc__, "fairness", argv)
     config = QUICK if args.quick else FULL
-    name = args.name
-    out = args.out
     per_seed = [run_seed(seed, config, progress=False)
                 for seed in tqdm(config.seeds, desc="fairness seeds", disable=args.no_progress)]
     rows, reading, summary = summarise(per_seed, config)
-    plot_name = f"{name}.png"
+    plot_name = f"{args.name}.png"
     plot(per_seed, config, args.plots / plot_name)
     result = {"config": dataclasses.asdict(config), "per_seed": per_seed, "summary": summary}
-    write_json(out, result)
+    write_json(args.out, result)
     if not args.quick:
         command = "OMP_NUM_THREADS=1 PYTHONPATH=. .venv/bin/python -m experiments.fairness"
         write_section("fairness", section(rows, reading, config, command, plot_name))

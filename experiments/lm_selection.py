@@ -356,12 +356,11 @@ def main(argv: Optional[list] = None) -> dict:
     """Run the experiment, write the JSON, the plot and (full runs only) the RESULTS.md section."""
     args = experiment_arguments(__doc__, "lm_selection", argv)
     config = QUICK if args.quick else FULL
-    name = args.name
     tokenizer, encoder = load_minilm()
     per_seed = [run_seed(seed, config, tokenizer, encoder, progress=not args.no_progress)
                 for seed in tqdm(config.seeds, desc="lm_selection seeds", disable=args.no_progress)]
     rows, reading, summary = summarise(per_seed, config)
-    plot_name = f"{name}.png"
+    plot_name = f"{args.name}.png"
     plot(per_seed, config, args.plots / plot_name)
     result = {"config": dataclasses.asdict(config), "per_seed": per_seed, "summary": summary}
     write_json(args.out, result)

@@ -494,9 +494,7 @@ def main(argv: Optional[list] = None) -> dict:
     """Run the experiment, write the JSON, the plot and (full runs only) the RESULTS.md section."""
     args = experiment_arguments(__doc__, "noisy_labels", argv)
     config = QUICK if args.quick else FULL
-    name = args.name
-    out = args.out
-    folder = None if args.quick else EXPERIMENTS / "out" / name
+    folder = None if args.quick else EXPERIMENTS / "out" / args.name
     key = json.loads(json.dumps(dataclasses.asdict(config)))
     runs = [cached(None if folder is None else folder / f"seed{seed}.json", {**key, "seed": seed},
                    lambda: run_seed(seed, config, progress=not args.no_progress))
@@ -504,10 +502,10 @@ def main(argv: Optional[list] = None) -> dict:
     per_seed = [result for result, _ in runs]
     minutes = sum(seconds for _, seconds in runs) / 60
     detection, removal, timing, reading, summary = summarise(per_seed, config)
-    plot_name = f"{name}.png"
+    plot_name = f"{args.name}.png"
     plot(summary, config, args.plots / plot_name)
     result = {"config": dataclasses.asdict(config), "minutes": minutes, "per_seed": per_seed, "summary": summary}
-    write_json(out, result)
+    write_json(args.out, result)
     if not args.quick:
         command = "OMP_NUM_THREADS=1 PYTHONPATH=. .venv/bin/python -m experiments.noisy_labels"
         write_section("noisy_labels", section((detection, removal, timing), reading, config, command, plot_name,

@@ -649,9 +649,7 @@ def main(argv: Optional[list] = None) -> dict:
     """Run the experiment, write the JSON, the plot and (full runs only) the RESULTS.md section."""
     args = experiment_arguments(__doc__, "paper_defense", argv)
     config = QUICK if args.quick else FULL
-    name = args.name
-    out = args.out
-    folder = None if args.quick else EXPERIMENTS / "out" / name
+    folder = None if args.quick else EXPERIMENTS / "out" / args.name
     runs = [(setting, seed) for setting in config.settings for seed in setting.seeds]
     per_setting: dict = {setting.name: [] for setting in config.settings}
     seconds = 0.0
@@ -667,11 +665,11 @@ def main(argv: Optional[list] = None) -> dict:
                for s in config.settings}
     table = tables(per_setting, summary, config)
     lines = reading(per_setting, summary, config)
-    plot_name = f"{name}.png"
+    plot_name = f"{args.name}.png"
     plot(summary, config, args.plots / plot_name)
     result = {"config": dataclasses.asdict(config), "minutes": seconds / 60, "per_seed": per_setting,
               "summary": summary}
-    write_json(out, result)
+    write_json(args.out, result)
     if not args.quick:
         command = "OMP_NUM_THREADS=1 PYTHONPATH=. .venv/bin/python -m experiments.paper_defense"
         write_section("paper_defense", section(table, lines, config, command, plot_name, seconds / 60))

@@ -319,14 +319,13 @@ def main(argv: Optional[list] = None) -> dict:
     """Run the experiment, write the JSON, the plot and (full runs only) the RESULTS.md section."""
     args = experiment_arguments(__doc__, "synthetic", argv)
     config = QUICK if args.quick else FULL
-    name = args.name
     per_seed, first = [], {}
     for seed in tqdm(config.seeds, desc="synthetic seeds", disable=args.no_progress):
         results, artefacts = run_seed(seed, config, keep_models=not per_seed)
         per_seed.append(results)
         first = first or artefacts
     rows, reading, summary = summarise(per_seed, config)
-    plot_names = (f"{name}.png", f"{name}_budgets.png")
+    plot_names = (f"{args.name}.png", f"{args.name}_budgets.png")
     plot_boundaries(first, per_seed[0], max(config.fractions), args.plots / plot_names[0])
     plot_budgets(per_seed, config, args.plots / plot_names[1])
     result = {"config": dataclasses.asdict(config), "per_seed": per_seed, "summary": summary}
