@@ -44,7 +44,6 @@ PROBE_SIZE = 2
 class PreparedProblem:
     """A validated scoring run: the problem, the validated training and target sets, and what was checked.
 
-    ``default_loss`` is whether the default loss (chosen from the model's outputs) is used;
     ``label_outputs`` is the number of classes streamed Dataset labels are checked against batch by
     batch (``None`` when they are not checked there).
     """
@@ -52,7 +51,6 @@ class PreparedProblem:
     problem: ScoringProblem
     train: Union[tuple[Tensor, Tensor], Dataset]
     target: TargetSet
-    default_loss: bool
     label_outputs: Optional[int]
 
 
@@ -96,10 +94,10 @@ def prepared_problem(
     target_set = validate_target(target)
 
     with _eval_mode(model):
-        default_loss = loss_fn is None
+        checks_labels = loss_fn is None and isinstance(train, Dataset)  # before the default loss replaces None
         loss_fn, n_outputs = _check_model_fits_data(model, train, target_set, loss_fn, device)
         objective.check(target_set, n_outputs)
-        label_outputs = n_outputs if default_loss and isinstance(train, Dataset) else None
+        label_outputs = n_outputs if checks_labels else None
         problem = build_problem(
             model,
             train,
@@ -116,7 +114,7 @@ def prepared_problem(
             train_attack=train_attack,
             label_outputs=label_outputs,
         )
-        yield PreparedProblem(problem, train, target_set, default_loss, label_outputs)
+        yield PreparedProblem(problem, train, target_set, label_outputs)
 
 
 @contextmanager
