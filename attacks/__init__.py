@@ -9,7 +9,7 @@ that clips to [0, 1] run on unbounded data through an exact affine change of var
 """
 
 from .adapters import ART, AutoAttack, TorchAttacks, art_evasion_names, torchattacks_names
-from .base import Attack, BinaryAsTwoLogits, per_sample_loss, predict
+from .base import Attack, BinaryAsTwoLogits, attack_settings, per_sample_loss, predict
 from .closed_form import LinearClosedForm
 from .composite import Cascade, UnitBoxView
 from .evaluate import accuracy, evaluate
@@ -31,6 +31,7 @@ __all__ = [
     "per_sample_loss",
     "predict",
     "BinaryAsTwoLogits",
+    "attack_settings",
     "torchattacks_names",
     "art_evasion_names",
 ]

@@ -14,6 +14,8 @@ third-party libraries see a one-logit model through :class:`BinaryAsTwoLogits` (
 
 from __future__ import annotations
 
+import hashlib
+import inspect
 import math
 from abc import ABC, abstractmethod
 from contextlib import contextmanager
@@ -23,6 +25,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from .bounds import resolve_bounds
 
 __all__ = [
     "Attack",
@@ -35,6 +39,9 @@ __all__ = [
     "check_model",
     "check_batch",
     "check_logits",
+    "check_output_shape",
+    "check_attack_output",
+    "attack_settings",
     "per_sample_loss",
     "predict",
     "frozen_in_eval",
@@ -114,10 +121,22 @@ def check_batch(x, y) -> None:
         raise ValueError(f"y: is on {y.device} but x is on {x.device}")
 
 
+def check_output_shape(outputs, n: int) -> None:
+    """Raise ``ValueError`` naming ``model`` unless ``outputs`` are logits of shape ``(n, C)``.
+
+    The project's one rule for binary models: ONE logit has shape ``(n, 1)``; a squeezed ``(n,)``
+    output is refused everywhere (trainers, influence, evaluate and the attacks), never guessed.
+    """
+    if not isinstance(outputs, torch.Tensor):
+        raise ValueError(f"model: must return a tensor of logits, got {type(outputs).__name__}")
+    if outputs.dim() != 2 or outputs.shape[0] != n:
+        hint = " (a binary model returns one logit as (n, 1): do not squeeze it)" if outputs.dim() == 1 else ""
+        raise ValueError(f"model: must return logits of shape ({n}, C), got {tuple(outputs.shape)}{hint}")
+
+
 def check_logits(logits: torch.Tensor, y: torch.Tensor) -> int:
     """Check the model's outputs ``(n, C)`` (finite) against labels ``y`` and return ``C``."""
-    if logits.dim() != 2 or logits.shape[0] != y.shape[0]:
-        raise ValueError(f"model: expected outputs of shape ({y.shape[0]}, C), got {tuple(logits.shape)}")
+    check_output_shape(logits, y.shape[0])
     if not bool(torch.isfinite(logits).all()):
         raise ValueError("model: produced non-finite outputs (NaN or infinity) on the attacked batch")
     num_classes = max(logits.shape[1], 2)
@@ -137,9 +156,69 @@ def per_sample_loss(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 
 def predict(logits: torch.Tensor) -> torch.Tensor:
     """Predicted class of every sample: argmax for ``C >= 2`` logits, ``logit > 0`` for one."""
+    check_output_shape(logits, logits.shape[0] if logits.dim() else 0)
     if logits.shape[1] == 1:
         return (logits[:, 0] > 0).long()
     return logits.argmax(dim=1)
+
+
+def _plain(value):
+    """``value`` as plain JSON data: numbers, strings, lists, dicts; small tensors as lists, large ones by
+    shape and hash; attacks and other callables by :func:`attack_settings`."""
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    if isinstance(value, torch.Tensor):
+        if value.numel() <= 64:
+            return value.detach().cpu().tolist()
+        digest = hashlib.sha256(value.detach().cpu().contiguous().numpy().tobytes()).hexdigest()[:16]
+        return {"shape": list(value.shape), "sha256": digest}
+    if isinstance(value, (tuple, list)):
+        return [_plain(v) for v in value]
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if callable(value) or hasattr(value, "__dict__"):
+        return attack_settings(value)
+    return repr(value)
+
+
+def attack_settings(attack) -> dict:
+    """The class of ``attack`` and every public parameter it holds, as plain JSON data.
+
+    What a report records and a resumed run compares: ``{"class": "attacks.pgd.PGD", "eps": 0.1,
+    "steps": 5, ...}``. A plain function is identified by its qualified name and a hash of its code
+    and constants (``{"class": "function", "name": ..., "code": ...}``).
+    """
+    if inspect.isfunction(attack) or inspect.ismethod(attack):
+        code = attack.__code__
+        digest = hashlib.sha256(code.co_code + repr(code.co_consts).encode()).hexdigest()[:16]
+        return {"class": "function", "name": attack.__qualname__, "code": digest}
+    cls = type(attack)
+    params = {k: _plain(v) for k, v in vars(attack).items() if not k.startswith("_")} if hasattr(attack, "__dict__") \
+        else {}
+    return {"class": f"{cls.__module__}.{cls.__qualname__}", **params}
+
+
+def check_attack_output(attack, x: torch.Tensor, x_adv: torch.Tensor, name: str) -> None:
+    """Raise ``ValueError`` starting with ``name`` when ``x_adv`` leaves the budget or bounds ``attack`` declares.
+
+    The declared budget is the attack's ``eps`` in its ``norm`` (``"linf"`` or ``"l2"``), the bounds
+    its ``bounds`` (``(low, high)`` numbers or per-feature tensors); undeclared ones are not checked.
+    A relative slack of 1e-4 (plus 1e-6) absorbs floating-point rounding.
+    """
+    eps, norm, bounds = getattr(attack, "eps", None), getattr(attack, "norm", None), getattr(attack, "bounds", None)
+    delta = (x_adv.detach() - x.detach()).flatten(1).to(torch.float64)
+    if isinstance(eps, (int, float)) and not isinstance(eps, bool) and norm in NORMS and delta.numel():
+        size = delta.abs().amax(dim=1) if norm == "linf" else delta.norm(dim=1)
+        largest = float(size.max())
+        if largest > eps * (1 + 1e-4) + 1e-6:
+            raise ValueError(f"{name}: returned points outside its {norm} budget eps={eps} "
+                             f"(largest perturbation {largest:.6g})")
+    if isinstance(bounds, (tuple, list)) and len(bounds) == 2:
+        low, high = resolve_bounds(tuple(bounds), x)
+        slack = 1e-6
+        outside = int(((x_adv < low - slack) | (x_adv > high + slack)).sum())
+        if outside:
+            raise ValueError(f"{name}: returned {outside} value(s) outside its bounds {_plain(tuple(bounds))}")
 
 
 class BinaryAsTwoLogits(nn.Module):
@@ -210,7 +289,8 @@ class Attack(ABC):
 
     Subclasses implement ``_perturb(model, x, y)``, which receives validated, detached, finite
     inputs, a model in eval mode with frozen parameters, and gradients enabled. A non-finite result
-    (a model producing NaN) raises ``ValueError`` naming ``model``.
+    (a model producing NaN) raises ``ValueError`` naming ``model``; a result outside the budget or
+    bounds the attack declares (``eps`` / ``norm`` / ``bounds``) one naming the attack's class.
     """
 
     def __call__(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -224,7 +304,9 @@ class Attack(ABC):
         bad = int((~torch.isfinite(x_adv)).sum())
         if bad:
             raise ValueError(f"model: its outputs or gradients made {bad} adversarial value(s) NaN or infinite")
-        return x_adv.detach().to(device=x.device, dtype=x.dtype).reshape(x.shape)
+        x_adv = x_adv.detach().to(device=x.device, dtype=x.dtype).reshape(x.shape)
+        check_attack_output(self, x, x_adv, type(self).__name__)
+        return x_adv
 
     @abstractmethod
     def _perturb(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:

@@ -8,9 +8,11 @@ import torch
 from torch import nn
 from torch.func import jacrev, vmap
 
-from .base import Attack, check_eps, check_logits
+from .base import Attack, check_eps, check_logits, predict
 
-__all__ = ["LinearClosedForm"]
+__all__ = ["LinearClosedForm", "LABEL_MODES"]
+
+LABEL_MODES = ("true", "predicted")
 
 
 class LinearClosedForm(Attack):
@@ -30,21 +32,30 @@ class LinearClosedForm(Attack):
         x' = x - (1 + overshoot) * f_k* / ||w_k*||^2 * w_k*
 
     ``w`` is taken by autograd at each point, so any model can be attacked, but the move is EXACT
-    only for a model that is affine in ``x``: there every point's prediction flips (the logit
+    only for a model that is affine in ``x``: there every moved point's prediction flips (the logit
     difference becomes ``-overshoot`` times its old value). For other models it is one
-    linearised step. As in the paper, the move crosses the boundary of the PREDICTED class,
-    ignores ``y`` (used only for validation) and applies no bounds and no budget; points whose
-    gradient is zero are returned unchanged.
+    linearised step. No bounds and no budget are applied; points whose gradient is zero are
+    returned unchanged.
+
+    ``labels="true"`` (default): like every other attack, only the points classified correctly
+    (prediction = ``y``) are moved, off their true class, and misclassified points stay as they
+    are, so robust accuracy is a lower bound of clean accuracy. ``labels="predicted"``: as in the
+    paper's code, EVERY point is moved across the boundary of its predicted class and ``y`` is
+    ignored, so misclassified points may become correct (robust accuracy is then not a lower bound).
 
     Arguments:
         overshoot: how far past the boundary to go, as a fraction of the distance (>= 0).
+        labels: ``"true"`` or ``"predicted"`` (the paper's protocol).
 
     Example::
         >>> x_adv = LinearClosedForm(overshoot=0.3)(logistic_regression, x, y)
     """
 
-    def __init__(self, overshoot: float = 0.3):
+    def __init__(self, overshoot: float = 0.3, labels: str = "true"):
         self.overshoot = check_eps(overshoot, "overshoot", allow_zero=True)
+        if labels not in LABEL_MODES:
+            raise ValueError(f"labels: must be one of {', '.join(LABEL_MODES)}, got {labels!r}")
+        self.labels = labels
 
     def _perturb(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         def logits_of_one(sample: torch.Tensor) -> torch.Tensor:
@@ -67,4 +78,6 @@ class LinearClosedForm(Attack):
         squared_norm = direction.pow(2).sum(dim=1)
         scale = torch.where(squared_norm > 0, margin / squared_norm.clamp_min(1e-30), torch.zeros_like(margin))
         step = (1.0 + self.overshoot) * scale.unsqueeze(1) * direction
+        if self.labels == "true":
+            step = step * (predict(logits) == y).to(step.dtype).unsqueeze(1)
         return x - step.view_as(x)

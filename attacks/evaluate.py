@@ -5,12 +5,13 @@ from __future__ import annotations
 import math
 from typing import Callable, Dict, Iterator, Mapping, Tuple
 
+import numpy as np
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
-from .base import check_batch, check_model, check_positive_int, frozen_in_eval, predict
+from .base import Attack, check_attack_output, check_batch, check_model, check_positive_int, frozen_in_eval, predict
 
 __all__ = ["evaluate", "accuracy"]
 
@@ -25,14 +26,20 @@ def _model_device(model: nn.Module, fallback: torch.device) -> torch.device:
 
 
 def _batches(data, batch_size: int) -> Tuple[int, Iterator[Tuple[torch.Tensor, torch.Tensor]]]:
-    """Number of samples and an iterator of ``(x, y)`` batches of ``data`` (``s`` dropped)."""
+    """Number of samples and an iterator of ``(x, y)`` batches of ``data`` (``s`` dropped).
+
+    A ``Dataset`` is streamed through a ``DataLoader`` of ``batch_size``; a ``DataLoader`` is
+    streamed in its own batches; numpy arrays are converted to tensors.
+    """
+    if isinstance(data, DataLoader):
+        return len(data.dataset), ((batch[0], batch[1]) for batch in data)
     if isinstance(data, Dataset):
         loader = DataLoader(data, batch_size=batch_size, shuffle=False)
         return len(data), ((batch[0], batch[1]) for batch in loader)
     if not isinstance(data, (tuple, list)) or len(data) not in (2, 3):
-        raise ValueError("data: expected (X, y), (X, y, s) or a Dataset yielding such tuples, "
+        raise ValueError("data: expected (X, y), (X, y, s), a Dataset yielding such tuples or a DataLoader, "
                          f"got {type(data).__name__}")
-    X, y = data[0], data[1]
+    X, y = (torch.from_numpy(t) if isinstance(t, np.ndarray) else t for t in data[:2])
     check_batch(X, y)
     return len(X), ((X[i:i + batch_size], y[i:i + batch_size]) for i in range(0, len(X), batch_size))
 
@@ -71,15 +78,17 @@ def evaluate(model: nn.Module, data, attacks: Mapping[str, Callable], batch_size
 
     Arguments:
         model: the classifier (evaluated in eval mode; its mode is restored afterwards).
-        data: ``(X, y)``, ``(X, y, s)`` (``s`` is ignored) or a ``Dataset`` yielding such tuples.
-        attacks: maps a name to a callable ``attack(model, x, y) -> x_adv``.
+        data: ``(X, y)``, ``(X, y, s)`` (``s`` is ignored; tensors or numpy arrays), a ``Dataset``
+            yielding such tuples (streamed) or a ``DataLoader`` (streamed in its batches).
+        attacks: maps a name to a callable ``attack(model, x, y) -> x_adv``; a result outside the
+            budget or bounds the attack declares (``eps`` / ``norm`` / ``bounds``) raises ``ValueError``.
         batch_size: samples per attack call.
         progress: show a tqdm progress bar over batches.
         return_adv: also return the adversarial examples.
 
     Returns:
         ``{"n": int, "clean_acc": float, <name>: {"robust_acc": float, "asr": float}, ...,
-        "worst_case_robust_acc": float}`` where ``asr`` is the fraction of clean-correct samples
+        "worst_case_robust_acc": float}`` (no robust number at all when ``attacks`` is empty) where ``asr`` is the fraction of clean-correct samples
         that the attack flips (NaN when no sample is clean-correct) and a sample counts toward
         ``worst_case_robust_acc`` only if it is classified correctly clean AND after every attack.
         With ``return_adv=True``, a pair ``(results, {name: x_adv})`` with the adversarial
@@ -106,7 +115,8 @@ def evaluate(model: nn.Module, data, attacks: Mapping[str, Callable], batch_size
     with frozen_in_eval(model):
         device = _model_device(model, torch.device("cpu"))
         start = 0
-        for x, y in tqdm(batches, total=math.ceil(n / batch_size), desc="evaluate", disable=not progress):
+        total = len(data) if isinstance(data, DataLoader) else math.ceil(n / batch_size)
+        for x, y in tqdm(batches, total=total, desc="evaluate", disable=None if progress else True):
             data_device = x.device
             x, y = x.to(device), y.to(device)
             where = f"the batch starting at index {start}"
@@ -118,6 +128,8 @@ def evaluate(model: nn.Module, data, attacks: Mapping[str, Callable], batch_size
                 if not isinstance(x_adv, torch.Tensor) or x_adv.shape != x.shape:
                     shape = tuple(x_adv.shape) if isinstance(x_adv, torch.Tensor) else type(x_adv).__name__
                     raise ValueError(f"attacks: {name!r} returned {shape} for a batch of shape {tuple(x.shape)}")
+                if not isinstance(attack, Attack):  # an Attack checks its own output
+                    check_attack_output(attack, x, x_adv, f"attacks: {name!r}")
                 robust_ok = _correct(model, x_adv, y, f"the {name!r} adversarial examples of {where}")
                 robust_correct[name] += int(robust_ok.sum())
                 flipped[name] += int((clean_ok & ~robust_ok).sum())
@@ -131,7 +143,8 @@ def evaluate(model: nn.Module, data, attacks: Mapping[str, Callable], batch_size
     for name in attacks:
         asr = flipped[name] / clean_correct if clean_correct else math.nan
         results[name] = {"robust_acc": robust_correct[name] / n, "asr": asr}
-    results["worst_case_robust_acc"] = worst_case_correct / n
+    if attacks:
+        results["worst_case_robust_acc"] = worst_case_correct / n
     if return_adv:
         return results, {name: torch.cat(chunks) for name, chunks in adversarial.items()}
     return results

@@ -378,7 +378,7 @@ def run(
     saved = None if out is None else SeedResults(out, _resume_settings(config, model, bounds, train_steps,
                                                                         eval_batch_size))
     base_rows, rows = [], []
-    with tqdm(total=len(seeds) * (1 + len(tasks)), desc="defence", disable=not progress) as bar:
+    with tqdm(total=len(seeds) * (1 + len(tasks)), desc="defence", disable=None if progress else True) as bar:
         for seed in seeds:
             splits = first if seed == seeds[0] else splits_for(seed)
             fingerprint = None if saved is None else data_hash(splits.train, splits.val, splits.test)

@@ -12,7 +12,7 @@ import math
 
 import torch
 
-__all__ = ["prune", "reweight", "relabel", "budget_size", "most_harmful", "REWEIGHT_SCHEMES"]
+__all__ = ["prune", "reweight", "relabel", "budget_size", "check_budget", "most_harmful", "REWEIGHT_SCHEMES"]
 
 REWEIGHT_SCHEMES = ("smooth", "hard")
 
@@ -46,6 +46,16 @@ def budget_size(n: int, fraction: float) -> int:
     return int(math.floor(_check_fraction(fraction) * n + 0.5))
 
 
+def check_budget(n: int, fraction: float, name: str = "fraction", what: str = "samples") -> int:
+    """``budget_size(n, fraction)``, or ``ValueError`` starting with ``name`` when it is all ``n`` samples
+    (after rounding, e.g. 0.999 of 300), which would leave nothing to train on."""
+    k = budget_size(n, fraction)
+    if k >= n:
+        raise ValueError(f"{name}: {fraction:g} of {n} {what} selects all {n} of them (the budget is "
+                         f"fraction * n rounded half up); use a smaller fraction")
+    return k
+
+
 def most_harmful(scores, fraction: float) -> torch.Tensor:
     """Boolean mask of the ``budget_size(n, fraction)`` samples with the largest harm."""
     scores = _check_scores(scores)
@@ -57,7 +67,12 @@ def most_harmful(scores, fraction: float) -> torch.Tensor:
 
 
 def prune(scores, fraction: float) -> torch.Tensor:
-    """Keep-mask (``torch.bool``, True = keep) that drops the ``fraction`` with the largest harm."""
+    """Keep-mask (``torch.bool``, True = keep) that drops the ``fraction`` with the largest harm.
+
+    A fraction that would drop every sample (after rounding) raises ``ValueError``.
+    """
+    scores = _check_scores(scores)
+    check_budget(scores.numel(), fraction)
     return ~most_harmful(scores, fraction)
 
 
@@ -71,10 +86,13 @@ def reweight(scores, scheme: str = "smooth", *, fraction: float, temperature: fl
       threshold of the same budget (midway between the last pruned and the first kept score) and
       ``s`` the standard deviation of the scores. The top ``fraction`` gets weights below
       ``w_max / 2``; a small temperature approaches the hard scheme, a large one uniform weights.
+
+    A fraction that would down-weight every sample (after rounding) raises ``ValueError``.
     """
     scores = _check_scores(scores)
     if scheme not in REWEIGHT_SCHEMES:
         raise ValueError(f"scheme: must be one of {', '.join(REWEIGHT_SCHEMES)}, got {scheme!r}")
+    check_budget(scores.numel(), fraction)
     flagged = most_harmful(scores, fraction)
     if isinstance(w_max, bool) or not isinstance(w_max, (int, float)) or not (0 < w_max < math.inf):
         raise ValueError(f"w_max: must be a positive finite number, got {w_max!r}")
@@ -87,8 +105,6 @@ def reweight(scores, scheme: str = "smooth", *, fraction: float, temperature: fl
     scale = spread if spread > 0 else torch.tensor(1.0, dtype=torch.float64)
     if not flagged.any():
         center = scores.max() + scale
-    elif flagged.all():
-        center = scores.min() - scale
     else:
         center = 0.5 * (scores[flagged].min() + scores[~flagged].max())
     return (float(w_max) * torch.sigmoid(-(scores - center) / (temperature * scale))).to(torch.float32)
@@ -98,7 +114,8 @@ def relabel(scores, labels: torch.Tensor, predictions: torch.Tensor, fraction: f
     """Relabel the ``fraction`` with the largest harm to the model's prediction (label-noise repair).
 
     ``predictions`` are class indices ``(n,)``, or the model's outputs: logits ``(n, C)`` (argmax) or
-    one binary logit ``(n, 1)`` (positive = class 1). Returns ``(new_labels, flagged)``.
+    one binary logit ``(n, 1)`` (positive = class 1). Returns ``(new_labels, flagged)``; every
+    sample is kept (a fraction may relabel all of them).
     """
     scores = _check_scores(scores)
     n = scores.numel()

@@ -27,12 +27,12 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from attacks.base import frozen_in_eval
+from attacks.base import check_output_shape, frozen_in_eval
 from attacks.steps import ascent_direction, clamp_to, project_l2_, random_delta
 from robust_infl.objectives import default_loss_fn
 from robust_infl.validation import check_labels
 
-from .data import as_tensors
+from .data import as_tensors, batch_source
 from .validation import check_bool, check_choice, check_int, check_positive
 
 __all__ = [
@@ -45,6 +45,7 @@ __all__ = [
     "make_optimizer",
     "check_weights",
     "check_labels_fit",
+    "batch_slices",
     "maximise_in_ball",
     "model_device",
     "RETRAIN_MODES",
@@ -96,18 +97,38 @@ def check_weights(weights, n: int) -> Optional[torch.Tensor]:
     return w / w.mean()
 
 
-def check_labels_fit(model: nn.Module, X: torch.Tensor, y: torch.Tensor) -> None:
-    """Raise ``ValueError`` naming ``train`` unless ``y`` are class indices the model's outputs can take.
+def check_labels_fit(model: nn.Module, X: torch.Tensor, y: Optional[torch.Tensor]) -> int:
+    """Probe the model on ``X[:1]`` and return its number of outputs; errors name ``train`` or ``model``.
 
-    The number of outputs is read off one forward pass on ``X[:1]`` in eval mode (every module's
-    mode restored after); one output means binary labels {0, 1}.
+    The probe is one forward pass in eval mode (every module's mode restored after). Inputs the
+    model cannot evaluate (e.g. the wrong width) raise ``ValueError`` naming ``train``; outputs
+    other than ``(batch, n_outputs)`` logits one naming ``model`` (a binary model returns ONE logit
+    as ``(n, 1)``; ``(n,)`` is refused, as everywhere in the project). Labels ``y`` (when given)
+    must be class indices the outputs can take; one output means binary labels {0, 1}.
     """
-    with frozen_in_eval(model), torch.no_grad():
-        outputs = model(X[:1].to(model_device(model)))
-    if not isinstance(outputs, torch.Tensor) or outputs.dim() not in (1, 2):
-        shape = tuple(outputs.shape) if isinstance(outputs, torch.Tensor) else type(outputs).__name__
-        raise ValueError(f"model: must return (batch, n_outputs) logits, got {shape}")
-    check_labels("train", y, 1 if outputs.dim() == 1 else outputs.shape[1])
+    try:
+        with frozen_in_eval(model), torch.no_grad():
+            outputs = model(X[:1].to(model_device(model)))
+    except RuntimeError as err:
+        detail = " ".join(str(err).split())[:300]
+        raise ValueError(f"train: the model cannot evaluate inputs of shape {tuple(X.shape[1:])} ({detail})") from None
+    check_output_shape(outputs, 1)
+    if y is not None:
+        check_labels("train", y, outputs.shape[1])
+    return outputs.shape[1]
+
+
+def _has_batch_norm(model: nn.Module) -> bool:
+    return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
+
+
+def batch_slices(n: int, batch_size: int, merge_single: bool) -> list:
+    """``(start, stop)`` of every batch of an epoch over ``n`` samples; with ``merge_single`` a last
+    batch of ONE sample is joined to the one before (BatchNorm cannot normalise a batch of one)."""
+    slices = [(start, min(start + batch_size, n)) for start in range(0, n, batch_size)]
+    if merge_single and len(slices) > 1 and slices[-1][1] - slices[-1][0] == 1:
+        slices[-2:] = [(slices[-2][0], n)]
+    return slices
 
 
 def make_optimizer(model: nn.Module, name: str, lr: float, weight_decay: float) -> torch.optim.Optimizer:
@@ -181,22 +202,22 @@ class Trainer:
     """Mini-batch training on per-sample weighted losses (base class; ``ERM`` is the plain case).
 
     Args:
-        epochs: passes over the training data.
-        lr: learning rate.
-        batch_size: samples per step.
+        epochs: passes over the training data (default 10).
+        lr: learning rate (default 1e-3, for Adam).
+        batch_size: samples per step (default 64).
         optimizer: ``"adam"`` or ``"sgd"`` (momentum 0.9).
         weight_decay: L2 penalty of the optimizer.
         retrain: ``"scratch"`` (re-initialise a copy) or ``"finetune"`` (continue from the given model).
-        progress: show a tqdm progress bar.
+        progress: show a tqdm progress bar (on a terminal only).
         loss_fn: per-sample loss ``(outputs, targets) -> (n,)``; default :func:`per_sample_loss`.
     """
 
     def __init__(
         self,
         *,
-        epochs: int,
-        lr: float,
-        batch_size: int,
+        epochs: int = 10,
+        lr: float = 1e-3,
+        batch_size: int = 64,
         optimizer: str = "adam",
         weight_decay: float = 0.0,
         retrain: str = "scratch",
@@ -243,38 +264,52 @@ class Trainer:
 
     # ----------------------------------------------------------------- training loop
     def fit(self, model: nn.Module, train, *, weights=None, seed: int = 0, val=None) -> nn.Module:
-        """Train a copy of ``model`` on ``train`` (``(X, y[, s])``) and return it in eval mode.
+        """Train a copy of ``model`` on ``train`` and return it in eval mode (``model`` is not changed).
 
+        With ``retrain="scratch"`` (the default) the copy is re-initialised under ``seed`` first, so
+        ``fit(trained_model, data)`` trains a new model from scratch; ``retrain="finetune"`` continues
+        from ``model``'s weights. ``train`` is ``(X, y[, s])`` (tensors or numpy arrays), a
+        ``Dataset`` of ``(x, y, ...)`` items or a ``DataLoader`` over one: a ``Dataset`` other than a
+        ``TensorDataset`` is streamed (each batch is read when it is needed), in this trainer's
+        seeded order and batch size (a ``DataLoader``'s own batching and shuffling are not used).
         ``weights`` (one per sample, >= 0) scale the per-sample losses; ``val`` is passed to the
-        hooks only (the base trainers do not use it).
+        hooks only (the base trainers do not use it). With BatchNorm layers a last batch of one
+        sample is joined to the one before.
         """
         if not isinstance(model, nn.Module):
             raise TypeError(f"model: must be a torch.nn.Module, got {type(model).__name__}")
         check_int(seed, "seed", 0)
-        X, y = as_tensors(train, "train")[:2]
+        n, fetch, tensors = batch_source(train, "train")
         val = None if val is None else as_tensors(val, "val")
-        w = check_weights(weights, X.shape[0])
-        if self.loss_fn is per_sample_loss:
-            check_labels_fit(model, X, y)
+        w = check_weights(weights, n)
+        checks_labels = self.loss_fn is per_sample_loss  # a custom loss_fn takes outputs of its own shape
+        n_outputs = None
+        if checks_labels:
+            probe_x = tensors[0] if tensors is not None else fetch(torch.arange(1))[0]
+            n_outputs = check_labels_fit(model, probe_x, None if tensors is None else tensors[1])
         device = model_device(model)
-        n = X.shape[0]
-        steps_per_epoch = math.ceil(n / self.batch_size)
+        slices = batch_slices(n, self.batch_size, _has_batch_norm(model))
+        steps_per_epoch = len(slices)
         cuda = [device] if device.type == "cuda" else []
         with torch.random.fork_rng(devices=cuda):
             torch.manual_seed(seed)
             model = copy_for_training(model, self.retrain, seed)
             optimizer = make_optimizer(model, self.optimizer, self.lr, self.weight_decay)
             order_generator = torch.Generator().manual_seed(seed)
-            self.begin_fit(model, (X, y), val, seed=seed, steps_per_epoch=steps_per_epoch)
+            self.begin_fit(model, tensors if tensors is not None else train, val, seed=seed,
+                           steps_per_epoch=steps_per_epoch)
             model.train()
             step = 0
-            with tqdm(total=self.epochs * steps_per_epoch, desc=type(self).__name__, disable=not self.progress,
-                      leave=False) as bar:
+            with tqdm(total=self.epochs * steps_per_epoch, desc=type(self).__name__,
+                      disable=None if self.progress else True, leave=False) as bar:
                 for epoch in range(self.epochs):
                     order = torch.randperm(n, generator=order_generator)
-                    for start in range(0, n, self.batch_size):
-                        idx = order[start:start + self.batch_size]
-                        xb, yb = X[idx].to(device), y[idx].to(device)
+                    for start, stop in slices:
+                        idx = order[start:stop]
+                        xb, yb = fetch(idx)
+                        if tensors is None and checks_labels:
+                            check_labels("train", yb, n_outputs)
+                        xb, yb = xb.to(device), yb.to(device)
                         wb = torch.ones(len(idx), device=device) if w is None else w[idx].to(device)
                         self.begin_step(model, step=step, epoch=epoch)
                         loss = self.batch_loss(model, xb, yb, wb, step)

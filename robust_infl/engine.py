@@ -118,7 +118,7 @@ class TrainStream:
     ) -> Iterator[tuple[int, Tensor, Tensor]]:
         """Yield ``(start, x, y)``: the batch's first index, inputs in ``dtype`` and labels, on ``device``."""
         start = 0
-        bar = tqdm(total=self.n_batches, desc=desc, disable=not progress, leave=False)
+        bar = tqdm(total=self.n_batches, desc=desc, disable=None if progress else True, leave=False)
         try:
             for x, y in self._raw_batches():
                 yield start, x.to(device=device, dtype=dtype), y.to(device)

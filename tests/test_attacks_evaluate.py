@@ -1,6 +1,7 @@
 """attacks.evaluate and attacks.accuracy against brute-force and known answers."""
 
 import math
+import sys
 
 import pytest
 import torch
@@ -46,10 +47,13 @@ def test_known_answers_with_identity_and_closed_form_attacks():
     assert result["n"] == len(x)
     assert result["clean_acc"] == pytest.approx(clean)
     assert result["none"] == {"robust_acc": pytest.approx(clean), "asr": 0.0}
-    # The closed form flips every prediction of a linear model: the wrong become right.
-    assert result["closed_form"]["robust_acc"] == pytest.approx(1 - clean)
-    assert result["closed_form"]["asr"] == 1.0
+    # With the true labels (default) the closed form flips every correct prediction of a linear model
+    # and leaves the wrong ones wrong: robust accuracy 0, a lower bound like every other attack's.
+    assert result["closed_form"] == {"robust_acc": 0.0, "asr": 1.0}
     assert result["worst_case_robust_acc"] == 0.0
+    # The paper's variant moves every point off its PREDICTED class: the wrong become right.
+    paper = evaluate(model, (x, y), {"paper": LinearClosedForm(labels="predicted")}, progress=False)
+    assert paper["paper"]["robust_acc"] == pytest.approx(1 - clean) and paper["paper"]["asr"] == 1.0
 
 
 def test_matches_a_brute_force_computation_for_any_batch_size():
@@ -99,10 +103,13 @@ def test_accuracy_handles_one_logit_models_and_restores_mode():
     assert model.training
 
 
-def test_progress_bar_can_be_switched_off(capsys):
+def test_progress_bar_can_be_switched_off_and_shows_only_on_a_terminal(capsys, monkeypatch):
     model, x, y = binary_linear_problem()
     evaluate(model, (x, y), {"none": identity}, batch_size=10, progress=False)
     assert capsys.readouterr().err == ""
+    evaluate(model, (x, y), {"none": identity}, batch_size=10, progress=True)
+    assert capsys.readouterr().err == ""  # stderr is not a terminal here (issue 14: no bars in logs)
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True, raising=False)
     evaluate(model, (x, y), {"none": identity}, batch_size=10, progress=True)
     assert "evaluate" in capsys.readouterr().err
 

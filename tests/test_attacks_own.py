@@ -124,7 +124,7 @@ def test_pgd_on_a_one_logit_linear_model_reaches_the_known_optimum(norm):
 def test_closed_form_binary_matches_the_paper_formula_and_flips_every_point():
     model = LogisticRegression(N_FEATURES, 1)
     x, y = tabular_batch(n=64, num_classes=2)
-    x_adv = LinearClosedForm(overshoot=0.3)(model, x, y)
+    x_adv = LinearClosedForm(overshoot=0.3, labels="predicted")(model, x, y)  # the paper's variant
     w, b = model.linear.weight[0].detach(), model.linear.bias.detach()
     z = x @ w + b
     expected = x - (1.3 * z / w.dot(w)).unsqueeze(1) * w
@@ -138,7 +138,7 @@ def test_closed_form_binary_matches_the_paper_formula_and_flips_every_point():
 def test_closed_form_multiclass_moves_to_the_nearest_other_class(num_classes):
     model = LogisticRegression(N_FEATURES, num_classes)
     x, y = tabular_batch(n=64, num_classes=num_classes)
-    x_adv = LinearClosedForm(overshoot=0.1)(model, x, y)
+    x_adv = LinearClosedForm(overshoot=0.1, labels="predicted")(model, x, y)  # the paper's variant
     # Brute force with the explicit weights, one sample at a time.
     W, b = model.linear.weight.detach(), model.linear.bias.detach()
     for i in range(len(x)):
@@ -156,6 +156,21 @@ def test_closed_form_multiclass_moves_to_the_nearest_other_class(num_classes):
         torch.testing.assert_close(x_adv[i], x[i] - 1.1 * f / w.dot(w) * w)
     with torch.no_grad():
         assert bool((predict(model(x_adv)) != predict(model(x))).all())
+
+
+@pytest.mark.parametrize("num_classes", [1, 4])
+def test_closed_form_with_true_labels_moves_only_the_correct_points_so_robust_acc_is_a_lower_bound(num_classes):
+    model = LogisticRegression(N_FEATURES, num_classes)
+    x, y = tabular_batch(n=64, num_classes=max(num_classes, 2))
+    with torch.no_grad():
+        correct = predict(model(x)) == y
+    assert 0 < int(correct.sum()) < len(x)
+    x_adv = LinearClosedForm(overshoot=0.3)(model, x, y)
+    paper = LinearClosedForm(overshoot=0.3, labels="predicted")(model, x, y)
+    torch.testing.assert_close(x_adv[correct], paper[correct])  # the same move where prediction = label
+    assert torch.equal(x_adv[~correct], x[~correct])  # misclassified points stay as they are
+    with torch.no_grad():
+        assert not bool((predict(model(x_adv)) == y).any())  # a linear model: every point ends up wrong
 
 
 def test_closed_form_runs_on_nonlinear_models():

@@ -79,7 +79,7 @@ def conjugate_gradient_influence(problem: ScoringProblem, *, tol: float = 1e-6, 
     x = torch.zeros_like(b)
     residual, direction = b.clone(), b.clone()
     target, rr = tol * float(b.norm()), float(residual @ residual)
-    bar = tqdm(range(max_iter), desc="if-cg iterations", disable=not problem.progress, leave=False)
+    bar = tqdm(range(max_iter), desc="if-cg iterations", disable=None if problem.progress else True, leave=False)
     for _ in bar:
         if math.sqrt(rr) <= target:
             break
@@ -199,7 +199,7 @@ def lissa_influence(
     generator = torch.Generator().manual_seed(problem.seed)
     h = v.expand(rows, -1).clone()
     limit = DIVERGENCE_FACTOR * max(float(v.norm()), 1e-300)
-    for step in tqdm(range(depth), desc="if-lissa steps", disable=not problem.progress, leave=False):
+    for step in tqdm(range(depth), desc="if-lissa steps", disable=None if problem.progress else True, leave=False):
         if full_batch:
             product = hessian_vector_products(problem, problem.params, h).double()
         else:
