@@ -42,6 +42,7 @@ __all__ = [
     "check_output_shape",
     "check_attack_output",
     "attack_settings",
+    "plain_value",
     "per_sample_loss",
     "predict",
     "frozen_in_eval",
@@ -162,7 +163,7 @@ def predict(logits: torch.Tensor) -> torch.Tensor:
     return logits.argmax(dim=1)
 
 
-def _plain(value):
+def plain_value(value):
     """``value`` as plain JSON data: numbers, strings, lists, dicts; small tensors as lists, large ones by
     shape and hash; attacks and other callables by :func:`attack_settings`."""
     if value is None or isinstance(value, (bool, int, float, str)):
@@ -173,9 +174,9 @@ def _plain(value):
         digest = hashlib.sha256(value.detach().cpu().contiguous().numpy().tobytes()).hexdigest()[:16]
         return {"shape": list(value.shape), "sha256": digest}
     if isinstance(value, (tuple, list)):
-        return [_plain(v) for v in value]
+        return [plain_value(v) for v in value]
     if isinstance(value, dict):
-        return {str(k): _plain(v) for k, v in value.items()}
+        return {str(k): plain_value(v) for k, v in value.items()}
     if callable(value) or hasattr(value, "__dict__"):
         return attack_settings(value)
     return repr(value)
@@ -193,7 +194,7 @@ def attack_settings(attack) -> dict:
         digest = hashlib.sha256(code.co_code + repr(code.co_consts).encode()).hexdigest()[:16]
         return {"class": "function", "name": attack.__qualname__, "code": digest}
     cls = type(attack)
-    params = {k: _plain(v) for k, v in vars(attack).items() if not k.startswith("_")} if hasattr(attack, "__dict__") \
+    params = {k: plain_value(v) for k, v in vars(attack).items() if not k.startswith("_")} if hasattr(attack, "__dict__") \
         else {}
     return {"class": f"{cls.__module__}.{cls.__qualname__}", **params}
 
@@ -218,7 +219,7 @@ def check_attack_output(attack, x: torch.Tensor, x_adv: torch.Tensor, name: str)
         slack = 1e-6
         outside = int(((x_adv < low - slack) | (x_adv > high + slack)).sum())
         if outside:
-            raise ValueError(f"{name}: returned {outside} value(s) outside its bounds {_plain(tuple(bounds))}")
+            raise ValueError(f"{name}: returned {outside} value(s) outside its bounds {plain_value(tuple(bounds))}")
 
 
 class BinaryAsTwoLogits(nn.Module):

@@ -16,25 +16,17 @@ import torch
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 from torch.utils.data.dataloader import default_collate
 
-from robust_infl.validation import check_finite
+from robust_infl.validation import integer_labels
 
 __all__ = ["as_tensors", "as_labels", "take", "num_samples", "batch_source"]
 
 
 def as_labels(y: torch.Tensor, name: str) -> torch.Tensor:
-    """Labels ``y`` as class indices: integer tensors as they are, whole-number floats as int64.
-
-    Raises ``ValueError`` starting with ``name`` for non-integer, NaN or infinite float labels and
-    ``TypeError`` for bool / complex ones.
-    """
+    """Labels ``y`` as class indices (``robust_infl.validation.integer_labels``: whole-number floats as
+    int64, other floats refused); bool and complex labels raise ``TypeError`` naming ``name``."""
     if y.dtype == torch.bool or y.is_complex():
         raise TypeError(f"{name}: labels must be integer class indices, got {y.dtype}")
-    if not y.is_floating_point():
-        return y
-    check_finite(name, y)
-    if not bool((y == torch.round(y)).all()):
-        raise ValueError(f"{name}: labels must be integer class indices, got non-integer values")
-    return y.long()
+    return integer_labels(name, y)
 
 
 def _check_inputs(x: torch.Tensor, name: str) -> None:

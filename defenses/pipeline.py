@@ -12,23 +12,27 @@ place, :func:`evaluate_on_test`.
 from __future__ import annotations
 
 import copy
+import hashlib
 from typing import Callable, Optional, Sequence, Union
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from attacks.base import attack_settings, plain_value
+
 from robust_infl.datasets import Splits
 from robust_infl.experiment_setup import (DATA_DEFAULTS, USER_DATA_DEFAULTS, data_defaults, load_splits,
                                           make_attack, make_trainer, model_factory)
+from robust_infl.io import check_output_folder
 from robust_infl.store import data_hash, model_hash
 
 from .art_trainer import ARTTrainer
 from .data import as_tensors
 from .recipes import DEFAULT_RECIPES, DefenceContext, get_recipe
 from .report import METRICS, mean_std, summarise, write_report
-from .seed_results import SeedResults
-from .selection import REWEIGHT_SCHEMES
+from .seed_results import SeedResults, prepare_out_folder
+from .selection import REWEIGHT_SCHEMES, check_budget
 from .trainers import PGDAT
 from .validation import check_bool, check_choice, check_int, check_positive
 
@@ -97,12 +101,49 @@ def _training_attack(trainer, seed: int) -> Optional[Callable]:
     return None
 
 
-def _resume_settings(config: dict, model, bounds, train_steps: int, eval_batch_size: int) -> dict:
-    """What per-seed results depend on besides the seed and its data: the config without the seed list,
-    the bounds, the adversarial trainers' steps, the evaluation batch size and a given module's weights."""
+def _resume_settings(config: dict, model, bounds, train_steps: int, eval_batch_size: int, *, trainer,
+                     built_model: nn.Module) -> dict:
+    """What per-seed results depend on besides the seed and its data: the config without the seed list
+    (it holds the attack's settings and the bounds), the bounds argument, the adversarial trainers'
+    steps, the evaluation batch size, every trainer parameter, and a given module's weights (a
+    factory's model: its architecture)."""
     settings = {k: v for k, v in config.items() if k != "seeds"}
-    settings.update(bounds=repr(bounds), train_steps=train_steps, eval_batch_size=eval_batch_size,
-                    model_hash=model_hash(model) if isinstance(model, nn.Module) else None)
+    covered = ("progress", "epochs", "lr", "batch_size", "retrain")  # in the config (or the trainer's repr)
+    trainer_settings = {k: v for k, v in attack_settings(trainer).items() if k not in covered}
+    architecture = hashlib.sha256(repr(built_model).encode()).hexdigest()[:16]
+    settings.update(bounds_argument=repr(bounds), train_steps=train_steps, eval_batch_size=eval_batch_size,
+                    trainer_settings=trainer_settings,
+                    model_hash=model_hash(model) if isinstance(model, nn.Module) else f"architecture {architecture}")
+    return settings
+
+
+def _auto_bounds(data, attack, bounds):
+    """``bounds="auto"`` resolved where the data alone does not decide: the bounds of an attack object
+    that declares them; for a named attack on your own ``(X, y)`` tensors, the attacks' default (0, 1)
+    when every value of X lies in it, else None. Otherwise ``bounds`` as given (a named data set
+    keeps its own bounds under ``"auto"``)."""
+    if not isinstance(bounds, str):
+        return bounds
+    if not isinstance(attack, str) and hasattr(attack, "bounds"):
+        return attack.bounds
+    if isinstance(data, (tuple, list)) and data and all(torch.is_tensor(t) for t in data):
+        X = data[0]
+        inside = X.is_floating_point() and X.numel() > 0 and bool(((X >= 0) & (X <= 1)).all())
+        return (0.0, 1.0) if inside else None
+    return bounds
+
+
+def _threat_model(attack) -> dict:
+    """``eps``, ``norm`` and ``steps`` of ``attack``: each None when the attack has no such parameter."""
+    return {key: plain_value(getattr(attack, key, None)) for key in ("eps", "norm", "steps")}
+
+
+def _attack_settings(attack, *, named: bool) -> dict:
+    """The attack's class and parameters (:func:`attacks.attack_settings`); a named attack is built per
+    seed, so its ``seed`` is recorded as the run's seed."""
+    settings = attack_settings(attack)
+    if named and "seed" in settings:
+        settings["seed"] = "the run's seed"
     return settings
 
 
@@ -249,6 +290,7 @@ def run(
     eval_batch_size: int = 256,
     out=None,
     resume: bool = False,
+    overwrite: bool = False,
     progress: bool = True,
 ) -> dict:
     """Run the defence and its baselines over several seeds and return (and optionally write) the report.
@@ -263,8 +305,10 @@ def run(
         attack: ``fgsm``, ``pgd``, ``linear``, ``autoattack`` (built per seed from ``eps``, ``norm``,
             ``steps``, ``bounds``), or your own callable ``attack(model, x, y) -> x_adv``.
         eps, norm, steps: the threat model (defaults per data set: images linf 0.1, tabular l2 0.5; 10 steps).
-        bounds: input range for named attacks and adversarial trainers; ``"auto"`` takes the data set's
-            (images (0, 1), tabular None; None for your own tensors).
+        bounds: input range for named attacks and adversarial trainers; ``"auto"``: the ``bounds`` of
+            an attack object that declares them, else the data set's (images (0, 1), tabular None),
+            and for your own ``(X, y)`` tensors (0, 1) when every value of X lies in it, else None.
+            The report shows them (``config["bounds"]``).
         method, method_options: influence method (``robust_infl.available_methods()``) and its options.
         fractions: budgets (share of the training set pruned / down-weighted); several give a plot.
         mode: ``"prune"`` (train on the kept samples) or ``"reweight"`` (``scheme``: ``"smooth"`` with
@@ -283,10 +327,12 @@ def run(
             each seed's results are also saved there as it completes (``seeds/seed_<k>.json``), and
             every file is written atomically.
         resume: reuse the per-seed results already in ``out`` (a run that crashed or was stopped, or
-            more seeds added to a finished run); a seed file written with other settings is refused
-            with a ``ValueError``. Custom model factories and attack callables are identified by their
-            names only (see :mod:`defenses.seed_results`).
-        progress: show progress bars.
+            more seeds added to a finished run); a seed file written with other settings (attack and
+            its parameters, bounds, trainer, schedule, data, model; see :mod:`defenses.seed_results`)
+            is refused with a ``ValueError``.
+        overwrite: replace an earlier run in ``out``; without it (or ``resume``) a folder holding one
+            is refused before any compute, and left untouched.
+        progress: show one progress bar (on a terminal only) over the seeds and recipes.
 
     Returns:
         The report: ``config``, ``base`` (metrics of the base model), ``per_seed`` rows and ``summary``
@@ -294,8 +340,11 @@ def run(
     """
     check_bool(progress, "progress")
     check_bool(resume, "resume")
+    check_bool(overwrite, "overwrite")
     if resume and out is None:
         raise ValueError("resume: needs out, the folder holding the per-seed results to reuse")
+    if out is not None:
+        check_output_folder(out, "out")
     fractions = _check_fractions(fractions)
     seeds = _check_seeds(seeds)
     check_choice(mode, "mode", MODES)
@@ -316,11 +365,14 @@ def run(
                              f"{', '.join(robust_infl.available_methods())}")
     method_options = dict(method_options or {})
 
-    splits_for, defaults, data_label = _resolve_data(data, (n_train, n_val, n_test), bounds)
+    splits_for, defaults, data_label = _resolve_data(data, (n_train, n_val, n_test), _auto_bounds(data, attack, bounds))
     model_for, model_label = _resolve_model(model, defaults)
     first = splits_for(seeds[0])
+    for fraction in fractions:
+        check_budget(int(first.train[0].shape[0]), fraction, "fractions", "training samples")
+    first_model = model_for(seeds[0], first)
     data_label = data_label or first.name
-    model_label = model_label or type(model_for(seeds[0], first)).__name__
+    model_label = model_label or type(first_model).__name__
     norm = defaults.norm if norm is None else check_choice(norm, "norm", ("linf", "l2"))
     eps = defaults.eps if eps is None else check_positive(eps, "eps")
     steps = defaults.steps if steps is None else check_int(steps, "steps", 1)
@@ -336,7 +388,7 @@ def run(
             return make_attack(attack_label, eps=eps, norm=norm, steps=steps, bounds=splits.bounds, seed=seed)
     elif callable(attack):
         attack_label = _label(attack)
-        eps, norm = getattr(attack, "eps", None), getattr(attack, "norm", None)
+        eps, norm, steps = getattr(attack, "eps", None), getattr(attack, "norm", None), getattr(attack, "steps", None)
 
         def attack_for(seed, splits):
             return attack
@@ -347,7 +399,7 @@ def run(
         trainer_label = trainer
         trainer = make_trainer(trainer, epochs=epochs, lr=lr, batch_size=batch_size, retrain=retrain,
                                eps=eps if eps is not None else defaults.eps, norm=norm or defaults.norm,
-                               bounds=first.bounds, train_steps=train_steps, progress=progress)
+                               bounds=first.bounds, train_steps=train_steps, progress=False)
     elif callable(getattr(trainer, "fit", None)) and callable(getattr(trainer, "with_retrain", None)):
         trainer_label = repr(trainer)
         trainer = trainer.with_retrain(retrain)
@@ -359,11 +411,11 @@ def run(
                          "with an art-* trainer")
     base_trainer = trainer.with_retrain("scratch")
 
-    budget_free_attack = attack_label == "linear"  # the closed-form attack has no eps, norm or steps
+    first_attack = attack_for(seeds[0], first)
     config = {
         "data": data_label, "model": model_label, "attack": attack_label,
-        "eps": None if budget_free_attack else eps, "norm": None if budget_free_attack else norm,
-        "steps": None if budget_free_attack else steps, "method": method, "method_options": {k: repr(v) for k, v in method_options.items()},
+        **_threat_model(first_attack), "attack_settings": _attack_settings(first_attack, named=isinstance(attack, str)),
+        "bounds": plain_value(first.bounds), "method": method, "method_options": {k: repr(v) for k, v in method_options.items()},
         "fractions": fractions, "mode": mode, "scheme": scheme if mode == "reweight" else None,
         "temperature": temperature if mode == "reweight" and scheme == "smooth" else None,
         "retrain": retrain, "trainer": trainer_label, "recipes": list(recipes), "seeds": seeds,
@@ -375,8 +427,11 @@ def run(
     budgeted = [r for r in chosen if r.uses_budget]
     once = [r for r in chosen if not r.uses_budget]
     tasks = [(r, None) for r in once] + [(r, f) for f in fractions for r in budgeted]
-    saved = None if out is None else SeedResults(out, _resume_settings(config, model, bounds, train_steps,
-                                                                        eval_batch_size))
+    saved = None
+    if out is not None:
+        prepare_out_folder(out, resume=resume, overwrite=overwrite)
+        saved = SeedResults(out, _resume_settings(config, model, bounds, train_steps, eval_batch_size,
+                                                  trainer=trainer, built_model=first_model))
     base_rows, rows = [], []
     with tqdm(total=len(seeds) * (1 + len(tasks)), desc="defence", disable=None if progress else True) as bar:
         for seed in seeds:
@@ -386,10 +441,10 @@ def run(
             if results is None:
                 bar.set_postfix_str(f"seed {seed}")
                 results = _run_seed(seed, splits, tasks, bar, model_for=model_for, attack_fn=attack_for(seed, splits),
-                                    base_trainer=base_trainer, eval_batch_size=eval_batch_size, progress=progress,
+                                    base_trainer=base_trainer, eval_batch_size=eval_batch_size, progress=False,
                                     context=dict(trainer=trainer, mode=mode, scheme=scheme, temperature=temperature,
                                                  method=method, method_options=method_options,
-                                                 train_attack=_training_attack(trainer, seed), progress=progress))
+                                                 train_attack=_training_attack(trainer, seed), progress=False))
                 if saved is not None:
                     saved.save(seed, fingerprint, results)
             else:

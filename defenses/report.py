@@ -17,6 +17,7 @@ __all__ = ["METRICS", "mean_std", "paired_difference", "summarise", "render_mark
            "write_report"]
 
 METRICS = ("clean_acc", "robust_acc", "transfer_acc")
+DEGENERATE_INTERVAL = "n/a: identical differences"
 _LABELS = {"clean_acc": "clean acc", "robust_acc": "robust acc (adaptive)", "transfer_acc": "robust acc (transfer)"}
 
 
@@ -31,13 +32,19 @@ def mean_std(values: Iterable[float]) -> dict:
 
 
 def paired_difference(a: Iterable[float], b: Iterable[float], level: float = 0.95) -> dict:
-    """Mean, std and two-sided t confidence interval (``ci95``; None for one pair) of ``a - b``."""
+    """Mean, std and two-sided t confidence interval (``ci95``) of ``a - b``.
+
+    ``ci95`` is None for one pair, and for identical differences (std 0: a zero-width interval would
+    read as certainty), which also get ``ci95_note`` ``"n/a: identical differences"``.
+    """
     from scipy import stats
 
     diffs = [float(x) - float(y) for x, y in zip(a, b, strict=True)]
     out = mean_std(diffs)
     if len(diffs) < 2:
         out["ci95"] = None
+    elif out["std"] == 0.0:
+        out["ci95"], out["ci95_note"] = None, DEGENERATE_INTERVAL
     else:
         half = float(stats.t.ppf(0.5 + level / 2, len(diffs) - 1)) * out["std"] / math.sqrt(len(diffs))
         out["ci95"] = [out["mean"] - half, out["mean"] + half]
@@ -88,11 +95,22 @@ def _delta(stat: Optional[dict]) -> str:
     if stat.get("ci95"):
         lo, hi = stat["ci95"]
         text += f" [{100 * lo:+.1f}, {100 * hi:+.1f}]"
+    elif stat.get("ci95_note"):
+        text += f" [{stat['ci95_note']}]"
     return text
 
 
 def _threat(cfg: dict) -> str:
-    return cfg["attack"] + ("" if cfg["eps"] is None else f" {cfg['norm']} eps={cfg['eps']}")
+    """The attack with only the parameters it uses (eps / norm, steps)."""
+    text = cfg["attack"] + ("" if cfg["eps"] is None else f" {cfg['norm']} eps={cfg['eps']}")
+    return text + ("" if cfg.get("steps") is None else f", {cfg['steps']} steps")
+
+
+def _bounds(cfg: dict) -> list:
+    """The line on the input bounds of the attack and the adversarial trainers (none in older reports)."""
+    if "bounds" not in cfg:
+        return []
+    return [f"Input bounds: {'none (unbounded)' if cfg['bounds'] is None else cfg['bounds']}.", ""]
 
 
 def render_markdown(report: dict) -> str:
@@ -105,6 +123,7 @@ def render_markdown(report: dict) -> str:
         f"over the validation split; mode={cfg['mode']}, retrain={cfg['retrain']}, trainer={cfg['trainer']}; "
         f"seeds {cfg['seeds']}.",
         "",
+        *_bounds(cfg),
         "| recipe | fraction | clean acc | robust acc (adaptive) | robust acc (transfer) "
         "| Δ robust vs none | Δ robust vs random | Δ clean vs none |",
         "|---|---|---|---|---|---|---|---|",

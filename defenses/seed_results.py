@@ -5,9 +5,11 @@ with the settings that produced them (the run's configuration without the seed l
 the evaluation settings and a fingerprint of the seed's data splits). Each file is written
 atomically (:mod:`robust_infl.io`), so a file that exists is complete. A resumed run reuses a seed's
 file only if its settings equal the current ones; otherwise it refuses with a ``ValueError`` that
-lists the settings that differ. Custom model factories and attack callables are identified by
-their names only: change one and resume, and the stale results would be reused, so resume into
-a fresh folder instead.
+lists the settings that differ. The settings cover the attack (its class and every parameter,
+:func:`attacks.attack_settings`), the bounds, the trainer (every parameter), the schedule, the data
+and the model (the hash of a given module's weights, or a factory's architecture). A plain
+function used as an attack is identified by its name and the hash of its code and constants, not
+by the values it closes over.
 """
 
 from __future__ import annotations
@@ -16,12 +18,37 @@ import json
 from pathlib import Path
 from typing import Any, Mapping, Optional
 
-from robust_infl.io import PathLike, atomic_write_json, json_safe
+from robust_infl.io import PathLike, atomic_write_json, check_output_folder, json_safe
 
-__all__ = ["SeedResults", "SEEDS_DIR", "FORMAT_VERSION"]
+__all__ = ["SeedResults", "SEEDS_DIR", "FORMAT_VERSION", "RUN_FILES", "prepare_out_folder"]
 
 SEEDS_DIR = "seeds"
 FORMAT_VERSION = 1
+RUN_FILES = ("report.json", "report.md", "robust_vs_fraction.png")  # what write_report writes
+
+
+def prepare_out_folder(out: PathLike, *, resume: bool, overwrite: bool) -> Path:
+    """Check the output folder of a run before any compute, and clear an earlier run's files if asked.
+
+    ``out`` must be a writable folder (created if missing). A folder that holds an earlier run (its
+    report or per-seed files) is refused with a ``ValueError`` naming ``out`` unless ``resume``
+    (reuse its seeds) or ``overwrite`` (its report and seed files are deleted now, so none of them
+    can be mistaken for part of the new run).
+    """
+    if resume and overwrite:
+        raise ValueError("overwrite: cannot be combined with resume (resume reuses the folder's seeds, "
+                         "overwrite deletes them); pass one of them")
+    folder = check_output_folder(out, "out")
+    earlier = [folder / name for name in RUN_FILES if (folder / name).exists()]
+    earlier += sorted((folder / SEEDS_DIR).glob("seed_*.json"))
+    if earlier and not resume:
+        if not overwrite:
+            shown = ", ".join(str(p.relative_to(folder)) for p in earlier[:3]) + (", ..." if len(earlier) > 3 else "")
+            raise ValueError(f"out: {folder} holds an earlier run ({shown}); pass resume=True (--resume) to "
+                             "continue it, overwrite=True (--overwrite) to replace it, or another folder")
+        for path in earlier:
+            path.unlink()
+    return folder
 
 
 def _normalised(value: Any) -> Any:
@@ -56,8 +83,12 @@ class SeedResults:
         path = self.path(seed)
         if not path.exists():
             return None
-        saved = json.loads(path.read_text())
-        if saved.get("format_version") != FORMAT_VERSION or not isinstance(saved.get("settings"), dict):
+        try:
+            saved = json.loads(path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise ValueError(f"resume: {path} is not a complete per-seed result file ({err}); delete it to "
+                             "recompute that seed, or use another out folder") from None
+        if not isinstance(saved, dict) or saved.get("format_version") != FORMAT_VERSION or not isinstance(saved.get("settings"), dict):
             raise ValueError(f"resume: {path} is not a per-seed result file of this version; use another out folder")
         wanted = self._key(data_fingerprint)
         differing = sorted(k for k in set(saved["settings"]) | set(wanted) if saved["settings"].get(k) != wanted.get(k))

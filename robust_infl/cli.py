@@ -9,13 +9,27 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+import warnings
 from pathlib import Path
 from typing import Optional, Sequence
 
 __all__ = ["main", "build_parser"]
 
 PROG = "robust-infl"
+CHECKPOINT_METHODS = ("tracin",)  # methods that need checkpoints of the scored model's training run
+THIRD_PARTY_MODULES = r"(?!(robust_infl|attacks|defenses|experiments)(\.|$))"
 USER_ERRORS = (ValueError, TypeError, OSError, ImportError, FloatingPointError)
+
+
+def _seed_value(text: str) -> int:
+    """argparse type of ``--seed``: an integer >= 0 (the error names the flag)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 0, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 0, got {value}")
+    return value
 
 
 class _OneLineErrorParser(argparse.ArgumentParser):
@@ -49,7 +63,8 @@ def _common_options() -> argparse.ArgumentParser:
     train.add_argument("--train-steps", type=int, default=5,
                        help="PGD steps inside adversarial trainers (default: %(default)s)")
     other = common.add_argument_group("output")
-    other.add_argument("--no-progress", action="store_true", help="hide the progress bars")
+    other.add_argument("--no-progress", action="store_true",
+                       help="hide the progress bar (shown only when stderr is a terminal)")
     other.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
     return common
 
@@ -91,7 +106,12 @@ def build_parser() -> argparse.ArgumentParser:
             f"  {name}\n      {get_recipe(name).description}" for name in available_recipes()),
         formatter_class=argparse.RawDescriptionHelpFormatter)
     defend.add_argument("--attack", choices=ATTACK_NAMES, default="pgd", help="attack (default: %(default)s)")
-    defend.add_argument("--method", choices=methods, default="ip", help="influence method (default: %(default)s)")
+    defend.add_argument("--method", choices=[m for m in methods if m not in CHECKPOINT_METHODS], default="ip",
+                        help="influence method (default: %(default)s; tracin needs checkpoints of the model it "
+                             "scores, which defend trains itself: use score --checkpoints)")
+    defend.add_argument("--params", nargs="+", default=None, metavar="NAME",
+                        help="score only these parameters (e.g. the last layer for if-exact, which takes at most "
+                             "5,000); default: all trainable ones")
     defend.add_argument("--fraction", type=float, nargs="+", default=[0.05], metavar="F",
                         help="budget(s): share of training samples pruned / down-weighted (default: 0.05)")
     defend.add_argument("--mode", choices=("prune", "reweight"), default="prune",
@@ -113,6 +133,8 @@ def build_parser() -> argparse.ArgumentParser:
     defend.add_argument("--resume", action="store_true",
                         help="reuse the per-seed results already in --out (after a crash, or to add seeds); "
                              "results written with other settings are refused")
+    defend.add_argument("--overwrite", action="store_true",
+                        help="replace an earlier run in --out (without it, or --resume, a used folder is refused)")
 
     score = commands.add_parser(
         "score", parents=one_model, help="train a model and save every training sample's harm score",
@@ -124,10 +146,19 @@ def build_parser() -> argparse.ArgumentParser:
     score.add_argument("--attack", choices=ATTACK_NAMES, default="pgd",
                        help="attack of the robust objective (default: %(default)s)")
     score.add_argument("--method", choices=methods, default="ip", help="influence method (default: %(default)s)")
+    score.add_argument("--checkpoints", nargs="+", default=None, metavar="PATH",
+                       help="state-dict files of the model during training, for --method tracin (read with "
+                            "torch.load(weights_only=True)); the learning rate of each is --lr")
+    score.add_argument("--params", nargs="+", default=None, metavar="NAME",
+                       help="score only these parameters (e.g. the last layer for if-exact, which takes at most "
+                            "5,000); default: all trainable ones")
     score.add_argument("--trainer", choices=TRAINER_NAMES, default="erm", help="training (default: %(default)s)")
-    score.add_argument("--seed", type=int, default=0, help="seed of split, training and scoring (default: 0)")
+    score.add_argument("--seed", type=_seed_value, default=0,
+                       help="seed of split, training and scoring (default: 0)")
     score.add_argument("--top", type=int, default=10, help="how many of the most harmful to print (default: 10)")
-    score.add_argument("--out", required=True, help="where to save the scores (a .npy file)")
+    score.add_argument("--out", required=True,
+                       help="where to save the scores (a .npy file); the data set row of each training sample "
+                            "is saved beside it as <name>_rows.npy")
     scale = score.add_argument_group("scale (see the README's Scale section)")
     scale.add_argument("--store", default=None, metavar="DIR",
                        help="write the scores chunk by chunk into a resumable on-disk store in DIR")
@@ -145,7 +176,8 @@ def build_parser() -> argparse.ArgumentParser:
     attack.add_argument("--attack", choices=ATTACK_NAMES, nargs="+", default=["pgd"],
                         help="attack(s) to run (default: pgd)")
     attack.add_argument("--trainer", choices=TRAINER_NAMES, default="erm", help="training (default: %(default)s)")
-    attack.add_argument("--seed", type=int, default=0, help="seed of split, training and attacks (default: 0)")
+    attack.add_argument("--seed", type=_seed_value, default=0,
+                        help="seed of split, training and attacks (default: 0)")
 
     demo = commands.add_parser(
         "demo", help="the README demo: MNIST subset + small CNN + PGD, Adult + logistic regression",
@@ -153,7 +185,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "(logistic regression, PGD L2 eps 0.5, unbounded features) and print the before/after tables.")
     demo.add_argument("--out", default="runs/demo", help="output folder (default: %(default)s)")
     demo.add_argument("--quick", action="store_true", help="tiny sizes and one seed (a smoke test, ~1 minute)")
-    demo.add_argument("--no-progress", action="store_true", help="hide the progress bars")
+    demo.add_argument("--no-progress", action="store_true",
+                      help="hide the progress bar (shown only when stderr is a terminal)")
     demo.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
     return parser
 
@@ -186,7 +219,7 @@ def _train(args, splits, defaults, eps, norm):
     else:
         trainer = make_trainer(args.trainer, epochs=pick(args.epochs, defaults.epochs), lr=pick(args.lr, defaults.lr),
                                batch_size=pick(args.batch_size, defaults.batch_size), eps=eps, norm=norm,
-                               bounds=splits.bounds, train_steps=args.train_steps, progress=not args.no_progress)
+                               bounds=splits.bounds, train_steps=args.train_steps, progress=False)
         model = trainer.fit(model, splits.train, seed=args.seed, val=splits.val)
     if args.save_weights is not None:
         atomic_save_tensor(args.save_weights, model.state_dict())
@@ -200,6 +233,13 @@ def _load_weights(model, path, name: str):
     state = safe_load(path, name="weights")
     if not isinstance(state, dict):
         raise ValueError(f"weights: {path!r} does not hold a state dict, got {type(state).__name__}")
+    import torch
+
+    for key, value in state.items():
+        if isinstance(value, torch.Tensor) and value.is_floating_point():
+            bad = int((~torch.isfinite(value)).sum())
+            if bad:
+                raise ValueError(f"weights: {path!r} holds {bad} NaN or infinite value(s) in {key!r}")
     try:
         model.load_state_dict(state)
     except RuntimeError as err:
@@ -215,10 +255,12 @@ def _cmd_defend(args) -> int:
     start = time.perf_counter()
     report = defenses.run(
         args.data, args.model, args.attack, eps=args.eps, norm=args.norm, steps=args.steps, method=args.method,
+        method_options=None if args.params is None else {"params": args.params},
         fractions=args.fraction, mode=args.mode, scheme=args.scheme, temperature=args.temperature,
         retrain=args.retrain, trainer=args.trainer, recipes=args.recipes, seeds=args.seeds, epochs=args.epochs,
         lr=args.lr, batch_size=args.batch_size, train_steps=args.train_steps, n_train=args.n_train,
-        n_val=args.n_val, n_test=args.n_test, out=args.out, resume=args.resume, progress=not args.no_progress)
+        n_val=args.n_val, n_test=args.n_test, out=args.out, resume=args.resume, overwrite=args.overwrite,
+        progress=not args.no_progress)
     print(render_markdown(report))
     print(f"wrote {Path(args.out) / 'report.json'} and report.md in {time.perf_counter() - start:.0f} s")
     return 0
@@ -235,7 +277,9 @@ def _cmd_score(args) -> int:
         raise ValueError(f"top: must be >= 0, got {args.top}")
     if args.resume and args.store is None:
         raise ValueError("resume: needs a store to resume from; pass --store DIR")
+    _check_score_options(args)
     splits, defaults, eps, norm, steps = _setup(args)
+    _check_scored_params(args, splits, defaults)
     if args.objective in ("dp", "eop") and not splits.has_sensitive:
         raise ValueError(f"objective: {args.objective} needs a sensitive attribute; {args.data} has none "
                          "(use --data adult or moons)")
@@ -246,13 +290,64 @@ def _cmd_score(args) -> int:
     if rank != 0:
         return 0
     atomic_save_npy(out, scores)
+    rows = splits.train_index
+    atomic_save_npy(rows_path(out), rows)
     order = scores.argsort(descending=True, stable=True)[: args.top]
     print(f"harm on {args.objective} ({args.method}) of {len(scores)} training samples; larger = more harmful")
-    print(f"{'rank':>4}  {'index':>6}  {'label':>5}  {'harm':>12}")
+    print(f"{'rank':>4}  {'index':>6}  {'row':>6}  {'label':>5}  {'harm':>12}")
     for rank, index in enumerate(order.tolist(), start=1):
-        print(f"{rank:>4}  {index:>6}  {int(splits.train[1][index]):>5}  {float(scores[index]):>12.4g}")
-    print(f"saved {out}")
+        print(f"{rank:>4}  {index:>6}  {int(rows[index]):>6}  {int(splits.train[1][index]):>5}  "
+              f"{float(scores[index]):>12.4g}")
+    print(f"saved {out} (scores, in training-split order: 'index') and {rows_path(out)} (the data set row of each "
+          "training sample: 'row')")
     return 0
+
+
+def rows_path(out: Path) -> Path:
+    """Where ``score`` saves the data set row of each training sample, beside the scores ``out``."""
+    return out.with_name(f"{out.stem}_rows.npy")
+
+
+SCORE_BATCH_SIZE = 256  # robust_infl.influence's default batch_size, used by score
+
+
+def _check_score_options(args) -> None:
+    """The checks of ``score`` that need no data: output paths, device, store chunking, tracin's checkpoints."""
+    from robust_infl.io import check_output_file, check_output_folder
+    from robust_infl.validation import check_device
+
+    check_output_file(args.out, "out")
+    check_output_file(rows_path(Path(args.out)), "out")
+    if args.store is not None:
+        check_output_folder(args.store, "store")
+    if args.save_weights is not None:
+        check_output_file(args.save_weights, "save-weights")
+    if args.device is not None:
+        check_device(args.device)
+    if args.chunk_size is not None and (args.chunk_size <= 0 or args.chunk_size % SCORE_BATCH_SIZE):
+        raise ValueError(f"chunk-size: must be a positive multiple of {SCORE_BATCH_SIZE} (the scoring batch size; "
+                         f"--batch-size is the training batch size), got {args.chunk_size}")
+    if args.method in CHECKPOINT_METHODS and not args.checkpoints:
+        raise ValueError(f"checkpoints: --method {args.method} needs --checkpoints PATH ... (state dicts of the model "
+                         "saved during training)")
+    if args.checkpoints and args.method not in CHECKPOINT_METHODS:
+        raise ValueError(f"checkpoints: only used by --method {', '.join(CHECKPOINT_METHODS)}, got --method {args.method}")
+
+
+def _check_scored_params(args, splits, defaults) -> None:
+    """Before training: the ``--params`` names exist, and ``if-exact`` scores at most its parameter limit."""
+    from robust_infl.experiment_setup import model_factory
+    from robust_infl.methods.hessian import MAX_PARAMS
+    from robust_infl.validation import resolve_param_names
+
+    model = model_factory(args.model or defaults.model, splits)(args.seed)
+    names = resolve_param_names(model, args.params)
+    if args.method == "if-exact":
+        sizes = dict(model.named_parameters())
+        count = sum(sizes[name].numel() for name in names)
+        if count > MAX_PARAMS:
+            raise ValueError(f"params: --method if-exact supports at most {MAX_PARAMS} scored parameters, the model "
+                             f"has {count}; pass --params with a subset (e.g. {list(sizes)[-2:]})")
 
 
 def _score(args, splits, defaults, eps, norm, objective):
@@ -271,7 +366,9 @@ def _score(args, splits, defaults, eps, norm, objective):
             args.no_progress = True
         model = _train(args, splits, defaults, eps, norm)
         options = dict(objective=objective, method=args.method, seed=args.seed, device=args.device,
-                       progress=not args.no_progress)
+                       progress=not args.no_progress, params=args.params)
+        if args.checkpoints:
+            options.update(checkpoints=args.checkpoints, lrs=args.lr or defaults.lr)
         if args.store is None and world_size == 1:
             return rank, robust_infl.influence(model, splits.train[:2], splits.val, **options)
         if args.method not in SHARDED_METHODS:
@@ -288,13 +385,19 @@ def _cmd_attack(args) -> int:
     import attacks
     from robust_infl.experiment_setup import make_attack
 
+    from robust_infl.io import check_output_file
+
+    if args.save_weights is not None:
+        check_output_file(args.save_weights, "save-weights")
     splits, defaults, eps, norm, steps = _setup(args)
     built = {name: make_attack(name, eps=eps, norm=norm, steps=steps, bounds=splits.bounds, seed=args.seed)
              for name in dict.fromkeys(args.attack)}
     model = _train(args, splits, defaults, eps, norm)
     results = attacks.evaluate(model, splits.test, built, progress=not args.no_progress)
-    print(f"{args.data} / {args.model or defaults.model} / trainer {args.trainer}; test n={results['n']}; "
-          f"eps={eps} {norm}")
+    print(f"{args.data} / {args.model or defaults.model} / trainer {args.trainer}; test n={results['n']}")
+    for name, attack in built.items():
+        used = {key: getattr(attack, key) for key in ("eps", "norm", "steps", "bounds") if hasattr(attack, key)}
+        print(f"  {name}: " + (", ".join(f"{k}={v}" for k, v in used.items()) or "no budget (closed form)"))
     print("| attack | robust acc | attack success |\n|---|---|---|")
     print(f"| (clean) | {100 * results['clean_acc']:.1f} | – |")
     for name in built:
@@ -321,6 +424,9 @@ def _cmd_demo(args) -> int:
     import defenses
     from defenses.report import render_markdown
 
+    from robust_infl.io import check_output_folder
+
+    check_output_folder(args.out, "out")
     total = time.perf_counter()
     for name, settings in DEMO_RUNS.items():
         settings = {**settings, **(DEMO_QUICK[name] if args.quick else {})}
@@ -343,7 +449,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         parser.print_help(sys.stderr)
         return 2
     try:
-        return COMMANDS[args.command](args)
+        with warnings.catch_warnings():
+            if not (args.debug or args.debug_all):  # third-party deprecation notices are not the user's business
+                for category in (FutureWarning, DeprecationWarning):
+                    warnings.filterwarnings("ignore", category=category, module=THIRD_PARTY_MODULES)
+            return COMMANDS[args.command](args)
     except USER_ERRORS as err:
         if args.debug or args.debug_all:
             raise

@@ -40,6 +40,8 @@ class Splits:
 
     Each split is ``(X, y)``, or ``(X, y, s)`` when the data set has a sensitive attribute ``s``
     in {0, 1} (Adult: sex, 1 = male; moons: a synthetic group, 1 = right half-plane).
+    ``train_index`` (when known) holds the row of every training sample in the data set as loaded
+    (mnist-full: in its own training part), so that scores can be traced back to the rows.
     """
 
     name: str
@@ -49,6 +51,7 @@ class Splits:
     input_shape: tuple
     num_classes: int
     bounds: Optional[tuple]
+    train_index: Optional[torch.Tensor] = None
 
     @property
     def has_sensitive(self) -> bool:
@@ -78,6 +81,7 @@ def _check_sizes(name: str, sizes: tuple, available: int) -> tuple:
 
 
 def _split(arrays: tuple, sizes: tuple, seed: int) -> tuple:
+    """``((train, val, test), train_rows)``: seeded disjoint splits and the rows of the training split."""
     n = len(arrays[0])
     order = np.random.default_rng(seed).permutation(n)
     out, start = [], 0
@@ -85,7 +89,7 @@ def _split(arrays: tuple, sizes: tuple, seed: int) -> tuple:
         idx = order[start : start + size]
         out.append(tuple(a[idx] for a in arrays))
         start += size
-    return tuple(out)
+    return tuple(out), order[: sizes[0]]
 
 
 def _to_torch(split: tuple) -> tuple:
@@ -164,12 +168,14 @@ def load_dataset(
             if size > len(X):
                 raise ValueError(f"{label}: mnist-full has {len(X)} samples in this split, asked for {size}")
         rng = np.random.default_rng(seed)
-        splits = []
+        splits, rows = [], []
         for size, (X, y) in zip(sizes, parts):
             idx = np.sort(rng.permutation(len(X))[:size])
             splits.append((X[idx], y[idx]))
+            rows.append(idx)
         train, val, test = splits
-        return Splits(name, _to_torch(train), _to_torch(val), _to_torch(test), (1, 28, 28), 10, (0.0, 1.0))
+        return Splits(name, _to_torch(train), _to_torch(val), _to_torch(test), (1, 28, 28), 10, (0.0, 1.0),
+                      torch.as_tensor(rows[0], dtype=torch.int64))
 
     if name == "mnist":
         arrays, shape, classes, bounds = _load_mnist_subset(), (1, 28, 28), 10, (0.0, 1.0)
@@ -191,10 +197,11 @@ def load_dataset(
         arrays, shape, classes, bounds = (X, y.astype(np.int64), s), (2,), 2, None
 
     _check_sizes(name, sizes, len(arrays[0]))
-    train, val, test = _split(arrays, sizes, seed)
+    (train, val, test), train_rows = _split(arrays, sizes, seed)
     if bounds is None:
         train, val, test = _standardise(train, val, test)
-    return Splits(name, _to_torch(train), _to_torch(val), _to_torch(test), shape, classes, bounds)
+    train_rows = torch.as_tensor(train_rows, dtype=torch.int64)
+    return Splits(name, _to_torch(train), _to_torch(val), _to_torch(test), shape, classes, bounds, train_rows)
 
 
 def flip_labels(

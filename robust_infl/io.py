@@ -33,6 +33,8 @@ __all__ = [
     "atomic_save_npy",
     "json_safe",
     "safe_load",
+    "check_output_file",
+    "check_output_folder",
 ]
 
 PathLike = Union[str, os.PathLike]
@@ -67,6 +69,52 @@ def atomic_write(path: PathLike, write: Callable[[BinaryIO], None]) -> Path:
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+    return path
+
+
+def _probe_folder(folder: Path, name: str, shown: str) -> None:
+    """Create ``folder`` (and its parents) and write and remove a probe file in it; ``ValueError`` naming
+    ``name`` when that fails (a file in the way, no permission, a read-only file system)."""
+    for parent in (folder, *folder.parents):
+        if parent.exists():
+            if not parent.is_dir():
+                raise ValueError(f"{name}: cannot write {shown!r}: {os.fspath(parent)!r} is a file, not a folder")
+            break
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(dir=folder, prefix=".write-probe.", suffix=".tmp")
+        os.close(fd)
+        os.remove(probe)
+    except OSError as err:
+        raise ValueError(f"{name}: cannot write to {os.fspath(folder)!r} ({err.strerror or err})") from None
+
+
+def check_output_file(path: PathLike, name: str) -> Path:
+    """Check, before any compute, that a file can be written at ``path`` (its folder is created).
+
+    Raises ``ValueError`` starting with ``name`` when ``path`` is a folder, a file stands where a
+    folder on its way should be, or the folder cannot be written. Returns ``path`` as a Path.
+    """
+    if not isinstance(path, (str, os.PathLike)):
+        raise TypeError(f"{name}: expected a file path, got {type(path).__name__}")
+    path, shown = Path(path), os.fspath(path)
+    if path.is_dir():
+        raise ValueError(f"{name}: {shown!r} is a folder, expected a file path")
+    _probe_folder(path.parent, name, shown)
+    return path
+
+
+def check_output_folder(path: PathLike, name: str) -> Path:
+    """Check, before any compute, that ``path`` is (or can be created as) a writable folder; it is created.
+
+    Raises ``ValueError`` starting with ``name`` when ``path`` is a file or cannot be written.
+    """
+    if not isinstance(path, (str, os.PathLike)):
+        raise TypeError(f"{name}: expected a folder path, got {type(path).__name__}")
+    path, shown = Path(path), os.fspath(path)
+    if path.exists() and not path.is_dir():
+        raise ValueError(f"{name}: {shown!r} is a file, expected a folder")
+    _probe_folder(path, name, shown)
     return path
 
 
@@ -118,6 +166,8 @@ def safe_load(path: PathLike, name: str = "path") -> Any:
     if not isinstance(path, (str, os.PathLike)):
         raise TypeError(f"{name}: expected a file path, got {type(path).__name__}")
     shown = os.fspath(path)
+    if os.path.isdir(path):
+        raise ValueError(f"{name}: {shown!r} is a folder, expected a file")
     if not os.path.isfile(path):
         raise ValueError(f"{name}: no such file: {shown!r}")
     try:

@@ -21,11 +21,13 @@ __all__ = [
     "as_tensor",
     "check_finite",
     "check_labels",
+    "integer_labels",
     "check_model",
     "check_positive_int",
     "check_nonnegative_float",
     "check_train_loss",
     "check_seed",
+    "check_device",
     "resolve_device",
     "validate_train",
     "validate_target",
@@ -97,6 +99,17 @@ def check_labels(name: str, y: Tensor, n_outputs: int) -> None:
         )
 
 
+def integer_labels(name: str, y: Tensor) -> Tensor:
+    """``y`` as class indices: integer tensors unchanged, whole-number floats as int64 (so that attacks,
+    which take integer labels, see the same labels); other floats raise ``ValueError`` naming ``name``."""
+    if not y.is_floating_point() or y.ndim != 1:
+        return y
+    check_finite(name, y)
+    if not bool((y == torch.round(y)).all()):
+        raise ValueError(f"{name}: labels must be integer class indices, got non-integer values")
+    return y.long()
+
+
 def check_model(model: Any) -> nn.Module:
     """Raise ``TypeError`` unless ``model`` is an ``nn.Module``."""
     if not isinstance(model, nn.Module):
@@ -164,7 +177,7 @@ def validate_train(train: Any) -> Union[tuple[Tensor, Tensor], Dataset]:
         )
     x, y = as_tensor("train", train[0]), as_tensor("train", train[1])
     _check_pair("train", x, y)
-    return x, y
+    return x, integer_labels("train", y)
 
 
 def validate_target(target: Any) -> TargetSet:
@@ -173,6 +186,7 @@ def validate_target(target: Any) -> TargetSet:
         raise TypeError(f"target: expected (X, y) or (X, y, s), got {type(target).__name__}")
     x, y = as_tensor("target", target[0]), as_tensor("target", target[1])
     _check_pair("target", x, y)
+    y = integer_labels("target", y)
     s = None
     if len(target) == 3:
         s = as_tensor("target", target[2])
@@ -262,14 +276,28 @@ def check_seed(seed: Any) -> int:
     return int(seed)
 
 
-def resolve_device(device: Any, model: nn.Module) -> torch.device:
-    """``device`` as a ``torch.device`` (with an index for CUDA); the model's device when ``None``."""
-    if device is None:
-        return model_device(model)
+def check_device(device: Any) -> torch.device:
+    """``device`` as a ``torch.device``, or ``ValueError`` naming ``device`` when it is not a valid name or
+    names a CUDA GPU this machine does not have (checked before any compute, not deep inside torch)."""
     try:
         resolved = torch.device(device)
     except (TypeError, RuntimeError) as err:
         raise ValueError(f"device: not a valid torch device: {device!r}") from err
+    if resolved.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device: {device!r} needs a CUDA GPU, but torch sees none here "
+                             f"(torch.cuda.is_available() is False); use cpu")
+        if resolved.index is not None and resolved.index >= torch.cuda.device_count():
+            raise ValueError(f"device: {device!r} does not exist; this machine has "
+                             f"{torch.cuda.device_count()} CUDA GPU(s)")
+    return resolved
+
+
+def resolve_device(device: Any, model: nn.Module) -> torch.device:
+    """``device`` as a ``torch.device`` (with an index for CUDA); the model's device when ``None``."""
+    if device is None:
+        return model_device(model)
+    resolved = check_device(device)
     if resolved.type == "cuda" and resolved.index is None:
         resolved = torch.device("cuda", torch.cuda.current_device())
     return resolved

@@ -89,7 +89,7 @@ def test_relabel_keeps_every_sample_even_at_a_fraction_that_flags_all():
 
 
 def test_run_refuses_such_a_fraction_before_training(tmp_path):
-    with pytest.raises(ValueError, match=r"^fractions: 0.999 of 97 training samples selects all 97"):
+    with pytest.raises(ValueError, match=r"^fractions: 0.999 of 98 training samples selects all 98"):
         run_user(attacks.FGSM(0.1, bounds=None), fractions=[0.999], model=lambda seed: 1 / 0)
 
 
