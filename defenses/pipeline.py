@@ -117,6 +117,21 @@ def _resume_settings(config: dict, model, bounds, train_steps: int, eval_batch_s
     return settings
 
 
+def _check_method_fits(method: str, method_options: dict, model: nn.Module) -> None:
+    """Before any training: the influence method can score the models this run trains (tracin needs
+    their checkpoints, which do not exist yet; if-exact at most its parameter limit)."""
+    from robust_infl.methods.hessian import check_exact_size
+    from robust_infl.validation import resolve_param_names
+
+    if method == "tracin":
+        raise ValueError("method: 'tracin' needs checkpoints of the model it scores, and defenses.run trains a new "
+                         "model per seed; score a model you trained with robust_infl.influence(method='tracin')")
+    if method == "if-exact":
+        check_exact_size(model, method_options.get("params"))
+    else:
+        resolve_param_names(model, method_options.get("params"))
+
+
 def _auto_bounds(data, attack, bounds):
     """``bounds="auto"`` resolved where the data alone does not decide: the bounds of an attack object
     that declares them; for a named attack on your own ``(X, y)`` tensors, the attacks' default (0, 1)
@@ -371,6 +386,8 @@ def run(
     for fraction in fractions:
         check_budget(int(first.train[0].shape[0]), fraction, "fractions", "training samples")
     first_model = model_for(seeds[0], first)
+    if "influence" in recipes:
+        _check_method_fits(method, method_options, first_model)
     data_label = data_label or first.name
     model_label = model_label or type(first_model).__name__
     norm = defaults.norm if norm is None else check_choice(norm, "norm", ("linf", "l2"))

@@ -337,17 +337,14 @@ def _check_score_options(args) -> None:
 def _check_scored_params(args, splits, defaults) -> None:
     """Before training: the ``--params`` names exist, and ``if-exact`` scores at most its parameter limit."""
     from robust_infl.experiment_setup import model_factory
-    from robust_infl.methods.hessian import MAX_PARAMS
+    from robust_infl.methods.hessian import check_exact_size
     from robust_infl.validation import resolve_param_names
 
     model = model_factory(args.model or defaults.model, splits)(args.seed)
-    names = resolve_param_names(model, args.params)
     if args.method == "if-exact":
-        sizes = dict(model.named_parameters())
-        count = sum(sizes[name].numel() for name in names)
-        if count > MAX_PARAMS:
-            raise ValueError(f"params: --method if-exact supports at most {MAX_PARAMS} scored parameters, the model "
-                             f"has {count}; pass --params with a subset (e.g. {list(sizes)[-2:]})")
+        check_exact_size(model, args.params)
+    else:
+        resolve_param_names(model, args.params)
 
 
 def _score(args, splits, defaults, eps, norm, objective):

@@ -169,9 +169,11 @@ def _check_model_fits_data(
     if loss_fn is None:
         for name, out in outputs.items():
             if out.ndim != 2 or out.shape[0] != probes[name][0].shape[0] or out.shape[1] < 1:
+                # the project's one rule (as attacks.base.check_output_shape): (n,) is refused, not guessed
+                hint = " (a binary model returns one logit as (n, 1): do not squeeze it)" if out.ndim == 1 else ""
                 raise ValueError(
                     f"model: outputs of shape {tuple(out.shape)} are incompatible with the default loss, "
-                    "which needs (batch, n_outputs) logits; pass a loss_fn"
+                    f"which needs (batch, n_outputs) logits{hint}; pass a loss_fn"
                 )
         n_outputs = outputs["train"].shape[1]
         if outputs["target"].shape[1] != n_outputs:

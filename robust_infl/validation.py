@@ -14,7 +14,8 @@ from typing import Any, Callable, Optional, Sequence, Union
 import numpy as np
 import torch
 from torch import Tensor, nn
-from torch.utils.data import Dataset
+from torch.utils.data import DataLoader, Dataset
+from torch.utils.data.dataloader import default_collate
 
 __all__ = [
     "TargetSet",
@@ -161,7 +162,10 @@ def _check_pair(name: str, x: Tensor, y: Tensor) -> None:
 
 
 def validate_train(train: Any) -> Union[tuple[Tensor, Tensor], Dataset]:
-    """Check ``train`` (``(X, y)`` or a sized ``Dataset`` of ``(x, y)``) and return it normalised."""
+    """Check ``train`` (``(X, y)``, a sized ``Dataset`` of ``(x, y)`` or a ``DataLoader`` over one, whose
+    dataset is used) and return it normalised."""
+    if isinstance(train, DataLoader):
+        train = train.dataset  # streamed in this call's own batches, never shuffled
     if isinstance(train, Dataset):
         try:
             n = len(train)  # type: ignore[arg-type]
@@ -181,9 +185,15 @@ def validate_train(train: Any) -> Union[tuple[Tensor, Tensor], Dataset]:
 
 
 def validate_target(target: Any) -> TargetSet:
-    """Check ``target`` (``(X, y)`` or ``(X, y, s)`` with ``s`` in {0, 1}) and return a :class:`TargetSet`."""
+    """Check ``target`` (``(X, y)`` or ``(X, y, s)`` with ``s`` in {0, 1}, tensors or arrays, or a sized
+    ``Dataset`` / ``DataLoader`` of such items, read whole: target sets are small) and return a
+    :class:`TargetSet`."""
+    if isinstance(target, DataLoader):
+        target = target.dataset
+    if isinstance(target, Dataset):
+        target = _collate_whole("target", target)
     if not isinstance(target, (tuple, list)) or len(target) not in (2, 3):
-        raise TypeError(f"target: expected (X, y) or (X, y, s), got {type(target).__name__}")
+        raise TypeError(f"target: expected (X, y), (X, y, s) or a Dataset of such items, got {type(target).__name__}")
     x, y = as_tensor("target", target[0]), as_tensor("target", target[1])
     _check_pair("target", x, y)
     y = integer_labels("target", y)
@@ -196,6 +206,20 @@ def validate_target(target: Any) -> TargetSet:
         if not bool(((s == 0) | (s == 1)).all()):
             raise ValueError("target: the sensitive attribute s must take values in {0, 1}")
     return TargetSet(x, y, s)
+
+
+def _collate_whole(name: str, dataset: Dataset) -> tuple:
+    """Every item of a sized ``dataset`` stacked into a tuple of tensors (``ValueError`` naming ``name``)."""
+    try:
+        n = len(dataset)  # type: ignore[arg-type]
+    except TypeError as err:
+        raise TypeError(f"{name}: a Dataset must define __len__") from err
+    if n == 0:
+        raise ValueError(f"{name}: is empty (0 samples)")
+    items = [dataset[i] for i in range(n)]
+    if not all(isinstance(item, (tuple, list)) and len(item) in (2, 3) for item in items):
+        raise ValueError(f"{name}: Dataset items must be (x, y) or (x, y, s) tuples")
+    return tuple(default_collate([tuple(item) for item in items]))
 
 
 def resolve_param_names(model: nn.Module, params: Optional[Sequence[str]]) -> tuple[str, ...]:

@@ -16,11 +16,22 @@ import torch
 
 from robust_infl.engine import ScoringProblem, flat_objective_gradient, harm_along, hessian_vector_products
 from robust_infl.methods import register_method
+from robust_infl.validation import resolve_param_names
 
-__all__ = ["MAX_PARAMS", "exact_influence", "damped_hessian"]
+__all__ = ["MAX_PARAMS", "exact_influence", "damped_hessian", "check_exact_size"]
 
 MAX_PARAMS = 5000
 """Largest number of scored parameters for which "if-exact" builds the d x d Hessian."""
+
+
+def check_exact_size(model: torch.nn.Module, params=None) -> None:
+    """Before any compute: ``ValueError`` naming ``params`` when ``model``'s scored parameters (``params``, or
+    all trainable ones) exceed :data:`MAX_PARAMS`, so that "if-exact" is refused before training, not after."""
+    sizes = dict(model.named_parameters())
+    count = sum(sizes[name].numel() for name in resolve_param_names(model, params))
+    if count > MAX_PARAMS:
+        raise ValueError(f"params: method 'if-exact' supports at most {MAX_PARAMS} scored parameters, the model has "
+                         f"{count}; score a subset (params / --params, e.g. {list(sizes)[-2:]}) or use method 'ip'")
 
 
 def damped_hessian(problem: ScoringProblem, hvp_chunk_size: int = 256) -> torch.Tensor:

@@ -1,0 +1,110 @@
+"""Friction of a new user's first hour (issue 14): the trainers and ``evaluate`` take what ``influence``
+takes, streaming a Dataset; defaults for the trainers; BatchNorm with a last batch of one; progress
+bars only on a terminal."""
+
+from __future__ import annotations
+
+import sys
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset, TensorDataset
+
+import attacks
+import defenses
+import robust_infl
+
+
+def blobs(n: int = 50):
+    g = torch.Generator().manual_seed(1)
+    y = torch.arange(n) % 2
+    return torch.rand(n, 2, generator=g) * 0.5 + 0.4 * y.float().unsqueeze(1), y
+
+
+class CountingDataset(Dataset):
+    """A map-style Dataset of (x, y) that records which items were read."""
+
+    def __init__(self, X, y):
+        self.X, self.y, self.reads = X, y, []
+
+    def __len__(self):
+        return len(self.X)
+
+    def __getitem__(self, i):
+        self.reads.append(i)
+        return self.X[i], self.y[i]
+
+
+def weights_of(model):
+    return [t.clone() for t in model.state_dict().values()]
+
+
+@pytest.mark.parametrize("trainer", [defenses.ERM(epochs=2, batch_size=8, progress=False),
+                                     defenses.PGDAT(eps=0.05, steps=2, epochs=1, batch_size=8, progress=False),
+                                     defenses.TRADES(eps=0.05, steps=2, epochs=1, batch_size=8, progress=False)],
+                         ids=["erm", "pgd-at", "trades"])
+def test_trainers_take_tensors_numpy_datasets_and_loaders_with_identical_results(trainer):
+    X, y = blobs()
+    weights = torch.rand(len(X), generator=torch.Generator().manual_seed(0))
+    reference = weights_of(trainer.fit(nn.Linear(2, 2), (X, y), weights=weights, seed=3))
+    streamed = CountingDataset(X, y)
+    for data in ((X.numpy(), y.numpy()), TensorDataset(X, y), streamed,
+                 DataLoader(CountingDataset(X, y), batch_size=5, shuffle=True)):
+        model = trainer.fit(nn.Linear(2, 2), data, weights=weights, seed=3)
+        assert all(torch.equal(a, b) for a, b in zip(weights_of(model), reference))
+    # streamed: one probe item, then every item once per epoch, in batches (never the whole set at once)
+    assert len(streamed.reads) == 1 + trainer.epochs * len(X)
+
+
+def test_a_streamed_dataset_with_bad_labels_is_refused_naming_train():
+    X, y = blobs()
+    with pytest.raises(ValueError, match=r"^train: labels must lie in \[0, 1\]"):
+        defenses.ERM(epochs=1, batch_size=8, progress=False).fit(nn.Linear(2, 2), CountingDataset(X, y * 2))
+
+
+def test_evaluate_and_influence_take_numpy_and_loaders_with_identical_results():
+    X, y = blobs()
+    model = defenses.ERM(epochs=2, batch_size=8, progress=False).fit(nn.Linear(2, 2), (X, y))
+    pgd = {"pgd": attacks.PGD(0.1, steps=3, bounds=None)}
+    reference = attacks.evaluate(model, (X, y), pgd, batch_size=10, progress=False)
+    assert attacks.evaluate(model, (X.numpy(), y.numpy()), pgd, batch_size=10, progress=False) == reference
+    loader = DataLoader(TensorDataset(X, y), batch_size=10)
+    assert attacks.evaluate(model, loader, pgd, progress=False) == reference
+    objective = robust_infl.Robust(attacks.FGSM(0.1, bounds=None))
+    scores = robust_infl.influence(model, (X, y), (X, y), objective=objective, progress=False)
+    for train, target in ((DataLoader(TensorDataset(X, y), batch_size=7), TensorDataset(X, y)),
+                          ((X, y), DataLoader(TensorDataset(X, y), batch_size=7))):
+        assert torch.equal(robust_infl.influence(model, train, target, objective=objective, progress=False), scores)
+
+
+def test_trainers_have_defaults():
+    erm = defenses.ERM()
+    assert (erm.epochs, erm.lr, erm.batch_size, erm.retrain) == (10, 1e-3, 64, "scratch")
+    assert defenses.PGDAT(eps=0.1).epochs == defenses.TRADES(eps=0.1).epochs == 10
+
+
+def test_batchnorm_with_a_last_batch_of_one_sample_trains():
+    X, y = blobs(17)
+    model = nn.Sequential(nn.Linear(2, 4), nn.BatchNorm1d(4), nn.ReLU(), nn.Linear(4, 2))
+    trained = defenses.ERM(epochs=2, batch_size=8, progress=False).fit(model, (X, y))  # batches 8, 9 (not 8, 8, 1)
+    assert not trained.training and int(trained[1].num_batches_tracked) == 4
+    plain = defenses.ERM(epochs=1, batch_size=8, progress=False)
+    from defenses.trainers import batch_slices
+
+    assert batch_slices(17, 8, merge_single=True) == [(0, 8), (8, 17)]
+    assert batch_slices(17, 8, merge_single=False) == [(0, 8), (8, 16), (16, 17)]  # models without BatchNorm
+    assert plain.fit(nn.Linear(2, 2), (X, y)) is not None
+
+
+def test_progress_bars_only_on_a_terminal(capsys, monkeypatch):
+    X, y = blobs(100)
+    options = dict(model=lambda seed: nn.Linear(2, 2), attack=attacks.FGSM(0.1), recipes=["none", "influence"],
+                   seeds=1, epochs=1)
+    defenses.run((X, y), progress=True, **options)
+    assert capsys.readouterr().err == ""  # not a terminal: no bars in logs
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True, raising=False)
+    defenses.run((X, y), progress=True, **options)
+    err = capsys.readouterr().err
+    assert "defence" in err and "ERM" not in err and "evaluate" not in err  # one top-level bar, nothing nested
