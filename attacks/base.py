@@ -194,8 +194,8 @@ def attack_settings(attack) -> dict:
         digest = hashlib.sha256(code.co_code + repr(code.co_consts).encode()).hexdigest()[:16]
         return {"class": "function", "name": attack.__qualname__, "code": digest}
     cls = type(attack)
-    params = {k: plain_value(v) for k, v in vars(attack).items() if not k.startswith("_")} if hasattr(attack, "__dict__") \
-        else {}
+    public = vars(attack).items() if hasattr(attack, "__dict__") else ()
+    params = {k: plain_value(v) for k, v in public if not k.startswith("_")}
     return {"class": f"{cls.__module__}.{cls.__qualname__}", **params}
 
 

@@ -88,7 +88,8 @@ def evaluate(model: nn.Module, data, attacks: Mapping[str, Callable], batch_size
 
     Returns:
         ``{"n": int, "clean_acc": float, <name>: {"robust_acc": float, "asr": float}, ...,
-        "worst_case_robust_acc": float}`` (no robust number at all when ``attacks`` is empty) where ``asr`` is the fraction of clean-correct samples
+        "worst_case_robust_acc": float}`` (no robust number at all when ``attacks`` is empty) where
+        ``asr`` is the fraction of clean-correct samples
         that the attack flips (NaN when no sample is clean-correct) and a sample counts toward
         ``worst_case_robust_acc`` only if it is classified correctly clean AND after every attack.
         With ``return_adv=True``, a pair ``(results, {name: x_adv})`` with the adversarial

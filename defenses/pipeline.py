@@ -432,7 +432,8 @@ def run(
     config = {
         "data": data_label, "model": model_label, "attack": attack_label,
         **_threat_model(first_attack), "attack_settings": _attack_settings(first_attack, named=isinstance(attack, str)),
-        "bounds": plain_value(first.bounds), "method": method, "method_options": {k: repr(v) for k, v in method_options.items()},
+        "bounds": plain_value(first.bounds), "method": method,
+        "method_options": {k: repr(v) for k, v in method_options.items()},
         "fractions": fractions, "mode": mode, "scheme": scheme if mode == "reweight" else None,
         "temperature": temperature if mode == "reweight" and scheme == "smooth" else None,
         "retrain": retrain, "trainer": trainer_label, "recipes": list(recipes), "seeds": seeds,

@@ -88,7 +88,8 @@ class SeedResults:
         except (json.JSONDecodeError, UnicodeDecodeError) as err:
             raise ValueError(f"resume: {path} is not a complete per-seed result file ({err}); delete it to "
                              "recompute that seed, or use another out folder") from None
-        if not isinstance(saved, dict) or saved.get("format_version") != FORMAT_VERSION or not isinstance(saved.get("settings"), dict):
+        if (not isinstance(saved, dict) or saved.get("format_version") != FORMAT_VERSION
+                or not isinstance(saved.get("settings"), dict)):
             raise ValueError(f"resume: {path} is not a per-seed result file of this version; use another out folder")
         wanted = self._key(data_fingerprint)
         differing = sorted(k for k in set(saved["settings"]) | set(wanted) if saved["settings"].get(k) != wanted.get(k))

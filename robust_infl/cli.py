@@ -7,6 +7,7 @@ with status 2 (``--debug`` shows the traceback instead).
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 import warnings
@@ -112,6 +113,8 @@ def build_parser() -> argparse.ArgumentParser:
     defend.add_argument("--params", nargs="+", default=None, metavar="NAME",
                         help="score only these parameters (e.g. the last layer for if-exact, which takes at most "
                              "5,000); default: all trainable ones")
+    defend.add_argument("--damping", type=float, default=None,
+                        help="damping lambda of the Hessian methods if-exact / if-cg / if-lissa (default: 0)")
     defend.add_argument("--fraction", type=float, nargs="+", default=[0.05], metavar="F",
                         help="budget(s): share of training samples pruned / down-weighted (default: 0.05)")
     defend.add_argument("--mode", choices=("prune", "reweight"), default="prune",
@@ -152,6 +155,8 @@ def build_parser() -> argparse.ArgumentParser:
     score.add_argument("--params", nargs="+", default=None, metavar="NAME",
                        help="score only these parameters (e.g. the last layer for if-exact, which takes at most "
                             "5,000); default: all trainable ones")
+    score.add_argument("--damping", type=float, default=0.0,
+                       help="damping lambda of the Hessian methods if-exact / if-cg / if-lissa (default: 0)")
     score.add_argument("--trainer", choices=TRAINER_NAMES, default="erm", help="training (default: %(default)s)")
     score.add_argument("--seed", type=_seed_value, default=0,
                        help="seed of split, training and scoring (default: 0)")
@@ -183,7 +188,8 @@ def build_parser() -> argparse.ArgumentParser:
         "demo", help="the README demo: MNIST subset + small CNN + PGD, Adult + logistic regression",
         description="Run the defence on the MNIST subset (small CNN, PGD linf eps 0.1, 10 steps) and on Adult "
                     "(logistic regression, PGD L2 eps 0.5, unbounded features) and print the before/after tables.")
-    demo.add_argument("--out", default="runs/demo", help="output folder (default: %(default)s)")
+    demo.add_argument("--out", default="runs/demo",
+                      help="output folder; an earlier demo in it is replaced (default: %(default)s)")
     demo.add_argument("--quick", action="store_true", help="tiny sizes and one seed (a smoke test, ~1 minute)")
     demo.add_argument("--no-progress", action="store_true",
                       help="hide the progress bar (shown only when stderr is a terminal)")
@@ -255,7 +261,7 @@ def _cmd_defend(args) -> int:
     start = time.perf_counter()
     report = defenses.run(
         args.data, args.model, args.attack, eps=args.eps, norm=args.norm, steps=args.steps, method=args.method,
-        method_options=None if args.params is None else {"params": args.params},
+        method_options={k: v for k, v in (("params", args.params), ("damping", args.damping)) if v is not None},
         fractions=args.fraction, mode=args.mode, scheme=args.scheme, temperature=args.temperature,
         retrain=args.retrain, trainer=args.trainer, recipes=args.recipes, seeds=args.seeds, epochs=args.epochs,
         lr=args.lr, batch_size=args.batch_size, train_steps=args.train_steps, n_train=args.n_train,
@@ -313,6 +319,7 @@ SCORE_BATCH_SIZE = 256  # robust_infl.influence's default batch_size, used by sc
 
 def _check_score_options(args) -> None:
     """The checks of ``score`` that need no data: output paths, device, store chunking, tracin's checkpoints."""
+    from robust_infl.distributed import SHARDED_METHODS
     from robust_infl.io import check_output_file, check_output_folder
     from robust_infl.validation import check_device
 
@@ -324,6 +331,9 @@ def _check_score_options(args) -> None:
         check_output_file(args.save_weights, "save-weights")
     if args.device is not None:
         check_device(args.device)
+    sharded = args.store is not None or int(os.environ.get("WORLD_SIZE", "1")) > 1
+    if sharded and args.method not in SHARDED_METHODS:
+        raise ValueError(f"method: --store and torchrun score with {', '.join(SHARDED_METHODS)}, got {args.method!r}")
     if args.chunk_size is not None and (args.chunk_size <= 0 or args.chunk_size % SCORE_BATCH_SIZE):
         raise ValueError(f"chunk-size: must be a positive multiple of {SCORE_BATCH_SIZE} (the scoring batch size; "
                          f"--batch-size is the training batch size), got {args.chunk_size}")
@@ -331,7 +341,8 @@ def _check_score_options(args) -> None:
         raise ValueError(f"checkpoints: --method {args.method} needs --checkpoints PATH ... (state dicts of the model "
                          "saved during training)")
     if args.checkpoints and args.method not in CHECKPOINT_METHODS:
-        raise ValueError(f"checkpoints: only used by --method {', '.join(CHECKPOINT_METHODS)}, got --method {args.method}")
+        raise ValueError(f"checkpoints: only used by --method {', '.join(CHECKPOINT_METHODS)}, "
+                         f"got --method {args.method}")
 
 
 def _check_scored_params(args, splits, defaults) -> None:
@@ -353,8 +364,8 @@ def _score(args, splits, defaults, eps, norm, objective):
     import torch.distributed as dist
 
     import robust_infl
-    from robust_infl.distributed import (SHARDED_METHODS, broadcast_module_state, init_process_group_from_env,
-                                         rank_and_world_size, sharded_influence)
+    from robust_infl.distributed import (broadcast_module_state, init_process_group_from_env, rank_and_world_size,
+                                         sharded_influence)
 
     started_group = init_process_group_from_env(args.device)
     try:
@@ -364,12 +375,10 @@ def _score(args, splits, defaults, eps, norm, objective):
         model = _train(args, splits, defaults, eps, norm)
         options = dict(objective=objective, method=args.method, seed=args.seed, device=args.device,
                        progress=not args.no_progress, params=args.params)
-        if args.checkpoints:
-            options.update(checkpoints=args.checkpoints, lrs=args.lr or defaults.lr)
         if args.store is None and world_size == 1:
-            return rank, robust_infl.influence(model, splits.train[:2], splits.val, **options)
-        if args.method not in SHARDED_METHODS:
-            raise ValueError(f"method: --store and torchrun score with {', '.join(SHARDED_METHODS)}, got {args.method!r}")
+            extra = {} if not args.checkpoints else dict(checkpoints=args.checkpoints, lrs=args.lr or defaults.lr)
+            return rank, robust_infl.influence(model, splits.train[:2], splits.val, damping=args.damping,
+                                               **options, **extra)
         broadcast_module_state(model)
         return rank, sharded_influence(model, splits.train[:2], splits.val, store=args.store, resume=args.resume,
                                        chunk_size=args.chunk_size, **options)
@@ -428,7 +437,8 @@ def _cmd_demo(args) -> int:
     for name, settings in DEMO_RUNS.items():
         settings = {**settings, **(DEMO_QUICK[name] if args.quick else {})}
         start = time.perf_counter()
-        report = defenses.run(out=Path(args.out) / name, progress=not args.no_progress, **settings)
+        # the demo replaces its own earlier runs (make demo twice), in its own subfolders only
+        report = defenses.run(out=Path(args.out) / name, overwrite=True, progress=not args.no_progress, **settings)
         print(render_markdown(report))
         print(f"[{name}: {time.perf_counter() - start:.0f} s, files in {Path(args.out) / name}]\n")
     print(f"demo finished in {time.perf_counter() - total:.0f} s")

@@ -396,7 +396,8 @@ class _Scorer:
         rank, world_size = rank_and_world_size(self.group)
         mine = shard_chunks(n_chunks, rank, world_size)
         rows = []
-        for chunk in tqdm(mine, desc=f"{self.method} chunks", disable=None if progress and rank == 0 else True, leave=False):
+        shown = progress and rank == 0
+        for chunk in tqdm(mine, desc=f"{self.method} chunks", disable=None if shown else True, leave=False):
             start, stop = chunk * chunk_size, min((chunk + 1) * chunk_size, n)
             if chunks is not None and chunks.is_complete(chunk):
                 scores = torch.as_tensor(np.array(chunks.read_chunk(chunk)), device=problem.device)

@@ -104,6 +104,9 @@ CLI_ROWS = [
      r"defend: error: params: method 'if-exact' supports at most 5000 scored parameters"),
     ("score --params <unknown>", ["score", *TINY, "--params", "head.weight", "--out", "{tmp}/s.npy"], 2,
      r"score: error: params: unknown parameter name\(s\) \['head.weight'\]"),
+    ("score --store with a method it cannot shard", ["score", *TINY, "--method", "datainf", "--store", "{tmp}/st",
+                                                     "--out", "{tmp}/s.npy"], 2,
+     r"score: error: method: --store and torchrun score with ip, self, got 'datainf'"),
     ("defend --method tracin", ["defend", *TINY, "--method", "tracin"], 2,
      r"defend: error: argument --method: invalid choice: 'tracin'"),
     pytest.param("score --device cuda without a GPU", ["score", *TINY, "--device", "cuda", "--out", "{tmp}/s.npy"],
@@ -341,3 +344,17 @@ def test_the_no_compute_guard_catches_training_and_scoring(no_compute):
         defenses.ERM(epochs=1).fit(nn.Linear(2, 2), blobs())
     with pytest.raises(AssertionError, match="compute started"):
         robust_infl.influence(nn.Linear(2, 2), blobs(), blobs(), objective=robust_infl.Utility(), progress=False)
+
+
+def test_score_runs_tracin_from_checkpoints_and_if_exact_on_a_parameter_subset(tmp_path):
+    weights = tmp_path / "w.pt"
+    common = ["score", "--data", "digits", "--model", "mlp", "--n-train", "40", "--n-val", "20", "--n-test", "20",
+              "--epochs", "1", "--objective", "utility", "--no-progress"]
+    assert cli.main([*common, "--save-weights", str(weights), "--out", str(tmp_path / "ip.npy")]) == 0
+    # one checkpoint (the trained model itself) at learning rate 1: TracIn is exactly ip
+    assert cli.main([*common, "--weights", str(weights), "--method", "tracin", "--checkpoints", str(weights),
+                     "--lr", "1", "--out", str(tmp_path / "tracin.npy")]) == 0
+    np.testing.assert_allclose(np.load(tmp_path / "tracin.npy"), np.load(tmp_path / "ip.npy"), rtol=1e-5, atol=1e-8)
+    assert cli.main([*common, "--weights", str(weights), "--method", "if-exact", "--params", "net.5.weight",
+                     "net.5.bias", "--damping", "0.01", "--out", str(tmp_path / "exact.npy")]) == 0
+    assert np.isfinite(np.load(tmp_path / "exact.npy")).all()

@@ -135,7 +135,8 @@ def ip_ensemble_influence(
         )
     generator = torch.Generator().manual_seed(problem.seed)
     total = _ip(problem, problem.params)
-    for _ in tqdm(range(1, members), desc="ip-ensemble members", disable=None if problem.progress else True, leave=False):
+    for _ in tqdm(range(1, members), desc="ip-ensemble members", disable=None if problem.progress else True,
+                  leave=False):
         if perturbation == "dropout":
             member = problem.with_forward(dropout_forward(problem, _draw_masks(layers, scale, generator, problem)))
             total = total + _ip(member, problem.params)

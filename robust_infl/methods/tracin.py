@@ -103,7 +103,8 @@ def tracin_influence(
     rates = _learning_rates(lrs, len(checkpoints))
     total = torch.zeros(problem.n_train, dtype=problem.dtype, device=problem.device)
     for index, (checkpoint, rate) in enumerate(
-        tqdm(list(zip(checkpoints, rates)), desc="tracin checkpoints", disable=None if problem.progress else True, leave=False)
+        tqdm(list(zip(checkpoints, rates)), desc="tracin checkpoints", disable=None if problem.progress else True,
+             leave=False)
     ):
         state = load_checkpoint(checkpoint, index)
         params = _tensors_from(state, problem.params, index, required=True)
