@@ -20,7 +20,6 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from attacks.base import attack_settings, plain_value
-
 from robust_infl.datasets import Splits
 from robust_infl.experiment_setup import (DATA_DEFAULTS, USER_DATA_DEFAULTS, data_defaults, load_splits,
                                           make_attack, make_trainer, model_factory)
@@ -380,7 +379,8 @@ def run(
                              f"{', '.join(robust_infl.available_methods())}")
     method_options = dict(method_options or {})
 
-    splits_for, defaults, data_label = _resolve_data(data, (n_train, n_val, n_test), _auto_bounds(data, attack, bounds))
+    bounds = _auto_bounds(data, attack, bounds)
+    splits_for, defaults, data_label = _resolve_data(data, (n_train, n_val, n_test), bounds)
     model_for, model_label = _resolve_model(model, defaults)
     first = splits_for(seeds[0])
     for fraction in fractions:
@@ -405,7 +405,7 @@ def run(
             return make_attack(attack_label, eps=eps, norm=norm, steps=steps, bounds=splits.bounds, seed=seed)
     elif callable(attack):
         attack_label = _label(attack)
-        eps, norm, steps = getattr(attack, "eps", None), getattr(attack, "norm", None), getattr(attack, "steps", None)
+        eps, norm = getattr(attack, "eps", None), getattr(attack, "norm", None)
 
         def attack_for(seed, splits):
             return attack
@@ -431,7 +431,8 @@ def run(
     first_attack = attack_for(seeds[0], first)
     config = {
         "data": data_label, "model": model_label, "attack": attack_label,
-        **_threat_model(first_attack), "attack_settings": _attack_settings(first_attack, named=isinstance(attack, str)),
+        **_threat_model(first_attack),
+        "attack_settings": _attack_settings(first_attack, named=isinstance(attack, str)),
         "bounds": plain_value(first.bounds), "method": method,
         "method_options": {k: repr(v) for k, v in method_options.items()},
         "fractions": fractions, "mode": mode, "scheme": scheme if mode == "reweight" else None,

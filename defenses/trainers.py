@@ -60,15 +60,14 @@ NORMS = ("linf", "l2")
 
 def per_sample_loss(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """Per-sample loss, shape ``(n,)``: the engine's default (``robust_infl.objectives.default_loss_fn``),
-    cross-entropy for >= 2 logits, BCE-with-logits for one logit (1-D outputs count as one logit)."""
-    if outputs.dim() == 1:
-        outputs = outputs.unsqueeze(1)
+    cross-entropy for >= 2 logits, BCE-with-logits for one logit ``(n, 1)`` (``(n,)`` is refused)."""
+    check_output_shape(outputs, targets.shape[0])
     return default_loss_fn(outputs.shape[1])(outputs, targets)
 
 
 def _class_log_probs(logits: torch.Tensor) -> torch.Tensor:
     """Log class probabilities; one logit z is read as the two logits (0, z)."""
-    if logits.dim() == 1 or logits.shape[-1] == 1:
+    if logits.shape[-1] == 1:
         z = logits.reshape(-1, 1)
         logits = torch.cat([torch.zeros_like(z), z], dim=1)
     return F.log_softmax(logits, dim=1)

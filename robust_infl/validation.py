@@ -193,7 +193,7 @@ def validate_target(target: Any) -> TargetSet:
     if isinstance(target, Dataset):
         target = _collate_whole("target", target)
     if not isinstance(target, (tuple, list)) or len(target) not in (2, 3):
-        raise TypeError(f"target: expected (X, y), (X, y, s) or a Dataset of such items, got {type(target).__name__}")
+        raise TypeError(f"target: expected (X, y) or (X, y, s), or a Dataset of such items, got {type(target).__name__}")
     x, y = as_tensor("target", target[0]), as_tensor("target", target[1])
     _check_pair("target", x, y)
     y = integer_labels("target", y)
