@@ -14,6 +14,7 @@ third-party libraries see a one-logit model through :class:`BinaryAsTwoLogits` (
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import inspect
 import math
@@ -187,12 +188,19 @@ def attack_settings(attack) -> dict:
 
     What a report records and a resumed run compares: ``{"class": "attacks.pgd.PGD", "eps": 0.1,
     "steps": 5, ...}``. A plain function is identified by its qualified name and a hash of its code
-    and constants (``{"class": "function", "name": ..., "code": ...}``).
+    and constants, the plain values it closes over and its public attributes (``{"class": "function",
+    "name": ..., "code": ..., "closure": [...]}``); a ``functools.partial`` by its function and arguments.
     """
     if inspect.isfunction(attack) or inspect.ismethod(attack):
         code = attack.__code__
         digest = hashlib.sha256(code.co_code + repr(code.co_consts).encode()).hexdigest()[:16]
-        return {"class": "function", "name": attack.__qualname__, "code": digest}
+        cells = [cell.cell_contents for cell in (getattr(attack, "__closure__", None) or ())]
+        closure = [v if v is None or isinstance(v, (bool, int, float, str)) else type(v).__name__ for v in cells]
+        return {"class": "function", "name": attack.__qualname__, "code": digest, "closure": closure,
+                **{k: plain_value(v) for k, v in vars(attack).items() if not k.startswith("_")}}
+    if isinstance(attack, functools.partial):
+        return {"class": "functools.partial", "func": attack_settings(attack.func),
+                "args": plain_value(attack.args), "keywords": plain_value(attack.keywords)}
     cls = type(attack)
     public = vars(attack).items() if hasattr(attack, "__dict__") else ()
     params = {k: plain_value(v) for k, v in public if not k.startswith("_")}

@@ -8,8 +8,8 @@ file only if its settings equal the current ones; otherwise it refuses with a ``
 lists the settings that differ. The settings cover the attack (its class and every parameter,
 :func:`attacks.attack_settings`), the bounds, the trainer (every parameter), the schedule, the data
 and the model (the hash of a given module's weights, or a factory's architecture). A plain
-function used as an attack is identified by its name and the hash of its code and constants, not
-by the values it closes over.
+function used as an attack is identified by its name, the hash of its code and constants and the
+plain values (numbers, strings) it closes over; objects it closes over only by their type.
 """
 
 from __future__ import annotations

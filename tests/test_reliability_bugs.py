@@ -136,3 +136,20 @@ def test_resume_refuses_seeds_computed_with_another_trainer_or_model(tmp_path):
         run_user(attacks.FGSM(0.1, bounds=None), out=tmp_path, resume=True,
                  trainer=defenses.ERM(epochs=1, lr=0.05, batch_size=32),
                  model=lambda seed: nn.Sequential(nn.Linear(2, 4), nn.ReLU(), nn.Linear(4, 2)))
+
+
+def test_attack_settings_tell_plain_function_attacks_apart():
+    def make(eps):
+        def attack(model, x, y):
+            return x + 0 * eps
+        return attack
+
+    settings = attacks.attack_settings
+    assert settings(make(0.1)) == settings(make(0.1)) != settings(make(0.2))
+    assert settings(make(0.1))["class"] == "function"
+    import functools
+
+    def shift(model, x, y, amount):
+        return x + 0 * amount
+
+    assert settings(functools.partial(shift, amount=1)) != settings(functools.partial(shift, amount=2))
