@@ -358,3 +358,21 @@ def test_score_runs_tracin_from_checkpoints_and_if_exact_on_a_parameter_subset(t
     assert cli.main([*common, "--weights", str(weights), "--method", "if-exact", "--params", "net.5.weight",
                      "net.5.bias", "--damping", "0.01", "--out", str(tmp_path / "exact.npy")]) == 0
     assert np.isfinite(np.load(tmp_path / "exact.npy")).all()
+
+
+def test_the_process_exit_status_is_2_with_one_line(tmp_path):
+    """The same refusals seen from a shell: status 2 (not 1 with a traceback), one line on stderr."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": str(root), "OMP_NUM_THREADS": "1"}
+    commands = [["attack", *TINY, "--seed", "-1"], ["score", *TINY, "--out", str(tmp_path / "d.npy"), "--device",
+                                                     "cuda" if NO_GPU else "cuda:99"]]
+    started = [subprocess.Popen([sys.executable, "-m", "robust_infl.cli", *argv], cwd=tmp_path, env=env,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for argv in commands]
+    for process, message in zip(started, (r"argument --seed: must be an integer >= 0", r"error: device: 'cuda")):
+        _, err = process.communicate(timeout=300)
+        assert process.returncode == 2 and err.count("\n") == 1 and re.search(message, err), err
