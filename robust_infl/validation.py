@@ -87,10 +87,7 @@ def check_labels(name: str, y: Tensor, n_outputs: int) -> None:
         raise ValueError(f"{name}: labels must be a 1-D tensor of class indices, got shape {tuple(y.shape)}")
     if y.numel() == 0:
         return
-    if y.is_floating_point():
-        check_finite(name, y)
-        if not bool((y == torch.round(y)).all()):
-            raise ValueError(f"{name}: labels must be integer class indices, got non-integer values")
+    y = integer_labels(name, y)
     n_classes = 2 if n_outputs == 1 else n_outputs
     low, high = int(y.min()), int(y.max())
     if low < 0 or high >= n_classes:
