@@ -118,10 +118,13 @@ def _resume_settings(config: dict, model, bounds, train_steps: int, eval_batch_s
 
 def _check_method_fits(method: str, method_options: dict, model: nn.Module) -> None:
     """Before any training: the influence method can score the models this run trains (tracin needs
-    their checkpoints, which do not exist yet; if-exact at most its parameter limit)."""
+    their checkpoints, which do not exist yet; if-exact at most its parameter limit; ``params`` and
+    ``damping`` are valid)."""
     from robust_infl.methods.hessian import check_exact_size
-    from robust_infl.validation import resolve_param_names
+    from robust_infl.validation import check_nonnegative_float, resolve_param_names
 
+    if "damping" in method_options:
+        check_nonnegative_float("damping", method_options["damping"])
     if method == "tracin":
         raise ValueError("method: 'tracin' needs checkpoints of the model it scores, and defenses.run trains a new "
                          "model per seed; score a model you trained with robust_infl.influence(method='tracin')")

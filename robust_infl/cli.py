@@ -321,8 +321,9 @@ def _check_score_options(args) -> None:
     """The checks of ``score`` that need no data: output paths, device, store chunking, tracin's checkpoints."""
     from robust_infl.distributed import SHARDED_METHODS
     from robust_infl.io import check_output_file, check_output_folder
-    from robust_infl.validation import check_device
+    from robust_infl.validation import check_device, check_nonnegative_float
 
+    check_nonnegative_float("damping", args.damping)
     check_output_file(args.out, "out")
     check_output_file(rows_path(Path(args.out)), "out")
     if args.store is not None:
