@@ -22,10 +22,10 @@ import torch
 from torch import nn
 
 from attacks import BinaryAsTwoLogits
-from robust_infl.validation import check_labels
 
 from .data import as_tensors
-from .trainers import NORMS, OPTIMIZERS, RETRAIN_MODES, copy_for_training, make_optimizer, model_device
+from .trainers import (NORMS, OPTIMIZERS, RETRAIN_MODES, check_labels_fit, copy_for_training, make_optimizer,
+                       model_device)
 from .validation import check_bool, check_choice, check_int, check_positive
 
 __all__ = ["ARTTrainer", "ART_TRAINER_NAMES"]
@@ -181,6 +181,7 @@ class ARTTrainer:
         keep = _subset_for_weights(weights, X.shape[0])
         if keep is not None:
             X, y = X[keep], y[keep]
+        n_outputs = check_labels_fit(model, X, y)  # X's width and the output shape, before any compute
         device = model_device(model)
         numpy_state = np.random.get_state()
         try:
@@ -188,10 +189,8 @@ class ARTTrainer:
                 torch.manual_seed(seed)
                 np.random.seed(seed)
                 model = copy_for_training(model, self.retrain, seed)
-                net = BinaryAsTwoLogits(model)
-                with torch.no_grad():
-                    num_classes = int(net.eval()(X[:1].to(device)).shape[1])
-                check_labels("train", y, num_classes)
+                net = BinaryAsTwoLogits(model).eval()  # ART sets the training mode itself
+                num_classes = max(n_outputs, 2)  # one logit z is shown to ART as (0, z)
                 classifier = PyTorchClassifier(
                     model=net, loss=nn.CrossEntropyLoss(), optimizer=make_optimizer(
                         net, self.optimizer, self.lr, self.weight_decay),
