@@ -40,8 +40,10 @@ def influence(
 
     Args:
         model: the trained ``nn.Module``; scored in eval mode, its train/eval mode is restored after.
-        train: ``(X, y)`` tensors or a sized ``Dataset`` of ``(x, y)`` items (streamed, not shuffled).
-        target: ``(X, y)`` or ``(X, y, s)`` with a sensitive attribute ``s`` in {0, 1}.
+        train: ``(X, y)`` tensors or arrays, a sized ``Dataset`` of ``(x, y)`` items (streamed, not
+            shuffled) or a ``DataLoader`` over one (its dataset is streamed in ``batch_size`` batches).
+        target: ``(X, y)`` or ``(X, y, s)`` with a sensitive attribute ``s`` in {0, 1}, or a
+            ``Dataset`` / ``DataLoader`` of such items (read whole).
         objective: ``Utility()``, ``Robust(attack)``, ``DemographicParity()``,
             ``EqualOpportunity()`` or another :class:`~robust_infl.objectives.Objective`.
         method: a name from ``robust_infl.available_methods()``; each method's options (passed as
