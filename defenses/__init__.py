@@ -1,7 +1,7 @@
 """Defences driven by influence scores: select (prune / reweight / relabel), retrain, re-attack, report.
 
 - :func:`prune`, :func:`reweight`, :func:`relabel`: scores -> keep-mask / weights / repaired labels.
-- :class:`ERM`, :class:`PGDAT`, :class:`TRADES` (subclasses of :class:`Trainer`) and
+- :class:`ERM`, :class:`FastAT`, :class:`PGDAT`, :class:`TRADES` (subclasses of :class:`Trainer`) and
   :class:`ARTTrainer`: (re)training with per-sample weights and a seed, from scratch or fine-tuning.
 - :class:`LookaheadReweighting`: online one-step-lookahead reweighting against the adversarial
   validation loss (recipe ``lookahead``).
@@ -15,7 +15,7 @@ from .lookahead import LookaheadReweighting
 from .pipeline import evaluate_on_test, run, seeded_split
 from .recipes import DefenceContext, available_recipes, register_recipe
 from .selection import prune, relabel, reweight
-from .trainers import ERM, PGDAT, TRADES, Trainer, per_sample_loss
+from .trainers import ERM, PGDAT, TRADES, FastAT, Trainer, per_sample_loss
 
 __all__ = [
     "prune",
@@ -24,6 +24,7 @@ __all__ = [
     "Trainer",
     "ERM",
     "PGDAT",
+    "FastAT",
     "TRADES",
     "ARTTrainer",
     "LookaheadReweighting",

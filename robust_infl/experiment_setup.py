@@ -32,7 +32,7 @@ __all__ = [
 ]
 
 ATTACK_NAMES = ("fgsm", "pgd", "linear", "autoattack")
-TRAINER_NAMES = ("erm", "pgd-at", "trades", "art-pgd-at", "art-trades")
+TRAINER_NAMES = ("erm", "fast-at", "pgd-at", "trades", "art-pgd-at", "art-trades")
 OBJECTIVE_NAMES = ("utility", "robust", "dp", "eop")
 
 
@@ -116,17 +116,19 @@ def make_attack(name: str, *, eps: float, norm: str = "linf", steps: int = 10, b
 def make_trainer(name: str, *, epochs: int, lr: float, batch_size: int, retrain: str = "scratch",
                  eps: float = 0.1, norm: str = "linf", bounds=(0.0, 1.0), train_steps: int = 5,
                  progress: bool = True):
-    """Trainer ``name``: ``erm``, ``pgd-at`` (Madry), ``trades`` (beta 6), or ART's own
-    ``art-pgd-at`` / ``art-trades``; the adversarial ones use ``train_steps`` PGD steps in the
-    same ``eps``-ball as the evaluation attack.
+    """Trainer ``name``: ``erm``, ``fast-at`` (Wong et al. 2020: FGSM from a random start, step
+    1.25 eps), ``pgd-at`` (Madry), ``trades`` (beta 6), or ART's own ``art-pgd-at`` / ``art-trades``;
+    the multi-step ones use ``train_steps`` PGD steps, all in the same ``eps``-ball as the evaluation attack.
     """
     from defenses.art_trainer import ARTTrainer
-    from defenses.trainers import ERM, PGDAT, TRADES
+    from defenses.trainers import ERM, PGDAT, TRADES, FastAT
 
     common = dict(epochs=epochs, lr=lr, batch_size=batch_size, retrain=retrain, progress=progress)
     ball = dict(eps=eps, norm=norm, bounds=bounds)
     if name == "erm":
         return ERM(**common)
+    if name == "fast-at":
+        return FastAT(**ball, **common)
     if name == "pgd-at":
         return PGDAT(steps=train_steps, **ball, **common)
     if name == "trades":
