@@ -23,6 +23,7 @@ Built in:
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 from typing import Callable, Iterator, Optional
 
@@ -31,7 +32,6 @@ from torch import nn
 
 from attacks.base import frozen_in_eval, predict
 
-from .data import take
 from .selection import budget_size, prune, reweight
 from .trainers import per_sample_loss
 
@@ -44,6 +44,7 @@ __all__ = [
     "score_based",
     "cached_scores",
     "select_and_retrain",
+    "retrain_without",
     "DEFAULT_RECIPES",
 ]
 
@@ -122,19 +123,33 @@ def get_recipe(name: str) -> Recipe:
     return _RECIPES[name]
 
 
+def retrain_without(ctx: DefenceContext, keep: torch.Tensor) -> nn.Module:
+    """Retrain with the samples outside the keep-mask removed: weight 0, so the retraining takes as many
+    steps, in the same data order, as ``none`` (ART's trainers, which take no weights, drop the rows)."""
+    return ctx.trainer.fit(ctx.model, ctx.train, weights=keep.to(torch.float32), seed=ctx.seed, val=ctx.val)
+
+
 def select_and_retrain(ctx: DefenceContext, scores: torch.Tensor) -> nn.Module:
-    """Prune (train on the kept samples) or reweight (train on all, weighted) by ``scores``, then retrain."""
+    """Prune (weight 0 for the most harmful, :func:`retrain_without`) or reweight (train on all, weighted) by
+    ``scores``, then retrain."""
     if ctx.mode == "prune":
-        keep = prune(scores, ctx.fraction)
-        return ctx.trainer.fit(ctx.model, take(ctx.train, keep), seed=ctx.seed, val=ctx.val)
+        return retrain_without(ctx, prune(scores, ctx.fraction))
     weights = reweight(scores, ctx.scheme, fraction=ctx.fraction, temperature=ctx.temperature)
     return ctx.trainer.fit(ctx.model, ctx.train, weights=weights, seed=ctx.seed, val=ctx.val)
 
 
 def cached_scores(ctx: DefenceContext, name: str, score_fn: Callable[[DefenceContext], torch.Tensor]) -> torch.Tensor:
-    """``score_fn(ctx)`` on the CPU, computed once per seed and kept in ``ctx.cache[name]``."""
+    """``score_fn(ctx)`` on the CPU, computed once per seed and kept in ``ctx.cache[name]``.
+
+    The seconds it took are kept too; a call that reuses the scores adds them to
+    ``ctx.cache["reused_seconds"]``, so every recipe that uses them is charged their cost.
+    """
     if name not in ctx.cache:
+        start = time.perf_counter()
         ctx.cache[name] = score_fn(ctx).detach().cpu()
+        ctx.cache[f"{name}:seconds"] = time.perf_counter() - start
+    elif "reused_seconds" in ctx.cache:
+        ctx.cache["reused_seconds"] += ctx.cache[f"{name}:seconds"]
     return ctx.cache[name]
 
 
@@ -195,17 +210,14 @@ def misclassified_training_samples(ctx: DefenceContext, batch_size: int = 512) -
 
 def influence_on_misclassified(ctx: DefenceContext) -> nn.Module:
     """Remove the samples with the largest harm (as ``influence``) among those the base model misclassifies:
-    the budget's worth, or fewer when fewer are misclassified; retrain on the rest (prune mode) or with
-    weight 0 for them (reweight mode)."""
+    the budget's worth, or fewer when fewer are misclassified; retrain with weight 0 for them (both modes)."""
     scores = cached_scores(ctx, "influence", influence_scores).double()
     wrong = misclassified_training_samples(ctx)
     k = min(budget_size(scores.numel(), ctx.fraction), int(wrong.sum()))
     restricted = torch.where(wrong, scores, torch.tensor(-torch.inf, dtype=torch.float64))
     keep = torch.ones(scores.numel(), dtype=torch.bool)
     keep[torch.sort(-restricted, stable=True).indices[:k]] = False
-    if ctx.mode == "prune":
-        return ctx.trainer.fit(ctx.model, take(ctx.train, keep), seed=ctx.seed, val=ctx.val)
-    return ctx.trainer.fit(ctx.model, ctx.train, weights=keep.to(torch.float32), seed=ctx.seed, val=ctx.val)
+    return retrain_without(ctx, keep)
 
 
 def no_defence(ctx: DefenceContext) -> nn.Module:

@@ -21,7 +21,7 @@ from robust_infl.io import PathLike, atomic_write_json, json_safe
 __all__ = ["SeedResults", "SEEDS_DIR", "FORMAT_VERSION"]
 
 SEEDS_DIR = "seeds"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: rows carry the suite, attack success and training cost
 
 
 def _normalised(value: Any) -> Any:

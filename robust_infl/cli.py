@@ -85,8 +85,10 @@ def build_parser() -> argparse.ArgumentParser:
     defend = commands.add_parser(
         "defend", parents=[common], help="run the defence and its baselines over seeds, write the report",
         description="Split, train, attack, score on the validation split, prune / reweight, retrain and\n"
-                    "re-attack (adaptive and transfer); writes report.json, report.md and, with several\n"
-                    "fractions, robust_vs_fraction.png.",
+                    "re-attack (adaptive and transfer), beside adversarial-training references (fast-at,\n"
+                    "pgd-at, trades) with their measured cost; writes report.json, report.md,\n"
+                    "robust_vs_cost.png and, with several fractions, robust_vs_fraction.png. Which row\n"
+                    "wins where is measured in experiments/RESULTS.md (section defense_references).",
         epilog="recipes (--recipes):\n" + "\n".join(
             f"  {name}\n      {get_recipe(name).description}" for name in available_recipes()),
         formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -108,6 +110,16 @@ def build_parser() -> argparse.ArgumentParser:
     defend.add_argument("--recipes", nargs="+", choices=available_recipes(), default=list(DEFAULT_RECIPES),
                         metavar="R", help=f"defence and baselines to run, from {', '.join(available_recipes())} "
                                           f"(default: {' '.join(DEFAULT_RECIPES)})")
+    defend.add_argument("--references", nargs="*", default=None, metavar="T", choices=("fast-at", "pgd-at", "trades"),
+                        help="adversarial-training reference rows trained on the same data and schedule, from "
+                             "fast-at, pgd-at, trades (default: all three with --trainer erm; an adversarial "
+                             "trainer is its own reference; give the flag alone for none)")
+    defend.add_argument("--eval-attacks", nargs="*", default=None, metavar="A", choices=ATTACK_NAMES,
+                        help=f"evaluation suite besides --attack, from {', '.join(ATTACK_NAMES)} (default: apgd-ce "
+                             "apgd-t on images in [0, 1], none on tabular data; give the flag alone for none); "
+                             "per-attack results and the worst case go in the report")
+    defend.add_argument("--eval-subset", type=int, default=200,
+                        help="the suite runs on the first N test points of each seed (default: %(default)s)")
     defend.add_argument("--seeds", type=int, default=3, help="number of seeds 0..N-1 (default: %(default)s)")
     defend.add_argument("--out", default="runs/defend", help="output folder (default: %(default)s)")
     defend.add_argument("--resume", action="store_true",
@@ -217,10 +229,13 @@ def _cmd_defend(args) -> int:
         args.data, args.model, args.attack, eps=args.eps, norm=args.norm, steps=args.steps, method=args.method,
         fractions=args.fraction, mode=args.mode, scheme=args.scheme, temperature=args.temperature,
         retrain=args.retrain, trainer=args.trainer, recipes=args.recipes, seeds=args.seeds, epochs=args.epochs,
+        references="auto" if args.references is None else args.references,
+        eval_attacks="auto" if args.eval_attacks is None else args.eval_attacks, eval_subset=args.eval_subset,
         lr=args.lr, batch_size=args.batch_size, train_steps=args.train_steps, n_train=args.n_train,
         n_val=args.n_val, n_test=args.n_test, out=args.out, resume=args.resume, progress=not args.no_progress)
     print(render_markdown(report))
-    print(f"wrote {Path(args.out) / 'report.json'} and report.md in {time.perf_counter() - start:.0f} s")
+    print(f"wrote {Path(args.out) / 'report.json'}, report.md and robust_vs_cost.png in "
+          f"{time.perf_counter() - start:.0f} s")
     return 0
 
 

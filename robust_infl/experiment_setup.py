@@ -31,7 +31,7 @@ __all__ = [
     "make_objective",
 ]
 
-ATTACK_NAMES = ("fgsm", "pgd", "linear", "autoattack")
+ATTACK_NAMES = ("fgsm", "pgd", "linear", "autoattack", "apgd-ce", "apgd-t")
 TRAINER_NAMES = ("erm", "fast-at", "pgd-at", "trades", "art-pgd-at", "art-trades")
 OBJECTIVE_NAMES = ("utility", "robust", "dp", "eop")
 
@@ -92,10 +92,12 @@ def model_factory(name: str, splits: Splits) -> Callable[[int], nn.Module]:
 
 def make_attack(name: str, *, eps: float, norm: str = "linf", steps: int = 10, bounds=(0.0, 1.0),
                 seed: int = 0) -> Callable:
-    """Attack ``name`` (``fgsm``, ``pgd``, ``linear``, ``autoattack``) as an ``attack(model, x, y)`` callable.
+    """Attack ``name`` as an ``attack(model, x, y)`` callable: ``fgsm``, ``pgd``, ``linear``, ``autoattack``
+    (standard version), ``apgd-ce`` or ``apgd-t`` (targeted APGD-DLR; both single AutoAttack components).
 
     ``linear`` is the paper's closed-form boundary crossing (no budget: ``eps`` and ``norm`` are
-    not used); ``autoattack`` runs through torchattacks and needs inputs in [0, 1].
+    not used); ``autoattack`` and the APGD components run the authors' AutoAttack code, which
+    clips to [0, 1], so they need data with bounds (0, 1).
     """
     import attacks
 
@@ -108,9 +110,11 @@ def make_attack(name: str, *, eps: float, norm: str = "linf", steps: int = 10, b
     if name == "linear":
         return attacks.LinearClosedForm()
     if bounds is None or tuple(bounds) != (0.0, 1.0):
-        raise ValueError(f"attack: 'autoattack' runs through torchattacks, which clips to [0, 1]; this data "
+        raise ValueError(f"attack: {name!r} runs AutoAttack's code, which clips to [0, 1]; this data "
                          f"has bounds {bounds}. Use --attack pgd")
-    return attacks.AutoAttack(eps, norm=norm, seed=seed)
+    if name == "autoattack":
+        return attacks.AutoAttack(eps, norm=norm, seed=seed)
+    return attacks.AutoAttack(eps, norm=norm, seed=seed, components=(name,))
 
 
 def make_trainer(name: str, *, epochs: int, lr: float, batch_size: int, retrain: str = "scratch",
