@@ -4,14 +4,16 @@
 - :class:`ERM`, :class:`FastAT`, :class:`PGDAT`, :class:`TRADES` (subclasses of :class:`Trainer`) and
   :class:`ARTTrainer`: (re)training with per-sample weights and a seed, from scratch or fine-tuning.
 - :class:`LookaheadReweighting`: online one-step-lookahead reweighting against the adversarial
-  validation loss (recipe ``lookahead``).
+  validation loss (recipe ``lookahead``); :class:`LookaheadWeights`: the same weights as a per-batch
+  hook for your own training loop; :class:`SelectionWeights`: a selection recipe's keep-mask or
+  weights for your own loop.
 - :func:`run`: the closed loop with baselines over several seeds, writing ``report.json``,
   ``report.md`` and ``robust_vs_fraction.png`` atomically, and each seed's results as it completes
   (``resume=True`` reuses them after a crash); recipes are pluggable (:func:`register_recipe`).
 """
 
 from .art_trainer import ARTTrainer
-from .lookahead import LookaheadReweighting
+from .lookahead import LookaheadReweighting, LookaheadWeights
 from .pipeline import evaluate_on_test, run, seeded_split
 from .recipes import DefenceContext, available_recipes, register_recipe
 from .selection import prune, relabel, reweight
@@ -28,6 +30,7 @@ __all__ = [
     "TRADES",
     "ARTTrainer",
     "LookaheadReweighting",
+    "LookaheadWeights",
     "per_sample_loss",
     "run",
     "evaluate_on_test",

@@ -49,7 +49,8 @@ def test_defend_writes_the_report_and_prints_the_table(tmp_path, capsys):
     out = capsys.readouterr().out
     assert code == 0
     assert "| influence | 0.05 |" in out and "| random | 0.1 |" in out
-    assert {p.name for p in tmp_path.iterdir()} == {"report.json", "report.md", "robust_vs_fraction.png", "seeds"}
+    assert {p.name for p in tmp_path.iterdir()} == {"report.json", "report.md", "robust_vs_fraction.png",
+                                                    "robust_vs_cost.png", "seeds"}
     config = json.loads((tmp_path / "report.json").read_text())["config"]
     assert config["data"] == "moons" and config["seeds"] == [0, 1] and config["norm"] == "l2"
 
