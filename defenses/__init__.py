@@ -17,6 +17,7 @@ from .lookahead import LookaheadReweighting, LookaheadWeights
 from .pipeline import evaluate_on_test, run, seeded_split
 from .recipes import DefenceContext, available_recipes, register_recipe
 from .selection import prune, relabel, reweight
+from .selection_hook import SelectionWeights
 from .trainers import ERM, PGDAT, TRADES, FastAT, Trainer, per_sample_loss
 
 __all__ = [
@@ -31,6 +32,7 @@ __all__ = [
     "ARTTrainer",
     "LookaheadReweighting",
     "LookaheadWeights",
+    "SelectionWeights",
     "per_sample_loss",
     "run",
     "evaluate_on_test",

@@ -1,0 +1,155 @@
+"""defense_references: every defence recipe beside adversarial-training references, with measured cost.
+
+The benchmark behind the README's "Which defence to use" (issue 15). Each setting is one
+``defenses.run`` (the ``defend`` pipeline): plain training (ERM) as the base, the influence recipe and
+its baselines at a 5% budget (removal as weight 0, so every retraining takes as many steps as
+``none``), the ``lookahead`` recipe, plain training on train + validation, and the reference rows
+``fast-at`` (FGSM from a random start, Wong et al. 2020), ``pgd-at`` (5 steps) and ``trades``
+(beta 6, 5 steps), all on the same training split with the same schedule and seed. Every model is
+re-attacked (adaptive); images also get the evaluation suite (APGD-CE and targeted APGD-DLR from the
+AutoAttack authors' code) on the first ``eval_subset`` test points, whose worst case is reported.
+Cost is wall time over one ERM fit of the same schedule, measured in the same run, per seed.
+
+Settings: MNIST 3,500 training images / SmallCNN / PGD linf 0.1 (10 steps); Adult / logistic
+regression / PGD L2 0.5; scikit-learn's breast_cancer (standardised, data the project was not tuned
+on) / logistic regression / PGD L2 1.0. Five seeds; paired 95% t-intervals.
+
+    python -m experiments.defense_references            # writes experiments/out/defense_references/
+    python -m experiments.defense_references --quick    # smoke test (tiny sizes, 1 seed, no RESULTS.md)
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from experiments._results import EXPERIMENTS, experiment_arguments, write_json, write_section
+
+__all__ = ["Setting", "SETTINGS", "QUICK", "breast_cancer", "run_setting", "render", "main"]
+
+RECIPES = ("none", "influence", "random", "loss", "lookahead", "train+val")
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One ``defenses.run`` of the benchmark (``options`` are its keyword arguments)."""
+
+    name: str
+    data: object
+    options: dict = field(default_factory=dict)
+
+
+def breast_cancer():
+    """scikit-learn's breast_cancer, standardised (569 x 30, two classes), as ``(X, y)`` tensors."""
+    from sklearn.datasets import load_breast_cancer
+
+    X, y = load_breast_cancer(return_X_y=True)
+    X = torch.tensor((X - X.mean(0)) / X.std(0), dtype=torch.float32)
+    return X, torch.tensor(y)
+
+
+def _logreg(features: int):
+    from robust_infl.models import LogisticRegression
+
+    def build(seed: int):
+        torch.manual_seed(seed)
+        return LogisticRegression(features, 1)
+
+    return build
+
+
+SETTINGS = (
+    Setting("mnist-cnn", "mnist", dict(model="cnn", attack="pgd", eps=0.1, norm="linf", steps=10, epochs=5,
+                                       eval_subset=100)),
+    Setting("adult-logreg", "adult", dict(model="logreg", attack="pgd", eps=0.5, norm="l2", steps=10)),
+    Setting("breast_cancer-logreg", "breast_cancer", dict(attack="pgd", eps=1.0, norm="l2", steps=20, epochs=30,
+                                                          lr=0.01, batch_size=32)),
+)
+QUICK = dict(seeds=1, n_train=300, n_val=100, n_test=100, epochs=1, steps=3, eval_subset=20)
+
+
+def run_setting(setting: Setting, *, seeds: int, quick: bool, out, progress: bool) -> dict:
+    """The ``defenses.run`` report of one setting (``out``: its folder), with its wall time in minutes."""
+    import defenses
+
+    options = dict(setting.options, recipes=list(RECIPES), fractions=[0.05], seeds=seeds, out=out,
+                   progress=progress)
+    data = setting.data
+    if data == "breast_cancer":
+        data, options["model"] = breast_cancer(), _logreg(30)
+        options["bounds"] = None
+    if quick:
+        options.update({k: v for k, v in QUICK.items() if k not in ("n_train", "n_val", "n_test")
+                        or isinstance(data, str)})
+        if not isinstance(data, str):
+            data = (data[0][:200], data[1][:200])
+    start = time.perf_counter()
+    report = defenses.run(data, **options)
+    report["minutes"] = (time.perf_counter() - start) / 60
+    return report
+
+
+def _pct(stat: dict) -> str:
+    return f"{100 * stat['mean']:.1f} ± {100 * stat['std']:.1f}"
+
+
+def _delta(entry: dict, metric: str) -> str:
+    stat = entry.get("vs_none", {}).get(metric)
+    if stat is None:
+        return "–"
+    lo, hi = stat["ci95"] if stat.get("ci95") else (float("nan"), float("nan"))
+    return f"{100 * stat['mean']:+.1f} [{100 * lo:+.1f}, {100 * hi:+.1f}]"
+
+
+def render(reports: dict) -> str:
+    """The RESULTS.md section: one table per setting, its Pareto front and its recommendation."""
+    from defenses.report import pareto_front
+
+    lines = ["## defense_references: every recipe beside adversarial-training references (issue 15)", "",
+             "`python -m experiments.defense_references` (see its docstring). Plain training (ERM) as the base; "
+             "influence / random / loss remove 5% (weight 0, as many steps as `none`); references trained on the "
+             "same data with the same schedule and seed. Accuracies in % (mean ± std over seeds), Δ paired vs "
+             "`none` with 95% t-interval; cost = wall time over one ERM fit of the same schedule in the same run "
+             "(the machine was shared by other jobs; ratios, not seconds). Worst case: the share of the suite's "
+             "subset correct under every attack of it.", ""]
+    for name, report in reports.items():
+        cfg = report["config"]
+        suite = ", ".join(cfg["eval_attacks"])
+        subset = "" if cfg["eval_subset"] is None else f" on the first {cfg['eval_subset']} test points"
+        lines += [f"### {name}: {cfg['data']} / {cfg['model']} / {cfg['attack']} {cfg['norm']} eps={cfg['eps']}",
+                  "", f"{len(cfg['seeds'])} seeds, n_train {cfg['n_train']}, n_test {cfg['n_test']}, "
+                  f"{cfg['epochs']} epochs; suite: {suite}{subset}; {report['minutes']:.0f} min.", "",
+                  "| row | cost vs ERM | clean | robust (adaptive) | ASR (adaptive) | worst case "
+                  "| Δ robust vs none | Δ clean vs none |", "|---|---|---|---|---|---|---|---|"]
+        front = {id(e) for e in pareto_front(report["summary"])}
+        for entry in report["summary"]:
+            label = entry["recipe"] + ("" if entry["fraction"] is None else f" @ {entry['fraction']:g}")
+            label += " (reference)" if entry.get("reference") else ""
+            label = f"**{label}**" if id(entry) in front else label
+            lines.append(f"| {label} | {entry['cost_vs_erm']['mean']:.2f} ± {entry['cost_vs_erm']['std']:.2f} "
+                         f"| {_pct(entry['clean_acc'])} | {_pct(entry['robust_acc_adaptive'])} "
+                         f"| {_pct(entry['asr_adaptive'])} | {_pct(entry['worst_case'])} "
+                         f"| {_delta(entry, 'robust_acc_adaptive')} | {_delta(entry, 'clean_acc')} |")
+        lines += ["", "Bold: the Pareto front of cost and adaptive robust accuracy. "
+                  f"**Recommendation** ({name}): {report['recommendation']['reason']}", ""]
+    return "\n".join(lines)
+
+
+def main(argv=None) -> dict:
+    """Run every setting, write the reports (JSON per setting) and, unless ``--quick``, the RESULTS.md section."""
+    args = experiment_arguments(__doc__, "defense_references", argv)
+    folder = args.out.with_suffix("")
+    seeds = QUICK["seeds"] if args.quick else 5
+    reports = {s.name: run_setting(s, seeds=seeds, quick=args.quick, out=folder / s.name,
+                                   progress=not args.no_progress) for s in SETTINGS}
+    write_json(args.out, {name: {k: r[k] for k in ("config", "summary", "recommendation", "minutes")}
+                          for name, r in reports.items()})
+    if not args.quick:
+        write_section("defense_references", render(reports))
+    return reports
+
+
+if __name__ == "__main__":
+    main()
