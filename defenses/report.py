@@ -19,13 +19,26 @@ from typing import Iterable, Optional
 
 from robust_infl.io import atomic_write, atomic_write_json, atomic_write_text
 
-__all__ = ["METRICS", "ALIASES", "mean_std", "paired_difference", "summarise", "summarise_base", "recommend", "pareto_front",
+__all__ = ["METRICS", "ALIASES", "mean_std", "paired_difference", "summarise", "summarise_base", "without_timing", "TIMING_KEYS", "recommend", "pareto_front",
            "render_markdown", "plot_robust_vs_fraction", "plot_robust_vs_cost", "write_report"]
 
 METRICS = ("clean_acc", "robust_acc_adaptive", "robust_acc_transfer", "asr_adaptive", "worst_case", "train_time",
            "cost_vs_erm")
 ALIASES = {"robust_acc": "robust_acc_adaptive", "transfer_acc": "robust_acc_transfer"}  # old names, one release
 _ATTACK_METRICS = ("robust_acc", "asr")
+
+
+TIMING_KEYS = ("train_time", "cost_vs_erm", "recommendation")  # wall-time measurements and what reads them
+
+
+def without_timing(value):
+    """A report (or part of one) without its wall-time measurements and the recommendation that reads them:
+    what a run with the same seeds reproduces bit for bit."""
+    if isinstance(value, dict):
+        return {k: without_timing(v) for k, v in value.items() if k not in TIMING_KEYS}
+    if isinstance(value, list):
+        return [without_timing(v) for v in value]
+    return value
 
 
 def mean_std(values: Iterable[float]) -> dict:

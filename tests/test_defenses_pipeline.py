@@ -10,23 +10,11 @@ from torch import nn
 import attacks
 import defenses
 from defenses import pipeline, recipes
-from defenses.report import paired_difference
+from defenses.report import paired_difference, without_timing
 from defenses.trainers import ERM
 from robust_infl.datasets import Splits, load_dataset
 
 TINY = dict(model="logreg", attack="pgd", seeds=2, epochs=3, progress=False)
-
-
-TIMING = ("train_time", "cost_vs_erm")
-
-
-def _without_timing(value):
-    """``value`` with the wall-time measurements (and the recommendation that reads them) left out."""
-    if isinstance(value, dict):
-        return {k: _without_timing(v) for k, v in value.items() if k not in TIMING + ("recommendation",)}
-    if isinstance(value, list):
-        return [_without_timing(v) for v in value]
-    return value
 
 
 def _rows(report, recipe, fraction):
@@ -87,9 +75,9 @@ def test_same_seed_gives_an_identical_report(tmp_path):
     defenses.run("moons", out=tmp_path / "a", **options)
     defenses.run("moons", out=tmp_path / "b", **options)
     first, second = (json.loads((tmp_path / name / "report.json").read_text()) for name in ("a", "b"))
-    assert _without_timing(first) == _without_timing(second)  # wall times are measurements, not results
+    assert without_timing(first) == without_timing(second)  # wall times are measurements, not results
     other = defenses.run("moons", **{**options, "seeds": [5, 6]})
-    assert _without_timing(other["per_seed"]) != _without_timing(first["per_seed"])
+    assert without_timing(other["per_seed"]) != without_timing(first["per_seed"])
 
 
 class _Sealed(torch.Tensor):
