@@ -7,9 +7,11 @@
   validation loss (recipe ``lookahead``); :class:`LookaheadWeights`: the same weights as a per-batch
   hook for your own training loop; :class:`SelectionWeights`: a selection recipe's keep-mask or
   weights for your own loop.
-- :func:`run`: the closed loop with baselines over several seeds, writing ``report.json``,
-  ``report.md`` and ``robust_vs_fraction.png`` atomically, and each seed's results as it completes
-  (``resume=True`` reuses them after a crash); recipes are pluggable (:func:`register_recipe`).
+- :func:`run`: the closed loop with baselines and adversarial-training references
+  (:mod:`defenses.references`), each row's measured cost, and an evaluation suite
+  (:mod:`defenses.eval_suite`) over several seeds, writing ``report.json``, ``report.md``,
+  ``robust_vs_cost.png`` and ``robust_vs_fraction.png`` atomically, and each seed's results as it
+  completes (``resume=True`` reuses them after a crash); recipes are pluggable (:func:`register_recipe`).
 """
 
 from .art_trainer import ARTTrainer

@@ -12,13 +12,20 @@ Built in:
 - ``none``: no defence (scratch: the base model itself, which retraining on all data with the same
   seed reproduces exactly; finetune: fine-tuned on all data for the same epochs).
 - ``influence``: harm on ``Robust(attack)`` over the VALIDATION split (``robust_infl.influence``),
-  then prune / reweight by it.
+  then prune (weight 0, so as many training steps as ``none``) / reweight by it.
 - ``random``: the same budget, chosen uniformly at random (seeded).
 - ``loss``: the same budget, the samples with the highest training loss under the base model.
 - ``influence-misclassified``: the largest harm among the samples the base model misclassifies (at
   their adversarial training points for adversarial trainers), at most the budget.
 - ``train+val``: no selection, plain (re)training on train + validation (a fair reference for
   defences that use the validation labels).
+- ``lookahead``: online lookahead reweighting (:mod:`defenses.lookahead`).
+
+None of them is recommended by itself: a defence is worth using only where it beats the
+adversarial-training references that ``defenses.run`` trains beside it (``fast-at``, ``pgd-at``,
+``trades``; :mod:`defenses.references`) at equal or lower cost. Where each stands is measured in
+``experiments/RESULTS.md`` (section ``defense_references``); the descriptions below say what a recipe
+does, not how much it helps.
 """
 
 from __future__ import annotations
@@ -242,12 +249,13 @@ register_recipe("loss", score_based("loss", training_loss_scores),
                 description="highest training loss, same budget")
 register_recipe("influence-misclassified", influence_on_misclassified,
                 description="highest harm among the misclassified training samples, at most the budget "
-                            "(Adult MLP: +3.0 robust points vs none and random, exploratory)")
+                            "(exploratory; see experiments/RESULTS.md, defense_deep)")
 register_recipe("train+val", train_and_val, uses_budget=False,
                 description="plain training on train + validation")
 from .lookahead import lookahead_recipe  # noqa: E402  (lookahead.py does not import this module)
 register_recipe("lookahead", lookahead_recipe, uses_budget=False,
-                description="online lookahead reweighting against the adversarial validation loss; "
-                            "helps erm (MNIST +10 robust points), not pgd-at")
+                description="online lookahead reweighting against the adversarial validation loss (~3x the "
+                            "cost of ERM; fast-at, cheaper, was more robust: experiments/RESULTS.md, "
+                            "defense_references)")
 
 DEFAULT_RECIPES = ("none", "influence", "random", "loss")

@@ -139,7 +139,8 @@ def recommend(summary: list, *, tolerance: float = 0.01) -> dict:
     ``tolerance`` of the best row's, among the rows whose clean accuracy is at most ``tolerance`` below
     ``none``'s (all rows when none qualifies or ``none`` was not run).
 
-    Returns ``{"recipe", "fraction", "reason"}`` (the reason in one line, figures in %).
+    Returns ``{"recipe", "fraction", "reason"}`` (the reason in one line, figures in %; it also names the
+    most robust row when the clean-accuracy bound excluded it).
     """
     none = next((e for e in summary if e["recipe"] == "none"), None)
     allowed = [e for e in summary if none is None or e["clean_acc"]["mean"] >= none["clean_acc"]["mean"] - tolerance]
@@ -148,15 +149,21 @@ def recommend(summary: list, *, tolerance: float = 0.01) -> dict:
     close = [e for e in allowed if e["robust_acc_adaptive"]["mean"] >= best["robust_acc_adaptive"]["mean"] - tolerance]
     pick = min(close, key=lambda e: (e["cost_vs_erm"]["mean"], -e["robust_acc_adaptive"]["mean"]))
     robust, cost, clean = (pick[m]["mean"] for m in ("robust_acc_adaptive", "cost_vs_erm", "clean_acc"))
+    kept = "" if len(allowed) == len(summary) else f" that keeps clean accuracy within {100 * tolerance:g} point(s)"
     if pick is best:
-        why = "the most robust row"
+        why = f"the most robust row{kept}"
     else:
-        why = (f"within {100 * tolerance:g} point(s) of the most robust row ({_name(best)}, "
+        why = (f"within {100 * tolerance:g} point(s) of the most robust row{kept} ({_name(best)}, "
                f"{100 * best['robust_acc_adaptive']['mean']:.1f}) and the cheapest such")
     clean_note = "" if none is None else f"clean {100 * clean:.1f} vs {100 * none['clean_acc']['mean']:.1f} for none"
     reason = (f"pick {_name(pick)}: robust {100 * robust:.1f} (adaptive) at {cost:.2f}x the cost of ERM, {why}"
-              + (f"; {clean_note}" if clean_note else "") + ".")
-    return {"recipe": pick["recipe"], "fraction": pick["fraction"], "reason": reason}
+              + (f"; {clean_note}" if clean_note else ""))
+    strongest = max(summary, key=lambda e: e["robust_acc_adaptive"]["mean"])
+    if none is not None and strongest["robust_acc_adaptive"]["mean"] > best["robust_acc_adaptive"]["mean"] + tolerance:
+        lost = 100 * (none["clean_acc"]["mean"] - strongest["clean_acc"]["mean"])
+        reason += (f"; if {lost:.1f} clean points are affordable, {_name(strongest)} is more robust "
+                   f"({100 * strongest['robust_acc_adaptive']['mean']:.1f}, {strongest['cost_vs_erm']['mean']:.2f}x)")
+    return {"recipe": pick["recipe"], "fraction": pick["fraction"], "reason": reason + "."}
 
 
 def _pct(stat: dict) -> str:

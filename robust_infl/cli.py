@@ -90,7 +90,13 @@ def build_parser() -> argparse.ArgumentParser:
                     "robust_vs_cost.png and, with several fractions, robust_vs_fraction.png. Which row\n"
                     "wins where is measured in experiments/RESULTS.md (section defense_references).",
         epilog="recipes (--recipes):\n" + "\n".join(
-            f"  {name}\n      {get_recipe(name).description}" for name in available_recipes()),
+            f"  {name}\n      {get_recipe(name).description}" for name in available_recipes())
+        + "\n\nreferences (--references; with --trainer erm, all three by default):\n"
+          "  fast-at\n      FGSM adversarial training from a uniform random start, step 1.25 eps (Wong et al. 2020)\n"
+          "  pgd-at\n      PGD adversarial training (Madry et al. 2018), --train-steps steps\n"
+          "  trades\n      TRADES (Zhang et al. 2019), beta 6, --train-steps steps\n"
+          "Pick a recipe only where it beats a reference of equal or lower cost; the report's last line names\n"
+          "the row to pick, and experiments/RESULTS.md (section defense_references) holds the benchmark.",
         formatter_class=argparse.RawDescriptionHelpFormatter)
     defend.add_argument("--attack", choices=ATTACK_NAMES, default="pgd", help="attack (default: %(default)s)")
     defend.add_argument("--method", choices=methods, default="ip", help="influence method (default: %(default)s)")
@@ -105,8 +111,9 @@ def build_parser() -> argparse.ArgumentParser:
     defend.add_argument("--retrain", choices=("scratch", "finetune"), default="scratch",
                         help="retrain defended models from scratch or fine-tune the base model (default: %(default)s)")
     defend.add_argument("--trainer", choices=TRAINER_NAMES, default="erm",
-                        help="training: erm, pgd-at (Madry), trades, or ART's art-pgd-at / art-trades "
-                             "(default: %(default)s)")
+                        help="training: erm, fast-at (FGSM from a random start, Wong et al. 2020), pgd-at "
+                             "(Madry), trades, or ART's art-pgd-at / art-trades (default: %(default)s); with erm "
+                             "the report adds fast-at, pgd-at and trades as references")
     defend.add_argument("--recipes", nargs="+", choices=available_recipes(), default=list(DEFAULT_RECIPES),
                         metavar="R", help=f"defence and baselines to run, from {', '.join(available_recipes())} "
                                           f"(default: {' '.join(DEFAULT_RECIPES)})")

@@ -55,6 +55,19 @@ def test_defend_writes_the_report_and_prints_the_table(tmp_path, capsys):
     assert config["data"] == "moons" and config["seeds"] == [0, 1] and config["norm"] == "l2"
 
 
+def test_defend_picks_references_and_the_evaluation_suite(tmp_path, capsys):
+    args = ["defend", *TINY, "--seeds", "1", "--recipes", "none", "--out", str(tmp_path)]
+    assert cli.main([*args, "--references", "fast-at", "--eval-attacks", "fgsm"]) == 0
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert report["config"]["references"] == ["fast-at"] and report["config"]["eval_attacks"] == ["pgd", "fgsm"]
+    assert [e["recipe"] for e in report["summary"]] == ["none", "fast-at"]
+    assert set(report["summary"][0]["attacks"]) == {"pgd", "fgsm"}
+    assert "**Recommendation:** pick " in capsys.readouterr().out
+    assert cli.main([*args, "--references", "--eval-attacks"]) == 0
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert report["config"]["references"] == [] and report["config"]["eval_attacks"] == ["pgd"]
+
+
 def test_score_saves_one_harm_per_training_sample_and_prints_the_ranking(tmp_path, capsys):
     path = tmp_path / "scores.npy"
     assert cli.main(["score", *TINY, "--objective", "dp", "--top", "3", "--out", str(path)]) == 0

@@ -276,3 +276,29 @@ def test_validation(kwargs, error, message):
     options.update(kwargs)
     with pytest.raises(error, match=message):
         defenses.run(**options)
+
+
+def _entry(name, clean, robust, cost, fraction=None):
+    def stat(m):
+        return {"mean": m, "std": 0.0, "n": 3}
+
+    return {"recipe": name, "fraction": fraction, "clean_acc": stat(clean), "robust_acc_adaptive": stat(robust),
+            "cost_vs_erm": stat(cost)}
+
+
+def test_pareto_front_and_recommendation_known_answers():
+    from defenses.report import pareto_front, recommend
+
+    rows = [_entry("none", 0.938, 0.60, 1.0), _entry("lookahead", 0.941, 0.70, 3.4),
+            _entry("fast-at", 0.952, 0.849, 1.9), _entry("pgd-at", 0.953, 0.859, 3.5),
+            _entry("trades", 0.94, 0.85, 3.7)]
+    assert [e["recipe"] for e in pareto_front(rows)] == ["none", "fast-at", "pgd-at"]  # lookahead, trades dominated
+    pick = recommend(rows)
+    assert (pick["recipe"], pick["fraction"]) == ("fast-at", None)  # within 1 point of pgd-at, cheaper
+    assert pick["reason"].startswith("pick fast-at: robust 84.9 (adaptive) at 1.90x")
+    # a clean-accuracy loss of more than a point excludes a row, and the line says what it would have given
+    tabular = [_entry("none", 0.856, 0.69, 1.0), _entry("influence", 0.85, 0.718, 1.7, 0.05),
+               _entry("fast-at", 0.838, 0.775, 3.8)]
+    pick = recommend(tabular)
+    assert (pick["recipe"], pick["fraction"]) == ("influence", 0.05)
+    assert "fast-at is more robust (77.5, 3.80x)" in pick["reason"] and "1.8 clean points" in pick["reason"]
