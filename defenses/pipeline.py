@@ -102,10 +102,17 @@ def evaluate_on_test(model: nn.Module, test, attack: Callable, base_adversarial:
 
 
 def _timed(fn: Callable, *args, **kwargs) -> tuple:
-    """``(fn(*args, **kwargs), wall seconds)``."""
-    start = time.perf_counter()
+    """``(fn(*args, **kwargs), {"wall": seconds, "cpu": seconds})``: wall time and this process's CPU time."""
+    wall, cpu = time.perf_counter(), time.process_time()
     value = fn(*args, **kwargs)
-    return value, time.perf_counter() - start
+    return value, {"wall": time.perf_counter() - wall, "cpu": time.process_time() - cpu}
+
+
+def cost_clock(model: nn.Module) -> str:
+    """The clock ``cost_vs_erm`` is read from: ``"cpu"`` (this process's CPU time, which other jobs on a shared
+    machine do not inflate) for a model on the CPU, ``"wall"`` on an accelerator (whose work CPU time misses)."""
+    device = next((t.device for t in (*model.parameters(), *model.buffers())), torch.device("cpu"))
+    return "cpu" if device.type == "cpu" else "wall"
 
 
 def _training_attack(trainer, seed: int) -> Optional[Callable]:
@@ -135,8 +142,9 @@ def _resume_settings(config: dict, model, bounds, train_steps: int, eval_batch_s
 def _run_seed(seed: int, splits: Splits, tasks: list, bar, *, model_for: Callable, attack_fn: Callable,
               base_trainer, context: dict, references: dict, cost_unit, evaluation: dict) -> dict:
     """Train the base model of ``seed``, evaluate it, then run every ``(recipe, fraction)`` task and every
-    reference trainer; every row records its wall time (``train_time``) and its ratio to the wall time of
-    ``cost_unit``'s fit (an ERM fit of the same schedule, timed right after the base model; NaN without one).
+    reference trainer; every row records its wall time (``train_time``), its CPU time (``train_cpu_time``) and
+    its ratio to ``cost_unit``'s fit (an ERM fit of the same schedule, timed right after the base model; NaN
+    without one) on the clock of :func:`cost_clock`.
 
     Returns ``{"base": row, "runs": [row, ...]}``; ``context`` holds the :class:`DefenceContext`
     fields shared by the tasks, ``evaluation`` the options of :func:`evaluate_on_test`.
@@ -145,28 +153,31 @@ def _run_seed(seed: int, splits: Splits, tasks: list, bar, *, model_for: Callabl
     _check_two_classes(train, seed)
     bar.set_postfix_str(f"seed {seed}: base model")
     base, base_time = _timed(base_trainer.fit, model_for(seed, splits), train, seed=seed, val=val)
-    erm_time = math.nan if cost_unit is None else _timed(cost_unit.fit, model_for(seed, splits), train, seed=seed)[1]
+    clock = cost_clock(base)
+    nan = {"wall": math.nan, "cpu": math.nan}
+    erm_time = nan if cost_unit is None else _timed(cost_unit.fit, model_for(seed, splits), train, seed=seed)[1]
     if isinstance(base_trainer, ERM):  # the same fit twice: the faster one is the cost unit (no warm-up in it)
-        base_time = erm_time = min(base_time, erm_time)
+        base_time = erm_time = {k: min(base_time[k], erm_time[k]) for k in base_time}
     base_metrics, base_adversarial = evaluate_on_test(base, splits.test, attack_fn, **evaluation)
     bar.update()
 
     def row(name, fraction, metrics, seconds):
-        return {"seed": seed, "recipe": name, "fraction": fraction, **metrics, "train_time": seconds,
-                "cost_vs_erm": seconds / erm_time}
+        return {"seed": seed, "recipe": name, "fraction": fraction, **metrics, "train_time": seconds["wall"],
+                "train_cpu_time": seconds["cpu"], "cost_vs_erm": seconds[clock] / erm_time[clock]}
 
     cache: dict = {}
     runs = []
     for recipe, fraction in tasks:
         bar.set_postfix_str(f"seed {seed}: {recipe.name}" + ("" if fraction is None else f" @ {fraction:g}"))
-        cache["reused_seconds"] = 0.0
+        cache["reused_seconds"] = {"wall": 0.0, "cpu": 0.0}
         defended, seconds = _timed(recipe.fn, DefenceContext(model=base, train=train, val=val, attack=attack_fn,
                                                              seed=seed, fraction=fraction, cache=cache, **context))
         if defended is base:
             metrics, seconds = dict(base_metrics), base_time
         else:
             metrics, _ = evaluate_on_test(defended, splits.test, attack_fn, base_adversarial, **evaluation)
-            seconds += cache["reused_seconds"]  # scores computed for an earlier task count here too
+            # scores computed for an earlier task count here too
+            seconds = {k: seconds[k] + cache["reused_seconds"][k] for k in seconds}
         runs.append(row(recipe.name, fraction, metrics, seconds))
         bar.update()
     for name, trainer in references.items():
@@ -175,7 +186,8 @@ def _run_seed(seed: int, splits: Splits, tasks: list, bar, *, model_for: Callabl
         metrics, _ = evaluate_on_test(reference, splits.test, attack_fn, base_adversarial, **evaluation)
         runs.append({**row(name, None, metrics, seconds), "reference": True})
         bar.update()
-    base_row = {"seed": seed, **base_metrics, "train_time": base_time, "cost_vs_erm": base_time / erm_time}
+    base_row = row(None, None, base_metrics, base_time)
+    del base_row["recipe"], base_row["fraction"]
     return {"base": base_row, "runs": runs}
 
 
@@ -348,7 +360,9 @@ def run(
         (the row to pick, see :func:`defenses.report.recommend`). Every row holds ``clean_acc``,
         ``robust_acc_adaptive``, ``robust_acc_transfer``, ``asr_adaptive``, ``attacks`` (per attack of
         the suite), ``worst_case``, ``train_time`` (wall seconds to build the model: scoring, selection
-        and training) and ``cost_vs_erm`` (its ratio to one ERM fit of the same schedule);
+        and training), ``train_cpu_time`` (this process's CPU seconds for it) and ``cost_vs_erm`` (its
+        ratio to one ERM fit of the same schedule: CPU time on the CPU, which other jobs on a shared
+        machine do not inflate; wall time on an accelerator);
         ``robust_acc`` and ``transfer_acc`` are aliases of the adaptive and transfer accuracies.
     """
     check_bool(progress, "progress")
@@ -432,7 +446,8 @@ def run(
         "temperature": temperature if mode == "reweight" and scheme == "smooth" else None,
         "retrain": retrain, "trainer": trainer_label, "recipes": list(recipes), "references": list(references),
         "eval_attacks": [attack_label] + suite_names, "eval_subset": eval_subset if suite_names else None,
-        "cost_unit": "one ERM fit of the same schedule, data and seed, timed after the base model",
+        "cost_unit": "one ERM fit of the same schedule, data and seed, timed after the base model; CPU time of "
+                     "this process for models on the CPU, wall time on an accelerator",
         "seeds": seeds,
         "epochs": epochs, "lr": lr, "batch_size": batch_size,
         "n_train": int(first.train[0].shape[0]), "n_val": int(first.val[0].shape[0]),

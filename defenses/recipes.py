@@ -148,15 +148,16 @@ def select_and_retrain(ctx: DefenceContext, scores: torch.Tensor) -> nn.Module:
 def cached_scores(ctx: DefenceContext, name: str, score_fn: Callable[[DefenceContext], torch.Tensor]) -> torch.Tensor:
     """``score_fn(ctx)`` on the CPU, computed once per seed and kept in ``ctx.cache[name]``.
 
-    The seconds it took are kept too; a call that reuses the scores adds them to
+    The seconds it took (wall and CPU) are kept too; a call that reuses the scores adds them to
     ``ctx.cache["reused_seconds"]``, so every recipe that uses them is charged their cost.
     """
     if name not in ctx.cache:
-        start = time.perf_counter()
+        wall, cpu = time.perf_counter(), time.process_time()
         ctx.cache[name] = score_fn(ctx).detach().cpu()
-        ctx.cache[f"{name}:seconds"] = time.perf_counter() - start
+        ctx.cache[f"{name}:seconds"] = {"wall": time.perf_counter() - wall, "cpu": time.process_time() - cpu}
     elif "reused_seconds" in ctx.cache:
-        ctx.cache["reused_seconds"] += ctx.cache[f"{name}:seconds"]
+        reused, spent = ctx.cache["reused_seconds"], ctx.cache[f"{name}:seconds"]
+        ctx.cache["reused_seconds"] = {k: reused[k] + spent[k] for k in reused}
     return ctx.cache[name]
 
 

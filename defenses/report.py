@@ -7,7 +7,8 @@ accuracy under the attack re-run on the defended model; ``robust_acc_transfer`` 
 base model's adversarial test points; ``asr_adaptive`` the share of clean-correct test points the
 adaptive attack flips; ``attacks`` maps each attack of the evaluation suite to its ``robust_acc``
 and ``asr`` and ``worst_case`` is the share correct under all of them; ``train_time`` is the wall
-time to build the model and ``cost_vs_erm`` its ratio to one ERM fit. ``robust_acc`` and
+time to build the model, ``train_cpu_time`` the process's CPU time for it and ``cost_vs_erm`` its
+ratio to one ERM fit (CPU time on the CPU, wall time on an accelerator). ``robust_acc`` and
 ``transfer_acc`` are the old names of the adaptive and transfer accuracies (aliases).
 """
 
@@ -23,12 +24,12 @@ __all__ = ["METRICS", "ALIASES", "mean_std", "paired_difference", "summarise", "
            "render_markdown", "plot_robust_vs_fraction", "plot_robust_vs_cost", "write_report"]
 
 METRICS = ("clean_acc", "robust_acc_adaptive", "robust_acc_transfer", "asr_adaptive", "worst_case", "train_time",
-           "cost_vs_erm")
+           "train_cpu_time", "cost_vs_erm")
 ALIASES = {"robust_acc": "robust_acc_adaptive", "transfer_acc": "robust_acc_transfer"}  # old names, one release
 _ATTACK_METRICS = ("robust_acc", "asr")
 
 
-TIMING_KEYS = ("train_time", "cost_vs_erm", "recommendation")  # wall-time measurements and what reads them
+TIMING_KEYS = ("train_time", "train_cpu_time", "cost_vs_erm", "recommendation")  # wall-time measurements and what reads them
 
 
 def without_timing(value):
@@ -217,8 +218,9 @@ def render_markdown(report: dict) -> str:
               f"robust {_pct(base['robust_acc_adaptive'])}.",
               "Accuracies in %, mean ± std over seeds; Δ are paired per seed, mean ± std [95% t-interval]. "
               "Adaptive: the attack re-run on the model; transfer: the base model's adversarial test points; "
-              "ASR: the share of clean-correct test points the adaptive attack flips. Cost: wall time to build the "
-              "model (scoring, selection and training) over one ERM fit of the same schedule, same seed."]
+              "ASR: the share of clean-correct test points the adaptive attack flips. Cost: time to build the "
+              "model (scoring, selection and training) over one ERM fit of the same schedule, same seed (CPU "
+              "time of the process on the CPU, wall time on an accelerator)."]
     suite = cfg.get("eval_attacks") or []
     if len(suite) > 1:
         lines += ["", f"Evaluation suite on the first {cfg['eval_subset']} test points of each seed "

@@ -179,6 +179,8 @@ def main(argv=None) -> dict:
     import argparse
     import json
 
+    from defenses.report import recommend
+
     parser = argparse.ArgumentParser(add_help=False)
     parser.add_argument("--settings", nargs="*", choices=[s.name for s in SETTINGS], default=[s.name for s in SETTINGS])
     chosen, rest = parser.parse_known_args(argv)
@@ -193,6 +195,8 @@ def main(argv=None) -> dict:
                        {k: report[k] for k in ("config", "summary", "recommendation", "minutes")})
     saved = {s.name: json.loads((folder / f"{s.name}.json").read_text()) for s in SETTINGS
              if (folder / f"{s.name}.json").exists()}
+    for report in saved.values():  # the rule of the current code, also for summaries saved by an earlier run
+        report["recommendation"] = recommend(report["summary"])
     write_json(args.out, saved)
     plot(saved, args.plots / f"{args.name}.png")
     section = render(saved)
