@@ -17,8 +17,8 @@ Two ways in: :class:`LookaheadReweighting`, a trainer (the recipe ``lookahead``)
 :class:`LookaheadWeights`, the same weights as a per-batch hook for your own training loop
 (``weights = hook(xb, yb)``); the trainer is the hook inside the project's loop, one code path.
 
-What it is worth: it costs about 3x an ERM fit, and on MNIST FGSM adversarial training from a random
-start (``fast-at``), at about 2x, is far more robust; on top of PGD-AT it does not help. The figures,
+What it is worth: it costs several ERM fits, and on MNIST FGSM adversarial training from a random
+start (``fast-at``), cheaper, is far more robust; on top of PGD-AT it does not help. The figures,
 with 95% intervals and the adversarial-training references beside it, are in ``experiments/RESULTS.md``
 (sections ``defense_references`` and ``defense_deep``); do not pick it where a cheaper reference
 there dominates it. It uses labelled validation data that plain training does not use; compare it
@@ -222,8 +222,8 @@ class LookaheadReweighting(Trainer):
     given to :meth:`fit` multiply the lookahead weights.
 
     Idea: Ren et al. (2018), "Learning to Reweight Examples for Robust Deep Learning", with the
-    validation loss replaced by the robust (adversarial) validation loss. It costs about 3x an ERM
-    fit; whether it beats the adversarial-training references of the same cost is measured in
+    validation loss replaced by the robust (adversarial) validation loss. It costs several ERM
+    fits; whether it beats the adversarial-training references of the same cost is measured in
     ``experiments/RESULTS.md`` (section ``defense_references``; so far FGSM adversarial training,
     cheaper, is more robust).
 

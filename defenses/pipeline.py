@@ -328,7 +328,7 @@ def run(
         mode: ``"prune"`` (train on the kept samples) or ``"reweight"`` (``scheme``: ``"smooth"`` with
             ``temperature`` or ``"hard"``; see :func:`defenses.reweight`).
         retrain: ``"scratch"`` or ``"finetune"`` (from the base model) for the defended models.
-        trainer: ``erm``, ``pgd-at``, ``trades``, ``art-pgd-at``, ``art-trades``, or a trainer object
+        trainer: ``erm``, ``fast-at``, ``pgd-at``, ``trades``, ``art-pgd-at``, ``art-trades``, or a trainer object
             (``Trainer`` / ``ARTTrainer``); the base model is trained by it from scratch.
         recipes: names from ``defenses.available_recipes()``; ``none`` and ``random`` give the paired
             differences. Removal (prune mode) gives the removed samples weight 0, so every recipe

@@ -255,8 +255,8 @@ register_recipe("train+val", train_and_val, uses_budget=False,
                 description="plain training on train + validation")
 from .lookahead import lookahead_recipe  # noqa: E402  (lookahead.py does not import this module)
 register_recipe("lookahead", lookahead_recipe, uses_budget=False,
-                description="online lookahead reweighting against the adversarial validation loss (~3x the "
-                            "cost of ERM; fast-at, cheaper, was more robust: experiments/RESULTS.md, "
+                description="online lookahead reweighting against the adversarial validation loss (several "
+                            "times the cost of ERM; fast-at, cheaper, was more robust: experiments/RESULTS.md, "
                             "defense_references)")
 
 DEFAULT_RECIPES = ("none", "influence", "random", "loss")
