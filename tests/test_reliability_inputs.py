@@ -129,7 +129,7 @@ CASES = {
     "name-method": (lambda: influence(method="magic"), ValueError,
                     rf"^method: unknown method 'magic'; valid names are {METHOD_NAMES}$"),
     "name-attack": (lambda: make_attack("cw", eps=0.1), ValueError,
-                    r"^attack: unknown name 'cw'; valid names are fgsm, pgd, linear, autoattack$"),
+                    r"^attack: unknown name 'cw'; valid names are fgsm, pgd, linear, autoattack, apgd-ce, apgd-t$"),
     "name-attack-torchattacks": (lambda: attacks.TorchAttacks("Magic"), ValueError,
                                  r"^name: unknown torchattacks attack 'Magic'; valid names are: .*PGD"),
     "name-norm-attack": (lambda: attacks.PGD(0.1, norm="l1"), ValueError, r"^norm: must be one of linf, l2, got 'l1'"),
