@@ -14,8 +14,9 @@ Cost is wall time over one ERM fit of the same schedule, measured in the same ru
 
 Settings: MNIST 3,500 training images / SmallCNN / PGD linf 0.1 (10 steps); Adult / logistic
 regression / PGD L2 0.5; scikit-learn's breast_cancer (standardised, data the project was not tuned
-on) / logistic regression / PGD L2 1.0. Five seeds on the tabular data, three on MNIST (what the
-shared 2-core machine allowed in the time of issue 15); paired 95% t-intervals.
+on) / logistic regression / PGD L2 1.0. Five seeds; paired 95% t-intervals. Each setting resumes from
+the per-seed results already in its folder (``defenses.run(..., resume=True)``), so seeds can be run
+in separate processes and gathered there.
 
     python -m experiments.defense_references                          # every setting, then the RESULTS.md section
     python -m experiments.defense_references --settings mnist-cnn     # one setting (the section is rewritten
@@ -69,7 +70,7 @@ def _logreg(features: int):
 
 SETTINGS = (
     Setting("mnist-cnn", "mnist", dict(model="cnn", attack="pgd", eps=0.1, norm="linf", steps=10, epochs=5,
-                                       train_steps=3, eval_attacks=["apgd-ce"], eval_subset=200), seeds=3),
+                                       train_steps=3, eval_attacks=["apgd-ce"], eval_subset=200)),
     Setting("adult-logreg", "adult", dict(model="logreg", attack="pgd", eps=0.5, norm="l2", steps=10)),
     Setting("breast_cancer-logreg", "breast_cancer", dict(attack="pgd", eps=1.0, norm="l2", steps=20, epochs=30,
                                                           lr=0.01, batch_size=32)),
@@ -78,11 +79,12 @@ QUICK = dict(seeds=1, n_train=300, n_val=100, n_test=100, epochs=1, steps=3, eva
 
 
 def run_setting(setting: Setting, *, seeds: int, quick: bool, out, progress: bool) -> dict:
-    """The ``defenses.run`` report of one setting (``out``: its folder), with its wall time in minutes."""
+    """The ``defenses.run`` report of one setting (``out``: its folder), with the wall time of this call in
+    minutes (seeds reused from the folder take none)."""
     import defenses
 
     options = dict(setting.options, recipes=list(RECIPES), fractions=[0.05], seeds=seeds, out=out,
-                   progress=progress)
+                   progress=progress, resume=not quick)
     data = setting.data
     if data == "breast_cancer":
         data, options["model"] = breast_cancer(), _logreg(30)
@@ -127,7 +129,7 @@ def render(reports: dict) -> str:
         subset = "" if cfg["eval_subset"] is None else f" on the first {cfg['eval_subset']} test points"
         lines += [f"### {name}: {cfg['data']} / {cfg['model']} / {cfg['attack']} {cfg['norm']} eps={cfg['eps']}",
                   "", f"{len(cfg['seeds'])} seeds, n_train {cfg['n_train']}, n_test {cfg['n_test']}, "
-                  f"{cfg['epochs']} epochs; suite: {suite}{subset}; {report['minutes']:.0f} min.", "",
+                  f"{cfg['epochs']} epochs; suite: {suite}{subset}.", "",
                   "| row | cost vs ERM | clean | robust (adaptive) | ASR (adaptive) | worst case "
                   "| Δ robust vs none | Δ clean vs none |", "|---|---|---|---|---|---|---|---|"]
         front = {id(e) for e in pareto_front(report["summary"])}
