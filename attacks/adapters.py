@@ -1,7 +1,11 @@
 """Third-party attacks behind the ``attack(model, x, y) -> x_adv`` interface.
 
 * :class:`TorchAttacks` runs any attack of torchattacks [https://github.com/Harry24k/adversarial-attacks-pytorch]
-  by class name; :class:`AutoAttack` is its AutoAttack with the class count read off the model.
+  by class name.
+* :class:`AutoAttack` runs AutoAttack from its authors' own code (Croce & Hein, the PyPI package
+  ``pyautoattack``; ``backend="autoattack"``, the default) or torchattacks' re-implementation
+  (``backend="torchattacks"``), with the class count read off the model; ``components`` picks single
+  attacks of the ensemble (e.g. ``("apgd-ce",)`` or ``("apgd-t",)``, targeted APGD-DLR).
 * :class:`ART` runs any evasion attack of the Adversarial Robustness Toolbox
   [https://github.com/Trusted-AI/adversarial-robustness-toolbox] by class name, on the model wrapped
   in ART's ``PyTorchClassifier``.
@@ -28,6 +32,10 @@ from .bounds import BoundsLike, check_bounds, check_within_bounds, resolve_bound
 __all__ = ["TorchAttacks", "AutoAttack", "ART", "torchattacks_names", "art_evasion_names"]
 
 AUTOATTACK_VERSIONS = ("standard", "plus", "rand")
+AUTOATTACK_BACKENDS = ("autoattack", "torchattacks")
+AUTOATTACK_COMPONENTS = ("apgd-ce", "apgd-dlr", "apgd-t", "fab", "fab-t", "square")
+# Classes each component needs: the DLR loss reads the third-largest logit, its targeted form the fourth.
+_COMPONENT_CLASSES = {"apgd-dlr": 3, "apgd-t": 4}
 
 
 def torchattacks_names() -> Tuple[str, ...]:
@@ -77,7 +85,8 @@ def _class_count(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> int:
 class _FlatImageView(nn.Module):
     """Show a model on samples of any shape as a model on ``(n, 1, 1, d)`` images.
 
-    torchattacks' APGD, APGDT, FAB and Square (hence AutoAttack) assume 4-D image batches.
+    torchattacks' APGD, APGDT, FAB and Square (hence AutoAttack) and the authors' Square and FAB
+    assume 4-D image batches.
     """
 
     def __init__(self, model: nn.Module, sample_shape: Tuple[int, ...]):
@@ -143,29 +152,85 @@ class TorchAttacks(Attack):
 
 class AutoAttack(Attack):
     r"""AutoAttack in the paper 'Reliable evaluation of adversarial robustness with an ensemble
-    of diverse parameter-free attacks' [https://arxiv.org/abs/2003.01690], run through torchattacks.
+    of diverse parameter-free attacks' [https://arxiv.org/abs/2003.01690].
 
     ``version="standard"`` runs APGD-CE, targeted APGD-DLR, targeted FAB and Square on the points
-    not yet broken. The class count is read off the model; inputs must lie in [0, 1]. The DLR
-    loss needs at least 3 classes (its targeted form 4), so for models with fewer classes (e.g.
-    binary ones) the components built on it are left out and the others run as usual.
+    not yet broken. ``backend="autoattack"`` (default) is the authors' own code (PyPI ``pyautoattack``);
+    ``backend="torchattacks"`` is torchattacks' re-implementation (slower, and it can leave a few
+    more points unbroken). ``components`` (authors' backend only) runs just those attacks of the
+    ensemble, in the given order, with the settings of ``version`` (``"apgd-ce"``, ``"apgd-dlr"``,
+    ``"apgd-t"``: targeted APGD-DLR, ``"fab"``, ``"fab-t"``, ``"square"``). The class count is read off
+    the model; inputs must lie in [0, 1]. The DLR loss needs at least 3 classes (its targeted form
+    4), so for models with fewer classes (e.g. binary ones) the components built on it are left out
+    and the others run as usual; targeted attacks take at most ``classes - 1`` target classes.
 
     Arguments:
         eps: perturbation budget (> 0).
         norm: ``"linf"`` or ``"l2"``.
         version: ``"standard"``, ``"plus"`` or ``"rand"``.
         seed: seed of every component attack.
+        backend: ``"autoattack"`` or ``"torchattacks"``.
+        components: None (the whole ensemble of ``version``) or a tuple of component names.
     """
 
-    def __init__(self, eps: float, norm: str = "linf", version: str = "standard", seed: int = 0):
+    def __init__(self, eps: float, norm: str = "linf", version: str = "standard", seed: int = 0,
+                 backend: str = "autoattack", components=None):
         self.eps = check_eps(eps)
         self.norm = check_norm(norm)
         if version not in AUTOATTACK_VERSIONS:
             raise ValueError(f"version: must be one of {', '.join(AUTOATTACK_VERSIONS)}, got {version!r}")
         self.version = version
         self.seed = check_seed(seed)
+        if backend not in AUTOATTACK_BACKENDS:
+            raise ValueError(f"backend: must be one of {', '.join(AUTOATTACK_BACKENDS)}, got {backend!r}")
+        self.backend = backend
+        if components is not None:
+            if isinstance(components, str) or not isinstance(components, (tuple, list)) or not components:
+                raise ValueError(f"components: must be None or a non-empty tuple of names, got {components!r}")
+            unknown = [c for c in components if c not in AUTOATTACK_COMPONENTS]
+            if unknown:
+                raise ValueError(f"components: unknown {unknown}; valid names are {', '.join(AUTOATTACK_COMPONENTS)}")
+            if backend != "autoattack":
+                raise ValueError("components: single components run with backend='autoattack' only")
+            components = tuple(dict.fromkeys(components))
+        self.components = components
 
     def _perturb(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        if self.backend == "torchattacks":
+            return self._perturb_torchattacks(model, x, y)
+        return self._perturb_authors(model, x, y)
+
+    def _perturb_authors(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """The authors' ``pyautoattack.AutoAttack`` on the points, with the components the class count allows."""
+        import logging
+
+        import pyautoattack
+
+        if bool((x < 0).any() or (x > 1).any()):
+            raise ValueError("x: AutoAttack clips to [0, 1], but x has values outside [0, 1]")
+        num_classes = _class_count(model, x, y)
+        wrapped: nn.Module = BinaryAsTwoLogits(model)
+        images = x.detach()
+        if x.dim() != 4:  # Square and FAB assume image batches
+            wrapped = _FlatImageView(wrapped, tuple(x.shape[1:]))
+            images = images.reshape(x.shape[0], 1, 1, -1)
+        wrapped.eval()
+        with seeded(self.seed, x.device):
+            attack = pyautoattack.AutoAttack(wrapped, eps=self.eps, norm={"linf": "Linf", "l2": "L2"}[self.norm],
+                                             version=self.version, seed=self.seed, device=x.device)
+            attack.verbose = False
+            attack.logger.setLevel(logging.ERROR)  # its range / class-count checks only log warnings
+            chosen = self.components or tuple(attack.attacks_to_run)
+            attack.attacks_to_run = [c for c in chosen if _COMPONENT_CLASSES.get(c, 2) <= num_classes]
+            attack.apgd_targeted.n_target_classes = min(attack.apgd_targeted.n_target_classes, num_classes - 1)
+            attack.fab.n_target_classes = min(attack.fab.n_target_classes, num_classes - 1)
+            if not attack.attacks_to_run:
+                return x.detach().clone()
+            x_adv, _ = attack.run_standard_evaluation(images, y, batch_size=x.shape[0])
+        return x_adv.reshape(x.shape)
+
+    def _perturb_torchattacks(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """torchattacks' AutoAttack, without the DLR components the class count does not allow."""
         import torchattacks
 
         num_classes = _class_count(model, x, y)

@@ -1,21 +1,26 @@
 """Defences driven by influence scores: select (prune / reweight / relabel), retrain, re-attack, report.
 
 - :func:`prune`, :func:`reweight`, :func:`relabel`: scores -> keep-mask / weights / repaired labels.
-- :class:`ERM`, :class:`PGDAT`, :class:`TRADES` (subclasses of :class:`Trainer`) and
+- :class:`ERM`, :class:`FastAT`, :class:`PGDAT`, :class:`TRADES` (subclasses of :class:`Trainer`) and
   :class:`ARTTrainer`: (re)training with per-sample weights and a seed, from scratch or fine-tuning.
 - :class:`LookaheadReweighting`: online one-step-lookahead reweighting against the adversarial
-  validation loss (recipe ``lookahead``).
-- :func:`run`: the closed loop with baselines over several seeds, writing ``report.json``,
-  ``report.md`` and ``robust_vs_fraction.png`` atomically, and each seed's results as it completes
-  (``resume=True`` reuses them after a crash); recipes are pluggable (:func:`register_recipe`).
+  validation loss (recipe ``lookahead``); :class:`LookaheadWeights`: the same weights as a per-batch
+  hook for your own training loop; :class:`SelectionWeights`: a selection recipe's keep-mask or
+  weights for your own loop.
+- :func:`run`: the closed loop with baselines and adversarial-training references
+  (:mod:`defenses.references`), each row's measured cost, and an evaluation suite
+  (:mod:`defenses.eval_suite`) over several seeds, writing ``report.json``, ``report.md``,
+  ``robust_vs_cost.png`` and ``robust_vs_fraction.png`` atomically, and each seed's results as it
+  completes (``resume=True`` reuses them after a crash); recipes are pluggable (:func:`register_recipe`).
 """
 
 from .art_trainer import ARTTrainer
-from .lookahead import LookaheadReweighting
+from .lookahead import LookaheadReweighting, LookaheadWeights
 from .pipeline import evaluate_on_test, run, seeded_split
 from .recipes import DefenceContext, available_recipes, register_recipe
 from .selection import prune, relabel, reweight
-from .trainers import ERM, PGDAT, TRADES, Trainer, per_sample_loss
+from .selection_hook import SelectionWeights
+from .trainers import ERM, PGDAT, TRADES, FastAT, Trainer, per_sample_loss
 
 __all__ = [
     "prune",
@@ -24,9 +29,12 @@ __all__ = [
     "Trainer",
     "ERM",
     "PGDAT",
+    "FastAT",
     "TRADES",
     "ARTTrainer",
     "LookaheadReweighting",
+    "LookaheadWeights",
+    "SelectionWeights",
     "per_sample_loss",
     "run",
     "evaluate_on_test",

@@ -13,26 +13,22 @@ validation points (one attack and one backward pass, :func:`robust_infl.engine.o
 the alignments of the minibatch are ONE forward-mode jvp
 (:func:`robust_infl.engine.directional_derivatives`), never per-sample gradients.
 
-When it helps, when it does not (5 seeds, paired 95% intervals, adaptive attacks re-run on every
-defended model; ``python -m experiments.defense_deep``, section ``defense_deep`` of
-``experiments/RESULTS.md``):
+Two ways in: :class:`LookaheadReweighting`, a trainer (the recipe ``lookahead``), and
+:class:`LookaheadWeights`, the same weights as a per-batch hook for your own training loop
+(``weights = hook(xb, yb)``); the trainer is the hook inside the project's loop, one code path.
 
-- Plain training, SmallCNN on 3,500 MNIST images, PGD linf 0.1: robust accuracy +9.8 points under PGD
-  [+4.5, +15.1] and +11.0 under AutoAttack (APGD-CE + APGD-T) vs no defence, +11.1 / +9.1 vs removing
-  5% at random, +6.6 / +5.5 vs plain training on train + validation; clean -0.3. Use it here.
-- Plain training, MLP(64, 64) on Adult, PGD L2 0.5: +5.1 (PGD) / +5.3 (APGD-CE + FAB) vs no defence,
-  +5.1 / +5.8 vs random removal, but clean accuracy -1.1 points (``mix`` trades clean for robust).
-- On top of PGD adversarial training it does not help: -0.6 / -0.9 on MNIST, -0.2 / +0.0 on Adult
-  (with :data:`ADVERSARIAL_TRAINING_OPTIONS`; the plain options cost more on held-out validation).
-  A likely reason (not tested): the adversarial training loss is already aligned with the robust
-  validation loss, so the weights only move emphasis between training points.
-- It uses labelled validation data that plain training does not use; compare it with plain training
-  on train + validation (the ``train+val`` recipe), not only with no defence.
+What it is worth: it costs several ERM fits, and on MNIST FGSM adversarial training from a random
+start (``fast-at``), cheaper, is far more robust; on top of PGD-AT it does not help. The figures,
+with 95% intervals and the adversarial-training references beside it, are in ``experiments/RESULTS.md``
+(sections ``defense_references`` and ``defense_deep``); do not pick it where a cheaper reference
+there dominates it. It uses labelled validation data that plain training does not use; compare it
+with plain training on train + validation (the ``train+val`` recipe), too.
 """
 
 from __future__ import annotations
 
-from typing import Callable, Optional
+from contextlib import contextmanager
+from typing import Callable, Iterator, Optional
 
 import torch
 from torch import nn
@@ -42,11 +38,12 @@ from robust_infl.objectives import Robust, Utility
 from robust_infl.validation import TargetSet
 
 from .data import as_tensors
-from .trainers import ERM, PGDAT, Trainer
+from .trainers import ERM, PGDAT, Trainer, per_sample_loss
 from .validation import check_bool, check_choice, check_int, check_positive
 
 __all__ = [
     "LookaheadReweighting",
+    "LookaheadWeights",
     "lookahead_weights",
     "VAL_OBJECTIVES",
     "SCHEMES",
@@ -100,24 +97,135 @@ def validation_attack(attack: Callable, steps: int = 5) -> Callable:
     return attack
 
 
+class LookaheadWeights:
+    """Per-batch lookahead weights for your own training loop: ``weights = hook(xb, yb)``.
+
+    Call it once per optimisation step with the batch the step trains on (the clean batch, or its
+    adversarial points in a PGD-AT loop), at the model's current parameters, and multiply the
+    per-sample losses by the result (mean 1 over the batch, >= 0, no gradient). The hook counts its
+    calls as steps: after ``warmup_steps`` calls of uniform weights, every ``every`` calls it
+    recomputes the gradient ``v`` of the validation objective at the model's current weights (a seeded
+    batch of ``n_val_batch`` validation points; the loss at ``attack``'s adversarial points, or its mean
+    with the clean loss for ``val_objective="clean+adversarial"``); each batch sample then gets the
+    weight :func:`lookahead_weights` of its alignment ``<grad l_i, v>`` (one forward-mode jvp), mixed
+    with uniform weights by ``mix``. :class:`LookaheadReweighting` is this hook inside the project's own
+    training loop, so the two give the same model (``tests/test_defenses_lookahead.py``).
+
+    Whether it pays off against adversarial training of equal cost is measured in
+    ``experiments/RESULTS.md`` (section ``defense_references``): so far it does not.
+
+    Args:
+        model: the model being trained (read at its current parameters at every call; not modified).
+        val: validation ``(X, y[, s])``.
+        attack: ``attack(model, x, y) -> x_adv`` for the validation points.
+        every, warmup_steps, mix, n_val_batch, val_objective, scheme, per_class: as in
+            :class:`LookaheadReweighting` (``warmup_steps`` counts calls, not epochs).
+        loss_fn: per-sample loss ``(outputs, targets) -> (n,)``; default :func:`~defenses.per_sample_loss`.
+        seed: seed of the validation batches and of the attack's randomness inside the objective.
+    """
+
+    def __init__(self, model: nn.Module, val, attack: Callable, *, every: int = 5, warmup_steps: int = 0,
+                 mix: float = 0.25, n_val_batch: int = 128, val_objective: str = "adversarial",
+                 scheme: str = "positive", per_class: bool = False, loss_fn: Optional[Callable] = None,
+                 seed: int = 0):
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model: must be a torch.nn.Module, got {type(model).__name__}")
+        if not callable(attack):
+            raise TypeError(f"attack: must be callable attack(model, x, y), got {type(attack).__name__}")
+        if loss_fn is not None and not callable(loss_fn):
+            raise TypeError(f"loss_fn: must be callable, got {type(loss_fn).__name__}")
+        self.model = model
+        self.val = as_tensors(val, "val")[:2]
+        self.attack = attack
+        self.every = check_int(every, "every", 1)
+        self.warmup_steps = check_int(warmup_steps, "warmup_steps", 0)
+        self.mix = _check_mix(mix)
+        self.n_val_batch = check_int(n_val_batch, "n_val_batch", 1)
+        self.val_objective = check_choice(val_objective, "val_objective", VAL_OBJECTIVES)
+        self.scheme = check_choice(scheme, "scheme", SCHEMES)
+        self.per_class = check_bool(per_class, "per_class")
+        self.loss_fn = loss_fn or per_sample_loss
+        self.seed = check_int(seed, "seed", 0)
+        self.step = 0
+        self.direction: Optional[dict] = None
+        self._val_generator = torch.Generator().manual_seed(self.seed)
+
+    def __call__(self, xb: torch.Tensor, yb: torch.Tensor) -> torch.Tensor:
+        """The weights ``(b,)`` of the batch ``(xb, yb)`` at the model's current parameters (one step)."""
+        if not torch.is_tensor(xb) or not torch.is_tensor(yb) or xb.shape[0] != yb.shape[0] or xb.shape[0] == 0:
+            raise ValueError("xb: need a non-empty batch of inputs xb and labels yb with one label per input")
+        since, self.step = self.step - self.warmup_steps, self.step + 1
+        if since >= 0 and since % self.every == 0:
+            self.direction = self.validation_gradient(refresh=since // self.every)
+        if self.direction is None or self.mix == 0:
+            return torch.ones(xb.shape[0], device=xb.device)
+        alignment = self.alignments(xb, yb, self.direction)
+        return lookahead_weights(alignment, mix=self.mix, scheme=self.scheme,
+                                 labels=yb if self.per_class else None).detach()
+
+    def _problem(self, train: tuple, target: TargetSet, objective, seed: int):
+        names = tuple(name for name, p in self.model.named_parameters() if p.requires_grad)
+        return build_problem(self.model, train, target, objective, loss_fn=self.loss_fn, param_names=names,
+                             batch_size=max(train[0].shape[0], len(target)), device=train[0].device, seed=seed)
+
+    def validation_gradient(self, refresh: int = 0) -> dict:
+        """Gradient of the validation objective on a fresh seeded batch, at the model's current weights."""
+        X, y = self.val
+        device = next(self.model.parameters()).device
+        count = min(self.n_val_batch, X.shape[0])
+        idx = torch.randperm(X.shape[0], generator=self._val_generator)[:count]
+        target = TargetSet(X[idx].to(device), y[idx].to(device))
+        objectives = [Robust(self.attack)] + ([Utility()] if self.val_objective == "clean+adversarial" else [])
+        with _in_eval(self.model):
+            gradients = []
+            for objective in objectives:
+                problem = self._problem((target.x, target.y), target, objective, seed=self.seed * 100_003 + refresh)
+                gradients.append(objective_gradient(problem, problem.params))
+        return {name: sum(g[name] for g in gradients) / len(gradients) for name in gradients[0]}
+
+    def alignments(self, x: torch.Tensor, y: torch.Tensor, direction: dict) -> torch.Tensor:
+        """``<grad l_i, direction>`` for every sample of the batch: one forward-mode jvp, model in eval mode."""
+        with _in_eval(self.model):
+            problem = self._problem((x, y), TargetSet(x[:1], y[:1]), Utility(), seed=self.seed)
+            return directional_derivatives(problem, problem.params, direction)
+
+
+@contextmanager
+def _in_eval(model: nn.Module) -> Iterator[None]:
+    """``model.eval()`` inside, the model's own train / eval flag restored after."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(was_training)
+
+
+def _check_mix(mix) -> float:
+    mix = check_positive(mix, "mix", allow_zero=True)
+    if mix > 1:
+        raise ValueError(f"mix: must be in [0, 1], got {mix}")
+    return mix
+
+
 class LookaheadReweighting(Trainer):
     """Train like ``base`` (ERM or PGD-AT) with online one-step-lookahead sample weights.
 
-    Helps plain (ERM) training a lot under adaptive attack; does not help on top of PGD-AT
-    (measurements in the module docstring).
-
-    After ``warmup_epochs`` of uniform weights, every ``every`` steps the gradient ``v`` of the
-    validation objective is recomputed on ``n_val_batch`` validation points drawn with the seed:
-    the mean loss at ``attack``'s adversarial points (``val_objective="adversarial"``), or the mean
-    of the clean and the adversarial validation losses (``"clean+adversarial"``). At every step each
-    minibatch sample gets the weight :func:`lookahead_weights` of its alignment ``<grad l_i, v>``,
-    mixed with uniform weights (``mix``; ``mix=0`` is exactly ``base``). With a PGD-AT ``base`` the
-    per-sample losses, their alignments and the training step are all at the adversarial training
-    points. Static ``weights`` given to :meth:`fit` multiply the lookahead weights.
+    The project's training loop with a :class:`LookaheadWeights` hook inside: after ``warmup_epochs``
+    of uniform weights, every ``every`` steps the gradient ``v`` of the validation objective is
+    recomputed on ``n_val_batch`` validation points drawn with the seed: the mean loss at
+    ``attack``'s adversarial points (``val_objective="adversarial"``), or the mean of the clean and the
+    adversarial validation losses (``"clean+adversarial"``). At every step each minibatch sample gets
+    the weight :func:`lookahead_weights` of its alignment ``<grad l_i, v>``, mixed with uniform weights
+    (``mix``; ``mix=0`` is exactly ``base``). With a PGD-AT ``base`` the per-sample losses, their
+    alignments and the training step are all at the adversarial training points. Static ``weights``
+    given to :meth:`fit` multiply the lookahead weights.
 
     Idea: Ren et al. (2018), "Learning to Reweight Examples for Robust Deep Learning", with the
-    validation loss replaced by the robust (adversarial) validation loss. See the module docstring
-    for when it helps (plain training) and when it does not (on top of PGD-AT).
+    validation loss replaced by the robust (adversarial) validation loss. It costs several ERM
+    fits; whether it beats the adversarial-training references of the same cost is measured in
+    ``experiments/RESULTS.md`` (section ``defense_references``; so far FGSM adversarial training,
+    cheaper, is more robust).
 
     Args:
         base: an :class:`~defenses.ERM` or :class:`~defenses.PGDAT` trainer; its epochs, learning
@@ -148,18 +256,12 @@ class LookaheadReweighting(Trainer):
         self.val = None if val is None else as_tensors(val, "val")[:2]
         self.every = check_int(every, "every", 1)
         self.warmup_epochs = check_int(warmup_epochs, "warmup_epochs", 0)
-        self.mix = check_positive(mix, "mix", allow_zero=True)
-        if self.mix > 1:
-            raise ValueError(f"mix: must be in [0, 1], got {mix}")
+        self.mix = _check_mix(mix)
         self.n_val_batch = check_int(n_val_batch, "n_val_batch", 1)
         self.val_objective = check_choice(val_objective, "val_objective", VAL_OBJECTIVES)
         self.scheme = check_choice(scheme, "scheme", SCHEMES)
         self.per_class = check_bool(per_class, "per_class")
-        self._fit_val: Optional[tuple] = None
-        self._val_generator: Optional[torch.Generator] = None
-        self._warmup_steps = 0
-        self._seed = 0
-        self._direction: Optional[dict] = None
+        self.hook: Optional[LookaheadWeights] = None
 
     def __repr__(self) -> str:
         return (f"LookaheadReweighting(base={self.base!r}, every={self.every}, warmup_epochs={self.warmup_epochs}, "
@@ -168,30 +270,20 @@ class LookaheadReweighting(Trainer):
 
     # ----------------------------------------------------------------- hooks
     def begin_fit(self, model, train, val, *, seed, steps_per_epoch):
-        """Seed the base trainer and the validation sampler; pick the validation data."""
+        """Seed the base trainer; build the :class:`LookaheadWeights` hook of this fit on the validation data."""
         self.base.begin_fit(model, train, val, seed=seed, steps_per_epoch=steps_per_epoch)
         chosen = self.val if self.val is not None else (None if val is None else tuple(val[:2]))
         if chosen is None:
             raise ValueError("val: LookaheadReweighting needs validation data (pass val= to the trainer or to fit)")
-        self._fit_val = chosen
-        self._val_generator = torch.Generator().manual_seed(seed)
-        self._warmup_steps = self.warmup_epochs * steps_per_epoch
-        self._seed = seed
-        self._direction = None
-
-    def begin_step(self, model, *, step, epoch):
-        """Refresh the validation gradient every ``every`` steps after the warm-up."""
-        since = step - self._warmup_steps
-        if since >= 0 and since % self.every == 0:
-            self._direction = self.validation_gradient(model, refresh=since // self.every)
+        self.hook = LookaheadWeights(model, chosen, self.attack, every=self.every,
+                                     warmup_steps=self.warmup_epochs * steps_per_epoch, mix=self.mix,
+                                     n_val_batch=self.n_val_batch, val_objective=self.val_objective,
+                                     scheme=self.scheme, per_class=self.per_class, loss_fn=self.loss_fn, seed=seed)
 
     def batch_loss(self, model, xb, yb, wb, step):
-        """Weighted mean loss at the training points (adversarial for a PGD-AT base)."""
+        """Weighted mean loss at the training points (adversarial for a PGD-AT base), weights from the hook."""
         x_train = self.training_points(model, xb, yb)
-        if self._direction is not None and self.mix > 0:
-            alignment = self.alignments(model, x_train, yb, self._direction)
-            wb = wb * lookahead_weights(alignment, mix=self.mix, scheme=self.scheme,
-                                        labels=yb if self.per_class else None).to(wb.dtype)
+        wb = wb * self.hook(x_train, yb).to(wb.dtype)
         return (wb * self.loss_fn(model(x_train), yb)).mean()
 
     # ----------------------------------------------------------------- pieces
@@ -200,43 +292,6 @@ class LookaheadReweighting(Trainer):
         if isinstance(self.base, PGDAT):
             return self.base.adversarial_points(model, xb, yb)
         return xb
-
-    def _problem(self, model: nn.Module, train: tuple, target: TargetSet, objective, seed: int):
-        names = tuple(name for name, p in model.named_parameters() if p.requires_grad)
-        device = train[0].device
-        return build_problem(model, train, target, objective, loss_fn=self.loss_fn, param_names=names,
-                             batch_size=max(train[0].shape[0], len(target)), device=device, seed=seed)
-
-    def validation_gradient(self, model: nn.Module, refresh: int = 0) -> dict:
-        """Gradient of the validation objective on a fresh seeded batch, at the model's current weights."""
-        X, y = self._fit_val
-        device = next(model.parameters()).device
-        count = min(self.n_val_batch, X.shape[0])
-        idx = torch.randperm(X.shape[0], generator=self._val_generator)[:count]
-        target = TargetSet(X[idx].to(device), y[idx].to(device))
-        objectives = [Robust(self.attack)] + ([Utility()] if self.val_objective == "clean+adversarial" else [])
-        was_training = model.training
-        model.eval()
-        try:
-            gradients = []
-            for objective in objectives:
-                problem = self._problem(model, (target.x, target.y), target, objective,
-                                        seed=self._seed * 100_003 + refresh)
-                gradients.append(objective_gradient(problem, problem.params))
-        finally:
-            model.train(was_training)
-        return {name: sum(g[name] for g in gradients) / len(gradients) for name in gradients[0]}
-
-    def alignments(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, direction: dict) -> torch.Tensor:
-        """``<grad l_i, direction>`` for every sample of the batch: one forward-mode jvp, model in eval mode."""
-        was_training = model.training
-        model.eval()
-        try:
-            target = TargetSet(x[:1], y[:1])
-            problem = self._problem(model, (x, y), target, Utility(), seed=self._seed)
-            return directional_derivatives(problem, problem.params, direction)
-        finally:
-            model.train(was_training)
 
 
 # Options on top of plain training (ERM): the variant chosen by ``python -m experiments.defense_deep

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import math
+import time
 from typing import Callable, Optional, Sequence, Union
 
 import torch
@@ -28,11 +30,13 @@ from robust_infl.store import data_hash, model_hash
 
 from .art_trainer import ARTTrainer
 from .data import as_tensors
+from .eval_suite import build_suite, evaluate_suite, resolve_suite
 from .recipes import DEFAULT_RECIPES, DefenceContext, get_recipe
-from .report import METRICS, mean_std, summarise, write_report
+from .references import erm_like, reference_trainers
+from .report import recommend, summarise, summarise_base, write_report
 from .seed_results import SeedResults, prepare_out_folder
 from .selection import REWEIGHT_SCHEMES, check_budget
-from .trainers import PGDAT
+from .trainers import ERM, PGDAT
 from .validation import check_bool, check_choice, check_int, check_positive
 
 __all__ = ["run", "evaluate_on_test", "seeded_split", "MODES"]
@@ -68,21 +72,50 @@ def _label(obj) -> str:
 
 
 def evaluate_on_test(model: nn.Module, test, attack: Callable, base_adversarial: Optional[torch.Tensor] = None, *,
+                     suite: Optional[dict] = None, threat: str = "attack", eval_subset: int = 200,
                      batch_size: int = 256, progress: bool = True) -> tuple:
-    """Clean, adaptive robust and transfer accuracy of ``model`` on ``test``; the only reader of the test split.
+    """Clean accuracy, adaptive and transfer robust accuracy, attack success and the suite's worst case of
+    ``model`` on ``test``; the only reader of the test split.
 
-    Returns ``(metrics, x_adv)`` where ``x_adv`` are this model's adversarial test points and
-    ``transfer_acc`` is the accuracy on ``base_adversarial`` (on ``x_adv`` when None).
+    Returns ``(metrics, x_adv)`` where ``x_adv`` are this model's adversarial test points (``attack``,
+    named ``threat``) and the metrics are ``clean_acc``, ``robust_acc_adaptive`` (accuracy on
+    ``x_adv``), ``robust_acc_transfer`` (on ``base_adversarial``; on ``x_adv`` when None),
+    ``asr_adaptive`` (the share of clean-correct test points the attack flips), ``attacks`` (per
+    attack of ``suite`` plus the threat, on the first ``eval_subset`` test points; the whole split
+    without a suite) and ``worst_case`` (the share correct under every one of them), with the old
+    names ``robust_acc`` and ``transfer_acc`` as aliases.
     """
     import attacks
 
     X, y = as_tensors(test, "test")[:2]
-    results, adversarial = attacks.evaluate(model, (X, y), {"attack": attack}, batch_size=batch_size,
+    results, adversarial = attacks.evaluate(model, (X, y), {threat: attack}, batch_size=batch_size,
                                             progress=progress, return_adv=True)
-    x_adv = adversarial["attack"]
+    x_adv = adversarial[threat]
     transfer = attacks.accuracy(model, base_adversarial if base_adversarial is not None else x_adv, y)
-    return {"clean_acc": results["clean_acc"], "robust_acc": results["attack"]["robust_acc"],
-            "transfer_acc": transfer}, x_adv
+    adaptive = results[threat]["robust_acc"]
+    if suite:
+        per_attack = evaluate_suite(model, X, y, threat, attack, suite, eval_subset, batch_size=batch_size,
+                                    progress=progress)
+    else:
+        per_attack = {"attacks": {threat: dict(results[threat])}, "worst_case": adaptive, "eval_subset": len(X)}
+    metrics = {"clean_acc": results["clean_acc"], "robust_acc_adaptive": adaptive, "robust_acc_transfer": transfer,
+               "asr_adaptive": results[threat]["asr"], "worst_case": per_attack["worst_case"],
+               "attacks": per_attack["attacks"], "robust_acc": adaptive, "transfer_acc": transfer}
+    return metrics, x_adv
+
+
+def _timed(fn: Callable, *args, **kwargs) -> tuple:
+    """``(fn(*args, **kwargs), {"wall": seconds, "cpu": seconds})``: wall time and this process's CPU time."""
+    wall, cpu = time.perf_counter(), time.process_time()
+    value = fn(*args, **kwargs)
+    return value, {"wall": time.perf_counter() - wall, "cpu": time.process_time() - cpu}
+
+
+def cost_clock(model: nn.Module) -> str:
+    """The clock ``cost_vs_erm`` is read from: ``"cpu"`` (this process's CPU time, which other jobs on a shared
+    machine do not inflate) for a model on the CPU, ``"wall"`` on an accelerator (whose work CPU time misses)."""
+    device = next((t.device for t in (*model.parameters(), *model.buffers())), torch.device("cpu"))
+    return "cpu" if device.type == "cpu" else "wall"
 
 
 def _training_attack(trainer, seed: int) -> Optional[Callable]:
@@ -165,33 +198,55 @@ def _attack_settings(attack, *, named: bool) -> dict:
 
 
 def _run_seed(seed: int, splits: Splits, tasks: list, bar, *, model_for: Callable, attack_fn: Callable,
-              base_trainer, eval_batch_size: int, progress: bool, context: dict) -> dict:
-    """Train the base model of ``seed``, evaluate it, then run every ``(recipe, fraction)`` task.
+              base_trainer, context: dict, references: dict, cost_unit, evaluation: dict) -> dict:
+    """Train the base model of ``seed``, evaluate it, then run every ``(recipe, fraction)`` task and every
+    reference trainer; every row records its wall time (``train_time``), its CPU time (``train_cpu_time``) and
+    its ratio to ``cost_unit``'s fit (an ERM fit of the same schedule, timed right after the base model; NaN
+    without one) on the clock of :func:`cost_clock`.
 
     Returns ``{"base": row, "runs": [row, ...]}``; ``context`` holds the :class:`DefenceContext`
-    fields shared by the tasks.
+    fields shared by the tasks, ``evaluation`` the options of :func:`evaluate_on_test`.
     """
     train, val = as_tensors(splits.train, "train"), as_tensors(splits.val, "val")
     _check_two_classes(train, seed)
     bar.set_postfix_str(f"seed {seed}: base model")
-    base = base_trainer.fit(model_for(seed, splits), train, seed=seed, val=val)
-    base_metrics, base_adversarial = evaluate_on_test(base, splits.test, attack_fn, batch_size=eval_batch_size,
-                                                      progress=progress)
+    base, base_time = _timed(base_trainer.fit, model_for(seed, splits), train, seed=seed, val=val)
+    clock = cost_clock(base)
+    nan = {"wall": math.nan, "cpu": math.nan}
+    erm_time = nan if cost_unit is None else _timed(cost_unit.fit, model_for(seed, splits), train, seed=seed)[1]
+    if isinstance(base_trainer, ERM):  # the same fit twice: the faster one is the cost unit (no warm-up in it)
+        base_time = erm_time = {k: min(base_time[k], erm_time[k]) for k in base_time}
+    base_metrics, base_adversarial = evaluate_on_test(base, splits.test, attack_fn, **evaluation)
     bar.update()
+
+    def row(name, fraction, metrics, seconds):
+        return {"seed": seed, "recipe": name, "fraction": fraction, **metrics, "train_time": seconds["wall"],
+                "train_cpu_time": seconds["cpu"], "cost_vs_erm": seconds[clock] / erm_time[clock]}
+
     cache: dict = {}
     runs = []
     for recipe, fraction in tasks:
         bar.set_postfix_str(f"seed {seed}: {recipe.name}" + ("" if fraction is None else f" @ {fraction:g}"))
-        defended = recipe.fn(DefenceContext(model=base, train=train, val=val, attack=attack_fn, seed=seed,
-                                            fraction=fraction, cache=cache, **context))
+        cache["reused_seconds"] = {"wall": 0.0, "cpu": 0.0}
+        defended, seconds = _timed(recipe.fn, DefenceContext(model=base, train=train, val=val, attack=attack_fn,
+                                                             seed=seed, fraction=fraction, cache=cache, **context))
         if defended is base:
-            metrics = dict(base_metrics)
+            metrics, seconds = dict(base_metrics), base_time
         else:
-            metrics, _ = evaluate_on_test(defended, splits.test, attack_fn, base_adversarial,
-                                          batch_size=eval_batch_size, progress=progress)
-        runs.append({"seed": seed, "recipe": recipe.name, "fraction": fraction, **metrics})
+            metrics, _ = evaluate_on_test(defended, splits.test, attack_fn, base_adversarial, **evaluation)
+            # scores computed for an earlier task count here too
+            seconds = {k: seconds[k] + cache["reused_seconds"][k] for k in seconds}
+        runs.append(row(recipe.name, fraction, metrics, seconds))
         bar.update()
-    return {"base": {"seed": seed, **base_metrics}, "runs": runs}
+    for name, trainer in references.items():
+        bar.set_postfix_str(f"seed {seed}: reference {name}")
+        reference, seconds = _timed(trainer.fit, model_for(seed, splits), train, seed=seed, val=val)
+        metrics, _ = evaluate_on_test(reference, splits.test, attack_fn, base_adversarial, **evaluation)
+        runs.append({**row(name, None, metrics, seconds), "reference": True})
+        bar.update()
+    base_row = row(None, None, base_metrics, base_time)
+    del base_row["recipe"], base_row["fraction"]
+    return {"base": base_row, "runs": runs}
 
 
 def _check_two_classes(train: tuple, seed: int) -> None:
@@ -296,6 +351,9 @@ def run(
     retrain: str = "scratch",
     trainer="erm",
     recipes: Sequence[str] = DEFAULT_RECIPES,
+    references: Union[str, Sequence[str], None] = "auto",
+    eval_attacks: Union[str, Sequence[str], None] = "auto",
+    eval_subset: int = 200,
     seeds: Union[int, Sequence[int]] = 3,
     epochs: Optional[int] = None,
     lr: Optional[float] = None,
@@ -331,10 +389,18 @@ def run(
         mode: ``"prune"`` (train on the kept samples) or ``"reweight"`` (``scheme``: ``"smooth"`` with
             ``temperature`` or ``"hard"``; see :func:`defenses.reweight`).
         retrain: ``"scratch"`` or ``"finetune"`` (from the base model) for the defended models.
-        trainer: ``erm``, ``pgd-at``, ``trades``, ``art-pgd-at``, ``art-trades``, or a trainer object
+        trainer: ``erm``, ``fast-at``, ``pgd-at``, ``trades``, ``art-pgd-at``, ``art-trades``, or a trainer object
             (``Trainer`` / ``ARTTrainer``); the base model is trained by it from scratch.
         recipes: names from ``defenses.available_recipes()``; ``none`` and ``random`` give the paired
-            differences.
+            differences. Removal (prune mode) gives the removed samples weight 0, so every recipe
+            trains for as many steps as ``none`` (ART's trainers, which take no weights, drop them).
+        references: adversarial-training reference rows (:mod:`defenses.references`): ``"auto"`` runs
+            ``fast-at``, ``pgd-at`` and ``trades`` with plain training (same data, schedule and seed;
+            an adversarial ``trainer`` is its own reference, its ``none`` row); a list picks some, ``()`` none.
+        eval_attacks: the evaluation suite besides the threat-model attack (:mod:`defenses.eval_suite`):
+            ``"auto"`` adds APGD-CE and targeted APGD-DLR where the data allows (images in [0, 1]);
+            a list of attack names; ``()`` none. ``eval_subset``: the suite runs on the first that many
+            test points of each seed and gives per-attack results and ``worst_case``.
         seeds: a count N (seeds 0..N-1) or a list of seeds.
         epochs, lr, batch_size: training hyper-parameters (defaults per data set);
             ``train_steps``: PGD steps of adversarial trainers.
@@ -352,8 +418,15 @@ def run(
         progress: show one progress bar (on a terminal only) over the seeds and recipes.
 
     Returns:
-        The report: ``config``, ``base`` (metrics of the base model), ``per_seed`` rows and ``summary``
-        (mean ± std over seeds, paired differences vs ``none`` and vs ``random``).
+        The report: ``config``, ``base`` (metrics of the base model), ``per_seed`` rows, ``summary``
+        (mean ± std over seeds, paired differences vs ``none`` and vs ``random``) and ``recommendation``
+        (the row to pick, see :func:`defenses.report.recommend`). Every row holds ``clean_acc``,
+        ``robust_acc_adaptive``, ``robust_acc_transfer``, ``asr_adaptive``, ``attacks`` (per attack of
+        the suite), ``worst_case``, ``train_time`` (wall seconds to build the model: scoring, selection
+        and training), ``train_cpu_time`` (this process's CPU seconds for it) and ``cost_vs_erm`` (its
+        ratio to one ERM fit of the same schedule: CPU time on the CPU, which other jobs on a shared
+        machine do not inflate; wall time on an accelerator);
+        ``robust_acc`` and ``transfer_acc`` are aliases of the adaptive and transfer accuracies.
     """
     check_bool(progress, "progress")
     check_bool(resume, "resume")
@@ -369,6 +442,7 @@ def run(
     check_positive(temperature, "temperature")
     check_int(train_steps, "train_steps", 1)
     check_int(eval_batch_size, "eval_batch_size", 1)
+    check_int(eval_subset, "eval_subset", 1)
     if isinstance(recipes, str) or not recipes:
         raise ValueError(f"recipes: must be a non-empty list of recipe names, got {recipes!r}")
     chosen = [get_recipe(name) for name in recipes]
@@ -430,6 +504,10 @@ def run(
         raise ValueError("mode: ART's trainers take no per-sample weights; use --mode prune or --scheme hard "
                          "with an art-* trainer")
     base_trainer = trainer.with_retrain("scratch")
+    references = reference_trainers(trainer, references, eps=eps, norm=norm, bounds=first.bounds,
+                                    train_steps=train_steps)
+    suite_names = resolve_suite(eval_attacks, attack_label, eps=eps, bounds=first.bounds,
+                                num_classes=first.num_classes)
 
     first_attack = attack_for(seeds[0], first)
     config = {
@@ -440,7 +518,11 @@ def run(
         "method_options": {k: repr(v) for k, v in method_options.items()},
         "fractions": fractions, "mode": mode, "scheme": scheme if mode == "reweight" else None,
         "temperature": temperature if mode == "reweight" and scheme == "smooth" else None,
-        "retrain": retrain, "trainer": trainer_label, "recipes": list(recipes), "seeds": seeds,
+        "retrain": retrain, "trainer": trainer_label, "recipes": list(recipes), "references": list(references),
+        "eval_attacks": [attack_label] + suite_names, "eval_subset": eval_subset if suite_names else None,
+        "cost_unit": "one ERM fit of the same schedule, data and seed, timed after the base model; CPU time of "
+                     "this process for models on the CPU, wall time on an accelerator",
+        "seeds": seeds,
         "epochs": epochs, "lr": lr, "batch_size": batch_size,
         "n_train": int(first.train[0].shape[0]), "n_val": int(first.val[0].shape[0]),
         "n_test": int(first.test[0].shape[0]),
@@ -455,31 +537,38 @@ def run(
         saved = SeedResults(out, _resume_settings(config, model, bounds, train_steps, eval_batch_size,
                                                   trainer=trainer, built_model=first_model))
     base_rows, rows = [], []
-    with tqdm(total=len(seeds) * (1 + len(tasks)), desc="defence", disable=None if progress else True) as bar:
+    evaluation = dict(threat=attack_label, eval_subset=eval_subset, batch_size=eval_batch_size, progress=False)
+    per_seed = 1 + len(tasks) + len(references)
+    with tqdm(total=len(seeds) * per_seed, desc="defence", disable=None if progress else True) as bar:
         for seed in seeds:
             splits = first if seed == seeds[0] else splits_for(seed)
             fingerprint = None if saved is None else data_hash(splits.train, splits.val, splits.test)
             results = saved.load(seed, fingerprint) if resume else None
             if results is None:
                 bar.set_postfix_str(f"seed {seed}")
-                results = _run_seed(seed, splits, tasks, bar, model_for=model_for, attack_fn=attack_for(seed, splits),
-                                    base_trainer=base_trainer, eval_batch_size=eval_batch_size, progress=False,
+                seed_attack = attack_for(seed, splits)
+                evaluation["suite"] = build_suite(suite_names, eps=eps, norm=norm, steps=steps, bounds=splits.bounds,
+                                                  seed=seed)
+                results = _run_seed(seed, splits, tasks, bar, model_for=model_for, attack_fn=seed_attack,
+                                    base_trainer=base_trainer, references=references, cost_unit=erm_like(trainer),
+                                    evaluation=evaluation,
                                     context=dict(trainer=trainer, mode=mode, scheme=scheme, temperature=temperature,
                                                  method=method, method_options=method_options,
                                                  train_attack=_training_attack(trainer, seed), progress=False))
                 if saved is not None:
                     saved.save(seed, fingerprint, results)
             else:
-                bar.update(1 + len(tasks))
+                bar.update(per_seed)
             base_rows.append(results["base"])
             rows += results["runs"]
 
     report = {
         "config": config,
-        "base": {m: mean_std(r[m] for r in base_rows) for m in METRICS},
+        "base": summarise_base(base_rows),
         "per_seed": {"base": base_rows, "runs": rows},
-        "summary": summarise(rows, [r.name for r in chosen], fractions),
+        "summary": summarise(rows, [r.name for r in chosen] + list(references), fractions),
     }
+    report["recommendation"] = recommend(report["summary"])
     if out is not None:
         write_report(report, out)
     return report

@@ -12,17 +12,25 @@ Built in:
 - ``none``: no defence (scratch: the base model itself, which retraining on all data with the same
   seed reproduces exactly; finetune: fine-tuned on all data for the same epochs).
 - ``influence``: harm on ``Robust(attack)`` over the VALIDATION split (``robust_infl.influence``),
-  then prune / reweight by it.
+  then prune (weight 0, so as many training steps as ``none``) / reweight by it.
 - ``random``: the same budget, chosen uniformly at random (seeded).
 - ``loss``: the same budget, the samples with the highest training loss under the base model.
 - ``influence-misclassified``: the largest harm among the samples the base model misclassifies (at
   their adversarial training points for adversarial trainers), at most the budget.
 - ``train+val``: no selection, plain (re)training on train + validation (a fair reference for
   defences that use the validation labels).
+- ``lookahead``: online lookahead reweighting (:mod:`defenses.lookahead`).
+
+None of them is recommended by itself: a defence is worth using only where it beats the
+adversarial-training references that ``defenses.run`` trains beside it (``fast-at``, ``pgd-at``,
+``trades``; :mod:`defenses.references`) at equal or lower cost. Where each stands is measured in
+``experiments/RESULTS.md`` (section ``defense_references``); the descriptions below say what a recipe
+does, not how much it helps.
 """
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 from typing import Callable, Iterator, Optional
 
@@ -31,7 +39,6 @@ from torch import nn
 
 from attacks.base import frozen_in_eval, predict
 
-from .data import take
 from .selection import budget_size, prune, reweight
 from .trainers import per_sample_loss
 
@@ -44,6 +51,7 @@ __all__ = [
     "score_based",
     "cached_scores",
     "select_and_retrain",
+    "retrain_without",
     "DEFAULT_RECIPES",
 ]
 
@@ -122,19 +130,34 @@ def get_recipe(name: str) -> Recipe:
     return _RECIPES[name]
 
 
+def retrain_without(ctx: DefenceContext, keep: torch.Tensor) -> nn.Module:
+    """Retrain with the samples outside the keep-mask removed: weight 0, so the retraining takes as many
+    steps, in the same data order, as ``none`` (ART's trainers, which take no weights, drop the rows)."""
+    return ctx.trainer.fit(ctx.model, ctx.train, weights=keep.to(torch.float32), seed=ctx.seed, val=ctx.val)
+
+
 def select_and_retrain(ctx: DefenceContext, scores: torch.Tensor) -> nn.Module:
-    """Prune (train on the kept samples) or reweight (train on all, weighted) by ``scores``, then retrain."""
+    """Prune (weight 0 for the most harmful, :func:`retrain_without`) or reweight (train on all, weighted) by
+    ``scores``, then retrain."""
     if ctx.mode == "prune":
-        keep = prune(scores, ctx.fraction)
-        return ctx.trainer.fit(ctx.model, take(ctx.train, keep), seed=ctx.seed, val=ctx.val)
+        return retrain_without(ctx, prune(scores, ctx.fraction))
     weights = reweight(scores, ctx.scheme, fraction=ctx.fraction, temperature=ctx.temperature)
     return ctx.trainer.fit(ctx.model, ctx.train, weights=weights, seed=ctx.seed, val=ctx.val)
 
 
 def cached_scores(ctx: DefenceContext, name: str, score_fn: Callable[[DefenceContext], torch.Tensor]) -> torch.Tensor:
-    """``score_fn(ctx)`` on the CPU, computed once per seed and kept in ``ctx.cache[name]``."""
+    """``score_fn(ctx)`` on the CPU, computed once per seed and kept in ``ctx.cache[name]``.
+
+    The seconds it took (wall and CPU) are kept too; a call that reuses the scores adds them to
+    ``ctx.cache["reused_seconds"]``, so every recipe that uses them is charged their cost.
+    """
     if name not in ctx.cache:
+        wall, cpu = time.perf_counter(), time.process_time()
         ctx.cache[name] = score_fn(ctx).detach().cpu()
+        ctx.cache[f"{name}:seconds"] = {"wall": time.perf_counter() - wall, "cpu": time.process_time() - cpu}
+    elif "reused_seconds" in ctx.cache:
+        reused, spent = ctx.cache["reused_seconds"], ctx.cache[f"{name}:seconds"]
+        ctx.cache["reused_seconds"] = {k: reused[k] + spent[k] for k in reused}
     return ctx.cache[name]
 
 
@@ -195,17 +218,14 @@ def misclassified_training_samples(ctx: DefenceContext, batch_size: int = 512) -
 
 def influence_on_misclassified(ctx: DefenceContext) -> nn.Module:
     """Remove the samples with the largest harm (as ``influence``) among those the base model misclassifies:
-    the budget's worth, or fewer when fewer are misclassified; retrain on the rest (prune mode) or with
-    weight 0 for them (reweight mode)."""
+    the budget's worth, or fewer when fewer are misclassified; retrain with weight 0 for them (both modes)."""
     scores = cached_scores(ctx, "influence", influence_scores).double()
     wrong = misclassified_training_samples(ctx)
     k = min(budget_size(scores.numel(), ctx.fraction), int(wrong.sum()))
     restricted = torch.where(wrong, scores, torch.tensor(-torch.inf, dtype=torch.float64))
     keep = torch.ones(scores.numel(), dtype=torch.bool)
     keep[torch.sort(-restricted, stable=True).indices[:k]] = False
-    if ctx.mode == "prune":
-        return ctx.trainer.fit(ctx.model, take(ctx.train, keep), seed=ctx.seed, val=ctx.val)
-    return ctx.trainer.fit(ctx.model, ctx.train, weights=keep.to(torch.float32), seed=ctx.seed, val=ctx.val)
+    return retrain_without(ctx, keep)
 
 
 def no_defence(ctx: DefenceContext) -> nn.Module:
@@ -230,12 +250,13 @@ register_recipe("loss", score_based("loss", training_loss_scores),
                 description="highest training loss, same budget")
 register_recipe("influence-misclassified", influence_on_misclassified,
                 description="highest harm among the misclassified training samples, at most the budget "
-                            "(Adult MLP: +3.0 robust points vs none and random, exploratory)")
+                            "(exploratory; see experiments/RESULTS.md, defense_deep)")
 register_recipe("train+val", train_and_val, uses_budget=False,
                 description="plain training on train + validation")
 from .lookahead import lookahead_recipe  # noqa: E402  (lookahead.py does not import this module)
 register_recipe("lookahead", lookahead_recipe, uses_budget=False,
-                description="online lookahead reweighting against the adversarial validation loss; "
-                            "helps erm (MNIST +10 robust points), not pgd-at")
+                description="online lookahead reweighting against the adversarial validation loss (several "
+                            "times the cost of ERM; fast-at, cheaper, was more robust: experiments/RESULTS.md, "
+                            "defense_references)")
 
 DEFAULT_RECIPES = ("none", "influence", "random", "loss")

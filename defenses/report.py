@@ -1,8 +1,15 @@
-"""Summaries of a defence run: mean +- std over seeds, paired differences, Markdown table, plot, files.
+"""Summaries of a defence run: mean +- std over seeds, paired differences, Markdown table, plots, files.
 
-Per-seed rows are ``{"seed", "recipe", "fraction", "clean_acc", "robust_acc", "transfer_acc"}``
-(``fraction`` None for budget-free recipes). ``robust_acc`` is adaptive (the attack re-run on the
-defended model); ``transfer_acc`` is the accuracy on the base model's adversarial test points.
+Per-seed rows are ``{"seed", "recipe", "fraction", "clean_acc", "robust_acc_adaptive",
+"robust_acc_transfer", "asr_adaptive", "worst_case", "attacks", "train_time", "cost_vs_erm"}``
+(``fraction`` None for budget-free recipes and reference trainers). ``robust_acc_adaptive`` is the
+accuracy under the attack re-run on the defended model; ``robust_acc_transfer`` the accuracy on the
+base model's adversarial test points; ``asr_adaptive`` the share of clean-correct test points the
+adaptive attack flips; ``attacks`` maps each attack of the evaluation suite to its ``robust_acc``
+and ``asr`` and ``worst_case`` is the share correct under all of them; ``train_time`` is the wall
+time to build the model, ``train_cpu_time`` the process's CPU time for it and ``cost_vs_erm`` its
+ratio to one ERM fit (CPU time on the CPU, wall time on an accelerator). ``robust_acc`` and
+``transfer_acc`` are the old names of the adaptive and transfer accuracies (aliases).
 """
 
 from __future__ import annotations
@@ -13,12 +20,27 @@ from typing import Iterable, Optional
 
 from robust_infl.io import atomic_write, atomic_write_json, atomic_write_text
 
-__all__ = ["METRICS", "mean_std", "paired_difference", "summarise", "render_markdown", "plot_robust_vs_fraction",
-           "write_report"]
+__all__ = ["METRICS", "ALIASES", "mean_std", "paired_difference", "summarise", "summarise_base", "without_timing", "TIMING_KEYS", "recommend", "pareto_front",
+           "render_markdown", "plot_robust_vs_fraction", "plot_robust_vs_cost", "write_report"]
 
-METRICS = ("clean_acc", "robust_acc", "transfer_acc")
 DEGENERATE_INTERVAL = "n/a: identical differences"
-_LABELS = {"clean_acc": "clean acc", "robust_acc": "robust acc (adaptive)", "transfer_acc": "robust acc (transfer)"}
+METRICS = ("clean_acc", "robust_acc_adaptive", "robust_acc_transfer", "asr_adaptive", "worst_case", "train_time",
+           "train_cpu_time", "cost_vs_erm")
+ALIASES = {"robust_acc": "robust_acc_adaptive", "transfer_acc": "robust_acc_transfer"}  # old names, one release
+_ATTACK_METRICS = ("robust_acc", "asr")
+
+
+TIMING_KEYS = ("train_time", "train_cpu_time", "cost_vs_erm", "recommendation")  # wall-time measurements and what reads them
+
+
+def without_timing(value):
+    """A report (or part of one) without its wall-time measurements and the recommendation that reads them:
+    what a run with the same seeds reproduces bit for bit."""
+    if isinstance(value, dict):
+        return {k: without_timing(v) for k, v in value.items() if k not in TIMING_KEYS}
+    if isinstance(value, list):
+        return [without_timing(v) for v in value]
+    return value
 
 
 def mean_std(values: Iterable[float]) -> dict:
@@ -51,6 +73,13 @@ def paired_difference(a: Iterable[float], b: Iterable[float], level: float = 0.9
     return out
 
 
+def summarise_base(rows: list) -> dict:
+    """Mean ± std over seeds of the base model's metrics (:data:`METRICS` and their :data:`ALIASES`)."""
+    out = {m: mean_std(r[m] for r in rows) for m in METRICS}
+    out.update({alias: out[name] for alias, name in ALIASES.items()})
+    return out
+
+
 def _key(row: dict) -> tuple:
     return row["recipe"], row["fraction"]
 
@@ -71,17 +100,78 @@ def summarise(rows: list, recipes: Iterable[str], fractions: Iterable[float], *,
     for recipe, fraction in order:
         runs = by_key[(recipe, fraction)]
         seeds = sorted(runs)
-        entry = {"recipe": recipe, "fraction": fraction, "seeds": seeds}
+        entry = {"recipe": recipe, "fraction": fraction, "seeds": seeds,
+                 "reference": bool(runs[seeds[0]].get("reference", False))}
         for metric in METRICS:
             entry[metric] = mean_std(runs[s][metric] for s in seeds)
+        entry.update({alias: entry[name] for alias, name in ALIASES.items()})
+        entry["attacks"] = {name: {m: mean_std(runs[s]["attacks"][name][m] for s in seeds) for m in _ATTACK_METRICS}
+                            for name in runs[seeds[0]]["attacks"]}
         for label, other_key in (("vs_" + reference, (reference, None)), ("vs_" + control, (control, fraction))):
             other = by_key.get(other_key)
             if other is None or other_key == (recipe, fraction) or set(other) != set(runs):
                 continue
             entry[label] = {m: paired_difference([runs[s][m] for s in seeds], [other[s][m] for s in seeds])
                             for m in METRICS}
+            entry[label].update({alias: entry[label][name] for alias, name in ALIASES.items()})
         summary.append(entry)
     return summary
+
+
+def _half_width(stat: dict, level: float = 0.95) -> float:
+    """Half-width of the two-sided t interval of a mean (0 for one value)."""
+    from scipy import stats
+
+    if stat["n"] < 2:
+        return 0.0
+    return float(stats.t.ppf(0.5 + level / 2, stat["n"] - 1)) * stat["std"] / math.sqrt(stat["n"])
+
+
+def _name(entry: dict) -> str:
+    return entry["recipe"] + ("" if entry["fraction"] is None else f" @ {entry['fraction']:g}")
+
+
+def pareto_front(summary: list, metric: str = "robust_acc_adaptive") -> list:
+    """The entries no other entry beats on both mean ``cost_vs_erm`` (lower) and mean ``metric`` (higher),
+    sorted by cost."""
+    def dominated(e):
+        return any(o["cost_vs_erm"]["mean"] <= e["cost_vs_erm"]["mean"] and o[metric]["mean"] >= e[metric]["mean"]
+                   and (o["cost_vs_erm"]["mean"], o[metric]["mean"]) != (e["cost_vs_erm"]["mean"], e[metric]["mean"])
+                   for o in summary)
+
+    return sorted((e for e in summary if not dominated(e)), key=lambda e: e["cost_vs_erm"]["mean"])
+
+
+def recommend(summary: list, *, tolerance: float = 0.01) -> dict:
+    """The row to pick: the cheapest (mean ``cost_vs_erm``) whose mean adaptive robust accuracy is within
+    ``tolerance`` of the best row's, among the rows whose clean accuracy is at most ``tolerance`` below
+    ``none``'s (all rows when none qualifies or ``none`` was not run).
+
+    Returns ``{"recipe", "fraction", "reason"}`` (the reason in one line, figures in %; it also names the
+    most robust row when the clean-accuracy bound excluded it).
+    """
+    none = next((e for e in summary if e["recipe"] == "none"), None)
+    allowed = [e for e in summary if none is None or e["clean_acc"]["mean"] >= none["clean_acc"]["mean"] - tolerance]
+    allowed = allowed or list(summary)
+    best = max(allowed, key=lambda e: e["robust_acc_adaptive"]["mean"])
+    close = [e for e in allowed if e["robust_acc_adaptive"]["mean"] >= best["robust_acc_adaptive"]["mean"] - tolerance]
+    pick = min(close, key=lambda e: (e["cost_vs_erm"]["mean"], -e["robust_acc_adaptive"]["mean"]))
+    robust, cost, clean = (pick[m]["mean"] for m in ("robust_acc_adaptive", "cost_vs_erm", "clean_acc"))
+    kept = "" if len(allowed) == len(summary) else f" that keeps clean accuracy within {100 * tolerance:g} point(s)"
+    if pick is best:
+        why = f"the most robust row{kept}"
+    else:
+        why = (f"within {100 * tolerance:g} point(s) of the most robust row{kept} ({_name(best)}, "
+               f"{100 * best['robust_acc_adaptive']['mean']:.1f}) and the cheapest such")
+    clean_note = "" if none is None else f"clean {100 * clean:.1f} vs {100 * none['clean_acc']['mean']:.1f} for none"
+    reason = (f"pick {_name(pick)}: robust {100 * robust:.1f} (adaptive) at {cost:.2f}x the cost of ERM, {why}"
+              + (f"; {clean_note}" if clean_note else ""))
+    strongest = max(summary, key=lambda e: e["robust_acc_adaptive"]["mean"])
+    if none is not None and strongest["robust_acc_adaptive"]["mean"] > best["robust_acc_adaptive"]["mean"] + tolerance:
+        lost = 100 * (none["clean_acc"]["mean"] - strongest["clean_acc"]["mean"])
+        reason += (f"; if {lost:.1f} clean points are affordable, {_name(strongest)} is more robust "
+                   f"({100 * strongest['robust_acc_adaptive']['mean']:.1f}, {strongest['cost_vs_erm']['mean']:.2f}x)")
+    return {"recipe": pick["recipe"], "fraction": pick["fraction"], "reason": reason + "."}
 
 
 def _pct(stat: dict) -> str:
@@ -114,33 +204,56 @@ def _bounds(cfg: dict) -> list:
 
 
 def render_markdown(report: dict) -> str:
-    """The before/after table (accuracies in %, mean ± std over seeds; Δ: paired, with 95% t-interval)."""
+    """The before/after table (accuracies in %, mean ± std over seeds; Δ: paired, with 95% t-interval), the
+    per-attack table of the evaluation suite and the recommended row."""
     cfg = report["config"]
+    references = cfg.get("references") or []
     lines = [
         f"# Defence report: {cfg['data']} / {cfg['model']} / {cfg['attack']}",
         "",
         f"Threat model: {_threat(cfg)}; scores: {cfg['method']} on Robust(attack) "
         f"over the validation split; mode={cfg['mode']}, retrain={cfg['retrain']}, trainer={cfg['trainer']}; "
         f"seeds {cfg['seeds']}.",
+        "References (same data, schedule and seed): " + (", ".join(references) if references else
+                                                           f"none (the run's own trainer, row `none`)") + ".",
         "",
         *_bounds(cfg),
-        "| recipe | fraction | clean acc | robust acc (adaptive) | robust acc (transfer) "
-        "| Δ robust vs none | Δ robust vs random | Δ clean vs none |",
-        "|---|---|---|---|---|---|---|---|",
+        "| recipe | fraction | clean acc | robust acc (adaptive) | robust acc (transfer) | ASR (adaptive) "
+        "| worst case | cost vs ERM | Δ robust vs none | Δ robust vs random | Δ clean vs none |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for entry in report["summary"]:
         fraction = "–" if entry["fraction"] is None else f"{entry['fraction']:g}"
         vs_none = entry.get("vs_none", {})
         vs_random = entry.get("vs_random", {})
+        name = entry["recipe"] + (" (reference)" if entry.get("reference") else "")
         lines.append(
-            f"| {entry['recipe']} | {fraction} | {_pct(entry['clean_acc'])} | {_pct(entry['robust_acc'])} "
-            f"| {_pct(entry['transfer_acc'])} | {_delta(vs_none.get('robust_acc'))} "
-            f"| {_delta(vs_random.get('robust_acc'))} | {_delta(vs_none.get('clean_acc'))} |")
+            f"| {name} | {fraction} | {_pct(entry['clean_acc'])} | {_pct(entry['robust_acc_adaptive'])} "
+            f"| {_pct(entry['robust_acc_transfer'])} | {_pct(entry['asr_adaptive'])} | {_pct(entry['worst_case'])} "
+            f"| {entry['cost_vs_erm']['mean']:.2f} | {_delta(vs_none.get('robust_acc_adaptive'))} "
+            f"| {_delta(vs_random.get('robust_acc_adaptive'))} | {_delta(vs_none.get('clean_acc'))} |")
     base = report["base"]
     lines += ["", f"Base model (before any defence): clean {_pct(base['clean_acc'])}, "
-              f"robust {_pct(base['robust_acc'])}.",
+              f"robust {_pct(base['robust_acc_adaptive'])}.",
               "Accuracies in %, mean ± std over seeds; Δ are paired per seed, mean ± std [95% t-interval]. "
-              "Adaptive: the attack re-run on the defended model; transfer: the base model's adversarial test points."]
+              "Adaptive: the attack re-run on the model; transfer: the base model's adversarial test points; "
+              "ASR: the share of clean-correct test points the adaptive attack flips. Cost: time to build the "
+              "model (scoring, selection and training) over one ERM fit of the same schedule, same seed (CPU "
+              "time of the process on the CPU, wall time on an accelerator)."]
+    suite = cfg.get("eval_attacks") or []
+    if len(suite) > 1:
+        lines += ["", f"Evaluation suite on the first {cfg['eval_subset']} test points of each seed "
+                  "(robust acc / ASR in %, adaptive); worst case: correct under every attack.", "",
+                  "| recipe | fraction | " + " | ".join(suite) + " | worst case |",
+                  "|---|---|" + "---|" * (len(suite) + 1)]
+        for entry in report["summary"]:
+            fraction = "–" if entry["fraction"] is None else f"{entry['fraction']:g}"
+            cells = [f"{100 * entry['attacks'][a]['robust_acc']['mean']:.1f} / "
+                     f"{100 * entry['attacks'][a]['asr']['mean']:.1f}" for a in suite]
+            lines.append(f"| {entry['recipe']} | {fraction} | " + " | ".join(cells)
+                         + f" | {_pct(entry['worst_case'])} |")
+    if report.get("recommendation"):
+        lines += ["", f"**Recommendation:** {report['recommendation']['reason']}"]
     return "\n".join(lines) + "\n"
 
 
@@ -155,13 +268,13 @@ def plot_robust_vs_fraction(report: dict, path) -> None:
     budgeted: dict = {}
     for entry in report["summary"]:
         if entry["fraction"] is None:
-            ax.axhline(100 * entry["robust_acc"]["mean"], linestyle="--", linewidth=1, label=entry["recipe"],
+            ax.axhline(100 * entry["robust_acc_adaptive"]["mean"], linestyle="--", linewidth=1, label=entry["recipe"],
                        color="gray" if entry["recipe"] == "none" else None)
         else:
             budgeted.setdefault(entry["recipe"], []).append(entry)
     for recipe, entries in budgeted.items():
-        ax.errorbar([e["fraction"] for e in entries], [100 * e["robust_acc"]["mean"] for e in entries],
-                    yerr=[100 * e["robust_acc"]["std"] for e in entries], marker="o", capsize=3, label=recipe)
+        ax.errorbar([e["fraction"] for e in entries], [100 * e["robust_acc_adaptive"]["mean"] for e in entries],
+                    yerr=[100 * e["robust_acc_adaptive"]["std"] for e in entries], marker="o", capsize=3, label=recipe)
     cfg = report["config"]
     ax.set_xlabel(f"fraction {'removed' if cfg['mode'] == 'prune' else 'down-weighted'}")
     ax.set_ylabel("robust test accuracy, adaptive (%)")
@@ -174,8 +287,41 @@ def plot_robust_vs_fraction(report: dict, path) -> None:
         plt.close(fig)
 
 
+def plot_robust_vs_cost(report: dict, path) -> None:
+    """Adaptive robust accuracy (mean with its 95% t-interval over seeds) against training cost (x ERM), one
+    point per row, the Pareto front (no row both cheaper and more robust) joined and marked."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    summary = report["summary"]
+    front = pareto_front(summary)
+    fig, ax = plt.subplots(figsize=(6.5, 4.5))
+    for entry in summary:
+        on_front = any(entry is f for f in front)
+        ax.errorbar(entry["cost_vs_erm"]["mean"], 100 * entry["robust_acc_adaptive"]["mean"],
+                    yerr=100 * _half_width(entry["robust_acc_adaptive"]), marker="s" if entry.get("reference") else "o",
+                    capsize=3, linestyle="none", color="tab:red" if on_front else "tab:blue")
+        ax.annotate(_name(entry), (entry["cost_vs_erm"]["mean"], 100 * entry["robust_acc_adaptive"]["mean"]),
+                    textcoords="offset points", xytext=(4, 4), fontsize=7)
+    ax.plot([e["cost_vs_erm"]["mean"] for e in front], [100 * e["robust_acc_adaptive"]["mean"] for e in front],
+            color="tab:red", linewidth=1, label="Pareto front")
+    cfg = report["config"]
+    ax.set_xlabel("training cost (x one ERM fit, same schedule)")
+    ax.set_ylabel("robust test accuracy, adaptive (%), 95% interval")
+    ax.set_title(f"{cfg['data']} / {cfg['model']} / {_threat(cfg)}", fontsize=9)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    try:
+        atomic_write(path, lambda handle: fig.savefig(handle, format="png", dpi=120))
+    finally:
+        plt.close(fig)
+
+
 def write_report(report: dict, out_dir) -> dict:
-    """Write ``report.json``, ``report.md`` and, with several fractions, ``robust_vs_fraction.png``.
+    """Write ``report.json``, ``report.md``, ``robust_vs_cost.png`` and, with several fractions,
+    ``robust_vs_fraction.png``.
 
     Each file is written atomically (:mod:`robust_infl.io`): never half written.
 
@@ -183,9 +329,10 @@ def write_report(report: dict, out_dir) -> dict:
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    paths = {"json": out / "report.json", "markdown": out / "report.md"}
+    paths = {"json": out / "report.json", "markdown": out / "report.md", "cost_plot": out / "robust_vs_cost.png"}
     atomic_write_json(paths["json"], report)
     atomic_write_text(paths["markdown"], render_markdown(report))
+    plot_robust_vs_cost(report, paths["cost_plot"])
     if len(report["config"]["fractions"]) > 1:
         paths["plot"] = out / "robust_vs_fraction.png"
         plot_robust_vs_fraction(report, paths["plot"])

@@ -23,8 +23,8 @@ from robust_infl.io import PathLike, atomic_write_json, check_output_folder, jso
 __all__ = ["SeedResults", "SEEDS_DIR", "FORMAT_VERSION", "RUN_FILES", "prepare_out_folder"]
 
 SEEDS_DIR = "seeds"
-FORMAT_VERSION = 1
-RUN_FILES = ("report.json", "report.md", "robust_vs_fraction.png")  # what write_report writes
+FORMAT_VERSION = 2  # 2: rows carry the suite, attack success and training cost
+RUN_FILES = ("report.json", "report.md", "robust_vs_fraction.png", "robust_vs_cost.png")  # what write_report writes
 
 
 def prepare_out_folder(out: PathLike, *, resume: bool, overwrite: bool) -> Path:

@@ -40,6 +40,7 @@ __all__ = [
     "ERM",
     "PGDAT",
     "TRADES",
+    "FastAT",
     "per_sample_loss",
     "copy_for_training",
     "make_optimizer",
@@ -392,6 +393,27 @@ class PGDAT(_BallTrainer):
     def sample_losses(self, model, xb, yb, step):
         """Per-sample loss at the PGD points."""
         return self.loss_fn(model(self.adversarial_points(model, xb, yb)), yb)
+
+
+class FastAT(PGDAT):
+    """Wong, Rice and Kolter (2020), "Fast is better than free": FGSM adversarial training from a random start.
+
+    The training points are one signed-gradient step of size ``alpha`` (default ``1.25 * eps``, the
+    paper's choice) from a start drawn uniformly from the ``eps``-ball, projected back onto the ball
+    and clipped to ``bounds``: :class:`PGDAT` with ``steps=1`` and that step size, so it shares its
+    ball, projections, seeding and :meth:`~PGDAT.adversarial_points`. Its cost is about two ERM
+    steps per step; how it compares with the influence recipes is measured in ``experiments/RESULTS.md``
+    (section ``defense_references``).
+    """
+
+    def __init__(self, *, eps: float, norm: str = "linf", alpha: Optional[float] = None, bounds=(0.0, 1.0),
+                 **trainer_options):
+        eps = check_positive(eps, "eps")
+        super().__init__(eps=eps, norm=norm, steps=1, alpha=1.25 * eps if alpha is None else alpha,
+                         bounds=bounds, **trainer_options)
+
+    def __repr__(self) -> str:
+        return f"{Trainer.__repr__(self)[:-1]}, eps={self.eps}, norm={self.norm!r}, alpha={self.alpha})"
 
 
 class TRADES(_BallTrainer):

@@ -101,10 +101,18 @@ def build_parser() -> argparse.ArgumentParser:
     defend = commands.add_parser(
         "defend", parents=[common], help="run the defence and its baselines over seeds, write the report",
         description="Split, train, attack, score on the validation split, prune / reweight, retrain and\n"
-                    "re-attack (adaptive and transfer); writes report.json, report.md and, with several\n"
-                    "fractions, robust_vs_fraction.png.",
+                    "re-attack (adaptive and transfer), beside adversarial-training references (fast-at,\n"
+                    "pgd-at, trades) with their measured cost; writes report.json, report.md,\n"
+                    "robust_vs_cost.png and, with several fractions, robust_vs_fraction.png. Which row\n"
+                    "wins where is measured in experiments/RESULTS.md (section defense_references).",
         epilog="recipes (--recipes):\n" + "\n".join(
-            f"  {name}\n      {get_recipe(name).description}" for name in available_recipes()),
+            f"  {name}\n      {get_recipe(name).description}" for name in available_recipes())
+        + "\n\nreferences (--references; with --trainer erm, all three by default):\n"
+          "  fast-at\n      FGSM adversarial training from a uniform random start, step 1.25 eps (Wong et al. 2020)\n"
+          "  pgd-at\n      PGD adversarial training (Madry et al. 2018), --train-steps steps\n"
+          "  trades\n      TRADES (Zhang et al. 2019), beta 6, --train-steps steps\n"
+          "Pick a recipe only where it beats a reference of equal or lower cost; the report's last line names\n"
+          "the row to pick, and experiments/RESULTS.md (section defense_references) holds the benchmark.",
         formatter_class=argparse.RawDescriptionHelpFormatter)
     defend.add_argument("--attack", choices=ATTACK_NAMES, default="pgd", help="attack (default: %(default)s)")
     defend.add_argument("--method", choices=[m for m in methods if m not in CHECKPOINT_METHODS], default="ip",
@@ -126,11 +134,22 @@ def build_parser() -> argparse.ArgumentParser:
     defend.add_argument("--retrain", choices=("scratch", "finetune"), default="scratch",
                         help="retrain defended models from scratch or fine-tune the base model (default: %(default)s)")
     defend.add_argument("--trainer", choices=TRAINER_NAMES, default="erm",
-                        help="training: erm, pgd-at (Madry), trades, or ART's art-pgd-at / art-trades "
-                             "(default: %(default)s)")
+                        help="training: erm, fast-at (FGSM from a random start, Wong et al. 2020), pgd-at "
+                             "(Madry), trades, or ART's art-pgd-at / art-trades (default: %(default)s); with erm "
+                             "the report adds fast-at, pgd-at and trades as references")
     defend.add_argument("--recipes", nargs="+", choices=available_recipes(), default=list(DEFAULT_RECIPES),
                         metavar="R", help=f"defence and baselines to run, from {', '.join(available_recipes())} "
                                           f"(default: {' '.join(DEFAULT_RECIPES)})")
+    defend.add_argument("--references", nargs="*", default=None, metavar="T", choices=("fast-at", "pgd-at", "trades"),
+                        help="adversarial-training reference rows trained on the same data and schedule, from "
+                             "fast-at, pgd-at, trades (default: all three with --trainer erm; an adversarial "
+                             "trainer is its own reference; give the flag alone for none)")
+    defend.add_argument("--eval-attacks", nargs="*", default=None, metavar="A", choices=ATTACK_NAMES,
+                        help=f"evaluation suite besides --attack, from {', '.join(ATTACK_NAMES)} (default: apgd-ce "
+                             "apgd-t on images in [0, 1], none on tabular data; give the flag alone for none); "
+                             "per-attack results and the worst case go in the report")
+    defend.add_argument("--eval-subset", type=int, default=200,
+                        help="the suite runs on the first N test points of each seed (default: %(default)s)")
     defend.add_argument("--seeds", type=int, default=3, help="number of seeds 0..N-1 (default: %(default)s)")
     defend.add_argument("--out", default="runs/defend", help="output folder (default: %(default)s)")
     defend.add_argument("--resume", action="store_true",
@@ -186,8 +205,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = commands.add_parser(
         "demo", help="the README demo: MNIST subset + small CNN + PGD, Adult + logistic regression",
-        description="Run the defence on the MNIST subset (small CNN, PGD linf eps 0.1, 10 steps) and on Adult "
-                    "(logistic regression, PGD L2 eps 0.5, unbounded features) and print the before/after tables.")
+        description="Run the defence and the adversarial-training references (fast-at, pgd-at, trades) on the "
+                    "MNIST subset (small CNN, PGD linf eps 0.1, 10 steps) and on Adult (logistic regression, PGD "
+                    "L2 eps 0.5, unbounded features), print the tables with each row's cost, and say which row "
+                    "to pick and why.")
     demo.add_argument("--out", default="runs/demo",
                       help="output folder; an earlier demo in it is replaced (default: %(default)s)")
     demo.add_argument("--quick", action="store_true", help="tiny sizes and one seed (a smoke test, ~1 minute)")
@@ -264,11 +285,14 @@ def _cmd_defend(args) -> int:
         method_options={k: v for k, v in (("params", args.params), ("damping", args.damping)) if v is not None},
         fractions=args.fraction, mode=args.mode, scheme=args.scheme, temperature=args.temperature,
         retrain=args.retrain, trainer=args.trainer, recipes=args.recipes, seeds=args.seeds, epochs=args.epochs,
+        references="auto" if args.references is None else args.references,
+        eval_attacks="auto" if args.eval_attacks is None else args.eval_attacks, eval_subset=args.eval_subset,
         lr=args.lr, batch_size=args.batch_size, train_steps=args.train_steps, n_train=args.n_train,
         n_val=args.n_val, n_test=args.n_test, out=args.out, resume=args.resume, overwrite=args.overwrite,
         progress=not args.no_progress)
     print(render_markdown(report))
-    print(f"wrote {Path(args.out) / 'report.json'} and report.md in {time.perf_counter() - start:.0f} s")
+    print(f"wrote {Path(args.out) / 'report.json'}, report.md and robust_vs_cost.png in "
+          f"{time.perf_counter() - start:.0f} s")
     return 0
 
 
@@ -414,12 +438,14 @@ def _cmd_attack(args) -> int:
     return 0
 
 
-# The demo's settings: sized to finish in <= 10 minutes on 2 CPU cores (both data sets together).
+# The demo's settings: sized to finish in <= 10 minutes on 2 CPU cores (both data sets together), with the
+# adversarial-training reference rows (PGD-AT and TRADES with 3 steps) and the threat-model attack only
+# (the default evaluation suite of ``defend`` adds APGD-CE and targeted APGD-DLR at about a minute per model).
 DEMO_RUNS = {
-    "mnist": dict(data="mnist", model="cnn", attack="pgd", eps=0.1, norm="linf", steps=10, seeds=5,
-                  fractions=[0.05], epochs=5),
-    "adult": dict(data="adult", model="logreg", attack="pgd", eps=0.5, norm="l2", steps=10, seeds=5,
-                  fractions=[0.05]),
+    "mnist": dict(data="mnist", model="cnn", attack="pgd", eps=0.1, norm="linf", steps=10, seeds=3,
+                  fractions=[0.05], epochs=5, train_steps=3, eval_attacks=()),
+    "adult": dict(data="adult", model="logreg", attack="pgd", eps=0.5, norm="l2", steps=10, seeds=3,
+                  fractions=[0.05], train_steps=3, eval_attacks=()),
 }
 DEMO_QUICK = {
     "mnist": dict(seeds=1, n_train=600, n_val=100, n_test=200, epochs=2, steps=5),
@@ -435,6 +461,7 @@ def _cmd_demo(args) -> int:
 
     check_output_folder(args.out, "out")
     total = time.perf_counter()
+    picks = []
     for name, settings in DEMO_RUNS.items():
         settings = {**settings, **(DEMO_QUICK[name] if args.quick else {})}
         start = time.perf_counter()
@@ -442,6 +469,9 @@ def _cmd_demo(args) -> int:
         report = defenses.run(out=Path(args.out) / name, overwrite=True, progress=not args.no_progress, **settings)
         print(render_markdown(report))
         print(f"[{name}: {time.perf_counter() - start:.0f} s, files in {Path(args.out) / name}]\n")
+        picks.append(f"{name}: {report['recommendation']['reason']}")
+    print("Which row to pick (the cheapest within 1 point of the most robust, clean accuracy kept):")
+    print("\n".join(f"  {line}" for line in picks))
     print(f"demo finished in {time.perf_counter() - total:.0f} s")
     return 0
 

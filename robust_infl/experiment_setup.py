@@ -31,8 +31,8 @@ __all__ = [
     "make_objective",
 ]
 
-ATTACK_NAMES = ("fgsm", "pgd", "linear", "autoattack")
-TRAINER_NAMES = ("erm", "pgd-at", "trades", "art-pgd-at", "art-trades")
+ATTACK_NAMES = ("fgsm", "pgd", "linear", "autoattack", "apgd-ce", "apgd-t")
+TRAINER_NAMES = ("erm", "fast-at", "pgd-at", "trades", "art-pgd-at", "art-trades")
 OBJECTIVE_NAMES = ("utility", "robust", "dp", "eop")
 
 
@@ -92,10 +92,12 @@ def model_factory(name: str, splits: Splits) -> Callable[[int], nn.Module]:
 
 def make_attack(name: str, *, eps: float, norm: str = "linf", steps: int = 10, bounds=(0.0, 1.0),
                 seed: int = 0) -> Callable:
-    """Attack ``name`` (``fgsm``, ``pgd``, ``linear``, ``autoattack``) as an ``attack(model, x, y)`` callable.
+    """Attack ``name`` as an ``attack(model, x, y)`` callable: ``fgsm``, ``pgd``, ``linear``, ``autoattack``
+    (standard version), ``apgd-ce`` or ``apgd-t`` (targeted APGD-DLR; both single AutoAttack components).
 
     ``linear`` is the paper's closed-form boundary crossing (no budget: ``eps`` and ``norm`` are
-    not used); ``autoattack`` runs through torchattacks and needs inputs in [0, 1].
+    not used); ``autoattack`` and the APGD components run the authors' AutoAttack code, which
+    clips to [0, 1], so they need data with bounds (0, 1).
     """
     import attacks
 
@@ -108,25 +110,29 @@ def make_attack(name: str, *, eps: float, norm: str = "linf", steps: int = 10, b
     if name == "linear":
         return attacks.LinearClosedForm()
     if bounds is None or tuple(bounds) != (0.0, 1.0):
-        raise ValueError(f"attack: 'autoattack' runs through torchattacks, which clips to [0, 1]; this data "
+        raise ValueError(f"attack: {name!r} runs AutoAttack's code, which clips to [0, 1]; this data "
                          f"has bounds {bounds}. Use --attack pgd")
-    return attacks.AutoAttack(eps, norm=norm, seed=seed)
+    if name == "autoattack":
+        return attacks.AutoAttack(eps, norm=norm, seed=seed)
+    return attacks.AutoAttack(eps, norm=norm, seed=seed, components=(name,))
 
 
 def make_trainer(name: str, *, epochs: int, lr: float, batch_size: int, retrain: str = "scratch",
                  eps: float = 0.1, norm: str = "linf", bounds=(0.0, 1.0), train_steps: int = 5,
                  progress: bool = True):
-    """Trainer ``name``: ``erm``, ``pgd-at`` (Madry), ``trades`` (beta 6), or ART's own
-    ``art-pgd-at`` / ``art-trades``; the adversarial ones use ``train_steps`` PGD steps in the
-    same ``eps``-ball as the evaluation attack.
+    """Trainer ``name``: ``erm``, ``fast-at`` (Wong et al. 2020: FGSM from a random start, step
+    1.25 eps), ``pgd-at`` (Madry), ``trades`` (beta 6), or ART's own ``art-pgd-at`` / ``art-trades``;
+    the multi-step ones use ``train_steps`` PGD steps, all in the same ``eps``-ball as the evaluation attack.
     """
     from defenses.art_trainer import ARTTrainer
-    from defenses.trainers import ERM, PGDAT, TRADES
+    from defenses.trainers import ERM, PGDAT, TRADES, FastAT
 
     common = dict(epochs=epochs, lr=lr, batch_size=batch_size, retrain=retrain, progress=progress)
     ball = dict(eps=eps, norm=norm, bounds=bounds)
     if name == "erm":
         return ERM(**common)
+    if name == "fast-at":
+        return FastAT(**ball, **common)
     if name == "pgd-at":
         return PGDAT(steps=train_steps, **ball, **common)
     if name == "trades":

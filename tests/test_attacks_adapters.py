@@ -175,3 +175,31 @@ def test_bad_adapter_arguments_raise_errors_naming_the_argument():
         ART("FastGradientMethod", bounds=(torch.zeros(2), torch.ones(2)))(model, x, y)
     with pytest.raises(ValueError, match="^y:"):
         TorchAttacks("APGD", eps=0.1)(model, x, y + 2)
+
+
+def test_autoattack_authors_backend_agrees_with_torchattacks_within_one_point(digits_cnn):
+    model, X, y = digits_cnn
+    X, y = X[:100], y[:100]
+    authors = AutoAttack(0.1, backend="autoattack")(model, X, y)
+    theirs = AutoAttack(0.1, backend="torchattacks")(model, X, y)
+    pgd = robust_accuracy(model, PGD(0.1, steps=10), X, y)
+    assert float((authors - X).abs().max()) <= 0.1 + 1e-6 and 0.0 <= float(authors.min()) <= float(authors.max()) <= 1.0
+    assert 0.2 < accuracy(model, authors, y) <= pgd  # a regime where the attack matters, at least as strong as PGD
+    assert abs(accuracy(model, authors, y) - accuracy(model, theirs, y)) <= 0.01
+
+
+def test_autoattack_components_run_alone_and_skip_what_the_class_count_forbids(digits_cnn):
+    model, X, y = digits_cnn
+    X, y = X[:40], y[:40]
+    ce = AutoAttack(0.1, components=("apgd-ce",))(model, X, y)
+    targeted = AutoAttack(0.1, components=("apgd-t",))(model, X, y)
+    assert accuracy(model, ce, y) < accuracy(model, X, y) and accuracy(model, targeted, y) < accuracy(model, X, y)
+    binary = LogisticRegression(5, 1)
+    x, yb = tabular_batch()
+    assert torch.equal(AutoAttack(0.2, components=("apgd-t",))(binary, x, yb), x)  # needs >= 4 classes: skipped
+    with pytest.raises(ValueError, match="^components:"):
+        AutoAttack(0.1, components=("apgd-x",))
+    with pytest.raises(ValueError, match="^components:"):
+        AutoAttack(0.1, backend="torchattacks", components=("apgd-ce",))
+    with pytest.raises(ValueError, match="^backend:"):
+        AutoAttack(0.1, backend="cleverhans")

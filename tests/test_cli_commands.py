@@ -49,9 +49,23 @@ def test_defend_writes_the_report_and_prints_the_table(tmp_path, capsys):
     out = capsys.readouterr().out
     assert code == 0
     assert "| influence | 0.05 |" in out and "| random | 0.1 |" in out
-    assert {p.name for p in tmp_path.iterdir()} == {"report.json", "report.md", "robust_vs_fraction.png", "seeds"}
+    assert {p.name for p in tmp_path.iterdir()} == {"report.json", "report.md", "robust_vs_fraction.png",
+                                                    "robust_vs_cost.png", "seeds"}
     config = json.loads((tmp_path / "report.json").read_text())["config"]
     assert config["data"] == "moons" and config["seeds"] == [0, 1] and config["norm"] == "l2"
+
+
+def test_defend_picks_references_and_the_evaluation_suite(tmp_path, capsys):
+    args = ["defend", *TINY, "--seeds", "1", "--recipes", "none", "--out", str(tmp_path)]
+    assert cli.main([*args, "--references", "fast-at", "--eval-attacks", "fgsm"]) == 0
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert report["config"]["references"] == ["fast-at"] and report["config"]["eval_attacks"] == ["pgd", "fgsm"]
+    assert [e["recipe"] for e in report["summary"]] == ["none", "fast-at"]
+    assert set(report["summary"][0]["attacks"]) == {"pgd", "fgsm"}
+    assert "**Recommendation:** pick " in capsys.readouterr().out
+    assert cli.main([*args, "--references", "--eval-attacks"]) == 0
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert report["config"]["references"] == [] and report["config"]["eval_attacks"] == ["pgd"]
 
 
 def test_score_saves_one_harm_per_training_sample_and_prints_the_ranking(tmp_path, capsys):

@@ -1,11 +1,14 @@
 """Lookahead reweighting: weights, jvp alignments against brute force, determinism, base-trainer contract."""
 
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from defenses import ERM, PGDAT, TRADES, DefenceContext, LookaheadReweighting, Trainer, available_recipes
+from defenses import (ERM, PGDAT, TRADES, DefenceContext, LookaheadReweighting, LookaheadWeights, Trainer,
+                      available_recipes, per_sample_loss)
 from defenses.lookahead import lookahead_weights, validation_attack
 from defenses.recipes import get_recipe
 from robust_infl.models import MLP
@@ -66,9 +69,9 @@ def test_alignments_equal_brute_force_per_sample_gradient_dot_products(setup):
     train, val, attack = setup
     model = MLP(5, 3, hidden=(7,))
     direction = {name: torch.randn_like(p) for name, p in model.named_parameters()}
-    trainer = LookaheadReweighting(_erm(), attack=attack, val=val)
+    hook = LookaheadWeights(model, val, attack)
     x, y = train[0][:12], train[1][:12]
-    fast = trainer.alignments(model, x, y, direction)
+    fast = hook.alignments(x, y, direction)
     brute = []
     for i in range(12):
         grads = torch.autograd.grad(F.cross_entropy(model(x[i:i + 1]), y[i:i + 1]), list(model.parameters()))
@@ -80,9 +83,7 @@ def test_validation_gradient_is_the_gradient_of_the_loss_at_the_attacked_validat
     train, val, attack = setup
     model = MLP(5, 3, hidden=(7,))
     for objective in ("adversarial", "clean+adversarial"):
-        trainer = LookaheadReweighting(_erm(), attack=attack, val=val, n_val_batch=1000, val_objective=objective)
-        trainer.begin_fit(model, train, None, seed=0, steps_per_epoch=6)
-        v = trainer.validation_gradient(model)
+        v = LookaheadWeights(model, val, attack, n_val_batch=1000, val_objective=objective).validation_gradient()
         x_adv = attack(model, *val)
         loss = F.cross_entropy(model(x_adv), val[1])
         if objective == "clean+adversarial":
@@ -98,10 +99,9 @@ def test_alignments_downweight_flipped_labels():
     flipped = torch.arange(200) < 40
     noisy = torch.where(flipped, (y + 1) % 3, y)
     val = _blobs(100, seed=3)
-    trainer = LookaheadReweighting(_erm(epochs=2), attack=lambda m, x, t: x, val=val, n_val_batch=100)
     model = _erm(epochs=2).fit(MLP(5, 3, hidden=(16,)), (X, noisy), seed=0)
-    trainer.begin_fit(model, (X, noisy), None, seed=0, steps_per_epoch=1)
-    alignment = trainer.alignments(model, X, noisy, trainer.validation_gradient(model))
+    hook = LookaheadWeights(model, val, lambda m, x, t: x, n_val_batch=100)
+    alignment = hook.alignments(X, noisy, hook.validation_gradient())
     assert alignment[flipped].mean() < 0 < alignment[~flipped].mean()
     kept = lookahead_weights(alignment, mix=1.0, scheme="sign")
     assert kept[flipped].mean() < 0.6 * kept[~flipped].mean()
@@ -127,6 +127,63 @@ def test_mix_zero_is_exactly_the_base_trainer_and_mix_changes_it(setup, make_bas
     other = LookaheadReweighting(base, attack=attack, val=val, mix=0.5, warmup_epochs=0).fit(model, train, seed=1)
     assert torch.equal(_params(reference), _params(same))
     assert not torch.equal(_params(reference), _params(other))
+
+
+def _users_own_loop(model, train, hook_for, *, epochs, lr, batch_size, seed, attack=None):
+    """A plain PyTorch loop as a user writes it (Adam, shuffled batches), optionally PGD-AT, weighted by the hook."""
+    torch.manual_seed(seed)
+    optimizer = torch.optim.Adam(model.parameters(), lr=lr)
+    order_generator = torch.Generator().manual_seed(seed)
+    hook = hook_for(model)
+    X, y = train
+    model.train()
+    for _ in range(epochs):
+        order = torch.randperm(len(X), generator=order_generator)
+        for start in range(0, len(X), batch_size):
+            xb, yb = X[order[start:start + batch_size]], y[order[start:start + batch_size]]
+            if attack is not None:
+                xb = attack(model, xb, yb)
+            weights = hook(xb, yb)
+            loss = (weights * per_sample_loss(model(xb), yb)).mean()
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+    return model.eval()
+
+
+@pytest.mark.parametrize("adversarial", [False, True])
+def test_the_hook_in_a_users_own_loop_gives_the_model_of_the_built_in_trainer(setup, adversarial):
+    train, val, attack = setup
+    base = (_pgdat if adversarial else _erm)(retrain="finetune")
+    options = dict(every=2, warmup_epochs=1, mix=0.5, n_val_batch=32)
+    init = MLP(5, 3, hidden=(8,))
+    built_in = LookaheadReweighting(base, attack=attack, val=val, **options).fit(init, train, seed=7)
+    steps_per_epoch = -(-len(train[0]) // base.batch_size)
+    hook_options = dict(options, warmup_steps=steps_per_epoch)
+    hook_options.pop("warmup_epochs")
+    if adversarial:
+        base.begin_fit(None, None, None, seed=7, steps_per_epoch=steps_per_epoch)  # the trainer's PGD generator
+    own = _users_own_loop(copy.deepcopy(init), train,
+                          lambda model: LookaheadWeights(model, val, attack, seed=7, **hook_options),
+                          epochs=base.epochs, lr=base.lr, batch_size=base.batch_size, seed=7,
+                          attack=base.adversarial_points if adversarial else None)
+    torch.testing.assert_close(_params(own), _params(built_in), atol=1e-6, rtol=0)
+    plain = _users_own_loop(copy.deepcopy(init), train, lambda model: (lambda xb, yb: torch.ones(len(xb))),
+                            epochs=base.epochs, lr=base.lr, batch_size=base.batch_size, seed=7,
+                            attack=None)
+    assert not torch.allclose(_params(own), _params(plain), atol=1e-4)
+
+
+def test_hook_validation(setup):
+    train, val, attack = setup
+    model = MLP(5, 3, hidden=(8,))
+    for kwargs, message in ((dict(model=3), "^model:"), (dict(attack=None), "^attack:"), (dict(mix=2.0), "^mix:"),
+                            (dict(warmup_steps=-1), "^warmup_steps:"), (dict(val=(torch.zeros(3, 5),)), "^val:")):
+        options = {**dict(model=model, val=val, attack=attack), **kwargs}
+        with pytest.raises((TypeError, ValueError), match=message):
+            LookaheadWeights(options.pop("model"), options.pop("val"), options.pop("attack"), **options)
+    with pytest.raises(ValueError, match="^xb:"):
+        LookaheadWeights(model, val, attack)(train[0][:0], train[1][:0])
 
 
 def test_respects_the_trainer_interface(setup):

@@ -4,7 +4,8 @@ import pytest
 import torch
 from torch import nn
 
-from defenses import ERM, PGDAT, TRADES, Trainer, per_sample_loss
+from attacks.steps import random_delta
+from defenses import ERM, PGDAT, TRADES, FastAT, Trainer, per_sample_loss
 from defenses.trainers import copy_for_training, maximise_in_ball
 from robust_infl.models import MLP, LogisticRegression
 
@@ -137,6 +138,54 @@ def test_l2_ball_and_bounds_are_respected():
     assert ((x_adv - X).flatten(1).norm(dim=1) <= 0.5 + 1e-5).all()
     assert x_adv.min() >= 0 and x_adv.max() <= 1
     assert (per_sample_loss(model(x_adv), y) >= per_sample_loss(model(X), y) - 1e-6).all()
+
+
+def test_fast_at_points_are_one_fgsm_step_from_a_uniform_start_inside_ball_and_bounds():
+    """Wong et al. (2020): x + clip(delta0 + 1.25 eps sign(grad), -eps, eps), clipped to [0, 1]."""
+    g = torch.Generator().manual_seed(3)
+    X, y = torch.rand(32, 1, 4, 4, generator=g), torch.randint(0, 3, (32,), generator=g)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(16, 8), nn.Tanh(), nn.Linear(8, 3))
+    eps = 0.1
+    fast = FastAT(eps=eps, epochs=1, lr=0.1, batch_size=32, progress=False)
+    assert (fast.steps, fast.alpha) == (1, pytest.approx(1.25 * eps))
+    fast.begin_fit(model, (X, y), None, seed=5, steps_per_epoch=1)
+    x_fast = fast.adversarial_points(model, X, y)
+
+    start = random_delta(torch.empty(X.shape), eps, "linf", torch.Generator().manual_seed(5))
+    start = (X + start).clamp(0, 1) - X
+    z = (X + start).requires_grad_(True)
+    (grad,) = torch.autograd.grad(per_sample_loss(model(z), y).sum(), z)
+    expected = (X + (start + 1.25 * eps * grad.sign()).clamp(-eps, eps)).clamp(0, 1)
+    torch.testing.assert_close(x_fast, expected, atol=1e-6, rtol=0)
+    assert float((x_fast - X).abs().max()) <= eps + 1e-6
+    assert float(x_fast.min()) >= 0.0 and float(x_fast.max()) <= 1.0
+
+    pgd = PGDAT(eps=eps, steps=5, epochs=1, lr=0.1, batch_size=32, progress=False)
+    pgd.begin_fit(model, (X, y), None, seed=5, steps_per_epoch=1)
+    x_pgd = pgd.adversarial_points(model, X, y)
+    assert float((x_fast - x_pgd).abs().max()) > 1e-3  # one big step is not five small ones
+    with torch.no_grad():
+        assert float(per_sample_loss(model(x_pgd), y).mean()) >= float(per_sample_loss(model(x_fast), y).mean()) - 1e-6
+
+
+def test_fast_at_trains_deterministically_and_is_more_robust_than_erm():
+    g = torch.Generator().manual_seed(0)
+    y = torch.randint(0, 2, (200,), generator=g)
+    sign = 2 * y.float() - 1
+    X = torch.stack([0.25 * sign + 0.05 * torch.randn(200, generator=g),
+                     sign + 0.7 * torch.randn(200, generator=g)], dim=1)
+    options = dict(epochs=30, lr=0.05, batch_size=50, progress=False)
+    erm = ERM(**options).fit(MLP(2, 2, hidden=(16,)), (X, y))
+    fast = FastAT(eps=0.3, bounds=None, **options)
+    first = fast.fit(MLP(2, 2, hidden=(16,)), (X, y), seed=1)
+    assert torch.equal(_params(first), _params(fast.fit(MLP(2, 2, hidden=(16,)), (X, y), seed=1)))
+    probe = PGDAT(eps=0.3, steps=10, bounds=None, **options)
+    probe.begin_fit(None, None, None, seed=1, steps_per_epoch=1)
+
+    def robust_acc(m):
+        return (m(probe.adversarial_points(m, X, y)).argmax(1) == y).float().mean().item()
+
+    assert robust_acc(first) > robust_acc(erm) + 0.2
 
 
 def test_pgd_at_is_more_robust_than_erm_on_its_own_attack():

@@ -80,3 +80,14 @@ def test_paper_defense_quick(tmp_path, run_quick):
     diffs = [p["targets"]["paper"]["ip"]["0.05"] - p["targets"]["leak-free"]["ip"]["0.05"] for p in paper_runs]
     mean, (low, high) = summary["leak"]
     assert mean == pytest.approx(sum(diffs) / len(diffs)) and low <= mean <= high
+
+
+def test_defense_references_quick(tmp_path, run_quick):
+    result = run_quick("defense_references", tmp_path, timeout=400)
+    assert set(result) == {"mnist-cnn", "adult-logreg", "breast_cancer-logreg"}
+    for name, report in result.items():
+        rows = {entry["recipe"]: entry for entry in report["summary"]}
+        assert {"none", "fast-at", "pgd-at", "trades", "influence", "lookahead"} <= set(rows), name
+        assert all(entry["cost_vs_erm"]["mean"] > 0 for entry in report["summary"])
+        assert report["recommendation"]["recipe"] in rows
+    assert result["mnist-cnn"]["config"]["eval_attacks"] == ["pgd", "apgd-ce"]

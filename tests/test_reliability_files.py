@@ -124,17 +124,17 @@ def test_write_report_writes_every_file_atomically(tmp_path, monkeypatch):
 
     monkeypatch.setattr(report_module, "atomic_write_json", recording)
     entry = {"mean": 0.5, "std": 0.0, "n": 1}
+    metrics = {m: entry for m in report_module.METRICS}
     report = {
         "config": {"data": "d", "model": "m", "attack": "pgd", "eps": 0.1, "norm": "linf", "method": "ip",
                    "mode": "prune", "retrain": "scratch", "trainer": "erm", "seeds": [0], "fractions": [0.1, 0.2]},
-        "base": {"clean_acc": entry, "robust_acc": entry, "transfer_acc": entry},
-        "summary": [{"recipe": "influence", "fraction": f, "clean_acc": entry, "robust_acc": entry,
-                     "transfer_acc": entry} for f in (0.1, 0.2)],
+        "base": metrics,
+        "summary": [{"recipe": "influence", "fraction": f, **metrics} for f in (0.1, 0.2)],
     }
     paths = write_report(report, tmp_path)
     assert calls == ["report.json"]
-    assert sorted(os.listdir(tmp_path)) == ["report.json", "report.md", "robust_vs_fraction.png"]
-    assert paths["plot"].read_bytes().startswith(b"\x89PNG")
+    assert sorted(os.listdir(tmp_path)) == ["report.json", "report.md", "robust_vs_cost.png", "robust_vs_fraction.png"]
+    assert paths["plot"].read_bytes().startswith(b"\x89PNG") and paths["cost_plot"].read_bytes().startswith(b"\x89PNG")
 
 
 def test_atomic_writes_get_ordinary_file_permissions(tmp_path):
