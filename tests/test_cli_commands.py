@@ -63,7 +63,7 @@ def test_defend_picks_references_and_the_evaluation_suite(tmp_path, capsys):
     assert [e["recipe"] for e in report["summary"]] == ["none", "fast-at"]
     assert set(report["summary"][0]["attacks"]) == {"pgd", "fgsm"}
     assert "**Recommendation:** pick " in capsys.readouterr().out
-    assert cli.main([*args, "--references", "--eval-attacks"]) == 0
+    assert cli.main([*args, "--overwrite", "--references", "--eval-attacks"]) == 0
     report = json.loads((tmp_path / "report.json").read_text())
     assert report["config"]["references"] == [] and report["config"]["eval_attacks"] == ["pgd"]
 
