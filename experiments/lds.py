@@ -94,7 +94,8 @@ class Config:
 
 
 FULL = Config()
-QUICK = replace(FULL, n_train=300, n_val=100, n_subsets=8, seeds=(0,), epochs=2, lissa_depth=20, lissa_batch=128)
+QUICK = replace(FULL, n_train=200, n_val=64, n_subsets=8, seeds=(0,), epochs=2, ensemble_members=3, lissa_depth=10,
+                lissa_batch=64, scoring_batch=200)
 
 
 def method_call(method: str, cfg: Config, checkpoints: list) -> tuple:

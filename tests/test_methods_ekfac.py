@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import robust_infl as ri
+from robust_infl.methods.ekfac import clear_cache
 
 kronfluence = pytest.importorskip("kronfluence", reason="needs the ekfac extra (kronfluence)")
 from kronfluence.analyzer import Analyzer, prepare_model  # noqa: E402
@@ -147,6 +148,9 @@ def test_factors_are_fitted_once_per_model_and_refitted_for_another(problem, mon
         model[3].bias.add_(0.5)
     ri.influence(model, train, target, objective=ri.Utility(), **common)
     assert len(calls) == 2
+    clear_cache()
+    ri.influence(model, train, target, objective=ri.Utility(), **common)
+    assert len(calls) == 3
 
 
 def test_params_select_whole_linear_or_conv_layers(problem):

@@ -47,7 +47,8 @@ from robust_infl.methods._checks import choice
 from robust_infl.objectives import binary_cross_entropy_loss, cross_entropy_loss
 from robust_infl.store import data_hash, model_hash, stable_repr
 
-__all__ = ["ekfac_influence", "kfac_influence", "tracked_modules", "EXTRA", "STRATEGIES", "DEFAULT_DAMPING"]
+__all__ = ["ekfac_influence", "kfac_influence", "kronfluence_scores", "tracked_modules", "clear_cache", "EXTRA",
+           "STRATEGIES", "DEFAULT_DAMPING"]
 
 EXTRA = "ekfac"
 STRATEGIES = ("identity", "diagonal", "kfac", "ekfac")
@@ -78,6 +79,13 @@ def _cache() -> Path:
         _cache_dir = Path(tempfile.mkdtemp(prefix="robust-infl-kronfluence-"))
         atexit.register(shutil.rmtree, _cache_dir, ignore_errors=True)
     return _cache_dir
+
+
+def clear_cache() -> None:
+    """Delete every factor fitted so far in this process; the next scoring call fits its factors again."""
+    if _cache_dir is not None:
+        shutil.rmtree(_cache_dir, ignore_errors=True)
+        _cache_dir.mkdir()
 
 
 def tracked_modules(problem: ScoringProblem) -> list[str]:
