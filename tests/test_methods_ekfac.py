@@ -139,10 +139,8 @@ def test_factors_are_fitted_once_per_model_and_refitted_for_another(problem, mon
                         lambda *a, **k: calls.append(1) or original(*a, **k))
     model, train, target = problem
     common = dict(method="ekfac", damping=1e-3, batch_size=16, seed=5, progress=False)
-    first = ri.influence(model, train, target, objective=ri.Utility(), **common)
+    ri.influence(model, train, target, objective=ri.Utility(), **common)
     ri.influence(model, train, target, objective=ri.Robust(lambda m, x, y: x + 0.05), **common)
-    assert len(calls) == 1
-    assert torch.equal(ri.influence(model, train, target, objective=ri.Utility(), **common), first)
     assert len(calls) == 1
     with torch.no_grad():
         model[3].bias.add_(0.5)
