@@ -35,13 +35,15 @@ by both objectives, its cost counted in the first), ``datainf``, ``ekfac`` and
     OMP_NUM_THREADS=1 PYTHONPATH=. .venv/bin/python -m experiments.lds            # full run
     OMP_NUM_THREADS=1 PYTHONPATH=. .venv/bin/python -m experiments.lds --quick    # smoke run
 
-Per-seed results are checkpointed under ``experiments/out/lds/`` (a rerun skips finished seeds);
+Per-seed results are checkpointed under ``experiments/out/lds/`` (a rerun skips finished seeds;
+``--seeds 1 2`` runs only those, e.g. in parallel processes, and writes nothing else);
 the full run writes ``experiments/out/lds.json``, ``experiments/plots/lds.png`` and the ``lds``
 section of ``experiments/RESULTS.md`` (the figures are there, not here).
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import time
 from dataclasses import asdict, dataclass, replace
@@ -263,9 +265,11 @@ def table(summary: dict, per_seed: list, cfg: Config) -> list:
                      f"{seconds:.1f} |")
     retrain = [s for r in per_seed for s in r["retrain_seconds"]]
     full = [r["full_train_seconds"] for r in per_seed]
+    scoring = sum(t for r in per_seed for times in r["seconds"].values() for t in times.values()) / len(per_seed)
     lines += ["", f"Retraining cost: {mean_std(retrain)[0]:.1f} s per subset model (training only; the PGD "
               f"measurement comes on top), {cfg.n_subsets} subsets per seed = {sum(retrain) / len(per_seed) / 60:.1f} "
-              f"min per seed; the full model trains in {mean_std(full)[0]:.1f} s."]
+              f"min per seed; the full model trains in {mean_std(full)[0]:.1f} s. Scoring with all {len(METHODS)} "
+              f"methods and both objectives: {scoring / 60:.1f} min per seed."]
     return lines
 
 
@@ -292,16 +296,21 @@ def plot(summary: dict, path: Path) -> None:
 
 def main(argv: Optional[list] = None) -> dict:
     """Run every seed, print the table, write the JSON, the plot and (full run) the RESULTS.md section."""
-    args = experiment_arguments(__doc__, "lds", argv)
+    seeds_parser = argparse.ArgumentParser(add_help=False)
+    seeds_parser.add_argument("--seeds", type=int, nargs="+", default=None,
+                              help="run only these seeds (e.g. in parallel processes); writes no RESULTS.md section")
+    only, rest = seeds_parser.parse_known_args(argv)
+    args = experiment_arguments(__doc__, "lds", rest)
     cfg = QUICK if args.quick else FULL
     folder = None if args.quick else OUT / "lds"
-    began = time.perf_counter()
-    per_seed = [cached_seed(seed, cfg, folder, not args.no_progress) for seed in cfg.seeds]
+    seeds = cfg.seeds if only.seeds is None else tuple(only.seeds)
+    per_seed = [cached_seed(seed, cfg, folder, not args.no_progress) for seed in seeds]
     summary = summarise(per_seed)
     lines = table(summary, per_seed, cfg)
-    minutes = (time.perf_counter() - began) / 60
     print("\n".join(lines))
-    write_json(args.out, {"config": asdict(cfg), "per_seed": per_seed, "summary": summary, "minutes": minutes})
+    if only.seeds is not None:
+        return {"summary": summary, "per_seed": per_seed}
+    write_json(args.out, {"config": asdict(cfg), "per_seed": per_seed, "summary": summary})
     plot(summary, args.plots / f"{args.name}.png")
     if not args.quick:
         header = [
@@ -318,7 +327,7 @@ def main(argv: Optional[list] = None) -> dict:
             f"{cfg.epochs} end-of-epoch checkpoints; if-lissa damping {cfg.lissa_damping}, {cfg.lissa_depth} steps "
             f"on minibatches of {cfg.lissa_batch}, scale 1.5 x a {cfg.lissa_power_steps}-step power-iteration "
             "estimate of the top eigenvalue (once per model, its time counted in the utility call); ekfac / kfac through Kronfluence 1.0.1 with its defaults "
-            f"(true Fisher, damping 1e-8). Run time {minutes:.0f} min.",
+            "(true Fisher, damping 1e-8). Shared 2-core machine, one thread per process, seeds run in parallel processes.",
             "",
         ]
         write_section("lds", "\n".join(header + lines + ["", f"Regenerate: `{COMMAND}`"]))

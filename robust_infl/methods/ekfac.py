@@ -21,7 +21,9 @@ installs it without its declared ``torchvision``). It writes its factors and sco
 into a temporary folder of the process (removed at exit), never the working directory. The
 factors depend only on the model, the training set and the factor options, so they are fitted
 once per (model state-dict SHA-256, training-data fingerprint, scored modules, loss, options) and
-reused when the same model is scored against several objectives.
+reused when the same model is scored against several objectives. The training set is handed to
+Kronfluence as tensors in memory (at the ``train_attack`` points for ``train_loss="adversarial"``).
+Only aggregate scores (one per training sample) are offered.
 """
 
 from __future__ import annotations
