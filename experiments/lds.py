@@ -24,6 +24,10 @@ of the samples left OUT, i.e. POSITIVELY with the summed harm of the samples KEP
 
 taken on the aggregate objective; a good method has LDS near +1, ``random`` near 0.
 
+Control: the same measurement (data, subsets, schedule, objectives) on a convex model, multinomial
+logistic regression, with ip, tracin, self, loss and random: if first-order scores predict
+retraining there, the measurement and its sign are sound and what the CNN shows is the CNN's.
+
 Methods (the same model and data for all; time per scoring call reported): ``ip``,
 ``ip-ensemble`` with the paper's setting (6 members, dropout rates U(0, 0.01)) and a stronger
 perturbation (U(0, 0.2)), ``tracin`` over the 5 end-of-epoch checkpoints (lr 1e-3), ``if-lissa``
@@ -67,7 +71,8 @@ from robust_infl.methods.iterative import largest_eigenvalue
 from robust_infl.models import build_model
 from robust_infl.preparation import prepared_problem
 
-__all__ = ["Config", "FULL", "QUICK", "METHODS", "OBJECTIVES", "subset_masks", "lds", "run_seed", "main"]
+__all__ = ["Config", "FULL", "QUICK", "METHODS", "CONTROL_METHODS", "MODELS", "OBJECTIVES", "subset_masks", "lds",
+           "run_seed", "main"]
 
 OUT = Path(__file__).resolve().parent / "out"
 COMMAND = "OMP_NUM_THREADS=1 PYTHONPATH=. .venv/bin/python -m experiments.lds"
@@ -75,6 +80,9 @@ OBJECTIVES = ("utility", "robust")
 METHODS = ("ip", "ip-ensemble", "ip-ensemble-strong", "tracin", "if-lissa", "datainf", "ekfac", "kfac", "self",
            "loss", "random")
 OBJECTIVE_FREE = ("self", "loss", "random")
+# The control: the same measurement on a convex model (multinomial logistic regression, same data and schedule).
+CONTROL_METHODS = ("ip", "tracin", "self", "loss", "random")
+MODELS = {"cnn": METHODS, "logreg": CONTROL_METHODS}
 
 
 @dataclass(frozen=True)
@@ -154,11 +162,13 @@ def measure(model: nn.Module, val: tuple, pgd: attacks.PGD) -> dict:
     return {"utility": clean, "robust": robust}
 
 
-def run_seed(seed: int, cfg: Config, progress: bool = False) -> dict:
-    """Train, score with every method, retrain on the subsets, and compute every method's LDS."""
+def run_seed(seed: int, cfg: Config, progress: bool = False, model_name: str = "cnn") -> dict:
+    """Train model ``model_name`` (``"cnn"``, or the ``"logreg"`` control), score with its methods
+    (:data:`MODELS`), retrain on the subsets, and compute every method's LDS."""
+    methods = MODELS[model_name]
     splits = load_dataset("mnist", seed=seed, n_train=cfg.n_train, n_val=cfg.n_val, n_test=10)
     train, val = splits.train[:2], splits.val[:2]
-    init = build_model("cnn", splits.input_shape, splits.num_classes, seed=seed)
+    init = build_model(model_name, splits.input_shape, splits.num_classes, seed=seed)
     trainer = CheckpointingERM(n_checkpoints=cfg.epochs, epochs=cfg.epochs, lr=cfg.lr, batch_size=cfg.batch_size,
                                progress=False)
     started = time.perf_counter()
@@ -171,9 +181,9 @@ def run_seed(seed: int, cfg: Config, progress: bool = False) -> dict:
     scores: dict = {}
     seconds: dict = {}
     began = time.perf_counter()
-    scale = lissa_scale(model, train, val, cfg, seed)
+    scale = lissa_scale(model, train, val, cfg, seed) if "if-lissa" in methods else None
     scale_seconds = time.perf_counter() - began
-    for method in tqdm(METHODS, desc=f"seed {seed} scoring", disable=not progress, leave=False):
+    for method in tqdm(methods, desc=f"{model_name} seed {seed} scoring", disable=not progress, leave=False):
         name, options = method_call(method, cfg, checkpoints, scale)
         for objective in OBJECTIVES:
             if method in OBJECTIVE_FREE and objective != OBJECTIVES[0]:
@@ -192,17 +202,17 @@ def run_seed(seed: int, cfg: Config, progress: bool = False) -> dict:
     masks = subset_masks(cfg.n_train, cfg.n_subsets, seed)
     measured = {objective: [] for objective in OBJECTIVES}
     retrain_seconds = []
-    for row in tqdm(range(cfg.n_subsets), desc=f"seed {seed} retraining", disable=not progress, leave=False):
+    for row in tqdm(range(cfg.n_subsets), desc=f"{model_name} seed {seed} retraining", disable=not progress, leave=False):
         began = time.perf_counter()
         retrained = trainer.fit(init, take(train, masks[row]), seed=seed)
         retrain_seconds.append(time.perf_counter() - began)
         for objective, value in measure(retrained, val, pgd).items():
             measured[objective].append(value)
 
-    result = {"seed": seed, "full_model": measure(model, val, pgd), "full_train_seconds": full_seconds,
+    result = {"seed": seed, "model": model_name, "full_model": measure(model, val, pgd), "full_train_seconds": full_seconds,
               "retrain_seconds": retrain_seconds, "measured": measured, "lds": {}, "predicted": {},
               "seconds": seconds, "errors": {}, "lissa_scale": scale}
-    for method in METHODS:
+    for method in methods:
         for objective in OBJECTIVES:
             harm = scores[method][objective]
             if isinstance(harm, str):
@@ -213,24 +223,25 @@ def run_seed(seed: int, cfg: Config, progress: bool = False) -> dict:
     return result
 
 
-def cached_seed(seed: int, cfg: Config, folder: Optional[Path], progress: bool) -> dict:
+def cached_seed(seed: int, cfg: Config, folder: Optional[Path], progress: bool, model_name: str = "cnn") -> dict:
     """:func:`run_seed`, stored in ``folder`` with the configuration; a rerun with the same one reads it back."""
-    path = None if folder is None else folder / f"seed{seed}.json"
-    key = {**asdict(cfg), "seeds": None}
+    prefix = "" if model_name == "cnn" else f"{model_name}_"
+    path = None if folder is None else folder / f"{prefix}seed{seed}.json"
+    key = {**asdict(cfg), "seeds": None, **({} if model_name == "cnn" else {"model": model_name})}
     if path is not None and path.exists():
         stored = json.loads(path.read_text())
         if stored.get("key") == key:
             return stored["result"]
-    result = run_seed(seed, cfg, progress)
+    result = run_seed(seed, cfg, progress, model_name)
     if path is not None:
         write_json(path, {"key": key, "result": result})
     return result
 
 
-def summarise(per_seed: list) -> dict:
+def summarise(per_seed: list, methods: tuple = METHODS) -> dict:
     """Mean, std and per-seed LDS of every method and objective, and its mean scoring time."""
     summary = {}
-    for method in METHODS:
+    for method in methods:
         for objective in OBJECTIVES:
             values = [r["lds"][method][objective] for r in per_seed if objective in r["lds"].get(method, {})]
             times = [r["seconds"][method][objective] for r in per_seed]
@@ -241,7 +252,7 @@ def summarise(per_seed: list) -> dict:
     return summary
 
 
-def table(summary: dict, per_seed: list, cfg: Config) -> list:
+def table(summary: dict, per_seed: list, cfg: Config, methods: tuple = METHODS) -> list:
     """Markdown lines: LDS per method and objective (mean ± std over seeds), time, paired differences to ip."""
     def cell(entry: dict) -> str:
         if "mean" not in entry:
@@ -258,7 +269,7 @@ def table(summary: dict, per_seed: list, cfg: Config) -> list:
 
     lines = ["| method | LDS utility | LDS robust (PGD) | LDS - ip, utility [95% CI] | LDS - ip, robust [95% CI] | "
              "scoring time per objective (s) |", "|---|---|---|---|---|---|"]
-    for method in METHODS:
+    for method in methods:
         u, r = summary[method]["utility"], summary[method]["robust"]
         seconds = u["seconds"] if method in OBJECTIVE_FREE else (u["seconds"] + r["seconds"]) / 2
         lines.append(f"| {method} | {cell(u)} | {cell(r)} | {delta(method, 'utility')} | {delta(method, 'robust')} | "
@@ -268,29 +279,33 @@ def table(summary: dict, per_seed: list, cfg: Config) -> list:
     scoring = sum(t for r in per_seed for times in r["seconds"].values() for t in times.values()) / len(per_seed)
     lines += ["", f"Retraining cost: {mean_std(retrain)[0]:.1f} s per subset model (training only; the PGD "
               f"measurement comes on top), {cfg.n_subsets} subsets per seed = {sum(retrain) / len(per_seed) / 60:.1f} "
-              f"min per seed; the full model trains in {mean_std(full)[0]:.1f} s. Scoring with all {len(METHODS)} "
+              f"min per seed; the full model trains in {mean_std(full)[0]:.1f} s. Scoring with all {len(methods)} "
               f"methods and both objectives: {scoring / 60:.1f} min per seed."]
     return lines
 
 
-def plot(summary: dict, path: Path) -> None:
-    """Bar chart of the mean LDS (± std over seeds) of every method, one bar per objective."""
+def plot(summaries: dict, path: Path) -> None:
+    """Bar charts of the mean LDS (± std over seeds) of every method, one bar per objective, one panel per model."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(10, 4))
-    positions = np.arange(len(METHODS))
-    for offset, objective in zip((-0.2, 0.2), OBJECTIVES):
-        means = [summary[m][objective].get("mean", np.nan) for m in METHODS]
-        stds = [summary[m][objective].get("std", 0.0) for m in METHODS]
-        ax.bar(positions + offset, means, width=0.4, yerr=stds, label=objective, capsize=3)
-    ax.axhline(0, color="black", linewidth=0.8)
-    ax.set_xticks(positions, METHODS, rotation=30, ha="right")
-    ax.set_ylabel("LDS (Spearman)")
-    ax.set_title("Linear datamodeling score, MNIST SmallCNN")
-    ax.legend()
+    titles = {"cnn": "SmallCNN", "logreg": "logistic regression (control)"}
+    fig, axes = plt.subplots(1, len(summaries), figsize=(13, 4), width_ratios=[len(s) for s in summaries.values()],
+                             squeeze=False)
+    for ax, (model_name, summary) in zip(axes[0], summaries.items()):
+        methods = list(summary)
+        positions = np.arange(len(methods))
+        for offset, objective in zip((-0.2, 0.2), OBJECTIVES):
+            means = [summary[m][objective].get("mean", np.nan) for m in methods]
+            stds = [summary[m][objective].get("std", 0.0) for m in methods]
+            ax.bar(positions + offset, means, width=0.4, yerr=stds, label=objective, capsize=3)
+        ax.axhline(0, color="black", linewidth=0.8)
+        ax.set_xticks(positions, methods, rotation=30, ha="right")
+        ax.set_ylabel("LDS (Spearman)")
+        ax.set_title(f"LDS on MNIST, {titles[model_name]}")
+        ax.legend()
     save_figure(fig, path)
 
 
@@ -299,19 +314,25 @@ def main(argv: Optional[list] = None) -> dict:
     seeds_parser = argparse.ArgumentParser(add_help=False)
     seeds_parser.add_argument("--seeds", type=int, nargs="+", default=None,
                               help="run only these seeds (e.g. in parallel processes); writes no RESULTS.md section")
+    seeds_parser.add_argument("--models", nargs="+", choices=tuple(MODELS), default=None,
+                              help="with --seeds: run only these models (default both)")
     only, rest = seeds_parser.parse_known_args(argv)
     args = experiment_arguments(__doc__, "lds", rest)
     cfg = QUICK if args.quick else FULL
     folder = None if args.quick else OUT / "lds"
     seeds = cfg.seeds if only.seeds is None else tuple(only.seeds)
-    per_seed = [cached_seed(seed, cfg, folder, not args.no_progress) for seed in seeds]
-    summary = summarise(per_seed)
-    lines = table(summary, per_seed, cfg)
-    print("\n".join(lines))
+    models = tuple(MODELS) if only.seeds is None or only.models is None else tuple(only.models)
+    runs = {name: [cached_seed(seed, cfg, folder, not args.no_progress, name) for seed in seeds] for name in models}
+    summaries = {name: summarise(runs[name], MODELS[name]) for name in models}
+    lines = {name: table(summaries[name], runs[name], cfg, MODELS[name]) for name in models}
+    for name in models:
+        print(f"{name}:\n" + "\n".join(lines[name]))
     if only.seeds is not None:
-        return {"summary": summary, "per_seed": per_seed}
-    write_json(args.out, {"config": asdict(cfg), "per_seed": per_seed, "summary": summary})
-    plot(summary, args.plots / f"{args.name}.png")
+        return {"summary": summaries, "per_seed": runs}
+    summary, per_seed, control = summaries["cnn"], runs["cnn"], runs["logreg"]
+    write_json(args.out, {"config": asdict(cfg), "per_seed": per_seed, "summary": summary, "control_per_seed": control,
+                          "control_summary": summaries["logreg"]})
+    plot(summaries, args.plots / f"{args.name}.png")
     if not args.quick:
         header = [
             "## Linear datamodeling score on a deep model (experiments/lds.py)",
@@ -326,11 +347,18 @@ def main(argv: Optional[list] = None) -> dict:
             f"dropout members with rates U(0, 0.01) (paper) or U(0, {cfg.strong_scale}) (strong); tracin over the "
             f"{cfg.epochs} end-of-epoch checkpoints; if-lissa damping {cfg.lissa_damping}, {cfg.lissa_depth} steps "
             f"on minibatches of {cfg.lissa_batch}, scale 1.5 x a {cfg.lissa_power_steps}-step power-iteration "
-            "estimate of the top eigenvalue (once per model, its time counted in the utility call); ekfac / kfac through Kronfluence 1.0.1 with its defaults "
-            "(true Fisher, damping 1e-8). Shared 2-core machine, one thread per process, seeds run in parallel processes.",
+            "estimate of the top eigenvalue (once per model, its time counted in the utility call); ekfac / kfac "
+            "through Kronfluence 1.0.1 with its defaults (true Fisher, damping 1e-8). Shared 2-core machine, one "
+            "thread per process, seeds run in parallel processes.",
+            "",
+            "### SmallCNN",
             "",
         ]
-        write_section("lds", "\n".join(header + lines + ["", f"Regenerate: `{COMMAND}`"]))
+        control = ["", "### Control: the same measurement on a convex model", "",
+                   "Multinomial logistic regression on the same images, subsets, schedule and objectives (the "
+                   "measurement itself is sound if the first-order scores predict retraining here).", ""]
+        write_section("lds", "\n".join(header + lines["cnn"] + control + lines["logreg"]
+                                       + ["", f"Regenerate: `{COMMAND}`"]))
     return {"summary": summary, "per_seed": per_seed}
 
 

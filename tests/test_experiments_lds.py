@@ -10,7 +10,7 @@ import pytest
 import torch
 from scipy import stats
 
-from experiments.lds import METHODS, OBJECTIVES, lds, subset_masks
+from experiments.lds import CONTROL_METHODS, METHODS, OBJECTIVES, lds, subset_masks
 
 
 def test_subsets_are_seeded_halves():
@@ -34,8 +34,9 @@ def test_lds_is_plus_one_when_removals_change_the_objective_exactly_as_harm_pred
 def test_lds_quick(tmp_path, run_quick):
     result = run_quick("lds", tmp_path, timeout=400)
     config = result["config"]
-    assert len(result["per_seed"]) == len(config["seeds"]) >= 1
-    for seed_result in result["per_seed"]:
+    assert len(result["per_seed"]) == len(result["control_per_seed"]) == len(config["seeds"]) >= 1
+    for seed_result, methods in [(r, METHODS) for r in result["per_seed"]] + [
+            (r, CONTROL_METHODS) for r in result["control_per_seed"]]:
         assert seed_result["errors"] == {}
         masks = subset_masks(config["n_train"], config["n_subsets"], seed_result["seed"])
         for objective in OBJECTIVES:
@@ -44,7 +45,7 @@ def test_lds_quick(tmp_path, run_quick):
             full = seed_result["full_model"][objective]
             assert math.isfinite(full) and full > 0
         assert all(r >= u for r, u in zip(seed_result["measured"]["robust"], seed_result["measured"]["utility"]))
-        for method in METHODS:
+        for method in methods:
             for objective in OBJECTIVES:
                 value = seed_result["lds"][method][objective]
                 predicted = np.asarray(seed_result["predicted"][method][objective])
@@ -53,5 +54,6 @@ def test_lds_quick(tmp_path, run_quick):
                 assert value == pytest.approx(recomputed) and -1.0 <= value <= 1.0
             assert seed_result["seconds"][method]["utility"] > 0
         assert len(seed_result["retrain_seconds"]) == config["n_subsets"]
-    for method in METHODS:
-        assert set(result["summary"][method]) == set(OBJECTIVES)
+    assert [r["model"] for r in result["control_per_seed"]] == ["logreg"] * len(config["seeds"])
+    for summary, methods in ((result["summary"], METHODS), (result["control_summary"], CONTROL_METHODS)):
+        assert list(summary) == list(methods) and all(set(summary[m]) == set(OBJECTIVES) for m in methods)
