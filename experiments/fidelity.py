@@ -60,8 +60,7 @@ __all__ = ["Config", "FULL", "QUICK", "Task", "load_tasks", "run_logreg", "run_m
 
 OUT = Path(__file__).resolve().parent / "out"
 COMMAND = "OMP_NUM_THREADS=1 PYTHONPATH=. .venv/bin/python -m experiments.fidelity"
-METHODS = ("ip", "ip-ensemble", "tracin", "if-exact", "if-cg", "if-lissa", "datainf", "ekfac", "kfac", "self", "loss",
-           "random")
+METHODS = ("ip", "ip-ensemble", "tracin", "if-exact", "if-cg", "if-lissa", "datainf", "self", "loss", "random")
 OBJECTIVES = ("utility", "robust", "fairness")
 DATASETS = ("moons", "adult")
 
@@ -400,8 +399,7 @@ def summarise(rows: list, aurocs: list, averaged: list, ground_truth: list, cfg:
         f"{cfg.ensemble_members} members (logreg: Gaussian weight noise 0.01; MLP: dropout rates U(0, 0.01)), "
         f"TracIn over {cfg.checkpoints} checkpoints of the training run, if-cg max {cfg.cg_max_iter} iterations, "
         f"if-lissa depth {cfg.lissa_depth} with minibatches of {cfg.lissa_batch} and auto scale, DataInf "
-        "lambda_scale 0.1, ekfac / kfac through Kronfluence 1.0.1 (true Fisher, the same damping as the other "
-        "Hessian-based methods). The tables give the Pearson and Kendall tau correlations between predicted harm and actual "
+        "lambda_scale 0.1. The tables give the Pearson and Kendall tau correlations between predicted harm and actual "
         "decrease (higher is better); 'fails' means the method raised (message in the JSON).",
     ]
     logreg = "Logistic regression, exact leave-one-out (every training sample)"
