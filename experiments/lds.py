@@ -358,7 +358,8 @@ def main(argv: Optional[list] = None) -> dict:
                    "Multinomial logistic regression on the same images, subsets, schedule and objectives (the "
                    "measurement itself is sound if the first-order scores predict retraining here).", ""]
         write_section("lds", "\n".join(header + lines["cnn"] + control + lines["logreg"]
-                                       + ["", f"Regenerate: `{COMMAND}`"]))
+                                       + ["", f"Regenerate: `{COMMAND}` (seeds in parallel: one `{COMMAND} --seeds N` "
+                                              "process per seed first; the plain command then reads their results)"]))
     return {"summary": summary, "per_seed": per_seed}
 
 
