@@ -177,3 +177,10 @@ def test_without_the_extra_one_error_names_it(problem, monkeypatch):
     monkeypatch.setitem(sys.modules, "kronfluence", None)  # import kronfluence -> ImportError
     with pytest.raises(ImportError, match=r"^method: 'ekfac' and 'kfac' need Kronfluence.*robust-infl\[ekfac\]"):
         ri.influence(*problem, objective=ri.Utility(), method="ekfac", progress=False)
+
+
+def test_the_package_does_not_import_kronfluence_until_asked():
+    import subprocess
+
+    code = "import sys, robust_infl, defenses; assert 'kronfluence' not in sys.modules and 'accelerate' not in sys.modules"
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
