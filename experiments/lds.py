@@ -62,7 +62,9 @@ from tqdm.auto import tqdm
 
 import attacks
 import robust_infl as ri
+from defenses import ERM
 from defenses.data import take
+from defenses.trainers import copy_for_training
 from experiments._results import (experiment_arguments, format_delta, mean_std, save_figure, write_json,
                                   write_section)
 from experiments.noisy_labels import CheckpointingERM
@@ -83,6 +85,8 @@ OBJECTIVE_FREE = ("self", "loss", "random")
 # The control: the same measurement on a convex model (multinomial logistic regression, same data and schedule).
 CONTROL_METHODS = ("ip", "tracin", "self", "loss", "random")
 MODELS = {"cnn": METHODS, "logreg": CONTROL_METHODS}
+NOISE_SUBSETS = 25
+"""Subsets retrained a second time (same initialisation, another data order) to measure the retraining noise."""
 
 
 @dataclass(frozen=True)
@@ -223,6 +227,40 @@ def run_seed(seed: int, cfg: Config, progress: bool = False, model_name: str = "
     return result
 
 
+def retraining_noise(seed: int, cfg: Config, measured: dict, progress: bool = False) -> dict:
+    """How much of the measured objective the subset determines at all: the first subsets retrained again from
+    the SAME initialisation with ANOTHER data order (seed + 1000), and the Spearman correlation, across those
+    subsets, of the two runs' objectives (``measured``: the first run's). No score can predict one retraining
+    better than another retraining of the same subset does."""
+    splits = load_dataset("mnist", seed=seed, n_train=cfg.n_train, n_val=cfg.n_val, n_test=10)
+    train, val = splits.train[:2], splits.val[:2]
+    start = copy_for_training(build_model("cnn", splits.input_shape, splits.num_classes, seed=seed), "scratch", seed)
+    trainer = ERM(epochs=cfg.epochs, lr=cfg.lr, batch_size=cfg.batch_size, retrain="finetune", progress=False)
+    pgd = attacks.PGD(cfg.eps, alpha=cfg.alpha, steps=cfg.pgd_steps, norm="linf", bounds=(0.0, 1.0), seed=seed)
+    k = min(NOISE_SUBSETS, cfg.n_subsets)
+    masks = subset_masks(cfg.n_train, cfg.n_subsets, seed)[:k]
+    again = {objective: [] for objective in OBJECTIVES}
+    for row in tqdm(range(k), desc=f"seed {seed} retraining noise", disable=not progress, leave=False):
+        for objective, value in measure(trainer.fit(start, take(train, masks[row]), seed=seed + 1000), val, pgd).items():
+            again[objective].append(value)
+    return {"seed": seed, "subsets": k, "again": again,
+            "spearman": {o: float(stats.spearmanr(measured[o][:k], again[o]).statistic) for o in OBJECTIVES}}
+
+
+def cached_noise(seed: int, cfg: Config, folder: Optional[Path], progress: bool) -> dict:
+    """:func:`retraining_noise` of the seed's CNN run (read from the cache or computed), cached like it."""
+    path = None if folder is None else folder / f"noise_seed{seed}.json"
+    key = {**asdict(cfg), "seeds": None, "noise_subsets": NOISE_SUBSETS}
+    if path is not None and path.exists():
+        stored = json.loads(path.read_text())
+        if stored.get("key") == key:
+            return stored["result"]
+    result = retraining_noise(seed, cfg, cached_seed(seed, cfg, folder, progress)["measured"], progress)
+    if path is not None:
+        write_json(path, {"key": key, "result": result})
+    return result
+
+
 def cached_seed(seed: int, cfg: Config, folder: Optional[Path], progress: bool, model_name: str = "cnn") -> dict:
     """:func:`run_seed`, stored in ``folder`` with the configuration; a rerun with the same one reads it back."""
     prefix = "" if model_name == "cnn" else f"{model_name}_"
@@ -314,24 +352,33 @@ def main(argv: Optional[list] = None) -> dict:
     seeds_parser = argparse.ArgumentParser(add_help=False)
     seeds_parser.add_argument("--seeds", type=int, nargs="+", default=None,
                               help="run only these seeds (e.g. in parallel processes); writes no RESULTS.md section")
-    seeds_parser.add_argument("--models", nargs="+", choices=tuple(MODELS), default=None,
-                              help="with --seeds: run only these models (default both)")
+    seeds_parser.add_argument("--parts", nargs="+", choices=(*MODELS, "noise"), default=None,
+                              help="with --seeds: run only these parts (the models' LDS, the retraining noise)")
     only, rest = seeds_parser.parse_known_args(argv)
     args = experiment_arguments(__doc__, "lds", rest)
     cfg = QUICK if args.quick else FULL
     folder = None if args.quick else OUT / "lds"
     seeds = cfg.seeds if only.seeds is None else tuple(only.seeds)
-    models = tuple(MODELS) if only.seeds is None or only.models is None else tuple(only.models)
+    parts = (*MODELS, "noise") if only.seeds is None or only.parts is None else tuple(only.parts)
+    models = tuple(name for name in parts if name in MODELS)
     runs = {name: [cached_seed(seed, cfg, folder, not args.no_progress, name) for seed in seeds] for name in models}
+    noise = [cached_noise(seed, cfg, folder, not args.no_progress) for seed in seeds] if "noise" in parts else []
     summaries = {name: summarise(runs[name], MODELS[name]) for name in models}
     lines = {name: table(summaries[name], runs[name], cfg, MODELS[name]) for name in models}
     for name in models:
         print(f"{name}:\n" + "\n".join(lines[name]))
+    noise_line = ("Retraining noise: the first {k} subsets of each seed retrained again from the same initialisation "
+                  "with another data order; Spearman between the two runs' objectives: utility {u}, robust {r} "
+                  "(per seed). This bounds the LDS any score can reach against one retraining.")
+    if noise:
+        noise_line = noise_line.format(k=noise[0]["subsets"], u=", ".join(f"{n['spearman']['utility']:+.2f}" for n in noise),
+                                       r=", ".join(f"{n['spearman']['robust']:+.2f}" for n in noise))
+        print(noise_line)
     if only.seeds is not None:
-        return {"summary": summaries, "per_seed": runs}
+        return {"summary": summaries, "per_seed": runs, "noise": noise}
     summary, per_seed, control = summaries["cnn"], runs["cnn"], runs["logreg"]
     write_json(args.out, {"config": asdict(cfg), "per_seed": per_seed, "summary": summary, "control_per_seed": control,
-                          "control_summary": summaries["logreg"]})
+                          "control_summary": summaries["logreg"], "noise": noise})
     plot(summaries, args.plots / f"{args.name}.png")
     if not args.quick:
         header = [
@@ -357,7 +404,7 @@ def main(argv: Optional[list] = None) -> dict:
         control = ["", "### Control: the same measurement on a convex model", "",
                    "Multinomial logistic regression on the same images, subsets, schedule and objectives (the "
                    "measurement itself is sound if the first-order scores predict retraining here).", ""]
-        write_section("lds", "\n".join(header + lines["cnn"] + control + lines["logreg"]
+        write_section("lds", "\n".join(header + lines["cnn"] + ["", noise_line] + control + lines["logreg"]
                                        + ["", f"Regenerate: `{COMMAND}` (seeds in parallel: one `{COMMAND} --seeds N` "
                                               "process per seed first; the plain command then reads their results)"]))
     return {"summary": summary, "per_seed": per_seed}

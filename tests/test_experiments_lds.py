@@ -55,5 +55,9 @@ def test_lds_quick(tmp_path, run_quick):
             assert seed_result["seconds"][method]["utility"] > 0
         assert len(seed_result["retrain_seconds"]) == config["n_subsets"]
     assert [r["model"] for r in result["control_per_seed"]] == ["logreg"] * len(config["seeds"])
+    for noise, seed_result in zip(result["noise"], result["per_seed"], strict=True):  # the same subsets, retrained again
+        assert noise["seed"] == seed_result["seed"] and len(noise["again"]["utility"]) == noise["subsets"] >= 3
+        assert all(-1.0 <= noise["spearman"][o] <= 1.0 for o in OBJECTIVES)
+        assert noise["again"]["utility"] != seed_result["measured"]["utility"][: noise["subsets"]]  # another order
     for summary, methods in ((result["summary"], METHODS), (result["control_summary"], CONTROL_METHODS)):
         assert set(summary) == set(methods) and all(set(summary[m]) == set(OBJECTIVES) for m in methods)
