@@ -369,7 +369,9 @@ def main(argv: Optional[list] = None) -> dict:
         print(f"{name}:\n" + "\n".join(lines[name]))
     noise_line = ("Retraining noise: the first {k} subsets of each seed retrained again from the same initialisation "
                   "with another data order; Spearman between the two runs' objectives: utility {u}, robust {r} "
-                  "(per seed). This bounds the LDS any score can reach against one retraining.")
+                  "(per seed). With the two runs = the subset's effect + independent noise, a score that predicted the "
+                  "subset's expected objective perfectly would reach about the square root of this against one "
+                  "retraining; the scores above reach about 0.")
     if noise:
         noise_line = noise_line.format(k=noise[0]["subsets"], u=", ".join(f"{n['spearman']['utility']:+.2f}" for n in noise),
                                        r=", ".join(f"{n['spearman']['robust']:+.2f}" for n in noise))
