@@ -250,6 +250,7 @@ def run(
     out=None,
     resume: bool = False,
     progress: bool = True,
+    poison=None,
 ) -> dict:
     """Run the defence and its baselines over several seeds and return (and optionally write) the report.
 
@@ -287,6 +288,12 @@ def run(
             with a ``ValueError``. Custom model factories and attack callables are identified by their
             names only (see :mod:`defenses.seed_results`).
         progress: show progress bars.
+        poison: a backdoor threat model (``defenses.poisoning.PoisonSpec``, a dict of its fields, or
+            ``"badnets"`` / ``"clean-label"``): the training split of every seed is poisoned, and the
+            poisoning recipes (``defenses.poisoning.POISON_RECIPES``; all by default) are run and
+            reported instead (clean accuracy, ``asr_backdoor``, detection precision / recall / AUROC at
+            the budget, evasion robust accuracy; see :func:`defenses.poisoning.run_poisoned`).
+            ``method``, ``fractions``, ``mode`` and ``retrain`` do not apply.
 
     Returns:
         The report: ``config``, ``base`` (metrics of the base model), ``per_seed`` rows and ``summary``
@@ -305,7 +312,7 @@ def run(
     check_int(eval_batch_size, "eval_batch_size", 1)
     if isinstance(recipes, str) or not recipes:
         raise ValueError(f"recipes: must be a non-empty list of recipe names, got {recipes!r}")
-    chosen = [get_recipe(name) for name in recipes]
+    chosen = [get_recipe(name) for name in recipes] if poison is None else []
     if len({r.name for r in chosen}) != len(chosen):
         raise ValueError(f"recipes: names must be distinct, got {list(recipes)}")
     if "influence" in recipes:
@@ -358,6 +365,18 @@ def run(
         raise ValueError("mode: ART's trainers take no per-sample weights; use --mode prune or --scheme hard "
                          "with an art-* trainer")
     base_trainer = trainer.with_retrain("scratch")
+    if poison is not None:
+        from .poisoning import run_poisoned
+
+        return run_poisoned(
+            poison, seeds=seeds, splits_for=lambda seed: first if seed == seeds[0] else splits_for(seed),
+            model_for=model_for, attack_for=attack_for, trainer=base_trainer,
+            config={"data": data_label, "model": model_label, "attack": attack_label, "eps": eps, "norm": norm,
+                    "steps": steps, "trainer": trainer_label, "seeds": seeds, "epochs": epochs, "lr": lr,
+                    "batch_size": batch_size, "train_steps": train_steps, "n_train": int(first.train[0].shape[0]),
+                    "n_val": int(first.val[0].shape[0]), "n_test": int(first.test[0].shape[0])},
+            recipes=None if tuple(recipes) == tuple(DEFAULT_RECIPES) else list(recipes),
+            eval_batch_size=eval_batch_size, out=out, resume=resume, progress=progress)
 
     budget_free_attack = attack_label == "linear"  # the closed-form attack has no eps, norm or steps
     config = {
