@@ -43,6 +43,8 @@ __all__ = [
     "evidence_target_class",
     "estimate_target_class",
     "over_represented_class",
+    "over_represented_classes",
+    "otsu_split",
     "activation_defence_scores",
     "spectral_signature_scores",
     "detection_metrics",
@@ -107,13 +109,18 @@ def evidence_target_class(model: nn.Module, evidence: tuple) -> int:
     return int(torch.bincount(predicted).argmax())
 
 
-def over_represented_class(flagged: torch.Tensor, y: torch.Tensor) -> int:
-    """The class whose share among the ``flagged`` samples most exceeds its share of all samples."""
+def over_represented_classes(flagged: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Classes ordered by how much their share among the ``flagged`` samples exceeds their share of all samples."""
     y = y.cpu()
     classes = int(y.max()) + 1
     share_flagged = torch.bincount(y[flagged.cpu()], minlength=classes).double() / max(1, int(flagged.sum()))
     share_all = torch.bincount(y, minlength=classes).double().clamp_min(1) / y.numel()
-    return int((share_flagged / share_all).argmax())
+    return torch.sort(-(share_flagged / share_all), stable=True).indices
+
+
+def over_represented_class(flagged: torch.Tensor, y: torch.Tensor) -> int:
+    """The class whose share among the ``flagged`` samples most exceeds its share of all samples."""
+    return int(over_represented_classes(flagged, y)[0])
 
 
 def estimate_target_class(losses: torch.Tensor, y: torch.Tensor, fraction: float) -> int:
@@ -173,21 +180,30 @@ def contrast_scores(features: torch.Tensor, y: torch.Tensor, target_class: int,
     return torch.where(in_class, scores, scores - 4.0)
 
 
-def separated_top(scores: torch.Tensor, candidates: torch.Tensor, k: int) -> torch.Tensor:
-    """Boolean mask of the ``candidates`` above the Otsu split of their scores (the cut maximising the
-    between-group variance), at most the ``k`` highest."""
-    index = torch.nonzero(candidates).flatten()
-    flagged = torch.zeros(scores.numel(), dtype=torch.bool)
-    if index.numel() < 2 or k < 1:
-        return flagged
-    values, order = torch.sort(scores[index].double(), descending=True, stable=True)
+def otsu_split(values: torch.Tensor) -> tuple:
+    """``(count, separation)``: how many of the largest ``values`` lie above the cut maximising the
+    between-group variance (Otsu), and that variance's share of the total (1: two point masses; about
+    0.64 for one Gaussian)."""
+    values = torch.sort(values.double(), descending=True, stable=True).values
     m = values.numel()
+    if m < 2 or float(values[0] - values[-1]) == 0.0:
+        return 0, 0.0
     high = torch.arange(1, m, dtype=torch.float64)
     mean_high = torch.cumsum(values, 0)[:-1] / high
     mean_low = (values.sum() - torch.cumsum(values, 0)[:-1]) / (m - high)
-    between = high * (m - high) * (mean_high - mean_low) ** 2
-    cut = min(int(between.argmax()) + 1, k)
-    flagged[index[order[:cut]]] = True
+    between = high * (m - high) * (mean_high - mean_low) ** 2 / m**2
+    best = int(between.argmax())
+    return best + 1, float(between[best] / values.var(unbiased=False))
+
+
+def separated_top(scores: torch.Tensor, candidates: torch.Tensor, k: int) -> torch.Tensor:
+    """Boolean mask of the ``candidates`` above the Otsu split of their scores (:func:`otsu_split`), at most
+    the ``k`` highest."""
+    index = torch.nonzero(candidates).flatten()
+    flagged = torch.zeros(scores.numel(), dtype=torch.bool)
+    count, _ = otsu_split(scores[index]) if index.numel() else (0, 0.0)
+    order = torch.sort(scores[index].double(), descending=True, stable=True).indices
+    flagged[index[order[:min(count, k)]]] = True
     return flagged
 
 

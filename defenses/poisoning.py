@@ -1,16 +1,16 @@
 """Backdoor poisons in the training set: find them, remove them, retrain, and measure the backdoor after.
 
-- :func:`remove_poisons`: the recommended recipe for each defender threat model (see the README,
-  "Poisoned training data", and the ``poisoning`` section of ``experiments/RESULTS.md``):
+- :func:`remove_poisons`: the recommended recipe for each defender threat model (numbers: the
+  ``poisoning`` section of ``experiments/RESULTS.md``; advice: the README, "Poisoned training data").
+  Both detect with :func:`contrast_detection`, the representation contrast of
+  :mod:`defenses.poison_detection`, cut at the Otsu split within the target class (at most the
+  budget), and retrain from scratch on the kept samples:
 
   - evidence known (``evidence = (X_triggered, y_true)``): the target class is the one the model
-    assigns the evidence to; flag the ``budget`` share with the LOWEST training loss among the
-    samples labelled with that class; retrain from scratch on the kept samples plus the evidence
-    under its true labels, repeated (x20 for plain training, x5 for adversarial trainers);
-  - trigger unknown (``evidence=None``): the target class is the class most over-represented
-    among the lowest-loss samples; flag, in that class, half the budget by lowest loss, retrain,
-    flag the other half by lowest loss on the retrained model (detect, retrain, detect again) and
-    retrain on what is left.
+    assigns the evidence to, the evidence's features are the pull, and the evidence is added to the
+    retraining set under its true labels (x20 for plain training, x5 for adversarial trainers);
+  - trigger unknown (``evidence=None``): the target class and the pull come from the samples whose
+    nearest neighbours (in the same features) carry other labels.
 
 - :class:`PoisonSpec` and :func:`run_poisoned`: the loop behind ``defenses.run(..., poison=...)``:
   per seed, poison the training split (BadNets patch or ART's clean-label backdoor), train the base
@@ -68,36 +68,49 @@ def _with_evidence(train: tuple, evidence: Optional[tuple], repeats: int) -> tup
     return torch.cat([X] + [evidence[0].to(X)] * repeats), torch.cat([y] + [evidence[1].to(y)] * repeats)
 
 
-def contrast_detection(model: nn.Module, train: tuple, evidence: Optional[tuple], budget: float) -> tuple:
+def _contrast_in_class(features: torch.Tensor, y: torch.Tensor, target: int, pull: torch.Tensor, k: int) -> tuple:
+    """Contrast scores towards ``pull`` in class ``target``, flagged by the Otsu split (at most ``k``), then once
+    more with the flagged samples, mostly poisons and a less noisy pull than a few inputs, as the pull."""
+    in_class = y.cpu() == target
+    scores = detect.contrast_scores(features, y, target, pull)
+    flagged = detect.separated_top(scores, in_class, k)
+    if flagged.any():
+        scores = detect.contrast_scores(features, y, target, features[flagged])
+        flagged = detect.separated_top(scores, in_class, k)
+    return scores, flagged
+
+
+def contrast_detection(model: nn.Module, train: tuple, evidence: Optional[tuple], budget: float,
+                       candidates: int = 3) -> tuple:
     """The detector of :func:`remove_poisons`: ``(scores, flagged_mask, target_class)``.
 
     Evidence known: the target class is the one the model assigns the evidence to, and the evidence's
-    features are the pull. Trigger unknown: the target class is the one most over-represented among
-    the budget's samples with the largest k-NN label disagreement, and the more disagreeing half of
-    those in that class is the pull (pseudo-evidence). Scores: :func:`~defenses.poison_detection.contrast_scores`;
-    flags: their Otsu split within the target class, at most the budget; then once more with the
-    flagged samples as the pull.
+    features are the pull. Trigger unknown: the ``candidates`` classes most over-represented among the
+    budget's samples with the largest k-NN label disagreement are tried, each with the more disagreeing
+    half of its samples among those as the pull (pseudo-evidence), and the class whose in-class scores
+    split most cleanly in two (:func:`~defenses.poison_detection.otsu_split`) is taken. Scores:
+    :func:`~defenses.poison_detection.contrast_scores`; flags: their Otsu split within the target class,
+    at most the budget, then once more with the flagged samples as the pull.
     """
     X, y = train[:2]
     k = budget_size(len(y), budget)
     features = detect.layer_features(model, X)
     if evidence is not None:
         target = detect.evidence_target_class(model, evidence)
-        pull = detect.layer_features(model, evidence[0])
-    else:
-        disagreement = detect.label_disagreement_scores(features, y)
-        top = most_harmful(disagreement, budget)
-        target = detect.over_represented_class(top, y)
-        candidates = torch.nonzero(top & (y.cpu() == target)).flatten()
-        ranked = candidates[torch.sort(-disagreement[candidates], stable=True).indices]
-        pull = features[ranked[:max(1, ranked.numel() // 2)]]
-    in_class = y.cpu() == target
-    scores = detect.contrast_scores(features, y, target, pull)
-    flagged = detect.separated_top(scores, in_class, k)
-    if flagged.any():  # refine once: the flagged samples, mostly poisons, are a less noisy pull than a few inputs
-        scores = detect.contrast_scores(features, y, target, features[flagged])
-        flagged = detect.separated_top(scores, in_class, k)
-    return scores, flagged, target
+        return (*_contrast_in_class(features, y, target, detect.layer_features(model, evidence[0]), k), target)
+    disagreement = detect.label_disagreement_scores(features, y)
+    top = most_harmful(disagreement, budget)
+    best = None
+    for target in detect.over_represented_classes(top, y)[:candidates].tolist():
+        chosen = torch.nonzero(top & (y.cpu() == target)).flatten()
+        if chosen.numel() == 0:
+            continue
+        ranked = chosen[torch.sort(-disagreement[chosen], stable=True).indices]
+        scores, flagged = _contrast_in_class(features, y, target, features[ranked[:max(1, ranked.numel() // 2)]], k)
+        separation = detect.otsu_split(scores[y.cpu() == target])[1]
+        if best is None or separation > best[0]:
+            best = (separation, scores, flagged, target)
+    return best[1], best[2], best[3]
 
 
 def remove_poisons(model: nn.Module, train, evidence, *, trainer, budget: float, seed: int = 0):
