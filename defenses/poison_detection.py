@@ -102,11 +102,13 @@ def check_evidence(evidence, input_shape: tuple, num_classes: int) -> tuple:
 
 
 def evidence_target_class(model: nn.Module, evidence: tuple) -> int:
-    """The class the model assigns most often to the triggered evidence inputs (ties: the smallest class)."""
-    X = evidence[0]
+    """The class the model assigns most often to the triggered evidence inputs it misclassifies (all of
+    them when it misclassifies none; ties: the smallest class): the class the trigger pushes them into."""
+    X, y = evidence
     with frozen_in_eval(model), torch.no_grad():
         predicted = predict(model(X.to(_device(model)))).cpu()
-    return int(torch.bincount(predicted).argmax())
+    wrong = predicted != y.cpu()
+    return int(torch.bincount(predicted[wrong] if wrong.any() else predicted).argmax())
 
 
 def over_represented_classes(flagged: torch.Tensor, y: torch.Tensor) -> torch.Tensor:

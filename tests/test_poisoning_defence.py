@@ -179,3 +179,19 @@ def test_defend_cli_with_poison_writes_the_backdoor_fields(tmp_path):
     assert (out / "report.md").exists() and (out / "asr_by_recipe.png").exists()
     with pytest.raises(SystemExit):
         main(["defend", "--poison", "sleeper"])
+
+
+class FixedPredictions(nn.Module):
+    """Predicts the class stored in the first feature of each input."""
+
+    def forward(self, x):
+        return F.one_hot(x[:, 0].long(), 5).float() + 0 * x[:, :1]
+
+
+def test_evidence_target_class_is_where_the_misclassified_evidence_goes():
+    # 6 of 10 triggered inputs keep their true class (a weak backdoor), 4 are pushed into class 3
+    y_true = torch.tensor([1, 1, 1, 1, 2, 2, 0, 4, 4, 1])
+    predicted = torch.tensor([1, 1, 1, 1, 2, 2, 3, 3, 3, 3])
+    X = torch.stack([predicted.double(), torch.zeros(10, dtype=torch.float64)], dim=1)
+    assert detect.evidence_target_class(FixedPredictions(), (X, y_true)) == 3
+    assert detect.evidence_target_class(FixedPredictions(), (X, predicted)) == 1  # none misclassified: the mode
