@@ -184,6 +184,10 @@ def test_defend_cli_with_poison_writes_the_backdoor_fields(tmp_path):
 class FixedPredictions(nn.Module):
     """Predicts the class stored in the first feature of each input."""
 
+    def __init__(self):
+        super().__init__()
+        self.unused = nn.Parameter(torch.zeros(1))
+
     def forward(self, x):
         return F.one_hot(x[:, 0].long(), 5).float() + 0 * x[:, :1]
 
