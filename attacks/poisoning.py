@@ -198,7 +198,7 @@ class ARTPoison:
                proxy: nn.Module = None):
         """Poison ``train`` as :func:`poison` does, through ART; ``proxy`` (a trained model) is needed
         by the clean-label attack."""
-        from art.attacks.poisoning import PoisoningAttackBackdoor, PoisoningAttackCleanLabelBackdoor
+        from art.attacks.poisoning import PoisoningAttackBackdoor
 
         X, y = _train_tensors(train)
         if not isinstance(trigger, Trigger):

@@ -54,13 +54,6 @@ def _check_budget(budget) -> float:
     return float(budget)
 
 
-def _flag_in_class(model: nn.Module, train: tuple, target_class: int, k: int) -> torch.Tensor:
-    """Indices of the ``k`` samples labelled ``target_class`` with the lowest training loss under ``model``."""
-    losses = detect.training_losses(model, train)
-    scores = detect.in_class_low_loss(losses, train[1], target_class)
-    return torch.sort(-scores, stable=True).indices[:k]
-
-
 def _with_evidence(train: tuple, evidence: Optional[tuple], repeats: int) -> tuple:
     if evidence is None:
         return train
