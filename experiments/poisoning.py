@@ -56,13 +56,7 @@ SETTINGS = {
 
 
 # Settings whose cached seeds predate a change of the code they exercise (named by the commit they ran at).
-NOTES = {
-    "mnist-erm-cleanlabel5": "Run at commit d16f291: the evidence recipes (`remove-poisons`, `evidence-class-low-loss`) "
-                             "took the target class as the most common prediction over ALL evidence inputs; since "
-                             "43b81dc it is the most common prediction over the misclassified ones (a weak backdoor "
-                             "leaves most evidence in its true class; the digits clean-label rows use the new rule). "
-                             "The BadNets settings, where the evidence is pushed into the target class, are unaffected.",
-}
+NOTES: dict = {}
 
 
 def run_setting(name: str, seeds: int, out_dir: Path, progress: bool, quick: bool = False) -> dict:
