@@ -5,7 +5,9 @@ paper's closed-form boundary crossing). Third-party attacks: :class:`TorchAttack
 :class:`AutoAttack` (torchattacks) and :class:`ART` (Adversarial Robustness Toolbox). Composites:
 :class:`Cascade` (members in turn on the points still correct) and :class:`UnitBoxView` (an attack
 that clips to [0, 1] run on unbounded data through an exact affine change of variables).
-:func:`evaluate` reports clean accuracy, robust accuracy and attack success rate.
+:func:`evaluate` reports clean accuracy, robust accuracy and attack success rate (targeted with
+``target_class``). Backdoor poisoning: :class:`Trigger` (patch / blend; also an attack callable),
+:func:`poison` (BadNets, clean-label) and :class:`ARTPoison` (ART's backdoor poisoning attacks).
 """
 
 from .adapters import ART, AutoAttack, TorchAttacks, art_evasion_names, torchattacks_names
@@ -15,6 +17,7 @@ from .composite import Cascade, UnitBoxView
 from .evaluate import accuracy, evaluate
 from .fgsm import FGSM
 from .pgd import PGD
+from .poisoning import ARTPoison, Trigger, poison
 
 __all__ = [
     "Attack",
@@ -34,4 +37,7 @@ __all__ = [
     "attack_settings",
     "torchattacks_names",
     "art_evasion_names",
+    "Trigger",
+    "poison",
+    "ARTPoison",
 ]

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from typing import Callable, Dict, Iterator, Mapping, Tuple
+from typing import Callable, Dict, Iterator, Mapping, Optional, Tuple
 
 import numpy as np
 import torch
@@ -45,12 +45,17 @@ def _batches(data, batch_size: int) -> Tuple[int, Iterator[Tuple[torch.Tensor, t
 
 
 @torch.no_grad()
-def _correct(model: nn.Module, x: torch.Tensor, y: torch.Tensor, where: str) -> torch.Tensor:
-    """Boolean mask of the samples the model classifies correctly (``ValueError`` on non-finite outputs)."""
+def _predicted(model: nn.Module, x: torch.Tensor, where: str) -> torch.Tensor:
+    """The model's predicted class of every sample (``ValueError`` on non-finite outputs)."""
     logits = model(x)
     if not bool(torch.isfinite(logits).all()):
         raise ValueError(f"model: produced non-finite outputs on {where}")
-    return predict(logits) == y
+    return predict(logits)
+
+
+def _correct(model: nn.Module, x: torch.Tensor, y: torch.Tensor, where: str) -> torch.Tensor:
+    """Boolean mask of the samples the model classifies correctly (``ValueError`` on non-finite outputs)."""
+    return _predicted(model, x, where) == y
 
 
 def accuracy(model: nn.Module, X: torch.Tensor, y: torch.Tensor, batch_size: int = 1024) -> float:
@@ -73,7 +78,7 @@ def accuracy(model: nn.Module, X: torch.Tensor, y: torch.Tensor, batch_size: int
 
 
 def evaluate(model: nn.Module, data, attacks: Mapping[str, Callable], batch_size: int = 256,
-             progress: bool = True, return_adv: bool = False):
+             progress: bool = True, return_adv: bool = False, target_class: Optional[int] = None):
     """Attack ``model`` on ``data`` with every attack in ``attacks`` and measure the damage.
 
     Arguments:
@@ -85,6 +90,10 @@ def evaluate(model: nn.Module, data, attacks: Mapping[str, Callable], batch_size
         batch_size: samples per attack call.
         progress: show a tqdm progress bar over batches.
         return_adv: also return the adversarial examples.
+        target_class: for targeted attacks such as a backdoor :class:`~attacks.Trigger`: every
+            attack's ``asr`` is then the fraction of the samples whose true class is NOT
+            ``target_class`` that the model assigns to ``target_class`` once attacked (NaN when
+            every sample is of that class).
 
     Returns:
         ``{"n": int, "clean_acc": float, <name>: {"robust_acc": float, "asr": float}, ...,
@@ -96,6 +105,9 @@ def evaluate(model: nn.Module, data, attacks: Mapping[str, Callable], batch_size
         examples on the data's device, in the data's order.
     """
     check_model(model)
+    if target_class is not None and (isinstance(target_class, bool) or not isinstance(target_class, int)
+                                     or target_class < 0):
+        raise ValueError(f"target_class: must be None or a class index >= 0, got {target_class!r}")
     if not isinstance(attacks, Mapping):
         raise TypeError(f"attacks: must map names to attack callables, got {type(attacks).__name__}")
     for name, attack in attacks.items():
@@ -112,6 +124,7 @@ def evaluate(model: nn.Module, data, attacks: Mapping[str, Callable], batch_size
     worst_case_correct = 0
     robust_correct = {name: 0 for name in attacks}
     flipped = {name: 0 for name in attacks}
+    not_target = 0
     adversarial: Dict[str, list] = {name: [] for name in attacks}
     with frozen_in_eval(model):
         device = _model_device(model, torch.device("cpu"))
@@ -131,18 +144,24 @@ def evaluate(model: nn.Module, data, attacks: Mapping[str, Callable], batch_size
                     raise ValueError(f"attacks: {name!r} returned {shape} for a batch of shape {tuple(x.shape)}")
                 if not isinstance(attack, Attack):  # an Attack checks its own output
                     check_attack_output(attack, x, x_adv, f"attacks: {name!r}")
-                robust_ok = _correct(model, x_adv, y, f"the {name!r} adversarial examples of {where}")
+                adv_pred = _predicted(model, x_adv, f"the {name!r} adversarial examples of {where}")
+                robust_ok = adv_pred == y
                 robust_correct[name] += int(robust_ok.sum())
-                flipped[name] += int((clean_ok & ~robust_ok).sum())
+                if target_class is None:
+                    flipped[name] += int((clean_ok & ~robust_ok).sum())
+                else:
+                    flipped[name] += int(((adv_pred == target_class) & (y != target_class)).sum())
                 survives_all &= robust_ok
                 if return_adv:
                     adversarial[name].append(x_adv.detach().to(data_device))
             clean_correct += int(clean_ok.sum())
+            not_target += 0 if target_class is None else int((y != target_class).sum())
             worst_case_correct += int(survives_all.sum())
 
     results: Dict = {"n": n, "clean_acc": clean_correct / n}
     for name in attacks:
-        asr = flipped[name] / clean_correct if clean_correct else math.nan
+        base = clean_correct if target_class is None else not_target
+        asr = flipped[name] / base if base else math.nan
         results[name] = {"robust_acc": robust_correct[name] / n, "asr": asr}
     if attacks:
         results["worst_case_robust_acc"] = worst_case_correct / n

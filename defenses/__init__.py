@@ -12,11 +12,15 @@
   (:mod:`defenses.eval_suite`) over several seeds, writing ``report.json``, ``report.md``,
   ``robust_vs_cost.png`` and ``robust_vs_fraction.png`` atomically, and each seed's results as it
   completes (``resume=True`` reuses them after a crash); recipes are pluggable (:func:`register_recipe`).
+- :func:`remove_poisons`: find backdoor poisons (with or without triggered evidence), remove them and
+  retrain; ``run(..., poison=...)`` measures it against the poisoning baselines (:mod:`defenses.poisoning`,
+  detectors in :mod:`defenses.poison_detection`).
 """
 
 from .art_trainer import ARTTrainer
 from .lookahead import LookaheadReweighting, LookaheadWeights
 from .pipeline import evaluate_on_test, run, seeded_split
+from .poisoning import PoisonSpec, poison_recipe_names, remove_poisons
 from .recipes import DefenceContext, available_recipes, register_recipe
 from .selection import prune, relabel, reweight
 from .selection_hook import SelectionWeights
@@ -42,4 +46,7 @@ __all__ = [
     "DefenceContext",
     "register_recipe",
     "available_recipes",
+    "remove_poisons",
+    "PoisonSpec",
+    "poison_recipe_names",
 ]

@@ -133,6 +133,12 @@ def _training_attack(trainer, seed: int) -> Optional[Callable]:
     return None
 
 
+def _trainer_settings(trainer) -> dict:
+    """Every parameter of ``trainer`` that changes a number, except those the config holds already."""
+    covered = ("progress", "epochs", "lr", "batch_size", "retrain")  # in the config (or the trainer's repr)
+    return {k: v for k, v in attack_settings(trainer).items() if k not in covered}
+
+
 def _resume_settings(config: dict, model, bounds, train_steps: int, eval_batch_size: int, *, trainer,
                      built_model: nn.Module) -> dict:
     """What per-seed results depend on besides the seed and its data: the config without the seed list
@@ -140,11 +146,9 @@ def _resume_settings(config: dict, model, bounds, train_steps: int, eval_batch_s
     steps, the evaluation batch size, every trainer parameter, and a given module's weights (a
     factory's model: its architecture)."""
     settings = {k: v for k, v in config.items() if k != "seeds"}
-    covered = ("progress", "epochs", "lr", "batch_size", "retrain")  # in the config (or the trainer's repr)
-    trainer_settings = {k: v for k, v in attack_settings(trainer).items() if k not in covered}
     architecture = hashlib.sha256(repr(built_model).encode()).hexdigest()[:16]
     settings.update(bounds_argument=repr(bounds), train_steps=train_steps, eval_batch_size=eval_batch_size,
-                    trainer_settings=trainer_settings,
+                    trainer_settings=_trainer_settings(trainer),
                     model_hash=model_hash(model) if isinstance(model, nn.Module) else f"architecture {architecture}")
     return settings
 
@@ -367,6 +371,7 @@ def run(
     resume: bool = False,
     overwrite: bool = False,
     progress: bool = True,
+    poison=None,
 ) -> dict:
     """Run the defence and its baselines over several seeds and return (and optionally write) the report.
 
@@ -416,6 +421,12 @@ def run(
         overwrite: replace an earlier run in ``out``; without it (or ``resume``) a folder holding one
             is refused before any compute, and left untouched.
         progress: show one progress bar (on a terminal only) over the seeds and recipes.
+        poison: a backdoor threat model (``defenses.poisoning.PoisonSpec``, a dict of its fields, or
+            ``"badnets"`` / ``"clean-label"``): the training split of every seed is poisoned, and the
+            poisoning recipes (``defenses.poisoning.POISON_RECIPES``; all by default) are run and
+            reported instead (clean accuracy, ``asr_backdoor``, detection precision / recall / AUROC at
+            the budget, evasion robust accuracy; see :func:`defenses.poisoning.run_poisoned`).
+            ``method``, ``fractions``, ``mode`` and ``retrain`` do not apply.
 
     Returns:
         The report: ``config``, ``base`` (metrics of the base model), ``per_seed`` rows, ``summary``
@@ -445,7 +456,7 @@ def run(
     check_int(eval_subset, "eval_subset", 1)
     if isinstance(recipes, str) or not recipes:
         raise ValueError(f"recipes: must be a non-empty list of recipe names, got {recipes!r}")
-    chosen = [get_recipe(name) for name in recipes]
+    chosen = [get_recipe(name) for name in recipes] if poison is None else []
     if len({r.name for r in chosen}) != len(chosen):
         raise ValueError(f"recipes: names must be distinct, got {list(recipes)}")
     if "influence" in recipes:
@@ -504,6 +515,23 @@ def run(
         raise ValueError("mode: ART's trainers take no per-sample weights; use --mode prune or --scheme hard "
                          "with an art-* trainer")
     base_trainer = trainer.with_retrain("scratch")
+    if poison is not None:
+        from .poisoning import run_poisoned
+
+        if out is not None:
+            prepare_out_folder(out, resume=resume, overwrite=overwrite)
+        return run_poisoned(
+            poison, seeds=seeds, splits_for=lambda seed: first if seed == seeds[0] else splits_for(seed),
+            model_for=model_for, attack_for=attack_for, trainer=base_trainer,
+            config={"data": data_label, "model": model_label, "attack": attack_label, "eps": eps, "norm": norm,
+                    "steps": steps, "attack_settings": _attack_settings(attack_for(seeds[0], first),
+                                                                       named=isinstance(attack, str)),
+                    "bounds": plain_value(first.bounds), "trainer": trainer_label,
+                    "trainer_settings": _trainer_settings(trainer), "seeds": seeds, "epochs": epochs, "lr": lr,
+                    "batch_size": batch_size, "train_steps": train_steps, "n_train": int(first.train[0].shape[0]),
+                    "n_val": int(first.val[0].shape[0]), "n_test": int(first.test[0].shape[0])},
+            recipes=None if tuple(recipes) == tuple(DEFAULT_RECIPES) else list(recipes),
+            eval_batch_size=eval_batch_size, out=out, resume=resume, progress=progress)
     references = reference_trainers(trainer, references, eps=eps, norm=norm, bounds=first.bounds,
                                     train_steps=train_steps)
     suite_names = resolve_suite(eval_attacks, attack_label, eps=eps, bounds=first.bounds,

@@ -24,7 +24,8 @@ __all__ = ["SeedResults", "SEEDS_DIR", "FORMAT_VERSION", "RUN_FILES", "prepare_o
 
 SEEDS_DIR = "seeds"
 FORMAT_VERSION = 2  # 2: rows carry the suite, attack success and training cost
-RUN_FILES = ("report.json", "report.md", "robust_vs_fraction.png", "robust_vs_cost.png")  # what write_report writes
+RUN_FILES = ("report.json", "report.md", "robust_vs_fraction.png", "robust_vs_cost.png",
+             "asr_by_recipe.png")  # what write_report and the poisoning report write
 
 
 def prepare_out_folder(out: PathLike, *, resume: bool, overwrite: bool) -> Path:

@@ -137,7 +137,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="training: erm, fast-at (FGSM from a random start, Wong et al. 2020), pgd-at "
                              "(Madry), trades, or ART's art-pgd-at / art-trades (default: %(default)s); with erm "
                              "the report adds fast-at, pgd-at and trades as references")
-    defend.add_argument("--recipes", nargs="+", choices=available_recipes(), default=list(DEFAULT_RECIPES),
+    defend.add_argument("--recipes", nargs="+", choices=available_recipes() + _poison_recipes(), default=list(DEFAULT_RECIPES),
                         metavar="R", help=f"defence and baselines to run, from {', '.join(available_recipes())} "
                                           f"(default: {' '.join(DEFAULT_RECIPES)})")
     defend.add_argument("--references", nargs="*", default=None, metavar="T", choices=("fast-at", "pgd-at", "trades"),
@@ -157,6 +157,7 @@ def build_parser() -> argparse.ArgumentParser:
                              "results written with other settings are refused")
     defend.add_argument("--overwrite", action="store_true",
                         help="replace an earlier run in --out (without it, or --resume, a used folder is refused)")
+    _poison_options(defend)
 
     score = commands.add_parser(
         "score", parents=one_model, help="train a model and save every training sample's harm score",
@@ -216,6 +217,36 @@ def build_parser() -> argparse.ArgumentParser:
                       help="hide the progress bar (shown only when stderr is a terminal)")
     demo.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
     return parser
+
+
+def _poison_recipes() -> tuple:
+    from defenses.poisoning import poison_recipe_names
+
+    return poison_recipe_names()
+
+
+def _poison_options(defend: argparse.ArgumentParser) -> None:
+    """``defend``'s backdoor-poisoning flags (see ``defenses.run(..., poison=...)``)."""
+    group = defend.add_argument_group(
+        "backdoor poisoning (with --poison, --recipes takes the poisoning recipes, all by default: "
+        + ", ".join(_poison_recipes()) + ")")
+    group.add_argument("--poison", choices=("badnets", "clean-label"), default=None,
+                       help="poison every seed's training split with a corner patch: badnets (relabelled to the "
+                            "target class) or clean-label (ART's label-consistent backdoor)")
+    group.add_argument("--poison-rate", type=float, default=0.05, help="share poisoned (default: %(default)s)")
+    group.add_argument("--target-class", type=int, default=0, help="the backdoor's target class (default: 0)")
+    group.add_argument("--evidence", type=int, nargs="+", default=[50], metavar="K",
+                       help="evidence sizes: K triggered validation inputs with true labels (default: 50)")
+    group.add_argument("--budget", type=float, default=None,
+                       help="share removed by every recipe (default: twice --poison-rate)")
+
+
+def _poison_spec(args):
+    """The ``poison=`` argument of ``defenses.run`` from the flags (None without --poison)."""
+    if args.poison is None:
+        return None
+    return dict(attack=args.poison, rate=args.poison_rate, target_class=args.target_class,
+                evidence=tuple(args.evidence), budget=args.budget)
 
 
 def _setup(args):
@@ -289,7 +320,14 @@ def _cmd_defend(args) -> int:
         eval_attacks="auto" if args.eval_attacks is None else args.eval_attacks, eval_subset=args.eval_subset,
         lr=args.lr, batch_size=args.batch_size, train_steps=args.train_steps, n_train=args.n_train,
         n_val=args.n_val, n_test=args.n_test, out=args.out, resume=args.resume, overwrite=args.overwrite,
-        progress=not args.no_progress)
+        progress=not args.no_progress, poison=_poison_spec(args))
+    if args.poison is not None:
+        from defenses.poisoning import render_poisoned
+
+        print(render_poisoned(report))
+        print(f"wrote {Path(args.out) / 'report.json'}, report.md and asr_by_recipe.png in "
+              f"{time.perf_counter() - start:.0f} s")
+        return 0
     print(render_markdown(report))
     print(f"wrote {Path(args.out) / 'report.json'}, report.md and robust_vs_cost.png in "
           f"{time.perf_counter() - start:.0f} s")

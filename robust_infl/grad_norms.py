@@ -44,6 +44,7 @@ __all__ = [
     "BatchGradients",
     "batch_gradients",
     "squared_gradient_norms",
+    "renormalised",
 ]
 
 # Largest temporary (in elements) formed at once; a batch is processed in groups of samples under it.
@@ -244,6 +245,16 @@ def squared_gradient_norms(problem: ScoringProblem, params: Optional[Params] = N
     for start, x, y in train_batches(problem, params, desc="squared gradient norms"):
         out[start : start + x.shape[0]] = batch_gradients(problem, params, (x, y)).sq_norms().detach()
     return out
+
+
+def renormalised(problem: ScoringProblem, params: Params, scores: Tensor) -> Tensor:
+    """``scores_i / ||grad l_i(params)||`` (Hammoudeh & Lowd 2022, "Identifying a Training-Set Attack's
+    Target Using Renormalized Influence Estimation"), the norms from :func:`squared_gradient_norms`.
+
+    A sample with a zero gradient gets score 0 (its inner products are 0 too).
+    """
+    norms = squared_gradient_norms(problem, params).sqrt()
+    return torch.where(norms > 0, scores / norms.clamp_min(torch.finfo(norms.dtype).tiny), torch.zeros_like(scores))
 
 
 def _supported(module: nn.Module) -> bool:

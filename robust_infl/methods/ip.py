@@ -19,13 +19,15 @@ from robust_infl.engine import (
     target_gradients,
     train_batches,
 )
+from robust_infl.grad_norms import renormalised
 from robust_infl.methods import register_method
 
 __all__ = ["inner_product_influence"]
 
 
 @register_method("ip")
-def inner_product_influence(problem: ScoringProblem, *, aggregate: bool = True) -> torch.Tensor:
+def inner_product_influence(problem: ScoringProblem, *, aggregate: bool = True,
+                            renormalize: bool = False) -> torch.Tensor:
     """IP harm scores; ``problem.damping`` is ignored (H = I).
 
     ``aggregate=True`` (default): shape ``(n_train,)``, ``-<grad f, grad l_i>`` by one jvp pass.
@@ -34,15 +36,22 @@ def inner_product_influence(problem: ScoringProblem, *, aggregate: bool = True) 
     gradients in batches (memory ``O((batch + n_target) * n_params)``). For ``Utility`` and
     ``Robust`` its row means equal the aggregate scores. Fairness objectives have no
     per-sample form and raise ``ValueError``.
+
+    ``renormalize=True`` divides each training sample's score by its gradient norm
+    ``||grad l_i||`` (renormalised influence, Hammoudeh & Lowd 2022; layer-factored norms, see
+    :func:`robust_infl.grad_norms.renormalised`): a direction-only score, so that well-fitted
+    samples with tiny gradients, such as backdoor poisons, are not ranked last for that reason alone.
     """
-    if not isinstance(aggregate, bool):
-        raise TypeError(f"aggregate: must be True or False, got {type(aggregate).__name__}")
+    for name, value in (("aggregate", aggregate), ("renormalize", renormalize)):
+        if not isinstance(value, bool):
+            raise TypeError(f"{name}: must be True or False, got {type(value).__name__}")
     params = problem.params
     if aggregate:
-        return harm_along(problem, params, objective_gradient(problem, params))
+        scores = harm_along(problem, params, objective_gradient(problem, params))
+        return renormalised(problem, params, scores) if renormalize else scores
     target = target_gradients(problem, params)
     out = torch.empty(problem.n_train, target.shape[0], dtype=problem.dtype, device=problem.device)
     for start, x, y in train_batches(problem, params, desc="ip train x target"):
         where = f"the training batch starting at index {start}"
         out[start : start + x.shape[0]] = -(per_sample_gradients(problem, params, (x, y), where) @ target.T)
-    return out
+    return renormalised(problem, params, out.T).T if renormalize else out

@@ -21,6 +21,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from robust_infl.engine import ScoringProblem, harm_along, objective_gradient
+from robust_infl.grad_norms import renormalised
 from robust_infl.io import safe_load
 from robust_infl.methods import register_method
 
@@ -83,6 +84,7 @@ def tracin_influence(
     *,
     checkpoints: Sequence[Checkpoint] = (),
     lrs: Union[float, Sequence[float]] = 1.0,
+    renormalize: bool = False,
 ) -> Tensor:
     """TracIn harm scores, shape ``(n_train,)``.
 
@@ -92,6 +94,9 @@ def tracin_influence(
             missing from a checkpoint are taken from the scored model.
         lrs: the learning rate of each checkpoint (a sequence of the same length) or one number
             for all.
+        renormalize: divide each sample's term at each checkpoint by its gradient norm there
+            (renormalised TracIn, Hammoudeh & Lowd 2022), from the layer-factored norms of
+            :mod:`robust_infl.grad_norms` (no per-sample gradients for Linear / Conv2d layers).
 
     ``problem.damping`` is ignored. For ``Robust`` objectives the attack is recomputed at every
     checkpoint (and, with ``train_loss="adversarial"``, so are the training-point attacks).
@@ -100,6 +105,8 @@ def tracin_influence(
         raise TypeError(f"checkpoints: must be a list of state dicts or paths, got {type(checkpoints).__name__}")
     if len(checkpoints) == 0:
         raise ValueError("checkpoints: method 'tracin' needs at least one checkpoint (state dict or path)")
+    if not isinstance(renormalize, bool):
+        raise TypeError(f"renormalize: must be True or False, got {type(renormalize).__name__}")
     rates = _learning_rates(lrs, len(checkpoints))
     total = torch.zeros(problem.n_train, dtype=problem.dtype, device=problem.device)
     for index, (checkpoint, rate) in enumerate(
@@ -113,5 +120,6 @@ def tracin_influence(
             frozen=_tensors_from(state, problem.frozen, index, required=False),
             buffers=_tensors_from(state, problem.buffers, index, required=False),
         )
-        total += rate * harm_along(at_checkpoint, params, objective_gradient(at_checkpoint, params))
+        term = harm_along(at_checkpoint, params, objective_gradient(at_checkpoint, params))
+        total += rate * (renormalised(at_checkpoint, params, term) if renormalize else term)
     return total

@@ -1,0 +1,201 @@
+"""Finding backdoor poisons: renormalised influence, the detectors, ART's defences, remove_poisons, CLI."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import attacks
+import defenses
+import robust_infl as ri
+from defenses import poison_detection as detect
+from defenses.poisoning import contrast_detection
+
+
+def per_sample_gradients(model, x, y):
+    params = [p for p in model.parameters()]
+    rows = []
+    for i in range(len(x)):
+        loss = F.cross_entropy(model(x[i:i + 1]), y[i:i + 1])
+        rows.append(torch.cat([g.reshape(-1) for g in torch.autograd.grad(loss, params)]))
+    return torch.stack(rows)
+
+
+def objective_gradient(model, x, y):
+    params = [p for p in model.parameters()]
+    return torch.cat([g.reshape(-1) for g in torch.autograd.grad(F.cross_entropy(model(x), y), params)])
+
+
+@pytest.fixture
+def small_problem():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 7), nn.Tanh(), nn.Linear(7, 3)).double()
+    x, y = torch.randn(30, 5, dtype=torch.float64), torch.randint(0, 3, (30,))
+    xt, yt = torch.randn(9, 5, dtype=torch.float64), torch.randint(0, 3, (9,))
+    return model, (x, y), (xt, yt)
+
+
+def test_renormalised_ip_matches_brute_force(small_problem):
+    model, (x, y), (xt, yt) = small_problem
+    grads = per_sample_gradients(model, x, y)
+    expected = -(grads @ objective_gradient(model, xt, yt)) / grads.norm(dim=1)
+    got = ri.influence(model, (x, y), (xt, yt), objective=ri.Utility(), method="ip", renormalize=True, progress=False)
+    assert torch.allclose(got, expected, rtol=1e-8, atol=1e-10)
+    matrix = ri.influence(model, (x, y), (xt, yt), objective=ri.Utility(), method="ip", aggregate=False,
+                          renormalize=True, progress=False)
+    target = torch.stack([objective_gradient(model, xt[j:j + 1], yt[j:j + 1]) for j in range(len(yt))])
+    assert torch.allclose(matrix, -(grads @ target.T) / grads.norm(dim=1, keepdim=True), rtol=1e-8, atol=1e-10)
+    with pytest.raises(TypeError, match="^renormalize"):
+        ri.influence(model, (x, y), (xt, yt), objective=ri.Utility(), method="ip", renormalize=1, progress=False)
+
+
+def test_renormalised_tracin_sums_each_checkpoints_normalised_term(small_problem):
+    model, (x, y), (xt, yt) = small_problem
+    other = nn.Sequential(nn.Linear(5, 7), nn.Tanh(), nn.Linear(7, 3)).double()
+    checkpoints = [model.state_dict(), other.state_dict()]
+    expected = torch.zeros(len(y), dtype=torch.float64)
+    for state, lr in zip(checkpoints, (0.5, 2.0)):
+        at = nn.Sequential(nn.Linear(5, 7), nn.Tanh(), nn.Linear(7, 3)).double()
+        at.load_state_dict(state)
+        grads = per_sample_gradients(at, x, y)
+        expected += lr * -(grads @ objective_gradient(at, xt, yt)) / grads.norm(dim=1)
+    got = ri.influence(model, (x, y), (xt, yt), objective=ri.Utility(), method="tracin", checkpoints=checkpoints,
+                       lrs=[0.5, 2.0], renormalize=True, progress=False)
+    assert torch.allclose(got, expected, rtol=1e-8, atol=1e-10)
+
+
+def test_label_disagreement_matches_a_brute_force_count():
+    g = torch.Generator().manual_seed(1)
+    features, y = torch.randn(50, 6, generator=g, dtype=torch.float64), torch.randint(0, 3, (50,), generator=g)
+    got = detect.label_disagreement_scores(features, y, k=4, chunk=7)
+    unit = F.normalize(features, dim=1)
+    for i in range(50):
+        sims = unit @ unit[i]
+        sims[i] = -float("inf")
+        nearest = torch.topk(sims, 4).indices
+        assert got[i] == pytest.approx(float((y[nearest] != y[i]).double().mean()))
+
+
+def test_separated_top_cuts_at_the_gap_and_respects_the_budget():
+    scores = torch.tensor([0.1, 0.9, 0.12, 0.95, 0.11, 0.88, 0.13, 5.0], dtype=torch.float64)
+    candidates = torch.tensor([True] * 7 + [False])
+    flagged = detect.separated_top(scores, candidates, k=10)
+    assert flagged.tolist() == [False, True, False, True, False, True, False, False]
+    capped = detect.separated_top(scores, candidates, k=2)
+    assert capped.tolist() == [False, True, False, True, False, False, False, False]
+
+
+@pytest.fixture(scope="module")
+def poisoned_digits():
+    """sklearn digits (600 training images), 5% BadNets with a 2x2 patch to class 0, an MLP trained on it."""
+    from robust_infl.datasets import load_dataset
+    from robust_infl.models import build_model
+
+    splits = load_dataset("digits", seed=0, n_train=600, n_val=200, n_test=200)
+    trigger = attacks.Trigger.patch((1, 8, 8), size=2)
+    X, y, index = attacks.poison(splits.train[:2], trigger, target_class=0, rate=0.05, seed=0)
+    trainer = defenses.ERM(epochs=30, lr=1e-3, batch_size=32, progress=False)
+    model = trainer.fit(build_model("mlp", (1, 8, 8), 10, seed=0), (X, y), seed=0)
+    Xv, yv = splits.val[:2]
+    others = torch.nonzero(yv != 0).flatten()[:20]
+    evidence = (trigger.apply(Xv[others]), yv[others])
+    return model, (X, y), index, evidence, trainer, trigger, splits
+
+
+@pytest.mark.parametrize("with_evidence", [True, False])
+def test_recommended_detector_ranks_the_poisons_on_top(poisoned_digits, with_evidence):
+    model, train, index, evidence, *_ = poisoned_digits
+    scores, flagged, target = contrast_detection(model, train, evidence if with_evidence else None, 0.1)
+    assert target == 0
+    top = torch.sort(-scores, stable=True).indices[:index.numel()]
+    assert torch.isin(top, index).double().mean() >= 0.9
+    found = detect.detection_metrics(flagged, index, scores)
+    assert found["recall"] >= 0.9 and found["precision"] >= 0.9 and found["auroc"] >= 0.98
+    assert int(flagged.sum()) <= 60
+
+
+def test_remove_poisons_breaks_the_backdoor_within_the_budget(poisoned_digits):
+    model, train, index, evidence, trainer, trigger, splits = poisoned_digits
+    Xt, yt = splits.test[:2]
+    before = attacks.evaluate(model, (Xt, yt), {"t": trigger}, target_class=0, progress=False)["t"]["asr"]
+    repaired, removed = defenses.remove_poisons(model, train, evidence, trainer=trainer, budget=0.1, seed=0)
+    after = attacks.evaluate(repaired, (Xt, yt), {"t": trigger}, target_class=0, progress=False)["t"]["asr"]
+    assert before >= 0.8 and after <= 0.1
+    assert removed.numel() <= 60 and torch.equal(removed, torch.sort(removed).values)
+    again = defenses.remove_poisons(model, train, evidence, trainer=trainer, budget=0.1, seed=0)
+    assert torch.equal(again[1], removed)
+    assert all(torch.equal(a, b) for a, b in zip(again[0].state_dict().values(), repaired.state_dict().values()))
+
+
+def test_remove_poisons_rejects_bad_input(poisoned_digits):
+    model, train, _, evidence, trainer, *_ = poisoned_digits
+    with pytest.raises(ValueError, match="^evidence"):
+        defenses.remove_poisons(model, train, (evidence[0][:, :, :4], evidence[1]), trainer=trainer, budget=0.1)
+    with pytest.raises(ValueError, match="^evidence"):
+        defenses.remove_poisons(model, train, (evidence[0], evidence[1][:3]), trainer=trainer, budget=0.1)
+    with pytest.raises(ValueError, match="^evidence"):
+        defenses.remove_poisons(model, train, evidence[0], trainer=trainer, budget=0.1)
+    for budget in (0, 1.0, -0.2):
+        with pytest.raises(ValueError, match="^budget"):
+            defenses.remove_poisons(model, train, evidence, trainer=trainer, budget=budget)
+
+
+def test_art_defence_adapters_run_on_a_tiny_model(poisoned_digits):
+    model, (X, y), index, *_ = poisoned_digits
+    X, y = X[:200], y[:200]
+    ac = detect.activation_defence_scores(model, (X, y), seed=0)
+    ss = detect.spectral_signature_scores(model, (X, y))
+    for scores in (ac, ss):
+        assert scores.shape == (200,) and bool(torch.isfinite(scores).all())
+        assert float(scores.min()) >= 0 and float(scores.max()) <= 1
+    # activation defence: 1 - the share of the class its cluster holds, so both clusters of a class sum to 1
+    for c in range(10):
+        values = torch.unique(ac[y == c])
+        assert values.numel() <= 2 and (values.numel() == 1 or float(values.sum()) == pytest.approx(1.0))
+    # spectral signature: the quantile within the class, top = 1
+    for c in range(10):
+        assert float(ss[y == c].max()) == pytest.approx(1.0)
+    assert torch.equal(ac, detect.activation_defence_scores(model, (X, y), seed=0))
+
+
+def test_defend_cli_with_poison_writes_the_backdoor_fields(tmp_path):
+    from robust_infl.cli import main
+
+    out = tmp_path / "run"
+    code = main(["defend", "--data", "digits", "--poison", "badnets", "--poison-rate", "0.05", "--evidence", "10",
+                 "--recipes", "none", "random", "remove-poisons", "--seeds", "1", "--n-train", "300", "--n-val",
+                 "150", "--n-test", "100", "--epochs", "10", "--out", str(out), "--no-progress"])
+    assert code == 0
+    report = json.loads((out / "report.json").read_text())
+    names = {(e["recipe"], e["evidence"]) for e in report["summary"]}
+    assert names == {("none", None), ("random", None), ("remove-poisons", 10)}
+    for entry in report["summary"]:
+        for metric in ("clean_acc", "asr_backdoor", "robust_acc"):
+            assert 0 <= entry[metric]["mean"] <= 1
+    assert (out / "report.md").exists() and (out / "asr_by_recipe.png").exists()
+    with pytest.raises(SystemExit):
+        main(["defend", "--poison", "sleeper"])
+
+
+class FixedPredictions(nn.Module):
+    """Predicts the class stored in the first feature of each input."""
+
+    def __init__(self):
+        super().__init__()
+        self.unused = nn.Parameter(torch.zeros(1))
+
+    def forward(self, x):
+        return F.one_hot(x[:, 0].long(), 5).float() + 0 * x[:, :1]
+
+
+def test_evidence_target_class_is_where_the_misclassified_evidence_goes():
+    # 6 of 10 triggered inputs keep their true class (a weak backdoor), 4 are pushed into class 3
+    y_true = torch.tensor([1, 1, 1, 1, 2, 2, 0, 4, 4, 1])
+    predicted = torch.tensor([1, 1, 1, 1, 2, 2, 3, 3, 3, 3])
+    X = torch.stack([predicted.double(), torch.zeros(10, dtype=torch.float64)], dim=1)
+    assert detect.evidence_target_class(FixedPredictions(), (X, y_true)) == 3
+    assert detect.evidence_target_class(FixedPredictions(), (X, predicted)) == 1  # none misclassified: the mode
