@@ -24,14 +24,21 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
 from typing import Callable, Optional, Sequence
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from attacks.poisoning import check_rate, check_target_class
+from robust_infl.io import atomic_write, atomic_write_json, atomic_write_text
+from robust_infl.store import data_hash
+
 from . import poison_detection as detect
 from .data import as_tensors, take
+from .report import format_interval, mean_std, paired_difference
+from .seed_results import SeedResults
 from .selection import budget_size, most_harmful
 from .validation import check_choice, check_int
 
@@ -174,8 +181,6 @@ class PoisonSpec:
 
     def checked(self, num_classes: int) -> "PoisonSpec":
         """This spec after validation, with ``budget`` resolved."""
-        from attacks.poisoning import check_rate, check_target_class
-
         check_choice(self.attack, "poison", POISON_ATTACKS)
         rate = check_rate(self.rate)
         check_target_class(self.target_class, num_classes)
@@ -446,8 +451,6 @@ def poisoned_seed(seed: int, splits, spec: PoisonSpec, recipes: Sequence[str], *
 
 def summarise_poisoned(rows: list, recipes: Sequence[str]) -> list:
     """Per (recipe, evidence): each metric's mean ± std over seeds, paired differences vs ``none`` and ``random``."""
-    from .report import mean_std, paired_difference
-
     by_key: dict = {}
     for row in rows:
         by_key.setdefault((row["recipe"], row["evidence"]), {})[row["seed"]] = row
@@ -480,11 +483,7 @@ def _fmt(stat: Optional[dict], scale: float = 100.0, digits: int = 1) -> str:
 def _fmt_delta(stat: Optional[dict], scale: float = 100.0) -> str:
     if stat is None:
         return "–"
-    text = f"{scale * stat['mean']:+.1f}"
-    if stat.get("ci95"):
-        lo, hi = stat["ci95"]
-        text += f" [{scale * lo:+.1f}, {scale * hi:+.1f}]"
-    return text
+    return f"{scale * stat['mean']:+.1f}" + format_interval(stat, scale)
 
 
 def render_poisoned(report: dict) -> str:
@@ -518,8 +517,6 @@ def _plot_poisoned(report: dict, path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from robust_infl.io import atomic_write
-
     entries = report["summary"]
     labels = [e["recipe"] + ("" if e["evidence"] is None else f" K={e['evidence']}") for e in entries]
     fig, ax = plt.subplots(figsize=(7, 0.35 * len(entries) + 1.5))
@@ -541,11 +538,7 @@ def run_poisoned(spec, *, seeds: list, splits_for: Callable, model_for: Callable
                  progress: bool) -> dict:
     """The per-seed loop of ``defenses.run(..., poison=spec)``; writes ``report.json``, ``report.md`` and
     ``asr_by_recipe.png`` to ``out`` (and ``seeds/seed_<k>.json`` as each seed completes; ``resume`` reuses them)."""
-    from robust_infl.io import atomic_write_json, atomic_write_text
-    from robust_infl.store import data_hash
 
-    from .report import mean_std
-    from .seed_results import SeedResults
 
     first = splits_for(seeds[0])
     spec = as_poison_spec(spec).checked(first.num_classes)
@@ -578,7 +571,6 @@ def run_poisoned(spec, *, seeds: list, splits_for: Callable, model_for: Callable
               "per_seed": {"base": base_rows, "runs": rows, "timing": timings},
               "summary": summarise_poisoned(rows, recipes)}
     if out is not None:
-        from pathlib import Path
 
         folder = Path(out)
         folder.mkdir(parents=True, exist_ok=True)

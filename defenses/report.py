@@ -20,7 +20,7 @@ from typing import Iterable, Optional
 
 from robust_infl.io import atomic_write, atomic_write_json, atomic_write_text
 
-__all__ = ["METRICS", "ALIASES", "mean_std", "paired_difference", "summarise", "summarise_base", "without_timing", "TIMING_KEYS", "recommend", "pareto_front",
+__all__ = ["METRICS", "ALIASES", "mean_std", "paired_difference", "format_interval", "summarise", "summarise_base", "without_timing", "TIMING_KEYS", "recommend", "pareto_front",
            "render_markdown", "plot_robust_vs_fraction", "plot_robust_vs_cost", "write_report"]
 
 DEGENERATE_INTERVAL = "n/a: identical differences"
@@ -178,16 +178,19 @@ def _pct(stat: dict) -> str:
     return f"{100 * stat['mean']:.1f} ± {100 * stat['std']:.1f}"
 
 
+def format_interval(stat: dict, scale: float = 100.0) -> str:
+    """The 95% interval of a :func:`paired_difference` as `` [lo, hi]`` (scaled), its note where the
+    interval is degenerate, or nothing (one pair)."""
+    if stat.get("ci95"):
+        lo, hi = stat["ci95"]
+        return f" [{scale * lo:+.1f}, {scale * hi:+.1f}]"
+    return f" [{stat['ci95_note']}]" if stat.get("ci95_note") else ""
+
+
 def _delta(stat: Optional[dict]) -> str:
     if stat is None:
         return "–"
-    text = f"{100 * stat['mean']:+.1f} ± {100 * stat['std']:.1f}"
-    if stat.get("ci95"):
-        lo, hi = stat["ci95"]
-        text += f" [{100 * lo:+.1f}, {100 * hi:+.1f}]"
-    elif stat.get("ci95_note"):
-        text += f" [{stat['ci95_note']}]"
-    return text
+    return f"{100 * stat['mean']:+.1f} ± {100 * stat['std']:.1f}" + format_interval(stat)
 
 
 def _threat(cfg: dict) -> str:
