@@ -18,6 +18,7 @@ from .evaluate import accuracy, evaluate
 from .fgsm import FGSM
 from .pgd import PGD
 from .poisoning import ARTPoison, Trigger, poison
+from .registry import ATTACK_NAMES, make_attack
 
 __all__ = [
     "Attack",
@@ -40,4 +41,6 @@ __all__ = [
     "Trigger",
     "poison",
     "ARTPoison",
+    "ATTACK_NAMES",
+    "make_attack",
 ]

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .base import Attack, BinaryAsTwoLogits, check_batch, check_seed, seeded
+from .base import Attack, BinaryAsTwoLogits, check_batch, check_seed, frozen_in_eval, seeded
 
 __all__ = ["Trigger", "poison", "ARTPoison", "ART_POISON_NAMES", "check_rate", "check_target_class"]
 
@@ -236,8 +236,6 @@ class ARTPoison:
         give the poisoned share)."""
         from art.attacks.poisoning import PoisoningAttackCleanLabelBackdoor
         from art.estimators.classification import PyTorchClassifier
-
-        from .base import frozen_in_eval
 
         with frozen_in_eval(proxy):
             classifier = PyTorchClassifier(model=BinaryAsTwoLogits(proxy), loss=nn.CrossEntropyLoss(),

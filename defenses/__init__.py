@@ -22,6 +22,7 @@ from .lookahead import LookaheadReweighting, LookaheadWeights
 from .pipeline import evaluate_on_test, run, seeded_split
 from .poisoning import PoisonSpec, poison_recipe_names, remove_poisons
 from .recipes import DefenceContext, available_recipes, register_recipe
+from .registry import TRAINER_NAMES, make_trainer
 from .selection import prune, relabel, reweight
 from .selection_hook import SelectionWeights
 from .trainers import ERM, PGDAT, TRADES, FastAT, Trainer, per_sample_loss
@@ -49,4 +50,6 @@ __all__ = [
     "remove_poisons",
     "PoisonSpec",
     "poison_recipe_names",
+    "TRAINER_NAMES",
+    "make_trainer",
 ]

@@ -16,6 +16,9 @@ from typing import Callable, Optional, Sequence, Union
 import torch
 from torch import nn
 
+import attacks
+from attacks.registry import ATTACK_NAMES, make_attack
+
 __all__ = ["AUTO_SUITE", "resolve_suite", "build_suite", "evaluate_suite"]
 
 AUTO_SUITE = ("apgd-ce", "apgd-t")
@@ -27,11 +30,9 @@ def resolve_suite(eval_attacks: Union[str, Sequence[str], None], threat: str, *,
     """Names of the suite's attacks besides the threat-model attack ``threat``.
 
     ``"auto"``: :data:`AUTO_SUITE` where the data allows (see the module docstring); None or ``()``:
-    none; a list of names from ``robust_infl.experiment_setup.ATTACK_NAMES``: those (``threat``
+    none; a list of names from ``attacks.registry.ATTACK_NAMES``: those (``threat``
     dropped, duplicates dropped), validated now.
     """
-    from robust_infl.experiment_setup import ATTACK_NAMES
-
     if eval_attacks is None:
         return []
     if isinstance(eval_attacks, str):
@@ -53,8 +54,6 @@ def resolve_suite(eval_attacks: Union[str, Sequence[str], None], threat: str, *,
 
 def build_suite(names: Sequence[str], *, eps, norm, steps, bounds, seed: int) -> dict:
     """``{name: attack}`` of the suite's attacks for one seed (see ``make_attack``)."""
-    from robust_infl.experiment_setup import make_attack
-
     return {name: make_attack(name, eps=eps, norm=norm, steps=steps, bounds=bounds, seed=seed) for name in names}
 
 
@@ -65,8 +64,6 @@ def evaluate_suite(model: nn.Module, X: torch.Tensor, y: torch.Tensor, threat: s
     Returns ``{"attacks": {name: {"robust_acc", "asr"}}, "worst_case": float, "eval_subset": int}``
     with ``threat`` among the attacks.
     """
-    import attacks
-
     k = min(int(subset), X.shape[0])
     chosen = {threat: threat_attack, **suite}
     results = attacks.evaluate(model, (X[:k], y[:k]), chosen, batch_size=batch_size, progress=progress)

@@ -33,6 +33,7 @@ from typing import Callable, Iterator, Optional
 import torch
 from torch import nn
 
+import attacks
 from robust_infl.engine import build_problem, directional_derivatives, objective_gradient
 from robust_infl.objectives import Robust, Utility
 from robust_infl.validation import TargetSet
@@ -89,8 +90,6 @@ def lookahead_weights(alignment: torch.Tensor, *, mix: float, scheme: str = "pos
 def validation_attack(attack: Callable, steps: int = 5) -> Callable:
     """A cheaper copy of ``attack`` for the validation gradient: ``attacks.PGD`` with ``steps`` steps
     (step size ``2.5 * eps / steps``); any other attack is returned unchanged."""
-    import attacks
-
     if isinstance(attack, attacks.PGD) and attack.steps > steps:
         return attacks.PGD(attack.eps, steps=steps, norm=attack.norm, random_start=attack.random_start,
                            restarts=attack.restarts, bounds=attack.bounds, seed=attack.seed)

@@ -21,18 +21,24 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+import attacks
+import robust_infl
 from attacks.base import attack_settings, plain_value
+from attacks.registry import make_attack
 from robust_infl.datasets import Splits
-from robust_infl.experiment_setup import (DATA_DEFAULTS, USER_DATA_DEFAULTS, data_defaults, load_splits,
-                                          make_attack, make_trainer, model_factory)
 from robust_infl.io import check_output_folder
+from robust_infl.methods.hessian import check_exact_size
+from robust_infl.registry import DATA_DEFAULTS, USER_DATA_DEFAULTS, data_defaults, load_splits, model_factory
 from robust_infl.store import data_hash, model_hash
+from robust_infl.validation import check_nonnegative_float, resolve_param_names
 
 from .art_trainer import ARTTrainer
 from .data import as_tensors
 from .eval_suite import build_suite, evaluate_suite, resolve_suite
+from .poisoning import run_poisoned
 from .recipes import DEFAULT_RECIPES, DefenceContext, get_recipe
 from .references import erm_like, reference_trainers
+from .registry import make_trainer
 from .report import recommend, summarise, summarise_base, write_report
 from .seed_results import SeedResults, prepare_out_folder
 from .selection import REWEIGHT_SCHEMES, check_budget
@@ -85,8 +91,6 @@ def evaluate_on_test(model: nn.Module, test, attack: Callable, base_adversarial:
     without a suite) and ``worst_case`` (the share correct under every one of them), with the old
     names ``robust_acc`` and ``transfer_acc`` as aliases.
     """
-    import attacks
-
     X, y = as_tensors(test, "test")[:2]
     results, adversarial = attacks.evaluate(model, (X, y), {threat: attack}, batch_size=batch_size,
                                             progress=progress, return_adv=True)
@@ -120,8 +124,6 @@ def cost_clock(model: nn.Module) -> str:
 
 def _training_attack(trainer, seed: int) -> Optional[Callable]:
     """The attack behind an adversarial trainer's training loss (None for clean or TRADES losses)."""
-    import attacks
-
     if isinstance(trainer, PGDAT):
         if trainer.attack is not None:
             return trainer.attack
@@ -157,9 +159,6 @@ def _check_method_fits(method: str, method_options: dict, model: nn.Module) -> N
     """Before any training: the influence method can score the models this run trains (tracin needs
     their checkpoints, which do not exist yet; if-exact at most its parameter limit; ``params`` and
     ``damping`` are valid)."""
-    from robust_infl.methods.hessian import check_exact_size
-    from robust_infl.validation import check_nonnegative_float, resolve_param_names
-
     if "damping" in method_options:
         check_nonnegative_float("damping", method_options["damping"])
     if method == "tracin":
@@ -460,8 +459,6 @@ def run(
     if len({r.name for r in chosen}) != len(chosen):
         raise ValueError(f"recipes: names must be distinct, got {list(recipes)}")
     if "influence" in recipes:
-        import robust_infl
-
         if method not in robust_infl.available_methods():
             raise ValueError(f"method: unknown method {method!r}; valid names are "
                              f"{', '.join(robust_infl.available_methods())}")
@@ -516,8 +513,6 @@ def run(
                          "with an art-* trainer")
     base_trainer = trainer.with_retrain("scratch")
     if poison is not None:
-        from .poisoning import run_poisoned
-
         if out is not None:
             prepare_out_folder(out, resume=resume, overwrite=overwrite)
         return run_poisoned(

@@ -31,6 +31,8 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+import attacks
+import robust_infl
 from attacks.poisoning import check_rate, check_target_class
 from robust_infl.io import atomic_write, atomic_write_json, atomic_write_text
 from robust_infl.store import data_hash
@@ -259,8 +261,6 @@ def _by_scores(name: str, score_fn: Callable[[PoisonContext], torch.Tensor]) -> 
 
 
 def _self_influence(ctx: PoisonContext) -> torch.Tensor:
-    import robust_infl
-
     return robust_infl.influence(ctx.model, ctx.train[:2], ctx.val[:2], objective=robust_infl.Utility(),
                                  method="self", seed=ctx.seed, progress=ctx.progress)
 
@@ -281,8 +281,6 @@ def _evidence_class_low_loss(ctx: PoisonContext) -> torch.Tensor:
 
 def _evidence_influence(ctx: PoisonContext) -> torch.Tensor:
     """Renormalised IP harm on the loss of the triggered evidence under its true labels (= Robust(trigger))."""
-    import robust_infl
-
     return robust_infl.influence(ctx.model, ctx.train[:2], ctx.evidence, objective=robust_infl.Utility(),
                                  method="ip", renormalize=True, seed=ctx.seed, progress=ctx.progress)
 
@@ -371,8 +369,6 @@ def _draw_evidence(val: tuple, trigger, target_class: int, size: int, seed: int)
 
 
 def _poison_train(spec: PoisonSpec, train: tuple, trigger, trainer, model_for: Callable, seed: int):
-    import attacks
-
     if spec.attack == "badnets":
         return attacks.poison(train[:2], trigger, target_class=spec.target_class, rate=spec.rate, seed=seed)
     proxy = trainer.fit(model_for(seed), train[:2], seed=seed)
@@ -392,8 +388,6 @@ def _test_metrics(model: nn.Module, test: tuple, trigger, target_class: int, att
                   eval_batch_size: int) -> dict:
     """Clean accuracy, backdoor ASR (targeted) on the whole test split, evasion robust accuracy on its first
     ``test[2]`` inputs."""
-    import attacks
-
     X, y, robust_n = test
     backdoor = attacks.evaluate(model, (X, y), {"trigger": trigger}, target_class=target_class,
                                 batch_size=eval_batch_size, progress=False)
@@ -408,8 +402,6 @@ def poisoned_seed(seed: int, splits, spec: PoisonSpec, recipes: Sequence[str], *
                   on_recipe: Optional[Callable[[str], None]] = None) -> dict:
     """One seed of :func:`run_poisoned`: ``{"base": row, "runs": [row, ...], "timing": {...}}``."""
     import time
-
-    import attacks
 
     train, val = as_tensors(splits.train, "train"), as_tensors(splits.val, "val")
     trigger = attacks.Trigger.patch(tuple(splits.input_shape), size=spec.patch_size)

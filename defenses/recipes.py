@@ -37,6 +37,7 @@ from typing import Callable, Iterator, Optional
 import torch
 from torch import nn
 
+import robust_infl
 from attacks.base import frozen_in_eval, predict
 
 from .selection import budget_size, prune, reweight
@@ -173,8 +174,6 @@ def score_based(name: str, score_fn: Callable[[DefenceContext], torch.Tensor]) -
 
 def influence_scores(ctx: DefenceContext) -> torch.Tensor:
     """Harm of every training sample on ``Robust(attack)`` measured on the validation split."""
-    import robust_infl
-
     adversarial = ctx.train_attack is not None
     return robust_infl.influence(
         ctx.model, ctx.train[:2], ctx.val, objective=robust_infl.Robust(ctx.attack), method=ctx.method,

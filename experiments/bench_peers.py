@@ -49,11 +49,12 @@ import torch.nn.functional as F  # noqa: E402
 from torch.utils.data import DataLoader, TensorDataset  # noqa: E402
 
 import robust_infl as ri  # noqa: E402
+from attacks.registry import make_attack  # noqa: E402
+from defenses.registry import make_trainer  # noqa: E402
 from experiments._results import parse_benchmark_arguments, scoring_benchmark_parser, write_section  # noqa: E402
 from robust_infl.datasets import load_dataset  # noqa: E402
 from robust_infl.distributed import sharded_influence  # noqa: E402
 from robust_infl.engine import build_problem, per_sample_gradients, train_batches  # noqa: E402
-from robust_infl.experiment_setup import make_attack, make_trainer  # noqa: E402
 from robust_infl.methods.ekfac import clear_cache  # noqa: E402
 from robust_infl.models import build_model  # noqa: E402
 from robust_infl.objectives import cross_entropy_loss  # noqa: E402

@@ -30,8 +30,8 @@ from typing import Callable
 import torch
 
 import robust_infl as ri
+from attacks.registry import make_attack
 from robust_infl.distributed import sharded_influence
-from robust_infl.experiment_setup import make_attack
 from robust_infl.models import SmallCNN
 
 MIN_PEARSON = 0.9999

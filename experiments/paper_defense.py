@@ -50,13 +50,13 @@ from tqdm.auto import tqdm
 
 import attacks
 import robust_infl as ri
+from attacks.registry import make_attack
 from defenses import DefenceContext, evaluate_on_test
 from defenses.recipes import influence_scores, random_scores, select_and_retrain, training_loss_scores
 from experiments._results import experiment_arguments, mean_std, paired_ci, save_figure, write_json, write_section
 from experiments.fairness import ensemble_options
 from experiments.noisy_labels import CheckpointingERM, cached
 from robust_infl.datasets import load_dataset
-from robust_infl.experiment_setup import make_attack
 from robust_infl.models import build_model
 
 __all__ = ["ThreatModel", "Setting", "Config", "FULL", "QUICK", "BASELINES", "build_attack", "method_options",

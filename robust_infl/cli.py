@@ -14,6 +14,25 @@ import warnings
 from pathlib import Path
 from typing import Optional, Sequence
 
+import torch
+import torch.distributed as dist
+
+import attacks
+import defenses
+import robust_infl
+from attacks.registry import ATTACK_NAMES, make_attack
+from defenses.poisoning import poison_recipe_names, render_poisoned
+from defenses.recipes import DEFAULT_RECIPES, available_recipes, get_recipe
+from defenses.registry import TRAINER_NAMES, make_trainer
+from defenses.report import render_markdown
+from robust_infl.distributed import (SHARDED_METHODS, broadcast_module_state, init_process_group_from_env,
+                                     rank_and_world_size, sharded_influence)
+from robust_infl.io import atomic_save_npy, atomic_save_tensor, check_output_file, check_output_folder, safe_load
+from robust_infl.methods.hessian import check_exact_size
+from robust_infl.registry import (DATASET_NAMES, MODEL_NAMES, OBJECTIVE_NAMES, data_defaults, load_splits,
+                                  make_objective, model_factory)
+from robust_infl.validation import check_device, check_nonnegative_float, resolve_param_names
+
 __all__ = ["main", "build_parser"]
 
 PROG = "robust-infl"
@@ -41,8 +60,6 @@ class _OneLineErrorParser(argparse.ArgumentParser):
 
 
 def _common_options() -> argparse.ArgumentParser:
-    from robust_infl.experiment_setup import DATASET_NAMES, MODEL_NAMES
-
     common = argparse.ArgumentParser(add_help=False)
     group = common.add_argument_group("data, model and threat model")
     group.add_argument("--data", choices=DATASET_NAMES, default="mnist",
@@ -85,10 +102,6 @@ def _weights_options() -> argparse.ArgumentParser:
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of ``robust-infl`` with its four subcommands."""
-    import robust_infl
-    from defenses.recipes import DEFAULT_RECIPES, available_recipes, get_recipe
-    from robust_infl.experiment_setup import ATTACK_NAMES, OBJECTIVE_NAMES, TRAINER_NAMES
-
     parser = _OneLineErrorParser(prog=PROG, description=(
         "Find the training samples that make a model easier to attack, prune or down-weight them, "
         "retrain, attack again and compare with honest baselines."))
@@ -220,8 +233,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _poison_recipes() -> tuple:
-    from defenses.poisoning import poison_recipe_names
-
     return poison_recipe_names()
 
 
@@ -251,8 +262,6 @@ def _poison_spec(args):
 
 def _setup(args):
     """Splits (seed ``args.seed``), data defaults and the resolved threat model for score / attack."""
-    from robust_infl.experiment_setup import data_defaults, load_splits
-
     defaults = data_defaults(args.data)
     splits = load_splits(args.data, args.seed, args.n_train, args.n_val, args.n_test)
     eps = defaults.eps if args.eps is None else args.eps
@@ -264,9 +273,6 @@ def _setup(args):
 def _train(args, splits, defaults, eps, norm):
     """The model of score / attack: trained (seed ``args.seed``), or loaded from ``--weights``; saved to
     ``--save-weights`` when given."""
-    from robust_infl.experiment_setup import make_trainer, model_factory
-    from robust_infl.io import atomic_save_tensor
-
     def pick(value, default):
         return default if value is None else value
 
@@ -286,13 +292,9 @@ def _train(args, splits, defaults, eps, norm):
 
 def _load_weights(model, path, name: str):
     """``model`` with the state dict read safely from ``path`` (ValueError naming ``weights`` on a mismatch)."""
-    from robust_infl.io import safe_load
-
     state = safe_load(path, name="weights")
     if not isinstance(state, dict):
         raise ValueError(f"weights: {path!r} does not hold a state dict, got {type(state).__name__}")
-    import torch
-
     for key, value in state.items():
         if isinstance(value, torch.Tensor) and value.is_floating_point():
             bad = int((~torch.isfinite(value)).sum())
@@ -307,9 +309,6 @@ def _load_weights(model, path, name: str):
 
 
 def _cmd_defend(args) -> int:
-    import defenses
-    from defenses.report import render_markdown
-
     start = time.perf_counter()
     report = defenses.run(
         args.data, args.model, args.attack, eps=args.eps, norm=args.norm, steps=args.steps, method=args.method,
@@ -322,8 +321,6 @@ def _cmd_defend(args) -> int:
         n_val=args.n_val, n_test=args.n_test, out=args.out, resume=args.resume, overwrite=args.overwrite,
         progress=not args.no_progress, poison=_poison_spec(args))
     if args.poison is not None:
-        from defenses.poisoning import render_poisoned
-
         print(render_poisoned(report))
         print(f"wrote {Path(args.out) / 'report.json'}, report.md and asr_by_recipe.png in "
               f"{time.perf_counter() - start:.0f} s")
@@ -335,9 +332,6 @@ def _cmd_defend(args) -> int:
 
 
 def _cmd_score(args) -> int:
-    from robust_infl.experiment_setup import make_attack, make_objective
-    from robust_infl.io import atomic_save_npy
-
     out = Path(args.out)
     if out.suffix != ".npy":
         raise ValueError(f"out: must end in .npy, got {args.out!r}")
@@ -381,10 +375,6 @@ SCORE_BATCH_SIZE = 256  # robust_infl.influence's default batch_size, used by sc
 
 def _check_score_options(args) -> None:
     """The checks of ``score`` that need no data: output paths, device, store chunking, tracin's checkpoints."""
-    from robust_infl.distributed import SHARDED_METHODS
-    from robust_infl.io import check_output_file, check_output_folder
-    from robust_infl.validation import check_device, check_nonnegative_float
-
     check_nonnegative_float("damping", args.damping)
     check_output_file(args.out, "out")
     check_output_file(rows_path(Path(args.out)), "out")
@@ -410,10 +400,6 @@ def _check_score_options(args) -> None:
 
 def _check_scored_params(args, splits, defaults) -> None:
     """Before training: the ``--params`` names exist, and ``if-exact`` scores at most its parameter limit."""
-    from robust_infl.experiment_setup import model_factory
-    from robust_infl.methods.hessian import check_exact_size
-    from robust_infl.validation import resolve_param_names
-
     model = model_factory(args.model or defaults.model, splits)(args.seed)
     if args.method == "if-exact":
         check_exact_size(model, args.params)
@@ -424,12 +410,6 @@ def _check_scored_params(args, splits, defaults) -> None:
 def _score(args, splits, defaults, eps, norm, objective):
     """``(rank, scores)``: train, then score in one process, or sharded over torchrun's processes
     and / or into a resumable store (``robust_infl.distributed.sharded_influence``)."""
-    import torch.distributed as dist
-
-    import robust_infl
-    from robust_infl.distributed import (broadcast_module_state, init_process_group_from_env, rank_and_world_size,
-                                         sharded_influence)
-
     started_group = init_process_group_from_env(args.device)
     try:
         rank, world_size = rank_and_world_size()
@@ -451,11 +431,6 @@ def _score(args, splits, defaults, eps, norm, objective):
 
 
 def _cmd_attack(args) -> int:
-    import attacks
-    from robust_infl.experiment_setup import make_attack
-
-    from robust_infl.io import check_output_file
-
     if args.save_weights is not None:
         check_output_file(args.save_weights, "save-weights")
     splits, defaults, eps, norm, steps = _setup(args)
@@ -492,11 +467,6 @@ DEMO_QUICK = {
 
 
 def _cmd_demo(args) -> int:
-    import defenses
-    from defenses.report import render_markdown
-
-    from robust_infl.io import check_output_folder
-
     check_output_folder(args.out, "out")
     total = time.perf_counter()
     picks = []

@@ -15,9 +15,11 @@ import torch
 import attacks
 import defenses
 import robust_infl as ri
+from attacks.registry import make_attack
 from defenses.pipeline import seeded_split
+from defenses.registry import make_trainer
 from robust_infl.datasets import load_dataset
-from robust_infl.experiment_setup import make_attack, make_objective, make_trainer, model_factory
+from robust_infl.registry import make_objective, model_factory
 from robust_infl.io import safe_load
 from robust_infl.models import MLP
 

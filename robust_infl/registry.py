@@ -1,4 +1,6 @@
-"""Names -> objects for the command line and the defence pipeline: data, model, attack, trainer, objective.
+"""Names -> objects for the command line and the defence pipeline: data, model, objective.
+
+The attack names are in :mod:`attacks.registry`, the trainer names in :mod:`defenses.registry`.
 
 One table of per-data-set defaults (model, threat model, training hyper-parameters) so that the
 CLI and :func:`defenses.run` agree. Images: PGD linf, eps 0.1, bounds (0, 1). Tabular data
@@ -14,25 +16,20 @@ from torch import nn
 
 from robust_infl.datasets import DATASET_NAMES, Splits, load_dataset
 from robust_infl.models import MODEL_NAMES, build_model
+from robust_infl.objectives import DemographicParity, EqualOpportunity, Robust, Utility
 
 __all__ = [
     "DataDefaults",
     "DATA_DEFAULTS",
     "DATASET_NAMES",
     "MODEL_NAMES",
-    "ATTACK_NAMES",
-    "TRAINER_NAMES",
     "OBJECTIVE_NAMES",
     "data_defaults",
     "load_splits",
     "model_factory",
-    "make_attack",
-    "make_trainer",
     "make_objective",
 ]
 
-ATTACK_NAMES = ("fgsm", "pgd", "linear", "autoattack", "apgd-ce", "apgd-t")
-TRAINER_NAMES = ("erm", "fast-at", "pgd-at", "trades", "art-pgd-at", "art-trades")
 OBJECTIVE_NAMES = ("utility", "robust", "dp", "eop")
 
 
@@ -90,71 +87,17 @@ def model_factory(name: str, splits: Splits) -> Callable[[int], nn.Module]:
     return build
 
 
-def make_attack(name: str, *, eps: float, norm: str = "linf", steps: int = 10, bounds=(0.0, 1.0),
-                seed: int = 0) -> Callable:
-    """Attack ``name`` as an ``attack(model, x, y)`` callable: ``fgsm``, ``pgd``, ``linear``, ``autoattack``
-    (standard version), ``apgd-ce`` or ``apgd-t`` (targeted APGD-DLR; both single AutoAttack components).
-
-    ``linear`` is the paper's closed-form boundary crossing (no budget: ``eps`` and ``norm`` are
-    not used); ``autoattack`` and the APGD components run the authors' AutoAttack code, which
-    clips to [0, 1], so they need data with bounds (0, 1).
-    """
-    import attacks
-
-    if name not in ATTACK_NAMES:
-        raise ValueError(f"attack: unknown name {name!r}; valid names are {', '.join(ATTACK_NAMES)}")
-    if name == "fgsm":
-        return attacks.FGSM(eps, norm=norm, bounds=bounds)
-    if name == "pgd":
-        return attacks.PGD(eps, steps=steps, norm=norm, bounds=bounds, seed=seed)
-    if name == "linear":
-        return attacks.LinearClosedForm()
-    if bounds is None or tuple(bounds) != (0.0, 1.0):
-        raise ValueError(f"attack: {name!r} runs AutoAttack's code, which clips to [0, 1]; this data "
-                         f"has bounds {bounds}. Use --attack pgd")
-    if name == "autoattack":
-        return attacks.AutoAttack(eps, norm=norm, seed=seed)
-    return attacks.AutoAttack(eps, norm=norm, seed=seed, components=(name,))
-
-
-def make_trainer(name: str, *, epochs: int, lr: float, batch_size: int, retrain: str = "scratch",
-                 eps: float = 0.1, norm: str = "linf", bounds=(0.0, 1.0), train_steps: int = 5,
-                 progress: bool = True):
-    """Trainer ``name``: ``erm``, ``fast-at`` (Wong et al. 2020: FGSM from a random start, step
-    1.25 eps), ``pgd-at`` (Madry), ``trades`` (beta 6), or ART's own ``art-pgd-at`` / ``art-trades``;
-    the multi-step ones use ``train_steps`` PGD steps, all in the same ``eps``-ball as the evaluation attack.
-    """
-    from defenses.art_trainer import ARTTrainer
-    from defenses.trainers import ERM, PGDAT, TRADES, FastAT
-
-    common = dict(epochs=epochs, lr=lr, batch_size=batch_size, retrain=retrain, progress=progress)
-    ball = dict(eps=eps, norm=norm, bounds=bounds)
-    if name == "erm":
-        return ERM(**common)
-    if name == "fast-at":
-        return FastAT(**ball, **common)
-    if name == "pgd-at":
-        return PGDAT(steps=train_steps, **ball, **common)
-    if name == "trades":
-        return TRADES(steps=train_steps, **ball, **common)
-    if name in ("art-pgd-at", "art-trades"):
-        return ARTTrainer("madry-pgd" if name == "art-pgd-at" else "trades", max_iter=train_steps, **ball, **common)
-    raise ValueError(f"trainer: unknown name {name!r}; valid names are {', '.join(TRAINER_NAMES)}")
-
-
 def make_objective(name: str, attack: Optional[Callable] = None):
     """Objective ``name``: ``utility``, ``robust`` (needs ``attack``), ``dp`` (demographic parity),
     ``eop`` (equal opportunity)."""
-    import robust_infl
-
     if name == "utility":
-        return robust_infl.Utility()
+        return Utility()
     if name == "robust":
         if attack is None:
             raise ValueError("attack: the robust objective needs an attack")
-        return robust_infl.Robust(attack)
+        return Robust(attack)
     if name == "dp":
-        return robust_infl.DemographicParity()
+        return DemographicParity()
     if name == "eop":
-        return robust_infl.EqualOpportunity()
+        return EqualOpportunity()
     raise ValueError(f"objective: unknown name {name!r}; valid names are {', '.join(OBJECTIVE_NAMES)}")

@@ -1,0 +1,117 @@
+"""The package layers, read from the source: ``attacks`` -> ``robust_infl`` -> ``defenses`` -> the command line.
+
+Every module of the three packages is parsed (nothing is imported) and each import statement, module
+level or inside a function or class, is resolved to the absolute module it names (relative imports
+included). The rules:
+
+- ``attacks`` imports neither ``robust_infl`` nor ``defenses``;
+- nothing in ``robust_infl`` except the command line (``robust_infl/cli.py``) imports ``defenses``;
+- ``defenses`` imports no command-line module;
+- no module imports ``attacks``, ``robust_infl`` or ``defenses`` inside a function or class: such an
+  import is how a cycle is dodged, and the layers above leave none to dodge. Lazy imports of optional
+  third-party packages (torchattacks, art, kronfluence, matplotlib, ...) are not affected.
+
+Nothing is allow-listed.
+"""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+PACKAGES = ("attacks", "robust_infl", "defenses")
+CLI_MODULES = ("robust_infl.cli",)
+
+
+def _module_name(path: Path) -> str:
+    parts = list(path.relative_to(ROOT).with_suffix("").parts)
+    if parts[-1] == "__init__":
+        parts.pop()
+    return ".".join(parts)
+
+
+def _imports(path: Path, source: str = None) -> list:
+    """``(absolute module, line, local)`` for every import in ``path`` (or in ``source``, read as if it were
+    that file); ``local``: inside a def or class."""
+    name = _module_name(path)
+    package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+    found = []
+
+    def visit(node: ast.AST, local: bool) -> None:
+        for child in ast.iter_child_nodes(node):
+            inner = local or isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef, ast.Lambda))
+            if isinstance(child, ast.Import):
+                found.extend((alias.name, child.lineno, local) for alias in child.names)
+            elif isinstance(child, ast.ImportFrom):
+                if child.level:
+                    base = package.split(".")[: len(package.split(".")) - (child.level - 1)]
+                    target = ".".join(base + ([child.module] if child.module else []))
+                else:
+                    target = child.module
+                found.append((target, child.lineno, local))
+                # ``from . import x`` / ``from pkg import submodule``: the names may be modules too
+                found.extend((f"{target}.{alias.name}", child.lineno, local) for alias in child.names)
+            visit(child, inner)
+
+    visit(ast.parse(path.read_text() if source is None else source, filename=str(path)), False)
+    return found
+
+
+def _top(module: str) -> str:
+    return module.split(".")[0]
+
+
+def _within(module: str, prefix: str) -> bool:
+    return module == prefix or module.startswith(prefix + ".")
+
+
+MODULES = sorted(p for package in PACKAGES for p in (ROOT / package).rglob("*.py"))
+IMPORTS = {path: _imports(path) for path in MODULES}
+
+
+def _where(path: Path, line: int, module: str) -> str:
+    return f"{path.relative_to(ROOT)}:{line} imports {module}"
+
+
+def test_every_package_is_parsed():
+    assert {_top(_module_name(p)) for p in MODULES} == set(PACKAGES)
+    assert len(MODULES) > 30
+
+
+def test_attacks_imports_neither_robust_infl_nor_defenses():
+    bad = [_where(p, line, m) for p, found in IMPORTS.items() if _top(_module_name(p)) == "attacks"
+           for m, line, _ in found if _top(m) in ("robust_infl", "defenses")]
+    assert bad == []
+
+
+def test_robust_infl_imports_defenses_only_in_the_command_line():
+    bad = [_where(p, line, m) for p, found in IMPORTS.items()
+           if _top(_module_name(p)) == "robust_infl" and _module_name(p) not in CLI_MODULES
+           for m, line, _ in found if _top(m) == "defenses"]
+    assert bad == []
+
+
+def test_defenses_imports_no_command_line_module():
+    bad = [_where(p, line, m) for p, found in IMPORTS.items() if _top(_module_name(p)) == "defenses"
+           for m, line, _ in found if any(_within(m, cli) for cli in CLI_MODULES)]
+    assert bad == []
+
+
+def test_no_function_local_import_of_the_project_packages():
+    bad = [_where(p, line, m) for p, found in IMPORTS.items() for m, line, local in found
+           if local and _top(m) in PACKAGES]
+    assert bad == []
+
+
+@pytest.mark.parametrize("source, expected", [
+    ("from . import base\n", ["attacks", "attacks.base"]),
+    ("from .base import Attack\n", ["attacks.base", "attacks.base.Attack"]),
+    ("def f():\n    import robust_infl\n", ["robust_infl"]),
+])
+def test_the_scanner_resolves_relative_and_local_imports(source, expected):
+    found = _imports(ROOT / "attacks" / "fgsm.py", source)
+    assert [m for m, _, _ in found] == expected
+    assert all(local == ("def" in source) for _, _, local in found)
