@@ -18,7 +18,7 @@ from torch.utils.data.dataloader import default_collate
 
 from robust_infl.validation import integer_labels
 
-__all__ = ["as_tensors", "as_labels", "take", "num_samples", "batch_source"]
+__all__ = ["as_tensors", "as_labels", "take", "batch_source"]
 
 
 def as_labels(y: torch.Tensor, name: str) -> torch.Tensor:
@@ -102,11 +102,6 @@ def batch_source(data, name: str = "train") -> tuple:
         return xb, as_labels(yb, name)
 
     return n, fetch, None
-
-
-def num_samples(data) -> int:
-    """Number of samples (rows) in a tuple of tensors."""
-    return int(data[0].shape[0])
 
 
 def take(data: Sequence[torch.Tensor], index) -> tuple:

@@ -4,8 +4,8 @@ Each measurement runs in a fresh subprocess, which scores a STREAMED training se
 that draws sample ``i`` from a generator seeded with ``i`` when it is read; nothing is held in
 memory) of the reference SmallCNN against 500 targets, and reports its peak resident set size
 (``VmHWM`` in ``/proc/self/status``), with glibc's mmap threshold fixed at 1 MiB so that freed
-tensors leave the resident set (otherwise the peak wanders by about 10 % with heap fragmentation,
-both up and down, whatever ``n``). Two scorers: ``robust_infl.influence`` (method ``ip``, one
+tensors leave the resident set (otherwise the peak wanders with heap fragmentation, both up and
+down, whatever ``n``). Two scorers: ``robust_infl.influence`` (method ``ip``, one
 forward-mode pass) and ``robust_infl.distributed.sharded_influence`` writing into a chunked
 on-disk store. The growth from 4,000 to 40,000 samples must stay <= 10 %.
 

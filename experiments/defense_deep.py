@@ -18,8 +18,8 @@ reweighting against the adversarial validation loss; the pipeline recipe ``looka
 Every defended model is attacked again (adaptive): PGD (the threat model) on the whole test split,
 and AutoAttack on a fixed test subset. AutoAttack here is, for MNIST, APGD-CE (50 steps) followed
 on the surviving points by targeted APGD-DLR (torchattacks ``APGDT``, 9 target classes, 25 steps):
-torchattacks' standard version (with FAB-T and Square, 5,000 queries) took 190 s per model on 200
-points on this CPU. For Adult (binary, unbounded features) it is APGD-CE (50 steps) followed by
+torchattacks' standard version (with FAB-T and Square, 5,000 queries) is too slow per model for this
+grid on a CPU. For Adult (binary, unbounded features) it is APGD-CE (50 steps) followed by
 targeted FAB (torchattacks): the DLR losses need >= 3 classes and torchattacks' L2 Square needs
 square images. Both run on the model seen through an exact affine map of the data into the unit box
 (torchattacks clips to [0, 1]; the map has a margin of eps, so the clipping never binds).

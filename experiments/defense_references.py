@@ -8,8 +8,7 @@ its baselines at a 5% budget (removal as weight 0, so every retraining takes as 
 5 on tabular data), all on the same training split with the same schedule and seed. Every model is
 re-attacked (adaptive); MNIST also gets APGD-CE (the AutoAttack authors' code) on the first 200 test
 points, and the worst case over PGD and APGD-CE there is reported (the full default suite, with
-targeted APGD-DLR, costs about a minute per model on this shared 2-core machine: too much for
-5 seeds x 10 models here).
+targeted APGD-DLR, costs too much per model on a shared 2-core machine for 5 seeds x 10 models).
 Cost is wall time over one ERM fit of the same schedule, measured in the same run, per seed.
 
 Settings: MNIST 3,500 training images / SmallCNN / PGD linf 0.1 (10 steps); Adult / logistic

@@ -26,7 +26,7 @@ Utility scores separate the flipped-label samples of moons; the wall time of eac
     OMP_NUM_THREADS=1 PYTHONPATH=. .venv/bin/python -m experiments.fidelity [--quick] [--no-progress]
 
 The full run writes ``experiments/out/fidelity.json`` and the ``fidelity`` section of
-``experiments/RESULTS.md``; ``--quick`` (a smoke test, < 1 min) writes only
+``experiments/RESULTS.md``; ``--quick`` (a smoke test) writes only
 ``experiments/out/fidelity_quick.json``.
 """
 
@@ -439,7 +439,7 @@ def summarise(rows: list, aurocs: list, averaged: list, ground_truth: list, cfg:
 def main() -> None:
     """Run the benchmark, print the tables and write the JSON (and, for a full run, RESULTS.md)."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="a small smoke run (< 1 min); does not touch RESULTS.md")
+    parser.add_argument("--quick", action="store_true", help="a small smoke run; does not touch RESULTS.md")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bars")
     args = parser.parse_args()
     cfg, progress = (QUICK if args.quick else FULL), not args.no_progress

@@ -225,7 +225,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "to pick and why.")
     demo.add_argument("--out", default="runs/demo",
                       help="output folder; an earlier demo in it is replaced (default: %(default)s)")
-    demo.add_argument("--quick", action="store_true", help="tiny sizes and one seed (a smoke test, ~1 minute)")
+    demo.add_argument("--quick", action="store_true", help="tiny sizes and one seed (a smoke test)")
     demo.add_argument("--no-progress", action="store_true",
                       help="hide the progress bar (shown only when stderr is a terminal)")
     demo.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
@@ -453,7 +453,7 @@ def _cmd_attack(args) -> int:
 
 # The demo's settings: sized to finish in <= 10 minutes on 2 CPU cores (both data sets together), with the
 # adversarial-training reference rows (PGD-AT and TRADES with 3 steps) and the threat-model attack only
-# (the default evaluation suite of ``defend`` adds APGD-CE and targeted APGD-DLR at about a minute per model).
+# (the default evaluation suite of ``defend`` adds APGD-CE and targeted APGD-DLR, which cost more per model).
 DEMO_RUNS = {
     "mnist": dict(data="mnist", model="cnn", attack="pgd", eps=0.1, norm="linf", steps=10, seeds=3,
                   fractions=[0.05], epochs=5, train_steps=3, eval_attacks=()),

@@ -52,7 +52,6 @@ __all__ = [
     "flatten",
     "unflatten",
     "train_batches",
-    "objective_value",
     "objective_gradient",
     "target_gradients",
     "directional_derivatives",
@@ -338,19 +337,6 @@ def piece_size(problem: ScoringProblem) -> int:
 def _target_chunks(problem: ScoringProblem) -> list[slice]:
     step = piece_size(problem)
     return [slice(start, start + step) for start in range(0, len(problem.target), step)]
-
-
-def objective_value(problem: ScoringProblem, params: Params) -> Tensor:
-    """The objective on the target set at ``params`` (any attack recomputed at ``params``)."""
-    prepared = _prepare(problem, params)
-    with torch.no_grad():
-        sums = sum(
-            prepared.chunk_sums(problem.outputs(params, prepared.inputs[chunk]), chunk, problem.loss_fn)
-            for chunk in _target_chunks(problem)
-        )
-        value = prepared.combine(sums)
-    check_finite_results(value, "outputs", "the target set (objective value)")
-    return value
 
 
 def objective_gradient(problem: ScoringProblem, params: Params) -> Params:
