@@ -39,9 +39,10 @@ from robust_infl.store import data_hash
 
 from . import poison_detection as detect
 from .data import as_tensors, take
-from .report import format_interval, mean_std, paired_difference
+from .report import format_interval
 from .seed_results import SeedResults
 from .selection import budget_size, most_harmful
+from .stats import mean_std, paired_difference
 from .validation import check_choice, check_int
 
 __all__ = ["remove_poisons", "PoisonSpec", "POISON_RECIPES", "POISON_DEFAULT_RECIPES", "poison_recipe_names",

@@ -14,16 +14,16 @@ ratio to one ERM fit (CPU time on the CPU, wall time on an accelerator). ``robus
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 from typing import Iterable, Optional
 
 from robust_infl.io import atomic_write, atomic_write_json, atomic_write_text
 
+from .stats import DEGENERATE_INTERVAL, half_width, mean_std, paired_difference
+
 __all__ = ["METRICS", "ALIASES", "mean_std", "paired_difference", "format_interval", "summarise", "summarise_base", "without_timing", "TIMING_KEYS", "recommend", "pareto_front",
            "render_markdown", "plot_robust_vs_fraction", "plot_robust_vs_cost", "write_report"]
 
-DEGENERATE_INTERVAL = "n/a: identical differences"
 METRICS = ("clean_acc", "robust_acc_adaptive", "robust_acc_transfer", "asr_adaptive", "worst_case", "train_time",
            "train_cpu_time", "cost_vs_erm")
 ALIASES = {"robust_acc": "robust_acc_adaptive", "transfer_acc": "robust_acc_transfer"}  # old names, one release
@@ -41,36 +41,6 @@ def without_timing(value):
     if isinstance(value, list):
         return [without_timing(v) for v in value]
     return value
-
-
-def mean_std(values: Iterable[float]) -> dict:
-    """``{"mean", "std", "n"}`` with the sample standard deviation (0 for one value)."""
-    vals = [float(v) for v in values]
-    if not vals:
-        raise ValueError("values: empty")
-    m = sum(vals) / len(vals)
-    s = math.sqrt(sum((v - m) ** 2 for v in vals) / (len(vals) - 1)) if len(vals) > 1 else 0.0
-    return {"mean": m, "std": s, "n": len(vals)}
-
-
-def paired_difference(a: Iterable[float], b: Iterable[float], level: float = 0.95) -> dict:
-    """Mean, std and two-sided t confidence interval (``ci95``) of ``a - b``.
-
-    ``ci95`` is None for one pair, and for identical differences (std 0: a zero-width interval would
-    read as certainty), which also get ``ci95_note`` ``"n/a: identical differences"``.
-    """
-    from scipy import stats
-
-    diffs = [float(x) - float(y) for x, y in zip(a, b, strict=True)]
-    out = mean_std(diffs)
-    if len(diffs) < 2:
-        out["ci95"] = None
-    elif out["std"] == 0.0:
-        out["ci95"], out["ci95_note"] = None, DEGENERATE_INTERVAL
-    else:
-        half = float(stats.t.ppf(0.5 + level / 2, len(diffs) - 1)) * out["std"] / math.sqrt(len(diffs))
-        out["ci95"] = [out["mean"] - half, out["mean"] + half]
-    return out
 
 
 def summarise_base(rows: list) -> dict:
@@ -116,15 +86,6 @@ def summarise(rows: list, recipes: Iterable[str], fractions: Iterable[float], *,
             entry[label].update({alias: entry[label][name] for alias, name in ALIASES.items()})
         summary.append(entry)
     return summary
-
-
-def _half_width(stat: dict, level: float = 0.95) -> float:
-    """Half-width of the two-sided t interval of a mean (0 for one value)."""
-    from scipy import stats
-
-    if stat["n"] < 2:
-        return 0.0
-    return float(stats.t.ppf(0.5 + level / 2, stat["n"] - 1)) * stat["std"] / math.sqrt(stat["n"])
 
 
 def _name(entry: dict) -> str:
@@ -304,7 +265,7 @@ def plot_robust_vs_cost(report: dict, path) -> None:
     for entry in summary:
         on_front = any(entry is f for f in front)
         ax.errorbar(entry["cost_vs_erm"]["mean"], 100 * entry["robust_acc_adaptive"]["mean"],
-                    yerr=100 * _half_width(entry["robust_acc_adaptive"]), marker="s" if entry.get("reference") else "o",
+                    yerr=100 * half_width(entry["robust_acc_adaptive"]), marker="s" if entry.get("reference") else "o",
                     capsize=3, linestyle="none", color="tab:red" if on_front else "tab:blue")
         ax.annotate(_name(entry), (entry["cost_vs_erm"]["mean"], 100 * entry["robust_acc_adaptive"]["mean"]),
                     textcoords="offset points", xytext=(4, 4), fontsize=7)

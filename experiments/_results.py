@@ -1,22 +1,23 @@
-"""Shared helpers for experiment scripts: result sections in RESULTS.md, atomic writes, statistics."""
+"""Shared helpers for experiment scripts: result sections in RESULTS.md, atomic writes, and the statistics of
+:mod:`defenses.stats` in the tuple form the experiments' JSON stores, formatted for their tables."""
 
 from __future__ import annotations
 
 import argparse
 import fcntl
 import json
-import math
 import re
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterable, Iterator, Optional
 
+from defenses import stats
 from robust_infl.io import atomic_write_text
 
 EXPERIMENTS = Path(__file__).resolve().parent
 RESULTS_MD = EXPERIMENTS / "RESULTS.md"
 
-__all__ = ["write_section", "atomic_write_text", "write_json", "mean_std", "paired_ci", "format_mean_std",
+__all__ = ["write_section", "write_json", "mean_std", "paired_ci", "format_mean_std",
            "format_delta", "experiment_arguments", "scoring_benchmark_parser", "parse_benchmark_arguments",
            "save_figure", "EXPERIMENTS", "RESULTS_MD"]
 
@@ -57,26 +58,20 @@ def _locked(path: Path) -> Iterator[None]:
 
 
 def mean_std(values: Iterable[float]) -> tuple:
-    """Mean and sample standard deviation (0 for a single value)."""
-    vals = [float(v) for v in values]
-    if not vals:
-        raise ValueError("values: empty")
-    m = sum(vals) / len(vals)
-    if len(vals) < 2:
-        return m, 0.0
-    return m, math.sqrt(sum((v - m) ** 2 for v in vals) / (len(vals) - 1))
+    """``(mean, std)`` of :func:`defenses.stats.mean_std` (sample std, 0 for a single value): the form the
+    experiments' JSON stores."""
+    stat = stats.mean_std(values)
+    return stat["mean"], stat["std"]
 
 
 def paired_ci(a: Iterable[float], b: Iterable[float], level: float = 0.95) -> tuple:
-    """Mean of the paired differences a - b and its two-sided t confidence interval."""
-    from scipy import stats
-
-    diffs = [float(x) - float(y) for x, y in zip(a, b, strict=True)]
-    m, s = mean_std(diffs)
-    if len(diffs) < 2:
-        return m, (float("nan"), float("nan"))
-    half = stats.t.ppf(0.5 + level / 2, len(diffs) - 1) * s / math.sqrt(len(diffs))
-    return m, (m - half, m + half)
+    """``(mean, (low, high))``: :func:`defenses.stats.paired_difference` of a - b with its two-sided t interval
+    (zero width for identical differences, NaN for one pair), the form the experiments' JSON stores."""
+    diff = stats.paired_difference(a, b, level)
+    if diff["n"] < 2:
+        return diff["mean"], (float("nan"), float("nan"))
+    half = stats.half_width(diff, level)
+    return diff["mean"], (diff["mean"] - half, diff["mean"] + half)
 
 
 def format_mean_std(values: list, scale: float = 100.0, digits: int = 2) -> str:

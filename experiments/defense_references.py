@@ -31,7 +31,11 @@ from dataclasses import dataclass, field
 
 import torch
 
-from experiments._results import experiment_arguments, write_json, write_section
+import defenses
+from defenses.report import pareto_front, recommend
+from defenses.stats import half_width
+from experiments._results import experiment_arguments, save_figure, write_json, write_section
+from robust_infl.models import LogisticRegression
 
 __all__ = ["Setting", "SETTINGS", "QUICK", "breast_cancer", "run_setting", "render", "main"]
 
@@ -58,8 +62,6 @@ def breast_cancer():
 
 
 def _logreg(features: int):
-    from robust_infl.models import LogisticRegression
-
     def build(seed: int):
         torch.manual_seed(seed)
         return LogisticRegression(features, 1)
@@ -80,8 +82,6 @@ QUICK = dict(seeds=1, n_train=300, n_val=100, n_test=100, epochs=1, steps=3, eva
 def run_setting(setting: Setting, *, seeds: int, quick: bool, out, progress: bool) -> dict:
     """The ``defenses.run`` report of one setting (``out``: its folder), with the wall time of this call in
     minutes (seeds reused from the folder take none)."""
-    import defenses
-
     options = dict(setting.options, recipes=list(RECIPES), fractions=[0.05], seeds=seeds, out=out,
                    progress=progress, resume=not quick)
     data = setting.data
@@ -113,8 +113,6 @@ def _delta(entry: dict, metric: str) -> str:
 
 def render(reports: dict) -> str:
     """The RESULTS.md section: one table per setting, its Pareto front and its recommendation."""
-    from defenses.report import pareto_front
-
     lines = ["## defense_references: every recipe beside adversarial-training references (issue 15)", "",
              "`python -m experiments.defense_references` (see its docstring). Plain training (ERM) as the base; "
              "influence / random / loss remove 5% (weight 0, as many steps as `none`); references trained on the "
@@ -153,16 +151,13 @@ def plot(saved: dict, path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from defenses.report import _half_width, pareto_front
-    from experiments._results import save_figure
-
     fig, axes = plt.subplots(1, len(saved), figsize=(5 * len(saved), 4), squeeze=False)
     for ax, (name, report) in zip(axes[0], saved.items()):
         front = pareto_front(report["summary"])
         for entry in report["summary"]:
             label = entry["recipe"] + ("" if entry["fraction"] is None else f"@{entry['fraction']:g}")
             x, y = entry["cost_vs_erm"]["mean"], 100 * entry["robust_acc_adaptive"]["mean"]
-            ax.errorbar(x, y, yerr=100 * _half_width(entry["robust_acc_adaptive"]), capsize=3, linestyle="none",
+            ax.errorbar(x, y, yerr=100 * half_width(entry["robust_acc_adaptive"]), capsize=3, linestyle="none",
                         marker="s" if entry.get("reference") else "o",
                         color="tab:red" if any(entry == f for f in front) else "tab:blue")
             ax.annotate(label, (x, y), textcoords="offset points", xytext=(3, 3), fontsize=7)
@@ -179,8 +174,6 @@ def main(argv=None) -> dict:
     unless ``--quick``, rewrite the RESULTS.md section from every setting's saved summary."""
     import argparse
     import json
-
-    from defenses.report import recommend
 
     parser = argparse.ArgumentParser(add_help=False)
     parser.add_argument("--settings", nargs="*", choices=[s.name for s in SETTINGS], default=[s.name for s in SETTINGS])
