@@ -33,8 +33,11 @@ separate seeds, scored on a held-out half of the validation split (never on test
     OMP_NUM_THREADS=1 PYTHONPATH=. .venv/bin/python -m experiments.defense_deep --quick    # smoke run
     OMP_NUM_THREADS=1 PYTHONPATH=. .venv/bin/python -m experiments.defense_deep --select   # lookahead options
 
-Per-seed results are checkpointed under ``experiments/out/defense_deep/`` (a rerun skips finished
-runs); the summary goes to ``experiments/out/defense_deep.json`` and the ``defense_deep`` section
+The experiment's own variants are registered recipes (``defenses.register_recipe``); the trainers are the
+library's (``defenses.make_trainer``). Per-seed results are saved under
+``experiments/out/defense_deep/<data>-<trainer>/seeds/`` as each recipe finishes
+(``defenses.seed_results.SeedResults``: a rerun skips finished recipes and refuses files written with
+other settings); the summary goes to ``experiments/out/defense_deep.json`` and the ``defense_deep`` section
 of ``experiments/RESULTS.md``.
 """
 
@@ -53,15 +56,16 @@ from torch import nn
 from tqdm.auto import tqdm
 
 import attacks
-from defenses import ERM, PGDAT, DefenceContext, LookaheadReweighting
-from defenses.lookahead import (ADVERSARIAL_TRAINING_OPTIONS, PLAIN_TRAINING_OPTIONS, lookahead_recipe,
-                                validation_attack)
+from defenses import PGDAT, DefenceContext, LookaheadReweighting, make_trainer, register_recipe
 from defenses.data import take
+from defenses.lookahead import ADVERSARIAL_TRAINING_OPTIONS, PLAIN_TRAINING_OPTIONS, validation_attack
 from defenses.recipes import cached_scores, get_recipe, influence_scores
+from defenses.seed_results import SeedResults
 from defenses.selection import budget_size, prune
 from experiments._results import mean_std, paired_ci, write_json, write_section
 from robust_infl.datasets import load_dataset
 from robust_infl.models import build_model
+from robust_infl.store import data_hash
 
 OUT = Path(__file__).with_name("out")
 RECIPES = ("none", "train+val", "random", "ip-prune", "ensemble-prune", "misclassified-prune", "iterative-prune",
@@ -74,6 +78,7 @@ FINETUNE_EPOCHS = 2
 # Differences reported besides recipe - baseline: fine-tuning on the pruned data against fine-tuning on all of it.
 EXTRA_PAIRS = (("finetune-ip-prune", "finetune-all"),)
 TRAINERS = ("plain", "pgd-at")
+TRAINER_NAMES = {"plain": "erm", "pgd-at": "pgd-at"}  # the library's trainer of each
 METRICS = ("clean_acc", "pgd_acc", "aa_acc")
 BASELINES = ("none", "random", "train+val")
 FRACTION = 0.05
@@ -142,12 +147,11 @@ def evaluate_model(model: nn.Module, test: tuple, setting: Setting, seed: int) -
 
 
 # --------------------------------------------------------------------------- training
-def make_trainer(setting: Setting, kind: str):
-    """ERM (``plain``) or PGD-AT (``pgd-at``, ``at_steps`` PGD steps) with the setting's schedule."""
-    common = dict(epochs=setting.epochs, lr=setting.lr, batch_size=setting.batch_size, progress=False)
-    if kind == "plain":
-        return ERM(**common)
-    return PGDAT(eps=setting.eps, norm=setting.norm, steps=setting.at_steps, bounds=setting.bounds, **common)
+def trainer_for(setting: Setting, kind: str):
+    """The library's ERM (``plain``) or PGD-AT (``pgd-at``, ``at_steps`` PGD steps) with the setting's schedule."""
+    return make_trainer(TRAINER_NAMES[kind], epochs=setting.epochs, lr=setting.lr, batch_size=setting.batch_size,
+                        eps=setting.eps, norm=setting.norm, bounds=setting.bounds, train_steps=setting.at_steps,
+                        progress=False)
 
 
 def training_attack(trainer, seed: int) -> Optional[Callable]:
@@ -158,25 +162,21 @@ def training_attack(trainer, seed: int) -> Optional[Callable]:
                        bounds=trainer.bounds, seed=seed)
 
 
-def defended_model(recipe: str, ctx: DefenceContext) -> nn.Module:
-    """The model recipe ``recipe`` builds from the context (``none``: the base model itself)."""
-    if recipe == "none":
-        return ctx.model
-    if recipe == "lookahead":
-        return lookahead_recipe(ctx)
-    if recipe == "ensemble-prune":
-        return get_recipe("influence").fn(replace(ctx, method="ip-ensemble", method_options=ENSEMBLE_OPTIONS,
-                                                  cache=ctx.cache.setdefault("ensemble", {})))
-    if recipe == "iterative-prune":
-        return iterative_prune(ctx, ITERATIVE_ROUNDS)
-    if recipe == "per-class-prune":
-        return per_class_prune(ctx)
-    if recipe in ("finetune-all", "finetune-ip-prune"):
-        keep = prune(cached_influence_scores(ctx), ctx.fraction) if recipe == "finetune-ip-prune" else slice(None)
-        return fine_tuner(ctx.trainer).fit(ctx.model, take(ctx.train, keep), seed=ctx.seed)
-    registered = {"train+val": "train+val", "random": "random", "ip-prune": "influence",
-                  "misclassified-prune": "influence-misclassified"}[recipe]
-    return get_recipe(registered).fn(ctx)
+def ensemble_prune(ctx: DefenceContext) -> nn.Module:
+    """The ``influence`` recipe with the paper's ip-ensemble scores (:data:`ENSEMBLE_OPTIONS`)."""
+    return get_recipe("influence").fn(replace(ctx, method="ip-ensemble", method_options=ENSEMBLE_OPTIONS,
+                                              cache=ctx.cache.setdefault("ensemble", {})))
+
+
+def finetune_all(ctx: DefenceContext) -> nn.Module:
+    """The base model fine-tuned for :data:`FINETUNE_EPOCHS` more epochs on all the training data."""
+    return fine_tuner(ctx.trainer).fit(ctx.model, take(ctx.train, slice(None)), seed=ctx.seed)
+
+
+def finetune_ip_prune(ctx: DefenceContext) -> nn.Module:
+    """The base model fine-tuned for :data:`FINETUNE_EPOCHS` more epochs without the top ``fraction`` by IP harm."""
+    keep = prune(cached_influence_scores(ctx), ctx.fraction)
+    return fine_tuner(ctx.trainer).fit(ctx.model, take(ctx.train, keep), seed=ctx.seed)
 
 
 def fine_tuner(trainer):
@@ -202,7 +202,7 @@ def per_class_prune(ctx: DefenceContext) -> nn.Module:
     return ctx.trainer.fit(ctx.model, take(ctx.train, keep), seed=ctx.seed, val=ctx.val)
 
 
-def iterative_prune(ctx: DefenceContext, rounds: int) -> nn.Module:
+def iterative_prune(ctx: DefenceContext, rounds: int = ITERATIVE_ROUNDS) -> nn.Module:
     """Remove the budget in ``rounds`` equal steps: score the kept samples with the current model, drop
     the most harmful share, retrain from scratch, score again with the retrained model, and so on."""
     n = ctx.train[0].shape[0]
@@ -218,15 +218,36 @@ def iterative_prune(ctx: DefenceContext, rounds: int) -> nn.Module:
     return model
 
 
-def run_seed(setting: Setting, kind: str, seed: int, checkpoint: Path, progress: bool) -> dict:
-    """All recipes of one (setting, trainer, seed); finished recipes are read back from ``checkpoint``."""
-    done = json.loads(checkpoint.read_text()) if checkpoint.exists() else {}
-    if all(r in done for r in RECIPES):
-        return done
+register_recipe("ensemble-prune", ensemble_prune,
+                description="influence with the paper's ip-ensemble scores (experiments/defense_deep.py)")
+register_recipe("iterative-prune", iterative_prune,
+                description="the budget in two rounds, re-scored with the retrained model (experiments/defense_deep.py)")
+register_recipe("per-class-prune", per_class_prune,
+                description="the top harm within each class (experiments/defense_deep.py)")
+register_recipe("finetune-all", finetune_all, uses_budget=False,
+                description="fine-tune the base model on all the data (experiments/defense_deep.py)")
+register_recipe("finetune-ip-prune", finetune_ip_prune,
+                description="fine-tune the base model without the top harm (experiments/defense_deep.py)")
+# Rows named after the library's recipes they run; every other row is the recipe of its own name.
+LIBRARY_RECIPES = {"ip-prune": "influence", "misclassified-prune": "influence-misclassified"}
+
+
+def seed_results(setting: Setting, kind: str, tag: str) -> SeedResults:
+    """The per-seed result files of one (setting, trainer) in ``OUT / tag / "<data>-<trainer>"``."""
+    return SeedResults(OUT / tag / f"{setting.data}-{kind}", {"setting": asdict(setting), "trainer": kind,
+                                                             "fraction": FRACTION})
+
+
+def run_seed(setting: Setting, kind: str, seed: int, results: SeedResults, progress: bool) -> dict:
+    """All recipes of one (setting, trainer, seed); finished recipes are read back from ``results``."""
     splits = load_dataset(setting.data, seed=seed, n_train=setting.sizes[0], n_val=setting.sizes[1],
                           n_test=setting.sizes[2])
+    fingerprint = data_hash(splits.train, splits.val, splits.test)
+    done = results.load(seed, fingerprint) or {}
+    if all(r in done for r in RECIPES):
+        return done
     train, val, test = splits.train[:2], splits.val[:2], splits.test[:2]
-    trainer = make_trainer(setting, kind)
+    trainer = trainer_for(setting, kind)
     start = time.perf_counter()
     base = trainer.fit(build_model(setting.model, splits.input_shape, splits.num_classes, seed=seed), train,
                        seed=seed)
@@ -239,12 +260,12 @@ def run_seed(setting: Setting, kind: str, seed: int, checkpoint: Path, progress:
         if recipe in done:
             continue
         start = time.perf_counter()
-        model = defended_model(recipe, ctx)
+        model = get_recipe(LIBRARY_RECIPES.get(recipe, recipe)).fn(ctx)
         seconds = base_seconds if recipe == "none" else time.perf_counter() - start
         start = time.perf_counter()
         done[recipe] = {**evaluate_model(model, test, setting, seed), "train_s": seconds,
                         "eval_s": time.perf_counter() - start}
-        write_json(checkpoint, done)
+        results.save(seed, fingerprint, done)
         if progress:
             row = done[recipe]
             tqdm.write(f"{setting.data} {kind} seed {seed} {recipe:>10}: clean {row['clean_acc']:.3f} "
@@ -347,7 +368,7 @@ def select_options(settings: list, kind: str, progress: bool) -> dict:
             half = setting.sizes[1] // 2
             val_used = tuple(t[:half] for t in splits.val[:2])
             val_held = tuple(t[half:] for t in splits.val[:2])
-            trainer = make_trainer(setting, kind)
+            trainer = trainer_for(setting, kind)
             fresh = build_model(setting.model, splits.input_shape, splits.num_classes, seed=seed)
             attack = threat_attack(setting, seed)
             models = {REFERENCE[kind]: trainer.fit(fresh, splits.train[:2], seed=seed)}
@@ -439,8 +460,8 @@ def main() -> None:
     jobs = [(s, k, seed) for s in settings for k in args.trainers for seed in seeds]
     per_seed: dict = {}
     for setting, kind, seed in tqdm(jobs, desc="defense_deep", disable=not progress):
-        checkpoint = OUT / tag / f"{setting.data}-{kind}-seed{seed}.json"
-        per_seed.setdefault((setting.data, kind), {})[str(seed)] = run_seed(setting, kind, seed, checkpoint, progress)
+        per_seed.setdefault((setting.data, kind), {})[str(seed)] = run_seed(setting, kind, seed,
+                                                                            seed_results(setting, kind, tag), progress)
     blocks, summaries = [], {}
     for (data, kind), rows in per_seed.items():
         summary = summarise(rows)
