@@ -51,6 +51,7 @@ from tqdm.auto import tqdm
 import robust_infl as ri
 from attacks import accuracy
 from defenses import ERM, prune
+from defenses.seed_results import SeedResults
 from experiments._results import (experiment_arguments, format_delta, format_mean_std, mean_std, paired_ci,
                                   save_figure, write_json, write_section)
 from experiments.fairness import ensemble_options
@@ -290,21 +291,27 @@ def run_seed(seed: int, config: Config, progress: bool = False) -> dict:
     return results
 
 
-def cached(path: Optional[Path], key: dict, compute) -> tuple:
-    """``(compute(), seconds it took)``, stored at ``path`` with ``key``; a later call with the same
-    ``key`` reads both back instead of computing.
+# The per-seed files of these experiments are identified by their settings alone (which name the data,
+# its sizes and the seed's split), so they carry no separate fingerprint of the data.
+SETTINGS_FINGERPRINT = "in the settings"
 
-    ``path=None`` always computes and stores nothing. Lets a long run resume after an interruption.
+
+def cached(results: Optional[SeedResults], seed: int, compute) -> tuple:
+    """``(compute(), seconds it took)``, saved as ``seed``'s file of ``results`` (the library's per-seed cache,
+    :class:`defenses.seed_results.SeedResults`, whose settings identify the run); a later call reads both back
+    instead of computing, and refuses a file written with other settings.
+
+    ``results=None`` always computes and stores nothing. Lets a long run resume after an interruption.
     """
-    if path is not None and path.exists():
-        stored = json.loads(path.read_text())
-        if stored.get("key") == key:
-            return stored["result"], stored["seconds"]
+    if results is not None:
+        saved = results.load(seed, SETTINGS_FINGERPRINT)
+        if saved is not None:
+            return saved["result"], saved["seconds"]
     started = time.perf_counter()
     result = compute()
     seconds = time.perf_counter() - started
-    if path is not None:
-        write_json(path, {"key": key, "result": result, "seconds": seconds})
+    if results is not None:
+        results.save(seed, SETTINGS_FINGERPRINT, {"result": result, "seconds": seconds})
     return result, seconds
 
 
@@ -496,8 +503,8 @@ def main(argv: Optional[list] = None) -> dict:
     config = QUICK if args.quick else FULL
     folder = None if args.quick else EXPERIMENTS / "out" / args.name
     key = json.loads(json.dumps(dataclasses.asdict(config)))
-    runs = [cached(None if folder is None else folder / f"seed{seed}.json", {**key, "seed": seed},
-                   lambda: run_seed(seed, config, progress=not args.no_progress))
+    results = None if folder is None else SeedResults(folder, key)
+    runs = [cached(results, seed, lambda: run_seed(seed, config, progress=not args.no_progress))
             for seed in tqdm(config.seeds, desc="noisy-label seeds", disable=args.no_progress)]
     per_seed = [result for result, _ in runs]
     minutes = sum(seconds for _, seconds in runs) / 60

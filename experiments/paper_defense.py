@@ -53,6 +53,7 @@ import robust_infl as ri
 from attacks.registry import make_attack
 from defenses import DefenceContext, evaluate_on_test
 from defenses.recipes import influence_scores, random_scores, select_and_retrain, training_loss_scores
+from defenses.seed_results import SeedResults
 from experiments._results import experiment_arguments, mean_std, paired_ci, save_figure, write_json, write_section
 from experiments.fairness import ensemble_options
 from experiments.noisy_labels import CheckpointingERM, cached
@@ -659,8 +660,8 @@ def main(argv: Optional[list] = None) -> dict:
     seconds = 0.0
     for setting, seed in tqdm(runs, desc="paper_defense", disable=args.no_progress):
         shared = {k: v for k, v in dataclasses.asdict(config).items() if k != "settings"}
-        key = json.loads(json.dumps({**dataclasses.asdict(setting), "seed": seed, "config": shared}))
-        result, took = cached(None if folder is None else folder / f"{setting.name}-seed{seed}.json", key,
+        key = json.loads(json.dumps({**dataclasses.asdict(setting), "config": shared}))
+        result, took = cached(None if folder is None else SeedResults(folder / setting.name, key), seed,
                               lambda: run_seed(setting, seed, config, progress=not args.no_progress))
         per_setting[setting.name].append(result)
         seconds += took
