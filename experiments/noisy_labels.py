@@ -28,8 +28,8 @@ the frozen layers at every Hessian-vector product.
 
     OMP_NUM_THREADS=1 PYTHONPATH=. .venv/bin/python -m experiments.noisy_labels [--quick]
 
-A full run stores each finished seed under ``experiments/out/noisy_labels/`` and reuses it when rerun
-with the same configuration.
+A full run stores each finished seed under ``experiments/out/noisy_labels/seeds/``
+(``defenses.seed_results.SeedResults``) and reuses it when rerun with the same configuration.
 """
 
 from __future__ import annotations

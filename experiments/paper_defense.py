@@ -31,8 +31,8 @@ points. paper minus leak-free is what scoring on the evaluation points adds; the
 
     OMP_NUM_THREADS=1 PYTHONPATH=. .venv/bin/python -m experiments.paper_defense [--quick]
 
-A full run stores each finished (setting, seed) under ``experiments/out/paper_defense/`` and reuses
-it when rerun with the same configuration.
+A full run stores each finished (setting, seed) under ``experiments/out/paper_defense/<setting>/seeds/``
+(``defenses.seed_results.SeedResults``) and reuses it when rerun with the same configuration.
 """
 
 from __future__ import annotations
