@@ -8,6 +8,7 @@ that clips to [0, 1] run on unbounded data through an exact affine change of var
 :func:`evaluate` reports clean accuracy, robust accuracy and attack success rate (targeted with
 ``target_class``). Backdoor poisoning: :class:`Trigger` (patch / blend; also an attack callable),
 :func:`poison` (BadNets, clean-label) and :class:`ARTPoison` (ART's backdoor poisoning attacks).
+:func:`make_attack`: an attack by its name (:data:`ATTACK_NAMES`; the command line's ``--attack``).
 """
 
 from .adapters import ART, AutoAttack, TorchAttacks, art_evasion_names, torchattacks_names

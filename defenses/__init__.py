@@ -2,7 +2,8 @@
 
 - :func:`prune`, :func:`reweight`, :func:`relabel`: scores -> keep-mask / weights / repaired labels.
 - :class:`ERM`, :class:`FastAT`, :class:`PGDAT`, :class:`TRADES` (subclasses of :class:`Trainer`) and
-  :class:`ARTTrainer`: (re)training with per-sample weights and a seed, from scratch or fine-tuning.
+  :class:`ARTTrainer`: (re)training with per-sample weights and a seed, from scratch or fine-tuning;
+  :func:`make_trainer`: a trainer by its name (:data:`TRAINER_NAMES`; the command line's ``--trainer``).
 - :class:`LookaheadReweighting`: online one-step-lookahead reweighting against the adversarial
   validation loss (recipe ``lookahead``); :class:`LookaheadWeights`: the same weights as a per-batch
   hook for your own training loop; :class:`SelectionWeights`: a selection recipe's keep-mask or
