@@ -19,7 +19,7 @@ from typing import Iterable, Optional
 
 from robust_infl.io import atomic_write, atomic_write_json, atomic_write_text
 
-from .stats import DEGENERATE_INTERVAL, half_width, mean_std, paired_difference
+from .stats import half_width, mean_std, paired_difference
 
 __all__ = ["METRICS", "ALIASES", "mean_std", "paired_difference", "format_interval", "summarise", "summarise_base", "without_timing", "TIMING_KEYS", "recommend", "pareto_front",
            "render_markdown", "plot_robust_vs_fraction", "plot_robust_vs_cost", "write_report"]
