@@ -118,21 +118,6 @@ def cost_clock(model: nn.Module) -> str:
     return "cpu" if device.type == "cpu" else "wall"
 
 
-def _training_attack(trainer, seed: int) -> Optional[Callable]:
-    """The attack behind an adversarial trainer's training loss (None for clean or TRADES losses)."""
-    import attacks
-
-    if isinstance(trainer, PGDAT):
-        if trainer.attack is not None:
-            return trainer.attack
-        return attacks.PGD(trainer.eps, alpha=trainer.alpha, steps=trainer.steps, norm=trainer.norm,
-                           bounds=trainer.bounds, seed=seed)
-    if isinstance(trainer, ARTTrainer) and trainer.name == "madry-pgd":
-        return attacks.PGD(trainer.eps, alpha=trainer.eps_step, steps=trainer.max_iter, norm=trainer.norm,
-                           bounds=trainer.bounds, seed=seed)
-    return None
-
-
 def _trainer_settings(trainer) -> dict:
     """Every parameter of ``trainer`` that changes a number, except those the config holds already."""
     covered = ("progress", "epochs", "lr", "batch_size", "retrain")  # in the config (or the trainer's repr)
@@ -505,11 +490,11 @@ def run(
         trainer = make_trainer(trainer, epochs=epochs, lr=lr, batch_size=batch_size, retrain=retrain,
                                eps=eps if eps is not None else defaults.eps, norm=norm or defaults.norm,
                                bounds=first.bounds, train_steps=train_steps, progress=False)
-    elif callable(getattr(trainer, "fit", None)) and callable(getattr(trainer, "with_retrain", None)):
+    elif all(callable(getattr(trainer, name, None)) for name in ("fit", "with_retrain", "training_attack")):
         trainer_label = repr(trainer)
         trainer = trainer.with_retrain(retrain)
     else:
-        raise TypeError(f"trainer: expected a name or a trainer with fit() and with_retrain(), "
+        raise TypeError(f"trainer: expected a name or a trainer with fit(), with_retrain() and training_attack(), "
                         f"got {type(trainer).__name__}")
     if isinstance(trainer, ARTTrainer) and mode == "reweight" and scheme != "hard":
         raise ValueError("mode: ART's trainers take no per-sample weights; use --mode prune or --scheme hard "
@@ -582,7 +567,7 @@ def run(
                                     evaluation=evaluation,
                                     context=dict(trainer=trainer, mode=mode, scheme=scheme, temperature=temperature,
                                                  method=method, method_options=method_options,
-                                                 train_attack=_training_attack(trainer, seed), progress=False))
+                                                 train_attack=trainer.training_attack(seed), progress=False))
                 if saved is not None:
                     saved.save(seed, fingerprint, results)
             else:

@@ -150,14 +150,6 @@ def make_trainer(setting: Setting, kind: str):
     return PGDAT(eps=setting.eps, norm=setting.norm, steps=setting.at_steps, bounds=setting.bounds, **common)
 
 
-def training_attack(trainer, seed: int) -> Optional[Callable]:
-    """The PGD of an adversarial trainer as an attack (for scoring at adversarial training points)."""
-    if not isinstance(trainer, PGDAT):
-        return None
-    return attacks.PGD(trainer.eps, alpha=trainer.alpha, steps=trainer.steps, norm=trainer.norm,
-                       bounds=trainer.bounds, seed=seed)
-
-
 def defended_model(recipe: str, ctx: DefenceContext) -> nn.Module:
     """The model recipe ``recipe`` builds from the context (``none``: the base model itself)."""
     if recipe == "none":
@@ -233,7 +225,7 @@ def run_seed(setting: Setting, kind: str, seed: int, checkpoint: Path, progress:
     base_seconds = time.perf_counter() - start
     attack = threat_attack(setting, seed)
     ctx = DefenceContext(model=base, train=train, val=val, trainer=trainer, attack=attack, seed=seed,
-                         fraction=FRACTION, mode="prune", train_attack=training_attack(trainer, seed),
+                         fraction=FRACTION, mode="prune", train_attack=trainer.training_attack(seed),
                          progress=False, cache={})
     for recipe in RECIPES:
         if recipe in done:
