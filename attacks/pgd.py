@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 from torch import nn
@@ -10,9 +10,69 @@ from torch import nn
 from .base import (Attack, check_eps, check_logits, check_norm, check_positive_int, check_seed,
                    make_generator, per_sample_loss, predict)
 from .bounds import BoundsLike, check_bounds, check_within_bounds, resolve_bounds
-from .steps import clamp_to, per_sample_norm, project_l2_, random_delta
+from .steps import ascent_direction, clamp_to, per_sample_norm, project_l2_, random_delta
 
-__all__ = ["PGD"]
+__all__ = ["PGD", "pgd_ascent", "ITERATES"]
+
+ITERATES = ("point", "delta")
+
+
+def pgd_ascent(
+    objective: Callable[[torch.Tensor], torch.Tensor],
+    x: torch.Tensor,
+    *,
+    eps: float,
+    alpha: float,
+    steps: int,
+    norm: str,
+    bounds,
+    start: Optional[torch.Tensor] = None,
+    iterate: str = "point",
+) -> torch.Tensor:
+    """Projected gradient ascent of ``objective(x_adv)`` (a per-sample vector) in the ``norm`` ball of
+    radius ``eps`` around ``x``, intersected with resolved ``bounds`` (None or ``(low, high)``): the one
+    PGD loop, used by :class:`PGD` and by the adversarial trainers of ``defenses``.
+
+    ``start`` is the initial perturbation (None: the clean point). Each of the ``steps`` steps
+    moves ``alpha`` along the steepest ascent direction (the gradient sign for linf, the per-sample
+    normalised gradient for l2), projects onto the ball and clips to ``bounds``. ``iterate`` picks
+    what the loop carries, which changes only the rounding: ``"point"`` (the attack) carries the
+    adversarial point and clamps a linf step into the feasible box at once (a start is clipped to
+    ``bounds`` only); ``"delta"`` (the trainers) carries the perturbation, projected (the start
+    too) and clipped as ``clip(x + delta) - x``. Returns the detached adversarial points.
+    """
+    if iterate == "point":
+        if norm == "linf":
+            feasible = (clamp_to(x - eps, bounds), clamp_to(x + eps, bounds))
+        x_adv = x.clone()
+        if start is not None:
+            x_adv = clamp_to(x_adv.add_(start), bounds)
+        for _ in range(steps):
+            x_adv.requires_grad_(True)
+            (grad,) = torch.autograd.grad(objective(x_adv).sum(), x_adv)
+            x_adv = x_adv.detach()
+            if norm == "linf":
+                x_adv.add_(grad.sign_(), alpha=alpha).clamp_(*feasible)
+            else:
+                x_adv.add_(grad.mul_(alpha / per_sample_norm(grad).clamp_min(1e-12)))
+                x_adv = project_l2_(x_adv.sub_(x), eps).add_(x)
+                if bounds is not None:
+                    x_adv.clamp_(*bounds)
+        return x_adv
+    if iterate != "delta":
+        raise ValueError(f"iterate: must be one of {ITERATES}, got {iterate!r}")
+
+    def project(delta: torch.Tensor) -> torch.Tensor:
+        delta = delta.clamp(-eps, eps) if norm == "linf" else project_l2_(delta, eps)
+        return clamp_to(x + delta, bounds) - x
+
+    delta = project(torch.zeros_like(x) if start is None else start.detach().clone())
+    for _ in range(steps):
+        delta.requires_grad_(True)
+        (grad,) = torch.autograd.grad(objective(x + delta).sum(), delta)
+        with torch.no_grad():
+            delta = project(delta + alpha * ascent_direction(grad, norm))
+    return (x + delta).detach()
 
 
 class PGD(Attack):
@@ -61,29 +121,20 @@ class PGD(Attack):
         bounds = resolve_bounds(self.bounds, x)
         check_within_bounds(x, bounds)
         generator = make_generator(self.seed, x.device) if self.random_start else None
-        if self.norm == "linf":
-            # The feasible set is a box: the linf ball intersected with the bounds.
-            feasible = (clamp_to(x - self.eps, bounds), clamp_to(x + self.eps, bounds))
+        checked = []
+
+        def loss(x_adv: torch.Tensor) -> torch.Tensor:
+            logits = model(x_adv)
+            if not checked:
+                check_logits(logits, y)
+                checked.append(True)
+            return per_sample_loss(logits, y)
+
         best = None
         for _ in range(self.restarts):
-            x_adv = x.clone()
-            if generator is not None:
-                x_adv = clamp_to(x_adv.add_(random_delta(x, self.eps, self.norm, generator)), bounds)
-            for step in range(self.steps):
-                x_adv.requires_grad_(True)
-                logits = model(x_adv)
-                if step == 0 and best is None:
-                    check_logits(logits, y)
-                loss = per_sample_loss(logits, y).sum()
-                (grad,) = torch.autograd.grad(loss, x_adv)
-                x_adv = x_adv.detach()
-                if self.norm == "linf":
-                    x_adv.add_(grad.sign_(), alpha=self.alpha).clamp_(*feasible)
-                else:
-                    x_adv.add_(grad.mul_(self.alpha / per_sample_norm(grad).clamp_min(1e-12)))
-                    x_adv = project_l2_(x_adv.sub_(x), self.eps).add_(x)
-                    if bounds is not None:
-                        x_adv.clamp_(*bounds)
+            start = None if generator is None else random_delta(x, self.eps, self.norm, generator)
+            x_adv = pgd_ascent(loss, x, eps=self.eps, alpha=self.alpha, steps=self.steps, norm=self.norm,
+                               bounds=bounds, start=start)
             if self.restarts == 1:
                 return x_adv
             best = self._keep_worst(model, x_adv, y, best)

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from attacks import BinaryAsTwoLogits
+from attacks import PGD, BinaryAsTwoLogits
 
 from .data import as_tensors
 from .trainers import (NORMS, OPTIMIZERS, RETRAIN_MODES, check_labels_fit, copy_for_training, make_optimizer,
@@ -144,6 +144,14 @@ class ARTTrainer:
         other = copy.copy(self)
         other.retrain = check_choice(retrain, "retrain", RETRAIN_MODES)
         return other
+
+    def training_attack(self, seed: int) -> Optional[Callable]:
+        """For ``"madry-pgd"``, :class:`attacks.PGD` with this trainer's ``eps``, ``eps_step``, ``max_iter``,
+        ``norm`` and ``bounds``, seeded with ``seed``; None for TRADES (a KL term, not the label loss at
+        attacked points) and for a factory (whose attack is not known)."""
+        if self.name != "madry-pgd":
+            return None
+        return PGD(self.eps, alpha=self.eps_step, steps=self.max_iter, norm=self.norm, bounds=self.bounds, seed=seed)
 
     def _pgd(self, classifier):
         from art.attacks.evasion import ProjectedGradientDescent

@@ -36,6 +36,7 @@ from torch import nn
 import attacks
 from robust_infl.engine import build_problem, directional_derivatives, objective_gradient
 from robust_infl.objectives import Robust, Utility
+from robust_infl.options import ScoringOptions
 from robust_infl.validation import TargetSet
 
 from .data import as_tensors
@@ -164,8 +165,9 @@ class LookaheadWeights:
 
     def _problem(self, train: tuple, target: TargetSet, objective, seed: int):
         names = tuple(name for name, p in self.model.named_parameters() if p.requires_grad)
+        options = ScoringOptions(batch_size=max(train[0].shape[0], len(target)), seed=seed, progress=False)
         return build_problem(self.model, train, target, objective, loss_fn=self.loss_fn, param_names=names,
-                             batch_size=max(train[0].shape[0], len(target)), device=train[0].device, seed=seed)
+                             device=train[0].device, options=options)
 
     def validation_gradient(self, refresh: int = 0) -> dict:
         """Gradient of the validation objective on a fresh seeded batch, at the model's current weights."""

@@ -11,8 +11,6 @@ place, :func:`evaluate_on_test`.
 
 from __future__ import annotations
 
-import copy
-import hashlib
 import math
 import time
 from typing import Callable, Optional, Sequence, Union
@@ -22,59 +20,19 @@ from torch import nn
 from tqdm.auto import tqdm
 
 import attacks
-import robust_infl
-from attacks.base import attack_settings, plain_value
-from attacks.registry import make_attack
 from robust_infl.datasets import Splits
-from robust_infl.io import check_output_folder
-from robust_infl.methods.hessian import check_exact_size
-from robust_infl.registry import DATA_DEFAULTS, USER_DATA_DEFAULTS, data_defaults, load_splits, model_factory
-from robust_infl.store import data_hash, model_hash
-from robust_infl.validation import check_nonnegative_float, resolve_param_names
 
-from .art_trainer import ARTTrainer
 from .data import as_tensors
-from .eval_suite import build_suite, evaluate_suite, resolve_suite
+from .eval_suite import build_suite, evaluate_suite
+from .plan import MODES, RunPlan, RunSettings, plan_run, seeded_split
 from .poisoning import run_poisoned
-from .recipes import DEFAULT_RECIPES, DefenceContext, get_recipe
-from .references import erm_like, reference_trainers
-from .registry import make_trainer
+from .recipes import DEFAULT_RECIPES, DefenceContext
+from .references import erm_like
 from .report import recommend, summarise, summarise_base, write_report
-from .seed_results import SeedResults, prepare_out_folder
-from .selection import REWEIGHT_SCHEMES, check_budget
-from .trainers import ERM, PGDAT
-from .validation import check_bool, check_choice, check_int, check_positive
+from .seed_results import SeedResults, prepare_out_folder, run_seeds
+from .trainers import ERM
 
-__all__ = ["run", "evaluate_on_test", "seeded_split", "MODES"]
-
-MODES = ("prune", "reweight")
-
-
-def seeded_split(data, seed: int, val_fraction: float = 0.15, test_fraction: float = 0.2,
-                 bounds=None) -> Splits:
-    """Split one data set ``(X, y[, s])`` into train / validation / test with a seeded permutation."""
-    tensors = as_tensors(data, "data")
-    n = tensors[0].shape[0]
-    n_val, n_test = round(val_fraction * n), round(test_fraction * n)
-    if not (0 < val_fraction < 1 and 0 < test_fraction < 1) or min(n_val, n_test, n - n_val - n_test) < 1:
-        raise ValueError(f"data: cannot split {n} samples into train / validation ({val_fraction}) / test "
-                         f"({test_fraction}) with at least one sample each")
-    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
-    parts = (order[n_val + n_test:], order[:n_val], order[n_val:n_val + n_test])
-    train, val, test = (tuple(t[idx] for t in tensors) for idx in parts)
-    return _user_splits(train, val, test, bounds)
-
-
-def _user_splits(train, val, test, bounds) -> Splits:
-    train, val = as_tensors(train, "train"), as_tensors(val, "val")
-    classes = int(max(int(train[1].max()), int(val[1].max()))) + 1
-    return Splits("user", train, val, tuple(test), tuple(train[0].shape[1:]), max(classes, 2), bounds)
-
-
-def _label(obj) -> str:
-    if isinstance(obj, str):
-        return obj
-    return getattr(obj, "__name__", type(obj).__name__)
+__all__ = ["run", "execute", "evaluate_on_test", "seeded_split", "MODES", "RunPlan", "RunSettings", "plan_run"]
 
 
 def evaluate_on_test(model: nn.Module, test, attack: Callable, base_adversarial: Optional[torch.Tensor] = None, *,
@@ -120,84 +78,6 @@ def cost_clock(model: nn.Module) -> str:
     machine do not inflate) for a model on the CPU, ``"wall"`` on an accelerator (whose work CPU time misses)."""
     device = next((t.device for t in (*model.parameters(), *model.buffers())), torch.device("cpu"))
     return "cpu" if device.type == "cpu" else "wall"
-
-
-def _training_attack(trainer, seed: int) -> Optional[Callable]:
-    """The attack behind an adversarial trainer's training loss (None for clean or TRADES losses)."""
-    if isinstance(trainer, PGDAT):
-        if trainer.attack is not None:
-            return trainer.attack
-        return attacks.PGD(trainer.eps, alpha=trainer.alpha, steps=trainer.steps, norm=trainer.norm,
-                           bounds=trainer.bounds, seed=seed)
-    if isinstance(trainer, ARTTrainer) and trainer.name == "madry-pgd":
-        return attacks.PGD(trainer.eps, alpha=trainer.eps_step, steps=trainer.max_iter, norm=trainer.norm,
-                           bounds=trainer.bounds, seed=seed)
-    return None
-
-
-def _trainer_settings(trainer) -> dict:
-    """Every parameter of ``trainer`` that changes a number, except those the config holds already."""
-    covered = ("progress", "epochs", "lr", "batch_size", "retrain")  # in the config (or the trainer's repr)
-    return {k: v for k, v in attack_settings(trainer).items() if k not in covered}
-
-
-def _resume_settings(config: dict, model, bounds, train_steps: int, eval_batch_size: int, *, trainer,
-                     built_model: nn.Module) -> dict:
-    """What per-seed results depend on besides the seed and its data: the config without the seed list
-    (it holds the attack's settings and the bounds), the bounds argument, the adversarial trainers'
-    steps, the evaluation batch size, every trainer parameter, and a given module's weights (a
-    factory's model: its architecture)."""
-    settings = {k: v for k, v in config.items() if k != "seeds"}
-    architecture = hashlib.sha256(repr(built_model).encode()).hexdigest()[:16]
-    settings.update(bounds_argument=repr(bounds), train_steps=train_steps, eval_batch_size=eval_batch_size,
-                    trainer_settings=_trainer_settings(trainer),
-                    model_hash=model_hash(model) if isinstance(model, nn.Module) else f"architecture {architecture}")
-    return settings
-
-
-def _check_method_fits(method: str, method_options: dict, model: nn.Module) -> None:
-    """Before any training: the influence method can score the models this run trains (tracin needs
-    their checkpoints, which do not exist yet; if-exact at most its parameter limit; ``params`` and
-    ``damping`` are valid)."""
-    if "damping" in method_options:
-        check_nonnegative_float("damping", method_options["damping"])
-    if method == "tracin":
-        raise ValueError("method: 'tracin' needs checkpoints of the model it scores, and defenses.run trains a new "
-                         "model per seed; score a model you trained with robust_infl.influence(method='tracin')")
-    if method == "if-exact":
-        check_exact_size(model, method_options.get("params"))
-    else:
-        resolve_param_names(model, method_options.get("params"))
-
-
-def _auto_bounds(data, attack, bounds):
-    """``bounds="auto"`` resolved where the data alone does not decide: the bounds of an attack object
-    that declares them; for a named attack on your own ``(X, y)`` tensors, the attacks' default (0, 1)
-    when every value of X lies in it, else None. Otherwise ``bounds`` as given (a named data set
-    keeps its own bounds under ``"auto"``)."""
-    if not isinstance(bounds, str):
-        return bounds
-    if not isinstance(attack, str) and hasattr(attack, "bounds"):
-        return attack.bounds
-    if isinstance(data, (tuple, list)) and data and all(torch.is_tensor(t) for t in data):
-        X = data[0]
-        inside = X.is_floating_point() and X.numel() > 0 and bool(((X >= 0) & (X <= 1)).all())
-        return (0.0, 1.0) if inside else None
-    return bounds
-
-
-def _threat_model(attack) -> dict:
-    """``eps``, ``norm`` and ``steps`` of ``attack``: each None when the attack has no such parameter."""
-    return {key: plain_value(getattr(attack, key, None)) for key in ("eps", "norm", "steps")}
-
-
-def _attack_settings(attack, *, named: bool) -> dict:
-    """The attack's class and parameters (:func:`attacks.attack_settings`); a named attack is built per
-    seed, so its ``seed`` is recorded as the run's seed."""
-    settings = attack_settings(attack)
-    if named and "seed" in settings:
-        settings["seed"] = "the run's seed"
-    return settings
 
 
 def _run_seed(seed: int, splits: Splits, tasks: list, bar, *, model_for: Callable, attack_fn: Callable,
@@ -260,82 +140,6 @@ def _check_two_classes(train: tuple, seed: int) -> None:
                          f"({classes.tolist()}); a classifier and its defence need at least two")
 
 
-def _check_fractions(fractions) -> list:
-    if isinstance(fractions, (int, float)) and not isinstance(fractions, bool):
-        fractions = [fractions]
-    if not isinstance(fractions, (list, tuple)) or not fractions:
-        raise ValueError(f"fractions: must be a non-empty list of numbers in (0, 1), got {fractions!r}")
-    out = []
-    for f in fractions:
-        if isinstance(f, bool) or not isinstance(f, (int, float)) or not 0 < f < 1:
-            raise ValueError(f"fractions: every fraction must be in (0, 1), got {f!r}")
-        if float(f) in out:
-            raise ValueError(f"fractions: {f} is given twice")
-        out.append(float(f))
-    return sorted(out)
-
-
-def _check_seeds(seeds) -> list:
-    if isinstance(seeds, int) and not isinstance(seeds, bool):
-        return list(range(check_int(seeds, "seeds", 1)))
-    if not isinstance(seeds, (list, tuple)) or not seeds:
-        raise ValueError(f"seeds: must be a count >= 1 or a non-empty list of seeds, got {seeds!r}")
-    for s in seeds:
-        check_int(s, "seeds", 0)
-    if len(set(seeds)) != len(seeds):
-        raise ValueError(f"seeds: must be distinct, got {list(seeds)}")
-    return list(seeds)
-
-
-def _resolve_data(data, n_sizes: tuple, bounds) -> tuple:
-    """``(splits_for(seed) -> Splits, defaults, label)`` for a name, Splits, (train, val, test), (X, y) or callable
-    (label None: the name of the splits it returns)."""
-    def with_bounds(splits: Splits) -> Splits:
-        if isinstance(bounds, str):
-            return splits
-        return Splits(splits.name, splits.train, splits.val, splits.test, splits.input_shape, splits.num_classes,
-                      bounds)
-
-    def to_splits(value) -> Splits:
-        if isinstance(value, Splits):
-            return with_bounds(value)
-        if isinstance(value, (tuple, list)) and len(value) == 3 and all(isinstance(p, (tuple, list)) for p in value):
-            return _user_splits(*value, None if isinstance(bounds, str) else bounds)
-        raise TypeError("data: expected a data set name, Splits, (train, val, test), (X, y[, s]) or a callable "
-                        f"seed -> Splits, got {type(value).__name__}")
-
-    if isinstance(data, str):
-        defaults = data_defaults(data)
-        return (lambda seed: with_bounds(load_splits(data, seed, *n_sizes))), defaults, data
-    if isinstance(data, (tuple, list)) and data and all(torch.is_tensor(t) for t in data):
-        user_bounds = None if isinstance(bounds, str) else bounds
-        return (lambda seed: seeded_split(data, seed, bounds=user_bounds)), USER_DATA_DEFAULTS, "user"
-    if callable(data) and not isinstance(data, (Splits, tuple, list)):
-        return (lambda seed: to_splits(data(seed))), USER_DATA_DEFAULTS, None
-    fixed = to_splits(data)
-    return (lambda seed: fixed), DATA_DEFAULTS.get(fixed.name, USER_DATA_DEFAULTS), fixed.name
-
-
-def _resolve_model(model, defaults) -> tuple:
-    """``(model_for(seed, splits) -> nn.Module, label)`` (label None: the class of the model a factory builds)."""
-    if model is None:
-        if not defaults.model:
-            raise ValueError("model: required when the data is not a named data set")
-        model = defaults.model
-    if isinstance(model, str):
-        return (lambda seed, splits: model_factory(model, splits)(seed)), model
-    if isinstance(model, nn.Module):
-        return (lambda seed, splits: copy.deepcopy(model)), type(model).__name__
-    if callable(model):
-        def build(seed, splits):
-            built = model(seed)
-            if not isinstance(built, nn.Module):
-                raise TypeError(f"model: the factory must return an nn.Module, got {type(built).__name__}")
-            return built
-        return build, None
-    raise TypeError(f"model: expected a name, an nn.Module or a factory seed -> nn.Module, got {type(model).__name__}")
-
-
 def run(
     data: Union[str, Splits, Sequence, Callable] = "mnist",
     model: Union[str, nn.Module, Callable, None] = None,
@@ -373,6 +177,10 @@ def run(
     poison=None,
 ) -> dict:
     """Run the defence and its baselines over several seeds and return (and optionally write) the report.
+
+    The run is planned first (:func:`defenses.plan.plan_run`: every argument checked and the inputs
+    resolved into a :class:`~defenses.plan.RunPlan`, before any training), then executed
+    (:func:`execute`); the report's ``config`` records the plan.
 
     Args:
         data: a data set name (``mnist``, ``digits``, ``adult``, ``moons``, ``mnist-full``; split per
@@ -438,160 +246,61 @@ def run(
         machine do not inflate; wall time on an accelerator);
         ``robust_acc`` and ``transfer_acc`` are aliases of the adaptive and transfer accuracies.
     """
-    check_bool(progress, "progress")
-    check_bool(resume, "resume")
-    check_bool(overwrite, "overwrite")
-    if resume and out is None:
-        raise ValueError("resume: needs out, the folder holding the per-seed results to reuse")
-    if out is not None:
-        check_output_folder(out, "out")
-    fractions = _check_fractions(fractions)
-    seeds = _check_seeds(seeds)
-    check_choice(mode, "mode", MODES)
-    check_choice(scheme, "scheme", REWEIGHT_SCHEMES)
-    check_positive(temperature, "temperature")
-    check_int(train_steps, "train_steps", 1)
-    check_int(eval_batch_size, "eval_batch_size", 1)
-    check_int(eval_subset, "eval_subset", 1)
-    if isinstance(recipes, str) or not recipes:
-        raise ValueError(f"recipes: must be a non-empty list of recipe names, got {recipes!r}")
-    chosen = [get_recipe(name) for name in recipes] if poison is None else []
-    if len({r.name for r in chosen}) != len(chosen):
-        raise ValueError(f"recipes: names must be distinct, got {list(recipes)}")
-    if "influence" in recipes:
-        if method not in robust_infl.available_methods():
-            raise ValueError(f"method: unknown method {method!r}; valid names are "
-                             f"{', '.join(robust_infl.available_methods())}")
-    method_options = dict(method_options or {})
+    settings = RunSettings(
+        data=data, model=model, attack=attack, eps=eps, norm=norm, steps=steps, bounds=bounds, method=method,
+        method_options=method_options, fractions=fractions, mode=mode, scheme=scheme, temperature=temperature,
+        retrain=retrain, trainer=trainer, recipes=recipes, references=references, eval_attacks=eval_attacks,
+        eval_subset=eval_subset, seeds=seeds, epochs=epochs, lr=lr, batch_size=batch_size, train_steps=train_steps,
+        n_train=n_train, n_val=n_val, n_test=n_test, eval_batch_size=eval_batch_size, out=out, resume=resume,
+        overwrite=overwrite, progress=progress, poison=poison)
+    return execute(plan_run(settings))
 
-    bounds = _auto_bounds(data, attack, bounds)
-    splits_for, defaults, data_label = _resolve_data(data, (n_train, n_val, n_test), bounds)
-    model_for, model_label = _resolve_model(model, defaults)
-    first = splits_for(seeds[0])
-    for fraction in fractions:
-        check_budget(int(first.train[0].shape[0]), fraction, "fractions", "training samples")
-    first_model = model_for(seeds[0], first)
-    if "influence" in recipes:
-        _check_method_fits(method, method_options, first_model)
-    data_label = data_label or first.name
-    model_label = model_label or type(first_model).__name__
-    norm = defaults.norm if norm is None else check_choice(norm, "norm", ("linf", "l2"))
-    eps = defaults.eps if eps is None else check_positive(eps, "eps")
-    steps = defaults.steps if steps is None else check_int(steps, "steps", 1)
-    epochs = defaults.epochs if epochs is None else epochs
-    lr = defaults.lr if lr is None else lr
-    batch_size = defaults.batch_size if batch_size is None else batch_size
 
-    if isinstance(attack, str):
-        attack_label = attack
-        make_attack(attack, eps=eps, norm=norm, steps=steps, bounds=first.bounds)  # validate now, build per seed
+def execute(plan: RunPlan) -> dict:
+    """Run a :class:`~defenses.plan.RunPlan` (see :func:`run`) and return (and with ``out`` write) its report.
 
-        def attack_for(seed, splits):
-            return make_attack(attack_label, eps=eps, norm=norm, steps=steps, bounds=splits.bounds, seed=seed)
-    elif callable(attack):
-        attack_label = _label(attack)
-        eps, norm = getattr(attack, "eps", None), getattr(attack, "norm", None)
+    Every seed trains the base model, evaluates it, then runs each ``(recipe, fraction)`` task and
+    each reference trainer (:func:`_run_seed`); the per-seed results are saved and reused on resume
+    by :func:`defenses.seed_results.run_seeds`. A poisoning plan is run by
+    :func:`defenses.poisoning.run_poisoned`. The report's ``config`` is :meth:`RunPlan.config`.
+    """
+    s = plan.settings
+    if s.out is not None:
+        prepare_out_folder(s.out, resume=s.resume, overwrite=s.overwrite)
+    if s.poison is not None:
+        return run_poisoned(s.poison, seeds=plan.seeds, splits_for=plan.splits, model_for=plan.model_for,
+                            attack_for=plan.attack_for, trainer=plan.base_trainer, config=plan.poison_config(),
+                            recipes=plan.poison_recipes(), eval_batch_size=s.eval_batch_size, out=s.out,
+                            resume=s.resume, progress=s.progress)
+    config, tasks = plan.config(), plan.tasks()
+    saved = None if s.out is None else SeedResults(s.out, plan.resume_settings(config))
+    evaluation = dict(threat=plan.attack_label, eval_subset=s.eval_subset, batch_size=s.eval_batch_size,
+                      progress=False)
+    context = dict(trainer=plan.trainer, mode=s.mode, scheme=s.scheme, temperature=s.temperature, method=s.method,
+                   method_options=plan.method_options, progress=False)
+    per_seed = 1 + len(tasks) + len(plan.references)
+    with tqdm(total=len(plan.seeds) * per_seed, desc="defence", disable=None if s.progress else True) as bar:
+        def compute(seed, splits):
+            bar.set_postfix_str(f"seed {seed}")
+            seed_attack = plan.attack_for(seed, splits)
+            evaluation["suite"] = build_suite(plan.suite_names, eps=plan.eps, norm=plan.norm, steps=plan.steps,
+                                              bounds=splits.bounds, seed=seed)
+            return _run_seed(seed, splits, tasks, bar, model_for=plan.model_for, attack_fn=seed_attack,
+                             base_trainer=plan.base_trainer, references=plan.references,
+                             cost_unit=erm_like(plan.trainer), evaluation=evaluation,
+                             context=dict(context, train_attack=plan.trainer.training_attack(seed)))
 
-        def attack_for(seed, splits):
-            return attack
-    else:
-        raise TypeError(f"attack: expected a name or a callable attack(model, x, y), got {type(attack).__name__}")
-
-    if isinstance(trainer, str):
-        trainer_label = trainer
-        trainer = make_trainer(trainer, epochs=epochs, lr=lr, batch_size=batch_size, retrain=retrain,
-                               eps=eps if eps is not None else defaults.eps, norm=norm or defaults.norm,
-                               bounds=first.bounds, train_steps=train_steps, progress=False)
-    elif callable(getattr(trainer, "fit", None)) and callable(getattr(trainer, "with_retrain", None)):
-        trainer_label = repr(trainer)
-        trainer = trainer.with_retrain(retrain)
-    else:
-        raise TypeError(f"trainer: expected a name or a trainer with fit() and with_retrain(), "
-                        f"got {type(trainer).__name__}")
-    if isinstance(trainer, ARTTrainer) and mode == "reweight" and scheme != "hard":
-        raise ValueError("mode: ART's trainers take no per-sample weights; use --mode prune or --scheme hard "
-                         "with an art-* trainer")
-    base_trainer = trainer.with_retrain("scratch")
-    if poison is not None:
-        if out is not None:
-            prepare_out_folder(out, resume=resume, overwrite=overwrite)
-        return run_poisoned(
-            poison, seeds=seeds, splits_for=lambda seed: first if seed == seeds[0] else splits_for(seed),
-            model_for=model_for, attack_for=attack_for, trainer=base_trainer,
-            config={"data": data_label, "model": model_label, "attack": attack_label, "eps": eps, "norm": norm,
-                    "steps": steps, "attack_settings": _attack_settings(attack_for(seeds[0], first),
-                                                                       named=isinstance(attack, str)),
-                    "bounds": plain_value(first.bounds), "trainer": trainer_label,
-                    "trainer_settings": _trainer_settings(trainer), "seeds": seeds, "epochs": epochs, "lr": lr,
-                    "batch_size": batch_size, "train_steps": train_steps, "n_train": int(first.train[0].shape[0]),
-                    "n_val": int(first.val[0].shape[0]), "n_test": int(first.test[0].shape[0])},
-            recipes=None if tuple(recipes) == tuple(DEFAULT_RECIPES) else list(recipes),
-            eval_batch_size=eval_batch_size, out=out, resume=resume, progress=progress)
-    references = reference_trainers(trainer, references, eps=eps, norm=norm, bounds=first.bounds,
-                                    train_steps=train_steps)
-    suite_names = resolve_suite(eval_attacks, attack_label, eps=eps, bounds=first.bounds,
-                                num_classes=first.num_classes)
-
-    first_attack = attack_for(seeds[0], first)
-    config = {
-        "data": data_label, "model": model_label, "attack": attack_label,
-        **_threat_model(first_attack),
-        "attack_settings": _attack_settings(first_attack, named=isinstance(attack, str)),
-        "bounds": plain_value(first.bounds), "method": method,
-        "method_options": {k: repr(v) for k, v in method_options.items()},
-        "fractions": fractions, "mode": mode, "scheme": scheme if mode == "reweight" else None,
-        "temperature": temperature if mode == "reweight" and scheme == "smooth" else None,
-        "retrain": retrain, "trainer": trainer_label, "recipes": list(recipes), "references": list(references),
-        "eval_attacks": [attack_label] + suite_names, "eval_subset": eval_subset if suite_names else None,
-        "cost_unit": "one ERM fit of the same schedule, data and seed, timed after the base model; CPU time of "
-                     "this process for models on the CPU, wall time on an accelerator",
-        "seeds": seeds,
-        "epochs": epochs, "lr": lr, "batch_size": batch_size,
-        "n_train": int(first.train[0].shape[0]), "n_val": int(first.val[0].shape[0]),
-        "n_test": int(first.test[0].shape[0]),
-    }
-
-    budgeted = [r for r in chosen if r.uses_budget]
-    once = [r for r in chosen if not r.uses_budget]
-    tasks = [(r, None) for r in once] + [(r, f) for f in fractions for r in budgeted]
-    saved = None
-    if out is not None:
-        prepare_out_folder(out, resume=resume, overwrite=overwrite)
-        saved = SeedResults(out, _resume_settings(config, model, bounds, train_steps, eval_batch_size,
-                                                  trainer=trainer, built_model=first_model))
-    base_rows, rows = [], []
-    evaluation = dict(threat=attack_label, eval_subset=eval_subset, batch_size=eval_batch_size, progress=False)
-    per_seed = 1 + len(tasks) + len(references)
-    with tqdm(total=len(seeds) * per_seed, desc="defence", disable=None if progress else True) as bar:
-        for seed in seeds:
-            splits = first if seed == seeds[0] else splits_for(seed)
-            fingerprint = None if saved is None else data_hash(splits.train, splits.val, splits.test)
-            results = saved.load(seed, fingerprint) if resume else None
-            if results is None:
-                bar.set_postfix_str(f"seed {seed}")
-                seed_attack = attack_for(seed, splits)
-                evaluation["suite"] = build_suite(suite_names, eps=eps, norm=norm, steps=steps, bounds=splits.bounds,
-                                                  seed=seed)
-                results = _run_seed(seed, splits, tasks, bar, model_for=model_for, attack_fn=seed_attack,
-                                    base_trainer=base_trainer, references=references, cost_unit=erm_like(trainer),
-                                    evaluation=evaluation,
-                                    context=dict(trainer=trainer, mode=mode, scheme=scheme, temperature=temperature,
-                                                 method=method, method_options=method_options,
-                                                 train_attack=_training_attack(trainer, seed), progress=False))
-                if saved is not None:
-                    saved.save(seed, fingerprint, results)
-            else:
-                bar.update(per_seed)
-            base_rows.append(results["base"])
-            rows += results["runs"]
-
+        results = run_seeds(plan.seeds, plan.splits, compute, saved=saved, resume=s.resume,
+                            on_reused=lambda seed: bar.update(per_seed))
+    base_rows = [r["base"] for r in results]
+    rows = [row for r in results for row in r["runs"]]
     report = {
         "config": config,
         "base": summarise_base(base_rows),
         "per_seed": {"base": base_rows, "runs": rows},
-        "summary": summarise(rows, [r.name for r in chosen] + list(references), fractions),
+        "summary": summarise(rows, [r.name for r in plan.recipes] + list(plan.references), plan.fractions),
     }
     report["recommendation"] = recommend(report["summary"])
-    if out is not None:
-        write_report(report, out)
+    if s.out is not None:
+        write_report(report, s.out)
     return report

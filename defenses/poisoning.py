@@ -23,6 +23,7 @@
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Optional, Sequence
@@ -35,12 +36,11 @@ import attacks
 import robust_infl
 from attacks.poisoning import check_rate, check_target_class
 from robust_infl.io import atomic_write, atomic_write_json, atomic_write_text
-from robust_infl.store import data_hash
 
 from . import poison_detection as detect
 from .data import as_tensors, take
 from .report import format_interval
-from .seed_results import SeedResults
+from .seed_results import SeedResults, run_seeds
 from .selection import budget_size, most_harmful
 from .stats import mean_std, paired_difference
 from .validation import check_choice, check_int
@@ -402,8 +402,6 @@ def poisoned_seed(seed: int, splits, spec: PoisonSpec, recipes: Sequence[str], *
                   attack: Callable, eval_batch_size: int = 256, progress: bool = False,
                   on_recipe: Optional[Callable[[str], None]] = None) -> dict:
     """One seed of :func:`run_poisoned`: ``{"base": row, "runs": [row, ...], "timing": {...}}``."""
-    import time
-
     train, val = as_tensors(splits.train, "train"), as_tensors(splits.val, "val")
     trigger = attacks.Trigger.patch(tuple(splits.input_shape), size=spec.patch_size)
     trainer = trainer.with_retrain("scratch")
@@ -543,22 +541,19 @@ def run_poisoned(spec, *, seeds: list, splits_for: Callable, model_for: Callable
             raise ValueError(f"recipes: unknown poisoning recipe {name!r}; valid names are {', '.join(POISON_RECIPES)}")
     config = {**config, "recipes": recipes, "poison": asdict(spec)}
     saved = None if out is None else SeedResults(out, {k: v for k, v in config.items() if k != "seeds"})
-    base_rows, rows, timings = [], [], []
     with tqdm(total=len(seeds), desc="poisoning", disable=None if progress else True) as bar:
-        for seed in seeds:
-            splits = first if seed == seeds[0] else splits_for(seed)
-            fingerprint = None if saved is None else data_hash(splits.train, splits.val, splits.test)
-            results = saved.load(seed, fingerprint) if resume else None
-            if results is None:
-                results = poisoned_seed(seed, splits, spec, recipes, model_for=model_for, trainer=trainer,
-                                        attack=attack_for(seed, splits), eval_batch_size=eval_batch_size,
-                                        on_recipe=lambda label: bar.set_postfix_str(f"seed {seed}: {label}"))
-                if saved is not None:
-                    saved.save(seed, fingerprint, results)
+        def compute(seed, splits):
+            results = poisoned_seed(seed, splits, spec, recipes, model_for=model_for, trainer=trainer,
+                                    attack=attack_for(seed, splits), eval_batch_size=eval_batch_size,
+                                    on_recipe=lambda label: bar.set_postfix_str(f"seed {seed}: {label}"))
             bar.update()
-            base_rows.append(results["base"])
-            rows += results["runs"]
-            timings.append(results["timing"])
+            return results
+
+        per_seed = run_seeds(seeds, lambda seed: first if seed == seeds[0] else splits_for(seed), compute, saved=saved,
+                             resume=resume, on_reused=lambda seed: bar.update())
+    base_rows = [r["base"] for r in per_seed]
+    rows = [row for r in per_seed for row in r["runs"]]
+    timings = [r["timing"] for r in per_seed]
     report = {"config": config,
               "base": {m: mean_std(r[m] for r in base_rows) for m in ("clean_acc", "asr_backdoor", "robust_acc")},
               "per_seed": {"base": base_rows, "runs": rows, "timing": timings},

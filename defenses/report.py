@@ -179,7 +179,7 @@ def render_markdown(report: dict) -> str:
         f"over the validation split; mode={cfg['mode']}, retrain={cfg['retrain']}, trainer={cfg['trainer']}; "
         f"seeds {cfg['seeds']}.",
         "References (same data, schedule and seed): " + (", ".join(references) if references else
-                                                           f"none (the run's own trainer, row `none`)") + ".",
+                                                           "none (the run's own trainer, row `none`)") + ".",
         "",
         *_bounds(cfg),
         "| recipe | fraction | clean acc | robust acc (adaptive) | robust acc (transfer) | ASR (adaptive) "

@@ -16,11 +16,12 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Mapping, Optional
+from typing import Any, Callable, Mapping, Optional, Sequence
 
 from robust_infl.io import PathLike, atomic_write_json, check_output_folder, json_safe
+from robust_infl.store import data_hash
 
-__all__ = ["SeedResults", "SEEDS_DIR", "FORMAT_VERSION", "RUN_FILES", "prepare_out_folder"]
+__all__ = ["SeedResults", "SEEDS_DIR", "FORMAT_VERSION", "RUN_FILES", "prepare_out_folder", "run_seeds"]
 
 SEEDS_DIR = "seeds"
 FORMAT_VERSION = 2  # 2: rows carry the suite, attack success and training cost
@@ -104,3 +105,26 @@ class SeedResults:
         record = {"format_version": FORMAT_VERSION, "seed": seed, "settings": self._key(data_fingerprint),
                   "results": dict(results)}
         return atomic_write_json(self.path(seed), record)
+
+
+def run_seeds(seeds: Sequence[int], splits_for: Callable, compute: Callable, *, saved: Optional[SeedResults],
+              resume: bool, on_reused: Callable[[int], None]) -> list:
+    """The per-seed loop of a run: each seed's results, in order, from ``compute(seed, splits)``, or with
+    ``resume`` the ones ``saved`` holds for that seed and its data (``on_reused(seed)`` is called then).
+
+    Computed results are saved (``saved.save``) as each seed completes, keyed by a fingerprint of
+    the seed's splits (:func:`robust_infl.store.data_hash`), so a crashed run loses at most one seed.
+    """
+    results = []
+    for seed in seeds:
+        splits = splits_for(seed)
+        fingerprint = None if saved is None else data_hash(splits.train, splits.val, splits.test)
+        done = saved.load(seed, fingerprint) if resume else None
+        if done is None:
+            done = compute(seed, splits)
+            if saved is not None:
+                saved.save(seed, fingerprint, done)
+        else:
+            on_reused(seed)
+        results.append(done)
+    return results

@@ -19,7 +19,6 @@ and ``begin_step`` (called before every optimisation step with the step and epoc
 from __future__ import annotations
 
 import copy
-import math
 from typing import Callable, Optional
 
 import torch
@@ -28,7 +27,8 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from attacks.base import check_output_shape, frozen_in_eval
-from attacks.steps import ascent_direction, clamp_to, project_l2_, random_delta
+from attacks.pgd import PGD, pgd_ascent
+from attacks.steps import random_delta
 from robust_infl.objectives import default_loss_fn
 from robust_infl.validation import check_labels
 
@@ -47,7 +47,6 @@ __all__ = [
     "check_weights",
     "check_labels_fit",
     "batch_slices",
-    "maximise_in_ball",
     "model_device",
     "RETRAIN_MODES",
     "OPTIMIZERS",
@@ -166,38 +165,6 @@ def copy_for_training(model: nn.Module, retrain: str, seed: int) -> nn.Module:
     return model
 
 
-def maximise_in_ball(
-    objective: Callable[[torch.Tensor], torch.Tensor],
-    x: torch.Tensor,
-    *,
-    eps: float,
-    alpha: float,
-    steps: int,
-    norm: str,
-    bounds,
-    start: torch.Tensor,
-) -> torch.Tensor:
-    """Projected gradient ascent of ``objective(x_adv)`` (a per-sample vector) in the ``norm`` ball.
-
-    ``start`` is the initial perturbation. The steps and projections are those of the attacks
-    package (:mod:`attacks.steps`): linf steps follow the gradient sign, l2 steps the per-sample
-    normalised gradient, then the perturbation is projected onto the ball and the point clipped
-    to ``bounds`` (None or ``(low, high)``). Returns the detached adversarial points.
-    """
-
-    def project(delta: torch.Tensor) -> torch.Tensor:
-        delta = delta.clamp(-eps, eps) if norm == "linf" else project_l2_(delta, eps)
-        return clamp_to(x + delta, bounds) - x
-
-    delta = project(start.detach().clone())
-    for _ in range(steps):
-        delta.requires_grad_(True)
-        (grad,) = torch.autograd.grad(objective(x + delta).sum(), delta)
-        with torch.no_grad():
-            delta = project(delta + alpha * ascent_direction(grad, norm))
-    return (x + delta).detach()
-
-
 class Trainer:
     """Mini-batch training on per-sample weighted losses (base class; ``ERM`` is the plain case).
 
@@ -244,6 +211,11 @@ class Trainer:
     def __repr__(self) -> str:
         return (f"{type(self).__name__}(epochs={self.epochs}, lr={self.lr}, batch_size={self.batch_size}, "
                 f"optimizer={self.optimizer!r}, retrain={self.retrain!r})")
+
+    def training_attack(self, seed: int) -> Optional[Callable]:
+        """The attack ``attack(model, x, y) -> x_adv`` whose points this trainer's loss is taken at, built
+        for run seed ``seed``; None when the loss is not a loss at attacked points (plain training)."""
+        return None
 
     # ----------------------------------------------------------------- hooks for subclasses
     def begin_fit(self, model: nn.Module, train: tuple, val: Optional[tuple], *, seed: int,
@@ -386,9 +358,18 @@ class PGDAT(_BallTrainer):
         with frozen_in_eval(model):
             if self.attack is not None:
                 return self.attack(model, xb, yb).detach()
-            return maximise_in_ball(lambda z: self.loss_fn(model(z), yb), xb, eps=self.eps, alpha=self.alpha,
-                                    steps=self.steps, norm=self.norm, bounds=self.bounds,
-                                    start=self._random_start(xb))
+            return pgd_ascent(lambda z: self.loss_fn(model(z), yb), xb, eps=self.eps, alpha=self.alpha,
+                              steps=self.steps, norm=self.norm, bounds=self.bounds, start=self._random_start(xb),
+                              iterate="delta")
+
+    def training_attack(self, seed: int) -> Callable:
+        """``attack`` when one was given, else :class:`attacks.PGD` with this trainer's ball, step and
+        steps, seeded with ``seed``: the same PGD as :meth:`adversarial_points` up to rounding (which
+        carries the perturbation, ``iterate="delta"``) and to the random starts (drawn from one
+        generator per fit)."""
+        if self.attack is not None:
+            return self.attack
+        return PGD(self.eps, alpha=self.alpha, steps=self.steps, norm=self.norm, bounds=self.bounds, seed=seed)
 
     def sample_losses(self, model, xb, yb, step):
         """Per-sample loss at the PGD points."""
@@ -421,6 +402,7 @@ class TRADES(_BallTrainer):
 
     ``x_adv`` maximises the KL term in the ``eps``-ball from a small Gaussian start (0.001), with
     the model in eval mode; the clean distribution in the KL keeps its gradient, as in the paper.
+    Its :meth:`~Trainer.training_attack` is None: the loss is not the label loss at attacked points.
     """
 
     def __init__(self, *, eps: float, beta: float = 6.0, norm: str = "linf", steps: int = 7,
@@ -438,8 +420,8 @@ class TRADES(_BallTrainer):
                 return F.kl_div(_class_log_probs(model(z)), clean_log_probs, reduction="none",
                                 log_target=True).sum(dim=1)
 
-            return maximise_in_ball(kl_to_clean, xb, eps=self.eps, alpha=self.alpha, steps=self.steps,
-                                    norm=self.norm, bounds=self.bounds, start=self._gaussian_start(xb, 0.001))
+            return pgd_ascent(kl_to_clean, xb, eps=self.eps, alpha=self.alpha, steps=self.steps, norm=self.norm,
+                              bounds=self.bounds, start=self._gaussian_start(xb, 0.001), iterate="delta")
 
     def sample_losses(self, model, xb, yb, step):
         """Clean loss plus ``beta`` times the per-sample KL to the adversarial prediction."""

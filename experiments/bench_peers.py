@@ -55,6 +55,7 @@ from experiments._results import parse_benchmark_arguments, scoring_benchmark_pa
 from robust_infl.datasets import load_dataset  # noqa: E402
 from robust_infl.distributed import sharded_influence  # noqa: E402
 from robust_infl.engine import build_problem, per_sample_gradients, train_batches  # noqa: E402
+from robust_infl.options import ScoringOptions  # noqa: E402
 from robust_infl.methods.ekfac import clear_cache  # noqa: E402
 from robust_infl.models import build_model  # noqa: E402
 from robust_infl.objectives import cross_entropy_loss  # noqa: E402
@@ -95,7 +96,7 @@ def materialised_self_influence(model, train, target, batch_size: int) -> torch.
     """``||grad l_i||^2`` from the formed per-sample gradients (``vmap(grad)``), batch by batch."""
     problem = build_problem(model, train, validate_target(target), ri.Utility(), loss_fn=cross_entropy_loss,
                             param_names=tuple(name for name, _ in model.named_parameters()),
-                            batch_size=batch_size, device=torch.device("cpu"))
+                            device=torch.device("cpu"), options=ScoringOptions(batch_size=batch_size, progress=False))
     out = torch.empty(problem.n_train)
     for start, x, y in train_batches(problem, problem.params):
         out[start : start + x.shape[0]] = per_sample_gradients(problem, problem.params, (x, y)).square().sum(1)

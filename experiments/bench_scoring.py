@@ -26,6 +26,7 @@ from experiments._results import parse_benchmark_arguments, scoring_benchmark_pa
 from robust_infl import engine
 from robust_infl.models import SmallCNN
 from robust_infl.objectives import default_loss_fn
+from robust_infl.options import ScoringOptions
 from robust_infl.validation import validate_target
 
 TARGET_RATIO = 3.5
@@ -62,8 +63,8 @@ def main() -> None:
 
     problem = engine.build_problem(
         model, (x, y), validate_target(target), ri.Utility(), loss_fn=default_loss_fn(10),
-        param_names=tuple(n for n, _ in model.named_parameters()), batch_size=args.batch_size,
-        device=torch.device("cpu"),
+        param_names=tuple(n for n, _ in model.named_parameters()), device=torch.device("cpu"),
+        options=ScoringOptions(batch_size=args.batch_size, progress=False),
     )
     gradient = engine.objective_gradient(problem, problem.params)
 

@@ -56,7 +56,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 import attacks
-from defenses import PGDAT, DefenceContext, LookaheadReweighting, make_trainer, register_recipe
+from defenses import DefenceContext, LookaheadReweighting, make_trainer, register_recipe
 from defenses.data import take
 from defenses.lookahead import ADVERSARIAL_TRAINING_OPTIONS, PLAIN_TRAINING_OPTIONS, validation_attack
 from defenses.recipes import cached_scores, get_recipe, influence_scores
@@ -154,14 +154,6 @@ def trainer_for(setting: Setting, kind: str):
                         progress=False)
 
 
-def training_attack(trainer, seed: int) -> Optional[Callable]:
-    """The PGD of an adversarial trainer as an attack (for scoring at adversarial training points)."""
-    if not isinstance(trainer, PGDAT):
-        return None
-    return attacks.PGD(trainer.eps, alpha=trainer.alpha, steps=trainer.steps, norm=trainer.norm,
-                       bounds=trainer.bounds, seed=seed)
-
-
 def ensemble_prune(ctx: DefenceContext) -> nn.Module:
     """The ``influence`` recipe with the paper's ip-ensemble scores (:data:`ENSEMBLE_OPTIONS`)."""
     return get_recipe("influence").fn(replace(ctx, method="ip-ensemble", method_options=ENSEMBLE_OPTIONS,
@@ -254,7 +246,7 @@ def run_seed(setting: Setting, kind: str, seed: int, results: SeedResults, progr
     base_seconds = time.perf_counter() - start
     attack = threat_attack(setting, seed)
     ctx = DefenceContext(model=base, train=train, val=val, trainer=trainer, attack=attack, seed=seed,
-                         fraction=FRACTION, mode="prune", train_attack=training_attack(trainer, seed),
+                         fraction=FRACTION, mode="prune", train_attack=trainer.training_attack(seed),
                          progress=False, cache={})
     for recipe in RECIPES:
         if recipe in done:

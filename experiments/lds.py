@@ -71,6 +71,7 @@ from experiments.noisy_labels import CheckpointingERM
 from robust_infl.datasets import load_dataset
 from robust_infl.methods.iterative import largest_eigenvalue
 from robust_infl.models import build_model
+from robust_infl.options import ScoringOptions
 from robust_infl.preparation import prepared_problem
 
 __all__ = ["Config", "FULL", "QUICK", "METHODS", "CONTROL_METHODS", "MODELS", "OBJECTIVES", "subset_masks", "lds",
@@ -120,9 +121,8 @@ QUICK = replace(FULL, n_train=200, n_val=64, n_subsets=8, seeds=(0,), epochs=2, 
 def lissa_scale(model: nn.Module, train: tuple, val: tuple, cfg: Config, seed: int) -> float:
     """1.5 times the power-iteration estimate of the largest eigenvalue of the damped training-loss Hessian
     (what ``if-lissa`` computes with ``scale=None``, once per model instead of once per objective)."""
-    with prepared_problem(model, train, val, ri.Utility(), loss_fn=None, batch_size=cfg.scoring_batch, params=None,
-                          seed=seed, train_loss="clean", train_attack=None, device=None, progress=False,
-                          damping=cfg.lissa_damping) as prepared:
+    options = ScoringOptions(batch_size=cfg.scoring_batch, seed=seed, progress=False, damping=cfg.lissa_damping)
+    with prepared_problem(model, train, val, ri.Utility(), options) as prepared:
         return 1.5 * largest_eigenvalue(prepared.problem, iterations=cfg.lissa_power_steps)
 
 

@@ -7,9 +7,11 @@ sample (positive = removing it is predicted to DECREASE the objective). See ``ro
 from robust_infl.api import influence
 from robust_infl.methods import available_methods, register_method
 from robust_infl.objectives import DemographicParity, EqualOpportunity, Objective, Robust, Utility
+from robust_infl.options import ScoringOptions
 
 __all__ = [
     "influence",
+    "ScoringOptions",
     "Objective",
     "Utility",
     "Robust",

@@ -10,6 +10,7 @@ from torch.utils.data import Dataset
 
 from robust_infl.methods import check_method_options, get_method
 from robust_infl.objectives import Attack, LossFn, Objective
+from robust_infl.options import ScoringOptions
 from robust_infl.preparation import prepared_problem
 
 __all__ = ["influence"]
@@ -37,6 +38,8 @@ def influence(
 
     Harm convention: ``harm_i > 0`` is the first-order prediction that REMOVING training sample
     ``i`` DECREASES the objective, proportional to that predicted decrease (larger = more harmful).
+    The scoring keywords ``loss_fn`` to ``progress`` are checked, and passed down, as one
+    :class:`~robust_infl.options.ScoringOptions`.
 
     Args:
         model: the trained ``nn.Module``; scored in eval mode, its train/eval mode is restored after.
@@ -93,8 +96,7 @@ def influence(
         raise TypeError(f"method: expected a method name (str), got {type(method).__name__}")
     method_fn = get_method(method)
     check_method_options(method, method_options)
-    with prepared_problem(
-        model, train, target, objective, loss_fn=loss_fn, damping=damping, batch_size=batch_size, params=params,
-        seed=seed, train_loss=train_loss, train_attack=train_attack, device=device, progress=progress,
-    ) as prepared:
+    options = ScoringOptions(loss_fn=loss_fn, damping=damping, batch_size=batch_size, params=params, seed=seed,
+                             train_loss=train_loss, train_attack=train_attack, device=device, progress=progress)
+    with prepared_problem(model, train, target, objective, options) as prepared:
         return method_fn(prepared.problem, **method_options).detach()

@@ -43,6 +43,7 @@ from tqdm.auto import tqdm
 from robust_infl.engine import (
     ScoringProblem,
     TrainStream,
+    check_per_target,
     directional_derivatives,
     flatten,
     objective_gradient,
@@ -51,6 +52,7 @@ from robust_infl.engine import (
 )
 from robust_infl.grad_norms import BatchGradients, batch_gradients, squared_gradient_norms
 from robust_infl.objectives import Attack, LossFn, Objective, PreparedObjective
+from robust_infl.options import ScoringOptions
 from robust_infl.projection import RandomProjection
 from robust_infl.store import ChunkStore, data_hash, model_hash, stable_repr
 from robust_infl.preparation import prepared_problem
@@ -203,9 +205,10 @@ def sharded_influence(
     Args:
         method: ``"ip"`` (harm, as ``influence(method="ip")``) or ``"self"`` (``||grad l_i||^2``,
             as ``influence(method="self")``).
-        aggregate: ``"ip"`` only: ``True`` for ``(n_train,)`` harms on the objective, ``False``
-            for the ``(n_train, n_target)`` matrix of harms on each target sample's own loss
-            (``Utility`` / ``Robust``).
+        aggregate: ``"ip"`` only, the option of ``influence(method="ip", aggregate=...)``: ``True`` for
+            ``(n_train,)`` harms on the objective, ``False`` for the ``(n_train, n_target)`` matrix of
+            harms on each target sample's own loss (``Utility`` / ``Robust``; checked by
+            :func:`robust_infl.engine.check_per_target`).
         projection_dim: with ``aggregate=False``, estimate the matrix from per-sample gradients
             projected to this many dimensions by a :class:`~robust_infl.projection.RandomProjection`
             seeded with ``projection_seed`` (the projected training gradients are stored too).
@@ -233,20 +236,19 @@ def sharded_influence(
         if aggregate:
             raise ValueError("projection_dim: only used for train x target matrices; pass aggregate=False")
     projection_seed = check_seed(projection_seed)
-    batch_size = check_positive_int("batch_size", batch_size)
+    options = ScoringOptions(loss_fn=loss_fn, batch_size=batch_size, params=params, seed=seed, train_loss=train_loss,
+                             train_attack=train_attack, device=device, progress=False)  # the chunks show progress
+    batch_size = options.batch_size
     chunk_size = CHUNK_BATCHES * batch_size if chunk_size is None else check_positive_int("chunk_size", chunk_size)
     if chunk_size % batch_size:
         raise ValueError(f"chunk_size: must be a multiple of batch_size={batch_size}, got {chunk_size}")
     if resume and store is None:
         raise ValueError("resume: needs a store directory to resume from; pass store=DIR")
 
-    with prepared_problem(
-        model, train, target, objective, loss_fn=loss_fn, batch_size=batch_size, params=params, seed=seed,
-        train_loss=train_loss, train_attack=train_attack, device=device, progress=False,
-    ) as prepared:
+    with prepared_problem(model, train, target, objective, options) as prepared:
         problem, train = prepared.problem, prepared.train
-        if method == "ip" and not aggregate and not objective.per_sample:
-            raise ValueError(f"aggregate: {objective!r} has no per-target-sample value; use aggregate=True")
+        if method == "ip" and not aggregate:
+            check_per_target(objective)
         label_outputs = prepared.label_outputs
         scorer = _Scorer(problem, train, label_outputs, method, aggregate, projection_dim, projection_seed, group)
         chunks = None
@@ -258,9 +260,9 @@ def sharded_influence(
                 "options": {
                     "objective": stable_repr(objective), "aggregate": aggregate, "projection_dim": projection_dim,
                     "projection_seed": projection_seed,
-                    "loss_fn": "default" if loss_fn is None else stable_repr(loss_fn),
-                    "params": list(problem.param_names), "seed": seed, "train_loss": train_loss,
-                    "train_attack": stable_repr(train_attack), "batch_size": batch_size,
+                    "loss_fn": "default" if options.loss_fn is None else stable_repr(options.loss_fn),
+                    "params": list(problem.param_names), "seed": options.seed, "train_loss": options.train_loss,
+                    "train_attack": stable_repr(options.train_attack), "batch_size": options.batch_size,
                 },
             }
             chunks = _open_store(store, identity, problem.n_train, scorer.row_arrays(), problem.dtype, chunk_size, resume, group)
@@ -364,7 +366,8 @@ class _Scorer:
         # The engine seeds the attack of training batch k with seed + 1 + k: shift by the batches before.
         return dataclasses.replace(
             self.problem, train=TrainStream(part, self.problem.train.batch_size, self.label_outputs),
-            seed=self.problem.seed + start // self.problem.train.batch_size,
+            options=dataclasses.replace(self.problem.options,
+                                        seed=self.problem.seed + start // self.problem.train.batch_size),
         )
 
     def score_chunk(self, start: int, stop: int) -> dict[str, Tensor]:

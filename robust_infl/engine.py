@@ -34,6 +34,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from robust_infl.objectives import Attack, LossFn, Objective, PreparedObjective
+from robust_infl.options import ScoringOptions
 from robust_infl.validation import (
     TargetSet,
     call_attack,
@@ -54,6 +55,7 @@ __all__ = [
     "train_batches",
     "objective_gradient",
     "target_gradients",
+    "check_per_target",
     "directional_derivatives",
     "flat_objective_gradient",
     "harm_along",
@@ -133,8 +135,11 @@ class ScoringProblem:
 
     ``params`` holds the scored parameters (detached), ``frozen`` the other parameters; both with
     ``buffers`` are passed to ``forward(all_params, buffers, x)``, by default
-    ``torch.func.functional_call`` of the model (in eval mode during scoring). ``train_loss`` is
-    ``"clean"`` or ``"adversarial"`` (per-sample training losses at ``train_attack(model, x, y)``).
+    ``torch.func.functional_call`` of the model (in eval mode during scoring). ``options`` are the
+    run's :class:`~robust_infl.options.ScoringOptions`; ``damping``, ``seed``, ``progress``,
+    ``train_loss`` (``"clean"`` or ``"adversarial"``: per-sample training losses at
+    ``train_attack(model, x, y)``) and ``train_attack`` read them. ``loss_fn``, ``param_names`` and
+    ``device`` are the resolved ones (defaults filled in from the model).
     """
 
     model: nn.Module
@@ -148,12 +153,33 @@ class ScoringProblem:
     buffers: Params
     device: torch.device
     dtype: torch.dtype
-    damping: float = 0.0
-    seed: int = 0
-    progress: bool = False
-    train_loss: str = "clean"
-    train_attack: Optional[Attack] = None
+    options: ScoringOptions
     forward: Optional[ForwardFn] = None
+
+    @property
+    def damping(self) -> float:
+        """``lambda`` of the damped Hessian (``options.damping``)."""
+        return self.options.damping
+
+    @property
+    def seed(self) -> int:
+        """The seed of every random choice (``options.seed``)."""
+        return self.options.seed
+
+    @property
+    def progress(self) -> bool:
+        """Whether to show progress bars (``options.progress``)."""
+        return self.options.progress
+
+    @property
+    def train_loss(self) -> str:
+        """``"clean"`` or ``"adversarial"`` (``options.train_loss``)."""
+        return self.options.train_loss
+
+    @property
+    def train_attack(self) -> Optional[Attack]:
+        """The training-point attack of ``train_loss="adversarial"`` (``options.train_attack``)."""
+        return self.options.train_attack
 
     @property
     def n_train(self) -> int:
@@ -227,17 +253,14 @@ def build_problem(
     *,
     loss_fn: LossFn,
     param_names: tuple[str, ...],
-    batch_size: int,
     device: torch.device,
-    damping: float = 0.0,
-    seed: int = 0,
-    progress: bool = False,
-    train_loss: str = "clean",
-    train_attack: Optional[Attack] = None,
+    options: ScoringOptions,
     label_outputs: Optional[int] = None,
     forward: Optional[ForwardFn] = None,
 ) -> ScoringProblem:
-    """Assemble a :class:`ScoringProblem` from already validated pieces (see ``robust_infl.api``)."""
+    """Assemble a :class:`ScoringProblem` from already validated pieces (see ``robust_infl.api``): the
+    resolved ``loss_fn``, ``param_names`` and ``device``, and the run's ``options`` (training batches of
+    ``options.batch_size``)."""
     dtype = model_dtype(model)
     scored = set(param_names)
     named = dict(model.named_parameters())
@@ -245,7 +268,7 @@ def build_problem(
         model=model,
         objective=objective,
         target=target.to(device, dtype),
-        train=TrainStream(train, batch_size, label_outputs),
+        train=TrainStream(train, options.batch_size, label_outputs),
         loss_fn=loss_fn,
         param_names=tuple(param_names),
         params={name: named[name].detach().to(device) for name in param_names},
@@ -253,11 +276,7 @@ def build_problem(
         buffers={name: b.to(device) for name, b in model.named_buffers()},
         device=device,
         dtype=dtype,
-        damping=damping,
-        seed=seed,
-        progress=progress,
-        train_loss=train_loss,
-        train_attack=train_attack,
+        options=options,
         forward=forward,
     )
 
@@ -453,16 +472,20 @@ def per_sample_gradients(
     return flat
 
 
+def check_per_target(objective: Objective) -> None:
+    """Refuse ``aggregate=False`` (scores per target sample) for an objective without per-target-sample
+    values (fairness objectives): the one check behind the ``aggregate`` option of every entry point."""
+    if not objective.per_sample:
+        raise ValueError(f"aggregate: {objective!r} has no per-target-sample value; use aggregate=True")
+
+
 def target_gradients(problem: ScoringProblem, params: Params) -> Tensor:
     """Flattened gradients ``(n_target, n_params)`` of each target sample's objective term.
 
     Defined for per-sample objectives (``objective.per_sample``: Utility, Robust), whose
     per-target-sample value is that sample's loss at the (possibly attacked) target input.
     """
-    if not problem.objective.per_sample:
-        raise ValueError(
-            f"aggregate: {problem.objective!r} has no per-target-sample value; use aggregate=True"
-        )
+    check_per_target(problem.objective)
     prepared = _prepare(problem, params)
     return torch.cat(
         [

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Iterator, Optional, Sequence, Union
+from typing import Iterator, Optional, Union
 
 import torch
 from torch import Tensor, nn
@@ -17,16 +17,13 @@ from torch.utils.data import Dataset
 from torch.utils.data.dataloader import default_collate
 
 from robust_infl.engine import ScoringProblem, build_problem, check_finite_results
-from robust_infl.objectives import Attack, LossFn, Objective, default_loss_fn
+from robust_infl.objectives import LossFn, Objective, default_loss_fn
+from robust_infl.options import ScoringOptions
 from robust_infl.validation import (
     TargetSet,
     as_tensor,
     check_labels,
     check_model,
-    check_nonnegative_float,
-    check_positive_int,
-    check_seed,
-    check_train_loss,
     model_device,
     model_dtype,
     resolve_device,
@@ -60,42 +57,28 @@ def prepared_problem(
     train: Union[tuple[Tensor, Tensor], Dataset],
     target: Union[tuple[Tensor, Tensor], tuple[Tensor, Tensor, Tensor]],
     objective: Objective,
-    *,
-    loss_fn: Optional[LossFn],
-    batch_size: int,
-    params: Optional[Sequence[str]],
-    seed: int,
-    train_loss: str,
-    train_attack: Optional[Attack],
-    device: Optional[Union[str, torch.device]],
-    progress: bool,
-    damping: float = 0.0,
+    options: ScoringOptions,
 ) -> Iterator[PreparedProblem]:
-    """Validate the arguments shared by the scoring entry points (errors name the argument), probe
-    the model on a few train and target samples, and yield the built problem with the model in eval
-    mode; every submodule's own train/eval mode is restored on exit (even on error).
+    """Validate the arguments shared by the scoring entry points (errors name the argument; ``options``
+    were checked when built), probe the model on a few train and target samples, and yield the built
+    problem with the model in eval mode; every submodule's own train/eval mode is restored on exit
+    (even on error).
     """
     check_model(model)
     if not isinstance(objective, Objective):
         raise TypeError(
             f"objective: expected an Objective such as robust_infl.Utility(), got {type(objective).__name__}"
         )
-    if loss_fn is not None and not callable(loss_fn):
-        raise TypeError(f"loss_fn: must be callable loss_fn(outputs, targets), got {type(loss_fn).__name__}")
-    damping = check_nonnegative_float("damping", damping)
-    batch_size = check_positive_int("batch_size", batch_size)
-    seed = check_seed(seed)
-    check_train_loss(train_loss, train_attack)
-    if not isinstance(progress, bool):
-        raise TypeError(f"progress: must be True or False, got {type(progress).__name__}")
-    device = resolve_device(device, model)
-    param_names = resolve_param_names(model, params)
+    if not isinstance(options, ScoringOptions):
+        raise TypeError(f"options: expected robust_infl.ScoringOptions, got {type(options).__name__}")
+    device = resolve_device(options.device, model)
+    param_names = resolve_param_names(model, options.params)
     train = validate_train(train)
     target_set = validate_target(target)
 
     with _eval_mode(model):
-        checks_labels = loss_fn is None and isinstance(train, Dataset)  # before the default loss replaces None
-        loss_fn, n_outputs = _check_model_fits_data(model, train, target_set, loss_fn, device)
+        checks_labels = options.loss_fn is None and isinstance(train, Dataset)  # the default loss checks labels
+        loss_fn, n_outputs = _check_model_fits_data(model, train, target_set, options.loss_fn, device)
         objective.check(target_set, n_outputs)
         label_outputs = n_outputs if checks_labels else None
         problem = build_problem(
@@ -105,13 +88,8 @@ def prepared_problem(
             objective,
             loss_fn=loss_fn,
             param_names=param_names,
-            batch_size=batch_size,
             device=device,
-            damping=damping,
-            seed=seed,
-            progress=progress,
-            train_loss=train_loss,
-            train_attack=train_attack,
+            options=options,
             label_outputs=label_outputs,
         )
         yield PreparedProblem(problem, train, target_set, label_outputs)

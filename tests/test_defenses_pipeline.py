@@ -12,6 +12,7 @@ import defenses
 from defenses import pipeline, recipes
 from defenses.report import paired_difference, without_timing
 from defenses.trainers import ERM
+from robust_infl import registry
 from robust_infl.datasets import Splits, load_dataset
 
 TINY = dict(model="logreg", attack="pgd", seeds=2, epochs=3, progress=False)
@@ -182,7 +183,7 @@ def test_reference_rows_train_on_the_same_data_schedule_and_seed(monkeypatch):
 def test_asr_adaptive_is_the_brute_force_share_of_clean_correct_points_flipped():
     splits = load_dataset("digits", seed=0, n_train=300, n_val=60, n_test=120)
     model = ERM(epochs=5, lr=3e-3, batch_size=32, progress=False).fit(
-        defenses.pipeline.model_factory("mlp", splits)(0), splits.train, seed=0)
+        registry.model_factory("mlp", splits)(0), splits.train, seed=0)
     attack = attacks.PGD(0.1, steps=5, seed=0)
     suite = {"fgsm": attacks.FGSM(0.1)}
     metrics, x_adv = defenses.evaluate_on_test(model, splits.test, attack, suite=suite, threat="pgd", eval_subset=50,

@@ -4,9 +4,10 @@ import pytest
 import torch
 from torch import nn
 
+from attacks.pgd import pgd_ascent
 from attacks.steps import random_delta
 from defenses import ERM, PGDAT, TRADES, FastAT, Trainer, per_sample_loss
-from defenses.trainers import copy_for_training, maximise_in_ball
+from defenses.trainers import copy_for_training
 from robust_infl.models import MLP, LogisticRegression
 
 
@@ -133,8 +134,8 @@ def test_l2_ball_and_bounds_are_respected():
     y = torch.randint(0, 3, (16,))
     model = nn.Sequential(nn.Flatten(), nn.Linear(16, 3))
     start = torch.randn_like(X)
-    x_adv = maximise_in_ball(lambda z: per_sample_loss(model(z), y), X, eps=0.5, alpha=0.2, steps=5, norm="l2",
-                             bounds=(0.0, 1.0), start=start)
+    x_adv = pgd_ascent(lambda z: per_sample_loss(model(z), y), X, eps=0.5, alpha=0.2, steps=5, norm="l2",
+                       bounds=(0.0, 1.0), start=start, iterate="delta")
     assert ((x_adv - X).flatten(1).norm(dim=1) <= 0.5 + 1e-5).all()
     assert x_adv.min() >= 0 and x_adv.max() <= 1
     assert (per_sample_loss(model(x_adv), y) >= per_sample_loss(model(X), y) - 1e-6).all()

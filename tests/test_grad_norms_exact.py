@@ -11,6 +11,7 @@ from robust_infl import engine
 from robust_infl.grad_norms import ConvGradients, LinearGradients, batch_gradients, squared_gradient_norms
 from robust_infl.models import SmallCNN
 from robust_infl.objectives import cross_entropy_loss
+from robust_infl.options import ScoringOptions
 from robust_infl.validation import validate_target
 
 
@@ -41,7 +42,8 @@ def make_problem(model, x, y, param_names=None, batch_size=4, **options):
     names = param_names or tuple(n for n, _ in model.named_parameters())
     return engine.build_problem(
         model, (x, y), validate_target((x[:3], y[:3])), ri.Utility(), loss_fn=cross_entropy_loss,
-        param_names=names, batch_size=batch_size, device=torch.device("cpu"), **options,
+        param_names=names, device=torch.device("cpu"),
+        options=ScoringOptions(batch_size=batch_size, **{"progress": False, **options}),
     )
 
 

@@ -14,17 +14,15 @@ import robust_infl as ri
 from robust_infl import engine, methods
 from robust_infl.models import MLP
 from robust_infl.objectives import cross_entropy_loss
+from robust_infl.options import ScoringOptions
 from robust_infl.validation import validate_target
 
 
-def make_problem(model, x, y, xt, yt, objective, **options):
-    defaults = dict(
-        loss_fn=cross_entropy_loss,
-        param_names=tuple(n for n, _ in model.named_parameters()),
-        batch_size=8,
-        device=torch.device("cpu"),
-    )
-    return engine.build_problem(model, (x, y), validate_target((xt, yt)), objective, **{**defaults, **options})
+def make_problem(model, x, y, xt, yt, objective, param_names=None, **options):
+    names = tuple(n for n, _ in model.named_parameters()) if param_names is None else param_names
+    return engine.build_problem(model, (x, y), validate_target((xt, yt)), objective, loss_fn=cross_entropy_loss,
+                                param_names=names, device=torch.device("cpu"),
+                                options=ScoringOptions(**{"batch_size": 8, "progress": False, **options}))
 
 
 def flat_grad(value, model):

@@ -13,6 +13,7 @@ from robust_infl import engine
 from robust_infl.methods import ensemble
 from robust_infl.models import MLP, LogisticRegression
 from robust_infl.objectives import cross_entropy_loss
+from robust_infl.options import ScoringOptions
 from robust_infl.validation import validate_target
 
 
@@ -77,8 +78,9 @@ def test_dropout_member_is_one_fixed_masked_function(mlp_and_data, fgsm_attack):
     objective = ri.Robust(fgsm_attack(0.1))
     scale, seed = 0.5, 3
     problem = engine.build_problem(model, train, validate_target(target), objective, loss_fn=cross_entropy_loss,
-                                   param_names=tuple(n for n, _ in model.named_parameters()), batch_size=8,
-                                   device=torch.device("cpu"), seed=seed)
+                                   param_names=tuple(n for n, _ in model.named_parameters()),
+                                   device=torch.device("cpu"), options=ScoringOptions(batch_size=8, seed=seed,
+                                                                                      progress=False))
     layers = ensemble.dropout_layers(problem)
     assert [module for module, _ in layers] == [model.net[1], model.net[3]]  # the output layer is not masked
     assert [tuple(shape) for _, shape in layers] == [(6,), (5,)]

@@ -1,0 +1,64 @@
+"""The options of one scoring run, as one validated value (the role of Kronfluence's ``ScoreArguments``).
+
+:func:`robust_infl.influence` and :func:`robust_infl.distributed.sharded_influence` build a
+:class:`ScoringOptions` from their keywords at the public boundary; it is passed down unchanged to
+:func:`robust_infl.preparation.prepared_problem` and held by the
+:class:`~robust_infl.engine.ScoringProblem` the methods read.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional, Sequence, Union
+
+import torch
+
+from robust_infl.objectives import Attack, LossFn
+from robust_infl.validation import (check_device, check_nonnegative_float, check_positive_int, check_seed,
+                                    check_train_loss)
+
+__all__ = ["ScoringOptions"]
+
+
+@dataclass(frozen=True)
+class ScoringOptions:
+    """Options shared by every scoring entry point; each is checked at construction (errors name it).
+
+    Attributes:
+        loss_fn: per-sample loss ``loss_fn(outputs, targets) -> (n,)``; None: the default loss
+            (cross-entropy, or BCE with logits for one output).
+        damping: ``lambda >= 0`` added to the Hessian (Hessian methods).
+        batch_size: training (and target) samples per batch (> 0).
+        params: names of the scored parameters (kept as a tuple); None: every trainable one.
+        seed: seeds every random choice (>= 0).
+        train_loss: ``"clean"`` or ``"adversarial"`` (training losses at ``train_attack(model, x, y)``).
+        train_attack: the training-point attack; given with, and only with, ``"adversarial"``.
+        device: where to compute (a valid torch device); None: the model's device.
+        progress: show tqdm progress bars.
+    """
+
+    loss_fn: Optional[LossFn] = None
+    damping: float = 0.0
+    batch_size: int = 256
+    params: Optional[Sequence[str]] = None
+    seed: int = 0
+    train_loss: str = "clean"
+    train_attack: Optional[Attack] = None
+    device: Optional[Union[str, torch.device]] = None
+    progress: bool = True
+
+    def __post_init__(self):
+        if self.loss_fn is not None and not callable(self.loss_fn):
+            raise TypeError(f"loss_fn: must be callable loss_fn(outputs, targets), got {type(self.loss_fn).__name__}")
+        object.__setattr__(self, "damping", check_nonnegative_float("damping", self.damping))
+        object.__setattr__(self, "batch_size", check_positive_int("batch_size", self.batch_size))
+        object.__setattr__(self, "seed", check_seed(self.seed))
+        check_train_loss(self.train_loss, self.train_attack)
+        if not isinstance(self.progress, bool):
+            raise TypeError(f"progress: must be True or False, got {type(self.progress).__name__}")
+        if self.device is not None:
+            check_device(self.device)
+        if self.params is not None:
+            if isinstance(self.params, str) or not isinstance(self.params, (list, tuple)):
+                raise TypeError(f"params: expected a list of parameter names, got {type(self.params).__name__}")
+            object.__setattr__(self, "params", tuple(self.params))
