@@ -7,9 +7,10 @@ from typing import Optional
 import torch
 from torch import nn
 
-from .base import (Attack, check_eps, check_logits, check_norm, check_positive_int, check_seed,
-                   make_generator, per_sample_loss, predict)
+from .base import Attack, check_logits, predict
 from .bounds import BoundsLike, check_bounds, check_within_bounds, resolve_bounds
+from .plumbing import make_generator, per_sample_loss
+from .validation import check_bool, check_eps, check_int, check_norm, check_seed
 from .steps import clamp_to, per_sample_norm, project_l2_, random_delta
 
 __all__ = ["PGD"]
@@ -47,13 +48,11 @@ class PGD(Attack):
                  random_start: bool = True, restarts: int = 1, bounds: BoundsLike = (0.0, 1.0),
                  seed: int = 0):
         self.eps = check_eps(eps)
-        self.steps = check_positive_int(steps, "steps")
+        self.steps = check_int(steps, "steps", minimum=1)
         self.alpha = 2.5 * self.eps / self.steps if alpha is None else check_eps(alpha, "alpha")
         self.norm = check_norm(norm)
-        if not isinstance(random_start, bool):
-            raise TypeError(f"random_start: must be a bool, got {type(random_start).__name__}")
-        self.random_start = random_start
-        self.restarts = check_positive_int(restarts, "restarts")
+        self.random_start = check_bool(random_start, "random_start")
+        self.restarts = check_int(restarts, "restarts", minimum=1)
         self.bounds = check_bounds(bounds)
         self.seed = check_seed(seed)
 

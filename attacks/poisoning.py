@@ -23,7 +23,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from .base import Attack, BinaryAsTwoLogits, check_batch, check_seed, seeded
+from .base import Attack, BinaryAsTwoLogits, check_batch
+from .plumbing import frozen_in_eval, make_generator, seeded
+from .validation import check_fraction, check_int, check_seed
 
 __all__ = ["Trigger", "poison", "ARTPoison", "ART_POISON_NAMES", "check_rate", "check_target_class"]
 
@@ -33,20 +35,12 @@ ART_POISON_NAMES = ("PoisoningAttackBackdoor", "PoisoningAttackCleanLabelBackdoo
 
 def check_rate(rate) -> float:
     """Return ``rate`` as a float after checking it is a number in the open interval (0, 1)."""
-    if isinstance(rate, bool) or not isinstance(rate, (int, float)):
-        raise TypeError(f"rate: must be a number, got {type(rate).__name__}")
-    if not 0 < rate < 1:
-        raise ValueError(f"rate: must lie in (0, 1), got {rate}")
-    return float(rate)
+    return check_fraction(rate, "rate")
 
 
 def check_target_class(target_class, num_classes: int) -> int:
     """Return ``target_class`` after checking it is an integer class in ``[0, num_classes)``."""
-    if isinstance(target_class, bool) or not isinstance(target_class, (int, np.integer)):
-        raise TypeError(f"target_class: must be an integer, got {type(target_class).__name__}")
-    if not 0 <= int(target_class) < num_classes:
-        raise ValueError(f"target_class: must lie in [0, {num_classes}), got {target_class}")
-    return int(target_class)
+    return check_int(target_class, "target_class", minimum=0, maximum=num_classes - 1)
 
 
 class Trigger(Attack):
@@ -140,7 +134,7 @@ def _candidates(y: torch.Tensor, target_class: int, rate: float, clean_label: bo
         kind = "of" if clean_label else "outside"
         raise ValueError(f"rate: {rate} asks for {count} poisons but only {eligible.numel()} samples lie "
                          f"{kind} the target class")
-    order = torch.randperm(eligible.numel(), generator=torch.Generator().manual_seed(seed))
+    order = torch.randperm(eligible.numel(), generator=make_generator(seed))
     return torch.sort(eligible[order[:count]].cpu()).values.to(y.device)
 
 
@@ -236,8 +230,6 @@ class ARTPoison:
         give the poisoned share)."""
         from art.attacks.poisoning import PoisoningAttackCleanLabelBackdoor
         from art.estimators.classification import PyTorchClassifier
-
-        from .base import frozen_in_eval
 
         with frozen_in_eval(proxy):
             classifier = PyTorchClassifier(model=BinaryAsTwoLogits(proxy), loss=nn.CrossEntropyLoss(),

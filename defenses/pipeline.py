@@ -22,6 +22,8 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from attacks.base import attack_settings, plain_value
+from attacks.plumbing import model_device
+from attacks.validation import check_bool, check_choice, check_int, check_number, check_positive
 from robust_infl.datasets import Splits
 from robust_infl.experiment_setup import (DATA_DEFAULTS, USER_DATA_DEFAULTS, data_defaults, load_splits,
                                           make_attack, make_trainer, model_factory)
@@ -37,7 +39,6 @@ from .report import recommend, summarise, summarise_base, write_report
 from .seed_results import SeedResults, prepare_out_folder
 from .selection import REWEIGHT_SCHEMES, check_budget
 from .trainers import ERM, PGDAT
-from .validation import check_bool, check_choice, check_int, check_positive
 
 __all__ = ["run", "evaluate_on_test", "seeded_split", "MODES"]
 
@@ -114,8 +115,7 @@ def _timed(fn: Callable, *args, **kwargs) -> tuple:
 def cost_clock(model: nn.Module) -> str:
     """The clock ``cost_vs_erm`` is read from: ``"cpu"`` (this process's CPU time, which other jobs on a shared
     machine do not inflate) for a model on the CPU, ``"wall"`` on an accelerator (whose work CPU time misses)."""
-    device = next((t.device for t in (*model.parameters(), *model.buffers())), torch.device("cpu"))
-    return "cpu" if device.type == "cpu" else "wall"
+    return "cpu" if model_device(model).type == "cpu" else "wall"
 
 
 def _training_attack(trainer, seed: int) -> Optional[Callable]:
@@ -158,10 +158,10 @@ def _check_method_fits(method: str, method_options: dict, model: nn.Module) -> N
     their checkpoints, which do not exist yet; if-exact at most its parameter limit; ``params`` and
     ``damping`` are valid)."""
     from robust_infl.methods.hessian import check_exact_size
-    from robust_infl.validation import check_nonnegative_float, resolve_param_names
+    from robust_infl.inputs import resolve_param_names
 
     if "damping" in method_options:
-        check_nonnegative_float("damping", method_options["damping"])
+        check_number(method_options["damping"], "damping", minimum=0)
     if method == "tracin":
         raise ValueError("method: 'tracin' needs checkpoints of the model it scores, and defenses.run trains a new "
                          "model per seed; score a model you trained with robust_infl.influence(method='tracin')")
@@ -278,11 +278,11 @@ def _check_fractions(fractions) -> list:
 
 def _check_seeds(seeds) -> list:
     if isinstance(seeds, int) and not isinstance(seeds, bool):
-        return list(range(check_int(seeds, "seeds", 1)))
+        return list(range(check_int(seeds, "seeds", minimum=1)))
     if not isinstance(seeds, (list, tuple)) or not seeds:
         raise ValueError(f"seeds: must be a count >= 1 or a non-empty list of seeds, got {seeds!r}")
     for s in seeds:
-        check_int(s, "seeds", 0)
+        check_int(s, "seeds", minimum=0)
     if len(set(seeds)) != len(seeds):
         raise ValueError(f"seeds: must be distinct, got {list(seeds)}")
     return list(seeds)
@@ -451,9 +451,9 @@ def run(
     check_choice(mode, "mode", MODES)
     check_choice(scheme, "scheme", REWEIGHT_SCHEMES)
     check_positive(temperature, "temperature")
-    check_int(train_steps, "train_steps", 1)
-    check_int(eval_batch_size, "eval_batch_size", 1)
-    check_int(eval_subset, "eval_subset", 1)
+    check_int(train_steps, "train_steps", minimum=1)
+    check_int(eval_batch_size, "eval_batch_size", minimum=1)
+    check_int(eval_subset, "eval_subset", minimum=1)
     if isinstance(recipes, str) or not recipes:
         raise ValueError(f"recipes: must be a non-empty list of recipe names, got {recipes!r}")
     chosen = [get_recipe(name) for name in recipes] if poison is None else []
@@ -480,7 +480,7 @@ def run(
     model_label = model_label or type(first_model).__name__
     norm = defaults.norm if norm is None else check_choice(norm, "norm", ("linf", "l2"))
     eps = defaults.eps if eps is None else check_positive(eps, "eps")
-    steps = defaults.steps if steps is None else check_int(steps, "steps", 1)
+    steps = defaults.steps if steps is None else check_int(steps, "steps", minimum=1)
     epochs = defaults.epochs if epochs is None else epochs
     lr = defaults.lr if lr is None else lr
     batch_size = defaults.batch_size if batch_size is None else batch_size

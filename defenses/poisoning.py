@@ -32,6 +32,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from attacks.poisoning import check_rate, check_target_class
+from attacks.validation import check_choice, check_int, check_seed
 from robust_infl.io import atomic_write, atomic_write_json, atomic_write_text
 from robust_infl.store import data_hash
 
@@ -40,7 +41,6 @@ from .data import as_tensors, take
 from .report import format_interval, mean_std, paired_difference
 from .seed_results import SeedResults
 from .selection import budget_size, most_harmful
-from .validation import check_choice, check_int
 
 __all__ = ["remove_poisons", "PoisonSpec", "POISON_RECIPES", "POISON_DEFAULT_RECIPES", "poison_recipe_names",
            "run_poisoned", "POISON_METRICS", "POISON_ATTACKS"]
@@ -136,7 +136,7 @@ def remove_poisons(model: nn.Module, train, evidence, *, trainer, budget: float,
         raise TypeError(f"model: must be a torch.nn.Module, got {type(model).__name__}")
     X, y = as_tensors(train, "train")[:2]
     budget = _check_budget(budget)
-    check_int(seed, "seed", 0)
+    check_seed(seed)
     if not callable(getattr(trainer, "fit", None)):
         raise TypeError(f"trainer: must have a fit() method, got {type(trainer).__name__}")
     if evidence is not None:
@@ -186,11 +186,11 @@ class PoisonSpec:
         check_target_class(self.target_class, num_classes)
         sizes = (self.evidence,) if isinstance(self.evidence, int) else tuple(self.evidence)
         for size in sizes:
-            check_int(size, "evidence", 1)
+            check_int(size, "evidence", minimum=1)
         budget = _check_budget(2 * rate if self.budget is None else self.budget)
-        check_int(self.patch_size, "patch_size", 1)
+        check_int(self.patch_size, "patch_size", minimum=1)
         if self.robust_n is not None:
-            check_int(self.robust_n, "robust_n", 1)
+            check_int(self.robust_n, "robust_n", minimum=1)
         return replace(self, rate=rate, evidence=tuple(sorted(set(sizes))), budget=budget)
 
 

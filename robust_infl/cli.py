@@ -383,9 +383,9 @@ def _check_score_options(args) -> None:
     """The checks of ``score`` that need no data: output paths, device, store chunking, tracin's checkpoints."""
     from robust_infl.distributed import SHARDED_METHODS
     from robust_infl.io import check_output_file, check_output_folder
-    from robust_infl.validation import check_device, check_nonnegative_float
+    from attacks.validation import check_device, check_number
 
-    check_nonnegative_float("damping", args.damping)
+    check_number(args.damping, "damping", minimum=0)
     check_output_file(args.out, "out")
     check_output_file(rows_path(Path(args.out)), "out")
     if args.store is not None:
@@ -412,7 +412,7 @@ def _check_scored_params(args, splits, defaults) -> None:
     """Before training: the ``--params`` names exist, and ``if-exact`` scores at most its parameter limit."""
     from robust_infl.experiment_setup import model_factory
     from robust_infl.methods.hessian import check_exact_size
-    from robust_infl.validation import resolve_param_names
+    from robust_infl.inputs import resolve_param_names
 
     model = model_factory(args.model or defaults.model, splits)(args.seed)
     if args.method == "if-exact":

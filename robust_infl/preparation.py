@@ -16,19 +16,15 @@ from torch import Tensor, nn
 from torch.utils.data import Dataset
 from torch.utils.data.dataloader import default_collate
 
+from attacks.plumbing import eval_mode, model_device, model_dtype
+from attacks.validation import check_bool, check_int, check_model, check_number, check_seed
 from robust_infl.engine import ScoringProblem, build_problem, check_finite_results
 from robust_infl.objectives import Attack, LossFn, Objective, default_loss_fn
-from robust_infl.validation import (
+from robust_infl.inputs import (
     TargetSet,
     as_tensor,
     check_labels,
-    check_model,
-    check_nonnegative_float,
-    check_positive_int,
-    check_seed,
     check_train_loss,
-    model_device,
-    model_dtype,
     resolve_device,
     resolve_param_names,
     validate_target,
@@ -82,18 +78,17 @@ def prepared_problem(
         )
     if loss_fn is not None and not callable(loss_fn):
         raise TypeError(f"loss_fn: must be callable loss_fn(outputs, targets), got {type(loss_fn).__name__}")
-    damping = check_nonnegative_float("damping", damping)
-    batch_size = check_positive_int("batch_size", batch_size)
+    damping = check_number(damping, "damping", minimum=0)
+    batch_size = check_int(batch_size, "batch_size", minimum=1)
     seed = check_seed(seed)
     check_train_loss(train_loss, train_attack)
-    if not isinstance(progress, bool):
-        raise TypeError(f"progress: must be True or False, got {type(progress).__name__}")
+    check_bool(progress, "progress")
     device = resolve_device(device, model)
     param_names = resolve_param_names(model, params)
     train = validate_train(train)
     target_set = validate_target(target)
 
-    with _eval_mode(model):
+    with eval_mode(model):
         checks_labels = loss_fn is None and isinstance(train, Dataset)  # before the default loss replaces None
         loss_fn, n_outputs = _check_model_fits_data(model, train, target_set, loss_fn, device)
         objective.check(target_set, n_outputs)
@@ -115,18 +110,6 @@ def prepared_problem(
             label_outputs=label_outputs,
         )
         yield PreparedProblem(problem, train, target_set, label_outputs)
-
-
-@contextmanager
-def _eval_mode(model: nn.Module) -> Iterator[None]:
-    """Put ``model`` in eval mode, restoring every submodule's own mode afterwards (even on error)."""
-    modes = [(module, module.training) for module in model.modules()]
-    try:
-        model.eval()
-        yield
-    finally:
-        for module, training in modes:
-            module.training = training
 
 
 def _probe_batch(train: Union[tuple[Tensor, Tensor], Dataset]) -> tuple[Tensor, Tensor]:

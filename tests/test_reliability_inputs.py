@@ -122,9 +122,9 @@ CASES = {
     "eps-pgd-zero": (lambda: attacks.PGD(0.0), ValueError, r"^eps: must be a finite number > 0, got 0.0"),
     "eps-fgsm-negative": (lambda: attacks.FGSM(-1), ValueError, r"^eps: must be a finite number > 0, got -1"),
     "eps-autoattack-zero": (lambda: attacks.AutoAttack(0), ValueError, r"^eps: must be a finite number > 0"),
-    "eps-trainer": (lambda: defenses.PGDAT(eps=0, epochs=1, lr=0.1, batch_size=4), ValueError, r"^eps: must be > 0"),
+    "eps-trainer": (lambda: defenses.PGDAT(eps=0, epochs=1, lr=0.1, batch_size=4), ValueError, r"^eps: must be a finite number > 0"),
     "eps-factory": (lambda: make_attack("pgd", eps=-0.1), ValueError, r"^eps: must be a finite number > 0"),
-    "eps-defence": (lambda: run(eps=-1.0), ValueError, r"^eps: must be > 0"),
+    "eps-defence": (lambda: run(eps=-1.0), ValueError, r"^eps: must be a finite number > 0"),
     # unknown method / attack / norm / data names: the message lists the valid ones
     "name-method": (lambda: influence(method="magic"), ValueError,
                     rf"^method: unknown method 'magic'; valid names are {METHOD_NAMES}$"),

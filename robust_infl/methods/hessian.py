@@ -16,7 +16,7 @@ import torch
 
 from robust_infl.engine import ScoringProblem, flat_objective_gradient, harm_along, hessian_vector_products
 from robust_infl.methods import register_method
-from robust_infl.validation import resolve_param_names
+from robust_infl.inputs import resolve_param_names
 
 __all__ = ["MAX_PARAMS", "exact_influence", "damped_hessian", "check_exact_size"]
 
