@@ -16,7 +16,6 @@
 
 from __future__ import annotations
 
-import math
 from typing import Sequence, Tuple
 
 import numpy as np
@@ -25,7 +24,7 @@ from torch import nn
 
 from .base import Attack, BinaryAsTwoLogits, check_batch
 from .plumbing import frozen_in_eval, make_generator, seeded
-from .validation import check_fraction, check_int, check_seed
+from .validation import check_choice, check_fraction, check_int, check_number, check_seed
 
 __all__ = ["Trigger", "poison", "ARTPoison", "ART_POISON_NAMES", "check_rate", "check_target_class"]
 
@@ -77,12 +76,9 @@ class Trigger(Attack):
         shape = tuple(int(s) for s in input_shape)
         if len(shape) < 2 or min(shape) < 1:
             raise ValueError(f"input_shape: must be an image shape (..., H, W), got {tuple(input_shape)}")
-        if isinstance(size, bool) or not isinstance(size, int) or not 1 <= size <= min(shape[-2:]):
-            raise ValueError(f"size: must be an integer in [1, {min(shape[-2:])}], got {size!r}")
-        if corner not in CORNERS:
-            raise ValueError(f"corner: must be one of {', '.join(CORNERS)}, got {corner!r}")
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-            raise ValueError(f"value: must be a finite number, got {value!r}")
+        check_int(size, "size", minimum=1, maximum=min(shape[-2:]))
+        check_choice(corner, "corner", CORNERS)
+        check_number(value, "value")
         height, width = shape[-2:]
         rows = slice(0, size) if corner.startswith("top") else slice(height - size, height)
         cols = slice(0, size) if corner.endswith("left") else slice(width - size, width)
@@ -93,8 +89,7 @@ class Trigger(Attack):
     @classmethod
     def blend(cls, pattern: torch.Tensor, alpha: float) -> "Trigger":
         """Blend ``pattern`` over the whole input: ``x' = (1 - alpha) x + alpha pattern`` (Chen et al. 2017)."""
-        if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0 < alpha <= 1:
-            raise ValueError(f"alpha: must lie in (0, 1], got {alpha!r}")
+        check_fraction(alpha, "alpha", allow_one=True)
         if not isinstance(pattern, torch.Tensor):
             raise TypeError(f"pattern: must be a floating-point tensor, got {type(pattern).__name__}")
         return cls(torch.full(pattern.shape, float(alpha), dtype=pattern.dtype), pattern)

@@ -32,7 +32,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from attacks.poisoning import check_rate, check_target_class
-from attacks.validation import check_choice, check_int, check_seed
+from attacks.validation import check_choice, check_fraction, check_int, check_seed
 from robust_infl.io import atomic_write, atomic_write_json, atomic_write_text
 from robust_infl.store import data_hash
 
@@ -56,9 +56,7 @@ def _evidence_repeats(trainer) -> int:
 
 
 def _check_budget(budget) -> float:
-    if isinstance(budget, bool) or not isinstance(budget, (int, float)) or not 0 < budget < 1:
-        raise ValueError(f"budget: must be a fraction in (0, 1), got {budget!r}")
-    return float(budget)
+    return check_fraction(budget, "budget")
 
 
 def _with_evidence(train: tuple, evidence: Optional[tuple], repeats: int) -> tuple:

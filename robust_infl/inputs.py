@@ -18,7 +18,7 @@ from torch.utils.data import DataLoader, Dataset
 from torch.utils.data.dataloader import default_collate
 
 from attacks.plumbing import model_device, seeded
-from attacks.validation import check_device
+from attacks.validation import check_choice, check_device
 
 __all__ = [
     "TargetSet",
@@ -106,8 +106,7 @@ def integer_labels(name: str, y: Tensor) -> Tensor:
 
 def check_train_loss(train_loss: Any, train_attack: Any) -> None:
     """Check the training-loss mode and that an attack comes with (and only with) ``"adversarial"``."""
-    if train_loss not in TRAIN_LOSSES:
-        raise ValueError(f"train_loss: must be one of {', '.join(TRAIN_LOSSES)}, got {train_loss!r}")
+    check_choice(train_loss, "train_loss", TRAIN_LOSSES)
     if train_loss == "adversarial" and not callable(train_attack):
         raise ValueError("train_attack: train_loss='adversarial' needs a callable train_attack(model, x, y)")
     if train_loss == "clean" and train_attack is not None:
