@@ -68,7 +68,6 @@ def _class_log_probs(logits: torch.Tensor) -> torch.Tensor:
     return F.log_softmax(logits, dim=1)
 
 
-
 def check_weights(weights, n: int) -> Optional[torch.Tensor]:
     """Validate per-sample ``weights`` (None, or ``n`` finite values >= 0 with a positive sum).
 
@@ -169,9 +168,9 @@ def maximise_in_ball(
     ``start`` is the initial perturbation. The steps and projections are those of the attacks
     package (:mod:`attacks.steps`): linf steps follow the gradient sign, l2 steps the per-sample
     normalised gradient, then the perturbation is projected onto the ball and the point clipped
-    to ``bounds`` (None or a ``(low, high)`` pair of numbers or per-feature tensors, as the attacks take). Returns the detached adversarial points.
+    to ``bounds`` (None or ``(low, high)``: numbers or per-feature tensors, as the attacks take them).
+    Returns the detached adversarial points.
     """
-
     bounds = resolve_bounds(bounds, x)
 
     def project(delta: torch.Tensor) -> torch.Tensor:

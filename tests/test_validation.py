@@ -9,6 +9,8 @@ import pytest
 import torch
 from torch import nn
 
+import attacks
+import defenses
 from attacks.validation import (check_bool, check_choice, check_device, check_eps, check_fraction, check_int,
                                 check_model, check_norm, check_number, check_output_shape, check_positive,
                                 check_seed)
@@ -113,3 +115,20 @@ def test_check_model_returns_the_model_and_checks_the_batch_device():
         check_model(model, x=torch.zeros(1, 2, device="meta"))
     check_output_shape(torch.zeros(3, 1), 3)
     check_output_shape(torch.zeros(3, 5), 3)
+
+
+def test_trainers_accept_the_per_feature_bounds_the_attacks_accept():
+    low, high = torch.tensor([0.0, -1.0]), torch.tensor([1.0, 0.5])
+    X = torch.stack([torch.rand(32) * 1.0, torch.rand(32) * 1.5 - 1.0], dim=1)
+    y = (X[:, 0] > 0.5).long()
+    attacks.PGD(0.3, steps=2, bounds=(low, high))  # the attack takes them ...
+    trainer = defenses.PGDAT(eps=0.3, steps=2, bounds=(low, high), epochs=1, lr=0.1, batch_size=8, progress=False)
+    model = trainer.fit(nn.Linear(2, 2), (X, y), seed=0)  # ... and so does the trainer
+    x_adv = trainer.adversarial_points(model, X, y)
+    assert bool(((x_adv >= low) & (x_adv <= high)).all())
+    assert not torch.equal(x_adv, X)
+    with pytest.raises(ValueError, match=r"^bounds: per-feature tensors of shape \(3,\) do not broadcast"):
+        defenses.PGDAT(eps=0.3, bounds=(torch.zeros(3), torch.ones(3)), epochs=1, lr=0.1,
+                       batch_size=8, progress=False).fit(nn.Linear(2, 2), (X, y))
+    with pytest.raises(ValueError, match=r"^bounds: low must be < high, got \(1.0, 0.0\)"):
+        defenses.PGDAT(eps=0.3, bounds=(1.0, 0.0), epochs=1, lr=0.1, batch_size=8)
