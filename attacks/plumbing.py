@@ -1,7 +1,7 @@
 """Torch plumbing shared by ``attacks``, ``robust_infl`` and ``defenses``: one implementation of each.
 
-- :func:`per_sample_loss` (and its two halves :func:`cross_entropy_loss`, :func:`binary_cross_entropy_loss`):
-  the loss of every sample of a batch of logits;
+- :func:`per_sample_loss` (built from :func:`default_loss_fn`, which picks :func:`cross_entropy_loss` or
+  :func:`binary_cross_entropy_loss` by the number of logits): the loss of every sample of a batch;
 - :func:`model_device`, :func:`model_dtype`: where a model lives and in which floating dtype;
 - :func:`eval_mode` / :func:`frozen_in_eval`: a model in eval mode (optionally with frozen parameters),
   every submodule's own mode restored on exit;
@@ -28,6 +28,7 @@ __all__ = [
     "per_sample_loss",
     "cross_entropy_loss",
     "binary_cross_entropy_loss",
+    "default_loss_fn",
     "model_device",
     "model_dtype",
     "eval_mode",
@@ -48,13 +49,18 @@ def binary_cross_entropy_loss(outputs: Tensor, targets: Tensor) -> Tensor:
     return F.binary_cross_entropy_with_logits(outputs[:, 0], targets.to(outputs.dtype), reduction="none")
 
 
-def per_sample_loss(outputs: Tensor, targets: Tensor) -> Tensor:
-    """Loss of every sample, shape ``(n,)``: cross-entropy for ``C >= 2`` logits, binary cross-entropy with
-    logits for one logit ``(n, 1)`` (label 1 = positive logit; a squeezed ``(n,)`` output is refused)."""
+def default_loss_fn(n_outputs: int) -> Callable[[Tensor, Tensor], Tensor]:
+    """The default per-sample loss: binary cross-entropy for one logit, cross-entropy otherwise."""
+    return binary_cross_entropy_loss if n_outputs == 1 else cross_entropy_loss
+
+
+# Reports and resumed runs identify a trainer's loss by a hash of this function's code and docstring
+# (attacks.base.attack_settings): change either only together with a note that old runs do not resume.
+def per_sample_loss(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Per-sample loss, shape ``(n,)``: the engine's default (``robust_infl.objectives.default_loss_fn``),
+    cross-entropy for >= 2 logits, BCE-with-logits for one logit ``(n, 1)`` (``(n,)`` is refused)."""
     check_output_shape(outputs, targets.shape[0])
-    if outputs.shape[1] == 1:
-        return binary_cross_entropy_loss(outputs, targets)
-    return cross_entropy_loss(outputs, targets)
+    return default_loss_fn(outputs.shape[1])(outputs, targets)
 
 
 def model_device(model: nn.Module, default: Optional[torch.device] = None) -> torch.device:

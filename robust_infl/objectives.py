@@ -20,7 +20,7 @@ from typing import Callable, Optional
 import torch
 from torch import Tensor, nn
 
-from attacks.plumbing import binary_cross_entropy_loss, cross_entropy_loss
+from attacks.plumbing import binary_cross_entropy_loss, cross_entropy_loss, default_loss_fn
 from robust_infl.inputs import TargetSet, call_attack
 
 __all__ = [
@@ -39,11 +39,6 @@ __all__ = [
 
 LossFn = Callable[[Tensor, Tensor], Tensor]
 Attack = Callable[[nn.Module, Tensor, Tensor], Tensor]
-
-
-def default_loss_fn(n_outputs: int) -> LossFn:
-    """The default per-sample loss: binary cross-entropy for one logit, cross-entropy otherwise."""
-    return binary_cross_entropy_loss if n_outputs == 1 else cross_entropy_loss
 
 
 def positive_class_probability(outputs: Tensor) -> Tensor:
