@@ -114,9 +114,9 @@ CASES = {
     "empty-seeded-split": (lambda: seeded_split((X[:3], Y[:3]), seed=0),
                            ValueError, r"^data: cannot split 3 samples into train / validation"),
     # fraction outside [0, 1)
-    "fraction-prune-one": (lambda: defenses.prune(torch.ones(5), 1.0), ValueError, r"^fraction: must be in \[0, 1\), got 1.0"),
-    "fraction-prune-negative": (lambda: defenses.prune(torch.ones(5), -0.1), ValueError, r"^fraction: must be in \[0, 1\)"),
-    "fraction-reweight": (lambda: defenses.reweight(torch.ones(5), fraction=1.5), ValueError, r"^fraction: must be in"),
+    "fraction-prune-one": (lambda: defenses.prune(torch.ones(5), 1.0), ValueError, r"^fraction: must be a finite number in \[0, 1\), got 1.0"),
+    "fraction-prune-negative": (lambda: defenses.prune(torch.ones(5), -0.1), ValueError, r"^fraction: must be a finite number in \[0, 1\)"),
+    "fraction-reweight": (lambda: defenses.reweight(torch.ones(5), fraction=1.5), ValueError, r"^fraction: must be a finite number in"),
     "fraction-defence": (lambda: run(fractions=[1.5]), ValueError, r"^fractions: every fraction must be in \(0, 1\)"),
     # eps <= 0
     "eps-pgd-zero": (lambda: attacks.PGD(0.0), ValueError, r"^eps: must be a finite number > 0, got 0.0"),
