@@ -12,12 +12,13 @@ that clips to [0, 1] run on unbounded data through an exact affine change of var
 """
 
 from .adapters import ART, AutoAttack, TorchAttacks, art_evasion_names, torchattacks_names
-from .base import Attack, BinaryAsTwoLogits, attack_settings, per_sample_loss, predict
+from .base import Attack, BinaryAsTwoLogits, attack_settings, predict
 from .closed_form import LinearClosedForm
 from .composite import Cascade, UnitBoxView
 from .evaluate import accuracy, evaluate
 from .fgsm import FGSM
 from .pgd import PGD
+from .plumbing import per_sample_loss
 from .poisoning import ARTPoison, Trigger, poison
 from .registry import ATTACK_NAMES, make_attack
 

@@ -26,8 +26,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from .base import Attack, BinaryAsTwoLogits, check_eps, check_logits, check_norm, check_seed, seeded
+from .base import Attack, BinaryAsTwoLogits, check_logits
 from .bounds import BoundsLike, check_bounds, check_within_bounds, resolve_bounds
+from .plumbing import seeded
+from .validation import check_choice, check_eps, check_norm, check_seed
 
 __all__ = ["TorchAttacks", "AutoAttack", "ART", "torchattacks_names", "art_evasion_names"]
 
@@ -177,13 +179,9 @@ class AutoAttack(Attack):
                  backend: str = "autoattack", components=None):
         self.eps = check_eps(eps)
         self.norm = check_norm(norm)
-        if version not in AUTOATTACK_VERSIONS:
-            raise ValueError(f"version: must be one of {', '.join(AUTOATTACK_VERSIONS)}, got {version!r}")
-        self.version = version
+        self.version = check_choice(version, "version", AUTOATTACK_VERSIONS)
         self.seed = check_seed(seed)
-        if backend not in AUTOATTACK_BACKENDS:
-            raise ValueError(f"backend: must be one of {', '.join(AUTOATTACK_BACKENDS)}, got {backend!r}")
-        self.backend = backend
+        self.backend = check_choice(backend, "backend", AUTOATTACK_BACKENDS)
         if components is not None:
             if isinstance(components, str) or not isinstance(components, (tuple, list)) or not components:
                 raise ValueError(f"components: must be None or a non-empty tuple of names, got {components!r}")

@@ -1,4 +1,4 @@
-"""Shared plumbing for every attack: argument checks, model state, seeding, logits handling.
+"""The attack interface: the :class:`Attack` base class, batch / logits / output checks, settings records.
 
 An attack is a callable ``attack(model, x, y) -> x_adv`` with the same shape, dtype and device
 as ``x``. :class:`Attack` runs the subclass's ``_perturb`` with the model switched to eval mode and
@@ -7,7 +7,7 @@ each parameter's ``requires_grad`` and any ``.grad`` the parameters held before,
 leaves no trace on the model.
 
 Models output either ``C >= 2`` logits (cross-entropy) or ONE logit (binary, BCE with logits,
-label 1 = positive logit). Own attacks maximise the per-sample loss :func:`per_sample_loss`;
+label 1 = positive logit). Own attacks maximise :func:`attacks.plumbing.per_sample_loss`;
 third-party libraries see a one-logit model through :class:`BinaryAsTwoLogits` (logits
 ``[0, z]``), which makes the same decisions.
 """
@@ -17,90 +17,25 @@ from __future__ import annotations
 import functools
 import hashlib
 import inspect
-import math
 from abc import ABC, abstractmethod
-from contextlib import contextmanager
-from typing import Iterator, Optional
 
-import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from .bounds import resolve_bounds
+from .plumbing import frozen_in_eval
+from .validation import NORMS, check_model, check_output_shape
 
 __all__ = [
     "Attack",
     "BinaryAsTwoLogits",
-    "NORMS",
-    "check_eps",
-    "check_norm",
-    "check_positive_int",
-    "check_seed",
-    "check_model",
     "check_batch",
     "check_logits",
-    "check_output_shape",
     "check_attack_output",
     "attack_settings",
     "plain_value",
-    "per_sample_loss",
     "predict",
-    "frozen_in_eval",
-    "seeded",
-    "make_generator",
 ]
-
-NORMS = ("linf", "l2")
-
-
-def check_eps(eps, name: str = "eps", allow_zero: bool = False) -> float:
-    """Return ``eps`` as a float after checking it is a finite number ``> 0`` (``>= 0`` with ``allow_zero``).
-
-    A budget of 0 is refused: it would silently turn robust accuracy into clean accuracy.
-    """
-    if isinstance(eps, bool) or not isinstance(eps, (int, float)):
-        raise TypeError(f"{name}: must be a number, got {type(eps).__name__}")
-    if not math.isfinite(eps) or eps < 0 or (eps == 0 and not allow_zero):
-        raise ValueError(f"{name}: must be a finite number {'>= 0' if allow_zero else '> 0'}, got {eps}")
-    return float(eps)
-
-
-def check_norm(norm) -> str:
-    """Return the norm name (``"linf"`` or ``"l2"``, case-insensitive) or raise ``ValueError``."""
-    if not isinstance(norm, str) or norm.lower() not in NORMS:
-        raise ValueError(f"norm: must be one of {', '.join(NORMS)}, got {norm!r}")
-    return norm.lower()
-
-
-def check_positive_int(value, name: str) -> int:
-    """Return ``value`` after checking it is an integer ``>= 1``."""
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name}: must be an integer, got {type(value).__name__}")
-    if value < 1:
-        raise ValueError(f"{name}: must be >= 1, got {value}")
-    return value
-
-
-def check_seed(seed) -> int:
-    """Return ``seed`` after checking it is a non-negative integer."""
-    if isinstance(seed, bool) or not isinstance(seed, int):
-        raise TypeError(f"seed: must be an integer, got {type(seed).__name__}")
-    if seed < 0:
-        raise ValueError(f"seed: must be >= 0, got {seed}")
-    return seed
-
-
-def check_model(model, x: Optional[torch.Tensor] = None) -> None:
-    """Raise ``TypeError`` unless ``model`` is a ``torch.nn.Module``, and ``ValueError`` when its
-    parameters live on another device than the batch ``x`` (if given)."""
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model: must be a torch.nn.Module, got {type(model).__name__}")
-    if x is not None:
-        for p in model.parameters():
-            if p.device != x.device:
-                raise ValueError(f"model: its parameters are on {p.device} but x is on {x.device}")
-            break
 
 
 def check_batch(x, y) -> None:
@@ -123,19 +58,6 @@ def check_batch(x, y) -> None:
         raise ValueError(f"y: is on {y.device} but x is on {x.device}")
 
 
-def check_output_shape(outputs, n: int) -> None:
-    """Raise ``ValueError`` naming ``model`` unless ``outputs`` are logits of shape ``(n, C)``.
-
-    The project's one rule for binary models: ONE logit has shape ``(n, 1)``; a squeezed ``(n,)``
-    output is refused everywhere (trainers, influence, evaluate and the attacks), never guessed.
-    """
-    if not isinstance(outputs, torch.Tensor):
-        raise ValueError(f"model: must return a tensor of logits, got {type(outputs).__name__}")
-    if outputs.dim() != 2 or outputs.shape[0] != n:
-        hint = " (a binary model returns one logit as (n, 1): do not squeeze it)" if outputs.dim() == 1 else ""
-        raise ValueError(f"model: must return logits of shape ({n}, C), got {tuple(outputs.shape)}{hint}")
-
-
 def check_logits(logits: torch.Tensor, y: torch.Tensor) -> int:
     """Check the model's outputs ``(n, C)`` (finite) against labels ``y`` and return ``C``."""
     check_output_shape(logits, y.shape[0])
@@ -146,14 +68,6 @@ def check_logits(logits: torch.Tensor, y: torch.Tensor) -> int:
         raise ValueError(f"y: labels must lie in [0, {num_classes}) for a model with "
                          f"{logits.shape[1]} output(s), got range [{int(y.min())}, {int(y.max())}]")
     return logits.shape[1]
-
-
-def per_sample_loss(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """Loss of every sample, shape ``(n,)``: cross-entropy for ``C >= 2`` logits, binary
-    cross-entropy with logits for one logit (label 1 = positive logit)."""
-    if logits.shape[1] == 1:
-        return F.binary_cross_entropy_with_logits(logits[:, 0], y.to(logits.dtype), reduction="none")
-    return F.cross_entropy(logits, y, reduction="none")
 
 
 def predict(logits: torch.Tensor) -> torch.Tensor:
@@ -248,51 +162,6 @@ class BinaryAsTwoLogits(nn.Module):
         return logits
 
 
-@contextmanager
-def frozen_in_eval(model: nn.Module) -> Iterator[None]:
-    """Put ``model`` in eval mode with frozen parameters; on exit restore every module's mode,
-    every parameter's ``requires_grad`` and the ``.grad`` each parameter held on entry."""
-    modes = [(module, module.training) for module in model.modules()]
-    params = list(model.parameters())
-    requires = [p.requires_grad for p in params]
-    grads = [p.grad for p in params]
-    model.eval()
-    for p in params:
-        p.requires_grad_(False)
-    try:
-        yield
-    finally:
-        for module, training in modes:
-            module.training = training
-        for p, req, grad in zip(params, requires, grads):
-            p.requires_grad_(req)
-            p.grad = grad
-
-
-@contextmanager
-def seeded(seed: int, device: torch.device) -> Iterator[None]:
-    """Seed torch (CPU and ``device``) and numpy's global generator, restoring their states on exit.
-
-    For third-party attacks that draw from the global generators.
-    """
-    cuda_devices = list(range(torch.cuda.device_count())) if device.type == "cuda" else []
-    numpy_state = np.random.get_state()
-    with torch.random.fork_rng(devices=cuda_devices):
-        torch.manual_seed(seed)
-        np.random.seed(seed % 2**32)
-        try:
-            yield
-        finally:
-            np.random.set_state(numpy_state)
-
-
-def make_generator(seed: int, device: torch.device) -> torch.Generator:
-    """A fresh ``torch.Generator`` on ``device`` seeded with ``seed`` (for own attacks)."""
-    generator = torch.Generator(device=device)
-    generator.manual_seed(seed)
-    return generator
-
-
 class Attack(ABC):
     """Base class of an attack ``attack(model, x, y) -> x_adv``.
 
@@ -305,7 +174,7 @@ class Attack(ABC):
     def __call__(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """Return adversarial examples for the batch ``(x, y)`` (same shape, dtype, device as ``x``)."""
         check_batch(x, y)
-        check_model(model, x)
+        check_model(model, x=x)
         if x.shape[0] == 0:
             return x.detach().clone()
         with frozen_in_eval(model), torch.enable_grad():

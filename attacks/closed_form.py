@@ -8,7 +8,8 @@ import torch
 from torch import nn
 from torch.func import jacrev, vmap
 
-from .base import Attack, check_eps, check_logits, predict
+from .base import Attack, check_logits, predict
+from .validation import check_choice, check_eps
 
 __all__ = ["LinearClosedForm", "LABEL_MODES"]
 
@@ -53,9 +54,7 @@ class LinearClosedForm(Attack):
 
     def __init__(self, overshoot: float = 0.3, labels: str = "true"):
         self.overshoot = check_eps(overshoot, "overshoot", allow_zero=True)
-        if labels not in LABEL_MODES:
-            raise ValueError(f"labels: must be one of {', '.join(LABEL_MODES)}, got {labels!r}")
-        self.labels = labels
+        self.labels = check_choice(labels, "labels", LABEL_MODES)
 
     def _perturb(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         def logits_of_one(sample: torch.Tensor) -> torch.Tensor:

@@ -9,13 +9,13 @@
 
 from __future__ import annotations
 
-import math
 from typing import Callable
 
 import torch
 from torch import nn
 
 from .base import Attack, predict
+from .validation import check_eps
 
 __all__ = ["Cascade", "UnitBoxView"]
 
@@ -77,9 +77,7 @@ class UnitBoxView(Attack):
     def __init__(self, build: Callable[[float], Callable], eps: float):
         if not callable(build):
             raise TypeError(f"build: must be callable build(eps) -> attack, got {type(build).__name__}")
-        if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not (0 < eps < math.inf):
-            raise ValueError(f"eps: must be a positive finite number, got {eps!r}")
-        self.build, self.eps = build, float(eps)
+        self.build, self.eps = build, check_eps(eps)
 
     def _perturb(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         low = x.min(dim=0).values - self.eps

@@ -11,18 +11,13 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
-from .base import Attack, check_attack_output, check_batch, check_model, check_positive_int, frozen_in_eval, predict
+from .base import Attack, check_attack_output, check_batch, predict
+from .plumbing import frozen_in_eval, model_device
+from .validation import check_int, check_model
 
 __all__ = ["evaluate", "accuracy"]
 
 RESERVED_KEYS = ("n", "clean_acc", "worst_case_robust_acc")
-
-
-def _model_device(model: nn.Module, fallback: torch.device) -> torch.device:
-    """Device of the model's first parameter or buffer, else ``fallback``."""
-    for tensor in (*model.parameters(), *model.buffers()):
-        return tensor.device
-    return fallback
 
 
 def _batches(data, batch_size: int) -> Tuple[int, Iterator[Tuple[torch.Tensor, torch.Tensor]]]:
@@ -65,10 +60,10 @@ def accuracy(model: nn.Module, X: torch.Tensor, y: torch.Tensor, batch_size: int
     """
     check_model(model)
     check_batch(X, y)
-    check_positive_int(batch_size, "batch_size")
+    check_int(batch_size, "batch_size", minimum=1)
     if len(X) == 0:
         raise ValueError("X: is empty")
-    device = _model_device(model, X.device)
+    device = model_device(model, X.device)
     correct = 0
     with frozen_in_eval(model):
         for i in range(0, len(X), batch_size):
@@ -115,7 +110,7 @@ def evaluate(model: nn.Module, data, attacks: Mapping[str, Callable], batch_size
             raise ValueError(f"attacks: names must be strings other than {RESERVED_KEYS}, got {name!r}")
         if not callable(attack):
             raise TypeError(f"attacks: {name!r} is not callable")
-    check_positive_int(batch_size, "batch_size")
+    check_int(batch_size, "batch_size", minimum=1)
     n, batches = _batches(data, batch_size)
     if n == 0:
         raise ValueError("data: is empty")
@@ -127,7 +122,7 @@ def evaluate(model: nn.Module, data, attacks: Mapping[str, Callable], batch_size
     not_target = 0
     adversarial: Dict[str, list] = {name: [] for name in attacks}
     with frozen_in_eval(model):
-        device = _model_device(model, torch.device("cpu"))
+        device = model_device(model)
         start = 0
         total = len(data) if isinstance(data, DataLoader) else math.ceil(n / batch_size)
         for x, y in tqdm(batches, total=total, desc="evaluate", disable=None if progress else True):

@@ -5,9 +5,11 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .base import Attack, check_eps, check_logits, check_norm, per_sample_loss
+from .base import Attack, check_logits
 from .bounds import BoundsLike, check_bounds, check_within_bounds, resolve_bounds
+from .plumbing import per_sample_loss
 from .steps import ascent_direction, clamp_to
+from .validation import check_eps, check_norm
 
 __all__ = ["FGSM"]
 

@@ -7,10 +7,11 @@ from typing import Callable, Optional
 import torch
 from torch import nn
 
-from .base import (Attack, check_eps, check_logits, check_norm, check_positive_int, check_seed,
-                   make_generator, per_sample_loss, predict)
+from .base import Attack, check_logits, predict
 from .bounds import BoundsLike, check_bounds, check_within_bounds, resolve_bounds
+from .plumbing import make_generator, per_sample_loss
 from .steps import ascent_direction, clamp_to, per_sample_norm, project_l2_, random_delta
+from .validation import check_bool, check_eps, check_int, check_norm, check_seed
 
 __all__ = ["PGD", "pgd_ascent", "ITERATES"]
 
@@ -30,7 +31,7 @@ def pgd_ascent(
     iterate: str = "point",
 ) -> torch.Tensor:
     """Projected gradient ascent of ``objective(x_adv)`` (a per-sample vector) in the ``norm`` ball of
-    radius ``eps`` around ``x``, intersected with resolved ``bounds`` (None or ``(low, high)``): the one
+    radius ``eps`` around ``x``, intersected with ``bounds`` (None, ``(low, high)`` numbers or per-feature tensors): the one
     PGD loop, used by :class:`PGD` and by the adversarial trainers of ``defenses``.
 
     ``start`` is the initial perturbation (None: the clean point). Each of the ``steps`` steps
@@ -41,6 +42,7 @@ def pgd_ascent(
     ``bounds`` only); ``"delta"`` (the trainers) carries the perturbation, projected (the start
     too) and clipped as ``clip(x + delta) - x``. Returns the detached adversarial points.
     """
+    bounds = resolve_bounds(bounds, x)
     if iterate == "point":
         if norm == "linf":
             feasible = (clamp_to(x - eps, bounds), clamp_to(x + eps, bounds))
@@ -107,13 +109,11 @@ class PGD(Attack):
                  random_start: bool = True, restarts: int = 1, bounds: BoundsLike = (0.0, 1.0),
                  seed: int = 0):
         self.eps = check_eps(eps)
-        self.steps = check_positive_int(steps, "steps")
+        self.steps = check_int(steps, "steps", minimum=1)
         self.alpha = 2.5 * self.eps / self.steps if alpha is None else check_eps(alpha, "alpha")
         self.norm = check_norm(norm)
-        if not isinstance(random_start, bool):
-            raise TypeError(f"random_start: must be a bool, got {type(random_start).__name__}")
-        self.random_start = random_start
-        self.restarts = check_positive_int(restarts, "restarts")
+        self.random_start = check_bool(random_start, "random_start")
+        self.restarts = check_int(restarts, "restarts", minimum=1)
         self.bounds = check_bounds(bounds)
         self.seed = check_seed(seed)
 

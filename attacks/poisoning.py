@@ -16,14 +16,15 @@
 
 from __future__ import annotations
 
-import math
 from typing import Sequence, Tuple
 
 import numpy as np
 import torch
 from torch import nn
 
-from .base import Attack, BinaryAsTwoLogits, check_batch, check_seed, frozen_in_eval, seeded
+from .base import Attack, BinaryAsTwoLogits, check_batch
+from .plumbing import frozen_in_eval, make_generator, seeded
+from .validation import check_choice, check_fraction, check_int, check_number, check_seed
 
 __all__ = ["Trigger", "poison", "ARTPoison", "ART_POISON_NAMES", "check_rate", "check_target_class"]
 
@@ -33,20 +34,12 @@ ART_POISON_NAMES = ("PoisoningAttackBackdoor", "PoisoningAttackCleanLabelBackdoo
 
 def check_rate(rate) -> float:
     """Return ``rate`` as a float after checking it is a number in the open interval (0, 1)."""
-    if isinstance(rate, bool) or not isinstance(rate, (int, float)):
-        raise TypeError(f"rate: must be a number, got {type(rate).__name__}")
-    if not 0 < rate < 1:
-        raise ValueError(f"rate: must lie in (0, 1), got {rate}")
-    return float(rate)
+    return check_fraction(rate, "rate")
 
 
 def check_target_class(target_class, num_classes: int) -> int:
     """Return ``target_class`` after checking it is an integer class in ``[0, num_classes)``."""
-    if isinstance(target_class, bool) or not isinstance(target_class, (int, np.integer)):
-        raise TypeError(f"target_class: must be an integer, got {type(target_class).__name__}")
-    if not 0 <= int(target_class) < num_classes:
-        raise ValueError(f"target_class: must lie in [0, {num_classes}), got {target_class}")
-    return int(target_class)
+    return check_int(target_class, "target_class", minimum=0, maximum=num_classes - 1)
 
 
 class Trigger(Attack):
@@ -83,12 +76,9 @@ class Trigger(Attack):
         shape = tuple(int(s) for s in input_shape)
         if len(shape) < 2 or min(shape) < 1:
             raise ValueError(f"input_shape: must be an image shape (..., H, W), got {tuple(input_shape)}")
-        if isinstance(size, bool) or not isinstance(size, int) or not 1 <= size <= min(shape[-2:]):
-            raise ValueError(f"size: must be an integer in [1, {min(shape[-2:])}], got {size!r}")
-        if corner not in CORNERS:
-            raise ValueError(f"corner: must be one of {', '.join(CORNERS)}, got {corner!r}")
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-            raise ValueError(f"value: must be a finite number, got {value!r}")
+        check_int(size, "size", minimum=1, maximum=min(shape[-2:]))
+        check_choice(corner, "corner", CORNERS)
+        check_number(value, "value")
         height, width = shape[-2:]
         rows = slice(0, size) if corner.startswith("top") else slice(height - size, height)
         cols = slice(0, size) if corner.endswith("left") else slice(width - size, width)
@@ -99,8 +89,7 @@ class Trigger(Attack):
     @classmethod
     def blend(cls, pattern: torch.Tensor, alpha: float) -> "Trigger":
         """Blend ``pattern`` over the whole input: ``x' = (1 - alpha) x + alpha pattern`` (Chen et al. 2017)."""
-        if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0 < alpha <= 1:
-            raise ValueError(f"alpha: must lie in (0, 1], got {alpha!r}")
+        check_fraction(alpha, "alpha", allow_one=True)
         if not isinstance(pattern, torch.Tensor):
             raise TypeError(f"pattern: must be a floating-point tensor, got {type(pattern).__name__}")
         return cls(torch.full(pattern.shape, float(alpha), dtype=pattern.dtype), pattern)
@@ -140,7 +129,7 @@ def _candidates(y: torch.Tensor, target_class: int, rate: float, clean_label: bo
         kind = "of" if clean_label else "outside"
         raise ValueError(f"rate: {rate} asks for {count} poisons but only {eligible.numel()} samples lie "
                          f"{kind} the target class")
-    order = torch.randperm(eligible.numel(), generator=torch.Generator().manual_seed(seed))
+    order = torch.randperm(eligible.numel(), generator=make_generator(seed))
     return torch.sort(eligible[order[:count]].cpu()).values.to(y.device)
 
 

@@ -22,11 +22,11 @@ import torch
 from torch import nn
 
 from attacks import PGD, BinaryAsTwoLogits
+from attacks.plumbing import model_device, seeded
+from attacks.validation import check_bool, check_choice, check_int, check_model, check_positive, check_seed
 
 from .data import as_tensors
-from .trainers import (NORMS, OPTIMIZERS, RETRAIN_MODES, check_labels_fit, copy_for_training, make_optimizer,
-                       model_device)
-from .validation import check_bool, check_choice, check_int, check_positive
+from .trainers import NORMS, OPTIMIZERS, RETRAIN_MODES, check_labels_fit, copy_for_training, make_optimizer
 
 __all__ = ["ARTTrainer", "ART_TRAINER_NAMES"]
 
@@ -116,13 +116,13 @@ class ARTTrainer:
         else:
             valid = ", ".join(ART_TRAINER_NAMES + tuple(_ART_CLASS_NAMES))
             raise ValueError(f"name: must be one of {valid} or a factory(classifier), got {name!r}")
-        self.epochs = check_int(epochs, "epochs", 1)
+        self.epochs = check_int(epochs, "epochs", minimum=1)
         self.lr = check_positive(lr, "lr")
-        self.batch_size = check_int(batch_size, "batch_size", 1)
+        self.batch_size = check_int(batch_size, "batch_size", minimum=1)
         self.eps = check_positive(eps, "eps")
-        self.max_iter = check_int(max_iter, "max_iter", 1)
+        self.max_iter = check_int(max_iter, "max_iter", minimum=1)
         self.eps_step = 2.5 * self.eps / self.max_iter if eps_step is None else check_positive(eps_step, "eps_step")
-        self.num_random_init = check_int(num_random_init, "num_random_init", 0)
+        self.num_random_init = check_int(num_random_init, "num_random_init", minimum=0)
         self.norm = check_choice(norm, "norm", NORMS)
         self.beta = check_positive(beta, "beta", allow_zero=True)
         if bounds is not None and (not isinstance(bounds, (tuple, list)) or len(bounds) != 2
@@ -182,32 +182,25 @@ class ARTTrainer:
         """
         from art.estimators.classification import PyTorchClassifier
 
-        if not isinstance(model, nn.Module):
-            raise TypeError(f"model: must be a torch.nn.Module, got {type(model).__name__}")
-        check_int(seed, "seed", 0)
+        check_model(model)
+        check_seed(seed)
         X, y = as_tensors(train, "train")[:2]
         keep = _subset_for_weights(weights, X.shape[0])
         if keep is not None:
             X, y = X[keep], y[keep]
         n_outputs = check_labels_fit(model, X, y)  # X's width and the output shape, before any compute
         device = model_device(model)
-        numpy_state = np.random.get_state()
-        try:
-            with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-                torch.manual_seed(seed)
-                np.random.seed(seed)
-                model = copy_for_training(model, self.retrain, seed)
-                net = BinaryAsTwoLogits(model).eval()  # ART sets the training mode itself
-                num_classes = max(n_outputs, 2)  # one logit z is shown to ART as (0, z)
-                classifier = PyTorchClassifier(
-                    model=net, loss=nn.CrossEntropyLoss(), optimizer=make_optimizer(
-                        net, self.optimizer, self.lr, self.weight_decay),
-                    input_shape=tuple(X.shape[1:]), nb_classes=num_classes, clip_values=self.bounds,
-                    device_type="gpu" if device.type == "cuda" else "cpu")
-                trainer = self._build(classifier)
-                with _art_progress(self.progress):
-                    trainer.fit(X.cpu().numpy(), y.cpu().numpy(), nb_epochs=self.epochs, batch_size=self.batch_size)
-        finally:
-            np.random.set_state(numpy_state)
+        with seeded(seed, device):
+            model = copy_for_training(model, self.retrain, seed)
+            net = BinaryAsTwoLogits(model).eval()  # ART sets the training mode itself
+            num_classes = max(n_outputs, 2)  # one logit z is shown to ART as (0, z)
+            classifier = PyTorchClassifier(
+                model=net, loss=nn.CrossEntropyLoss(), optimizer=make_optimizer(
+                    net, self.optimizer, self.lr, self.weight_decay),
+                input_shape=tuple(X.shape[1:]), nb_classes=num_classes, clip_values=self.bounds,
+                device_type="gpu" if device.type == "cuda" else "cpu")
+            trainer = self._build(classifier)
+            with _art_progress(self.progress):
+                trainer.fit(X.cpu().numpy(), y.cpu().numpy(), nb_epochs=self.epochs, batch_size=self.batch_size)
         model.eval()
         return model

@@ -27,21 +27,21 @@ with plain training on train + validation (the ``train+val`` recipe), too.
 
 from __future__ import annotations
 
-from contextlib import contextmanager
-from typing import Callable, Iterator, Optional
+from typing import Callable, Optional
 
 import torch
 from torch import nn
 
 import attacks
+from attacks.plumbing import eval_mode, make_generator, model_device
+from attacks.validation import check_bool, check_choice, check_fraction, check_int, check_model, check_seed
 from robust_infl.engine import build_problem, directional_derivatives, objective_gradient
+from robust_infl.inputs import TargetSet
 from robust_infl.objectives import Robust, Utility
 from robust_infl.options import ScoringOptions
-from robust_infl.validation import TargetSet
 
 from .data import as_tensors
 from .trainers import ERM, PGDAT, Trainer, per_sample_loss
-from .validation import check_bool, check_choice, check_int, check_positive
 
 __all__ = [
     "LookaheadReweighting",
@@ -72,9 +72,7 @@ def lookahead_weights(alignment: torch.Tensor, *, mix: float, scheme: str = "pos
     if not torch.is_tensor(alignment) or alignment.dim() != 1:
         raise TypeError("alignment: must be a 1-D tensor")
     check_choice(scheme, "scheme", SCHEMES)
-    mix = check_positive(mix, "mix", allow_zero=True)
-    if mix > 1:
-        raise ValueError(f"mix: must be in [0, 1], got {mix}")
+    mix = check_fraction(mix, "mix", allow_zero=True, allow_one=True)
     raw = alignment.clamp_min(0) if scheme == "positive" else (alignment > 0).to(alignment.dtype)
     groups = torch.zeros_like(alignment, dtype=torch.long) if labels is None else labels.reshape(-1).long()
     if groups.numel() != alignment.numel():
@@ -128,8 +126,7 @@ class LookaheadWeights:
                  mix: float = 0.25, n_val_batch: int = 128, val_objective: str = "adversarial",
                  scheme: str = "positive", per_class: bool = False, loss_fn: Optional[Callable] = None,
                  seed: int = 0):
-        if not isinstance(model, nn.Module):
-            raise TypeError(f"model: must be a torch.nn.Module, got {type(model).__name__}")
+        check_model(model)
         if not callable(attack):
             raise TypeError(f"attack: must be callable attack(model, x, y), got {type(attack).__name__}")
         if loss_fn is not None and not callable(loss_fn):
@@ -137,18 +134,18 @@ class LookaheadWeights:
         self.model = model
         self.val = as_tensors(val, "val")[:2]
         self.attack = attack
-        self.every = check_int(every, "every", 1)
-        self.warmup_steps = check_int(warmup_steps, "warmup_steps", 0)
-        self.mix = _check_mix(mix)
-        self.n_val_batch = check_int(n_val_batch, "n_val_batch", 1)
+        self.every = check_int(every, "every", minimum=1)
+        self.warmup_steps = check_int(warmup_steps, "warmup_steps", minimum=0)
+        self.mix = check_fraction(mix, "mix", allow_zero=True, allow_one=True)
+        self.n_val_batch = check_int(n_val_batch, "n_val_batch", minimum=1)
         self.val_objective = check_choice(val_objective, "val_objective", VAL_OBJECTIVES)
         self.scheme = check_choice(scheme, "scheme", SCHEMES)
         self.per_class = check_bool(per_class, "per_class")
         self.loss_fn = loss_fn or per_sample_loss
-        self.seed = check_int(seed, "seed", 0)
+        self.seed = check_seed(seed)
         self.step = 0
         self.direction: Optional[dict] = None
-        self._val_generator = torch.Generator().manual_seed(self.seed)
+        self._val_generator = make_generator(self.seed)
 
     def __call__(self, xb: torch.Tensor, yb: torch.Tensor) -> torch.Tensor:
         """The weights ``(b,)`` of the batch ``(xb, yb)`` at the model's current parameters (one step)."""
@@ -172,12 +169,12 @@ class LookaheadWeights:
     def validation_gradient(self, refresh: int = 0) -> dict:
         """Gradient of the validation objective on a fresh seeded batch, at the model's current weights."""
         X, y = self.val
-        device = next(self.model.parameters()).device
+        device = model_device(self.model)
         count = min(self.n_val_batch, X.shape[0])
         idx = torch.randperm(X.shape[0], generator=self._val_generator)[:count]
         target = TargetSet(X[idx].to(device), y[idx].to(device))
         objectives = [Robust(self.attack)] + ([Utility()] if self.val_objective == "clean+adversarial" else [])
-        with _in_eval(self.model):
+        with eval_mode(self.model):
             gradients = []
             for objective in objectives:
                 problem = self._problem((target.x, target.y), target, objective, seed=self.seed * 100_003 + refresh)
@@ -186,27 +183,9 @@ class LookaheadWeights:
 
     def alignments(self, x: torch.Tensor, y: torch.Tensor, direction: dict) -> torch.Tensor:
         """``<grad l_i, direction>`` for every sample of the batch: one forward-mode jvp, model in eval mode."""
-        with _in_eval(self.model):
+        with eval_mode(self.model):
             problem = self._problem((x, y), TargetSet(x[:1], y[:1]), Utility(), seed=self.seed)
             return directional_derivatives(problem, problem.params, direction)
-
-
-@contextmanager
-def _in_eval(model: nn.Module) -> Iterator[None]:
-    """``model.eval()`` inside, the model's own train / eval flag restored after."""
-    was_training = model.training
-    model.eval()
-    try:
-        yield
-    finally:
-        model.train(was_training)
-
-
-def _check_mix(mix) -> float:
-    mix = check_positive(mix, "mix", allow_zero=True)
-    if mix > 1:
-        raise ValueError(f"mix: must be in [0, 1], got {mix}")
-    return mix
 
 
 class LookaheadReweighting(Trainer):
@@ -255,10 +234,10 @@ class LookaheadReweighting(Trainer):
         self.base = base
         self.attack = attack
         self.val = None if val is None else as_tensors(val, "val")[:2]
-        self.every = check_int(every, "every", 1)
-        self.warmup_epochs = check_int(warmup_epochs, "warmup_epochs", 0)
-        self.mix = _check_mix(mix)
-        self.n_val_batch = check_int(n_val_batch, "n_val_batch", 1)
+        self.every = check_int(every, "every", minimum=1)
+        self.warmup_epochs = check_int(warmup_epochs, "warmup_epochs", minimum=0)
+        self.mix = check_fraction(mix, "mix", allow_zero=True, allow_one=True)
+        self.n_val_batch = check_int(n_val_batch, "n_val_batch", minimum=1)
         self.val_objective = check_choice(val_objective, "val_objective", VAL_OBJECTIVES)
         self.scheme = check_choice(scheme, "scheme", SCHEMES)
         self.per_class = check_bool(per_class, "per_class")

@@ -20,6 +20,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 import attacks
+from attacks.plumbing import model_device
 from robust_infl.datasets import Splits
 
 from .data import as_tensors
@@ -76,8 +77,7 @@ def _timed(fn: Callable, *args, **kwargs) -> tuple:
 def cost_clock(model: nn.Module) -> str:
     """The clock ``cost_vs_erm`` is read from: ``"cpu"`` (this process's CPU time, which other jobs on a shared
     machine do not inflate) for a model on the CPU, ``"wall"`` on an accelerator (whose work CPU time misses)."""
-    device = next((t.device for t in (*model.parameters(), *model.buffers())), torch.device("cpu"))
-    return "cpu" if device.type == "cpu" else "wall"
+    return "cpu" if model_device(model).type == "cpu" else "wall"
 
 
 def _run_seed(seed: int, splits: Splits, tasks: list, bar, *, model_for: Callable, attack_fn: Callable,

@@ -16,13 +16,14 @@ from torch import nn
 
 from attacks.base import attack_settings, plain_value
 from attacks.registry import make_attack
+from attacks.validation import check_bool, check_choice, check_int, check_number, check_positive
 from robust_infl.datasets import Splits
 from robust_infl.registry import DATA_DEFAULTS, USER_DATA_DEFAULTS, data_defaults, load_splits, model_factory
 from robust_infl.io import check_output_folder
 from robust_infl.methods import available_methods
 from robust_infl.methods.hessian import check_exact_size
 from robust_infl.store import model_hash
-from robust_infl.validation import check_nonnegative_float, resolve_param_names
+from robust_infl.inputs import resolve_param_names
 
 from .art_trainer import ARTTrainer
 from .data import as_tensors
@@ -31,7 +32,6 @@ from .recipes import DEFAULT_RECIPES, get_recipe
 from .references import reference_trainers
 from .registry import make_trainer
 from .selection import REWEIGHT_SCHEMES, check_budget
-from .validation import check_bool, check_choice, check_int, check_positive
 
 __all__ = ["RunSettings", "RunPlan", "plan_run", "seeded_split", "MODES"]
 
@@ -195,9 +195,9 @@ def plan_run(settings: RunSettings) -> RunPlan:
     check_choice(s.mode, "mode", MODES)
     check_choice(s.scheme, "scheme", REWEIGHT_SCHEMES)
     check_positive(s.temperature, "temperature")
-    check_int(s.train_steps, "train_steps", 1)
-    check_int(s.eval_batch_size, "eval_batch_size", 1)
-    check_int(s.eval_subset, "eval_subset", 1)
+    check_int(s.train_steps, "train_steps", minimum=1)
+    check_int(s.eval_batch_size, "eval_batch_size", minimum=1)
+    check_int(s.eval_subset, "eval_subset", minimum=1)
     recipes = s.recipes
     if isinstance(recipes, str) or not recipes:
         raise ValueError(f"recipes: must be a non-empty list of recipe names, got {recipes!r}")
@@ -219,7 +219,7 @@ def plan_run(settings: RunSettings) -> RunPlan:
         _check_method_fits(s.method, method_options, first_model)
     norm = defaults.norm if s.norm is None else check_choice(s.norm, "norm", ("linf", "l2"))
     eps = defaults.eps if s.eps is None else check_positive(s.eps, "eps")
-    steps = defaults.steps if s.steps is None else check_int(s.steps, "steps", 1)
+    steps = defaults.steps if s.steps is None else check_int(s.steps, "steps", minimum=1)
     epochs = defaults.epochs if s.epochs is None else s.epochs
     lr = defaults.lr if s.lr is None else s.lr
     batch_size = defaults.batch_size if s.batch_size is None else s.batch_size
@@ -328,7 +328,7 @@ def _check_method_fits(method: str, method_options: dict, model: nn.Module) -> N
     their checkpoints, which do not exist yet; if-exact at most its parameter limit; ``params`` and
     ``damping`` are valid)."""
     if "damping" in method_options:
-        check_nonnegative_float("damping", method_options["damping"])
+        check_number(method_options["damping"], "damping", minimum=0)
     if method == "tracin":
         raise ValueError("method: 'tracin' needs checkpoints of the model it scores, and defenses.run trains a new "
                          "model per seed; score a model you trained with robust_infl.influence(method='tracin')")
@@ -385,11 +385,11 @@ def _check_fractions(fractions) -> list:
 
 def _check_seeds(seeds) -> list:
     if isinstance(seeds, int) and not isinstance(seeds, bool):
-        return list(range(check_int(seeds, "seeds", 1)))
+        return list(range(check_int(seeds, "seeds", minimum=1)))
     if not isinstance(seeds, (list, tuple)) or not seeds:
         raise ValueError(f"seeds: must be a count >= 1 or a non-empty list of seeds, got {seeds!r}")
     for s in seeds:
-        check_int(s, "seeds", 0)
+        check_int(s, "seeds", minimum=0)
     if len(set(seeds)) != len(seeds):
         raise ValueError(f"seeds: must be distinct, got {list(seeds)}")
     return list(seeds)

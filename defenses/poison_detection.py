@@ -32,7 +32,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from attacks.base import frozen_in_eval, predict, seeded
+from attacks.base import predict
+from attacks.plumbing import frozen_in_eval, model_device, seeded
 
 from .data import as_tensors
 from .trainers import per_sample_loss
@@ -56,15 +57,11 @@ __all__ = [
 ]
 
 
-def _device(model: nn.Module) -> torch.device:
-    return next(model.parameters()).device
-
-
 def training_losses(model: nn.Module, data, *, train_attack: Optional[Callable] = None,
                     batch_size: int = 512) -> torch.Tensor:
     """Per-sample loss of ``model`` on ``data`` (at ``train_attack``'s points when given), float64 on the CPU."""
     X, y = as_tensors(data, "data")[:2]
-    device = _device(model)
+    device = model_device(model)
     out = []
     with frozen_in_eval(model):
         for start in range(0, X.shape[0], batch_size):
@@ -106,7 +103,7 @@ def evidence_target_class(model: nn.Module, evidence: tuple) -> int:
     them when it misclassifies none; ties: the smallest class): the class the trigger pushes them into."""
     X, y = evidence
     with frozen_in_eval(model), torch.no_grad():
-        predicted = predict(model(X.to(_device(model)))).cpu()
+        predicted = predict(model(X.to(model_device(model)))).cpu()
     wrong = predicted != y.cpu()
     return int(torch.bincount(predicted[wrong] if wrong.any() else predicted).argmax())
 
@@ -141,7 +138,7 @@ def layer_features(model: nn.Module, X: torch.Tensor, *, batch_size: int = 512) 
         raise ValueError("model: the representation-contrast detector needs a model with an nn.Linear layer")
     captured = []
     handle = first.register_forward_pre_hook(lambda module, inputs: captured.append(inputs[0].detach().flatten(1)))
-    device = _device(model)
+    device = model_device(model)
     try:
         with frozen_in_eval(model), torch.no_grad():
             for start in range(0, X.shape[0], batch_size):

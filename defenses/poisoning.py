@@ -35,6 +35,7 @@ from tqdm.auto import tqdm
 import attacks
 import robust_infl
 from attacks.poisoning import check_rate, check_target_class
+from attacks.validation import check_choice, check_fraction, check_int, check_seed
 from robust_infl.io import atomic_write, atomic_write_json, atomic_write_text
 
 from . import poison_detection as detect
@@ -43,7 +44,6 @@ from .report import format_interval
 from .seed_results import SeedResults, run_seeds
 from .selection import budget_size, most_harmful
 from .stats import mean_std, paired_difference
-from .validation import check_choice, check_int
 
 __all__ = ["remove_poisons", "PoisonSpec", "POISON_RECIPES", "POISON_DEFAULT_RECIPES", "poison_recipe_names",
            "run_poisoned", "POISON_METRICS", "POISON_ATTACKS"]
@@ -59,9 +59,7 @@ def _evidence_repeats(trainer) -> int:
 
 
 def _check_budget(budget) -> float:
-    if isinstance(budget, bool) or not isinstance(budget, (int, float)) or not 0 < budget < 1:
-        raise ValueError(f"budget: must be a fraction in (0, 1), got {budget!r}")
-    return float(budget)
+    return check_fraction(budget, "budget")
 
 
 def _with_evidence(train: tuple, evidence: Optional[tuple], repeats: int) -> tuple:
@@ -139,7 +137,7 @@ def remove_poisons(model: nn.Module, train, evidence, *, trainer, budget: float,
         raise TypeError(f"model: must be a torch.nn.Module, got {type(model).__name__}")
     X, y = as_tensors(train, "train")[:2]
     budget = _check_budget(budget)
-    check_int(seed, "seed", 0)
+    check_seed(seed)
     if not callable(getattr(trainer, "fit", None)):
         raise TypeError(f"trainer: must have a fit() method, got {type(trainer).__name__}")
     if evidence is not None:
@@ -189,11 +187,11 @@ class PoisonSpec:
         check_target_class(self.target_class, num_classes)
         sizes = (self.evidence,) if isinstance(self.evidence, int) else tuple(self.evidence)
         for size in sizes:
-            check_int(size, "evidence", 1)
+            check_int(size, "evidence", minimum=1)
         budget = _check_budget(2 * rate if self.budget is None else self.budget)
-        check_int(self.patch_size, "patch_size", 1)
+        check_int(self.patch_size, "patch_size", minimum=1)
         if self.robust_n is not None:
-            check_int(self.robust_n, "robust_n", 1)
+            check_int(self.robust_n, "robust_n", minimum=1)
         return replace(self, rate=rate, evidence=tuple(sorted(set(sizes))), budget=budget)
 
 

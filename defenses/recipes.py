@@ -38,7 +38,8 @@ import torch
 from torch import nn
 
 import robust_infl
-from attacks.base import frozen_in_eval, predict
+from attacks.base import predict
+from attacks.plumbing import frozen_in_eval, make_generator, model_device
 
 from .selection import budget_size, prune, reweight
 from .trainers import per_sample_loss
@@ -183,7 +184,7 @@ def influence_scores(ctx: DefenceContext) -> torch.Tensor:
 
 def random_scores(ctx: DefenceContext) -> torch.Tensor:
     """Uniform random scores (seeded): a random selection of the same budget."""
-    return torch.rand(ctx.train[0].shape[0], generator=torch.Generator().manual_seed(ctx.seed),
+    return torch.rand(ctx.train[0].shape[0], generator=make_generator(ctx.seed),
                       dtype=torch.float64)
 
 
@@ -191,7 +192,7 @@ def _outputs_at_training_points(ctx: DefenceContext, batch_size: int) -> Iterato
     """``(outputs, labels)`` of the base model, batch by batch, at the training points its training loss is
     taken at (adversarial for adversarial trainers); eval mode, every submodule's mode restored after."""
     X, y = ctx.train[:2]
-    device = next(ctx.model.parameters()).device
+    device = model_device(ctx.model)
     with frozen_in_eval(ctx.model):
         for start in range(0, X.shape[0], batch_size):
             xb, yb = X[start:start + batch_size].to(device), y[start:start + batch_size].to(device)

@@ -12,6 +12,8 @@ import math
 
 import torch
 
+from attacks.validation import check_choice, check_fraction, check_positive
+
 __all__ = ["prune", "reweight", "relabel", "budget_size", "check_budget", "most_harmful", "REWEIGHT_SCHEMES"]
 
 REWEIGHT_SCHEMES = ("smooth", "hard")
@@ -33,17 +35,9 @@ def _check_scores(scores) -> torch.Tensor:
     return scores
 
 
-def _check_fraction(fraction) -> float:
-    if isinstance(fraction, bool) or not isinstance(fraction, (int, float)):
-        raise TypeError(f"fraction: must be a number, got {type(fraction).__name__}")
-    if not 0.0 <= fraction < 1.0:
-        raise ValueError(f"fraction: must be in [0, 1), got {fraction}")
-    return float(fraction)
-
-
 def budget_size(n: int, fraction: float) -> int:
     """Number of samples a ``fraction`` of ``n`` removes: ``fraction * n`` rounded half up."""
-    return int(math.floor(_check_fraction(fraction) * n + 0.5))
+    return int(math.floor(check_fraction(fraction, "fraction", allow_zero=True) * n + 0.5))
 
 
 def check_budget(n: int, fraction: float, name: str = "fraction", what: str = "samples") -> int:
@@ -90,17 +84,13 @@ def reweight(scores, scheme: str = "smooth", *, fraction: float, temperature: fl
     A fraction that would down-weight every sample (after rounding) raises ``ValueError``.
     """
     scores = _check_scores(scores)
-    if scheme not in REWEIGHT_SCHEMES:
-        raise ValueError(f"scheme: must be one of {', '.join(REWEIGHT_SCHEMES)}, got {scheme!r}")
+    check_choice(scheme, "scheme", REWEIGHT_SCHEMES)
     check_budget(scores.numel(), fraction)
     flagged = most_harmful(scores, fraction)
-    if isinstance(w_max, bool) or not isinstance(w_max, (int, float)) or not (0 < w_max < math.inf):
-        raise ValueError(f"w_max: must be a positive finite number, got {w_max!r}")
+    check_positive(w_max, "w_max")
     if scheme == "hard":
         return (~flagged).to(torch.float32) * float(w_max)
-    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not (
-            0 < temperature < math.inf):
-        raise ValueError(f"temperature: must be a positive finite number, got {temperature!r}")
+    check_positive(temperature, "temperature")
     spread = scores.std(unbiased=False)
     scale = spread if spread > 0 else torch.tensor(1.0, dtype=torch.float64)
     if not flagged.any():

@@ -18,11 +18,12 @@ from typing import Callable, Optional
 import torch
 from torch import nn
 
+from attacks.validation import check_choice
+
 from .data import as_tensors
 from .recipes import DefenceContext, influence_scores, random_scores, training_loss_scores
 from .selection import REWEIGHT_SCHEMES, prune, reweight
 from .trainers import check_weights
-from .validation import check_choice
 
 __all__ = ["SelectionWeights", "SELECTION_SCORES"]
 

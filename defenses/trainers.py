@@ -26,14 +26,15 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from attacks.base import check_output_shape, frozen_in_eval
+from attacks.bounds import check_bounds
 from attacks.pgd import PGD, pgd_ascent
+from attacks.plumbing import frozen_in_eval, make_generator, model_device, per_sample_loss, seeded
 from attacks.steps import random_delta
-from robust_infl.objectives import default_loss_fn
-from robust_infl.validation import check_labels
+from attacks.validation import (check_bool, check_choice, check_int, check_model, check_output_shape, check_positive,
+                                check_seed)
+from robust_infl.inputs import check_labels
 
 from .data import as_tensors, batch_source
-from .validation import check_bool, check_choice, check_int, check_positive
 
 __all__ = [
     "Trainer",
@@ -58,25 +59,12 @@ OPTIMIZERS = ("adam", "sgd")
 NORMS = ("linf", "l2")
 
 
-def per_sample_loss(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Per-sample loss, shape ``(n,)``: the engine's default (``robust_infl.objectives.default_loss_fn``),
-    cross-entropy for >= 2 logits, BCE-with-logits for one logit ``(n, 1)`` (``(n,)`` is refused)."""
-    check_output_shape(outputs, targets.shape[0])
-    return default_loss_fn(outputs.shape[1])(outputs, targets)
-
-
 def _class_log_probs(logits: torch.Tensor) -> torch.Tensor:
     """Log class probabilities; one logit z is read as the two logits (0, z)."""
     if logits.shape[-1] == 1:
         z = logits.reshape(-1, 1)
         logits = torch.cat([torch.zeros_like(z), z], dim=1)
     return F.log_softmax(logits, dim=1)
-
-
-def model_device(model: nn.Module) -> torch.device:
-    for tensor in list(model.parameters()) + list(model.buffers()):
-        return tensor.device
-    return torch.device("cpu")
 
 
 def check_weights(weights, n: int) -> Optional[torch.Tensor]:
@@ -146,8 +134,7 @@ def copy_for_training(model: nn.Module, retrain: str, seed: int) -> nn.Module:
     Raises ``ValueError`` when ``"scratch"`` cannot reach some parameter (a parameter registered on
     a module without ``reset_parameters``).
     """
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model: must be a torch.nn.Module, got {type(model).__name__}")
+    check_model(model)
     check_choice(retrain, "retrain", RETRAIN_MODES)
     model = copy.deepcopy(model)
     if retrain == "finetune":
@@ -158,8 +145,7 @@ def copy_for_training(model: nn.Module, retrain: str, seed: int) -> nn.Module:
     if missing:
         raise ValueError(f"retrain: 'scratch' cannot re-initialise {', '.join(missing)} (their modules "
                          "have no reset_parameters); use retrain='finetune' or add reset_parameters")
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
+    with seeded(seed, numpy=False):
         for module in resettable:
             module.reset_parameters()
     return model
@@ -191,9 +177,9 @@ class Trainer:
         progress: bool = True,
         loss_fn: Optional[Callable] = None,
     ):
-        self.epochs = check_int(epochs, "epochs", 1)
+        self.epochs = check_int(epochs, "epochs", minimum=1)
         self.lr = check_positive(lr, "lr")
-        self.batch_size = check_int(batch_size, "batch_size", 1)
+        self.batch_size = check_int(batch_size, "batch_size", minimum=1)
         self.optimizer = check_choice(optimizer, "optimizer", OPTIMIZERS)
         self.weight_decay = check_positive(weight_decay, "weight_decay", allow_zero=True)
         self.retrain = check_choice(retrain, "retrain", RETRAIN_MODES)
@@ -248,9 +234,8 @@ class Trainer:
         hooks only (the base trainers do not use it). With BatchNorm layers a last batch of one
         sample is joined to the one before.
         """
-        if not isinstance(model, nn.Module):
-            raise TypeError(f"model: must be a torch.nn.Module, got {type(model).__name__}")
-        check_int(seed, "seed", 0)
+        check_model(model)
+        check_seed(seed)
         n, fetch, tensors = batch_source(train, "train")
         val = None if val is None else as_tensors(val, "val")
         w = check_weights(weights, n)
@@ -262,12 +247,10 @@ class Trainer:
         device = model_device(model)
         slices = batch_slices(n, self.batch_size, _has_batch_norm(model))
         steps_per_epoch = len(slices)
-        cuda = [device] if device.type == "cuda" else []
-        with torch.random.fork_rng(devices=cuda):
-            torch.manual_seed(seed)
+        with seeded(seed, device, numpy=False):
             model = copy_for_training(model, self.retrain, seed)
             optimizer = make_optimizer(model, self.optimizer, self.lr, self.weight_decay)
-            order_generator = torch.Generator().manual_seed(seed)
+            order_generator = make_generator(seed)
             self.begin_fit(model, tensors if tensors is not None else train, val, seed=seed,
                            steps_per_epoch=steps_per_epoch)
             model.train()
@@ -310,18 +293,14 @@ class _BallTrainer(Trainer):
         super().__init__(**trainer_options)
         self.eps = check_positive(eps, "eps")
         self.norm = check_choice(norm, "norm", NORMS)
-        self.steps = check_int(steps, "steps", 1)
+        self.steps = check_int(steps, "steps", minimum=1)
         self.alpha = 2.5 * self.eps / self.steps if alpha is None else check_positive(alpha, "alpha")
-        if bounds is not None:
-            if not isinstance(bounds, (tuple, list)) or len(bounds) != 2 or not bounds[0] < bounds[1]:
-                raise ValueError(f"bounds: must be None or a (low, high) pair with low < high, got {bounds!r}")
-            bounds = (float(bounds[0]), float(bounds[1]))
-        self.bounds = bounds
+        self.bounds = check_bounds(bounds)
         self._noise: Optional[torch.Generator] = None
 
     def begin_fit(self, model, train, val, *, seed, steps_per_epoch):
         """Seed the generator of the inner attack's random starts."""
-        self._noise = torch.Generator().manual_seed(seed)
+        self._noise = make_generator(seed)
 
     def _random_start(self, x: torch.Tensor) -> torch.Tensor:
         """A start drawn uniformly from the ``eps``-ball, as :class:`attacks.PGD` draws it (seeded generator)."""

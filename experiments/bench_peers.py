@@ -59,7 +59,7 @@ from robust_infl.options import ScoringOptions  # noqa: E402
 from robust_infl.methods.ekfac import clear_cache  # noqa: E402
 from robust_infl.models import build_model  # noqa: E402
 from robust_infl.objectives import cross_entropy_loss  # noqa: E402
-from robust_infl.validation import validate_target  # noqa: E402
+from robust_infl.inputs import validate_target  # noqa: E402
 
 TARGETS = {"captum aggregate": 5.0, "dattri aggregate": 3.0, "captum matrix": 1.5, "dattri matrix": 1.5,
            "materialised self": 3.0}

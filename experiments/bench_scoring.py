@@ -26,8 +26,8 @@ from experiments._results import parse_benchmark_arguments, scoring_benchmark_pa
 from robust_infl import engine
 from robust_infl.models import SmallCNN
 from robust_infl.objectives import default_loss_fn
+from robust_infl.inputs import validate_target
 from robust_infl.options import ScoringOptions
-from robust_infl.validation import validate_target
 
 TARGET_RATIO = 3.5
 

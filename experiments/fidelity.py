@@ -54,7 +54,7 @@ from experiments._results import mean_std, write_json, write_section
 from robust_infl.datasets import flip_labels, load_dataset
 from robust_infl.models import MLP, LogisticRegression
 from robust_infl.objectives import binary_cross_entropy_loss, cross_entropy_loss
-from robust_infl.validation import TargetSet
+from robust_infl.inputs import TargetSet
 
 __all__ = ["Config", "FULL", "QUICK", "Task", "load_tasks", "run_logreg", "run_mlp", "summarise", "main"]
 

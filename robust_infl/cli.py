@@ -31,7 +31,8 @@ from robust_infl.io import atomic_save_npy, atomic_save_tensor, check_output_fil
 from robust_infl.methods.hessian import check_exact_size
 from robust_infl.registry import (DATASET_NAMES, MODEL_NAMES, OBJECTIVE_NAMES, data_defaults, load_splits,
                                   make_objective, model_factory)
-from robust_infl.validation import check_device, check_nonnegative_float, resolve_param_names
+from attacks.validation import check_device, check_number
+from robust_infl.inputs import resolve_param_names
 
 __all__ = ["main", "build_parser"]
 
@@ -375,7 +376,7 @@ SCORE_BATCH_SIZE = 256  # robust_infl.influence's default batch_size, used by sc
 
 def _check_score_options(args) -> None:
     """The checks of ``score`` that need no data: output paths, device, store chunking, tracin's checkpoints."""
-    check_nonnegative_float("damping", args.damping)
+    check_number(args.damping, "damping", minimum=0)
     check_output_file(args.out, "out")
     check_output_file(rows_path(Path(args.out)), "out")
     if args.store is not None:

@@ -40,6 +40,7 @@ from torch import Tensor, nn
 from torch.utils.data import Dataset, Subset
 from tqdm.auto import tqdm
 
+from attacks.validation import check_bool, check_int, check_seed
 from robust_infl.engine import (
     ScoringProblem,
     TrainStream,
@@ -56,7 +57,6 @@ from robust_infl.options import ScoringOptions
 from robust_infl.projection import RandomProjection
 from robust_infl.store import ChunkStore, data_hash, model_hash, stable_repr
 from robust_infl.preparation import prepared_problem
-from robust_infl.validation import check_positive_int, check_seed
 
 __all__ = [
     "sharded_influence",
@@ -227,19 +227,18 @@ def sharded_influence(
     if method not in SHARDED_METHODS:
         raise ValueError(f"method: sharded scoring offers {', '.join(SHARDED_METHODS)}, got {method!r}")
     for name, flag in (("aggregate", aggregate), ("progress", progress), ("resume", resume)):
-        if not isinstance(flag, bool):
-            raise TypeError(f"{name}: must be True or False, got {type(flag).__name__}")
+        check_bool(flag, name)
     if method == "self" and not aggregate:
         raise ValueError("aggregate: method 'self' gives one score per sample; use aggregate=True")
     if projection_dim is not None:
-        projection_dim = check_positive_int("projection_dim", projection_dim)
+        projection_dim = check_int(projection_dim, "projection_dim", minimum=1)
         if aggregate:
             raise ValueError("projection_dim: only used for train x target matrices; pass aggregate=False")
     projection_seed = check_seed(projection_seed)
     options = ScoringOptions(loss_fn=loss_fn, batch_size=batch_size, params=params, seed=seed, train_loss=train_loss,
                              train_attack=train_attack, device=device, progress=False)  # the chunks show progress
     batch_size = options.batch_size
-    chunk_size = CHUNK_BATCHES * batch_size if chunk_size is None else check_positive_int("chunk_size", chunk_size)
+    chunk_size = CHUNK_BATCHES * batch_size if chunk_size is None else check_int(chunk_size, "chunk_size", minimum=1)
     if chunk_size % batch_size:
         raise ValueError(f"chunk_size: must be a multiple of batch_size={batch_size}, got {chunk_size}")
     if resume and store is None:

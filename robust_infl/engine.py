@@ -33,15 +33,14 @@ from torch.func import functional_call, grad, jvp, vmap
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
+from attacks.plumbing import model_device, model_dtype
 from robust_infl.objectives import Attack, LossFn, Objective, PreparedObjective
 from robust_infl.options import ScoringOptions
-from robust_infl.validation import (
+from robust_infl.inputs import (
     TargetSet,
     call_attack,
     check_finite,
     check_labels,
-    model_device,
-    model_dtype,
 )
 
 __all__ = [

@@ -1,6 +1,6 @@
 """Atomic file outputs and safe loading of tensors: one place for everything the toolkit writes or reads.
 
-Every writer goes through :func:`atomic_write`: the content is written to a temporary file in the
+Every writer goes through :func:`atomic_write` (:func:`attacks.plumbing.atomic_write`): the content is written to a temporary file in the
 destination's folder, flushed to disk (``fsync``) and renamed over the destination with
 ``os.replace``. A reader therefore sees the old file or the complete new one, never a half-written
 file, even if the process is killed mid-write; the temporary file is removed on error.
@@ -18,10 +18,12 @@ import os
 import pickle
 import tempfile
 from pathlib import Path
-from typing import Any, BinaryIO, Callable, Union
+from typing import Any, Union
 
 import numpy as np
 import torch
+
+from attacks.plumbing import atomic_write
 
 __all__ = [
     "PathLike",
@@ -38,38 +40,6 @@ __all__ = [
 ]
 
 PathLike = Union[str, os.PathLike]
-
-
-def _file_mode(path: Path) -> int:
-    """The permission bits a replaced file keeps, or those of a new file under the current umask."""
-    if path.exists():
-        return path.stat().st_mode & 0o777
-    umask = os.umask(0)
-    os.umask(umask)
-    return 0o666 & ~umask
-
-
-def atomic_write(path: PathLike, write: Callable[[BinaryIO], None]) -> Path:
-    """Create or replace ``path`` atomically: ``write(handle)`` fills a temporary binary file next to it.
-
-    The parent folders are created; the file gets the permissions an ordinary ``open(path, "w")``
-    would give it (not the private mode of the temporary file). Returns ``path`` as a :class:`~pathlib.Path`.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    mode = _file_mode(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            write(handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.chmod(tmp, mode)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-    return path
 
 
 def _probe_folder(folder: Path, name: str, shown: str) -> None:

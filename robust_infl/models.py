@@ -11,6 +11,8 @@ from typing import Sequence
 import torch
 from torch import nn
 
+from attacks.plumbing import seeded
+
 __all__ = ["Normalize", "SmallCNN", "MLP", "LogisticRegression", "build_model", "MODEL_NAMES"]
 
 MODEL_NAMES = ("cnn", "mlp", "logreg")
@@ -106,9 +108,7 @@ def build_model(name: str, input_shape: Sequence[int], num_classes: int, seed: i
         raise ValueError(f"model: unknown name {name!r}; valid names are {', '.join(MODEL_NAMES)}")
     if num_classes < 2:
         raise ValueError(f"num_classes: need at least 2 classes, got {num_classes}")
-    generator_state = torch.random.get_rng_state()
-    torch.manual_seed(seed)
-    try:
+    with seeded(seed, numpy=False):
         shape = tuple(int(d) for d in input_shape)
         n_features = 1
         for d in shape:
@@ -121,6 +121,4 @@ def build_model(name: str, input_shape: Sequence[int], num_classes: int, seed: i
             model = MLP(n_features, num_classes)
         else:
             model = LogisticRegression(n_features, 1 if num_classes == 2 else num_classes)
-    finally:
-        torch.random.set_rng_state(generator_state)
     return model

@@ -18,10 +18,10 @@ from dataclasses import dataclass
 from typing import Callable, Optional
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
-from robust_infl.validation import TargetSet, call_attack
+from attacks.plumbing import binary_cross_entropy_loss, cross_entropy_loss, default_loss_fn
+from robust_infl.inputs import TargetSet, call_attack
 
 __all__ = [
     "LossFn",
@@ -39,23 +39,6 @@ __all__ = [
 
 LossFn = Callable[[Tensor, Tensor], Tensor]
 Attack = Callable[[nn.Module, Tensor, Tensor], Tensor]
-
-
-def cross_entropy_loss(outputs: Tensor, targets: Tensor) -> Tensor:
-    """Per-sample cross-entropy of ``(n, C)`` logits against integer class labels; shape ``(n,)``."""
-    return F.cross_entropy(outputs, targets.long(), reduction="none")
-
-
-def binary_cross_entropy_loss(outputs: Tensor, targets: Tensor) -> Tensor:
-    """Per-sample binary cross-entropy of ``(n, 1)`` logits against 0/1 labels; shape ``(n,)``."""
-    return F.binary_cross_entropy_with_logits(
-        outputs[:, 0], targets.to(outputs.dtype), reduction="none"
-    )
-
-
-def default_loss_fn(n_outputs: int) -> LossFn:
-    """The default per-sample loss: binary cross-entropy for one logit, cross-entropy otherwise."""
-    return binary_cross_entropy_loss if n_outputs == 1 else cross_entropy_loss
 
 
 def positive_class_probability(outputs: Tensor) -> Tensor:

@@ -14,8 +14,8 @@ from typing import Optional, Sequence, Union
 import torch
 
 from robust_infl.objectives import Attack, LossFn
-from robust_infl.validation import (check_device, check_nonnegative_float, check_positive_int, check_seed,
-                                    check_train_loss)
+from attacks.validation import check_bool, check_device, check_int, check_number, check_seed
+from robust_infl.inputs import check_train_loss
 
 __all__ = ["ScoringOptions"]
 
@@ -50,12 +50,11 @@ class ScoringOptions:
     def __post_init__(self):
         if self.loss_fn is not None and not callable(self.loss_fn):
             raise TypeError(f"loss_fn: must be callable loss_fn(outputs, targets), got {type(self.loss_fn).__name__}")
-        object.__setattr__(self, "damping", check_nonnegative_float("damping", self.damping))
-        object.__setattr__(self, "batch_size", check_positive_int("batch_size", self.batch_size))
+        object.__setattr__(self, "damping", check_number(self.damping, "damping", minimum=0))
+        object.__setattr__(self, "batch_size", check_int(self.batch_size, "batch_size", minimum=1))
         object.__setattr__(self, "seed", check_seed(self.seed))
         check_train_loss(self.train_loss, self.train_attack)
-        if not isinstance(self.progress, bool):
-            raise TypeError(f"progress: must be True or False, got {type(self.progress).__name__}")
+        check_bool(self.progress, "progress")
         if self.device is not None:
             check_device(self.device)
         if self.params is not None:

@@ -16,16 +16,15 @@ from torch import Tensor, nn
 from torch.utils.data import Dataset
 from torch.utils.data.dataloader import default_collate
 
+from attacks.plumbing import eval_mode, model_device, model_dtype
+from attacks.validation import check_model
 from robust_infl.engine import ScoringProblem, build_problem, check_finite_results
 from robust_infl.objectives import LossFn, Objective, default_loss_fn
 from robust_infl.options import ScoringOptions
-from robust_infl.validation import (
+from robust_infl.inputs import (
     TargetSet,
     as_tensor,
     check_labels,
-    check_model,
-    model_device,
-    model_dtype,
     resolve_device,
     resolve_param_names,
     validate_target,
@@ -76,7 +75,7 @@ def prepared_problem(
     train = validate_train(train)
     target_set = validate_target(target)
 
-    with _eval_mode(model):
+    with eval_mode(model):
         checks_labels = options.loss_fn is None and isinstance(train, Dataset)  # the default loss checks labels
         loss_fn, n_outputs = _check_model_fits_data(model, train, target_set, options.loss_fn, device)
         objective.check(target_set, n_outputs)
@@ -93,18 +92,6 @@ def prepared_problem(
             label_outputs=label_outputs,
         )
         yield PreparedProblem(problem, train, target_set, label_outputs)
-
-
-@contextmanager
-def _eval_mode(model: nn.Module) -> Iterator[None]:
-    """Put ``model`` in eval mode, restoring every submodule's own mode afterwards (even on error)."""
-    modes = [(module, module.training) for module in model.modules()]
-    try:
-        model.eval()
-        yield
-    finally:
-        for module, training in modes:
-            module.training = training
 
 
 def _probe_batch(train: Union[tuple[Tensor, Tensor], Dataset]) -> tuple[Tensor, Tensor]:

@@ -16,24 +16,17 @@ when it is used (memory ``BLOCK_ROWS * dim``, at the cost of drawing ``P`` on ev
 from __future__ import annotations
 
 import math
-import numbers
-from typing import Any, Optional, Union
+from typing import Optional, Union
 
 import numpy as np
 import torch
 from torch import Tensor
 
+from attacks.validation import check_bool, check_int, check_seed
+
 __all__ = ["RandomProjection", "BLOCK_ROWS"]
 
 BLOCK_ROWS = 8192
-
-
-def _positive_int(name: str, value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"{name}: must be an integer, got {type(value).__name__}")
-    if value <= 0:
-        raise ValueError(f"{name}: must be > 0, got {value}")
-    return int(value)
 
 
 class RandomProjection:
@@ -58,15 +51,12 @@ class RandomProjection:
         dtype: torch.dtype = torch.float32,
         cache: bool = True,
     ):
-        self.n_features = _positive_int("n_features", n_features)
-        self.dim = _positive_int("dim", dim)
-        if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or seed < 0:
-            raise ValueError(f"seed: must be an integer >= 0, got {seed!r}")
-        self.seed = int(seed)
+        self.n_features = check_int(n_features, "n_features", minimum=1)
+        self.dim = check_int(dim, "dim", minimum=1)
+        self.seed = check_seed(seed)
         if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
             raise TypeError(f"dtype: must be a floating torch.dtype, got {dtype!r}")
-        if not isinstance(cache, bool):
-            raise TypeError(f"cache: must be True or False, got {type(cache).__name__}")
+        check_bool(cache, "cache")
         self.device = torch.device("cpu") if device is None else torch.device(device)
         self.dtype = dtype
         self.cache = cache

@@ -25,14 +25,16 @@ import math
 import os
 import re
 from pathlib import Path
-from typing import Any, Callable, Iterable, Mapping, Optional, Union
+from typing import Any, Iterable, Mapping, Optional, Union
 
 import numpy as np
 import torch
 from torch import Tensor, nn
 from torch.utils.data import Dataset
 
-from robust_infl.validation import TargetSet
+from attacks.plumbing import atomic_write
+from attacks.validation import check_bool, check_int
+from robust_infl.inputs import TargetSet
 
 __all__ = ["ChunkStore", "model_hash", "data_hash", "stable_repr", "MANIFEST", "FORMAT_VERSION"]
 
@@ -104,24 +106,6 @@ def stable_repr(value: Any) -> str:
     return re.sub(r" at 0x[0-9a-fA-F]+", "", repr(value))
 
 
-def _write_atomic(path: Path, write: Callable[[Path], None], durable: bool = True) -> None:
-    """Call ``write(tmp_path)`` on a temporary file next to ``path`` and rename it to ``path``.
-
-    ``durable``: fsync the file before the rename, so that it also survives a crash of the machine
-    (the rename alone makes it survive the death of the process).
-    """
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        write(tmp)
-        if durable:
-            with open(tmp, "rb+") as handle:
-                os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-
-
 def _differences(stored: Mapping[str, Any], wanted: Mapping[str, Any], prefix: str = "") -> list[str]:
     out = []
     for key in sorted(set(stored) | set(wanted)):
@@ -180,10 +164,8 @@ class ChunkStore:
     ):
         if not isinstance(directory, (str, os.PathLike)):
             raise TypeError(f"store: expected a directory path, got {type(directory).__name__}")
-        if not isinstance(resume, bool):
-            raise TypeError(f"resume: must be True or False, got {type(resume).__name__}")
-        if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size <= 0:
-            raise ValueError(f"chunk_size: must be a positive integer, got {chunk_size!r}")
+        check_bool(resume, "resume")
+        check_int(chunk_size, "chunk_size", minimum=1)
         for name in arrays:
             if not _NAME.match(name):
                 raise ValueError(f"arrays: names must match {_NAME.pattern}, got {name!r}")
@@ -274,7 +256,7 @@ class ChunkStore:
                 mapped.flush()
                 del mapped
 
-            _write_atomic(self._chunk_path(name, chunk), write)
+            atomic_write(self._chunk_path(name, chunk), write, by_path=True)
         self._done.add(chunk)
         if self.writer:
             self.refresh_manifest()
@@ -310,7 +292,7 @@ class ChunkStore:
             with open(tmp, "wb") as handle:
                 np.save(handle, array)
 
-        _write_atomic(self.directory / f"{name}.npy", write)
+        atomic_write(self.directory / f"{name}.npy", write, by_path=True)
 
     def load_array(self, name: str) -> Optional[np.ndarray]:
         """The array saved as ``name`` (memory-mapped), or ``None`` if there is none."""
@@ -327,4 +309,4 @@ class ChunkStore:
             self._done.update(self.completed())
         text = json.dumps({**self.manifest, "completed": sorted(self._done)}, indent=1)
         # Not fsynced: the chunk files, not this list, record what is done.
-        _write_atomic(self.directory / MANIFEST, lambda tmp: tmp.write_text(text), durable=False)
+        atomic_write(self.directory / MANIFEST, lambda tmp: tmp.write_text(text), durable=False, by_path=True)

@@ -68,5 +68,5 @@ def test_a_factory_reuses_an_existing_art_setup():
 def test_validation():
     with pytest.raises(ValueError, match="^name: must be one of"):
         ARTTrainer("fast-is-better", epochs=1, lr=0.1, batch_size=4)
-    with pytest.raises(ValueError, match="^eps: must be > 0"):
+    with pytest.raises(ValueError, match="^eps: must be a finite number > 0"):
         ARTTrainer("madry-pgd", epochs=1, lr=0.1, batch_size=4, eps=0)

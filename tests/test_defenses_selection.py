@@ -85,7 +85,7 @@ def test_relabel_restores_flipped_labels_when_they_are_flagged():
     [
         (lambda: prune(torch.tensor([1.0, float("nan")]), 0.1), ValueError, "^scores: contains NaN"),
         (lambda: prune(torch.ones(3, 2), 0.1), ValueError, "^scores: must be a non-empty 1-D"),
-        (lambda: prune(torch.ones(3), 1.0), ValueError, r"^fraction: must be in \[0, 1\)"),
+        (lambda: prune(torch.ones(3), 1.0), ValueError, r"^fraction: must be a finite number in \[0, 1\)"),
         (lambda: prune(torch.ones(3), "0.1"), TypeError, "^fraction: must be a number"),
         (lambda: reweight(torch.ones(3), "soft", fraction=0.1), ValueError, "^scheme: must be one of"),
         (lambda: reweight(torch.ones(3), fraction=0.1, temperature=0), ValueError, "^temperature: must be"),

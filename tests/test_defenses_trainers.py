@@ -247,11 +247,11 @@ def test_scratch_refuses_parameters_it_cannot_reset():
     "kwargs, message",
     [
         (dict(epochs=0), "^epochs: must be >= 1"),
-        (dict(lr=-1.0), "^lr: must be > 0"),
+        (dict(lr=-1.0), "^lr: must be a finite number > 0"),
         (dict(batch_size=0), "^batch_size: must be >= 1"),
         (dict(optimizer="rmsprop"), "^optimizer: must be one of"),
         (dict(retrain="warm"), "^retrain: must be one of"),
-        (dict(weight_decay=-0.1), "^weight_decay: must be >= 0"),
+        (dict(weight_decay=-0.1), "^weight_decay: must be a finite number >= 0"),
     ],
 )
 def test_constructor_validation(kwargs, message):
@@ -274,6 +274,6 @@ def test_fit_validation():
         trainer.fit("mlp", (X, y))
     with pytest.raises(ValueError, match="^train: all tensors need the same first dimension"):
         trainer.fit(MLP(5, 2), (X, y[:5]))
-    with pytest.raises(ValueError, match="^eps: must be > 0"):
+    with pytest.raises(ValueError, match="^eps: must be a finite number > 0"):
         PGDAT(eps=-1, epochs=1, lr=0.1, batch_size=4)
     assert isinstance(trainer, Trainer)

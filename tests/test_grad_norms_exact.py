@@ -11,8 +11,8 @@ from robust_infl import engine
 from robust_infl.grad_norms import ConvGradients, LinearGradients, batch_gradients, squared_gradient_norms
 from robust_infl.models import SmallCNN
 from robust_infl.objectives import cross_entropy_loss
+from robust_infl.inputs import validate_target
 from robust_infl.options import ScoringOptions
-from robust_infl.validation import validate_target
 
 
 class Mixed(nn.Module):

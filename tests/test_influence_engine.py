@@ -14,8 +14,8 @@ import robust_infl as ri
 from robust_infl import engine, methods
 from robust_infl.models import MLP
 from robust_infl.objectives import cross_entropy_loss
+from robust_infl.inputs import validate_target
 from robust_infl.options import ScoringOptions
-from robust_infl.validation import validate_target
 
 
 def make_problem(model, x, y, xt, yt, objective, param_names=None, **options):

@@ -131,7 +131,7 @@ def test_scalar_options_and_types_are_checked(setup):
     cases = [
         (dict(damping=-1.0), ValueError, r"^damping: must be a finite number >= 0, got -1.0"),
         (dict(damping=float("nan")), ValueError, r"^damping: "),
-        (dict(batch_size=0), ValueError, r"^batch_size: must be > 0, got 0"),
+        (dict(batch_size=0), ValueError, r"^batch_size: must be >= 1, got 0"),
         (dict(batch_size=2.5), TypeError, r"^batch_size: must be an integer"),
         (dict(seed=-3), ValueError, r"^seed: must be >= 0"),
         (dict(objective="utility"), TypeError, r"^objective: expected an Objective"),
@@ -141,12 +141,12 @@ def test_scalar_options_and_types_are_checked(setup):
         (dict(train_loss="adversarial"), ValueError, r"^train_attack: train_loss='adversarial' needs"),
         (dict(train_attack=lambda m, x, y: x), ValueError, r"^train_attack: only used with"),
         (dict(aggregate="no"), TypeError, r"^aggregate: must be True or False"),
-        (dict(device="tpu-of-dreams"), ValueError, r"^device: not a valid torch device"),
+        (dict(device="tpu-of-dreams"), ValueError, r"^device: must be a valid torch device"),
     ]
     for options, error, message in cases:
         with pytest.raises(error, match=message):
             call(model, train, target, **options)
-    with pytest.raises(TypeError, match=r"^model: expected a torch.nn.Module"):
+    with pytest.raises(TypeError, match=r"^model: must be a torch.nn.Module"):
         call(lambda x: x, train, target)
     with pytest.raises(TypeError, match=r"^train: expected \(X, y\) or a torch.utils.data.Dataset"):
         call(model, (train[0],), target)

@@ -13,8 +13,8 @@ from robust_infl import engine
 from robust_infl.methods import ensemble
 from robust_infl.models import MLP, LogisticRegression
 from robust_infl.objectives import cross_entropy_loss
+from robust_infl.inputs import validate_target
 from robust_infl.options import ScoringOptions
-from robust_infl.validation import validate_target
 
 
 @pytest.fixture
@@ -126,10 +126,10 @@ def test_dropout_needs_a_hidden_layer():
     "options, message",
     [
         ({"members": 0}, r"^members: must be >= 1"),
-        ({"perturbation": "noise"}, r"^perturbation: must be one of 'dropout', 'gaussian'"),
-        ({"scale": 1.0}, r"^scale: must be < 1"),
+        ({"perturbation": "noise"}, r"^perturbation: must be one of dropout, gaussian"),
+        ({"scale": 1.0}, r"^scale: must be a finite number in \(0, 1\)"),
         ({"perturbation": "gaussian", "scale": 0.0}, r"^scale: must be a finite number > 0"),
-        ({"combine": "max"}, r"^combine: must be one of 'sum', 'mean'"),
+        ({"combine": "max"}, r"^combine: must be one of sum, mean"),
     ],
 )
 def test_bad_options_are_rejected_by_name(mlp_and_data, options, message):

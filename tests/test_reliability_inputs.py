@@ -116,17 +116,17 @@ CASES = {
     "empty-seeded-split": (lambda: seeded_split((X[:3], Y[:3]), seed=0),
                            ValueError, r"^data: cannot split 3 samples into train / validation"),
     # fraction outside [0, 1)
-    "fraction-prune-one": (lambda: defenses.prune(torch.ones(5), 1.0), ValueError, r"^fraction: must be in \[0, 1\), got 1.0"),
-    "fraction-prune-negative": (lambda: defenses.prune(torch.ones(5), -0.1), ValueError, r"^fraction: must be in \[0, 1\)"),
-    "fraction-reweight": (lambda: defenses.reweight(torch.ones(5), fraction=1.5), ValueError, r"^fraction: must be in"),
+    "fraction-prune-one": (lambda: defenses.prune(torch.ones(5), 1.0), ValueError, r"^fraction: must be a finite number in \[0, 1\), got 1.0"),
+    "fraction-prune-negative": (lambda: defenses.prune(torch.ones(5), -0.1), ValueError, r"^fraction: must be a finite number in \[0, 1\)"),
+    "fraction-reweight": (lambda: defenses.reweight(torch.ones(5), fraction=1.5), ValueError, r"^fraction: must be a finite number in"),
     "fraction-defence": (lambda: run(fractions=[1.5]), ValueError, r"^fractions: every fraction must be in \(0, 1\)"),
     # eps <= 0
     "eps-pgd-zero": (lambda: attacks.PGD(0.0), ValueError, r"^eps: must be a finite number > 0, got 0.0"),
     "eps-fgsm-negative": (lambda: attacks.FGSM(-1), ValueError, r"^eps: must be a finite number > 0, got -1"),
     "eps-autoattack-zero": (lambda: attacks.AutoAttack(0), ValueError, r"^eps: must be a finite number > 0"),
-    "eps-trainer": (lambda: defenses.PGDAT(eps=0, epochs=1, lr=0.1, batch_size=4), ValueError, r"^eps: must be > 0"),
+    "eps-trainer": (lambda: defenses.PGDAT(eps=0, epochs=1, lr=0.1, batch_size=4), ValueError, r"^eps: must be a finite number > 0"),
     "eps-factory": (lambda: make_attack("pgd", eps=-0.1), ValueError, r"^eps: must be a finite number > 0"),
-    "eps-defence": (lambda: run(eps=-1.0), ValueError, r"^eps: must be > 0"),
+    "eps-defence": (lambda: run(eps=-1.0), ValueError, r"^eps: must be a finite number > 0"),
     # unknown method / attack / norm / data names: the message lists the valid ones
     "name-method": (lambda: influence(method="magic"), ValueError,
                     rf"^method: unknown method 'magic'; valid names are {METHOD_NAMES}$"),

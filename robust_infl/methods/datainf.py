@@ -28,6 +28,7 @@ import torch
 from torch import Tensor
 from torch.func import grad, vmap
 
+from attacks.validation import check_positive
 from robust_infl.engine import (
     Params,
     ScoringProblem,
@@ -37,7 +38,6 @@ from robust_infl.engine import (
     train_batches,
 )
 from robust_infl.methods import register_method
-from robust_infl.methods._checks import positive_float
 
 __all__ = ["datainf_influence", "layer_columns"]
 
@@ -71,7 +71,7 @@ def datainf_influence(problem: ScoringProblem, *, lambda_scale: float = 0.1) -> 
     ``problem.damping`` is not used (DataInf sets its own per-layer damping). A layer whose
     per-sample gradients are all zero contributes nothing.
     """
-    lambda_scale = positive_float("lambda_scale", lambda_scale)
+    lambda_scale = check_positive(lambda_scale, "lambda_scale")
     params = problem.params
     v = flat_objective_gradient(problem, params)
     selector = _layer_matrix(problem, layer_columns(problem))

@@ -43,9 +43,10 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import TensorDataset
 
+from attacks.plumbing import seeded
+from attacks.validation import check_bool, check_choice
 from robust_infl.engine import ScoringProblem, check_finite_results, train_batches
 from robust_infl.methods import register_method
-from robust_infl.methods._checks import choice
 from robust_infl.objectives import binary_cross_entropy_loss, cross_entropy_loss
 from robust_infl.store import data_hash, model_hash, stable_repr
 
@@ -203,9 +204,8 @@ def kronfluence_scores(problem: ScoringProblem, strategy: str, use_empirical_fis
     _kronfluence()
     from kronfluence.analyzer import Analyzer, prepare_model
 
-    strategy = choice("strategy", strategy, STRATEGIES)
-    if not isinstance(use_empirical_fisher, bool):
-        raise TypeError(f"use_empirical_fisher: must be True or False, got {type(use_empirical_fisher).__name__}")
+    strategy = check_choice(strategy, "strategy", STRATEGIES)
+    check_bool(use_empirical_fisher, "use_empirical_fisher")
     if not use_empirical_fisher and problem.loss_fn not in (cross_entropy_loss, binary_cross_entropy_loss):
         raise ValueError("use_empirical_fisher: the true Fisher samples labels for the default losses only; "
                          "pass use_empirical_fisher=True with a custom loss_fn")
@@ -225,9 +225,8 @@ def kronfluence_scores(problem: ScoringProblem, strategy: str, use_empirical_fis
     batch = problem.train.batch_size
     query_batch = len(query) if not problem.objective.linear else min(len(query), batch)
     scores_name = f"{factors_name}-{hashlib.sha256(repr(score_args).encode()).hexdigest()[:8]}"
-    with warnings.catch_warnings(), torch.random.fork_rng(devices=[] if problem.device.type == "cpu" else [problem.device]):
+    with warnings.catch_warnings(), seeded(problem.seed, problem.device, numpy=False):
         warnings.filterwarnings("ignore", category=FutureWarning, module="kronfluence")  # its torch.cuda.amp use
-        torch.manual_seed(problem.seed)
         analyzer.fit_all_factors(factors_name, train, per_device_batch_size=batch, factor_args=factor_args)
         analyzer.compute_pairwise_scores(
             scores_name, factors_name, query_dataset=query, train_dataset=train,

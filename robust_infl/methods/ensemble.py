@@ -27,9 +27,9 @@ from torch import Tensor, nn
 from torch.func import functional_call
 from tqdm.auto import tqdm
 
+from attacks.validation import check_choice, check_fraction, check_int, check_positive
 from robust_infl.engine import ForwardFn, ScoringProblem, harm_along, objective_gradient
 from robust_infl.methods import register_method
-from robust_infl.methods._checks import choice, fraction, positive_float, positive_int
 
 __all__ = ["ip_ensemble_influence", "dropout_layers", "dropout_forward"]
 
@@ -123,10 +123,10 @@ def ip_ensemble_influence(
     ``problem.damping`` is ignored (H = I). Members are drawn from a generator seeded with
     ``problem.seed``: the same seed gives identical scores.
     """
-    members = positive_int("members", members)
-    perturbation = choice("perturbation", perturbation, PERTURBATIONS)
-    scale = fraction("scale", scale) if perturbation == "dropout" else positive_float("scale", scale)
-    combine = choice("combine", combine, COMBINES)
+    members = check_int(members, "members", minimum=1)
+    perturbation = check_choice(perturbation, "perturbation", PERTURBATIONS)
+    scale = check_fraction(scale, "scale") if perturbation == "dropout" else check_positive(scale, "scale")
+    combine = check_choice(combine, "combine", COMBINES)
     layers = dropout_layers(problem) if perturbation == "dropout" and members > 1 else []
     if perturbation == "dropout" and members > 1 and not layers:
         raise ValueError(

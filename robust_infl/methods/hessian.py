@@ -14,9 +14,10 @@ from __future__ import annotations
 
 import torch
 
+from attacks.validation import check_int
 from robust_infl.engine import ScoringProblem, flat_objective_gradient, harm_along, hessian_vector_products
 from robust_infl.methods import register_method
-from robust_infl.validation import resolve_param_names
+from robust_infl.inputs import resolve_param_names
 
 __all__ = ["MAX_PARAMS", "exact_influence", "damped_hessian", "check_exact_size"]
 
@@ -55,8 +56,7 @@ def exact_influence(problem: ScoringProblem, *, hvp_chunk_size: int = 256) -> to
     ``ValueError`` naming ``params`` above :data:`MAX_PARAMS` scored parameters, and naming
     ``damping`` when the damped Hessian is singular.
     """
-    if isinstance(hvp_chunk_size, bool) or not isinstance(hvp_chunk_size, int) or hvp_chunk_size <= 0:
-        raise ValueError(f"hvp_chunk_size: must be a positive integer, got {hvp_chunk_size!r}")
+    check_int(hvp_chunk_size, "hvp_chunk_size", minimum=1)
     hessian = damped_hessian(problem, hvp_chunk_size)
     gradient = flat_objective_gradient(problem, problem.params).double()
     try:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import torch
 
+from attacks.validation import check_bool
 from robust_infl.engine import (
     ScoringProblem,
     harm_along,
@@ -43,8 +44,7 @@ def inner_product_influence(problem: ScoringProblem, *, aggregate: bool = True,
     samples with tiny gradients, such as backdoor poisons, are not ranked last for that reason alone.
     """
     for name, value in (("aggregate", aggregate), ("renormalize", renormalize)):
-        if not isinstance(value, bool):
-            raise TypeError(f"{name}: must be True or False, got {type(value).__name__}")
+        check_bool(value, name)
     params = problem.params
     if aggregate:
         scores = harm_along(problem, params, objective_gradient(problem, params))

@@ -28,6 +28,7 @@ from torch.utils.data import Dataset
 from torch.utils.data.dataloader import default_collate
 from tqdm.auto import tqdm
 
+from attacks.validation import check_int, check_positive
 from robust_infl.engine import (
     Params,
     ScoringProblem,
@@ -39,8 +40,7 @@ from robust_infl.engine import (
     unflatten,
 )
 from robust_infl.methods import register_method
-from robust_infl.methods._checks import positive_float, positive_int
-from robust_infl.validation import call_attack
+from robust_infl.inputs import call_attack
 
 __all__ = [
     "conjugate_gradient_influence",
@@ -73,8 +73,8 @@ def conjugate_gradient_influence(problem: ScoringProblem, *, tol: float = 1e-6, 
     Raises ``ValueError`` naming ``damping`` when CG meets a direction of non-positive curvature
     (the damped Hessian is not positive definite: increase ``damping``).
     """
-    tol = positive_float("tol", tol)
-    max_iter = positive_int("max_iter", max_iter)
+    tol = check_positive(tol, "tol")
+    max_iter = check_int(max_iter, "max_iter", minimum=1)
     b = flat_objective_gradient(problem, problem.params).double()
     x = torch.zeros_like(b)
     residual, direction = b.clone(), b.clone()
@@ -186,11 +186,11 @@ def lissa_influence(
 
     Raises ``ValueError`` naming ``scale`` if the recursion diverges (scale too small).
     """
-    depth = positive_int("depth", depth)
-    repeats = positive_int("repeats", repeats)
+    depth = check_int(depth, "depth", minimum=1)
+    repeats = check_int(repeats, "repeats", minimum=1)
     if scale is not None:
-        scale = positive_float("scale", scale)
-    batch = problem.train.batch_size if hvp_batch_size is None else positive_int("hvp_batch_size", hvp_batch_size)
+        scale = check_positive(scale, "scale")
+    batch = problem.train.batch_size if hvp_batch_size is None else check_int(hvp_batch_size, "hvp_batch_size", minimum=1)
     if scale is None:
         scale = 1.5 * largest_eigenvalue(problem) or 1.0
     v = flat_objective_gradient(problem, problem.params).double()

@@ -20,6 +20,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from attacks.validation import check_bool
 from robust_infl.engine import ScoringProblem, harm_along, objective_gradient
 from robust_infl.grad_norms import renormalised
 from robust_infl.io import safe_load
@@ -105,8 +106,7 @@ def tracin_influence(
         raise TypeError(f"checkpoints: must be a list of state dicts or paths, got {type(checkpoints).__name__}")
     if len(checkpoints) == 0:
         raise ValueError("checkpoints: method 'tracin' needs at least one checkpoint (state dict or path)")
-    if not isinstance(renormalize, bool):
-        raise TypeError(f"renormalize: must be True or False, got {type(renormalize).__name__}")
+    check_bool(renormalize, "renormalize")
     rates = _learning_rates(lrs, len(checkpoints))
     total = torch.zeros(problem.n_train, dtype=problem.dtype, device=problem.device)
     for index, (checkpoint, rate) in enumerate(

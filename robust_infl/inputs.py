@@ -1,4 +1,6 @@
-"""Input checks at the public boundary, and the seeded call of user-supplied attacks.
+"""Normalisation of the data given at the public boundary, and the seeded call of user-supplied attacks.
+
+Scalar options are checked with :mod:`attacks.validation`.
 
 Every error names the argument it is about first (``"train: ..."``, ``"params: ..."``) and says
 what was wrong, so that a bad call fails here and not with a stack trace from inside torch.
@@ -6,8 +8,6 @@ what was wrong, so that a bad call fails here and not with a stack trace from in
 
 from __future__ import annotations
 
-import math
-import numbers
 from dataclasses import dataclass
 from typing import Any, Callable, Optional, Sequence, Union
 
@@ -17,24 +17,20 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 from torch.utils.data.dataloader import default_collate
 
+from attacks.plumbing import model_device, seeded
+from attacks.validation import check_choice, check_device
+
 __all__ = [
     "TargetSet",
     "as_tensor",
     "check_finite",
     "check_labels",
     "integer_labels",
-    "check_model",
-    "check_positive_int",
-    "check_nonnegative_float",
     "check_train_loss",
-    "check_seed",
-    "check_device",
     "resolve_device",
     "validate_train",
     "validate_target",
     "resolve_param_names",
-    "model_dtype",
-    "model_device",
     "call_attack",
 ]
 
@@ -108,35 +104,9 @@ def integer_labels(name: str, y: Tensor) -> Tensor:
     return y.long()
 
 
-def check_model(model: Any) -> nn.Module:
-    """Raise ``TypeError`` unless ``model`` is an ``nn.Module``."""
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
-    return model
-
-
-def check_positive_int(name: str, value: Any) -> int:
-    """``value`` as an int, or an error naming ``name`` if it is not a positive integer."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"{name}: must be an integer, got {type(value).__name__}")
-    if value <= 0:
-        raise ValueError(f"{name}: must be > 0, got {value}")
-    return int(value)
-
-
-def check_nonnegative_float(name: str, value: Any) -> float:
-    """``value`` as a float, or an error naming ``name`` if it is not a finite number >= 0."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{name}: must be a number, got {type(value).__name__}")
-    if not math.isfinite(value) or value < 0:
-        raise ValueError(f"{name}: must be a finite number >= 0, got {value}")
-    return float(value)
-
-
 def check_train_loss(train_loss: Any, train_attack: Any) -> None:
     """Check the training-loss mode and that an attack comes with (and only with) ``"adversarial"``."""
-    if train_loss not in TRAIN_LOSSES:
-        raise ValueError(f"train_loss: must be one of {', '.join(TRAIN_LOSSES)}, got {train_loss!r}")
+    check_choice(train_loss, "train_loss", TRAIN_LOSSES)
     if train_loss == "adversarial" and not callable(train_attack):
         raise ValueError("train_attack: train_loss='adversarial' needs a callable train_attack(model, x, y)")
     if train_loss == "clean" and train_attack is not None:
@@ -239,21 +209,6 @@ def resolve_param_names(model: nn.Module, params: Optional[Sequence[str]]) -> tu
     return tuple(params)
 
 
-def model_dtype(model: nn.Module) -> torch.dtype:
-    """The floating dtype of the model's parameters (float32 if it has none)."""
-    for p in model.parameters():
-        if p.is_floating_point():
-            return p.dtype
-    return torch.float32
-
-
-def model_device(model: nn.Module) -> torch.device:
-    """The device of the model's first parameter or buffer (CPU if it has none)."""
-    for t in list(model.parameters()) + list(model.buffers()):
-        return t.device
-    return torch.device("cpu")
-
-
 def call_attack(
     attack: Callable[[nn.Module, Tensor, Tensor], Tensor],
     model: nn.Module,
@@ -270,15 +225,8 @@ def call_attack(
     Gradients are enabled inside (attacks differentiate with respect to the input). The result is
     detached; an error naming ``name`` is raised unless it is a finite tensor of ``x``'s shape.
     """
-    devices = [x.device.index or 0] if x.device.type == "cuda" else []
-    numpy_state = np.random.get_state()
-    try:
-        with torch.random.fork_rng(devices=devices), torch.enable_grad():
-            torch.manual_seed(seed)
-            np.random.seed(seed % 2**32)
-            x_adv = attack(model, x, y)
-    finally:
-        np.random.set_state(numpy_state)
+    with seeded(seed, x.device), torch.enable_grad():
+        x_adv = attack(model, x, y)
     if not isinstance(x_adv, Tensor):
         raise TypeError(f"{name}: must return a tensor of adversarial inputs, got {type(x_adv).__name__}")
     if x_adv.shape != x.shape:
@@ -286,32 +234,6 @@ def call_attack(
     x_adv = x_adv.detach().to(device=x.device, dtype=x.dtype)
     check_finite(name, x_adv)
     return x_adv
-
-
-def check_seed(seed: Any) -> int:
-    """``seed`` as an int, or an error naming ``seed`` unless it is an integer >= 0."""
-    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
-        raise TypeError(f"seed: must be an integer, got {type(seed).__name__}")
-    if seed < 0:
-        raise ValueError(f"seed: must be >= 0, got {seed}")
-    return int(seed)
-
-
-def check_device(device: Any) -> torch.device:
-    """``device`` as a ``torch.device``, or ``ValueError`` naming ``device`` when it is not a valid name or
-    names a CUDA GPU this machine does not have (checked before any compute, not deep inside torch)."""
-    try:
-        resolved = torch.device(device)
-    except (TypeError, RuntimeError) as err:
-        raise ValueError(f"device: not a valid torch device: {device!r}") from err
-    if resolved.type == "cuda":
-        if not torch.cuda.is_available():
-            raise ValueError(f"device: {device!r} needs a CUDA GPU, but torch sees none here "
-                             f"(torch.cuda.is_available() is False); use cpu")
-        if resolved.index is not None and resolved.index >= torch.cuda.device_count():
-            raise ValueError(f"device: {device!r} does not exist; this machine has "
-                             f"{torch.cuda.device_count()} CUDA GPU(s)")
-    return resolved
 
 
 def resolve_device(device: Any, model: nn.Module) -> torch.device:
