@@ -14,13 +14,13 @@ from robust_infl.models import MLP
     (dict(loss_fn=3), TypeError, "^loss_fn: must be callable"),
     (dict(damping=-1.0), ValueError, "^damping: must be a finite number >= 0"),
     (dict(damping="big"), TypeError, "^damping: must be a number"),
-    (dict(batch_size=0), ValueError, "^batch_size: must be > 0"),
+    (dict(batch_size=0), ValueError, "^batch_size: must be >= 1"),
     (dict(batch_size=2.5), TypeError, "^batch_size: must be an integer"),
     (dict(seed=-1), ValueError, "^seed: must be >= 0"),
     (dict(train_loss="robust"), ValueError, "^train_loss: must be one of"),
     (dict(train_loss="adversarial"), ValueError, "^train_attack: train_loss='adversarial' needs"),
     (dict(train_attack=lambda m, x, y: x), ValueError, "^train_attack: only used with"),
-    (dict(device="nowhere"), ValueError, "^device: not a valid torch device"),
+    (dict(device="nowhere"), ValueError, "^device: must be a valid torch device"),
     (dict(progress=1), TypeError, "^progress: must be True or False"),
     (dict(params="fc.weight"), TypeError, "^params: expected a list of parameter names"),
 ])
@@ -52,5 +52,5 @@ def test_influence_passes_its_keywords_down_as_one_scoring_options(monkeypatch):
     ri.influence(model, (X, y), (X[:4], y[:4]), objective=ri.Utility(), damping=0.5, batch_size=5, seed=7, progress=False)
     (options,) = seen
     assert options == ScoringOptions(damping=0.5, batch_size=5, seed=7, progress=False)
-    with pytest.raises(ValueError, match="^batch_size: must be > 0"):
+    with pytest.raises(ValueError, match="^batch_size: must be >= 1"):
         ri.influence(model, (X, y), (X[:4], y[:4]), objective=ri.Utility(), batch_size=0)

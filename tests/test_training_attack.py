@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 import attacks
-from attacks.base import per_sample_loss as attack_loss
+from attacks.plumbing import per_sample_loss as attack_loss
 from attacks.pgd import pgd_ascent
 from attacks.steps import random_delta
 from defenses import ERM, PGDAT, TRADES, ARTTrainer, FastAT, per_sample_loss
