@@ -13,6 +13,7 @@ import math
 import numbers
 from typing import Any, Optional, Sequence
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -30,6 +31,10 @@ __all__ = [
     "check_device",
     "check_model",
     "check_output_shape",
+    "as_tensor",
+    "check_finite",
+    "check_labels",
+    "integer_labels",
 ]
 
 NORMS = ("linf", "l2")
@@ -166,3 +171,53 @@ def check_output_shape(outputs, n: int) -> None:
     if outputs.dim() != 2 or outputs.shape[0] != n:
         hint = " (a binary model returns one logit as (n, 1): do not squeeze it)" if outputs.dim() == 1 else ""
         raise ValueError(f"model: must return logits of shape ({n}, C), got {tuple(outputs.shape)}{hint}")
+
+
+def as_tensor(value: Any, name: str) -> torch.Tensor:
+    """``value`` as a tensor (tensors, numpy arrays and nested sequences of numbers are accepted)."""
+    if isinstance(value, torch.Tensor):
+        return value
+    if isinstance(value, (np.ndarray, list, tuple)):
+        try:
+            return torch.as_tensor(np.asarray(value))
+        except (TypeError, ValueError) as err:
+            raise TypeError(f"{name}: cannot be converted to a tensor ({err})") from err
+    raise TypeError(f"{name}: expected a tensor or numpy array, got {type(value).__name__}")
+
+
+def check_finite(x: torch.Tensor, name: str) -> None:
+    """Raise ``ValueError`` if ``x`` holds NaN or infinite values."""
+    if x.is_floating_point() or x.is_complex():
+        bad = int((~torch.isfinite(x)).sum())
+        if bad:
+            raise ValueError(f"{name}: contains {bad} NaN or infinite value(s)")
+
+
+def check_labels(y: torch.Tensor, name: str, n_outputs: int) -> None:
+    """Raise ``ValueError`` unless ``y`` holds class indices a model with ``n_outputs`` logits can take.
+
+    One output means binary labels {0, 1}; ``C >= 2`` outputs mean labels in ``[0, C)``.
+    """
+    if y.ndim != 1:
+        raise ValueError(f"{name}: labels must be a 1-D tensor of class indices, got shape {tuple(y.shape)}")
+    if y.numel() == 0:
+        return
+    y = integer_labels(y, name)
+    n_classes = 2 if n_outputs == 1 else n_outputs
+    low, high = int(y.min()), int(y.max())
+    if low < 0 or high >= n_classes:
+        raise ValueError(
+            f"{name}: labels must lie in [0, {n_classes - 1}] for a model with {n_outputs} output(s), "
+            f"got values in [{low}, {high}]"
+        )
+
+
+def integer_labels(y: torch.Tensor, name: str) -> torch.Tensor:
+    """``y`` as class indices: integer tensors unchanged, whole-number floats as int64 (so that attacks,
+    which take integer labels, see the same labels); other floats raise ``ValueError`` naming ``name``."""
+    if not y.is_floating_point() or y.ndim != 1:
+        return y
+    check_finite(y, name)
+    if not bool((y == torch.round(y)).all()):
+        raise ValueError(f"{name}: labels must be integer class indices, got non-integer values")
+    return y.long()

@@ -16,17 +16,17 @@ import torch
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 from torch.utils.data.dataloader import default_collate
 
-from robust_infl.inputs import integer_labels
+from attacks.validation import integer_labels
 
 __all__ = ["as_tensors", "as_labels", "take", "batch_source"]
 
 
 def as_labels(y: torch.Tensor, name: str) -> torch.Tensor:
-    """Labels ``y`` as class indices (``robust_infl.inputs.integer_labels``: whole-number floats as
+    """Labels ``y`` as class indices (``attacks.validation.integer_labels``: whole-number floats as
     int64, other floats refused); bool and complex labels raise ``TypeError`` naming ``name``."""
     if y.dtype == torch.bool or y.is_complex():
         raise TypeError(f"{name}: labels must be integer class indices, got {y.dtype}")
-    return integer_labels(name, y)
+    return integer_labels(y, name)
 
 
 def _check_inputs(x: torch.Tensor, name: str) -> None:

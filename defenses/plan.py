@@ -14,6 +14,7 @@ from typing import Any, Callable, Optional
 import torch
 from torch import nn
 
+from attacks.plumbing import make_generator
 from attacks.base import attack_settings, plain_value
 from attacks.registry import make_attack
 from attacks.validation import check_bool, check_choice, check_int, check_number, check_positive
@@ -285,7 +286,7 @@ def seeded_split(data, seed: int, val_fraction: float = 0.15, test_fraction: flo
     if not (0 < val_fraction < 1 and 0 < test_fraction < 1) or min(n_val, n_test, n - n_val - n_test) < 1:
         raise ValueError(f"data: cannot split {n} samples into train / validation ({val_fraction}) / test "
                          f"({test_fraction}) with at least one sample each")
-    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    order = torch.randperm(n, generator=make_generator(seed))
     parts = (order[n_val + n_test:], order[:n_val], order[n_val:n_val + n_test])
     train, val, test = (tuple(t[idx] for t in tensors) for idx in parts)
     return _user_splits(train, val, test, bounds)

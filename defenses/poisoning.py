@@ -32,6 +32,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from attacks.plumbing import make_generator
 import attacks
 import robust_infl
 from attacks.poisoning import check_rate, check_target_class
@@ -265,7 +266,7 @@ def _self_influence(ctx: PoisonContext) -> torch.Tensor:
 
 
 def _random(ctx: PoisonContext) -> torch.Tensor:
-    return torch.rand(len(ctx.train[1]), generator=torch.Generator().manual_seed(ctx.seed), dtype=torch.float64)
+    return torch.rand(len(ctx.train[1]), generator=make_generator(ctx.seed), dtype=torch.float64)
 
 
 def _estimated_class_low_loss(ctx: PoisonContext) -> torch.Tensor:
@@ -361,7 +362,7 @@ def _draw_evidence(val: tuple, trigger, target_class: int, size: int, seed: int)
     if size > others.numel():
         raise ValueError(f"evidence: asks for {size} triggered inputs but the validation split holds only "
                          f"{others.numel()} outside the target class")
-    chosen = others[torch.randperm(others.numel(), generator=torch.Generator().manual_seed(seed + 7919))[:size]]
+    chosen = others[torch.randperm(others.numel(), generator=make_generator(seed + 7919))[:size]]
     rest = torch.ones(len(y), dtype=torch.bool)
     rest[chosen] = False
     return (trigger.apply(X[chosen]), y[chosen]), (X[rest], y[rest])

@@ -30,9 +30,8 @@ from attacks.bounds import check_bounds
 from attacks.pgd import PGD, pgd_ascent
 from attacks.plumbing import frozen_in_eval, make_generator, model_device, per_sample_loss, seeded
 from attacks.steps import random_delta
-from attacks.validation import (check_bool, check_choice, check_int, check_model, check_output_shape, check_positive,
-                                check_seed)
-from robust_infl.inputs import check_labels
+from attacks.validation import (check_bool, check_choice, check_int, check_labels, check_model, check_output_shape,
+                                check_positive, check_seed)
 
 from .data import as_tensors, batch_source
 
@@ -101,7 +100,7 @@ def check_labels_fit(model: nn.Module, X: torch.Tensor, y: Optional[torch.Tensor
         raise ValueError(f"train: the model cannot evaluate inputs of shape {tuple(X.shape[1:])} ({detail})") from None
     check_output_shape(outputs, 1)
     if y is not None:
-        check_labels("train", y, outputs.shape[1])
+        check_labels(y, "train", outputs.shape[1])
     return outputs.shape[1]
 
 
@@ -263,7 +262,7 @@ class Trainer:
                         idx = order[start:stop]
                         xb, yb = fetch(idx)
                         if tensors is None and checks_labels:
-                            check_labels("train", yb, n_outputs)
+                            check_labels(yb, "train", n_outputs)
                         xb, yb = xb.to(device), yb.to(device)
                         wb = torch.ones(len(idx), device=device) if w is None else w[idx].to(device)
                         self.begin_step(model, step=step, epoch=epoch)

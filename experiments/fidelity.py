@@ -50,6 +50,7 @@ from tqdm.auto import tqdm
 
 import robust_infl as ri
 from attacks import PGD
+from attacks.plumbing import make_generator, seeded
 from experiments._results import mean_std, write_json, write_section
 from robust_infl.datasets import flip_labels, load_dataset
 from robust_infl.models import MLP, LogisticRegression
@@ -268,12 +269,11 @@ def run_mlp(task: Task, cfg: Config, seed: int, progress: bool) -> RunResult:
     """Group-removal fidelity of every method on an MLP trained from seed ``seed``."""
     x, y = task.train
     n = x.shape[0]
-    with torch.random.fork_rng():
-        torch.manual_seed(seed)
+    with seeded(seed, numpy=False):
         model = MLP(x.shape[1], 2, hidden=cfg.mlp_hidden).double().eval()
     init = {k: v.detach().clone() for k, v in model.named_parameters()}
     n_groups = round(1 / cfg.group_fraction)
-    order = torch.randperm(n, generator=torch.Generator().manual_seed(cfg.data_seed))
+    order = torch.randperm(n, generator=make_generator(cfg.data_seed))
     groups = list(order.tensor_split(n_groups))
     start = time.perf_counter()
     weights = torch.ones(n_groups + 1, n, dtype=x.dtype)

@@ -60,6 +60,7 @@ from scipy import stats
 from torch import nn
 from tqdm.auto import tqdm
 
+from attacks.plumbing import make_generator
 import attacks
 import robust_infl as ri
 from defenses import ERM
@@ -142,7 +143,7 @@ def method_call(method: str, cfg: Config, checkpoints: list, scale: float) -> tu
 
 def subset_masks(n: int, m: int, seed: int) -> torch.Tensor:
     """``(m, n)`` boolean masks, each keeping a seeded random half (``n // 2``) of the ``n`` samples."""
-    generator = torch.Generator().manual_seed(10_000 + seed)
+    generator = make_generator(10_000 + seed)
     masks = torch.zeros(m, n, dtype=torch.bool)
     for row in range(m):
         masks[row, torch.randperm(n, generator=generator)[: n // 2]] = True

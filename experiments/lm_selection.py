@@ -41,6 +41,7 @@ from tqdm.auto import tqdm
 
 import robust_infl as ri
 from attacks import accuracy
+from attacks.plumbing import seeded
 from defenses import ERM, prune
 from experiments._results import (experiment_arguments, format_delta, format_mean_std, mean_std, paired_ci,
                                   save_figure, write_json, write_section)
@@ -164,8 +165,7 @@ class LastLayerClassifier(nn.Module):
     def __init__(self, layer: nn.Module, hidden_size: int, num_classes: int = 2, seed: int = 0):
         super().__init__()
         self.layer = copy.deepcopy(layer)
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
+        with seeded(seed, numpy=False):
             self.head = nn.Linear(hidden_size, num_classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -50,6 +50,7 @@ from tqdm.auto import tqdm
 
 import robust_infl as ri
 from attacks import accuracy
+from attacks.plumbing import eval_mode
 from defenses import ERM, prune
 from defenses.seed_results import SeedResults
 from experiments._results import (experiment_arguments, format_delta, format_mean_std, mean_std, paired_ci,
@@ -180,12 +181,10 @@ def last_layer_view(model: nn.Module, X: torch.Tensor, batch_size: int = 1024) -
     def capture(module, inputs, output):
         captured["inputs"], captured["output"] = inputs[0], output
 
-    was_training = model.training
-    model.eval()
     handle = head.register_forward_hook(capture)
     features = []
     try:
-        with torch.no_grad():
+        with eval_mode(model), torch.no_grad():
             for start in range(0, X.shape[0], batch_size):
                 output = model(X[start:start + batch_size])
                 if captured.get("output") is None or captured["output"].shape != output.shape \
@@ -195,7 +194,6 @@ def last_layer_view(model: nn.Module, X: torch.Tensor, batch_size: int = 1024) -
                 captured.clear()
     finally:
         handle.remove()
-        model.train(was_training)
     return copy.deepcopy(head).eval(), torch.cat(features)
 
 

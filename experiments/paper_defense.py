@@ -50,6 +50,7 @@ from tqdm.auto import tqdm
 
 import attacks
 import robust_infl as ri
+from attacks.plumbing import eval_mode, make_generator
 from attacks.registry import make_attack
 from defenses import DefenceContext, evaluate_on_test
 from defenses.recipes import influence_scores, random_scores, select_and_retrain, training_loss_scores
@@ -196,7 +197,7 @@ def paper_targets(model: nn.Module, split: tuple, share: float, seed: int) -> tu
         raise ValueError(f"share: must be in (0, 1), got {share}")
     X, y = split[:2]
     count = max(1, round(share * X.shape[0]))
-    index = torch.randperm(X.shape[0], generator=torch.Generator().manual_seed(seed))[:count]
+    index = torch.randperm(X.shape[0], generator=make_generator(seed))[:count]
     attacked = X.clone()
     attacked[index] = attacks.LinearClosedForm(labels="predicted")(model, X[index], y[index]).detach()
     return attacked, y, index
@@ -213,11 +214,8 @@ def majority_rate(model: nn.Module, X: torch.Tensor, majority: int) -> float:
     """Share of the inputs ``X`` that ``model`` assigns to class ``majority`` (clean predictions)."""
     if X.shape[0] == 0:
         raise ValueError("X: is empty")
-    was_training = model.training
-    model.eval()
-    with torch.no_grad():
+    with eval_mode(model), torch.no_grad():
         rate = float((attacks.predict(model(X)) == majority).double().mean())
-    model.train(was_training)
     return rate
 
 
@@ -291,7 +289,7 @@ def _paper_protocol(setting: Setting, seed: int, config: Config, base: nn.Module
                     trainer: CheckpointingERM, data, retrained: dict) -> dict:
     """The paper's protocol and its leak-free variant; accuracy on the fixed attacked test points."""
     low, high = config.paper_share
-    share = low + (high - low) * float(torch.rand((), generator=torch.Generator().manual_seed(seed)))
+    share = low + (high - low) * float(torch.rand((), generator=make_generator(seed)))
     X_attacked, y_test, index = paper_targets(base, data.test, share, seed)
     fixed = (X_attacked[index], y_test[index])
     targets = {"paper": (X_attacked, y_test), "leak-free": paper_targets(base, data.val, share, seed + 1)[:2]}

@@ -20,6 +20,8 @@ from typing import Optional
 import numpy as np
 import torch
 
+from attacks.plumbing import make_generator
+
 __all__ = ["Splits", "load_dataset", "flip_labels", "DATASET_NAMES"]
 
 DATASET_NAMES = ("mnist", "mnist-full", "digits", "adult", "moons")
@@ -221,7 +223,7 @@ def flip_labels(
         raise ValueError(f"num_classes: need at least 2, got {num_classes}")
     if mode not in ("symmetric", "class-dependent"):
         raise ValueError(f"mode: unknown {mode!r}; valid modes are symmetric, class-dependent")
-    generator = torch.Generator().manual_seed(seed)
+    generator = make_generator(seed)
     n = y.numel()
     chosen = torch.randperm(n, generator=generator)[: int(round(fraction * n))]
     noisy = y.clone()

@@ -108,9 +108,9 @@ class TrainStream:
             if not isinstance(item, (tuple, list)) or len(item) < 2:
                 raise ValueError("train: Dataset items must be (x, y) tuples")
             x, y = item[0], item[1]
-            check_finite("train", x)
+            check_finite(x, "train")
             if self.label_outputs is not None:
-                check_labels("train", y, self.label_outputs)
+                check_labels(y, "train", self.label_outputs)
             yield x, y
 
     def batches(

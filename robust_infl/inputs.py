@@ -1,6 +1,6 @@
 """Normalisation of the data given at the public boundary, and the seeded call of user-supplied attacks.
 
-Scalar options are checked with :mod:`attacks.validation`.
+Scalars and tensors are checked with :mod:`attacks.validation`.
 
 Every error names the argument it is about first (``"train: ..."``, ``"params: ..."``) and says
 what was wrong, so that a bad call fails here and not with a stack trace from inside torch.
@@ -11,21 +11,16 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Callable, Optional, Sequence, Union
 
-import numpy as np
 import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 from torch.utils.data.dataloader import default_collate
 
 from attacks.plumbing import model_device, seeded
-from attacks.validation import check_choice, check_device
+from attacks.validation import as_tensor, check_choice, check_device, check_finite, integer_labels
 
 __all__ = [
     "TargetSet",
-    "as_tensor",
-    "check_finite",
-    "check_labels",
-    "integer_labels",
     "check_train_loss",
     "resolve_device",
     "validate_train",
@@ -54,56 +49,6 @@ class TargetSet:
         return TargetSet(self.x.to(device=device, dtype=dtype), self.y.to(device), s)
 
 
-def as_tensor(name: str, value: Any) -> Tensor:
-    """``value`` as a tensor (tensors, numpy arrays and nested sequences of numbers are accepted)."""
-    if isinstance(value, Tensor):
-        return value
-    if isinstance(value, (np.ndarray, list, tuple)):
-        try:
-            return torch.as_tensor(np.asarray(value))
-        except (TypeError, ValueError) as err:
-            raise TypeError(f"{name}: cannot be converted to a tensor ({err})") from err
-    raise TypeError(f"{name}: expected a tensor or numpy array, got {type(value).__name__}")
-
-
-def check_finite(name: str, x: Tensor) -> None:
-    """Raise ``ValueError`` if ``x`` holds NaN or infinite values."""
-    if x.is_floating_point() or x.is_complex():
-        bad = int((~torch.isfinite(x)).sum())
-        if bad:
-            raise ValueError(f"{name}: contains {bad} NaN or infinite value(s)")
-
-
-def check_labels(name: str, y: Tensor, n_outputs: int) -> None:
-    """Raise ``ValueError`` unless ``y`` holds class indices a model with ``n_outputs`` logits can take.
-
-    One output means binary labels {0, 1}; ``C >= 2`` outputs mean labels in ``[0, C)``.
-    """
-    if y.ndim != 1:
-        raise ValueError(f"{name}: labels must be a 1-D tensor of class indices, got shape {tuple(y.shape)}")
-    if y.numel() == 0:
-        return
-    y = integer_labels(name, y)
-    n_classes = 2 if n_outputs == 1 else n_outputs
-    low, high = int(y.min()), int(y.max())
-    if low < 0 or high >= n_classes:
-        raise ValueError(
-            f"{name}: labels must lie in [0, {n_classes - 1}] for a model with {n_outputs} output(s), "
-            f"got values in [{low}, {high}]"
-        )
-
-
-def integer_labels(name: str, y: Tensor) -> Tensor:
-    """``y`` as class indices: integer tensors unchanged, whole-number floats as int64 (so that attacks,
-    which take integer labels, see the same labels); other floats raise ``ValueError`` naming ``name``."""
-    if not y.is_floating_point() or y.ndim != 1:
-        return y
-    check_finite(name, y)
-    if not bool((y == torch.round(y)).all()):
-        raise ValueError(f"{name}: labels must be integer class indices, got non-integer values")
-    return y.long()
-
-
 def check_train_loss(train_loss: Any, train_attack: Any) -> None:
     """Check the training-loss mode and that an attack comes with (and only with) ``"adversarial"``."""
     check_choice(train_loss, "train_loss", TRAIN_LOSSES)
@@ -125,7 +70,7 @@ def _check_pair(name: str, x: Tensor, y: Tensor) -> None:
         raise ValueError(f"{name}: X and y have different lengths ({x.shape[0]} vs {n_labels})")
     if x.shape[0] == 0:
         raise ValueError(f"{name}: is empty (0 samples)")
-    check_finite(name, x)
+    check_finite(x, name)
 
 
 def validate_train(train: Any) -> Union[tuple[Tensor, Tensor], Dataset]:
@@ -146,9 +91,9 @@ def validate_train(train: Any) -> Union[tuple[Tensor, Tensor], Dataset]:
             f"train: expected (X, y) or a torch.utils.data.Dataset of (x, y), got {type(train).__name__}"
             + (f" of length {len(train)}" if isinstance(train, (tuple, list)) else "")
         )
-    x, y = as_tensor("train", train[0]), as_tensor("train", train[1])
+    x, y = as_tensor(train[0], "train"), as_tensor(train[1], "train")
     _check_pair("train", x, y)
-    return x, integer_labels("train", y)
+    return x, integer_labels(y, "train")
 
 
 def validate_target(target: Any) -> TargetSet:
@@ -161,15 +106,15 @@ def validate_target(target: Any) -> TargetSet:
         target = _collate_whole("target", target)
     if not isinstance(target, (tuple, list)) or len(target) not in (2, 3):
         raise TypeError(f"target: expected (X, y) or (X, y, s), or a Dataset of such items, got {type(target).__name__}")
-    x, y = as_tensor("target", target[0]), as_tensor("target", target[1])
+    x, y = as_tensor(target[0], "target"), as_tensor(target[1], "target")
     _check_pair("target", x, y)
-    y = integer_labels("target", y)
+    y = integer_labels(y, "target")
     s = None
     if len(target) == 3:
-        s = as_tensor("target", target[2])
+        s = as_tensor(target[2], "target")
         if s.ndim != 1 or s.shape[0] != x.shape[0]:
             raise ValueError(f"target: s must have shape ({x.shape[0]},), got {tuple(s.shape)}")
-        check_finite("target", s)
+        check_finite(s, "target")
         if not bool(((s == 0) | (s == 1)).all()):
             raise ValueError("target: the sensitive attribute s must take values in {0, 1}")
     return TargetSet(x, y, s)
@@ -232,7 +177,7 @@ def call_attack(
     if x_adv.shape != x.shape:
         raise ValueError(f"{name}: returned shape {tuple(x_adv.shape)}, expected the input shape {tuple(x.shape)}")
     x_adv = x_adv.detach().to(device=x.device, dtype=x.dtype)
-    check_finite(name, x_adv)
+    check_finite(x_adv, name)
     return x_adv
 
 

@@ -101,7 +101,7 @@ def _probe_batch(train: Union[tuple[Tensor, Tensor], Dataset]) -> tuple[Tensor, 
     if not all(isinstance(item, (tuple, list)) and len(item) >= 2 for item in items):
         raise ValueError("train: Dataset items must be (x, y) tuples")
     batch = default_collate([tuple(item[:2]) for item in items])
-    return as_tensor("train", batch[0]), as_tensor("train", batch[1])
+    return as_tensor(batch[0], "train"), as_tensor(batch[1], "train")
 
 
 def _forward(name: str, model: nn.Module, x: Tensor, device: torch.device) -> Tensor:
@@ -147,10 +147,10 @@ def _check_model_fits_data(
                 f"but {n_outputs} on training inputs"
             )
         if isinstance(train, tuple):
-            check_labels("train", train[1], n_outputs)
+            check_labels(train[1], "train", n_outputs)
         else:
-            check_labels("train", probes["train"][1], n_outputs)
-        check_labels("target", target.y, n_outputs)
+            check_labels(probes["train"][1], "train", n_outputs)
+        check_labels(target.y, "target", n_outputs)
         return default_loss_fn(n_outputs), n_outputs
     for name, out in outputs.items():
         y = probes[name][1].to(device)

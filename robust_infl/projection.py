@@ -22,6 +22,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from attacks.plumbing import make_generator
 from attacks.validation import check_bool, check_int, check_seed
 
 __all__ = ["RandomProjection", "BLOCK_ROWS"]
@@ -73,7 +74,7 @@ class RandomProjection:
             return self._blocks[index]
         rows = min(BLOCK_ROWS, self.n_features - index * BLOCK_ROWS)
         state = np.random.SeedSequence([self.seed, index]).generate_state(1, dtype=np.uint64)[0]
-        generator = torch.Generator().manual_seed(int(state))
+        generator = make_generator(int(state))
         values = torch.randn(rows, self.dim, generator=generator, dtype=self.dtype)
         values = values.mul_(1.0 / math.sqrt(self.dim)).to(self.device)
         if self.cache:

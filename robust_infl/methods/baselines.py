@@ -16,6 +16,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from attacks.plumbing import make_generator
 from robust_infl.engine import ScoringProblem, check_finite_results, train_batches
 from robust_infl.grad_norms import squared_gradient_norms
 from robust_infl.methods import register_method
@@ -50,7 +51,7 @@ def loss_score(problem: ScoringProblem) -> Tensor:
 @register_method("random")
 def random_score(problem: ScoringProblem) -> Tensor:
     """Seeded standard normal scores, ``(n_train,)`` (same seed, same scores, on any device)."""
-    generator = torch.Generator().manual_seed(problem.seed)
+    generator = make_generator(problem.seed)
     return torch.randn(problem.n_train, generator=generator, dtype=torch.float64).to(
         device=problem.device, dtype=problem.dtype
     )

@@ -27,6 +27,7 @@ from torch import Tensor, nn
 from torch.func import functional_call
 from tqdm.auto import tqdm
 
+from attacks.plumbing import make_generator
 from attacks.validation import check_choice, check_fraction, check_int, check_positive
 from robust_infl.engine import ForwardFn, ScoringProblem, harm_along, objective_gradient
 from robust_infl.methods import register_method
@@ -133,7 +134,7 @@ def ip_ensemble_influence(
             "perturbation: 'dropout' needs at least one Linear/Conv layer before the output layer; "
             "this model has none (e.g. logistic regression), use perturbation='gaussian'"
         )
-    generator = torch.Generator().manual_seed(problem.seed)
+    generator = make_generator(problem.seed)
     total = _ip(problem, problem.params)
     for _ in tqdm(range(1, members), desc="ip-ensemble members", disable=None if problem.progress else True,
                   leave=False):

@@ -28,6 +28,7 @@ from torch.utils.data import Dataset
 from torch.utils.data.dataloader import default_collate
 from tqdm.auto import tqdm
 
+from attacks.plumbing import make_generator
 from attacks.validation import check_int, check_positive
 from robust_infl.engine import (
     Params,
@@ -150,7 +151,7 @@ def largest_eigenvalue(problem: ScoringProblem, iterations: int = 20) -> float:
 
     Seeded by ``problem.seed``; one pass of HVPs over the training set per iteration.
     """
-    generator = torch.Generator().manual_seed(problem.seed)
+    generator = make_generator(problem.seed)
     vector = torch.randn(problem.n_params, generator=generator, dtype=torch.float64).to(problem.device)
     eigenvalue = 0.0
     for _ in range(iterations):
@@ -196,7 +197,7 @@ def lissa_influence(
     v = flat_objective_gradient(problem, problem.params).double()
     full_batch = batch >= problem.n_train
     rows = 1 if full_batch else repeats  # the recursions run side by side, one row each
-    generator = torch.Generator().manual_seed(problem.seed)
+    generator = make_generator(problem.seed)
     h = v.expand(rows, -1).clone()
     limit = DIVERGENCE_FACTOR * max(float(v.norm()), 1e-300)
     for step in tqdm(range(depth), desc="if-lissa steps", disable=None if problem.progress else True, leave=False):
