@@ -14,6 +14,8 @@ import torch
 import torch.nn.functional as F
 from hypothesis import settings
 
+from robust_infl.models import MLP
+
 # Property tests draw the same examples on every run (CI must not depend on luck); no example database.
 settings.register_profile("robust-infl", derandomize=True, database=None, deadline=None)
 settings.load_profile("robust-infl")
@@ -80,3 +82,70 @@ def run_quick():
         return json.loads(out.read_text())
 
     return run
+
+
+# ---------------------------------------------------------------- shared data, models and helpers
+# Plain factories (import them: ``from conftest import gaussian_blobs``) build small, seeded data sets;
+# each call returns new tensors, so no test can change another's data.
+
+def flat_params(model: torch.nn.Module) -> torch.Tensor:
+    """Every parameter of ``model`` as one detached flat vector (to compare weights)."""
+    return torch.cat([p.detach().flatten() for p in model.parameters()])
+
+
+def gaussian_blobs(n: int = 64, d: int = 5, seed: int = 0, classes: int = 2, shift: float = 1.5,
+                   flip: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Seeded labels ``y`` in ``range(classes)`` and ``X = N(0, I) + shift * (y - 0.5)`` in every feature.
+
+    With ``flip > 0`` that share of the labels (drawn after ``X``) is flipped ``y -> 1 - y`` (two classes).
+    """
+    g = torch.Generator().manual_seed(seed)
+    y = torch.randint(0, classes, (n,), generator=g)
+    X = torch.randn(n, d, generator=g) + shift * (y.float() - 0.5).unsqueeze(1)
+    if flip:
+        y = torch.where(torch.rand(n, generator=g) < flip, 1 - y, y)
+    return X, y
+
+
+def centred_blobs(n: int = 96, d: int = 5, seed: int = 0, classes: int = 3,
+                  centres_seed: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Seeded labels and ``X = centre[y] + N(0, I)`` around ``N(0, 4 I)`` class centres.
+
+    The centres come from the data's own generator, or from ``centres_seed`` so that several splits share them.
+    """
+    g = torch.Generator().manual_seed(seed)
+    y = torch.randint(0, classes, (n,), generator=g)
+    centres_generator = g if centres_seed is None else torch.Generator().manual_seed(centres_seed)
+    centres = torch.randn(classes, d, generator=centres_generator) * 2
+    return centres[y] + torch.randn(n, d, generator=g), y
+
+
+def square_blobs(n: int = 40, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Alternating labels 0, 1, 0, ... and 2-D points uniform in a 0.5-square, shifted by 0.4 for class 1."""
+    g = torch.Generator().manual_seed(seed)
+    y = torch.arange(n) % 2
+    return torch.rand(n, 2, generator=g) * 0.5 + 0.4 * y.float().unsqueeze(1), y
+
+
+def uniform_batch(n: int, d: int, seed: int = 0, classes: int = 2) -> tuple[torch.Tensor, torch.Tensor]:
+    """Seeded inputs uniform in ``[0, 1]^d`` with uniformly random labels in ``range(classes)``."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.rand(n, d, generator=g), torch.randint(0, classes, (n,), generator=g)
+
+
+@pytest.fixture
+def mlp_problem():
+    """Factory ``mlp_problem(seed, n_features, n_classes, hidden, n_train, n_target)`` of a float64 problem.
+
+    Returns ``(model, (x, y), (xt, yt))``: an untrained float64 MLP in eval mode (initialised after
+    ``torch.manual_seed(seed)``) and Gaussian train and target inputs with uniformly random labels.
+    """
+
+    def make(seed: int, n_features: int, n_classes: int, hidden: tuple, n_train: int, n_target: int):
+        torch.manual_seed(seed)
+        model = MLP(n_features, n_classes, hidden=hidden).double().eval()
+        x, y = torch.randn(n_train, n_features, dtype=torch.float64), torch.randint(0, n_classes, (n_train,))
+        xt, yt = torch.randn(n_target, n_features, dtype=torch.float64), torch.randint(0, n_classes, (n_target,))
+        return model, (x, y), (xt, yt)
+
+    return make

@@ -32,11 +32,8 @@ def flat_grad(value, model):
 
 
 @pytest.fixture
-def mlp_and_data():
-    torch.manual_seed(3)
-    model = MLP(5, 3, hidden=(7,)).double().eval()
-    x, y = torch.randn(21, 5, dtype=torch.float64), torch.randint(0, 3, (21,))
-    xt, yt = torch.randn(9, 5, dtype=torch.float64), torch.randint(0, 3, (9,))
+def mlp_and_data(mlp_problem):
+    model, (x, y), (xt, yt) = mlp_problem(seed=3, n_features=5, n_classes=3, hidden=(7,), n_train=21, n_target=9)
     return model, x, y, xt, yt
 
 
