@@ -23,6 +23,8 @@ import robust_infl
 from defenses.report import without_timing
 from robust_infl import cli
 
+from conftest import square_blobs as blobs
+
 TINY = ["--data", "moons", "--model", "logreg", "--epochs", "1", "--n-train", "40", "--n-val", "20",
         "--n-test", "20", "--no-progress"]
 NO_GPU = not torch.cuda.is_available()
@@ -173,12 +175,6 @@ def squeezed_binary_model() -> nn.Module:
             return self.linear(x).squeeze(-1)
 
     return Squeezed()
-
-
-def blobs(n: int = 40):
-    g = torch.Generator().manual_seed(0)
-    y = torch.arange(n) % 2
-    return torch.rand(n, 2, generator=g) * 0.5 + 0.4 * y.float().unsqueeze(1), y
 
 
 class OutOfBudget(attacks.Attack):
