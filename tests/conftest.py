@@ -149,3 +149,33 @@ def mlp_problem():
         return model, (x, y), (xt, yt)
 
     return make
+
+
+def flat_grad(value: torch.Tensor, parameters) -> torch.Tensor:
+    """The gradient of the scalar ``value`` with respect to ``parameters`` as one flat vector."""
+    return torch.cat([g.reshape(-1) for g in torch.autograd.grad(value, list(parameters))])
+
+
+def pearson(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Pearson correlation of two score vectors (in float64)."""
+    return float(torch.corrcoef(torch.stack([a.double(), b.double()]))[0, 1])
+
+
+def max_relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
+    """``max |a - b| / max |b|``."""
+    return float((a - b).abs().max() / b.abs().max())
+
+
+def in_unit_interval(value: float) -> bool:
+    """Whether ``value`` is a share in ``[0, 1]``."""
+    return 0.0 <= value <= 1.0
+
+
+class CreatesMarkerWhenUnpickled:
+    """An object whose unpickling calls ``open(marker, "w")``: code hidden in a checkpoint file."""
+
+    def __init__(self, marker: Path):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))

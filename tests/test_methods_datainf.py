@@ -8,16 +8,14 @@ import torch.nn.functional as F
 
 import robust_infl as ri
 
+from conftest import flat_grad
+
 N_TRAIN = 25
 
 
 @pytest.fixture
 def mlp_and_data(mlp_problem):
     return mlp_problem(seed=6, n_features=4, n_classes=3, hidden=(5,), n_train=N_TRAIN, n_target=9)
-
-
-def flat_grad(value, parameters):
-    return torch.cat([g.reshape(-1) for g in torch.autograd.grad(value, parameters)])
 
 
 def brute_force_datainf(model, train, target, layers, lambda_scale):
