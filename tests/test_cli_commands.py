@@ -15,6 +15,7 @@ from robust_infl import cli
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["--data", "moons", "--model", "logreg", "--epochs", "2", "--no-progress"]
+SMALL = ["--n-train", "100", "--n-val", "40", "--n-test", "40"]  # for runs whose checks do not need more data
 
 
 def _help(*argv) -> str:
@@ -66,7 +67,7 @@ def test_module_entry_point_runs():
 
 
 def test_defend_writes_the_report_and_prints_the_table(tmp_path, capsys):
-    code = cli.main(["defend", *TINY, "--seeds", "2", "--fraction", "0.05", "0.1", "--out", str(tmp_path)])
+    code = cli.main(["defend", *TINY, *SMALL, "--seeds", "2", "--fraction", "0.05", "0.1", "--out", str(tmp_path)])
     out = capsys.readouterr().out
     assert code == 0
     assert "| influence | 0.05 |" in out and "| random | 0.1 |" in out
@@ -77,7 +78,7 @@ def test_defend_writes_the_report_and_prints_the_table(tmp_path, capsys):
 
 
 def test_defend_picks_references_and_the_evaluation_suite(tmp_path, capsys):
-    args = ["defend", *TINY, "--seeds", "1", "--recipes", "none", "--out", str(tmp_path)]
+    args = ["defend", *TINY, *SMALL, "--seeds", "1", "--recipes", "none", "--out", str(tmp_path)]
     assert cli.main([*args, "--references", "fast-at", "--eval-attacks", "fgsm"]) == 0
     report = json.loads((tmp_path / "report.json").read_text())
     assert report["config"]["references"] == ["fast-at"] and report["config"]["eval_attacks"] == ["pgd", "fgsm"]
