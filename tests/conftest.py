@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from hypothesis import settings
 
+import robust_infl as ri
 from robust_infl.models import MLP
 
 # Property tests draw the same examples on every run (CI must not depend on luck); no example database.
@@ -269,3 +270,14 @@ class CreatesMarkerWhenUnpickled:
 
     def __reduce__(self):
         return (open, (self.marker, "w"))
+
+
+def influence_scorer(batch_size: int):
+    """``score(model, train, target, objective=None, **options)``: ``robust_infl.influence`` scoring in batches
+    of ``batch_size``, without a progress bar, on ``Utility()`` unless an objective is given."""
+
+    def score(model, train, target, objective=None, **options):
+        options = {"batch_size": batch_size, "progress": False, **options}
+        return ri.influence(model, train, target, objective=objective or ri.Utility(), **options)
+
+    return score

@@ -10,15 +10,15 @@ from torch.utils.data import TensorDataset
 
 import robust_infl as ri
 
+from conftest import influence_scorer
+
 
 @pytest.fixture
 def mlp_and_data(mlp_problem):
     return mlp_problem(seed=8, n_features=4, n_classes=3, hidden=(6,), n_train=17, n_target=5)
 
 
-def score(model, train, target, objective=None, **options):
-    options = {"batch_size": 6, "progress": False, **options}
-    return ri.influence(model, train, target, objective=objective or ri.Utility(), **options)
+score = influence_scorer(batch_size=6)
 
 
 def test_self_influence_is_the_squared_gradient_norm(mlp_and_data):

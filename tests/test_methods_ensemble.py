@@ -15,15 +15,15 @@ from robust_infl.models import LogisticRegression
 from robust_infl.objectives import cross_entropy_loss
 from robust_infl.validation import validate_target
 
+from conftest import influence_scorer
+
 
 @pytest.fixture
 def mlp_and_data(mlp_problem):
     return mlp_problem(seed=2, n_features=4, n_classes=3, hidden=(6, 5), n_train=23, n_target=11)
 
 
-def score(model, train, target, objective=None, **options):
-    options = {"batch_size": 8, "progress": False, **options}
-    return ri.influence(model, train, target, objective=objective or ri.Utility(), **options)
+score = influence_scorer(batch_size=8)
 
 
 @pytest.mark.parametrize("perturbation", ["dropout", "gaussian"])

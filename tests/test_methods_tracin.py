@@ -9,15 +9,15 @@ import torch
 
 import robust_infl as ri
 
+from conftest import influence_scorer
+
 
 @pytest.fixture
 def mlp_and_data(mlp_problem):
     return mlp_problem(seed=5, n_features=4, n_classes=3, hidden=(6,), n_train=19, n_target=7)
 
 
-def score(model, train, target, objective=None, **options):
-    options = {"batch_size": 8, "progress": False, **options}
-    return ri.influence(model, train, target, objective=objective or ri.Utility(), **options)
+score = influence_scorer(batch_size=8)
 
 
 def perturbed_states(model, count):
