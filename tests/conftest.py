@@ -175,6 +175,12 @@ def run_quick(request):
     return run
 
 
+# The command line on moons with a logistic regression, one epoch and 40 / 20 / 20 samples: for CLI checks
+# that need a run but not its numbers.
+CLI_TINY = ["--data", "moons", "--model", "logreg", "--epochs", "1", "--n-train", "40", "--n-val", "20",
+            "--n-test", "20", "--no-progress"]
+
+
 # ---------------------------------------------------------------- shared data, models and helpers
 # Plain factories (import them: ``from conftest import gaussian_blobs``) build small, seeded data sets;
 # each call returns new tensors, so no test can change another's data.

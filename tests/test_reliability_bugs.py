@@ -20,8 +20,9 @@ import defenses
 from defenses.seed_results import SEEDS_DIR
 from robust_infl import cli
 
-CLI_TINY = ["--data", "moons", "--model", "logreg", "--epochs", "1", "--n-train", "40", "--n-val", "20",
-            "--n-test", "20", "--no-progress", "--recipes", "none", "random"]
+import conftest
+
+CLI_TINY = [*conftest.CLI_TINY, "--recipes", "none", "random"]
 
 
 def user_data(n: int = 150, seed: int = 0):

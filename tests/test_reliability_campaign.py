@@ -23,10 +23,10 @@ import robust_infl
 from defenses.report import without_timing
 from robust_infl import cli
 
+from conftest import CLI_TINY
 from conftest import square_blobs as blobs
 
-TINY = ["--data", "moons", "--model", "logreg", "--epochs", "1", "--n-train", "40", "--n-val", "20",
-        "--n-test", "20", "--no-progress"]
+TINY = CLI_TINY
 NO_GPU = not torch.cuda.is_available()
 
 
