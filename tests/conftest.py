@@ -4,8 +4,13 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import shutil
 import subprocess
 import sys
+import tempfile
+import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -13,6 +18,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 from hypothesis import settings
+
+import robust_infl as ri
+from robust_infl.models import MLP
 
 # Property tests draw the same examples on every run (CI must not depend on luck); no example database.
 settings.register_profile("robust-infl", derandomize=True, database=None, deadline=None)
@@ -54,29 +62,228 @@ def fgsm_attack():
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS_MD = ROOT / "experiments" / "RESULTS.md"
+QUICK_TEST = re.compile(r"^test_(\w+)_quick$")
+QUICK_LIMIT = 600  # seconds, pytest's per-test timeout: a queued run is killed after it
+
+
+class QuickRuns:
+    """The ``--quick`` experiment runs of this session, started one at a time in a background thread.
+
+    An experiment script runs in its own single-threaded process, so it can use a second core while the
+    other tests run: at the end of collection, every selected ``test_<module>_quick`` that asks for
+    ``run_quick`` queues its script here (in test order), and ``run_quick`` then only waits for the result.
+    """
+
+    def __init__(self, modules: list, directory: Path):
+        self.directory = directory
+        self.done = {module: threading.Event() for module in modules}
+        self.results: dict = {}
+        self.process: subprocess.Popen | None = None
+        self.stopped = False
+        self.thread = threading.Thread(target=self._run_all, args=(modules,), daemon=True)
+        self.thread.start()
+
+    def _run_all(self, modules: list) -> None:
+        for module in modules:
+            try:
+                if not self.stopped:
+                    out_dir = self.directory / module
+                    out_dir.mkdir()
+                    self.results[module] = (out_dir, *run_experiment(module, out_dir, QUICK_LIMIT, self))
+            finally:
+                self.done[module].set()  # run_quick runs the script itself if no result is here
+
+    def stop(self) -> None:
+        """Stop the queue and the script running now (at the end of the session)."""
+        self.stopped = True
+        if self.process is not None and self.process.poll() is None:
+            self.process.kill()
+
+
+def run_experiment(module: str, out_dir: Path, limit: float, runs: QuickRuns | None = None) -> tuple:
+    """Run ``python -m experiments.<module> --quick`` into ``out_dir``, killed after ``limit`` seconds.
+
+    Returns ``(returncode, stdout, stderr, seconds, RESULTS.md before, RESULTS.md after)``.
+    """
+    before = RESULTS_MD.read_text() if RESULTS_MD.exists() else None
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    start = time.monotonic()
+    process = subprocess.Popen(
+        [sys.executable, "-m", f"experiments.{module}", "--quick", "--no-progress", "--out",
+         str(out_dir / f"{module}.json"), "--plots", str(out_dir)],
+        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    if runs is not None:
+        runs.process = process
+    try:
+        stdout, stderr = process.communicate(timeout=limit)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        stdout, stderr = process.communicate()
+    seconds = time.monotonic() - start
+    after = RESULTS_MD.read_text() if RESULTS_MD.exists() else None
+    return process.returncode, stdout, stderr, seconds, before, after
+
+
+QUICK_RUNS = pytest.StashKey[QuickRuns]()
+
+
+def _skipped_at_collection(item) -> bool:
+    return any(mark.name == "skip" or (mark.name == "skipif" and mark.args and mark.args[0] is True)
+               for mark in item.iter_markers())
+
+
+def pytest_collection_finish(session):
+    """Queue the ``--quick`` experiment runs of the selected tests (see ``QuickRuns``)."""
+    modules = [match[1] for item in session.items
+               if "run_quick" in getattr(item, "fixturenames", ()) and not _skipped_at_collection(item)
+               and (match := QUICK_TEST.match(item.originalname))]
+    if modules and not session.config.option.collectonly:
+        directory = Path(tempfile.mkdtemp(prefix="robust-infl-quick-"))
+        session.config.stash[QUICK_RUNS] = QuickRuns(modules, directory)
+
+
+def pytest_sessionfinish(session):
+    runs = session.config.stash.get(QUICK_RUNS, None)
+    if runs is not None:
+        runs.stop()
+        shutil.rmtree(runs.directory, ignore_errors=True)
 
 
 @pytest.fixture
-def run_quick():
+def run_quick(request):
     """Runner ``run_quick(module, tmp_path, timeout)`` of ``python -m experiments.<module> --quick``.
 
-    It writes the JSON and the plots into ``tmp_path``, checks that the script exits cleanly, writes its
-    ``<module>_quick.png``, prints a table and leaves experiments/RESULTS.md untouched, and returns the JSON.
+    It writes the JSON and the plots into ``tmp_path``, checks that the script exits cleanly within
+    ``timeout`` seconds, writes its ``<module>_quick.png``, prints a table and leaves experiments/RESULTS.md
+    untouched, and returns the JSON. A run queued at collection (``QuickRuns``) is waited for, not repeated.
     """
 
     def run(module: str, tmp_path: Path, timeout: int) -> dict:
-        out = tmp_path / f"{module}.json"
-        before = RESULTS_MD.read_text() if RESULTS_MD.exists() else None
-        env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-        completed = subprocess.run(
-            [sys.executable, "-m", f"experiments.{module}", "--quick", "--no-progress", "--out", str(out),
-             "--plots", str(tmp_path)],
-            cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
-        assert completed.returncode == 0, completed.stderr[-3000:]
+        runs = request.config.stash.get(QUICK_RUNS, None)
+        if runs is not None and module in runs.done and runs.done[module].wait() and module in runs.results:
+            out_dir, returncode, stdout, stderr, seconds, before, after = runs.results[module]
+            shutil.copytree(out_dir, tmp_path, dirs_exist_ok=True)
+        else:
+            returncode, stdout, stderr, seconds, before, after = run_experiment(module, tmp_path, timeout)
+        assert seconds <= timeout, f"experiments.{module} --quick took {seconds:.0f} s (limit {timeout} s)"
+        assert returncode == 0, stderr[-3000:]
         assert (tmp_path / f"{module}_quick.png").stat().st_size > 10_000
-        after = RESULTS_MD.read_text() if RESULTS_MD.exists() else None
         assert after == before, "a quick run must not write RESULTS.md"
-        assert "| " in completed.stdout  # the tables are printed
-        return json.loads(out.read_text())
+        assert "| " in stdout  # the tables are printed
+        return json.loads((tmp_path / f"{module}.json").read_text())
 
     return run
+
+
+# The command line on moons with a logistic regression, one epoch and 40 / 20 / 20 samples: for CLI checks
+# that need a run but not its numbers.
+CLI_TINY = ["--data", "moons", "--model", "logreg", "--epochs", "1", "--n-train", "40", "--n-val", "20",
+            "--n-test", "20", "--no-progress"]
+
+
+# ---------------------------------------------------------------- shared data, models and helpers
+# Plain factories (import them: ``from conftest import gaussian_blobs``) build small, seeded data sets;
+# each call returns new tensors, so no test can change another's data.
+
+def flat_params(model: torch.nn.Module) -> torch.Tensor:
+    """Every parameter of ``model`` as one detached flat vector (to compare weights)."""
+    return torch.cat([p.detach().flatten() for p in model.parameters()])
+
+
+def gaussian_blobs(n: int = 64, d: int = 5, seed: int = 0, classes: int = 2, shift: float = 1.5,
+                   flip: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Seeded labels ``y`` in ``range(classes)`` and ``X = N(0, I) + shift * (y - 0.5)`` in every feature.
+
+    With ``flip > 0`` that share of the labels (drawn after ``X``) is flipped ``y -> 1 - y`` (two classes).
+    """
+    g = torch.Generator().manual_seed(seed)
+    y = torch.randint(0, classes, (n,), generator=g)
+    X = torch.randn(n, d, generator=g) + shift * (y.float() - 0.5).unsqueeze(1)
+    if flip:
+        y = torch.where(torch.rand(n, generator=g) < flip, 1 - y, y)
+    return X, y
+
+
+def centred_blobs(n: int = 96, d: int = 5, seed: int = 0, classes: int = 3,
+                  centres_seed: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Seeded labels and ``X = centre[y] + N(0, I)`` around ``N(0, 4 I)`` class centres.
+
+    The centres come from the data's own generator, or from ``centres_seed`` so that several splits share them.
+    """
+    g = torch.Generator().manual_seed(seed)
+    y = torch.randint(0, classes, (n,), generator=g)
+    centres_generator = g if centres_seed is None else torch.Generator().manual_seed(centres_seed)
+    centres = torch.randn(classes, d, generator=centres_generator) * 2
+    return centres[y] + torch.randn(n, d, generator=g), y
+
+
+def square_blobs(n: int = 40, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Alternating labels 0, 1, 0, ... and 2-D points uniform in a 0.5-square, shifted by 0.4 for class 1."""
+    g = torch.Generator().manual_seed(seed)
+    y = torch.arange(n) % 2
+    return torch.rand(n, 2, generator=g) * 0.5 + 0.4 * y.float().unsqueeze(1), y
+
+
+def uniform_batch(n: int, d: int, seed: int = 0, classes: int = 2) -> tuple[torch.Tensor, torch.Tensor]:
+    """Seeded inputs uniform in ``[0, 1]^d`` with uniformly random labels in ``range(classes)``."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.rand(n, d, generator=g), torch.randint(0, classes, (n,), generator=g)
+
+
+@pytest.fixture
+def mlp_problem():
+    """Factory ``mlp_problem(seed, n_features, n_classes, hidden, n_train, n_target)`` of a float64 problem.
+
+    Returns ``(model, (x, y), (xt, yt))``: an untrained float64 MLP in eval mode (initialised after
+    ``torch.manual_seed(seed)``) and Gaussian train and target inputs with uniformly random labels.
+    """
+
+    def make(seed: int, n_features: int, n_classes: int, hidden: tuple, n_train: int, n_target: int):
+        torch.manual_seed(seed)
+        model = MLP(n_features, n_classes, hidden=hidden).double().eval()
+        x, y = torch.randn(n_train, n_features, dtype=torch.float64), torch.randint(0, n_classes, (n_train,))
+        xt, yt = torch.randn(n_target, n_features, dtype=torch.float64), torch.randint(0, n_classes, (n_target,))
+        return model, (x, y), (xt, yt)
+
+    return make
+
+
+def flat_grad(value: torch.Tensor, parameters) -> torch.Tensor:
+    """The gradient of the scalar ``value`` with respect to ``parameters`` as one flat vector."""
+    return torch.cat([g.reshape(-1) for g in torch.autograd.grad(value, list(parameters))])
+
+
+def pearson(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Pearson correlation of two score vectors (in float64)."""
+    return float(torch.corrcoef(torch.stack([a.double(), b.double()]))[0, 1])
+
+
+def max_relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
+    """``max |a - b| / max |b|``."""
+    return float((a - b).abs().max() / b.abs().max())
+
+
+def in_unit_interval(value: float) -> bool:
+    """Whether ``value`` is a share in ``[0, 1]``."""
+    return 0.0 <= value <= 1.0
+
+
+class CreatesMarkerWhenUnpickled:
+    """An object whose unpickling calls ``open(marker, "w")``: code hidden in a checkpoint file."""
+
+    def __init__(self, marker: Path):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def influence_scorer(batch_size: int):
+    """``score(model, train, target, objective=None, **options)``: ``robust_infl.influence`` scoring in batches
+    of ``batch_size``, without a progress bar, on ``Utility()`` unless an objective is given."""
+
+    def score(model, train, target, objective=None, **options):
+        options = {"batch_size": batch_size, "progress": False, **options}
+        return ri.influence(model, train, target, objective=objective or ri.Utility(), **options)
+
+    return score

@@ -12,6 +12,8 @@ from torch import nn
 from attacks import FGSM, PGD, LinearClosedForm, per_sample_loss, predict
 from robust_infl.models import MLP, LogisticRegression, SmallCNN
 
+from conftest import uniform_batch
+
 N_FEATURES = 6
 
 
@@ -21,8 +23,7 @@ def tabular_mlp(num_classes=3, seed=0):
 
 
 def tabular_batch(n=40, seed=0, num_classes=3):
-    g = torch.Generator().manual_seed(seed)
-    return torch.rand(n, N_FEATURES, generator=g), torch.randint(0, num_classes, (n,), generator=g)
+    return uniform_batch(n, N_FEATURES, seed, num_classes)
 
 
 # ---------------------------------------------------------------- budgets and bounds

@@ -1,7 +1,9 @@
 """The robust-infl command line: help for every flag, the four commands on tiny settings, one-line errors."""
 
-import argparse
+import contextlib
+import io
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -13,28 +15,48 @@ from robust_infl import cli
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["--data", "moons", "--model", "logreg", "--epochs", "2", "--no-progress"]
+SMALL = ["--n-train", "100", "--n-val", "40", "--n-test", "40"]  # for runs whose checks do not need more data
 
 
-def _subparsers(parser):
-    action = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
-    return action.choices
+def _help(*argv) -> str:
+    """What ``robust-infl *argv --help`` prints."""
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out), pytest.raises(SystemExit) as exit_info:
+        cli.build_parser().parse_args([*argv, "--help"])
+    assert exit_info.value.code == 0
+    return out.getvalue()
+
+
+def _documented_options(text: str) -> dict:
+    """Each flag of a --help text mapped to its help (``""`` when it has none), from argparse's entries.
+
+    An entry starts two spaces in with its flags; its help follows on the same line after two or more
+    spaces, or on the next line, indented further.
+    """
+    lines = text.splitlines() + [""]
+    options = {}
+    for line, following in zip(lines, lines[1:]):
+        entry = re.match(r"^  (-\S.*?)(?:\s{2,}(\S.*))?$", line)
+        if entry:
+            text_of_help = entry[2] or (following.strip() if re.match(r"^ {3,}\S", following) else "")
+            options.update({part.split()[0]: text_of_help for part in entry[1].split(", ")})
+    return options
 
 
 def test_help_documents_every_flag_of_every_command():
-    parser = cli.build_parser()
-    commands = _subparsers(parser)
+    commands = re.findall(r"^    (\w+)  ", _help(), flags=re.M)
     assert set(commands) == {"defend", "score", "attack", "demo"}
-    for name, sub in commands.items():
-        text = sub.format_help()
-        for action in sub._actions:
-            if action.option_strings:
-                assert action.help, f"{name} {action.option_strings} has no help"
-                assert all(opt in text for opt in action.option_strings)
-    defend_flags = {opt for a in commands["defend"]._actions for opt in a.option_strings}
+    flags = {}
+    for name in commands:
+        text = _help(name)
+        flags[name] = _documented_options(text)
+        for flag, text_of_help in flags[name].items():
+            assert text_of_help, f"{name} {flag} has no help"
+        usage = text.split("\n\n")[0]  # every flag of the usage has its documented entry
+        assert set(re.findall(r"(?<=[\[\s|])(--?[a-zA-Z][\w-]*)", usage)) <= set(flags[name])
     assert {"--data", "--model", "--attack", "--eps", "--method", "--fraction", "--mode", "--retrain", "--trainer",
-            "--seeds", "--out"} <= defend_flags
-    score_flags = {opt for a in commands["score"]._actions for opt in a.option_strings}
-    assert {"--objective", "--attack", "--eps", "--method", "--out"} <= score_flags
+            "--seeds", "--out"} <= set(flags["defend"])
+    assert {"--objective", "--attack", "--eps", "--method", "--out"} <= set(flags["score"])
 
 
 def test_module_entry_point_runs():
@@ -45,7 +67,7 @@ def test_module_entry_point_runs():
 
 
 def test_defend_writes_the_report_and_prints_the_table(tmp_path, capsys):
-    code = cli.main(["defend", *TINY, "--seeds", "2", "--fraction", "0.05", "0.1", "--out", str(tmp_path)])
+    code = cli.main(["defend", *TINY, *SMALL, "--seeds", "2", "--fraction", "0.05", "0.1", "--out", str(tmp_path)])
     out = capsys.readouterr().out
     assert code == 0
     assert "| influence | 0.05 |" in out and "| random | 0.1 |" in out
@@ -56,7 +78,7 @@ def test_defend_writes_the_report_and_prints_the_table(tmp_path, capsys):
 
 
 def test_defend_picks_references_and_the_evaluation_suite(tmp_path, capsys):
-    args = ["defend", *TINY, "--seeds", "1", "--recipes", "none", "--out", str(tmp_path)]
+    args = ["defend", *TINY, *SMALL, "--seeds", "1", "--recipes", "none", "--out", str(tmp_path)]
     assert cli.main([*args, "--references", "fast-at", "--eval-attacks", "fgsm"]) == 0
     report = json.loads((tmp_path / "report.json").read_text())
     assert report["config"]["references"] == ["fast-at"] and report["config"]["eval_attacks"] == ["pgd", "fgsm"]

@@ -6,6 +6,8 @@ import torch
 from defenses import ARTTrainer
 from robust_infl.models import MLP, LogisticRegression
 
+from conftest import flat_params
+
 
 def _data(n=60, d=4):
     g = torch.Generator().manual_seed(0)
@@ -14,20 +16,16 @@ def _data(n=60, d=4):
     return X.clamp(0, 1), y
 
 
-def _params(model):
-    return torch.cat([p.detach().flatten() for p in model.parameters()])
-
-
 @pytest.mark.parametrize("name", ["madry-pgd", "AdversarialTrainerTRADESPyTorch"])
 def test_one_epoch_trains_a_copy_deterministically(name):
     model = MLP(4, 2, hidden=(8,))
-    before = _params(model).clone()
+    before = flat_params(model).clone()
     trainer = ARTTrainer(name, epochs=1, lr=0.05, batch_size=20, eps=0.1, max_iter=2, progress=False)
     a = trainer.fit(model, _data(), seed=1)
     b = trainer.fit(model, _data(), seed=1)
-    assert torch.equal(_params(model), before)
-    assert not torch.equal(_params(a), before)
-    assert torch.equal(_params(a), _params(b))
+    assert torch.equal(flat_params(model), before)
+    assert not torch.equal(flat_params(a), before)
+    assert torch.equal(flat_params(a), flat_params(b))
     assert not a.training
 
 
@@ -37,7 +35,7 @@ def test_one_logit_model_and_l2_madry_and_finetune():
                          bounds=None, retrain="finetune", progress=False)
     tuned = trainer.fit(model, _data(), seed=0)
     assert tuned(torch.zeros(1, 4)).shape == (1, 1)
-    assert torch.allclose(_params(tuned), _params(model), atol=1e-4)
+    assert torch.allclose(flat_params(tuned), flat_params(model), atol=1e-4)
 
 
 def test_zero_one_weights_train_on_the_kept_subset_and_other_weights_are_refused():
@@ -46,7 +44,7 @@ def test_zero_one_weights_train_on_the_kept_subset_and_other_weights_are_refused
     trainer = ARTTrainer("trades", epochs=1, lr=0.05, batch_size=15, eps=0.1, max_iter=2, progress=False)
     weighted = trainer.fit(MLP(4, 2, hidden=(8,)), (X, y), weights=keep.float(), seed=3)
     subset = trainer.fit(MLP(4, 2, hidden=(8,)), (X[keep], y[keep]), seed=3)
-    assert torch.equal(_params(weighted), _params(subset))
+    assert torch.equal(flat_params(weighted), flat_params(subset))
     with pytest.raises(ValueError, match="^weights: ART's trainers take no per-sample weights"):
         trainer.fit(MLP(4, 2), (X, y), weights=torch.full((60,), 0.5))
 

@@ -13,16 +13,7 @@ from defenses.lookahead import lookahead_weights, validation_attack
 from defenses.recipes import get_recipe
 from robust_infl.models import MLP
 
-
-def _blobs(n=96, d=5, seed=0, classes=3):
-    g = torch.Generator().manual_seed(seed)
-    y = torch.randint(0, classes, (n,), generator=g)
-    centres = torch.randn(classes, d, generator=g) * 2
-    return centres[y] + torch.randn(n, d, generator=g), y
-
-
-def _params(model):
-    return torch.cat([p.detach().flatten() for p in model.parameters()])
+from conftest import centred_blobs, flat_params
 
 
 def _erm(**kw):
@@ -39,7 +30,7 @@ def _pgdat(**kw):
 
 @pytest.fixture
 def setup(fgsm_attack):
-    train, val = _blobs(96, seed=0), _blobs(40, seed=1)
+    train, val = centred_blobs(96, seed=0), centred_blobs(40, seed=1)
     return train, val, fgsm_attack(0.2)
 
 
@@ -95,10 +86,10 @@ def test_validation_gradient_is_the_gradient_of_the_loss_at_the_attacked_validat
 
 def test_alignments_downweight_flipped_labels():
     """Ren et al.'s motivating case: samples with wrong labels conflict with a clean validation loss."""
-    X, y = _blobs(200, seed=2)
+    X, y = centred_blobs(200, seed=2)
     flipped = torch.arange(200) < 40
     noisy = torch.where(flipped, (y + 1) % 3, y)
-    val = _blobs(100, seed=3)
+    val = centred_blobs(100, seed=3)
     model = _erm(epochs=2).fit(MLP(5, 3, hidden=(16,)), (X, noisy), seed=0)
     hook = LookaheadWeights(model, val, lambda m, x, t: x, n_val_batch=100)
     alignment = hook.alignments(X, noisy, hook.validation_gradient())
@@ -113,8 +104,8 @@ def test_same_seed_same_model_other_seed_differs(setup):
     a = trainer.fit(MLP(5, 3, hidden=(8,)), train, seed=3)
     b = trainer.fit(MLP(5, 3, hidden=(8,)), train, seed=3)
     c = trainer.fit(MLP(5, 3, hidden=(8,)), train, seed=4)
-    assert torch.equal(_params(a), _params(b))
-    assert not torch.equal(_params(a), _params(c))
+    assert torch.equal(flat_params(a), flat_params(b))
+    assert not torch.equal(flat_params(a), flat_params(c))
 
 
 @pytest.mark.parametrize("make_base", [_erm, _pgdat])
@@ -125,8 +116,8 @@ def test_mix_zero_is_exactly_the_base_trainer_and_mix_changes_it(setup, make_bas
     reference = base.fit(model, train, seed=1)
     same = LookaheadReweighting(base, attack=attack, val=val, mix=0.0, warmup_epochs=0).fit(model, train, seed=1)
     other = LookaheadReweighting(base, attack=attack, val=val, mix=0.5, warmup_epochs=0).fit(model, train, seed=1)
-    assert torch.equal(_params(reference), _params(same))
-    assert not torch.equal(_params(reference), _params(other))
+    assert torch.equal(flat_params(reference), flat_params(same))
+    assert not torch.equal(flat_params(reference), flat_params(other))
 
 
 def _users_own_loop(model, train, hook_for, *, epochs, lr, batch_size, seed, attack=None):
@@ -167,11 +158,11 @@ def test_the_hook_in_a_users_own_loop_gives_the_model_of_the_built_in_trainer(se
                           lambda model: LookaheadWeights(model, val, attack, seed=7, **hook_options),
                           epochs=base.epochs, lr=base.lr, batch_size=base.batch_size, seed=7,
                           attack=base.adversarial_points if adversarial else None)
-    torch.testing.assert_close(_params(own), _params(built_in), atol=1e-6, rtol=0)
+    torch.testing.assert_close(flat_params(own), flat_params(built_in), atol=1e-6, rtol=0)
     plain = _users_own_loop(copy.deepcopy(init), train, lambda model: (lambda xb, yb: torch.ones(len(xb))),
                             epochs=base.epochs, lr=base.lr, batch_size=base.batch_size, seed=7,
                             attack=None)
-    assert not torch.allclose(_params(own), _params(plain), atol=1e-4)
+    assert not torch.allclose(flat_params(own), flat_params(plain), atol=1e-4)
 
 
 def test_hook_validation(setup):
@@ -192,16 +183,16 @@ def test_respects_the_trainer_interface(setup):
     assert isinstance(trainer, Trainer)
     assert (trainer.epochs, trainer.lr, trainer.batch_size, trainer.retrain) == (3, 0.02, 16, "finetune")
     model = MLP(5, 3, hidden=(8,))
-    before = _params(model).clone()
+    before = flat_params(model).clone()
     trained = trainer.fit(model, train, seed=0, val=val)  # validation data from fit
     assert trained is not model and not trained.training
-    assert torch.equal(_params(model), before)
+    assert torch.equal(flat_params(model), before)
     scratch = trainer.with_retrain("scratch")
     assert scratch.retrain == "scratch" and trainer.retrain == "finetune"
     weights = torch.ones(96)
     weights[:48] = 0  # static weights still apply
-    assert not torch.equal(_params(trainer.fit(model, train, seed=0, val=val)),
-                           _params(trainer.fit(model, train, seed=0, val=val, weights=weights)))
+    assert not torch.equal(flat_params(trainer.fit(model, train, seed=0, val=val)),
+                           flat_params(trainer.fit(model, train, seed=0, val=val, weights=weights)))
     with pytest.raises(ValueError, match="^val:"):
         trainer.fit(model, train, seed=0)
 
@@ -248,7 +239,7 @@ def test_lookahead_recipe_is_registered_and_retrains_from_scratch(setup):
                          attack=attacks.PGD(0.2, steps=4, norm="l2", bounds=None), progress=False)
     defended = get_recipe("lookahead").fn(ctx)
     assert isinstance(defended, nn.Module) and defended is not base
-    assert not torch.equal(_params(defended), _params(base))
+    assert not torch.equal(flat_params(defended), flat_params(base))
     ctx.trainer = _pgdat()
     assert isinstance(get_recipe("lookahead").fn(ctx), nn.Module)
     ctx.trainer = TRADES(eps=0.1, norm="l2", bounds=None, epochs=1, lr=0.1, batch_size=16, progress=False)

@@ -9,26 +9,17 @@ from defenses import ERM, PGDAT, DefenceContext
 from defenses.recipes import get_recipe, misclassified_training_samples
 from robust_infl.models import MLP
 
-
-def _noisy_blobs(n=160, d=4, seed=0, flip=0.15):
-    """Two Gaussian blobs with a share of flipped labels, so the model misclassifies some samples."""
-    g = torch.Generator().manual_seed(seed)
-    y = torch.randint(0, 2, (n,), generator=g)
-    x = torch.randn(n, d, generator=g) + 1.5 * (2 * y[:, None] - 1).float()
-    flipped = torch.rand(n, generator=g) < flip
-    return x, torch.where(flipped, 1 - y, y)
+from conftest import flat_params, gaussian_blobs
 
 
 def _context(trainer, fraction, train_attack=None):
-    train, val = _noisy_blobs(seed=0), _noisy_blobs(60, seed=1)
+    # two Gaussian blobs with a share of flipped labels, so that the model misclassifies some samples
+    train = gaussian_blobs(160, 4, seed=0, shift=3.0, flip=0.15)
+    val = gaussian_blobs(60, 4, seed=1, shift=3.0, flip=0.15)
     base = trainer.fit(MLP(4, 2, hidden=(16,)), train, seed=0)
     attack = attacks.PGD(0.3, steps=5, norm="l2", bounds=None, seed=0)
     return DefenceContext(model=base, train=train, val=val, trainer=trainer, attack=attack, seed=0,
                           fraction=fraction, train_attack=train_attack, progress=False, cache={})
-
-
-def _params(model):
-    return torch.cat([p.detach().flatten() for p in model.parameters()])
 
 
 @pytest.mark.parametrize("fraction", [0.05, 0.5])
@@ -48,7 +39,7 @@ def test_removes_the_top_harm_among_misclassified_samples_up_to_the_budget(fract
     assert torch.equal(misclassified_training_samples(ctx), wrong)
     defended = get_recipe("influence-misclassified").fn(ctx)
     expected = trainer.fit(ctx.model, ctx.train, weights=keep.float(), seed=0)  # removal is weight 0
-    torch.testing.assert_close(_params(defended), _params(expected), rtol=0, atol=0)
+    torch.testing.assert_close(flat_params(defended), flat_params(expected), rtol=0, atol=0)
     if fraction == 0.5:
         assert k == int(wrong.sum())  # fewer misclassified samples than the budget: only they are removed
 

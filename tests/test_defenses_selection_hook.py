@@ -10,21 +10,12 @@ from defenses import ERM, DefenceContext, SelectionWeights, per_sample_loss
 from defenses.recipes import get_recipe
 from robust_infl.models import MLP
 
-
-def _blobs(n, seed):
-    g = torch.Generator().manual_seed(seed)
-    y = torch.randint(0, 3, (n,), generator=g)
-    centres = torch.randn(3, 5, generator=torch.Generator().manual_seed(99)) * 2
-    return centres[y] + torch.randn(n, 5, generator=g), y
-
-
-def _params(model):
-    return torch.cat([p.detach().flatten() for p in model.parameters()])
+from conftest import centred_blobs, flat_params
 
 
 @pytest.mark.parametrize("recipe, mode", [("influence", "prune"), ("loss", "reweight"), ("random", "prune")])
 def test_the_hook_in_a_users_own_loop_gives_the_recipes_model(recipe, mode):
-    train, val = _blobs(120, 0), _blobs(40, 1)
+    train, val = centred_blobs(120, seed=0, centres_seed=99), centred_blobs(40, seed=1, centres_seed=99)
     attack = attacks.PGD(0.3, steps=3, norm="l2", bounds=None, seed=0)
     trainer = ERM(epochs=2, lr=0.02, batch_size=16, retrain="finetune", progress=False)
     base = trainer.fit(MLP(5, 3, hidden=(8,)), train, seed=0)
@@ -49,11 +40,11 @@ def test_the_hook_in_a_users_own_loop_gives_the_recipes_model(recipe, mode):
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
-    torch.testing.assert_close(_params(model), _params(built_in), atol=1e-6, rtol=0)
+    torch.testing.assert_close(flat_params(model), flat_params(built_in), atol=1e-6, rtol=0)
 
 
 def test_selection_hook_validation():
-    train, val = _blobs(30, 0), _blobs(10, 1)
+    train, val = centred_blobs(30, seed=0, centres_seed=99), centred_blobs(10, seed=1, centres_seed=99)
     model = MLP(5, 3, hidden=(4,))
     with pytest.raises(ValueError, match="^recipe:"):
         SelectionWeights(model, train, val, attacks.FGSM(0.1, bounds=None), recipe="lookahead")

@@ -10,16 +10,7 @@ from defenses import ERM, PGDAT, TRADES, FastAT, Trainer, per_sample_loss
 from defenses.trainers import copy_for_training
 from robust_infl.models import MLP, LogisticRegression
 
-
-def _blobs(n=64, d=5, seed=0, classes=2):
-    g = torch.Generator().manual_seed(seed)
-    y = torch.randint(0, classes, (n,), generator=g)
-    X = torch.randn(n, d, generator=g) + 1.5 * (y.float() - 0.5).unsqueeze(1)
-    return X, y
-
-
-def _params(model):
-    return torch.cat([p.detach().flatten() for p in model.parameters()])
+from conftest import flat_params, gaussian_blobs
 
 
 def _erm(**kw):
@@ -30,25 +21,25 @@ def _erm(**kw):
 
 def test_fit_returns_new_model_and_leaves_input_untouched():
     model = MLP(5, 2, hidden=(8,))
-    before = _params(model).clone()
-    trained = _erm().fit(model, _blobs())
+    before = flat_params(model).clone()
+    trained = _erm().fit(model, gaussian_blobs())
     assert trained is not model
-    assert torch.equal(_params(model), before)
-    assert not torch.equal(_params(trained), before)
+    assert torch.equal(flat_params(model), before)
+    assert not torch.equal(flat_params(trained), before)
     assert not trained.training
 
 
 def test_same_seed_same_model_and_other_seed_differs():
-    data = _blobs()
+    data = gaussian_blobs()
     a = _erm().fit(MLP(5, 2, hidden=(8,)), data, seed=3)
     b = _erm().fit(MLP(5, 2, hidden=(8,)), data, seed=3)
     c = _erm().fit(MLP(5, 2, hidden=(8,)), data, seed=4)
-    assert torch.equal(_params(a), _params(b))
-    assert not torch.equal(_params(a), _params(c))
+    assert torch.equal(flat_params(a), flat_params(b))
+    assert not torch.equal(flat_params(a), flat_params(c))
 
 
 def test_fit_does_not_disturb_global_rng():
-    model, data = MLP(5, 2, hidden=(8,)), _blobs()
+    model, data = MLP(5, 2, hidden=(8,)), gaussian_blobs()
     torch.manual_seed(123)
     expected = torch.rand(3)
     torch.manual_seed(123)
@@ -57,39 +48,39 @@ def test_fit_does_not_disturb_global_rng():
 
 
 def test_scratch_reinitialises_and_finetune_continues():
-    data = _blobs()
+    data = gaussian_blobs()
     torch.manual_seed(0)
     m1 = MLP(5, 2, hidden=(8,))
     torch.manual_seed(1)
     m2 = MLP(5, 2, hidden=(8,))
     # scratch ignores the starting weights: two different inits give the same result under one seed
-    assert torch.equal(_params(_erm().fit(m1, data, seed=7)), _params(_erm().fit(m2, data, seed=7)))
+    assert torch.equal(flat_params(_erm().fit(m1, data, seed=7)), flat_params(_erm().fit(m2, data, seed=7)))
     # finetune starts from the given weights: a tiny learning rate stays next to them
     tuned = _erm(retrain="finetune", lr=1e-6, epochs=1).fit(m1, data, seed=7)
-    assert torch.allclose(_params(tuned), _params(m1), atol=1e-4)
-    assert not torch.allclose(_params(_erm(lr=1e-6, epochs=1).fit(m1, data, seed=7)), _params(m1), atol=1e-4)
+    assert torch.allclose(flat_params(tuned), flat_params(m1), atol=1e-4)
+    assert not torch.allclose(flat_params(_erm(lr=1e-6, epochs=1).fit(m1, data, seed=7)), flat_params(m1), atol=1e-4)
 
 
 def test_zero_one_weights_equal_training_on_the_subset():
     """Full-batch SGD: mean-1 normalised 0/1 weights give exactly the gradient of the subset's mean loss."""
-    X, y = _blobs(n=40)
+    X, y = gaussian_blobs(n=40)
     keep = torch.arange(40) % 3 != 0
     model = LogisticRegression(5, 1)
     sgd = dict(optimizer="sgd", lr=0.1, epochs=20, retrain="finetune")
     weighted = _erm(batch_size=40, **sgd).fit(model, (X, y), weights=keep.float())
     subset = _erm(batch_size=int(keep.sum()), **sgd).fit(model, (X[keep], y[keep]))
-    assert torch.allclose(_params(weighted), _params(subset), atol=1e-5)
+    assert torch.allclose(flat_params(weighted), flat_params(subset), atol=1e-5)
 
 
 def test_integer_weights_equal_duplicated_samples():
-    X, y = _blobs(n=30)
+    X, y = gaussian_blobs(n=30)
     counts = (torch.arange(30) % 3).long()  # 0, 1 or 2 copies
     model = MLP(5, 2, hidden=(6,))
     sgd = dict(optimizer="sgd", lr=0.05, epochs=15, retrain="finetune")
     weighted = _erm(batch_size=30, **sgd).fit(model, (X, y), weights=counts.float())
     dup = torch.repeat_interleave(torch.arange(30), counts)
     duplicated = _erm(batch_size=len(dup), **sgd).fit(model, (X[dup], y[dup]))
-    assert torch.allclose(_params(weighted), _params(duplicated), atol=1e-5)
+    assert torch.allclose(flat_params(weighted), flat_params(duplicated), atol=1e-5)
 
 
 def test_per_sample_loss_matches_torch_losses():
@@ -112,14 +103,14 @@ def test_hooks_see_every_step_and_epoch():
         def begin_step(self, model, *, step, epoch):
             seen.append((step, epoch))
 
-    data = _blobs(n=40)
+    data = gaussian_blobs(n=40)
     Recorder(epochs=2, lr=0.01, batch_size=16, progress=False).fit(MLP(5, 2, hidden=(4,)), data, val=data)
     assert seen == [("fit", 3, True)] + [(s, s // 3) for s in range(6)]
 
 
 def test_pgd_points_match_the_closed_form_worst_case_of_a_linear_model():
     """For a linear score w.x + b the linf worst case is x - eps * sign(w) * (2y - 1)."""
-    X, y = _blobs(n=32)
+    X, y = gaussian_blobs(n=32)
     model = LogisticRegression(5, 1)
     trainer = PGDAT(eps=0.3, steps=10, bounds=None, epochs=1, lr=0.1, batch_size=32, progress=False)
     trainer.begin_fit(model, (X, y), None, seed=0, steps_per_epoch=1)
@@ -179,7 +170,7 @@ def test_fast_at_trains_deterministically_and_is_more_robust_than_erm():
     erm = ERM(**options).fit(MLP(2, 2, hidden=(16,)), (X, y))
     fast = FastAT(eps=0.3, bounds=None, **options)
     first = fast.fit(MLP(2, 2, hidden=(16,)), (X, y), seed=1)
-    assert torch.equal(_params(first), _params(fast.fit(MLP(2, 2, hidden=(16,)), (X, y), seed=1)))
+    assert torch.equal(flat_params(first), flat_params(fast.fit(MLP(2, 2, hidden=(16,)), (X, y), seed=1)))
     probe = PGDAT(eps=0.3, steps=10, bounds=None, **options)
     probe.begin_fit(None, None, None, seed=1, steps_per_epoch=1)
 
@@ -209,15 +200,15 @@ def test_pgd_at_is_more_robust_than_erm_on_its_own_attack():
 
 
 def test_trades_with_beta_zero_is_erm():
-    data = _blobs(n=48)
+    data = gaussian_blobs(n=48)
     options = dict(epochs=2, lr=0.05, batch_size=16, progress=False)
     erm = ERM(**options).fit(MLP(5, 2, hidden=(8,)), data, seed=2)
     trades = TRADES(eps=0.3, beta=0.0, steps=2, bounds=None, **options).fit(MLP(5, 2, hidden=(8,)), data, seed=2)
-    assert torch.allclose(_params(erm), _params(trades), atol=1e-6)
+    assert torch.allclose(flat_params(erm), flat_params(trades), atol=1e-6)
 
 
 def test_trades_points_increase_the_kl_and_one_logit_models_work():
-    X, y = _blobs(n=32)
+    X, y = gaussian_blobs(n=32)
     model = LogisticRegression(5, 1)
     trainer = TRADES(eps=0.5, steps=5, bounds=None, epochs=1, lr=0.1, batch_size=32, progress=False)
     trainer.begin_fit(model, (X, y), None, seed=0, steps_per_epoch=1)
@@ -226,7 +217,7 @@ def test_trades_points_increase_the_kl_and_one_logit_models_work():
     kl = p * torch.log(p / q) + (1 - p) * torch.log((1 - p) / (1 - q))
     assert (kl >= -1e-6).all() and kl.mean() > 1e-3
     trained = trainer.fit(model, (X, y), seed=0)
-    assert torch.isfinite(_params(trained)).all()
+    assert torch.isfinite(flat_params(trained)).all()
 
 
 def test_scratch_refuses_parameters_it_cannot_reset():
@@ -263,7 +254,7 @@ def test_constructor_validation(kwargs, message):
 
 def test_fit_validation():
     trainer = _erm()
-    X, y = _blobs(n=10)
+    X, y = gaussian_blobs(n=10)
     with pytest.raises(ValueError, match="^weights: need one weight per training sample"):
         trainer.fit(MLP(5, 2), (X, y), weights=torch.ones(9))
     with pytest.raises(ValueError, match="^weights: must be finite and >= 0"):

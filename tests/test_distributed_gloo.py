@@ -16,6 +16,8 @@ import robust_infl as ri
 from robust_infl.distributed import gather_rows, shard_chunks, sharded_influence
 from robust_infl.models import MLP
 
+from conftest import max_relative_error
+
 ROOT = Path(__file__).resolve().parents[1]
 
 # Each rank scores its shard; rank 0 saves what every rank returned.
@@ -67,10 +69,6 @@ RUNS = {
 }
 
 
-def relative_error(a, b):
-    return float((a - b).abs().max() / b.abs().max())
-
-
 @pytest.fixture(scope="module")
 def two_processes(tmp_path_factory):
     folder = tmp_path_factory.mktemp("distributed")
@@ -95,11 +93,11 @@ def test_two_gloo_processes_give_the_one_process_scores(two_processes, tmp_path)
         for name, run in RUNS.items():
             alone = sharded_influence(model, train, target, progress=False, **run(tmp_path))
             assert results[name].shape == alone.shape
-            assert relative_error(results[name], alone) <= 1e-6, name
+            assert max_relative_error(results[name], alone) <= 1e-6, name
     finally:
         torch.set_num_threads(threads)
     exact = ri.influence(model, train, target, objective=ri.Robust(shift), aggregate=False, batch_size=4, progress=False)
-    assert relative_error(results["matrix"], exact) <= 1e-5
+    assert max_relative_error(results["matrix"], exact) <= 1e-5
 
 
 @pytest.mark.slow

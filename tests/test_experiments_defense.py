@@ -12,9 +12,7 @@ import math
 
 import pytest
 
-
-def in_unit_interval(value: float) -> bool:
-    return 0.0 <= value <= 1.0
+from conftest import in_unit_interval
 
 
 def test_noisy_labels_quick(tmp_path, run_quick):

@@ -17,6 +17,8 @@ from robust_infl.objectives import cross_entropy_loss
 from robust_infl.inputs import validate_target
 from robust_infl.options import ScoringOptions
 
+from conftest import flat_grad
+
 
 def make_problem(model, x, y, xt, yt, objective, param_names=None, **options):
     names = tuple(n for n, _ in model.named_parameters()) if param_names is None else param_names
@@ -25,16 +27,9 @@ def make_problem(model, x, y, xt, yt, objective, param_names=None, **options):
                                 options=ScoringOptions(**{"batch_size": 8, "progress": False, **options}))
 
 
-def flat_grad(value, model):
-    return torch.cat([g.reshape(-1) for g in torch.autograd.grad(value, list(model.parameters()))])
-
-
 @pytest.fixture
-def mlp_and_data():
-    torch.manual_seed(3)
-    model = MLP(5, 3, hidden=(7,)).double().eval()
-    x, y = torch.randn(21, 5, dtype=torch.float64), torch.randint(0, 3, (21,))
-    xt, yt = torch.randn(9, 5, dtype=torch.float64), torch.randint(0, 3, (9,))
+def mlp_and_data(mlp_problem):
+    model, (x, y), (xt, yt) = mlp_problem(seed=3, n_features=5, n_classes=3, hidden=(7,), n_train=21, n_target=9)
     return model, x, y, xt, yt
 
 
@@ -47,7 +42,7 @@ def test_objective_gradient_at_perturbed_params_recomputes_the_attack_there(mlp_
     member = copy.deepcopy(model)
     member.load_state_dict(perturbed)
     x_adv = fgsm_attack(0.1)(member, xt, yt)
-    expected = flat_grad(F.cross_entropy(member(x_adv), yt), member)
+    expected = flat_grad(F.cross_entropy(member(x_adv), yt), member.parameters())
     torch.testing.assert_close(gradient, expected)
     prepared = problem.objective.prepare(member, problem.target, seed=problem.seed)  # the Objective interface
     value = prepared.combine(prepared.chunk_sums(member(prepared.inputs), slice(None), cross_entropy_loss))
@@ -57,7 +52,8 @@ def test_objective_gradient_at_perturbed_params_recomputes_the_attack_there(mlp_
 def test_directional_derivatives_and_per_sample_gradients_match_autograd(mlp_and_data):
     model, x, y, xt, yt = mlp_and_data
     problem = make_problem(model, x, y, xt, yt, ri.Utility())
-    rows = torch.stack([flat_grad(F.cross_entropy(model(x[i : i + 1]), y[i : i + 1]), model) for i in range(21)])
+    rows = torch.stack([flat_grad(F.cross_entropy(model(x[i : i + 1]), y[i : i + 1]), model.parameters())
+                        for i in range(21)])
     torch.testing.assert_close(engine.per_sample_gradients(problem, problem.params, (x, y)), rows)
     v = torch.randn(problem.n_params, dtype=torch.float64)
     torch.testing.assert_close(engine.directional_derivatives(problem, problem.params, v), rows @ v)
@@ -97,8 +93,9 @@ def test_pluggable_forward_is_used_by_every_operator(mlp_and_data):
 
     scaled = problem.with_forward(halved_forward)
     halved = HalvedLogits(model)
-    rows = torch.stack([flat_grad(F.cross_entropy(halved(x[i : i + 1]), y[i : i + 1]), halved) for i in range(21)])
-    objective_grad = flat_grad(F.cross_entropy(halved(xt), yt), halved)
+    rows = torch.stack([flat_grad(F.cross_entropy(halved(x[i : i + 1]), y[i : i + 1]), halved.parameters())
+                        for i in range(21)])
+    objective_grad = flat_grad(F.cross_entropy(halved(xt), yt), halved.parameters())
 
     v = engine.objective_gradient(scaled, scaled.params)
     torch.testing.assert_close(engine.flatten(v, scaled.param_names), objective_grad)

@@ -9,21 +9,16 @@ from torch import nn
 from torch.utils.data import TensorDataset
 
 import robust_infl as ri
-from robust_infl.models import MLP
+
+from conftest import influence_scorer
 
 
 @pytest.fixture
-def mlp_and_data():
-    torch.manual_seed(8)
-    model = MLP(4, 3, hidden=(6,)).double().eval()
-    x, y = torch.randn(17, 4, dtype=torch.float64), torch.randint(0, 3, (17,))
-    xt, yt = torch.randn(5, 4, dtype=torch.float64), torch.randint(0, 3, (5,))
-    return model, (x, y), (xt, yt)
+def mlp_and_data(mlp_problem):
+    return mlp_problem(seed=8, n_features=4, n_classes=3, hidden=(6,), n_train=17, n_target=5)
 
 
-def score(model, train, target, objective=None, **options):
-    options = {"batch_size": 6, "progress": False, **options}
-    return ri.influence(model, train, target, objective=objective or ri.Utility(), **options)
+score = influence_scorer(batch_size=6)
 
 
 def test_self_influence_is_the_squared_gradient_norm(mlp_and_data):

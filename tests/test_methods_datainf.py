@@ -7,22 +7,15 @@ import torch
 import torch.nn.functional as F
 
 import robust_infl as ri
-from robust_infl.models import MLP
+
+from conftest import flat_grad
 
 N_TRAIN = 25
 
 
 @pytest.fixture
-def mlp_and_data():
-    torch.manual_seed(6)
-    model = MLP(4, 3, hidden=(5,)).double().eval()
-    x, y = torch.randn(N_TRAIN, 4, dtype=torch.float64), torch.randint(0, 3, (N_TRAIN,))
-    xt, yt = torch.randn(9, 4, dtype=torch.float64), torch.randint(0, 3, (9,))
-    return model, (x, y), (xt, yt)
-
-
-def flat_grad(value, parameters):
-    return torch.cat([g.reshape(-1) for g in torch.autograd.grad(value, parameters)])
+def mlp_and_data(mlp_problem):
+    return mlp_problem(seed=6, n_features=4, n_classes=3, hidden=(5,), n_train=N_TRAIN, n_target=9)
 
 
 def brute_force_datainf(model, train, target, layers, lambda_scale):

@@ -22,6 +22,8 @@ from torch import nn
 import robust_infl as ri
 from robust_infl.methods.ekfac import clear_cache
 
+from conftest import pearson
+
 kronfluence = pytest.importorskip("kronfluence", reason="needs the ekfac extra (kronfluence)")
 from kronfluence.analyzer import Analyzer, prepare_model  # noqa: E402
 from kronfluence.arguments import FactorArguments, ScoreArguments  # noqa: E402
@@ -76,10 +78,6 @@ def direct_kronfluence(model, train, target, strategy, damping, tmp_path) -> tor
                                      per_device_query_batch_size=7, per_device_train_batch_size=16,
                                      score_args=score_args)
     return analyzer.load_pairwise_scores("s")["all_modules"].sum(dim=0)
-
-
-def pearson(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float(torch.corrcoef(torch.stack([a.double(), b.double()]))[0, 1])
 
 
 @pytest.mark.parametrize("method", ["ekfac", "kfac"])

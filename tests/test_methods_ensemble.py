@@ -11,24 +11,20 @@ from torch import nn
 import robust_infl as ri
 from robust_infl import engine
 from robust_infl.methods import ensemble
-from robust_infl.models import MLP, LogisticRegression
+from robust_infl.models import LogisticRegression
 from robust_infl.objectives import cross_entropy_loss
 from robust_infl.inputs import validate_target
 from robust_infl.options import ScoringOptions
 
+from conftest import influence_scorer
+
 
 @pytest.fixture
-def mlp_and_data():
-    torch.manual_seed(2)
-    model = MLP(4, 3, hidden=(6, 5)).double().eval()
-    x, y = torch.randn(23, 4, dtype=torch.float64), torch.randint(0, 3, (23,))
-    xt, yt = torch.randn(11, 4, dtype=torch.float64), torch.randint(0, 3, (11,))
-    return model, (x, y), (xt, yt)
+def mlp_and_data(mlp_problem):
+    return mlp_problem(seed=2, n_features=4, n_classes=3, hidden=(6, 5), n_train=23, n_target=11)
 
 
-def score(model, train, target, objective=None, **options):
-    options = {"batch_size": 8, "progress": False, **options}
-    return ri.influence(model, train, target, objective=objective or ri.Utility(), **options)
+score = influence_scorer(batch_size=8)
 
 
 @pytest.mark.parametrize("perturbation", ["dropout", "gaussian"])
@@ -84,18 +80,28 @@ def test_dropout_member_is_one_fixed_masked_function(mlp_and_data, fgsm_attack):
     layers = ensemble.dropout_layers(problem)
     assert [module for module, _ in layers] == [model.net[1], model.net[3]]  # the output layer is not masked
     assert [tuple(shape) for _, shape in layers] == [(6,), (5,)]
-    masks = ensemble._draw_masks(layers, scale, torch.Generator().manual_seed(seed), problem)
-    values = torch.cat(list(masks.values()))
+    # The documented draw: from a generator seeded with the scoring seed, per layer a rate p ~ U(0, scale),
+    # then an inverted-dropout mask keep / (1 - p) with keep ~ Bernoulli(1 - p); matching scores below show
+    # that member 1 is exactly the model with these masks.
+    generator, masks = torch.Generator().manual_seed(seed), []
+    for _, shape in layers:
+        rate = float(torch.rand((), generator=generator, dtype=torch.float64)) * scale
+        masks.append((torch.rand(shape, generator=generator, dtype=torch.float64) >= rate) / (1 - rate))
+    values = torch.cat(masks)
     assert (values == 0).any() and ((values == 0) | (values > 1)).all()  # inverted dropout
 
-    masked = MaskedMLP(model, list(masks.values()))
+    x = train[0]
+    outputs = model(x)
+    masked = MaskedMLP(model, masks)
+    assert not torch.allclose(masked(x), outputs)  # the masks change the function
     expected = score(model, train, target, objective, method="ip", seed=seed) + score(
         masked, train, target, objective, method="ip", seed=seed)
     for batch_size in (1, 8, 23):  # one mask per feature shared by the batch: batching cannot matter
         member_sum = score(model, train, target, objective, method="ip-ensemble", members=2, scale=scale,
                            seed=seed, batch_size=batch_size)
         torch.testing.assert_close(member_sum, expected)
-    assert all(not module._forward_hooks for module in model.modules())  # no hooks left behind
+    # no hooks left behind: the model computes its unmasked function again
+    assert torch.equal(model(x), outputs)
 
 
 def test_members_are_seeded(mlp_and_data):

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -12,12 +11,10 @@ from torch.utils.data import TensorDataset
 import robust_infl as ri
 from robust_infl.models import LogisticRegression
 
+from conftest import pearson
+
 N_TRAIN, DAMPING = 120, 0.01
 OBJECTIVES = {"utility": ri.Utility(), "demographic-parity": ri.DemographicParity()}
-
-
-def pearson(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float(np.corrcoef(a.numpy(), b.numpy())[0, 1])
 
 
 @pytest.fixture(scope="module")

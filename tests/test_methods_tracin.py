@@ -8,21 +8,16 @@ import pytest
 import torch
 
 import robust_infl as ri
-from robust_infl.models import MLP
+
+from conftest import influence_scorer
 
 
 @pytest.fixture
-def mlp_and_data():
-    torch.manual_seed(5)
-    model = MLP(4, 3, hidden=(6,)).double().eval()
-    x, y = torch.randn(19, 4, dtype=torch.float64), torch.randint(0, 3, (19,))
-    xt, yt = torch.randn(7, 4, dtype=torch.float64), torch.randint(0, 3, (7,))
-    return model, (x, y), (xt, yt)
+def mlp_and_data(mlp_problem):
+    return mlp_problem(seed=5, n_features=4, n_classes=3, hidden=(6,), n_train=19, n_target=7)
 
 
-def score(model, train, target, objective=None, **options):
-    options = {"batch_size": 8, "progress": False, **options}
-    return ri.influence(model, train, target, objective=objective or ri.Utility(), **options)
+score = influence_scorer(batch_size=8)
 
 
 def perturbed_states(model, count):

@@ -28,7 +28,9 @@ def test_blocks_cover_the_matrix_whatever_the_cache_and_call_order(monkeypatch):
     g = torch.randn(4, 300)
     torch.testing.assert_close(cached.project(g), g @ matrix)
     assert torch.equal(fresh.project(g), cached.project(g))
-    assert not fresh._blocks  # nothing kept without the cache
+    # nothing kept without the cache: every block is drawn anew, while the cached projection returns its own
+    assert all(fresh.block(j) is not fresh.block(j) for j in range(fresh.n_blocks))
+    assert all(cached.block(j) is cached.block(j) for j in range(cached.n_blocks))
     torch.testing.assert_close(cached.project(g[0]), g[0] @ matrix)  # a single vector
 
 

@@ -20,8 +20,9 @@ import defenses
 from defenses.seed_results import SEEDS_DIR
 from robust_infl import cli
 
-CLI_TINY = ["--data", "moons", "--model", "logreg", "--epochs", "1", "--n-train", "40", "--n-val", "20",
-            "--n-test", "20", "--no-progress", "--recipes", "none", "random"]
+import conftest
+
+CLI_TINY = [*conftest.CLI_TINY, "--recipes", "none", "random"]
 
 
 def user_data(n: int = 150, seed: int = 0):
@@ -33,7 +34,7 @@ def user_data(n: int = 150, seed: int = 0):
 
 
 def run_user(attack, out=None, **changes):
-    options = dict(model=lambda seed: nn.Linear(2, 2), attack=attack, recipes=["none", "random"],
+    options = dict(model=lambda seed: nn.Linear(2, 2), attack=attack, recipes=["none", "random"], references=(),
                    fractions=[0.1], seeds=1, epochs=1, lr=0.05, batch_size=32, progress=False, out=out)
     return defenses.run(user_data(), **{**options, **changes})
 

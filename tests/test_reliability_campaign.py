@@ -23,8 +23,10 @@ import robust_infl
 from defenses.report import without_timing
 from robust_infl import cli
 
-TINY = ["--data", "moons", "--model", "logreg", "--epochs", "1", "--n-train", "40", "--n-val", "20",
-        "--n-test", "20", "--no-progress"]
+from conftest import CLI_TINY
+from conftest import square_blobs as blobs
+
+TINY = CLI_TINY
 NO_GPU = not torch.cuda.is_available()
 
 
@@ -175,12 +177,6 @@ def squeezed_binary_model() -> nn.Module:
     return Squeezed()
 
 
-def blobs(n: int = 40):
-    g = torch.Generator().manual_seed(0)
-    y = torch.arange(n) % 2
-    return torch.rand(n, 2, generator=g) * 0.5 + 0.4 * y.float().unsqueeze(1), y
-
-
 class OutOfBudget(attacks.Attack):
     """A broken attack: it declares eps 0.1 (linf) and bounds (0, 1) but moves every input by 0.3."""
 
@@ -300,7 +296,7 @@ def test_identical_paired_differences_show_no_zero_width_interval():
 
     stat = paired_difference([0.5, 0.6], [0.492, 0.592])
     assert stat["ci95"] is None and stat["ci95_note"] == "n/a: identical differences"
-    report = defenses.run(blobs(100), model=lambda seed: nn.Linear(2, 2), attack=attacks.FGSM(0.1),
+    report = defenses.run(blobs(100), model=lambda seed: nn.Linear(2, 2), attack=attacks.FGSM(0.1), references=(),
                           recipes=["none", "random"], fractions=[0.01], seeds=2, epochs=1, progress=False)
     markdown = render_markdown(report)
     assert "± 0.0 [+" not in markdown and "[n/a: identical differences]" in markdown
@@ -311,14 +307,14 @@ def test_run_takes_the_bounds_from_the_attack_and_the_report_shows_them():
     from defenses.report import render_markdown
 
     given = defenses.run((X * 4 - 2, y), model=lambda seed: nn.Linear(2, 2), recipes=["none"], seeds=1, epochs=1,
-                         attack=attacks.PGD(0.1, steps=2, bounds=(-2.0, 2.0)), progress=False)
+                         attack=attacks.PGD(0.1, steps=2, bounds=(-2.0, 2.0)), references=(), progress=False)
     assert given["config"]["bounds"] == [-2.0, 2.0]
     assert "Input bounds: [-2.0, 2.0]." in render_markdown(given)
     images = defenses.run((X, y), model=lambda seed: nn.Linear(2, 2), recipes=["none"], seeds=1, epochs=1,
-                          attack="pgd", progress=False)
+                          attack="pgd", references=(), progress=False)
     assert images["config"]["bounds"] == [0.0, 1.0]  # named attack on data in [0, 1]: the attacks' default
     tabular = defenses.run((X * 4 - 2, y), model=lambda seed: nn.Linear(2, 2), recipes=["none"], seeds=1, epochs=1,
-                           attack="pgd", progress=False)
+                           attack="pgd", references=(), progress=False)
     assert tabular["config"]["bounds"] is None and "Input bounds: none (unbounded)." in render_markdown(tabular)
 
 

@@ -14,17 +14,10 @@ import torch
 
 from robust_infl import cli
 
+from conftest import CLI_TINY, CreatesMarkerWhenUnpickled
+
 ROOT = Path(__file__).resolve().parents[1]
-TINY = ["--data", "moons", "--model", "logreg", "--epochs", "1", "--n-train", "40", "--n-val", "20",
-        "--n-test", "20", "--no-progress"]
-
-
-class CreatesMarkerWhenUnpickled:
-    def __init__(self, marker: Path):
-        self.marker = str(marker)
-
-    def __reduce__(self):
-        return (open, (self.marker, "w"))
+TINY = CLI_TINY
 
 
 @pytest.fixture(scope="module")

@@ -17,15 +17,7 @@ from robust_infl.io import atomic_save_npy, atomic_save_tensor, atomic_write, at
 from robust_infl.models import MLP
 from robust_infl.store import ChunkStore
 
-
-class CreatesMarkerWhenUnpickled:
-    """An object whose unpickling calls ``open(marker, "w")``: code hidden in a checkpoint file."""
-
-    def __init__(self, marker: Path):
-        self.marker = str(marker)
-
-    def __reduce__(self):
-        return (open, (self.marker, "w"))
+from conftest import CreatesMarkerWhenUnpickled
 
 
 def malicious_checkpoint(tmp_path: Path, state: dict) -> tuple[Path, Path]:

@@ -16,11 +16,7 @@ import attacks
 import defenses
 import robust_infl
 
-
-def blobs(n: int = 50):
-    g = torch.Generator().manual_seed(1)
-    y = torch.arange(n) % 2
-    return torch.rand(n, 2, generator=g) * 0.5 + 0.4 * y.float().unsqueeze(1), y
+from conftest import square_blobs
 
 
 class CountingDataset(Dataset):
@@ -46,7 +42,7 @@ def weights_of(model):
                                      defenses.TRADES(eps=0.05, steps=2, epochs=1, batch_size=8, progress=False)],
                          ids=["erm", "pgd-at", "trades"])
 def test_trainers_take_tensors_numpy_datasets_and_loaders_with_identical_results(trainer):
-    X, y = blobs()
+    X, y = square_blobs(50, seed=1)
     weights = torch.rand(len(X), generator=torch.Generator().manual_seed(0))
     reference = weights_of(trainer.fit(nn.Linear(2, 2), (X, y), weights=weights, seed=3))
     streamed = CountingDataset(X, y)
@@ -59,13 +55,13 @@ def test_trainers_take_tensors_numpy_datasets_and_loaders_with_identical_results
 
 
 def test_a_streamed_dataset_with_bad_labels_is_refused_naming_train():
-    X, y = blobs()
+    X, y = square_blobs(50, seed=1)
     with pytest.raises(ValueError, match=r"^train: labels must lie in \[0, 1\]"):
         defenses.ERM(epochs=1, batch_size=8, progress=False).fit(nn.Linear(2, 2), CountingDataset(X, y * 2))
 
 
 def test_evaluate_and_influence_take_numpy_and_loaders_with_identical_results():
-    X, y = blobs()
+    X, y = square_blobs(50, seed=1)
     model = defenses.ERM(epochs=2, batch_size=8, progress=False).fit(nn.Linear(2, 2), (X, y))
     pgd = {"pgd": attacks.PGD(0.1, steps=3, bounds=None)}
     reference = attacks.evaluate(model, (X, y), pgd, batch_size=10, progress=False)
@@ -86,7 +82,7 @@ def test_trainers_have_defaults():
 
 
 def test_batchnorm_with_a_last_batch_of_one_sample_trains():
-    X, y = blobs(17)
+    X, y = square_blobs(17, seed=1)
     model = nn.Sequential(nn.Linear(2, 4), nn.BatchNorm1d(4), nn.ReLU(), nn.Linear(4, 2))
     trained = defenses.ERM(epochs=2, batch_size=8, progress=False).fit(model, (X, y))  # batches 8, 9 (not 8, 8, 1)
     assert not trained.training and int(trained[1].num_batches_tracked) == 4
@@ -99,7 +95,7 @@ def test_batchnorm_with_a_last_batch_of_one_sample_trains():
 
 
 def test_progress_bars_only_on_a_terminal(capsys, monkeypatch):
-    X, y = blobs(100)
+    X, y = square_blobs(100, seed=1)
     options = dict(model=lambda seed: nn.Linear(2, 2), attack=attacks.FGSM(0.1), recipes=["none", "influence"],
                    seeds=1, epochs=1)
     defenses.run((X, y), progress=True, **options)

@@ -13,6 +13,8 @@ from torch import nn
 import attacks
 import robust_infl as ri
 
+from conftest import uniform_batch
+
 N_FEATURES, N_CLASSES = 4, 3
 NAN_MARKER = 50.0  # inputs whose first feature is this make NaNModel return NaN
 
@@ -29,8 +31,7 @@ def batchnorm_dropout_model() -> nn.Module:
 
 
 def data(n=12, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    return torch.rand(n, N_FEATURES, generator=g), torch.randint(0, N_CLASSES, (n,), generator=g)
+    return uniform_batch(n, N_FEATURES, seed, N_CLASSES)
 
 
 def set_mixed_modes(model: nn.Module) -> dict:
