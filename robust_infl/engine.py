@@ -34,14 +34,10 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from attacks.plumbing import model_device, model_dtype
+from attacks.validation import check_finite, check_labels
+from robust_infl.inputs import TargetSet, call_attack
 from robust_infl.objectives import Attack, LossFn, Objective, PreparedObjective
 from robust_infl.options import ScoringOptions
-from robust_infl.inputs import (
-    TargetSet,
-    call_attack,
-    check_finite,
-    check_labels,
-)
 
 __all__ = [
     "ForwardFn",

@@ -17,19 +17,11 @@ from torch.utils.data import Dataset
 from torch.utils.data.dataloader import default_collate
 
 from attacks.plumbing import eval_mode, model_device, model_dtype
-from attacks.validation import check_model
+from attacks.validation import as_tensor, check_labels, check_model
 from robust_infl.engine import ScoringProblem, build_problem, check_finite_results
+from robust_infl.inputs import TargetSet, resolve_device, resolve_param_names, validate_target, validate_train
 from robust_infl.objectives import LossFn, Objective, default_loss_fn
 from robust_infl.options import ScoringOptions
-from robust_infl.inputs import (
-    TargetSet,
-    as_tensor,
-    check_labels,
-    resolve_device,
-    resolve_param_names,
-    validate_target,
-    validate_train,
-)
 
 __all__ = ["PreparedProblem", "prepared_problem"]
 
