@@ -35,6 +35,7 @@ __all__ = [
     "check_finite",
     "check_labels",
     "integer_labels",
+    "check_dataset_size",
 ]
 
 NORMS = ("linf", "l2")
@@ -221,3 +222,14 @@ def integer_labels(y: torch.Tensor, name: str) -> torch.Tensor:
     if not bool((y == torch.round(y)).all()):
         raise ValueError(f"{name}: labels must be integer class indices, got non-integer values")
     return y.long()
+
+
+def check_dataset_size(dataset: Any, name: str) -> int:
+    """The number of items of a map-style ``dataset``: ``TypeError`` without ``__len__``, ``ValueError`` when empty."""
+    try:
+        n = len(dataset)
+    except TypeError as err:
+        raise TypeError(f"{name}: a Dataset must define __len__") from err
+    if n == 0:
+        raise ValueError(f"{name}: is empty (0 samples)")
+    return n

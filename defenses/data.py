@@ -16,7 +16,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 from torch.utils.data.dataloader import default_collate
 
-from attacks.validation import integer_labels
+from attacks.validation import check_dataset_size, integer_labels
 
 __all__ = ["as_tensors", "as_labels", "take", "batch_source"]
 
@@ -85,12 +85,7 @@ def batch_source(data, name: str = "train") -> tuple:
     if not isinstance(dataset, Dataset) or isinstance(dataset, TensorDataset):
         X, y = as_tensors(dataset, name)[:2]
         return X.shape[0], (lambda index: (X[index], y[index])), (X, y)
-    try:
-        n = len(dataset)  # type: ignore[arg-type]
-    except TypeError as err:
-        raise TypeError(f"{name}: a Dataset must define __len__ and __getitem__") from err
-    if n == 0:
-        raise ValueError(f"{name}: needs at least one sample")
+    n = check_dataset_size(dataset, name)
 
     def fetch(index: torch.Tensor) -> tuple:
         items = [dataset[i] for i in index.tolist()]

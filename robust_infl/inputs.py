@@ -17,7 +17,7 @@ from torch.utils.data import DataLoader, Dataset
 from torch.utils.data.dataloader import default_collate
 
 from attacks.plumbing import model_device, seeded
-from attacks.validation import as_tensor, check_choice, check_device, check_finite, integer_labels
+from attacks.validation import as_tensor, check_choice, check_dataset_size, check_device, check_finite, integer_labels
 
 __all__ = [
     "TargetSet",
@@ -122,13 +122,7 @@ def validate_target(target: Any) -> TargetSet:
 
 def _collate_whole(name: str, dataset: Dataset) -> tuple:
     """Every item of a sized ``dataset`` stacked into a tuple of tensors (``ValueError`` naming ``name``)."""
-    try:
-        n = len(dataset)  # type: ignore[arg-type]
-    except TypeError as err:
-        raise TypeError(f"{name}: a Dataset must define __len__") from err
-    if n == 0:
-        raise ValueError(f"{name}: is empty (0 samples)")
-    items = [dataset[i] for i in range(n)]
+    items = [dataset[i] for i in range(check_dataset_size(dataset, name))]
     if not all(isinstance(item, (tuple, list)) and len(item) in (2, 3) for item in items):
         raise ValueError(f"{name}: Dataset items must be (x, y) or (x, y, s) tuples")
     return tuple(default_collate([tuple(item) for item in items]))

@@ -11,9 +11,9 @@ from torch import nn
 
 import attacks
 import defenses
-from attacks.validation import (check_bool, check_choice, check_device, check_eps, check_fraction, check_int,
-                                check_model, check_norm, check_number, check_output_shape, check_positive,
-                                check_seed)
+from attacks.validation import (as_tensor, check_bool, check_choice, check_dataset_size, check_device, check_eps,
+                                check_finite, check_fraction, check_int, check_labels, check_model, check_norm,
+                                check_number, check_output_shape, check_positive, check_seed, integer_labels)
 
 ACCEPTED = [
     (lambda: check_int(3, "n"), 3),
@@ -132,3 +132,22 @@ def test_trainers_accept_the_per_feature_bounds_the_attacks_accept():
                        batch_size=8, progress=False).fit(nn.Linear(2, 2), (X, y))
     with pytest.raises(ValueError, match=r"^bounds: low must be < high, got \(1.0, 0.0\)"):
         defenses.PGDAT(eps=0.3, bounds=(1.0, 0.0), epochs=1, lr=0.1, batch_size=8)
+
+
+def test_tensor_checks_take_the_value_first_and_name_it_in_the_message():
+    assert torch.equal(as_tensor([[1.0, 2.0]], "train"), torch.tensor([[1.0, 2.0]], dtype=torch.float64))
+    with pytest.raises(TypeError, match=r"^train: expected a tensor or numpy array, got str"):
+        as_tensor("x", "train")
+    with pytest.raises(ValueError, match=r"^target: contains 1 NaN or infinite value\(s\)"):
+        check_finite(torch.tensor([0.0, float("nan")]), "target")
+    assert integer_labels(torch.tensor([0.0, 2.0]), "y").dtype == torch.int64
+    with pytest.raises(ValueError, match=r"^y: labels must be integer class indices"):
+        integer_labels(torch.tensor([0.5]), "y")
+    check_labels(torch.tensor([0, 1]), "train", 1)
+    with pytest.raises(ValueError, match=r"^train: labels must lie in \[0, 1\] for a model with 1 output"):
+        check_labels(torch.tensor([0, 2]), "train", 1)
+    assert check_dataset_size(torch.utils.data.TensorDataset(torch.zeros(3, 1)), "train") == 3
+    with pytest.raises(ValueError, match=r"^val: is empty \(0 samples\)"):
+        check_dataset_size([], "val")
+    with pytest.raises(TypeError, match=r"^train: a Dataset must define __len__"):
+        check_dataset_size(iter([]), "train")
