@@ -7,11 +7,13 @@ import argparse
 import fcntl
 import json
 import re
+import time
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterable, Iterator, Optional
 
 from defenses import stats
+from defenses.seed_results import SeedResults
 from robust_infl.io import atomic_write_text
 
 EXPERIMENTS = Path(__file__).resolve().parent
@@ -19,7 +21,7 @@ RESULTS_MD = EXPERIMENTS / "RESULTS.md"
 
 __all__ = ["write_section", "write_json", "mean_std", "paired_ci", "format_mean_std",
            "format_delta", "experiment_arguments", "scoring_benchmark_parser", "parse_benchmark_arguments",
-           "save_figure", "EXPERIMENTS", "RESULTS_MD"]
+           "save_figure", "cached", "SETTINGS_FINGERPRINT", "EXPERIMENTS", "RESULTS_MD"]
 
 
 def write_json(path: Path, obj) -> None:
@@ -137,3 +139,27 @@ def parse_benchmark_arguments(parser: argparse.ArgumentParser, argv: Optional[li
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     return args
+
+
+# The per-seed files of these experiments are identified by their settings alone (which name the data,
+# its sizes and the seed's split), so they carry no separate fingerprint of the data.
+SETTINGS_FINGERPRINT = "in the settings"
+
+
+def cached(results: Optional[SeedResults], seed: int, compute) -> tuple:
+    """``(compute(), seconds it took)``, saved as ``seed``'s file of ``results`` (the library's per-seed cache,
+    :class:`defenses.seed_results.SeedResults`, whose settings identify the run); a later call reads both back
+    instead of computing, and refuses a file written with other settings.
+
+    ``results=None`` always computes and stores nothing. Lets a long run resume after an interruption.
+    """
+    if results is not None:
+        saved = results.load(seed, SETTINGS_FINGERPRINT)
+        if saved is not None:
+            return saved["result"], saved["seconds"]
+    started = time.perf_counter()
+    result = compute()
+    seconds = time.perf_counter() - started
+    if results is not None:
+        results.save(seed, SETTINGS_FINGERPRINT, {"result": result, "seconds": seconds})
+    return result, seconds

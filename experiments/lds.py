@@ -48,7 +48,6 @@ section of ``experiments/RESULTS.md`` (the figures are there, not here).
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -60,13 +59,14 @@ from scipy import stats
 from torch import nn
 from tqdm.auto import tqdm
 
-from attacks.plumbing import make_generator
 import attacks
 import robust_infl as ri
+from attacks.plumbing import make_generator
 from defenses import ERM
 from defenses.data import take
+from defenses.seed_results import SeedResults
 from defenses.trainers import copy_for_training
-from experiments._results import (experiment_arguments, format_delta, mean_std, save_figure, write_json,
+from experiments._results import (cached, experiment_arguments, format_delta, mean_std, save_figure, write_json,
                                   write_section)
 from experiments.noisy_labels import CheckpointingERM
 from robust_infl.datasets import load_dataset
@@ -249,32 +249,20 @@ def retraining_noise(seed: int, cfg: Config, measured: dict, progress: bool = Fa
 
 
 def cached_noise(seed: int, cfg: Config, folder: Optional[Path], progress: bool) -> dict:
-    """:func:`retraining_noise` of the seed's CNN run (read from the cache or computed), cached like it."""
-    path = None if folder is None else folder / f"noise_seed{seed}.json"
-    key = {**asdict(cfg), "seeds": None, "noise_subsets": NOISE_SUBSETS}
-    if path is not None and path.exists():
-        stored = json.loads(path.read_text())
-        if stored.get("key") == key:
-            return stored["result"]
-    result = retraining_noise(seed, cfg, cached_seed(seed, cfg, folder, progress)["measured"], progress)
-    if path is not None:
-        write_json(path, {"key": key, "result": result})
-    return result
+    """:func:`retraining_noise` of the seed's CNN run, kept in ``folder / "noise"`` like :func:`cached_seed`."""
+    results = None if folder is None else SeedResults(folder / "noise", {**asdict(cfg), "seeds": None,
+                                                                         "noise_subsets": NOISE_SUBSETS})
+    return cached(results, seed, lambda: retraining_noise(seed, cfg, cached_seed(seed, cfg, folder, progress)["measured"],
+                                                         progress))[0]
 
 
 def cached_seed(seed: int, cfg: Config, folder: Optional[Path], progress: bool, model_name: str = "cnn") -> dict:
-    """:func:`run_seed`, stored in ``folder`` with the configuration; a rerun with the same one reads it back."""
-    prefix = "" if model_name == "cnn" else f"{model_name}_"
-    path = None if folder is None else folder / f"{prefix}seed{seed}.json"
-    key = {**asdict(cfg), "seeds": None, **({} if model_name == "cnn" else {"model": model_name})}
-    if path is not None and path.exists():
-        stored = json.loads(path.read_text())
-        if stored.get("key") == key:
-            return stored["result"]
-    result = run_seed(seed, cfg, progress, model_name)
-    if path is not None:
-        write_json(path, {"key": key, "result": result})
-    return result
+    """:func:`run_seed`, kept in ``folder / model_name`` (the per-seed files of
+    :class:`defenses.seed_results.SeedResults`) with the configuration; a rerun with the same one reads it back,
+    one with another configuration is refused."""
+    settings = {**asdict(cfg), "seeds": None, **({} if model_name == "cnn" else {"model": model_name})}
+    results = None if folder is None else SeedResults(folder / model_name, settings)
+    return cached(results, seed, lambda: run_seed(seed, cfg, progress, model_name))[0]
 
 
 def summarise(per_seed: list, methods: tuple = METHODS) -> dict:

@@ -53,14 +53,14 @@ from attacks import accuracy
 from attacks.plumbing import eval_mode
 from defenses import ERM, prune
 from defenses.seed_results import SeedResults
-from experiments._results import (experiment_arguments, format_delta, format_mean_std, mean_std, paired_ci,
-                                  save_figure, write_json, write_section)
+from experiments._results import (cached, experiment_arguments, format_delta, format_mean_std, mean_std,
+                                  paired_ci, save_figure, write_json, write_section)
 from experiments.fairness import ensemble_options
 from robust_infl.datasets import flip_labels, load_dataset
 from robust_infl.models import build_model
 
 __all__ = ["Scale", "Config", "FULL", "QUICK", "METHODS", "CheckpointingERM", "last_layer_view",
-           "detection_metrics", "score_training_set", "run_condition", "run_seed", "cached", "summarise", "plot",
+           "detection_metrics", "score_training_set", "run_condition", "run_seed", "summarise", "plot",
            "main"]
 
 EXPERIMENTS = Path(__file__).resolve().parent
@@ -287,30 +287,6 @@ def run_seed(seed: int, config: Config, progress: bool = False) -> dict:
             results.setdefault(scale.name, {}).setdefault(mode, {})[str(rate)] = run_condition(
                 scale, data, mode, rate, seed, config)
     return results
-
-
-# The per-seed files of these experiments are identified by their settings alone (which name the data,
-# its sizes and the seed's split), so they carry no separate fingerprint of the data.
-SETTINGS_FINGERPRINT = "in the settings"
-
-
-def cached(results: Optional[SeedResults], seed: int, compute) -> tuple:
-    """``(compute(), seconds it took)``, saved as ``seed``'s file of ``results`` (the library's per-seed cache,
-    :class:`defenses.seed_results.SeedResults`, whose settings identify the run); a later call reads both back
-    instead of computing, and refuses a file written with other settings.
-
-    ``results=None`` always computes and stores nothing. Lets a long run resume after an interruption.
-    """
-    if results is not None:
-        saved = results.load(seed, SETTINGS_FINGERPRINT)
-        if saved is not None:
-            return saved["result"], saved["seconds"]
-    started = time.perf_counter()
-    result = compute()
-    seconds = time.perf_counter() - started
-    if results is not None:
-        results.save(seed, SETTINGS_FINGERPRINT, {"result": result, "seconds": seconds})
-    return result, seconds
 
 
 def _values(per_seed: list, scale: str, mode: str, rate: str, *keys: str) -> list:

@@ -55,9 +55,10 @@ from attacks.registry import make_attack
 from defenses import DefenceContext, evaluate_on_test
 from defenses.recipes import influence_scores, random_scores, select_and_retrain, training_loss_scores
 from defenses.seed_results import SeedResults
-from experiments._results import experiment_arguments, mean_std, paired_ci, save_figure, write_json, write_section
+from experiments._results import (cached, experiment_arguments, mean_std, paired_ci, save_figure, write_json,
+                                  write_section)
 from experiments.fairness import ensemble_options
-from experiments.noisy_labels import CheckpointingERM, cached
+from experiments.noisy_labels import CheckpointingERM
 from robust_infl.datasets import load_dataset
 from robust_infl.models import build_model
 
