@@ -95,6 +95,16 @@ def validation_attack(attack: Callable, steps: int = 5) -> Callable:
     return attack
 
 
+def _checked_options(*, every, mix, n_val_batch, val_objective, scheme, per_class) -> dict:
+    """The options :class:`LookaheadWeights` and :class:`LookaheadReweighting` share, checked once (errors name them)."""
+    return {"every": check_int(every, "every", minimum=1),
+            "mix": check_fraction(mix, "mix", allow_zero=True, allow_one=True),
+            "n_val_batch": check_int(n_val_batch, "n_val_batch", minimum=1),
+            "val_objective": check_choice(val_objective, "val_objective", VAL_OBJECTIVES),
+            "scheme": check_choice(scheme, "scheme", SCHEMES),
+            "per_class": check_bool(per_class, "per_class")}
+
+
 class LookaheadWeights:
     """Per-batch lookahead weights for your own training loop: ``weights = hook(xb, yb)``.
 
@@ -134,13 +144,9 @@ class LookaheadWeights:
         self.model = model
         self.val = as_tensors(val, "val")[:2]
         self.attack = attack
-        self.every = check_int(every, "every", minimum=1)
+        vars(self).update(_checked_options(every=every, mix=mix, n_val_batch=n_val_batch,
+                                           val_objective=val_objective, scheme=scheme, per_class=per_class))
         self.warmup_steps = check_int(warmup_steps, "warmup_steps", minimum=0)
-        self.mix = check_fraction(mix, "mix", allow_zero=True, allow_one=True)
-        self.n_val_batch = check_int(n_val_batch, "n_val_batch", minimum=1)
-        self.val_objective = check_choice(val_objective, "val_objective", VAL_OBJECTIVES)
-        self.scheme = check_choice(scheme, "scheme", SCHEMES)
-        self.per_class = check_bool(per_class, "per_class")
         self.loss_fn = loss_fn or per_sample_loss
         self.seed = check_seed(seed)
         self.step = 0
@@ -234,13 +240,9 @@ class LookaheadReweighting(Trainer):
         self.base = base
         self.attack = attack
         self.val = None if val is None else as_tensors(val, "val")[:2]
-        self.every = check_int(every, "every", minimum=1)
+        vars(self).update(_checked_options(every=every, mix=mix, n_val_batch=n_val_batch,
+                                           val_objective=val_objective, scheme=scheme, per_class=per_class))
         self.warmup_epochs = check_int(warmup_epochs, "warmup_epochs", minimum=0)
-        self.mix = check_fraction(mix, "mix", allow_zero=True, allow_one=True)
-        self.n_val_batch = check_int(n_val_batch, "n_val_batch", minimum=1)
-        self.val_objective = check_choice(val_objective, "val_objective", VAL_OBJECTIVES)
-        self.scheme = check_choice(scheme, "scheme", SCHEMES)
-        self.per_class = check_bool(per_class, "per_class")
         self.hook: Optional[LookaheadWeights] = None
 
     def __repr__(self) -> str:
