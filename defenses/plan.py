@@ -130,8 +130,14 @@ class RunPlan:
         once = [r for r in self.recipes if not r.uses_budget]
         return [(r, None) for r in once] + [(r, f) for f in self.fractions for r in budgeted]
 
-    def _sizes(self) -> dict:
-        return {"n_train": int(self.first.train[0].shape[0]), "n_val": int(self.first.val[0].shape[0]),
+    def _shared_config(self, first_attack) -> dict:
+        """The ``config`` entries of both kinds of run: data, model, attack and its settings (``first_attack``:
+        the first seed's), bounds, trainer, seeds, schedule and split sizes."""
+        return {"data": self.data_label, "model": self.model_label, "attack": self.attack_label,
+                "attack_settings": _attack_settings(first_attack, named=isinstance(self.settings.attack, str)),
+                "bounds": plain_value(self.first.bounds), "trainer": self.trainer_label, "seeds": self.seeds,
+                "epochs": self.epochs, "lr": self.lr, "batch_size": self.batch_size,
+                "n_train": int(self.first.train[0].shape[0]), "n_val": int(self.first.val[0].shape[0]),
                 "n_test": int(self.first.test[0].shape[0])}
 
     def config(self) -> dict:
@@ -140,33 +146,21 @@ class RunPlan:
         s = self.settings
         first_attack = self.attack_for(self.seeds[0], self.first)
         return {
-            "data": self.data_label, "model": self.model_label, "attack": self.attack_label,
-            **_threat_model(first_attack),
-            "attack_settings": _attack_settings(first_attack, named=isinstance(s.attack, str)),
-            "bounds": plain_value(self.first.bounds), "method": s.method,
+            **self._shared_config(first_attack), **_threat_model(first_attack), "method": s.method,
             "method_options": {k: repr(v) for k, v in self.method_options.items()},
             "fractions": self.fractions, "mode": s.mode, "scheme": s.scheme if s.mode == "reweight" else None,
             "temperature": s.temperature if s.mode == "reweight" and s.scheme == "smooth" else None,
-            "retrain": s.retrain, "trainer": self.trainer_label, "recipes": list(s.recipes),
-            "references": list(self.references),
+            "retrain": s.retrain, "recipes": list(s.recipes), "references": list(self.references),
             "eval_attacks": [self.attack_label] + self.suite_names,
             "eval_subset": s.eval_subset if self.suite_names else None,
             "cost_unit": COST_UNIT,
-            "seeds": self.seeds,
-            "epochs": self.epochs, "lr": self.lr, "batch_size": self.batch_size,
-            **self._sizes(),
         }
 
     def poison_config(self) -> dict:
         """The ``config`` of a poisoning run (completed by :func:`defenses.poisoning.run_poisoned`)."""
-        s = self.settings
-        return {"data": self.data_label, "model": self.model_label, "attack": self.attack_label, "eps": self.eps,
-                "norm": self.norm, "steps": self.steps,
-                "attack_settings": _attack_settings(self.attack_for(self.seeds[0], self.first),
-                                                    named=isinstance(s.attack, str)),
-                "bounds": plain_value(self.first.bounds), "trainer": self.trainer_label,
-                "trainer_settings": _trainer_settings(self.trainer), "seeds": self.seeds, "epochs": self.epochs,
-                "lr": self.lr, "batch_size": self.batch_size, "train_steps": s.train_steps, **self._sizes()}
+        return {**self._shared_config(self.attack_for(self.seeds[0], self.first)), "eps": self.eps, "norm": self.norm,
+                "steps": self.steps, "trainer_settings": _trainer_settings(self.trainer),
+                "train_steps": self.settings.train_steps}
 
     def poison_recipes(self) -> Optional[list]:
         """The poisoning recipes asked for (None: the poisoning defaults, when ``recipes`` was left at its default)."""

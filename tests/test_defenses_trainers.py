@@ -160,42 +160,38 @@ def test_fast_at_points_are_one_fgsm_step_from_a_uniform_start_inside_ball_and_b
         assert float(per_sample_loss(model(x_pgd), y).mean()) >= float(per_sample_loss(model(x_fast), y).mean()) - 1e-6
 
 
-def test_fast_at_trains_deterministically_and_is_more_robust_than_erm():
+ROBUSTNESS_SCHEDULE = dict(epochs=30, lr=0.05, batch_size=50, progress=False)
+
+
+def _non_robust_margin():
+    """``(X, y, erm, robust_acc)``: feature 0 separates the classes by a margin smaller than eps = 0.3, feature 1
+    is noisier but robust; ``erm`` is plainly trained on it, ``robust_acc(model)`` is accuracy under 10-step PGD."""
     g = torch.Generator().manual_seed(0)
     y = torch.randint(0, 2, (200,), generator=g)
     sign = 2 * y.float() - 1
     X = torch.stack([0.25 * sign + 0.05 * torch.randn(200, generator=g),
                      sign + 0.7 * torch.randn(200, generator=g)], dim=1)
-    options = dict(epochs=30, lr=0.05, batch_size=50, progress=False)
-    erm = ERM(**options).fit(MLP(2, 2, hidden=(16,)), (X, y))
-    fast = FastAT(eps=0.3, bounds=None, **options)
-    first = fast.fit(MLP(2, 2, hidden=(16,)), (X, y), seed=1)
-    assert torch.equal(flat_params(first), flat_params(fast.fit(MLP(2, 2, hidden=(16,)), (X, y), seed=1)))
-    probe = PGDAT(eps=0.3, steps=10, bounds=None, **options)
+    erm = ERM(**ROBUSTNESS_SCHEDULE).fit(MLP(2, 2, hidden=(16,)), (X, y))
+    probe = PGDAT(eps=0.3, steps=10, bounds=None, **ROBUSTNESS_SCHEDULE)
     probe.begin_fit(None, None, None, seed=1, steps_per_epoch=1)
 
     def robust_acc(m):
         return (m(probe.adversarial_points(m, X, y)).argmax(1) == y).float().mean().item()
 
+    return X, y, erm, robust_acc
+
+
+def test_fast_at_trains_deterministically_and_is_more_robust_than_erm():
+    X, y, erm, robust_acc = _non_robust_margin()
+    fast = FastAT(eps=0.3, bounds=None, **ROBUSTNESS_SCHEDULE)
+    first = fast.fit(MLP(2, 2, hidden=(16,)), (X, y), seed=1)
+    assert torch.equal(flat_params(first), flat_params(fast.fit(MLP(2, 2, hidden=(16,)), (X, y), seed=1)))
     assert robust_acc(first) > robust_acc(erm) + 0.2
 
 
 def test_pgd_at_is_more_robust_than_erm_on_its_own_attack():
-    """Feature 0 separates the classes by a margin smaller than eps, feature 1 is noisier but robust."""
-    g = torch.Generator().manual_seed(0)
-    y = torch.randint(0, 2, (200,), generator=g)
-    sign = 2 * y.float() - 1
-    X = torch.stack([0.25 * sign + 0.05 * torch.randn(200, generator=g),
-                     sign + 0.7 * torch.randn(200, generator=g)], dim=1)
-    options = dict(epochs=30, lr=0.05, batch_size=50, progress=False)
-    erm = ERM(**options).fit(MLP(2, 2, hidden=(16,)), (X, y))
-    pgd = PGDAT(eps=0.3, steps=5, bounds=None, **options).fit(MLP(2, 2, hidden=(16,)), (X, y))
-    probe = PGDAT(eps=0.3, steps=10, bounds=None, **options)
-    probe.begin_fit(None, None, None, seed=1, steps_per_epoch=1)
-
-    def robust_acc(m):
-        return (m(probe.adversarial_points(m, X, y)).argmax(1) == y).float().mean().item()
-
+    X, y, erm, robust_acc = _non_robust_margin()
+    pgd = PGDAT(eps=0.3, steps=5, bounds=None, **ROBUSTNESS_SCHEDULE).fit(MLP(2, 2, hidden=(16,)), (X, y))
     assert robust_acc(pgd) > robust_acc(erm) + 0.2
 
 
