@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup test demo bench clean
+.PHONY: setup test test-all demo bench clean
 
 setup: $(STAMP)
 
@@ -21,7 +21,13 @@ $(STAMP): pyproject.toml requirements.lock
 	$(PY) -m pip uninstall -y -q torchvision 2>/dev/null || true
 	touch $(STAMP)
 
+# The library tests a developer runs before each commit (everything but the tests marked slow: the
+# experiments' --quick runs under tests/experiments/ and the long end-to-end checks).
 test: $(STAMP)
+	$(PY) -m pytest -q tests -m "not slow"
+
+# Everything: the library tests, the experiments' --quick runs and the long end-to-end checks (what CI runs).
+test-all: $(STAMP)
 	$(PY) -m pytest -q tests
 
 demo: $(STAMP)

@@ -117,7 +117,7 @@ class LookaheadWeights:
     with the clean loss for ``val_objective="clean+adversarial"``); each batch sample then gets the
     weight :func:`lookahead_weights` of its alignment ``<grad l_i, v>`` (one forward-mode jvp), mixed
     with uniform weights by ``mix``. :class:`LookaheadReweighting` is this hook inside the project's own
-    training loop, so the two give the same model (``tests/test_defenses_lookahead.py``).
+    training loop, so the two give the same model (``tests/defenses/test_lookahead.py``).
 
     Whether it pays off against adversarial training of equal cost is measured in
     ``experiments/RESULTS.md`` (section ``defense_references``): so far it does not.

@@ -4,12 +4,8 @@ from __future__ import annotations
 
 import json
 import os
-import re
-import shutil
 import subprocess
 import sys
-import tempfile
-import threading
 import time
 from pathlib import Path
 
@@ -63,45 +59,9 @@ def fgsm_attack():
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS_MD = ROOT / "experiments" / "RESULTS.md"
-QUICK_TEST = re.compile(r"^test_(\w+)_quick$")
-QUICK_LIMIT = 600  # seconds, pytest's per-test timeout: a queued run is killed after it
 
 
-class QuickRuns:
-    """The ``--quick`` experiment runs of this session, started one at a time in a background thread.
-
-    An experiment script runs in its own single-threaded process, so it can use a second core while the
-    other tests run: at the end of collection, every selected ``test_<module>_quick`` that asks for
-    ``run_quick`` queues its script here (in test order), and ``run_quick`` then only waits for the result.
-    """
-
-    def __init__(self, modules: list, directory: Path):
-        self.directory = directory
-        self.done = {module: threading.Event() for module in modules}
-        self.results: dict = {}
-        self.process: subprocess.Popen | None = None
-        self.stopped = False
-        self.thread = threading.Thread(target=self._run_all, args=(modules,), daemon=True)
-        self.thread.start()
-
-    def _run_all(self, modules: list) -> None:
-        for module in modules:
-            try:
-                if not self.stopped:
-                    out_dir = self.directory / module
-                    out_dir.mkdir()
-                    self.results[module] = (out_dir, *run_experiment(module, out_dir, QUICK_LIMIT, self))
-            finally:
-                self.done[module].set()  # run_quick runs the script itself if no result is here
-
-    def stop(self) -> None:
-        """Stop the queue and the script running now (at the end of the session)."""
-        self.stopped = True
-        if self.process is not None and self.process.poll() is None:
-            self.process.kill()
-
-
-def run_experiment(module: str, out_dir: Path, limit: float, runs: QuickRuns | None = None) -> tuple:
+def run_experiment(module: str, out_dir: Path, limit: float) -> tuple:
     """Run ``python -m experiments.<module> --quick`` into ``out_dir``, killed after ``limit`` seconds.
 
     Returns ``(returncode, stdout, stderr, seconds, RESULTS.md before, RESULTS.md after)``.
@@ -113,8 +73,6 @@ def run_experiment(module: str, out_dir: Path, limit: float, runs: QuickRuns | N
         [sys.executable, "-m", f"experiments.{module}", "--quick", "--no-progress", "--out",
          str(out_dir / f"{module}.json"), "--plots", str(out_dir)],
         cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    if runs is not None:
-        runs.process = process
     try:
         stdout, stderr = process.communicate(timeout=limit)
     except subprocess.TimeoutExpired:
@@ -125,47 +83,26 @@ def run_experiment(module: str, out_dir: Path, limit: float, runs: QuickRuns | N
     return process.returncode, stdout, stderr, seconds, before, after
 
 
-QUICK_RUNS = pytest.StashKey[QuickRuns]()
-
-
-def _skipped_at_collection(item) -> bool:
-    return any(mark.name == "skip" or (mark.name == "skipif" and mark.args and mark.args[0] is True)
-               for mark in item.iter_markers())
-
-
-def pytest_collection_finish(session):
-    """Queue the ``--quick`` experiment runs of the selected tests (see ``QuickRuns``)."""
-    modules = [match[1] for item in session.items
-               if "run_quick" in getattr(item, "fixturenames", ()) and not _skipped_at_collection(item)
-               and (match := QUICK_TEST.match(item.originalname))]
-    if modules and not session.config.option.collectonly:
-        directory = Path(tempfile.mkdtemp(prefix="robust-infl-quick-"))
-        session.config.stash[QUICK_RUNS] = QuickRuns(modules, directory)
-
-
-def pytest_sessionfinish(session):
-    runs = session.config.stash.get(QUICK_RUNS, None)
-    if runs is not None:
-        runs.stop()
-        shutil.rmtree(runs.directory, ignore_errors=True)
+def pytest_collection_modifyitems(config, items):
+    """Every test under ``tests/experiments/`` checks an experiment's results, not library behaviour: it is
+    ``slow`` (run by ``make test-all``, not by ``make test``)."""
+    experiments = ROOT / "tests" / "experiments"
+    for item in items:
+        if experiments in Path(str(item.fspath)).parents:
+            item.add_marker(pytest.mark.slow)
 
 
 @pytest.fixture
-def run_quick(request):
+def run_quick():
     """Runner ``run_quick(module, tmp_path, timeout)`` of ``python -m experiments.<module> --quick``.
 
     It writes the JSON and the plots into ``tmp_path``, checks that the script exits cleanly within
     ``timeout`` seconds, writes its ``<module>_quick.png``, prints a table and leaves experiments/RESULTS.md
-    untouched, and returns the JSON. A run queued at collection (``QuickRuns``) is waited for, not repeated.
+    untouched, and returns the JSON.
     """
 
     def run(module: str, tmp_path: Path, timeout: int) -> dict:
-        runs = request.config.stash.get(QUICK_RUNS, None)
-        if runs is not None and module in runs.done and runs.done[module].wait() and module in runs.results:
-            out_dir, returncode, stdout, stderr, seconds, before, after = runs.results[module]
-            shutil.copytree(out_dir, tmp_path, dirs_exist_ok=True)
-        else:
-            returncode, stdout, stderr, seconds, before, after = run_experiment(module, tmp_path, timeout)
+        returncode, stdout, stderr, seconds, before, after = run_experiment(module, tmp_path, timeout)
         assert seconds <= timeout, f"experiments.{module} --quick took {seconds:.0f} s (limit {timeout} s)"
         assert returncode == 0, stderr[-3000:]
         assert (tmp_path / f"{module}_quick.png").stat().st_size > 10_000

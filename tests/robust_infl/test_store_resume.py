@@ -1,5 +1,5 @@
 """Resumable scoring in the library: finished chunks and stored target quantities are read back, foreign
-stores are refused. (The real SIGKILL test runs the command line: tests/test_store_cli.py.)"""
+stores are refused. (The real SIGKILL test runs the command line: tests/cli/test_score_store.py.)"""
 
 from __future__ import annotations
 

@@ -12,11 +12,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from robust_infl import cli
+from defenses import cli
 
 from conftest import CLI_TINY, CreatesMarkerWhenUnpickled
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 TINY = CLI_TINY
 
 
@@ -31,7 +31,7 @@ def runs(tmp_path_factory):
         "missing-path": ["attack", *TINY, "--weights", str(tmp / "missing.pt")],
     }
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    started = {case: subprocess.Popen([sys.executable, "-m", "robust_infl.cli", *argv], cwd=tmp, env=env,
+    started = {case: subprocess.Popen([sys.executable, "-m", "defenses.cli", *argv], cwd=tmp, env=env,
                                       stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
                for case, argv in commands.items()}
     results = {}

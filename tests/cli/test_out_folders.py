@@ -18,7 +18,7 @@ from torch import nn
 import attacks
 import defenses
 from defenses.seed_results import SEEDS_DIR
-from robust_infl import cli
+from defenses import cli
 
 import conftest
 

@@ -3,8 +3,8 @@ names the argument first (and, for unknown names, lists the valid ones).
 
 Each case id starts with the table row it backs (``nan-``, ``dtype-``, ``labels-``, ``single-class-``,
 ``empty-``, ``fraction-``, ``eps-``, ``name-``, ``sensitive-``, ``path-``). The rows about models
-(train mode, NaN outputs) are in ``test_reliability_models.py``, files in ``test_reliability_files.py``,
-the command line in ``test_reliability_cli.py``.
+(train mode, NaN outputs) are in ``tests/robust_infl/test_model_modes_and_nan.py``, files in ``tests/robust_infl/test_file_safety.py``,
+the command line in ``tests/cli/test_errors.py``.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Property: attack budgets and bounds hold for random input shapes, batch sizes, norms, budgets and
 restarts, and the same seed gives the same adversarial batch (tabular shapes with fixed size are
-covered in ``test_attacks_own.py``)."""
+covered in ``test_own_attacks.py``)."""
 
 from __future__ import annotations
 

@@ -163,7 +163,7 @@ def test_art_defence_adapters_run_on_a_tiny_model(poisoned_digits):
 
 
 def test_defend_cli_with_poison_writes_the_backdoor_fields(tmp_path):
-    from robust_infl.cli import main
+    from defenses.cli import main
 
     out = tmp_path / "run"
     code = main(["defend", "--data", "digits", "--poison", "badnets", "--poison-rate", "0.05", "--evidence", "10",

@@ -2,7 +2,7 @@
 weights, attacks, splits and defence reports, in one process and in two separate processes; a different
 seed changes what is random (random scores, ip-ensemble members, LiSSA minibatches, PGD starts, splits).
 
-Run as a script (``python tests/test_reliability_determinism.py SEED``) it prints the fingerprints as JSON.
+Run as a script (``python tests/defenses/test_determinism.py SEED``) it prints the fingerprints as JSON.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 if str(ROOT) not in sys.path:  # when run as a script
     sys.path.insert(0, str(ROOT))
 

@@ -21,7 +21,7 @@ import attacks
 import defenses
 import robust_infl
 from defenses.report import without_timing
-from robust_infl import cli
+from defenses import cli
 
 from conftest import CLI_TINY
 from conftest import square_blobs as blobs
@@ -242,7 +242,7 @@ API_ROWS = [
      ValueError, r"^data: labels must be integer class indices, got non-integer values"),
     ("run(out=<a file>)", lambda: defenses.run(blobs(100), model=lambda seed: nn.Linear(2, 2), out=__file__,
                                                progress=False),
-     ValueError, r"^out: '.*test_reliability_campaign.py' is a file, expected a folder"),
+     ValueError, r"^out: '.*test_campaign.py' is a file, expected a folder"),
     ("run(method='tracin')", lambda: defenses.run(blobs(100), model=lambda seed: nn.Linear(2, 2), method="tracin",
                                                   progress=False),
      ValueError, r"^method: 'tracin' needs checkpoints of the model it scores"),
@@ -374,11 +374,11 @@ def test_the_process_exit_status_is_2_with_one_line(tmp_path):
     import sys
     from pathlib import Path
 
-    root = Path(__file__).resolve().parents[1]
+    root = Path(__file__).resolve().parents[2]
     env = {**os.environ, "PYTHONPATH": str(root), "OMP_NUM_THREADS": "1"}
     commands = [["attack", *TINY, "--seed", "-1"], ["score", *TINY, "--out", str(tmp_path / "d.npy"), "--device",
                                                      "cuda" if NO_GPU else "cuda:99"]]
-    started = [subprocess.Popen([sys.executable, "-m", "robust_infl.cli", *argv], cwd=tmp_path, env=env,
+    started = [subprocess.Popen([sys.executable, "-m", "defenses.cli", *argv], cwd=tmp_path, env=env,
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for argv in commands]
     for process, message in zip(started, (r"argument --seed: must be an integer >= 0", r"error: device: 'cuda")):
         _, err = process.communicate(timeout=300)

@@ -11,9 +11,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from robust_infl import cli
+from defenses import cli
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 TINY = ["--data", "moons", "--model", "logreg", "--epochs", "2", "--no-progress"]
 SMALL = ["--n-train", "100", "--n-val", "40", "--n-test", "40"]  # for runs whose checks do not need more data
 
@@ -60,7 +60,7 @@ def test_help_documents_every_flag_of_every_command():
 
 
 def test_module_entry_point_runs():
-    result = subprocess.run([sys.executable, "-m", "robust_infl.cli", "defend", "--help"], cwd=ROOT,
+    result = subprocess.run([sys.executable, "-m", "defenses.cli", "defend", "--help"], cwd=ROOT,
                             capture_output=True, text=True, env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"})
     assert result.returncode == 0, result.stderr
     assert "--fraction F [F ...]" in result.stdout and "robust_vs_fraction.png" in result.stdout

@@ -14,9 +14,9 @@ import numpy as np
 import pytest
 import torch
 
-from robust_infl import cli
+from defenses import cli
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 N_CHUNKS = 16  # 4096 training samples in chunks of 256
 SCORE = ["score", "--data", "moons", "--n-train", "4096", "--n-val", "64", "--n-test", "64", "--epochs", "1",
          "--no-progress", "--top", "3"]
@@ -57,7 +57,7 @@ def kill_after(command: list, store: Path, n_chunks: int) -> int:
 @pytest.mark.slow
 def test_runs_killed_at_two_points_resume_to_the_scores_of_an_uninterrupted_run(tmp_path, uninterrupted):
     store = tmp_path / "store"
-    command = [sys.executable, "-m", "robust_infl.cli", *SCORE, "--store", str(store), "--chunk-size", "256",
+    command = [sys.executable, "-m", "defenses.cli", *SCORE, "--store", str(store), "--chunk-size", "256",
                "--resume", "--out", str(tmp_path / "scores.npy")]
     first = kill_after(command, store, 1)  # right after the first chunk
     second = kill_after(command, store, first + 3)  # a resumed run, killed a few chunks later
@@ -72,7 +72,7 @@ def test_runs_killed_at_two_points_resume_to_the_scores_of_an_uninterrupted_run(
 @pytest.mark.slow
 def test_torchrun_with_two_processes_gives_the_one_process_scores(tmp_path, uninterrupted):
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-               "-m", "robust_infl.cli", *SCORE, "--chunk-size", "256", "--store", str(tmp_path / "store"),
+               "-m", "defenses.cli", *SCORE, "--chunk-size", "256", "--store", str(tmp_path / "store"),
                "--out", str(tmp_path / "two.npy")]
     done = subprocess.run(command, env=ENV, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]

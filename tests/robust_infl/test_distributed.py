@@ -18,7 +18,7 @@ from robust_infl.models import MLP
 
 from conftest import max_relative_error
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 # Each rank scores its shard; rank 0 saves what every rank returned.
 WORKER = '''

@@ -1,4 +1,4 @@
-"""Properties of prune / reweight / relabel not covered in ``test_defenses_selection.py``: the selection
+"""Properties of prune / reweight / relabel not covered in ``test_selection.py``: the selection
 follows the samples when they are reordered, the hard weights are the prune mask, relabel touches only
 the flagged samples."""
 
