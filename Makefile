@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup test test-all demo bench clean
+.PHONY: setup test test-all docs demo bench clean
 
 setup: $(STAMP)
 
@@ -26,12 +26,18 @@ $(STAMP): pyproject.toml requirements.lock
 test: $(STAMP)
 	$(PY) -m pytest -q tests -m "not slow"
 
-# Everything: the library tests, the experiments' --quick runs and the long end-to-end checks (what CI runs).
-test-all: $(STAMP)
+# Everything: the documentation build, the library tests, the experiments' --quick runs and the long
+# end-to-end checks (what CI runs).
+test-all: docs
 	$(PY) -m pytest -q tests
+
+# The documentation site (docs/, Sphinx + myst-parser) with its API reference from the docstrings; every
+# warning is an error, so a broken cross-reference or a docstring that no longer parses fails the build.
+docs: $(STAMP)
+	$(PY) -m sphinx -W --keep-going -q -b html docs docs/_build/html
 
 demo: $(STAMP)
 	$(VENV)/bin/robust-infl demo --out runs/demo
 
 clean:
-	rm -rf $(VENV) runs .pytest_cache
+	rm -rf $(VENV) runs .pytest_cache docs/_build

@@ -91,8 +91,8 @@ def evaluate(model: nn.Module, data, attacks: Mapping[str, Callable], batch_size
             every sample is of that class).
 
     Returns:
-        ``{"n": int, "clean_acc": float, <name>: {"robust_acc": float, "asr": float}, ...,
-        "worst_case_robust_acc": float}`` (no robust number at all when ``attacks`` is empty) where
+        A dict ``{"n": int, "clean_acc": float, "worst_case_robust_acc": float, <name>: {...}}``, per
+        attack ``{"robust_acc": float, "asr": float}`` (no robust number at all when ``attacks`` is empty) where
         ``asr`` is the fraction of clean-correct samples
         that the attack flips (NaN when no sample is clean-correct) and a sample counts toward
         ``worst_case_robust_acc`` only if it is classified correctly clean AND after every attack.

@@ -115,7 +115,7 @@ class LookaheadWeights:
     recomputes the gradient ``v`` of the validation objective at the model's current weights (a seeded
     batch of ``n_val_batch`` validation points; the loss at ``attack``'s adversarial points, or its mean
     with the clean loss for ``val_objective="clean+adversarial"``); each batch sample then gets the
-    weight :func:`lookahead_weights` of its alignment ``<grad l_i, v>`` (one forward-mode jvp), mixed
+    weight :func:`~defenses.lookahead.lookahead_weights` of its alignment ``<grad l_i, v>`` (one forward-mode jvp), mixed
     with uniform weights by ``mix``. :class:`LookaheadReweighting` is this hook inside the project's own
     training loop, so the two give the same model (``tests/defenses/test_lookahead.py``).
 
@@ -202,10 +202,10 @@ class LookaheadReweighting(Trainer):
     recomputed on ``n_val_batch`` validation points drawn with the seed: the mean loss at
     ``attack``'s adversarial points (``val_objective="adversarial"``), or the mean of the clean and the
     adversarial validation losses (``"clean+adversarial"``). At every step each minibatch sample gets
-    the weight :func:`lookahead_weights` of its alignment ``<grad l_i, v>``, mixed with uniform weights
+    the weight :func:`~defenses.lookahead.lookahead_weights` of its alignment ``<grad l_i, v>``, mixed with uniform weights
     (``mix``; ``mix=0`` is exactly ``base``). With a PGD-AT ``base`` the per-sample losses, their
     alignments and the training step are all at the adversarial training points. Static ``weights``
-    given to :meth:`fit` multiply the lookahead weights.
+    given to :meth:`~defenses.Trainer.fit` multiply the lookahead weights.
 
     Idea: Ren et al. (2018), "Learning to Reweight Examples for Robust Deep Learning", with the
     validation loss replaced by the robust (adversarial) validation loss. It costs several ERM
@@ -217,7 +217,7 @@ class LookaheadReweighting(Trainer):
         base: an :class:`~defenses.ERM` or :class:`~defenses.PGDAT` trainer; its epochs, learning
             rate, batch size, optimizer, retrain mode, progress flag and loss are used.
         attack: ``attack(model, x, y) -> x_adv`` for the validation points (e.g. PGD with 5 steps).
-        val: validation ``(X, y[, s])``; when None the ``val`` given to :meth:`fit` is used.
+        val: validation ``(X, y[, s])``; when None the ``val`` given to :meth:`~defenses.Trainer.fit` is used.
         every: steps between refreshes of ``v``.
         warmup_epochs: epochs of uniform weights before the first refresh.
         mix: share of the lookahead weights in ``[0, 1]``.

@@ -180,7 +180,7 @@ def run(
 
     The run is planned first (:func:`defenses.plan.plan_run`: every argument checked and the inputs
     resolved into a :class:`~defenses.plan.RunPlan`, before any training), then executed
-    (:func:`execute`); the report's ``config`` records the plan.
+    (:func:`~defenses.pipeline.execute`); the report's ``config`` records the plan.
 
     Args:
         data: a data set name (``mnist``, ``digits``, ``adult``, ``moons``, ``mnist-full``; split per
@@ -236,7 +236,7 @@ def run(
             ``method``, ``fractions``, ``mode`` and ``retrain`` do not apply.
 
     Returns:
-        The report: ``config``, ``base`` (metrics of the base model), ``per_seed`` rows, ``summary``
+        The report, with ``config``, ``base`` (metrics of the base model), ``per_seed`` rows, ``summary``
         (mean ± std over seeds, paired differences vs ``none`` and vs ``random``) and ``recommendation``
         (the row to pick, see :func:`defenses.report.recommend`). Every row holds ``clean_acc``,
         ``robust_acc_adaptive``, ``robust_acc_transfer``, ``asr_adaptive``, ``attacks`` (per attack of

@@ -132,7 +132,7 @@ def remove_poisons(model: nn.Module, train, evidence, *, trainer, budget: float,
         ``(retrained_model, removed_index)``: the model retrained from scratch on the kept samples
         (plus the evidence under its true labels, repeated x20 for plain training and x5 for
         adversarial trainers, when given) and the sorted indices of the removed training samples.
-        Detection: :func:`contrast_detection`.
+        Detection: :func:`~defenses.poisoning.contrast_detection`.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model: must be a torch.nn.Module, got {type(model).__name__}")

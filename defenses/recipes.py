@@ -109,7 +109,7 @@ _RECIPES: dict = {}
 
 def register_recipe(name: str, fn: Callable[[DefenceContext], nn.Module], *, uses_budget: bool = True,
                     description: str = "") -> Recipe:
-    """Register ``fn`` under ``name`` (unique) and return the :class:`Recipe`."""
+    """Register ``fn`` under ``name`` (unique) and return the :class:`~defenses.recipes.Recipe`."""
     if not isinstance(name, str) or not name:
         raise ValueError(f"name: must be a non-empty string, got {name!r}")
     if not callable(fn):

@@ -1,0 +1,40 @@
+"""Sphinx configuration of the robust-infl documentation (``make docs``)."""
+
+import os
+import sys
+
+sys.path.insert(0, os.path.abspath(".."))
+
+project = "robust-infl"
+author = "robust-infl contributors"
+copyright = "robust-infl contributors"
+
+extensions = [
+    "myst_parser",
+    "sphinx.ext.autodoc",
+    "sphinx.ext.napoleon",
+    "sphinx.ext.viewcode",
+]
+source_suffix = {".md": "markdown", ".rst": "restructuredtext"}
+exclude_patterns = ["_build"]
+myst_enable_extensions = ["colon_fence"]
+myst_heading_anchors = 3
+
+autodoc_default_options = {"members": True, "show-inheritance": True}
+autodoc_member_order = "bysource"
+autodoc_typehints = "signature"
+napoleon_google_docstring = True
+napoleon_numpy_docstring = False
+
+html_theme = "alabaster"
+html_title = "robust-infl"
+
+# Every cross-reference must resolve (a renamed public name fails the build), except those to other
+# libraries (no network for intersphinx) and to the packages' internal modules, which the API
+# reference (the public names of each package's ``__all__``) does not document.
+nitpicky = True
+nitpick_ignore_regex = [
+    (r"py:.*", r"(torch|numpy|abc|typing|collections)\..*"),
+    (r"py:.*", r"(attacks|robust_infl|defenses)\.[a-z_]+(\.[A-Za-z_.]+)?"),
+    (r"py:class", r"Module"),  # torch's own docstring of nn.Module.forward, inherited by our modules
+]
