@@ -1,9 +1,12 @@
 """Sphinx configuration of the robust-infl documentation (``make docs``)."""
 
 import os
+import pkgutil
+import re
 import sys
 
-sys.path.insert(0, os.path.abspath(".."))
+ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
+sys.path.insert(0, ROOT)
 
 project = "robust-infl"
 author = "robust-infl contributors"
@@ -32,9 +35,11 @@ html_title = "robust-infl"
 # Every cross-reference must resolve (a renamed public name fails the build), except those to other
 # libraries (no network for intersphinx) and to the packages' internal modules, which the API
 # reference (the public names of each package's ``__all__``) does not document.
+_INTERNAL = sorted(f"{package}.{module.name}" for package in ("attacks", "robust_infl", "defenses")
+                   for module in pkgutil.iter_modules([os.path.join(ROOT, package)]))
 nitpicky = True
 nitpick_ignore_regex = [
     (r"py:.*", r"(torch|numpy|abc|typing|collections)\..*"),
-    (r"py:.*", r"(attacks|robust_infl|defenses)\.[a-z_]+(\.[A-Za-z_.]+)?"),
+    (r"py:.*", r"(%s)(\..*)?" % "|".join(re.escape(name) for name in _INTERNAL)),
     (r"py:class", r"Module"),  # torch's own docstring of nn.Module.forward, inherited by our modules
 ]
