@@ -198,7 +198,7 @@ def build_parser() -> argparse.ArgumentParser:
     score.add_argument("--out", required=True,
                        help="where to save the scores (a .npy file); the data set row of each training sample "
                             "is saved beside it as <name>_rows.npy")
-    scale = score.add_argument_group("scale (see the README's Scale section)")
+    scale = score.add_argument_group("scale (see the documentation's Scale page, docs/scale.md)")
     scale.add_argument("--store", default=None, metavar="DIR",
                        help="write the scores chunk by chunk into a resumable on-disk store in DIR")
     scale.add_argument("--resume", action="store_true",

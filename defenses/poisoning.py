@@ -1,7 +1,7 @@
 """Backdoor poisons in the training set: find them, remove them, retrain, and measure the backdoor after.
 
 - :func:`remove_poisons`: the recommended recipe for each defender threat model (numbers: the
-  ``poisoning`` section of ``experiments/RESULTS.md``; advice: the README, "Poisoned training data").
+  ``poisoning`` section of ``experiments/RESULTS.md``; advice: ``docs/poisoned-data.md``).
   Both detect with :func:`contrast_detection`, the representation contrast of
   :mod:`defenses.poison_detection`, cut at the Otsu split within the target class (at most the
   budget), and retrain from scratch on the kept samples:

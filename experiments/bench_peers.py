@@ -1,6 +1,6 @@
 """Benchmark against the peer libraries: Captum's TracInCP and dattri, at the same answers.
 
-Set-up (issue 8): the reference SmallCNN (~106k parameters) trained for one epoch on 4,000 MNIST
+Set-up: the reference SmallCNN (~106k parameters) trained for one epoch on 4,000 MNIST
 images, 500 validation images attacked once with PGD (linf 0.1, 10 steps) and shared by every
 library, one process. Every library computes the same quantity, the inner products of per-sample
 loss gradients (identity Hessian, one checkpoint, learning rate 1); our harm convention is

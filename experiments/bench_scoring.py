@@ -2,7 +2,7 @@
 
 IP computes every score as one forward-mode directional derivative (forward-mode AD) of the
 per-sample training losses along the objective gradient, so its cost should be a small multiple
-of a plain forward pass. Set-up (issue 2): the reference SmallCNN (~106k parameters), 4,000 random
+of a plain forward pass. Set-up: the reference SmallCNN (~106k parameters), 4,000 random
 1x28x28 inputs in [0, 1], batch 500, objective ``Utility`` on 500 random targets. Both timings run
 in this one process, interleaved, and the median over repeats is reported; the IP time includes
 everything ``robust_infl.influence`` does (validation, the objective gradient on the targets and

@@ -1,4 +1,4 @@
-"""Issue 7: an influence-guided defence on deep models under adaptive attack.
+"""An influence-guided defence on deep models under adaptive attack.
 
 Settings: MNIST subset (3,500 / 500 / 1,000) with the SmallCNN, PGD linf eps 0.1 (10 steps, alpha 0.02,
 bounds [0, 1]); Adult (8,000 / 2,000 / 5,000) with an MLP(64, 64), PGD L2 eps 0.5 (10 steps, no bounds).
@@ -522,7 +522,7 @@ def render_directions(summaries: dict) -> str:
 
 def _section(tables: str, selection: str, directions: str) -> str:
     return "\n\n".join(part for part in (
-        "## defense_deep: influence-guided defence on deep models (issue 7)",
+        "## defense_deep: influence-guided defence on deep models (experiments/defense_deep.py)",
         f"Regenerate: `{REGENERATE}` (selection of the lookahead options: add `--select`). Accuracies in %, "
         "adaptive (each attack re-run on the defended model); PGD on the whole test split, AutoAttack on "
         "its first 200 (MNIST) / 1,000 (Adult) points (see the script's docstring for the AutoAttack "

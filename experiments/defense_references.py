@@ -1,6 +1,6 @@
 """defense_references: every defence recipe beside adversarial-training references, with measured cost.
 
-The benchmark behind the README's "Which defence to use" (issue 15). Each setting is one
+The benchmark behind the documentation's "Choosing a defence". Each setting is one
 ``defenses.run`` (the ``defend`` pipeline): plain training (ERM) as the base, the influence recipe and
 its baselines at a 5% budget (removal as weight 0, so every retraining takes as many steps as
 ``none``), the ``lookahead`` recipe, plain training on train + validation, and the reference rows
@@ -113,7 +113,7 @@ def _delta(entry: dict, metric: str) -> str:
 
 def render(reports: dict) -> str:
     """The RESULTS.md section: one table per setting, its Pareto front and its recommendation."""
-    lines = ["## defense_references: every recipe beside adversarial-training references (issue 15)", "",
+    lines = ["## defense_references: every recipe beside adversarial-training references (experiments/defense_references.py)", "",
              "`python -m experiments.defense_references` (see its docstring). Plain training (ERM) as the base; "
              "influence / random / loss remove 5% (weight 0, as many steps as `none`); references trained on the "
              "same data with the same schedule and seed. Accuracies in % (mean ± std over seeds), Δ paired vs "

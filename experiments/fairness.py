@@ -1,4 +1,4 @@
-"""Fairness on Adult (issue 6, part 3): remove the training samples most harmful to a fairness objective.
+"""Fairness on Adult: remove the training samples most harmful to a fairness objective.
 
 Protocol (per seed, paired): split Adult (train / validation / test, sensitive attribute = sex) with
 the seed; train logistic regression and an MLP (64-64) with :class:`defenses.ERM`; score every
@@ -301,7 +301,7 @@ def plot(per_seed: list, config: Config, path: Path) -> None:
 def section(rows: list, reading: list, config: Config, command: str, plot_name: str) -> str:
     """The RESULTS.md section: configuration, command, table, plot link and the reading."""
     return "\n".join([
-        "## Fairness: Adult, removing the samples most harmful to a fairness objective (issue 6, part 3)",
+        "## Fairness: Adult, removing the samples most harmful to a fairness objective (experiments/fairness.py)",
         "",
         f"Regenerate: `{command}`",
         "",

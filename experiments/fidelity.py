@@ -1,4 +1,4 @@
-"""Fidelity benchmark (issue 5): how well does each influence method predict what retraining does?
+"""Fidelity benchmark: how well does each influence method predict what retraining does?
 
 For every method of ``robust_infl`` (harm convention: harm > 0 predicts that removing the sample
 DECREASES the objective), compare the predicted harm with the ACTUAL decrease of the objective on

@@ -1,4 +1,4 @@
-"""Linear datamodeling score (issue 18): does the Hessian-free claim hold on a deep model?
+"""Linear datamodeling score: does the Hessian-free claim hold on a deep model?
 
 The LDS (Park et al. 2023, "TRAK"; used by dattri and Kronfluence) asks how well a method's scores,
 summed over a training subset, predict the objective of a model RETRAINED on that subset.

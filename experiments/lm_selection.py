@@ -1,4 +1,4 @@
-"""Language-model fine-tuning sample selection (issue 6, part 4): all-MiniLM-L6-v2 on noisy labels.
+"""Language-model fine-tuning sample selection: all-MiniLM-L6-v2 on noisy labels.
 
 Task (generated offline, seeded): binary sentiment of templated reviews, with negation ("was not
 great") and contrast ("seemed great at first, but it turned out dull"), so that the label depends
@@ -326,7 +326,7 @@ def plot(per_seed: list, config: Config, path: Path) -> None:
 def section(rows: list, reading: list, config: Config, command: str, plot_name: str) -> str:
     """The RESULTS.md section: configuration, command, table, plot link and the reading."""
     return "\n".join([
-        "## Language-model fine-tuning sample selection: all-MiniLM-L6-v2 (issue 6, part 4)",
+        "## Language-model fine-tuning sample selection: all-MiniLM-L6-v2 (experiments/lm_selection.py)",
         "",
         f"Regenerate: `{command}`",
         "",

@@ -1,4 +1,4 @@
-"""Noisy-label detection on MNIST (issue 6, part 2): rank the training samples by each influence score,
+"""Noisy-label detection on MNIST: rank the training samples by each influence score,
 measure how well the ranking finds the flipped labels, and retrain without the top 5%.
 
 Protocol (per seed, paired): two scales of MNIST,
@@ -431,7 +431,7 @@ def section(tables: tuple, reading: list, config: Config, command: str, plot_nam
         f"(Adam lr {s.lr}, {s.epochs} epochs, batch {s.batch_size}), last-layer-only: {', '.join(s.last_layer_methods)}"
         for s in config.scales)
     return "\n".join([
-        "## Noisy-label detection: MNIST 5k subset and full 50k (issue 6, part 2)",
+        "## Noisy-label detection: MNIST 5k subset and full 50k (experiments/noisy_labels.py)",
         "",
         f"Regenerate: `{command}` ({minutes:.0f} min wall-clock on the shared 2-core machine)",
         "",

@@ -1,4 +1,4 @@
-"""Adversarial defence by removing harmful training samples (issue 6, part 5): the honest protocol and
+"""Adversarial defence by removing harmful training samples: the honest protocol and
 the paper's own protocol side by side.
 
 Honest protocol (per setting and seed, paired): seeded train / validation / test split; train the
@@ -590,7 +590,7 @@ def section(table: dict, lines: list, config: Config, command: str, plot_name: s
     threats = "; ".join(f"{data}: FGSM and PGD-linf eps {t.linf_eps}, PGD-l2 eps {t.l2_eps} ({t.pgd_steps} steps), "
                         f"bounds {t.bounds}" for data, t in THREATS.items())
     return "\n".join([
-        "## Adversarial defence: honest protocol and the paper's protocol (issue 6, part 5)",
+        "## Adversarial defence: honest protocol and the paper's protocol (experiments/paper_defense.py)",
         "",
         f"Regenerate: `{command}` ({minutes:.0f} min wall-clock on the shared 2-core machine)",
         "",

@@ -1,4 +1,4 @@
-"""Synthetic experiment (issue 6, part 1): make_moons decision boundaries before and after removing
+"""Synthetic experiment: make_moons decision boundaries before and after removing
 the training samples most harmful to the utility, robustness and fairness objectives.
 
 Protocol (per seed, paired): draw make_moons (noise 0.2; sensitive attribute s = right half-plane)
@@ -282,7 +282,7 @@ def plot_budgets(per_seed: list, config: Config, path: Path) -> None:
 def section(rows: list, reading: list, config: Config, command: str, plot_names: tuple) -> str:
     """The RESULTS.md section: configuration, command, table, plot link and the reading."""
     return "\n".join([
-        "## Synthetic: make_moons decision boundaries (issue 6, part 1)",
+        "## Synthetic: make_moons decision boundaries (experiments/synthetic.py)",
         "",
         f"Regenerate: `{command}`",
         "",

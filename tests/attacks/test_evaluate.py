@@ -108,7 +108,7 @@ def test_progress_bar_can_be_switched_off_and_shows_only_on_a_terminal(capsys, m
     evaluate(model, (x, y), {"none": identity}, batch_size=10, progress=False)
     assert capsys.readouterr().err == ""
     evaluate(model, (x, y), {"none": identity}, batch_size=10, progress=True)
-    assert capsys.readouterr().err == ""  # stderr is not a terminal here (issue 14: no bars in logs)
+    assert capsys.readouterr().err == ""  # stderr is not a terminal here (no bars in logs)
     monkeypatch.setattr(sys.stderr, "isatty", lambda: True, raising=False)
     evaluate(model, (x, y), {"none": identity}, batch_size=10, progress=True)
     assert "evaluate" in capsys.readouterr().err

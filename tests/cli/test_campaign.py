@@ -1,6 +1,6 @@
-"""The bad-input campaign of issue 14, kept as tables: input -> exit status / exception and message.
+"""The bad-input campaign of a new user, kept as tables: input -> exit status / exception and message.
 
-Every row failed late (after training or scoring) or was explained poorly before issue 14. Each must
+Every row failed late (after training or scoring) or was explained poorly before its fix. Each must
 now fail at the boundary, BEFORE any compute, with one line naming the flag or argument: the
 ``no_compute`` fixture makes every trainer and every scoring call fail loudly, so a row that still
 trains first gets the wrong message.

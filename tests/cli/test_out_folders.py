@@ -1,4 +1,4 @@
-"""The four bugs of issue 14 (wrong results or lost data), each pinned by a test written before its fix.
+"""The four bugs a new user found (wrong results or lost data), each pinned by a test written before its fix.
 
 1. ``defend --out DIR`` into a folder holding an earlier run, without ``--resume``, silently
    overwrote it and left the old seed files beside the new ones.

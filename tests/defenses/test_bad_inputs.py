@@ -1,4 +1,4 @@
-"""The README's Reliability table, row by row: each bad input gets a ValueError / TypeError whose message
+"""The error table of docs/reliability.md, row by row: each bad input gets a ValueError / TypeError whose message
 names the argument first (and, for unknown names, lists the valid ones).
 
 Each case id starts with the table row it backs (``nan-``, ``dtype-``, ``labels-``, ``single-class-``,

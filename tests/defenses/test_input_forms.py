@@ -1,4 +1,4 @@
-"""Friction of a new user's first hour (issue 14): the trainers and ``evaluate`` take what ``influence``
+"""Friction of a new user's first hour: the trainers and ``evaluate`` take what ``influence``
 takes, streaming a Dataset; defaults for the trainers; BatchNorm with a last batch of one; progress
 bars only on a terminal."""
 

@@ -243,7 +243,7 @@ def test_the_budget_free_linear_attack_reports_no_eps(tmp_path):
                           recipes=["none", "influence"], out=tmp_path, progress=False)
     assert report["config"]["eps"] is None and report["config"]["norm"] is None
     assert "Threat model: linear; scores" in (tmp_path / "report.md").read_text()
-    # the closed-form move (true labels, issue 14) flips every correct prediction of a linear model and
+    # the closed-form move (true labels) flips every correct prediction of a linear model and
     # leaves the misclassified points wrong: robust accuracy 0, a lower bound (it was 1 - clean with the
     # paper's predicted-label move, which turned the misclassified points correct)
     base = report["base"]

@@ -18,7 +18,7 @@ fractions = st.floats(0.0, 0.99)
 @settings(max_examples=60, deadline=None)
 @given(distinct_scores, fractions, st.randoms(use_true_random=False))
 def test_the_selection_follows_the_samples_when_they_are_reordered(values, fraction, rng):
-    assume(budget_size(len(values), fraction) < len(values))  # every sample flagged: refused (issue 14)
+    assume(budget_size(len(values), fraction) < len(values))  # every sample flagged: refused
     scores = torch.tensor(values, dtype=torch.float64)
     perm = torch.tensor(rng.sample(range(len(values)), len(values)))
     assert torch.equal(prune(scores[perm], fraction), prune(scores, fraction)[perm])
@@ -29,7 +29,7 @@ def test_the_selection_follows_the_samples_when_they_are_reordered(values, fract
 @settings(max_examples=60, deadline=None)
 @given(st.lists(st.floats(-1e3, 1e3, allow_nan=False), min_size=1, max_size=60), fractions, st.floats(0.1, 5.0))
 def test_hard_weights_are_the_prune_mask_and_the_budget(values, fraction, w_max):
-    assume(budget_size(len(values), fraction) < len(values))  # every sample flagged: refused (issue 14)
+    assume(budget_size(len(values), fraction) < len(values))  # every sample flagged: refused
     scores = torch.tensor(values, dtype=torch.float64)
     keep = prune(scores, fraction)
     assert int(keep.sum()) == len(values) - budget_size(len(values), fraction)

@@ -18,7 +18,7 @@ fractions = st.floats(0.0, 0.99)
 @given(scores_strategy, fractions)
 def test_prune_drops_exactly_the_budget_with_the_largest_harm(values, fraction):
     scores = torch.tensor(values, dtype=torch.float64)
-    if budget_size(len(values), fraction) == len(values):  # would drop every sample: refused (issue 14)
+    if budget_size(len(values), fraction) == len(values):  # would drop every sample: refused
         with pytest.raises(ValueError, match="^fraction: .* selects all"):
             prune(scores, fraction)
         return
@@ -33,7 +33,7 @@ def test_prune_drops_exactly_the_budget_with_the_largest_harm(values, fraction):
 @given(scores_strategy, fractions, st.floats(0.01, 100.0), st.floats(0.1, 10.0))
 def test_smooth_weights_are_bounded_and_non_increasing_in_harm(values, fraction, temperature, w_max):
     scores = torch.tensor(values, dtype=torch.float64)
-    assume(budget_size(len(values), fraction) < len(values))  # every sample flagged: refused (issue 14)
+    assume(budget_size(len(values), fraction) < len(values))  # every sample flagged: refused
     w = reweight(scores, "smooth", fraction=fraction, temperature=temperature, w_max=w_max)
     assert w.dtype == torch.float32 and w.shape == scores.shape
     assert (w >= 0).all() and (w <= w_max).all()

@@ -1,4 +1,4 @@
-"""Smoke tests of the noisy-label and adversarial-defence experiment scripts (issue 6, parts 2 and 5).
+"""Smoke tests of the noisy-label and adversarial-defence experiment scripts.
 
 Each runs the script's ``--quick`` variant end to end in a subprocess and checks the written JSON
 and plot: shapes, ranges, the statistics against the per-seed numbers, and effects the quick
