@@ -22,7 +22,7 @@ import attacks
 import defenses
 import robust_infl
 from attacks.registry import ATTACK_NAMES, make_attack
-from defenses.config import PoisoningConfig, PoisonSpec, RunConfig, help_texts
+from defenses.config import POISON_ATTACKS, PoisoningConfig, PoisonSpec, RunConfig, help_texts
 from defenses.recipes import DEFAULT_RECIPES, available_recipes, get_recipe
 from defenses.registry import TRAINER_NAMES, make_trainer
 from defenses.report import render_markdown
@@ -250,7 +250,7 @@ def _poison_options(defend: argparse.ArgumentParser) -> None:
         "backdoor poisoning (with --poison, --recipes takes the poisoning recipes, all by default: "
         + ", ".join(_poison_recipes()) + ")")
     spec = help_texts(PoisonSpec)
-    group.add_argument("--poison", choices=("badnets", "clean-label"), default=None,
+    group.add_argument("--poison", choices=POISON_ATTACKS, default=None,
                        help="poison every seed's training split with a corner patch: badnets (relabelled to the "
                             "target class) or clean-label (ART's label-consistent backdoor)")
     group.add_argument("--poison-rate", type=float, default=0.05, help="share poisoned (default: %(default)s)")

@@ -100,21 +100,13 @@ class RunConfig(SharedConfig):
 
 @dataclass(frozen=True)
 class PoisonSpec:
-    """The backdoor threat model of :func:`defenses.run_poisoning`.
+    """The backdoor threat model of :func:`defenses.run_poisoning` (each field's help in ``metadata["help"]``).
 
-    Attributes:
-        attack: ``"badnets"`` (patch + relabel, :func:`attacks.poison`) or ``"clean-label"`` (ART's
-            ``PoisoningAttackCleanLabelBackdoor``: target-class samples, PGD-perturbed on a proxy
-            model trained on the clean split with the same trainer, then patched; labels kept).
-        rate: share of the training split poisoned.
-        target_class: the class the backdoor maps to.
-        evidence: the evidence sizes K run for the evidence-known recipes (triggered validation
-            inputs of the other classes, with their true labels; nested: the first K of one draw).
-        budget: share removed by every recipe (default ``2 * rate``).
-        patch_size: side of the square patch in the bottom-right corner, value 1.
-        clean_label_eps, clean_label_steps: ART's PGD budget (linf) and steps for the clean-label attack.
-        robust_n: the evasion robust accuracy is measured on the first ``robust_n`` test inputs (None: all);
-            clean accuracy and the backdoor ASR always on the whole test split.
+    ``badnets`` patches a corner of ``rate`` of the training split and relabels it to ``target_class``
+    (:func:`attacks.poison`); ``clean-label`` is ART's ``PoisoningAttackCleanLabelBackdoor``: target-class
+    samples, PGD-perturbed on a proxy model trained on the clean split with the same trainer, then patched,
+    labels kept. The evidence sizes are nested: the first K of one draw of triggered validation inputs of
+    the other classes. Clean accuracy and the backdoor ASR are measured on the whole test split.
     """
 
     attack: str = _option("badnets", "the backdoor: badnets (corner patch, relabelled to the target class) or "

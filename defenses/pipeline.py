@@ -149,16 +149,11 @@ def run(data: Union[str, Splits, Sequence, Callable] = "mnist", model: Union[str
 
     ``data``, ``model``, ``attack`` and the keyword ``options`` are the fields of
     :class:`~defenses.config.RunConfig`, each documented there (an unknown one is a ``TypeError`` naming
-    it; the backdoor-poisoning pipeline is :func:`defenses.run_poisoning`). In short: ``data`` a data set
-    name, splits, one ``(X, y[, s])`` data set or a callable ``seed -> Splits``; ``model`` a reference model
-    name, your ``nn.Module`` or a factory ``seed -> nn.Module``; ``attack`` a name or your callable; the
-    threat model (``eps``, ``norm``, ``steps``, ``bounds``); the scoring (``method``, ``method_options``);
-    the budgets and the selection (``fractions``, ``mode``, ``scheme``, ``temperature``); the training
-    (``trainer``, ``retrain``, ``epochs``, ``lr``, ``batch_size``, ``train_steps``); the rows (``recipes``,
-    ``references``); the evaluation (``eval_attacks``, ``eval_subset``, ``eval_batch_size``); the
-    data (``seeds``, ``n_train``, ``n_val``, ``n_test``); the output (``out``, ``resume``, ``overwrite``,
-    ``progress``). Removal (prune mode) gives the removed samples weight 0, so every recipe trains for as
-    many steps as ``none`` (ART's trainers, which take no weights, drop them).
+    it; the backdoor-poisoning pipeline is :func:`defenses.run_poisoning`): the threat model, the
+    scoring, the budgets and the selection, the training, the recipes and references, the evaluation
+    suite, the seeds and split sizes, and the output folder. Removal (prune mode) gives the removed
+    samples weight 0, so every recipe trains for as many steps as ``none`` (ART's trainers, which take no
+    weights, drop them).
 
     Returns:
         The report: ``config``, ``base`` (metrics of the base model), ``per_seed`` rows, ``summary``
