@@ -8,20 +8,25 @@
   validation loss (recipe ``lookahead``); :class:`LookaheadWeights`: the same weights as a per-batch
   hook for your own training loop; :class:`SelectionWeights`: a selection recipe's keep-mask or
   weights for your own loop.
-- :func:`run`: the closed loop with baselines and adversarial-training references
+- :func:`run`: the evasion pipeline, the closed loop with baselines and adversarial-training references
   (:mod:`defenses.references`), each row's measured cost, and an evaluation suite
   (:mod:`defenses.eval_suite`) over several seeds, writing ``report.json``, ``report.md``,
   ``robust_vs_cost.png`` and ``robust_vs_fraction.png`` atomically, and each seed's results as it
-  completes (``resume=True`` reuses them after a crash); recipes are pluggable (:func:`register_recipe`).
+  completes (``resume=True`` reuses them after a crash); its options are the fields of :class:`RunConfig`.
 - :func:`remove_poisons`: find backdoor poisons (with or without triggered evidence), remove them and
-  retrain; ``run(..., poison=...)`` measures it against the poisoning baselines (:mod:`defenses.poisoning`,
-  detectors in :mod:`defenses.poison_detection`).
+  retrain (:mod:`defenses.poison_removal`); :func:`run_poisoning`, the poisoning pipeline, measures it
+  against the poisoning baselines (:mod:`defenses.poisoning`, recipes in :mod:`defenses.poison_recipes`,
+  detectors in :mod:`defenses.poison_detection`); its options are the fields of :class:`PoisoningConfig`,
+  the backdoor threat model a :class:`PoisonSpec`.
+- Recipes of both pipelines live in one registry (:func:`register_recipe`, :func:`available_recipes`).
 """
 
 from .art_trainer import ARTTrainer
 from .lookahead import LookaheadReweighting, LookaheadWeights
+from .config import PoisoningConfig, PoisonSpec, RunConfig
 from .pipeline import evaluate_on_test, run, seeded_split
-from .poisoning import PoisonSpec, poison_recipe_names, remove_poisons
+from .poison_removal import remove_poisons
+from .poisoning import run_poisoning
 from .recipes import DefenceContext, available_recipes, register_recipe
 from .registry import TRAINER_NAMES, make_trainer
 from .selection import prune, relabel, reweight
@@ -43,6 +48,9 @@ __all__ = [
     "SelectionWeights",
     "per_sample_loss",
     "run",
+    "RunConfig",
+    "run_poisoning",
+    "PoisoningConfig",
     "evaluate_on_test",
     "seeded_split",
     "DefenceContext",
@@ -50,7 +58,6 @@ __all__ = [
     "available_recipes",
     "remove_poisons",
     "PoisonSpec",
-    "poison_recipe_names",
     "TRAINER_NAMES",
     "make_trainer",
 ]

@@ -7,6 +7,7 @@ with status 2 (``--debug`` shows the traceback instead).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
 import time
@@ -21,7 +22,7 @@ import attacks
 import defenses
 import robust_infl
 from attacks.registry import ATTACK_NAMES, make_attack
-from defenses.poisoning import poison_recipe_names, render_poisoned
+from defenses.config import POISON_ATTACKS, PoisoningConfig, PoisonSpec, RunConfig, help_texts
 from defenses.recipes import DEFAULT_RECIPES, available_recipes, get_recipe
 from defenses.registry import TRAINER_NAMES, make_trainer
 from defenses.report import render_markdown
@@ -151,9 +152,10 @@ def build_parser() -> argparse.ArgumentParser:
                         help="training: erm, fast-at (FGSM from a random start, Wong et al. 2020), pgd-at "
                              "(Madry), trades, or ART's art-pgd-at / art-trades (default: %(default)s); with erm "
                              "the report adds fast-at, pgd-at and trades as references")
-    defend.add_argument("--recipes", nargs="+", choices=available_recipes() + _poison_recipes(), default=list(DEFAULT_RECIPES),
-                        metavar="R", help=f"defence and baselines to run, from {', '.join(available_recipes())} "
-                                          f"(default: {' '.join(DEFAULT_RECIPES)})")
+    defend.add_argument("--recipes", nargs="+", choices=tuple(dict.fromkeys(available_recipes() + _poison_recipes())),
+                        default=None, metavar="R", help=f"defence and baselines to run, from "
+                                                        f"{', '.join(available_recipes())} (default: "
+                                                        f"{' '.join(DEFAULT_RECIPES)})")
     defend.add_argument("--references", nargs="*", default=None, metavar="T", choices=("fast-at", "pgd-at", "trades"),
                         help="adversarial-training reference rows trained on the same data and schedule, from "
                              "fast-at, pgd-at, trades (default: all three with --trainer erm; an adversarial "
@@ -171,6 +173,11 @@ def build_parser() -> argparse.ArgumentParser:
                              "results written with other settings are refused")
     defend.add_argument("--overwrite", action="store_true",
                         help="replace an earlier run in --out (without it, or --resume, a used folder is refused)")
+    defend.add_argument("--bounds", nargs="+", default=None, metavar="B",
+                        help="input range of the attack and the adversarial trainers: auto, none (unbounded) or "
+                             "LOW HIGH (default: auto, the data set's)")
+    defend.add_argument("--eval-batch-size", type=int, default=256,
+                        help=f"{help_texts(RunConfig)['eval_batch_size']} (default: %(default)s)")
     _poison_options(defend)
 
     score = commands.add_parser(
@@ -234,15 +241,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _poison_recipes() -> tuple:
-    return poison_recipe_names()
+    return available_recipes("poisoning")
 
 
 def _poison_options(defend: argparse.ArgumentParser) -> None:
-    """``defend``'s backdoor-poisoning flags (see ``defenses.run(..., poison=...)``)."""
+    """``defend``'s backdoor-poisoning flags (with ``--poison``, ``defend`` runs ``defenses.run_poisoning``)."""
     group = defend.add_argument_group(
         "backdoor poisoning (with --poison, --recipes takes the poisoning recipes, all by default: "
         + ", ".join(_poison_recipes()) + ")")
-    group.add_argument("--poison", choices=("badnets", "clean-label"), default=None,
+    spec = help_texts(PoisonSpec)
+    group.add_argument("--poison", choices=POISON_ATTACKS, default=None,
                        help="poison every seed's training split with a corner patch: badnets (relabelled to the "
                             "target class) or clean-label (ART's label-consistent backdoor)")
     group.add_argument("--poison-rate", type=float, default=0.05, help="share poisoned (default: %(default)s)")
@@ -251,14 +259,72 @@ def _poison_options(defend: argparse.ArgumentParser) -> None:
                        help="evidence sizes: K triggered validation inputs with true labels (default: 50)")
     group.add_argument("--budget", type=float, default=None,
                        help="share removed by every recipe (default: twice --poison-rate)")
+    group.add_argument("--patch-size", type=int, default=3, help=f"{spec['patch_size']} (default: %(default)s)")
+    group.add_argument("--clean-label-eps", type=float, default=0.3,
+                       help=f"{spec['clean_label_eps']} (default: %(default)s)")
+    group.add_argument("--clean-label-steps", type=int, default=20,
+                       help=f"{spec['clean_label_steps']} (default: %(default)s)")
+    group.add_argument("--robust-n", type=int, default=500,
+                       help="evasion robust accuracy on the first N test inputs (default: %(default)s)")
 
 
-def _poison_spec(args):
-    """The ``poison=`` argument of ``defenses.run`` from the flags (None without --poison)."""
-    if args.poison is None:
+# Where each option of defenses.run / defenses.run_poisoning comes from on the command line: the field of
+# RunConfig / PoisoningConfig -> the defend flags it is read from, and the field of PoisonSpec -> its flag
+# (tests/cli/test_config_flags.py keeps these, the configurations and the parser in step).
+DEFEND_FLAGS = {
+    "data": ("--data",), "model": ("--model",), "attack": ("--attack",), "eps": ("--eps",), "norm": ("--norm",),
+    "steps": ("--steps",), "bounds": ("--bounds",), "trainer": ("--trainer",), "seeds": ("--seeds",),
+    "epochs": ("--epochs",), "lr": ("--lr",), "batch_size": ("--batch-size",), "train_steps": ("--train-steps",),
+    "n_train": ("--n-train",), "n_val": ("--n-val",), "n_test": ("--n-test",),
+    "eval_batch_size": ("--eval-batch-size",), "out": ("--out",), "resume": ("--resume",),
+    "overwrite": ("--overwrite",), "progress": ("--no-progress",), "method": ("--method",),
+    "method_options": ("--params", "--damping"), "fractions": ("--fraction",), "mode": ("--mode",),
+    "scheme": ("--scheme",), "temperature": ("--temperature",), "retrain": ("--retrain",), "recipes": ("--recipes",),
+    "references": ("--references",), "eval_attacks": ("--eval-attacks",), "eval_subset": ("--eval-subset",),
+    "poison": ("--poison",),
+}
+POISON_FLAGS = {
+    "attack": "--poison", "rate": "--poison-rate", "target_class": "--target-class", "evidence": "--evidence",
+    "budget": "--budget", "patch_size": "--patch-size", "clean_label_eps": "--clean-label-eps",
+    "clean_label_steps": "--clean-label-steps", "robust_n": "--robust-n",
+}
+DEFEND_ONLY_FLAGS = ("--help", "--debug")  # flags of the command itself, not options of a run
+
+
+def _bounds_option(values: Optional[list]):
+    """``bounds`` from ``--bounds``: ``auto`` (also when not given), ``none`` or two numbers ``LOW HIGH``."""
+    if values is None or values == ["auto"]:
+        return "auto"
+    if values == ["none"]:
         return None
-    return dict(attack=args.poison, rate=args.poison_rate, target_class=args.target_class,
-                evidence=tuple(args.evidence), budget=args.budget)
+    try:
+        low, high = (float(v) for v in values)
+    except ValueError:
+        raise ValueError(f"bounds: must be auto, none or two numbers LOW HIGH, got {' '.join(values)}") from None
+    return low, high
+
+
+def _flag_value(args, flag: str):
+    return getattr(args, flag[2:].replace("-", "_"))
+
+
+def _defend_options(args, config_class) -> dict:
+    """The options of ``config_class`` (:class:`RunConfig` or :class:`PoisoningConfig`) from ``defend``'s flags."""
+    converted = {
+        "method_options": {k: v for k, v in (("params", args.params), ("damping", args.damping)) if v is not None}
+        or None,
+        "fractions": args.fraction, "progress": not args.no_progress, "bounds": _bounds_option(args.bounds),
+        "references": "auto" if args.references is None else args.references,
+        "eval_attacks": "auto" if args.eval_attacks is None else args.eval_attacks,
+        "poison": {field: (tuple(value) if isinstance(value, list) else value) for field, value in
+                   ((field, _flag_value(args, flag)) for field, flag in POISON_FLAGS.items())},
+    }
+    options = {}
+    for field in (f.name for f in dataclasses.fields(config_class)):
+        value = converted[field] if field in converted else _flag_value(args, DEFEND_FLAGS[field][0])
+        if not (field == "recipes" and value is None):  # the pipeline's own default recipes
+            options[field] = value
+    return options
 
 
 def _setup(args):
@@ -311,24 +377,14 @@ def _load_weights(model, path, name: str):
 
 def _cmd_defend(args) -> int:
     start = time.perf_counter()
-    report = defenses.run(
-        args.data, args.model, args.attack, eps=args.eps, norm=args.norm, steps=args.steps, method=args.method,
-        method_options={k: v for k, v in (("params", args.params), ("damping", args.damping)) if v is not None},
-        fractions=args.fraction, mode=args.mode, scheme=args.scheme, temperature=args.temperature,
-        retrain=args.retrain, trainer=args.trainer, recipes=args.recipes, seeds=args.seeds, epochs=args.epochs,
-        references="auto" if args.references is None else args.references,
-        eval_attacks="auto" if args.eval_attacks is None else args.eval_attacks, eval_subset=args.eval_subset,
-        lr=args.lr, batch_size=args.batch_size, train_steps=args.train_steps, n_train=args.n_train,
-        n_val=args.n_val, n_test=args.n_test, out=args.out, resume=args.resume, overwrite=args.overwrite,
-        progress=not args.no_progress, poison=_poison_spec(args))
-    if args.poison is not None:
-        print(render_poisoned(report))
-        print(f"wrote {Path(args.out) / 'report.json'}, report.md and asr_by_recipe.png in "
-              f"{time.perf_counter() - start:.0f} s")
-        return 0
+    if args.poison is None:
+        report = defenses.run(**_defend_options(args, RunConfig))
+        plots = "robust_vs_cost.png"
+    else:
+        report = defenses.run_poisoning(**_defend_options(args, PoisoningConfig))
+        plots = "asr_by_recipe.png"
     print(render_markdown(report))
-    print(f"wrote {Path(args.out) / 'report.json'}, report.md and robust_vs_cost.png in "
-          f"{time.perf_counter() - start:.0f} s")
+    print(f"wrote {Path(args.out) / 'report.json'}, report.md and {plots} in {time.perf_counter() - start:.0f} s")
     return 0
 
 

@@ -25,15 +25,15 @@ from robust_infl.datasets import Splits
 
 from .data import as_tensors
 from .eval_suite import build_suite, evaluate_suite
-from .plan import MODES, RunPlan, RunSettings, plan_run, seeded_split
-from .poisoning import run_poisoned
-from .recipes import DEFAULT_RECIPES, DefenceContext
+from .config import RunConfig, config_from_options
+from .plan import MODES, RunPlan, plan_run, seeded_split
+from .recipes import DefenceContext
 from .references import erm_like
 from .report import recommend, summarise, summarise_base, write_report
 from .seed_results import SeedResults, prepare_out_folder, run_seeds
 from .trainers import ERM
 
-__all__ = ["run", "execute", "evaluate_on_test", "seeded_split", "MODES", "RunPlan", "RunSettings", "plan_run"]
+__all__ = ["run", "execute", "evaluate_on_test", "seeded_split", "MODES", "RunPlan", "plan_run"]
 
 
 def evaluate_on_test(model: nn.Module, test, attack: Callable, base_adversarial: Optional[torch.Tensor] = None, *,
@@ -47,8 +47,7 @@ def evaluate_on_test(model: nn.Module, test, attack: Callable, base_adversarial:
     ``x_adv``), ``robust_acc_transfer`` (on ``base_adversarial``; on ``x_adv`` when None),
     ``asr_adaptive`` (the share of clean-correct test points the attack flips), ``attacks`` (per
     attack of ``suite`` plus the threat, on the first ``eval_subset`` test points; the whole split
-    without a suite) and ``worst_case`` (the share correct under every one of them), with the old
-    names ``robust_acc`` and ``transfer_acc`` as aliases.
+    without a suite) and ``worst_case`` (the share correct under every one of them).
     """
     X, y = as_tensors(test, "test")[:2]
     results, adversarial = attacks.evaluate(model, (X, y), {threat: attack}, batch_size=batch_size,
@@ -63,7 +62,7 @@ def evaluate_on_test(model: nn.Module, test, attack: Callable, base_adversarial:
         per_attack = {"attacks": {threat: dict(results[threat])}, "worst_case": adaptive, "eval_subset": len(X)}
     metrics = {"clean_acc": results["clean_acc"], "robust_acc_adaptive": adaptive, "robust_acc_transfer": transfer,
                "asr_adaptive": results[threat]["asr"], "worst_case": per_attack["worst_case"],
-               "attacks": per_attack["attacks"], "robust_acc": adaptive, "transfer_acc": transfer}
+               "attacks": per_attack["attacks"]}
     return metrics, x_adv
 
 
@@ -140,100 +139,21 @@ def _check_two_classes(train: tuple, seed: int) -> None:
                          f"({classes.tolist()}); a classifier and its defence need at least two")
 
 
-def run(
-    data: Union[str, Splits, Sequence, Callable] = "mnist",
-    model: Union[str, nn.Module, Callable, None] = None,
-    attack: Union[str, Callable] = "pgd",
-    *,
-    eps: Optional[float] = None,
-    norm: Optional[str] = None,
-    steps: Optional[int] = None,
-    bounds="auto",
-    method: str = "ip",
-    method_options: Optional[dict] = None,
-    fractions: Sequence[float] = (0.05,),
-    mode: str = "prune",
-    scheme: str = "smooth",
-    temperature: float = 1.0,
-    retrain: str = "scratch",
-    trainer="erm",
-    recipes: Sequence[str] = DEFAULT_RECIPES,
-    references: Union[str, Sequence[str], None] = "auto",
-    eval_attacks: Union[str, Sequence[str], None] = "auto",
-    eval_subset: int = 200,
-    seeds: Union[int, Sequence[int]] = 3,
-    epochs: Optional[int] = None,
-    lr: Optional[float] = None,
-    batch_size: Optional[int] = None,
-    train_steps: int = 5,
-    n_train: Optional[int] = None,
-    n_val: Optional[int] = None,
-    n_test: Optional[int] = None,
-    eval_batch_size: int = 256,
-    out=None,
-    resume: bool = False,
-    overwrite: bool = False,
-    progress: bool = True,
-    poison=None,
-) -> dict:
+def run(data: Union[str, Splits, Sequence, Callable] = "mnist", model: Union[str, nn.Module, Callable, None] = None,
+        attack: Union[str, Callable] = "pgd", **options) -> dict:
     """Run the defence and its baselines over several seeds and return (and optionally write) the report.
 
     The run is planned first (:func:`defenses.plan.plan_run`: every argument checked and the inputs
     resolved into a :class:`~defenses.plan.RunPlan`, before any training), then executed
     (:func:`~defenses.pipeline.execute`); the report's ``config`` records the plan.
 
-    Args:
-        data: a data set name (``mnist``, ``digits``, ``adult``, ``moons``, ``mnist-full``; split per
-            seed), a ``robust_infl.datasets.Splits``, ``(train, val, test)`` splits, one ``(X, y[, s])``
-            data set (split per seed: 65% / 15% / 20%), or a callable ``seed -> Splits``.
-        model: a reference model name (``cnn``, ``mlp``, ``logreg``; default per data set), your own
-            ``nn.Module`` (copied, then trained from scratch: every submodule needs
-            ``reset_parameters``) or a factory ``seed -> nn.Module``.
-        attack: ``fgsm``, ``pgd``, ``linear``, ``autoattack`` (built per seed from ``eps``, ``norm``,
-            ``steps``, ``bounds``), or your own callable ``attack(model, x, y) -> x_adv``.
-        eps, norm, steps: the threat model (defaults per data set: images linf 0.1, tabular l2 0.5; 10 steps).
-        bounds: input range for named attacks and adversarial trainers; ``"auto"``: the ``bounds`` of
-            an attack object that declares them, else the data set's (images (0, 1), tabular None),
-            and for your own ``(X, y)`` tensors (0, 1) when every value of X lies in it, else None.
-            The report shows them (``config["bounds"]``).
-        method, method_options: influence method (``robust_infl.available_methods()``) and its options.
-        fractions: budgets (share of the training set pruned / down-weighted); several give a plot.
-        mode: ``"prune"`` (train on the kept samples) or ``"reweight"`` (``scheme``: ``"smooth"`` with
-            ``temperature`` or ``"hard"``; see :func:`defenses.reweight`).
-        retrain: ``"scratch"`` or ``"finetune"`` (from the base model) for the defended models.
-        trainer: ``erm``, ``fast-at``, ``pgd-at``, ``trades``, ``art-pgd-at``, ``art-trades``, or a trainer object
-            (``Trainer`` / ``ARTTrainer``); the base model is trained by it from scratch.
-        recipes: names from ``defenses.available_recipes()``; ``none`` and ``random`` give the paired
-            differences. Removal (prune mode) gives the removed samples weight 0, so every recipe
-            trains for as many steps as ``none`` (ART's trainers, which take no weights, drop them).
-        references: adversarial-training reference rows (:mod:`defenses.references`): ``"auto"`` runs
-            ``fast-at``, ``pgd-at`` and ``trades`` with plain training (same data, schedule and seed;
-            an adversarial ``trainer`` is its own reference, its ``none`` row); a list picks some, ``()`` none.
-        eval_attacks: the evaluation suite besides the threat-model attack (:mod:`defenses.eval_suite`):
-            ``"auto"`` adds APGD-CE and targeted APGD-DLR where the data allows (images in [0, 1]);
-            a list of attack names; ``()`` none. ``eval_subset``: the suite runs on the first that many
-            test points of each seed and gives per-attack results and ``worst_case``.
-        seeds: a count N (seeds 0..N-1) or a list of seeds.
-        epochs, lr, batch_size: training hyper-parameters (defaults per data set);
-            ``train_steps``: PGD steps of adversarial trainers.
-        n_train, n_val, n_test: split sizes of named data sets (defaults per data set).
-        eval_batch_size: samples per attack call at evaluation.
-        out: folder for ``report.json``, ``report.md`` and ``robust_vs_fraction.png`` (None: write nothing);
-            each seed's results are also saved there as it completes (``seeds/seed_<k>.json``), and
-            every file is written atomically.
-        resume: reuse the per-seed results already in ``out`` (a run that crashed or was stopped, or
-            more seeds added to a finished run); a seed file written with other settings (attack and
-            its parameters, bounds, trainer, schedule, data, model; see :mod:`defenses.seed_results`)
-            is refused with a ``ValueError``.
-        overwrite: replace an earlier run in ``out``; without it (or ``resume``) a folder holding one
-            is refused before any compute, and left untouched.
-        progress: show one progress bar (on a terminal only) over the seeds and recipes.
-        poison: a backdoor threat model (``defenses.poisoning.PoisonSpec``, a dict of its fields, or
-            ``"badnets"`` / ``"clean-label"``): the training split of every seed is poisoned, and the
-            poisoning recipes (``defenses.poisoning.POISON_RECIPES``; all by default) are run and
-            reported instead (clean accuracy, ``asr_backdoor``, detection precision / recall / AUROC at
-            the budget, evasion robust accuracy; see :func:`defenses.poisoning.run_poisoned`).
-            ``method``, ``fractions``, ``mode`` and ``retrain`` do not apply.
+    ``data``, ``model``, ``attack`` and the keyword ``options`` are the fields of
+    :class:`~defenses.config.RunConfig`, each documented there (an unknown one is a ``TypeError`` naming
+    it; the backdoor-poisoning pipeline is :func:`defenses.run_poisoning`): the threat model, the
+    scoring, the budgets and the selection, the training, the recipes and references, the evaluation
+    suite, the seeds and split sizes, and the output folder. Removal (prune mode) gives the removed
+    samples weight 0, so every recipe trains for as many steps as ``none`` (ART's trainers, which take no
+    weights, drop them).
 
     Returns:
         The report, with ``config``, ``base`` (metrics of the base model), ``per_seed`` rows, ``summary``
@@ -243,17 +163,10 @@ def run(
         the suite), ``worst_case``, ``train_time`` (wall seconds to build the model: scoring, selection
         and training), ``train_cpu_time`` (this process's CPU seconds for it) and ``cost_vs_erm`` (its
         ratio to one ERM fit of the same schedule: CPU time on the CPU, which other jobs on a shared
-        machine do not inflate; wall time on an accelerator);
-        ``robust_acc`` and ``transfer_acc`` are aliases of the adaptive and transfer accuracies.
+        machine do not inflate; wall time on an accelerator).
     """
-    settings = RunSettings(
-        data=data, model=model, attack=attack, eps=eps, norm=norm, steps=steps, bounds=bounds, method=method,
-        method_options=method_options, fractions=fractions, mode=mode, scheme=scheme, temperature=temperature,
-        retrain=retrain, trainer=trainer, recipes=recipes, references=references, eval_attacks=eval_attacks,
-        eval_subset=eval_subset, seeds=seeds, epochs=epochs, lr=lr, batch_size=batch_size, train_steps=train_steps,
-        n_train=n_train, n_val=n_val, n_test=n_test, eval_batch_size=eval_batch_size, out=out, resume=resume,
-        overwrite=overwrite, progress=progress, poison=poison)
-    return execute(plan_run(settings))
+    config = config_from_options(RunConfig, dict(data=data, model=model, attack=attack, **options), "defenses.run")
+    return execute(plan_run(config))
 
 
 def execute(plan: RunPlan) -> dict:
@@ -261,17 +174,14 @@ def execute(plan: RunPlan) -> dict:
 
     Every seed trains the base model, evaluates it, then runs each ``(recipe, fraction)`` task and
     each reference trainer (:func:`_run_seed`); the per-seed results are saved and reused on resume
-    by :func:`defenses.seed_results.run_seeds`. A poisoning plan is run by
-    :func:`defenses.poisoning.run_poisoned`. The report's ``config`` is :meth:`RunPlan.config`.
+    by :func:`defenses.seed_results.run_seeds`. The report's ``config`` is :meth:`RunPlan.config`.
     """
     s = plan.settings
+    if not isinstance(s, RunConfig):
+        raise TypeError(f"plan: expected the plan of a RunConfig, got one of {type(s).__name__} "
+                        "(a poisoning plan runs with defenses.poisoning.execute_poisoning)")
     if s.out is not None:
         prepare_out_folder(s.out, resume=s.resume, overwrite=s.overwrite)
-    if s.poison is not None:
-        return run_poisoned(s.poison, seeds=plan.seeds, splits_for=plan.splits, model_for=plan.model_for,
-                            attack_for=plan.attack_for, trainer=plan.base_trainer, config=plan.poison_config(),
-                            recipes=plan.poison_recipes(), eval_batch_size=s.eval_batch_size, out=s.out,
-                            resume=s.resume, progress=s.progress)
     config, tasks = plan.config(), plan.tasks()
     saved = None if s.out is None else SeedResults(s.out, plan.resume_settings(config))
     evaluation = dict(threat=plan.attack_label, eval_subset=s.eval_subset, batch_size=s.eval_batch_size,

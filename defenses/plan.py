@@ -1,7 +1,8 @@
-"""The plan of a defence run: :func:`plan_run` checks the arguments of :func:`defenses.run` and resolves
-them (data, model, attack, trainer, recipes, references, evaluation suite) into a :class:`RunPlan`
-before any training; :func:`defenses.pipeline.execute` runs it. The report's ``config`` is
-:meth:`RunPlan.config`.
+"""The plan of a run: :func:`plan_run` checks a :class:`~defenses.config.RunConfig` (:func:`defenses.run`) or a
+:class:`~defenses.config.PoisoningConfig` (:func:`defenses.run_poisoning`) and resolves it (data, model, attack,
+trainer, recipes, references, evaluation suite, backdoor threat model) into a :class:`RunPlan` before any
+training; :func:`defenses.pipeline.execute` and :func:`defenses.poisoning.execute_poisoning` run it. The
+report's ``config`` is :meth:`RunPlan.config` (:meth:`RunPlan.poison_config`).
 """
 
 from __future__ import annotations
@@ -27,14 +28,15 @@ from robust_infl.store import model_hash
 from robust_infl.inputs import resolve_param_names
 
 from .art_trainer import ARTTrainer
+from .config import PoisoningConfig, PoisonSpec, RunConfig, SharedConfig
 from .data import as_tensors
 from .eval_suite import resolve_suite
-from .recipes import DEFAULT_RECIPES, get_recipe
+from .recipes import available_recipes, get_recipe
 from .references import reference_trainers
 from .registry import make_trainer
 from .selection import REWEIGHT_SCHEMES, check_budget
 
-__all__ = ["RunSettings", "RunPlan", "plan_run", "seeded_split", "MODES"]
+__all__ = ["RunPlan", "plan_run", "seeded_split", "MODES"]
 
 MODES = ("prune", "reweight")
 
@@ -43,58 +45,21 @@ COST_UNIT = ("one ERM fit of the same schedule, data and seed, timed after the b
 
 
 @dataclass(frozen=True)
-class RunSettings:
-    """The arguments of :func:`defenses.run` as given (documented there), before any check."""
-
-    data: Any
-    model: Any
-    attack: Any
-    eps: Optional[float]
-    norm: Optional[str]
-    steps: Optional[int]
-    bounds: Any
-    method: str
-    method_options: Optional[dict]
-    fractions: Any
-    mode: str
-    scheme: str
-    temperature: float
-    retrain: str
-    trainer: Any
-    recipes: Any
-    references: Any
-    eval_attacks: Any
-    eval_subset: int
-    seeds: Any
-    epochs: Optional[int]
-    lr: Optional[float]
-    batch_size: Optional[int]
-    train_steps: int
-    n_train: Optional[int]
-    n_val: Optional[int]
-    n_test: Optional[int]
-    eval_batch_size: int
-    out: Any
-    resume: bool
-    overwrite: bool
-    progress: bool
-    poison: Any
-
-
-@dataclass(frozen=True)
 class RunPlan:
-    """What a defence run executes, checked and resolved from its :class:`RunSettings`.
+    """What a run executes, checked and resolved from its configuration (``settings``: a
+    :class:`~defenses.config.RunConfig` or a :class:`~defenses.config.PoisoningConfig`).
 
     ``splits(seed)`` and ``model_for(seed, splits)`` give each seed's data and fresh model,
     ``attack_for(seed, splits)`` its threat-model attack; ``first`` and ``first_model`` are those of
     the first seed (built while planning, to check budgets and the method). ``eps``, ``norm`` and
     ``steps`` are the resolved threat model; ``trainer`` trains the defended models (in the run's
     ``retrain`` mode), ``base_trainer`` the base model (from scratch). ``recipes`` are the chosen
-    recipes (none for a poisoning run), ``references`` the reference trainers and ``suite_names``
-    the evaluation suite (None for a poisoning run, which has its own).
+    recipes (:class:`~defenses.recipes.Recipe`), ``references`` the reference trainers and ``suite_names``
+    the evaluation suite (None for a poisoning run, which has its own); ``poison`` the checked backdoor
+    threat model of a poisoning run (None otherwise).
     """
 
-    settings: RunSettings
+    settings: SharedConfig
     seeds: list
     fractions: list
     method_options: dict
@@ -119,6 +84,7 @@ class RunPlan:
     recipes: list
     references: Optional[dict]
     suite_names: Optional[list]
+    poison: Optional[PoisonSpec] = None
 
     def splits(self, seed: int) -> Splits:
         """The data splits of ``seed`` (the first seed's are reused)."""
@@ -157,15 +123,12 @@ class RunPlan:
         }
 
     def poison_config(self) -> dict:
-        """The ``config`` of a poisoning run (completed by :func:`defenses.poisoning.run_poisoned`)."""
+        """The report's ``config`` of a poisoning run: the shared entries, the threat model, the trainer's
+        settings, the recipes and the backdoor threat model (``poison``)."""
         return {**self._shared_config(self.attack_for(self.seeds[0], self.first)), "eps": self.eps, "norm": self.norm,
                 "steps": self.steps, "trainer_settings": _trainer_settings(self.trainer),
-                "train_steps": self.settings.train_steps}
-
-    def poison_recipes(self) -> Optional[list]:
-        """The poisoning recipes asked for (None: the poisoning defaults, when ``recipes`` was left at its default)."""
-        recipes = self.settings.recipes
-        return None if tuple(recipes) == tuple(DEFAULT_RECIPES) else list(recipes)
+                "train_steps": self.settings.train_steps, "recipes": [r.name for r in self.recipes],
+                "poison": self.poison.as_dict()}
 
     def resume_settings(self, config: dict) -> dict:
         """What per-seed results depend on (see :func:`_resume_settings`)."""
@@ -174,10 +137,13 @@ class RunPlan:
                                 trainer=self.trainer, built_model=self.first_model)
 
 
-def plan_run(settings: RunSettings) -> RunPlan:
-    """Check every argument of :func:`defenses.run` (errors name it) and resolve them into a
-    :class:`RunPlan`, before any training and without writing anything."""
-    s = settings
+def plan_run(config: SharedConfig) -> RunPlan:
+    """Check every option of a :class:`~defenses.config.RunConfig` or :class:`~defenses.config.PoisoningConfig`
+    (errors name it) and resolve them into a :class:`RunPlan`, before any training and without writing anything."""
+    if not isinstance(config, (RunConfig, PoisoningConfig)):
+        raise TypeError(f"config: expected a RunConfig or a PoisoningConfig, got {type(config).__name__}")
+    s = config
+    poisoning = isinstance(s, PoisoningConfig)
     check_bool(s.progress, "progress")
     check_bool(s.resume, "resume")
     check_bool(s.overwrite, "overwrite")
@@ -185,23 +151,22 @@ def plan_run(settings: RunSettings) -> RunPlan:
         raise ValueError("resume: needs out, the folder holding the per-seed results to reuse")
     if s.out is not None:
         check_output_folder(s.out, "out")
-    fractions = _check_fractions(s.fractions)
     seeds = _check_seeds(s.seeds)
-    check_choice(s.mode, "mode", MODES)
-    check_choice(s.scheme, "scheme", REWEIGHT_SCHEMES)
-    check_positive(s.temperature, "temperature")
     check_int(s.train_steps, "train_steps", minimum=1)
     check_int(s.eval_batch_size, "eval_batch_size", minimum=1)
-    check_int(s.eval_subset, "eval_subset", minimum=1)
-    recipes = s.recipes
-    if isinstance(recipes, str) or not recipes:
-        raise ValueError(f"recipes: must be a non-empty list of recipe names, got {recipes!r}")
-    chosen = [get_recipe(name) for name in recipes] if s.poison is None else []
-    if len({r.name for r in chosen}) != len(chosen):
-        raise ValueError(f"recipes: names must be distinct, got {list(recipes)}")
-    if "influence" in recipes and s.method not in available_methods():
-        raise ValueError(f"method: unknown method {s.method!r}; valid names are {', '.join(available_methods())}")
-    method_options = dict(s.method_options or {})
+    if poisoning:
+        fractions, method_options, chosen = [], {}, _chosen_recipes(s.recipes, "poisoning")
+    else:
+        fractions = _check_fractions(s.fractions)
+        check_choice(s.mode, "mode", MODES)
+        check_choice(s.scheme, "scheme", REWEIGHT_SCHEMES)
+        check_positive(s.temperature, "temperature")
+        check_int(s.eval_subset, "eval_subset", minimum=1)
+        chosen = _chosen_recipes(s.recipes, "evasion")
+        if "influence" in s.recipes and s.method not in available_methods():
+            raise ValueError(f"method: unknown method {s.method!r}; valid names are {', '.join(available_methods())}")
+        method_options = dict(s.method_options or {})
+    influence = any(r.name == "influence" for r in chosen) and not poisoning
 
     bounds = _auto_bounds(s.data, s.attack, s.bounds)
     splits_for, defaults, data_label = _resolve_data(s.data, (s.n_train, s.n_val, s.n_test), bounds)
@@ -209,8 +174,9 @@ def plan_run(settings: RunSettings) -> RunPlan:
     first = splits_for(seeds[0])
     for fraction in fractions:
         check_budget(int(first.train[0].shape[0]), fraction, "fractions", "training samples")
+    poison = PoisonSpec.of(s.poison).checked(first.num_classes) if poisoning else None
     first_model = model_for(seeds[0], first)
-    if "influence" in recipes:
+    if influence:
         _check_method_fits(s.method, method_options, first_model)
     norm = defaults.norm if s.norm is None else check_choice(s.norm, "norm", ("linf", "l2"))
     eps = defaults.eps if s.eps is None else check_positive(s.eps, "eps")
@@ -219,10 +185,12 @@ def plan_run(settings: RunSettings) -> RunPlan:
     lr = defaults.lr if s.lr is None else s.lr
     batch_size = defaults.batch_size if s.batch_size is None else s.batch_size
     attack_label, attack_for, eps, norm = _resolve_attack(s.attack, eps, norm, steps, first)
-    trainer_label, trainer = _resolve_trainer(s, epochs, lr, batch_size, eps=eps if eps is not None else defaults.eps,
-                                              norm=norm or defaults.norm, bounds=first.bounds)
+    trainer_label, trainer = _resolve_trainer(
+        s.trainer, epochs, lr, batch_size, retrain="scratch" if poisoning else s.retrain,
+        soft_weights=not poisoning and s.mode == "reweight" and s.scheme != "hard", train_steps=s.train_steps,
+        eps=eps if eps is not None else defaults.eps, norm=norm or defaults.norm, bounds=first.bounds)
     references = suite_names = None
-    if s.poison is None:
+    if not poisoning:
         references = reference_trainers(trainer, s.references, eps=eps, norm=norm, bounds=first.bounds,
                                         train_steps=s.train_steps)
         suite_names = resolve_suite(s.eval_attacks, attack_label, eps=eps, bounds=first.bounds,
@@ -233,7 +201,19 @@ def plan_run(settings: RunSettings) -> RunPlan:
         model_label=model_label or type(first_model).__name__, attack_label=attack_label, attack_for=attack_for,
         eps=eps, norm=norm, steps=steps, epochs=epochs, lr=lr, batch_size=batch_size, trainer_label=trainer_label,
         trainer=trainer, base_trainer=trainer.with_retrain("scratch"), recipes=chosen, references=references,
-        suite_names=suite_names)
+        suite_names=suite_names, poison=poison)
+
+
+def _chosen_recipes(recipes, pipeline: str) -> list:
+    """The registered recipes of ``pipeline`` named by ``recipes`` (distinct; a poisoning run's None: all of them)."""
+    if pipeline == "poisoning" and recipes is None:
+        recipes = available_recipes(pipeline)
+    if isinstance(recipes, str) or not isinstance(recipes, (list, tuple)) or not recipes:
+        raise ValueError(f"recipes: must be a non-empty list of recipe names, got {recipes!r}")
+    chosen = [get_recipe(name, pipeline) for name in recipes]
+    if len({r.name for r in chosen}) != len(chosen):
+        raise ValueError(f"recipes: names must be distinct, got {list(recipes)}")
+    return chosen
 
 
 def _resolve_attack(attack, eps, norm, steps, first: Splits) -> tuple:
@@ -251,21 +231,22 @@ def _resolve_attack(attack, eps, norm, steps, first: Splits) -> tuple:
     raise TypeError(f"attack: expected a name or a callable attack(model, x, y), got {type(attack).__name__}")
 
 
-def _resolve_trainer(s: RunSettings, epochs, lr, batch_size, *, eps, norm, bounds) -> tuple:
+def _resolve_trainer(trainer, epochs, lr, batch_size, *, retrain: str, soft_weights: bool, train_steps: int, eps,
+                     norm, bounds) -> tuple:
     """``(label, trainer)`` in the run's ``retrain`` mode: a name is built with the schedule and threat model; a
-    trainer object needs ``fit``, ``with_retrain`` and ``training_attack``. ART's trainers take no soft weights."""
-    trainer = s.trainer
+    trainer object needs ``fit``, ``with_retrain`` and ``training_attack``. ART's trainers take no soft weights
+    (``soft_weights``: the run would give them)."""
     if isinstance(trainer, str):
         label = trainer
-        trainer = make_trainer(trainer, epochs=epochs, lr=lr, batch_size=batch_size, retrain=s.retrain, eps=eps,
-                               norm=norm, bounds=bounds, train_steps=s.train_steps, progress=False)
+        trainer = make_trainer(trainer, epochs=epochs, lr=lr, batch_size=batch_size, retrain=retrain, eps=eps,
+                               norm=norm, bounds=bounds, train_steps=train_steps, progress=False)
     elif all(callable(getattr(trainer, name, None)) for name in ("fit", "with_retrain", "training_attack")):
         label = repr(trainer)
-        trainer = trainer.with_retrain(s.retrain)
+        trainer = trainer.with_retrain(retrain)
     else:
         raise TypeError(f"trainer: expected a name or a trainer with fit(), with_retrain() and training_attack(), "
                         f"got {type(trainer).__name__}")
-    if isinstance(trainer, ARTTrainer) and s.mode == "reweight" and s.scheme != "hard":
+    if isinstance(trainer, ARTTrainer) and soft_weights:
         raise ValueError("mode: ART's trainers take no per-sample weights; use --mode prune or --scheme hard "
                          "with an art-* trainer")
     return label, trainer

@@ -1,6 +1,8 @@
-"""Defence recipes: name -> function that turns the trained base model into a defended model.
+"""Defence recipes: name -> function that turns the trained base model into a defended model; the one
+registry of both pipelines (evasion: :func:`defenses.run`; poisoning: :func:`defenses.run_poisoning`, whose
+recipes live in :mod:`defenses.poison_recipes` and are registered with ``pipeline="poisoning"``).
 
-A recipe receives a :class:`DefenceContext` -- the trained model, the training and validation
+An evasion recipe receives a :class:`DefenceContext` -- the trained model, the training and validation
 splits, the trainer, the attack, the budget and the seed -- and returns a new ``nn.Module``. The
 context holds NO test data, so nothing a recipe does (scoring, selection, training) can see the
 test split. Add a recipe with one line::
@@ -40,6 +42,7 @@ from torch import nn
 import robust_infl
 from attacks.base import predict
 from attacks.plumbing import frozen_in_eval, make_generator, model_device
+from attacks.validation import check_choice
 
 from .selection import budget_size, prune, reweight
 from .trainers import per_sample_loss
@@ -47,6 +50,8 @@ from .trainers import per_sample_loss
 __all__ = [
     "DefenceContext",
     "Recipe",
+    "PIPELINES",
+    "THREATS",
     "register_recipe",
     "available_recipes",
     "get_recipe",
@@ -94,42 +99,67 @@ class DefenceContext:
     cache: dict = field(default_factory=dict)
 
 
+PIPELINES = ("evasion", "poisoning")
+THREATS = ("none", "unknown", "evidence")  # what a poisoning recipe knows of the backdoor
+
+
 @dataclass(frozen=True)
 class Recipe:
-    """A registered recipe: ``fn(context) -> nn.Module``; ``uses_budget`` False runs once per seed."""
+    """A registered recipe: ``fn(context)``; ``uses_budget`` False runs once per seed (evasion).
+
+    ``pipeline`` is ``"evasion"`` (:func:`defenses.run`: ``fn(DefenceContext) -> nn.Module``) or
+    ``"poisoning"`` (:func:`defenses.run_poisoning`: ``fn(PoisonContext) -> Outcome``, see
+    :mod:`defenses.poison_recipes`); ``threat`` is a poisoning recipe's defender threat model: ``"none"`` (no
+    defence), ``"unknown"`` (trigger unknown) or ``"evidence"`` (run once per evidence size K).
+    """
 
     name: str
-    fn: Callable[[DefenceContext], nn.Module]
+    fn: Callable
     uses_budget: bool
     description: str
+    pipeline: str = "evasion"
+    threat: Optional[str] = None
 
 
-_RECIPES: dict = {}
+_RECIPES: dict = {}  # (pipeline, name) -> Recipe
 
 
-def register_recipe(name: str, fn: Callable[[DefenceContext], nn.Module], *, uses_budget: bool = True,
-                    description: str = "") -> Recipe:
-    """Register ``fn`` under ``name`` (unique) and return the :class:`~defenses.recipes.Recipe`."""
+def register_recipe(name: str, fn: Callable, *, uses_budget: bool = True, description: str = "",
+                    pipeline: str = "evasion", threat: Optional[str] = None) -> Recipe:
+    """Register ``fn`` under ``name`` (unique within its ``pipeline``) and return the :class:`~defenses.recipes.Recipe`.
+
+    A poisoning recipe (``pipeline="poisoning"``) needs its ``threat``: ``"none"``, ``"unknown"`` or
+    ``"evidence"``; an evasion recipe has none.
+    """
     if not isinstance(name, str) or not name:
         raise ValueError(f"name: must be a non-empty string, got {name!r}")
     if not callable(fn):
         raise TypeError(f"fn: must be callable, got {type(fn).__name__}")
-    if name in _RECIPES and _RECIPES[name].fn is not fn:
-        raise ValueError(f"name: recipe {name!r} is already registered")
-    _RECIPES[name] = Recipe(name, fn, bool(uses_budget), description)
-    return _RECIPES[name]
+    check_choice(pipeline, "pipeline", PIPELINES)
+    if pipeline == "poisoning":
+        check_choice(threat, "threat", THREATS)
+    elif threat is not None:
+        raise ValueError(f"threat: only poisoning recipes have one, got {threat!r}")
+    key = (pipeline, name)
+    if key in _RECIPES and _RECIPES[key].fn is not fn:
+        raise ValueError(f"name: {pipeline} recipe {name!r} is already registered")
+    _RECIPES[key] = Recipe(name, fn, bool(uses_budget), description, pipeline, threat)
+    return _RECIPES[key]
 
 
-def available_recipes() -> tuple:
-    """Names of the registered recipes, in registration order."""
-    return tuple(_RECIPES)
+def available_recipes(pipeline: str = "evasion") -> tuple:
+    """Names of the registered recipes of ``pipeline`` (``"evasion"`` or ``"poisoning"``), in registration order."""
+    check_choice(pipeline, "pipeline", PIPELINES)
+    return tuple(name for kind, name in _RECIPES if kind == pipeline)
 
 
-def get_recipe(name: str) -> Recipe:
-    """The recipe registered under ``name``; ``ValueError`` listing the valid names otherwise."""
-    if name not in _RECIPES:
-        raise ValueError(f"recipes: unknown recipe {name!r}; valid names are {', '.join(_RECIPES)}")
-    return _RECIPES[name]
+def get_recipe(name: str, pipeline: str = "evasion") -> Recipe:
+    """The ``pipeline`` recipe registered under ``name``; ``ValueError`` listing the valid names otherwise."""
+    if (pipeline, name) not in _RECIPES:
+        kind = "" if pipeline == "evasion" else f"{pipeline} "
+        raise ValueError(f"recipes: unknown {kind}recipe {name!r}; valid names are "
+                         f"{', '.join(available_recipes(pipeline))}")
+    return _RECIPES[(pipeline, name)]
 
 
 def retrain_without(ctx: DefenceContext, keep: torch.Tensor) -> nn.Module:

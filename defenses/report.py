@@ -8,29 +8,38 @@ base model's adversarial test points; ``asr_adaptive`` the share of clean-correc
 adaptive attack flips; ``attacks`` maps each attack of the evaluation suite to its ``robust_acc``
 and ``asr`` and ``worst_case`` is the share correct under all of them; ``train_time`` is the wall
 time to build the model, ``train_cpu_time`` the process's CPU time for it and ``cost_vs_erm`` its
-ratio to one ERM fit (CPU time on the CPU, wall time on an accelerator). ``robust_acc`` and
-``transfer_acc`` are the old names of the adaptive and transfer accuracies (aliases).
+ratio to one ERM fit (CPU time on the CPU, wall time on an accelerator).
+
+A poisoning report (:func:`defenses.run_poisoning`, its ``config`` holds ``poison``) has per-seed rows
+``{"seed", "recipe", "evidence", "threat", "clean_acc", "asr_backdoor", "robust_acc_adaptive", "precision",
+"recall", "auroc", "removed_share"}`` (:data:`POISON_METRICS`), summarised per recipe and evidence size by
+:func:`summarise_poisoned`. :func:`render_markdown` and :func:`write_report` write both kinds.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Iterable, Optional
+import math
+from typing import Iterable, Optional, Sequence
 
 from robust_infl.io import atomic_write, atomic_write_json, atomic_write_text
 
 from .stats import half_width, mean_std, paired_difference
 
-__all__ = ["METRICS", "ALIASES", "mean_std", "paired_difference", "format_interval", "summarise", "summarise_base", "without_timing", "TIMING_KEYS", "recommend", "pareto_front",
-           "render_markdown", "plot_robust_vs_fraction", "plot_robust_vs_cost", "write_report"]
+__all__ = ["METRICS", "POISON_METRICS", "POISON_BASE_METRICS", "mean_std", "paired_difference", "format_interval",
+           "summarise", "summarise_base", "summarise_poisoned", "without_timing", "TIMING_KEYS", "recommend",
+           "pareto_front", "is_poisoning", "render_markdown", "plot_robust_vs_fraction", "plot_robust_vs_cost",
+           "plot_asr_by_recipe", "write_report"]
 
 METRICS = ("clean_acc", "robust_acc_adaptive", "robust_acc_transfer", "asr_adaptive", "worst_case", "train_time",
            "train_cpu_time", "cost_vs_erm")
-ALIASES = {"robust_acc": "robust_acc_adaptive", "transfer_acc": "robust_acc_transfer"}  # old names, one release
+POISON_METRICS = ("clean_acc", "asr_backdoor", "robust_acc_adaptive", "precision", "recall", "auroc", "removed_share")
+POISON_BASE_METRICS = ("clean_acc", "asr_backdoor", "robust_acc_adaptive")
 _ATTACK_METRICS = ("robust_acc", "asr")
 
 
-TIMING_KEYS = ("train_time", "train_cpu_time", "cost_vs_erm", "recommendation")  # wall-time measurements and what reads them
+# wall-time measurements (evasion rows; a poisoning run's per-seed "timing") and what reads them
+TIMING_KEYS = ("train_time", "train_cpu_time", "cost_vs_erm", "recommendation", "timing")
 
 
 def without_timing(value):
@@ -44,10 +53,8 @@ def without_timing(value):
 
 
 def summarise_base(rows: list) -> dict:
-    """Mean ± std over seeds of the base model's metrics (:data:`METRICS` and their :data:`ALIASES`)."""
-    out = {m: mean_std(r[m] for r in rows) for m in METRICS}
-    out.update({alias: out[name] for alias, name in ALIASES.items()})
-    return out
+    """Mean ± std over seeds of the base model's metrics (:data:`METRICS`)."""
+    return {m: mean_std(r[m] for r in rows) for m in METRICS}
 
 
 def _key(row: dict) -> tuple:
@@ -74,7 +81,6 @@ def summarise(rows: list, recipes: Iterable[str], fractions: Iterable[float], *,
                  "reference": bool(runs[seeds[0]].get("reference", False))}
         for metric in METRICS:
             entry[metric] = mean_std(runs[s][metric] for s in seeds)
-        entry.update({alias: entry[name] for alias, name in ALIASES.items()})
         entry["attacks"] = {name: {m: mean_std(runs[s]["attacks"][name][m] for s in seeds) for m in _ATTACK_METRICS}
                             for name in runs[seeds[0]]["attacks"]}
         for label, other_key in (("vs_" + reference, (reference, None)), ("vs_" + control, (control, fraction))):
@@ -83,7 +89,31 @@ def summarise(rows: list, recipes: Iterable[str], fractions: Iterable[float], *,
                 continue
             entry[label] = {m: paired_difference([runs[s][m] for s in seeds], [other[s][m] for s in seeds])
                             for m in METRICS}
-            entry[label].update({alias: entry[label][name] for alias, name in ALIASES.items()})
+        summary.append(entry)
+    return summary
+
+
+def summarise_poisoned(rows: list, recipes: Sequence[str]) -> list:
+    """Per (recipe, evidence): each metric's mean ± std over seeds, paired differences vs ``none`` and ``random``."""
+    by_key: dict = {}
+    for row in rows:
+        by_key.setdefault((row["recipe"], row["evidence"]), {})[row["seed"]] = row
+    summary = []
+    for (recipe, size), runs in sorted(by_key.items(), key=lambda kv: (list(recipes).index(kv[0][0]), kv[0][1] or 0)):
+        seeds = sorted(runs)
+        entry = {"recipe": recipe, "evidence": size, "threat": runs[seeds[0]]["threat"], "seeds": seeds}
+        for metric in POISON_METRICS:
+            values = [runs[s][metric] for s in seeds]
+            entry[metric] = None if any(v is None or (isinstance(v, float) and math.isnan(v)) for v in values) \
+                else mean_std(values)
+        for control in ("none", "random"):
+            other = by_key.get((control, None))
+            if other is None or control == recipe or set(other) != set(runs):
+                continue
+            entry["vs_" + control] = {
+                m: paired_difference([runs[s][m] for s in seeds], [other[s][m] for s in seeds])
+                for m in POISON_METRICS
+                if all(runs[s][m] is not None and other[s][m] is not None for s in seeds)}
         summary.append(entry)
     return summary
 
@@ -135,8 +165,10 @@ def recommend(summary: list, *, tolerance: float = 0.01) -> dict:
     return {"recipe": pick["recipe"], "fraction": pick["fraction"], "reason": reason + "."}
 
 
-def _pct(stat: dict) -> str:
-    return f"{100 * stat['mean']:.1f} ± {100 * stat['std']:.1f}"
+def _pct(stat: Optional[dict], scale: float = 100.0, digits: int = 1) -> str:
+    if stat is None:
+        return "–"
+    return f"{scale * stat['mean']:.{digits}f} ± {scale * stat['std']:.{digits}f}"
 
 
 def format_interval(stat: dict, scale: float = 100.0) -> str:
@@ -148,10 +180,10 @@ def format_interval(stat: dict, scale: float = 100.0) -> str:
     return f" [{stat['ci95_note']}]" if stat.get("ci95_note") else ""
 
 
-def _delta(stat: Optional[dict]) -> str:
+def _delta(stat: Optional[dict], *, std: bool = True) -> str:
     if stat is None:
         return "–"
-    return f"{100 * stat['mean']:+.1f} ± {100 * stat['std']:.1f}" + format_interval(stat)
+    return f"{100 * stat['mean']:+.1f}" + (f" ± {100 * stat['std']:.1f}" if std else "") + format_interval(stat)
 
 
 def _threat(cfg: dict) -> str:
@@ -167,9 +199,17 @@ def _bounds(cfg: dict) -> list:
     return [f"Input bounds: {'none (unbounded)' if cfg['bounds'] is None else cfg['bounds']}.", ""]
 
 
+def is_poisoning(report: dict) -> bool:
+    """Whether ``report`` is a poisoning report (:func:`defenses.run_poisoning`)."""
+    return "poison" in report["config"]
+
+
 def render_markdown(report: dict) -> str:
-    """The before/after table (accuracies in %, mean ± std over seeds; Δ: paired, with 95% t-interval), the
-    per-attack table of the evaluation suite and the recommended row."""
+    """The report as Markdown. Evasion: the before/after table (accuracies in %, mean ± std over seeds; Δ:
+    paired, with 95% t-interval), the per-attack table of the evaluation suite and the recommended row;
+    poisoning: :func:`_render_poisoning`."""
+    if is_poisoning(report):
+        return _render_poisoning(report)
     cfg = report["config"]
     references = cfg.get("references") or []
     lines = [
@@ -218,6 +258,31 @@ def render_markdown(report: dict) -> str:
                          + f" | {_pct(entry['worst_case'])} |")
     if report.get("recommendation"):
         lines += ["", f"**Recommendation:** {report['recommendation']['reason']}"]
+    return "\n".join(lines) + "\n"
+
+
+def _render_poisoning(report: dict) -> str:
+    """Markdown table of a poisoning report (percentages, mean ± std over seeds; Δ paired with 95% t-interval)."""
+    cfg = report["config"]
+    spec = cfg["poison"]
+    lines = [f"# Poisoning report: {cfg['data']} / {cfg['model']} / trainer {cfg['trainer']}", "",
+             f"{spec['attack']} at rate {spec['rate']:g}, target class {spec['target_class']}, patch "
+             f"{spec['patch_size']}x{spec['patch_size']}; budget {spec['budget']:g} of the training split; "
+             f"evasion attack {cfg['attack']}; seeds {cfg['seeds']}.", "",
+             "| recipe | threat | K | clean acc | backdoor ASR | Δ ASR vs none | Δ clean vs none | precision | recall "
+             "| AUROC | robust acc | removed |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for e in report["summary"]:
+        vs_none = e.get("vs_none", {})
+        lines.append(
+            f"| {e['recipe']} | {e['threat']} | {e['evidence'] or '–'} | {_pct(e['clean_acc'])} "
+            f"| {_pct(e['asr_backdoor'])} | {_delta(vs_none.get('asr_backdoor'), std=False)} "
+            f"| {_delta(vs_none.get('clean_acc'), std=False)} | {_pct(e['precision'])} | {_pct(e['recall'])} "
+            f"| {_pct(e['auroc'], 1.0, 3)} | {_pct(e['robust_acc_adaptive'])} | {_pct(e['removed_share'])} |")
+    lines += ["", "Percentages (AUROC as a number), mean ± std over seeds; Δ paired per seed with the 95% t-interval. "
+              "Backdoor ASR: triggered test inputs of the other classes classified as the target class. "
+              "Precision / recall of the removed samples against the true poisons; robust acc: the evasion "
+              "attack re-run on each model."]
     return "\n".join(lines) + "\n"
 
 
@@ -283,9 +348,32 @@ def plot_robust_vs_cost(report: dict, path) -> None:
         plt.close(fig)
 
 
+def plot_asr_by_recipe(report: dict, path) -> None:
+    """A poisoning report's backdoor ASR per recipe (mean ± std over seeds), the 5% mark dashed."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    entries = report["summary"]
+    labels = [e["recipe"] + ("" if e["evidence"] is None else f" K={e['evidence']}") for e in entries]
+    fig, ax = plt.subplots(figsize=(7, 0.35 * len(entries) + 1.5))
+    ax.barh(labels, [100 * e["asr_backdoor"]["mean"] for e in entries],
+            xerr=[100 * e["asr_backdoor"]["std"] for e in entries], color="tab:red", alpha=0.7)
+    ax.invert_yaxis()
+    ax.axvline(5, color="gray", linestyle="--", linewidth=1)
+    ax.set_xlabel("backdoor attack success rate (%)")
+    ax.set_title(f"{report['config']['data']} / {report['config']['poison']['attack']} / {report['config']['trainer']}")
+    fig.tight_layout()
+    try:
+        atomic_write(path, lambda handle: fig.savefig(handle, format="png", dpi=110))
+    finally:
+        plt.close(fig)
+
+
 def write_report(report: dict, out_dir) -> dict:
-    """Write ``report.json``, ``report.md``, ``robust_vs_cost.png`` and, with several fractions,
-    ``robust_vs_fraction.png``.
+    """Write ``report.json``, ``report.md`` and the plots: ``robust_vs_cost.png`` and, with several fractions,
+    ``robust_vs_fraction.png`` (evasion), or ``asr_by_recipe.png`` (poisoning).
 
     Each file is written atomically (:mod:`robust_infl.io`): never half written.
 
@@ -293,9 +381,14 @@ def write_report(report: dict, out_dir) -> dict:
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    paths = {"json": out / "report.json", "markdown": out / "report.md", "cost_plot": out / "robust_vs_cost.png"}
+    paths = {"json": out / "report.json", "markdown": out / "report.md"}
     atomic_write_json(paths["json"], report)
     atomic_write_text(paths["markdown"], render_markdown(report))
+    if is_poisoning(report):
+        paths["asr_plot"] = out / "asr_by_recipe.png"
+        plot_asr_by_recipe(report, paths["asr_plot"])
+        return paths
+    paths["cost_plot"] = out / "robust_vs_cost.png"
     plot_robust_vs_cost(report, paths["cost_plot"])
     if len(report["config"]["fractions"]) > 1:
         paths["plot"] = out / "robust_vs_fraction.png"

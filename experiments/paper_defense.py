@@ -224,7 +224,7 @@ def run_seed(setting: Setting, seed: int, config: Config, progress: bool = False
     """Both protocols for one setting and seed.
 
     Result keys: ``base[attack]`` and ``honest[attack][method][fraction]`` (``clean_acc``,
-    ``robust_acc`` = adaptive, ``transfer_acc``, ``majority_rate`` = share of clean test points predicted as
+    ``robust_acc_adaptive``, ``robust_acc_transfer``, ``majority_rate`` = share of clean test points predicted as
     the training majority class; ``autoattack_acc`` where run, with ``base["autoattack"]``);
     ``majority_share``: the share of the majority class among the test labels;
     ``paper`` (paper's protocol only): ``share``, ``none`` and ``targets[target][method][fraction]``,
@@ -335,7 +335,7 @@ def summarise_honest(runs: list, setting: Setting) -> dict:
         for method in (*BASELINES, *setting.methods):
             for fraction in map(str, setting.fractions):
                 cell: dict = {}
-                for metric in ("clean_acc", "robust_acc", "transfer_acc", "majority_rate"):
+                for metric in ("clean_acc", "robust_acc_adaptive", "robust_acc_transfer", "majority_rate"):
                     values = _honest(runs, attack, method, fraction, metric)
                     cell[metric] = mean_std(values)
                     cell[f"{metric}_vs_none"] = paired_ci(values, _honest(runs, attack, "none", fraction, metric))
@@ -371,8 +371,8 @@ def summarise_paper(runs: list, setting: Setting) -> dict:
                     "paper_vs_random": paired_ci(paper, chance[fraction]), "leak": paired_ci(paper, free)}
             for key, attack in (("honest_linear", "linear"), ("honest_main", main)):
                 if attack in setting.attacks:
-                    cell[key] = paired_ci(_honest(runs, attack, method, fraction, "robust_acc"),
-                                          _honest(runs, attack, "none", fraction, "robust_acc"))
+                    cell[key] = paired_ci(_honest(runs, attack, method, fraction, "robust_acc_adaptive"),
+                                          _honest(runs, attack, "none", fraction, "robust_acc_adaptive"))
             out.setdefault(method, {})[fraction] = cell
     return out
 
@@ -413,17 +413,17 @@ def tables(per_setting: dict, summary: dict, config: Config) -> dict:
         for attack in setting.attacks:
             anyf = str(setting.fractions[0])
             clean = mean_std(_honest(runs, attack, "none", anyf, "clean_acc"))
-            robust = mean_std(_honest(runs, attack, "none", anyf, "robust_acc"))
+            robust = mean_std(_honest(runs, attack, "none", anyf, "robust_acc_adaptive"))
             aa = (_ms(mean_std([run["base"]["autoattack"] for run in runs]))
                   if attack == "pgd-linf" and "autoattack" in runs[0]["base"] else "—")
             base.append(f"| {setting.name} | {attack} | {len(runs)} | {_ms(clean)} | {_ms(robust)} | {aa} |")
             for method in (*setting.methods, *BASELINES):
                 cells = honest[attack][method]
-                vs_none = [_ci(cells[f]["robust_acc_vs_none"]) if f in cells else "—" for f in fractions]
-                vs_random = [_ci(cells[f]["robust_acc_vs_random"]) if f in cells and method != "random" else "—"
-                             for f in fractions]
+                vs_none = [_ci(cells[f]["robust_acc_adaptive_vs_none"]) if f in cells else "—" for f in fractions]
+                vs_random = [_ci(cells[f]["robust_acc_adaptive_vs_random"]) if f in cells and method != "random"
+                             else "—" for f in fractions]
                 adaptive.append(f"| {setting.name} | {attack} | {method} | " + " | ".join(vs_none + vs_random) + " |")
-                moved = [_ci(cells[f]["transfer_acc_vs_none"]) if f in cells else "—" for f in late]
+                moved = [_ci(cells[f]["robust_acc_transfer_vs_none"]) if f in cells else "—" for f in late]
                 clean_moved = [_ci(cells[f]["clean_acc_vs_none"]) if f in cells else "—" for f in late]
                 shifted = [_ci(cells[f]["majority_rate_vs_none"]) if f in cells else "—" for f in late]
                 transfer.append(f"| {setting.name} | {attack} | {method} | "
@@ -464,12 +464,13 @@ def reading(per_setting: dict, summary: dict, config: Config) -> list:
                  for f in map(str, setting.fractions)]
         if "linear" in setting.attacks:
             runs = per_setting[setting.name]
+            undefended = _ms(mean_std(_honest(runs, 'linear', 'none', '', 'robust_acc_adaptive')))
             lines.append(f"{setting.name}: the budget-free closed-form attack leaves an adaptive robust accuracy of "
-                         f"{_ms(mean_std(_honest(runs, 'linear', 'none', '', 'robust_acc')))}% on the undefended "
+                         f"{undefended}% on the undefended "
                          "model and moves every point across the boundary of a linear model, so re-attacked it "
                          "only measures the points misclassified to begin with; the counts below leave it out.")
         for reference in ("none", "random"):
-            signs = [_significant(c[f"robust_acc_vs_{reference}"]) for *_, c in cells]
+            signs = [_significant(c[f"robust_acc_adaptive_vs_{reference}"]) for *_, c in cells]
             better = [f"{m} {a} {_fraction_label(f)}" for (a, m, f, c), s in zip(cells, signs) if s > 0]
             lines.append(
                 f"{setting.name} ({len(per_setting[setting.name])} seeds), honest protocol: adaptive robust accuracy "
@@ -477,15 +478,15 @@ def reading(per_setting: dict, summary: dict, config: Config) -> list:
                 f"(95% CI > 0) in {signs.count(1)} of {len(cells)} (budgeted attack, method, budget) cells"
                 + (f" ({', '.join(better[:8])}{', ...' if len(better) > 8 else ''})" if better else "")
                 + f", below it in {signs.count(-1)}.")
-        a, m, f, c = max(cells, key=lambda cell: cell[3]["robust_acc_vs_none"][0])
+        a, m, f, c = max(cells, key=lambda cell: cell[3]["robust_acc_adaptive_vs_none"][0])
         lines.append(f"{setting.name}: the largest mean adaptive gain over no defence is {m} against {a} at "
-                     f"{_fraction_label(f)}: {_ci(c['robust_acc_vs_none'])} points (vs random "
-                     f"{_ci(c['robust_acc_vs_random'])}); clean accuracy {_ci(c['clean_acc_vs_none'])}.")
+                     f"{_fraction_label(f)}: {_ci(c['robust_acc_adaptive_vs_none'])} points (vs random "
+                     f"{_ci(c['robust_acc_adaptive_vs_random'])}); clean accuracy {_ci(c['clean_acc_vs_none'])}.")
         top = str(max(setting.fractions))
         at_top = [c for a, m, f, c in cells if f == top]
         runs = per_setting[setting.name]
         shift = 100 * sum(c["majority_rate_vs_none"][0] for c in at_top) / len(at_top)
-        gain = 100 * sum(c["robust_acc_vs_none"][0] for c in at_top) / len(at_top)
+        gain = 100 * sum(c["robust_acc_adaptive_vs_none"][0] for c in at_top) / len(at_top)
         share = 100 * mean_std([run["majority_share"] for run in runs])[0]
         before = 100 * mean_std(_honest(runs, budgeted[0], "none", top, "majority_rate"))[0]
         if share > 50:  # a skewed (binary) task: predicting the majority class is "robust" on its whole share
@@ -495,7 +496,7 @@ def reading(per_setting: dict, summary: dict, config: Config) -> list:
                 f"for {before:.1f}% (true share {share:.1f}%), with a mean adaptive gain of {gain:+.2f} points"
                 + (". A constant majority prediction is robust on that whole share, so part of such a gain can be a "
                    "shift toward the majority class rather than robustness." if shift > 0 else "."))
-        stale = 100 * sum(c["transfer_acc"][0] - c["robust_acc"][0] for *_, c in cells) / len(cells)
+        stale = 100 * sum(c["robust_acc_transfer"][0] - c["robust_acc_adaptive"][0] for *_, c in cells) / len(cells)
         lines.append(f"{setting.name}: averaged over these cells, transfer robust accuracy (the undefended model's "
                      f"adversarial points) is {abs(stale):.2f} points {'above' if stale >= 0 else 'below'} the "
                      "adaptive one" + (": stale perturbations flatter a defence." if stale > 0 else "."))
@@ -569,7 +570,7 @@ def plot(summary: dict, config: Config, path: Path) -> None:
         honest = summary[setting.name]["honest"][attack]
         xs = [100 * f for f in setting.fractions]
         for method in (*setting.methods, "loss"):
-            errorbar(ax, xs, [honest[method][str(f)]["robust_acc_vs_random"] for f in setting.fractions],
+            errorbar(ax, xs, [honest[method][str(f)]["robust_acc_adaptive_vs_random"] for f in setting.fractions],
                      marker="o", label=method, ls="--" if method == "loss" else "-")
         ax.axhline(0.0, color="grey", lw=0.8)
         ax.set(title=f"{setting.name}, {attack}: honest", xlabel="training samples removed (%)",

@@ -5,7 +5,7 @@ at 5% and 1% and ART's clean-label backdoor (5% of the training split, PGD linf 
 plain training (ERM) and PGD adversarial training (3 steps, linf 0.1); evidence K = 10 and 50
 triggered validation inputs with their true labels (threat model "evidence known") and none
 ("trigger unknown"). Budget: twice the poison rate. Each setting runs through
-``defenses.run(..., poison=...)`` with its per-seed cache in ``experiments/out/poisoning/<setting>``
+``defenses.run_poisoning`` with its per-seed cache in ``experiments/out/poisoning/<setting>``
 (``resume``), so an interrupted run continues where it stopped.
 
 Settings run in separate processes (``--settings``); ``--write-results`` then writes the ``poisoning``
@@ -60,14 +60,14 @@ NOTES: dict = {}
 
 
 def run_setting(name: str, seeds: int, out_dir: Path, progress: bool, quick: bool = False) -> dict:
-    """Run (or resume) one setting through ``defenses.run(..., poison=...)`` and return its report."""
+    """Run (or resume) one setting through ``defenses.run_poisoning`` and return its report."""
     import defenses
 
     data, trainer, attack, rate, patch = SETTINGS[name]
     reduced = data == "mnist" and trainer != "erm"
     recipes = AT_RECIPES if reduced else ALL_RECIPES
     sizes = dict(n_train=400, n_val=200, n_test=200) if quick else {}
-    return defenses.run(data, trainer=trainer, seeds=seeds, steps=10, train_steps=3, recipes=list(recipes),
+    return defenses.run_poisoning(data, trainer=trainer, seeds=seeds, steps=10, train_steps=3, recipes=list(recipes),
                         poison=dict(attack=attack, rate=rate, target_class=0, evidence=(50,) if reduced else (10, 50),
                                     patch_size=patch,
                                     robust_n=100 if quick else 500),
@@ -117,7 +117,8 @@ def render_setting(name: str, report: dict) -> str:
     lines = [f"### {name}: {cfg['data']} / {cfg['model']} / {cfg['trainer']}, {spec['attack']} {100 * spec['rate']:g}%",
              "",
              f"Base model: clean {_pct(base['clean_acc'])}%, backdoor ASR {_pct(base['asr_backdoor'])}%, "
-             f"PGD robust {_pct(base['robust_acc'])}%; budget {100 * spec['budget']:g}% removed; seeds {seeds}.",
+             f"PGD robust {_pct(base['robust_acc_adaptive'])}%; budget {100 * spec['budget']:g}% removed; "
+             f"seeds {seeds}.",
              *([""] + [NOTES[name]] if name in NOTES else []),
              "",
              "| recipe | K | clean % | Δ clean vs none [95% CI] | ASR % | Δ ASR vs none [95% CI] | recall % "
@@ -132,8 +133,8 @@ def render_setting(name: str, report: dict) -> str:
                                                            [r["asr_backdoor"] for r in none], digits=1)
         auroc = "–" if e["auroc"] is None else f"{e['auroc']['mean']:.3f}"
         lines.append(f"| {recipe} | {size or '–'} | {_pct(e['clean_acc'])} | {d_clean} | {_pct(e['asr_backdoor'])} "
-                     f"| {d_asr} | {_pct(e['recall'])} | {_pct(e['precision'])} | {auroc} | {_pct(e['robust_acc'])} "
-                     f"| {_pct(e['removed_share'])} |")
+                     f"| {d_asr} | {_pct(e['recall'])} | {_pct(e['precision'])} | {auroc} "
+                     f"| {_pct(e['robust_acc_adaptive'])} | {_pct(e['removed_share'])} |")
     timing = report["per_seed"]["timing"]
     ratio = sum(t["detection_over_epoch"] for t in timing) / len(timing)
     lines += ["", f"Detection (trigger-unknown contrast detector over the training split) / one training epoch: "

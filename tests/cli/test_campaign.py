@@ -386,17 +386,16 @@ def test_the_process_exit_status_is_2_with_one_line(tmp_path):
 
 
 def test_poisoning_report_shows_a_degenerate_interval_as_such():
-    from defenses.poisoning import render_poisoned
-    from defenses.report import mean_std, paired_difference
+    from defenses.report import mean_std, paired_difference, render_markdown
 
     stat = mean_std([0.5, 0.6])
     entry = {"recipe": "random", "threat": "trigger unknown", "evidence": None,
-             **{m: stat for m in ("clean_acc", "asr_backdoor", "precision", "recall", "auroc", "robust_acc",
-                                  "removed_share")},
+             **{m: stat for m in ("clean_acc", "asr_backdoor", "precision", "recall", "auroc",
+                                  "robust_acc_adaptive", "removed_share")},
              "vs_none": {m: paired_difference([0.5, 0.6], [0.492, 0.592]) for m in ("clean_acc", "asr_backdoor")}}
     report = {"config": {"data": "digits", "model": "mlp", "trainer": "erm", "attack": "pgd", "seeds": [0, 1],
                          "poison": {"attack": "badnets", "rate": 0.05, "target_class": 0, "patch_size": 3,
                                     "budget": 0.1}},
               "summary": [entry]}
-    markdown = render_poisoned(report)
+    markdown = render_markdown(report)
     assert "+0.8 [n/a: identical differences]" in markdown and "[+0.8, +0.8]" not in markdown

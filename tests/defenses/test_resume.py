@@ -26,7 +26,7 @@ def flaky_recipe(monkeypatch):
             raise RuntimeError("the machine went down")
         return ctx.model
 
-    monkeypatch.setitem(recipes._RECIPES, "flaky", recipes.Recipe("flaky", flaky, False, "test"))
+    monkeypatch.setitem(recipes._RECIPES, ("evasion", "flaky"), recipes.Recipe("flaky", flaky, False, "test"))
     return state
 
 

@@ -1,0 +1,183 @@
+"""The options of the two defence pipelines, each one typed and documented once (the command line's
+``defend`` flags are checked against these fields by a test).
+
+- :class:`RunConfig`: :func:`defenses.run`, the evasion pipeline (prune / reweight by influence,
+  retrain, re-attack, beside adversarial-training references).
+- :class:`PoisoningConfig`: :func:`defenses.run_poisoning`, the backdoor-poisoning pipeline, with its
+  threat model :class:`PoisonSpec`.
+
+Both share the fields of :class:`SharedConfig` (data, model, threat model, training schedule, seeds,
+output). Every field carries its help text in ``metadata["help"]`` (see :func:`help_texts`). The
+values are checked when a run is planned (:func:`defenses.plan.plan_run`), with errors that name the
+field.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, fields, replace
+from typing import Any, Optional
+
+from attacks.poisoning import check_rate, check_target_class
+from attacks.validation import check_choice, check_fraction, check_int
+
+from .recipes import DEFAULT_RECIPES
+
+__all__ = ["SharedConfig", "RunConfig", "PoisoningConfig", "PoisonSpec", "POISON_ATTACKS", "help_texts",
+           "config_from_options"]
+
+POISON_ATTACKS = ("badnets", "clean-label")
+
+
+def _option(default: Any, help: str, *, factory: bool = False):
+    """A field with its help text (``metadata["help"]``); ``factory``: ``default`` is a zero-argument factory."""
+    if factory:
+        return field(default_factory=default, metadata={"help": help})
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass(frozen=True)
+class SharedConfig:
+    """The options both pipelines take: data, model, threat model, training schedule, seeds and output."""
+
+    data: Any = _option("mnist", "a data set name (mnist, digits, adult, moons, mnist-full; split per seed), a "
+                                 "robust_infl.datasets.Splits, (train, val, test) splits, one (X, y[, s]) data set "
+                                 "(split per seed: 65% / 15% / 20%), or a callable seed -> Splits")
+    model: Any = _option(None, "a reference model name (cnn, mlp, logreg; default per data set), your own nn.Module "
+                               "(copied, then trained from scratch: every submodule needs reset_parameters) or a "
+                               "factory seed -> nn.Module")
+    attack: Any = _option("pgd", "the evasion attack: a name (fgsm, pgd, linear, autoattack, ...; built per seed from "
+                                 "eps, norm, steps, bounds) or your own callable attack(model, x, y) -> x_adv")
+    eps: Optional[float] = _option(None, "attack budget (default per data set: images 0.1, tabular 0.5)")
+    norm: Optional[str] = _option(None, "attack norm, linf or l2 (default per data set: images linf, tabular l2)")
+    steps: Optional[int] = _option(None, "attack steps of pgd (default 10)")
+    bounds: Any = _option("auto", "input range (low, high) of named attacks and adversarial trainers, or None; "
+                                  "'auto': the bounds of an attack object that declares them, else the data set's "
+                                  "(images (0, 1), tabular None), and for your own (X, y) tensors (0, 1) when every "
+                                  "value of X lies in it, else None")
+    trainer: Any = _option("erm", "erm, fast-at, pgd-at, trades, art-pgd-at, art-trades, or a trainer object "
+                                  "(Trainer / ARTTrainer); the base model is trained by it from scratch")
+    seeds: Any = _option(3, "a count N (seeds 0..N-1) or a list of seeds")
+    epochs: Optional[int] = _option(None, "training epochs (default per data set)")
+    lr: Optional[float] = _option(None, "learning rate (default per data set)")
+    batch_size: Optional[int] = _option(None, "training batch size (default per data set)")
+    train_steps: int = _option(5, "PGD steps inside adversarial trainers")
+    n_train: Optional[int] = _option(None, "training split size of a named data set (default per data set)")
+    n_val: Optional[int] = _option(None, "validation split size of a named data set (default per data set)")
+    n_test: Optional[int] = _option(None, "test split size of a named data set (default per data set)")
+    eval_batch_size: int = _option(256, "samples per attack call at evaluation")
+    out: Any = _option(None, "output folder for the report files (None: write nothing); each seed's results are "
+                             "saved there as it completes (seeds/seed_<k>.json), every file atomically")
+    resume: bool = _option(False, "reuse the per-seed results already in out (after a crash, or to add seeds); a "
+                                  "seed file written with other settings is refused")
+    overwrite: bool = _option(False, "replace an earlier run in out; without it (or resume) a folder holding one is "
+                                     "refused before any compute")
+    progress: bool = _option(True, "show one progress bar (on a terminal only) over the seeds and recipes")
+
+
+@dataclass(frozen=True)
+class RunConfig(SharedConfig):
+    """The options of :func:`defenses.run` (the evasion pipeline): :class:`SharedConfig` plus the scoring,
+    selection, retraining, recipes, references and evaluation suite."""
+
+    method: str = _option("ip", "influence method (robust_infl.available_methods(); not tracin)")
+    method_options: Optional[dict] = _option(None, "options of the influence method (e.g. params, damping)")
+    fractions: Any = _option((0.05,), "budgets: shares of the training set pruned / down-weighted; several give a "
+                                      "plot")
+    mode: str = _option("prune", "prune (train on the kept samples) or reweight")
+    scheme: str = _option("smooth", "reweighting scheme of mode reweight: smooth or hard")
+    temperature: float = _option(1.0, "temperature of the smooth scheme")
+    retrain: str = _option("scratch", "defended models: retrained from scratch or finetune (from the base model)")
+    recipes: Any = _option(DEFAULT_RECIPES, "recipe names from defenses.available_recipes(); none and random give "
+                                            "the paired differences")
+    references: Any = _option("auto", "adversarial-training reference rows (fast-at, pgd-at, trades) trained on the "
+                                      "same data and schedule: 'auto' all three with plain training (an adversarial "
+                                      "trainer is its own reference), a list picks some, () none")
+    eval_attacks: Any = _option("auto", "evaluation suite besides the threat-model attack: 'auto' adds APGD-CE and "
+                                        "targeted APGD-DLR where the data allows (images in [0, 1]), a list of attack "
+                                        "names, () none")
+    eval_subset: int = _option(200, "the suite runs on the first that many test points of each seed")
+
+
+@dataclass(frozen=True)
+class PoisonSpec:
+    """The backdoor threat model of :func:`defenses.run_poisoning` (each field's help in ``metadata["help"]``).
+
+    ``badnets`` patches a corner of ``rate`` of the training split and relabels it to ``target_class``
+    (:func:`attacks.poison`); ``clean-label`` is ART's ``PoisoningAttackCleanLabelBackdoor``: target-class
+    samples, PGD-perturbed on a proxy model trained on the clean split with the same trainer, then patched,
+    labels kept. The evidence sizes are nested: the first K of one draw of triggered validation inputs of
+    the other classes. Clean accuracy and the backdoor ASR are measured on the whole test split.
+    """
+
+    attack: str = _option("badnets", "the backdoor: badnets (corner patch, relabelled to the target class) or "
+                                     "clean-label (ART's label-consistent backdoor)")
+    rate: float = _option(0.05, "share of the training split poisoned")
+    target_class: int = _option(0, "the backdoor's target class")
+    evidence: tuple = _option((50,), "evidence sizes K: triggered validation inputs with their true labels")
+    budget: Optional[float] = _option(None, "share removed by every recipe (default: twice the rate)")
+    patch_size: int = _option(3, "side of the square trigger patch in the bottom-right corner")
+    clean_label_eps: float = _option(0.3, "PGD budget (linf) of the clean-label attack on its proxy model")
+    clean_label_steps: int = _option(20, "PGD steps of the clean-label attack")
+    robust_n: Optional[int] = _option(500, "evasion robust accuracy on the first N test inputs (None: all)")
+
+    def checked(self, num_classes: int) -> "PoisonSpec":
+        """This spec after validation, with ``budget`` resolved."""
+        check_choice(self.attack, "poison", POISON_ATTACKS)
+        rate = check_rate(self.rate)
+        check_target_class(self.target_class, num_classes)
+        sizes = (self.evidence,) if isinstance(self.evidence, int) else tuple(self.evidence)
+        for size in sizes:
+            check_int(size, "evidence", minimum=1)
+        budget = check_fraction(2 * rate if self.budget is None else self.budget, "budget")
+        check_int(self.patch_size, "patch_size", minimum=1)
+        if self.robust_n is not None:
+            check_int(self.robust_n, "robust_n", minimum=1)
+        return replace(self, rate=rate, evidence=tuple(sorted(set(sizes))), budget=budget)
+
+    @classmethod
+    def of(cls, poison) -> "PoisonSpec":
+        """A :class:`PoisonSpec` from itself, a dict of its fields or an attack name."""
+        if isinstance(poison, cls):
+            return poison
+        if isinstance(poison, str):
+            return cls(attack=poison)
+        if isinstance(poison, dict):
+            valid = [f.name for f in fields(cls)]
+            unknown = set(poison) - set(valid)
+            if unknown:
+                raise ValueError(f"poison: unknown fields {sorted(unknown)}; valid are {sorted(valid)}")
+            return cls(**poison)
+        raise TypeError(f"poison: expected a PoisonSpec, a dict of its fields or an attack name, "
+                        f"got {type(poison).__name__}")
+
+    def as_dict(self) -> dict:
+        """The fields as a plain dict (the report's ``config["poison"]``)."""
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class PoisoningConfig(SharedConfig):
+    """The options of :func:`defenses.run_poisoning` (the backdoor-poisoning pipeline): :class:`SharedConfig`
+    plus the backdoor threat model and the poisoning recipes."""
+
+    poison: Any = _option("badnets", "the backdoor threat model: a PoisonSpec, a dict of its fields, or badnets / "
+                                     "clean-label with the other fields at their defaults")
+    recipes: Any = _option(None, "poisoning recipe names from defenses.available_recipes('poisoning') (None: all "
+                                 "of them)")
+
+
+def help_texts(config_class) -> dict:
+    """``{field name: help text}`` of a configuration class, in field order."""
+    return {f.name: f.metadata["help"] for f in fields(config_class)}
+
+
+def config_from_options(config_class, options: dict, entry: str):
+    """``config_class(**options)``, refusing an unknown option with a ``TypeError`` that names it, the valid
+    ones, and for ``poison`` given to :func:`defenses.run` the poisoning pipeline's entry point."""
+    valid = [f.name for f in fields(config_class)]
+    unknown = [name for name in options if name not in valid]
+    if unknown:
+        hint = ("; the poisoning pipeline is defenses.run_poisoning(..., poison=...)"
+                if "poison" in unknown else "")
+        raise TypeError(f"{unknown[0]}: not an option of {entry}{hint}; valid are {', '.join(valid)}")
+    return config_class(**options)

@@ -1,0 +1,59 @@
+"""The poisoning pipeline's own entry point, and the one recipe registry both pipelines draw from."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import defenses
+from defenses import recipes
+from defenses.poison_recipes import Outcome, PoisonContext
+
+TINY = dict(seeds=1, n_train=300, n_val=150, n_test=100, epochs=5, progress=False)
+
+
+def test_one_registry_holds_both_pipelines_recipes_apart():
+    assert {"remove-poisons", "knn-label", "none", "random"} <= set(defenses.available_recipes("poisoning"))
+    assert "remove-poisons" not in defenses.available_recipes() and "influence" in defenses.available_recipes()
+    assert recipes.get_recipe("remove-poisons", "poisoning").threat == "evidence"
+    assert recipes.get_recipe("none", "poisoning") is not recipes.get_recipe("none")
+    with pytest.raises(ValueError, match="recipes: unknown recipe 'remove-poisons'; valid names are none, influence"):
+        recipes.get_recipe("remove-poisons")
+    with pytest.raises(ValueError, match="pipeline: must be one of"):
+        defenses.available_recipes("backdoor")
+    with pytest.raises(ValueError, match="threat: must be one of"):
+        defenses.register_recipe("mine", lambda ctx: None, pipeline="poisoning")
+    with pytest.raises(ValueError, match="threat: only poisoning recipes have one"):
+        defenses.register_recipe("mine", lambda ctx: None, threat="unknown")
+
+
+def test_a_registered_poisoning_recipe_runs_in_run_poisoning(monkeypatch):
+    monkeypatch.setattr(recipes, "_RECIPES", dict(recipes._RECIPES))
+    seen = []
+
+    def first_samples(ctx: PoisonContext) -> Outcome:
+        seen.append(ctx)
+        removed = torch.zeros(len(ctx.train[1]), dtype=torch.bool)
+        removed[:ctx.k] = True
+        return Outcome(ctx.fit((ctx.train[0][~removed], ctx.train[1][~removed])), removed,
+                       -torch.arange(len(removed), dtype=torch.float64))
+
+    defenses.register_recipe("first", first_samples, pipeline="poisoning", threat="unknown")
+    report = defenses.run_poisoning("digits", poison=dict(evidence=(10,), robust_n=20, patch_size=2),
+                                    recipes=["none", "first"], **TINY)
+    assert [(e["recipe"], e["evidence"], e["threat"]) for e in report["summary"]] == [("none", None, "none"),
+                                                                                      ("first", None, "unknown")]
+    assert len(seen) == 1 and not hasattr(seen[0], "test") and seen[0].budget == pytest.approx(0.1)
+    row = next(r for r in report["per_seed"]["runs"] if r["recipe"] == "first")
+    assert row["removed_share"] == pytest.approx(seen[0].k / 300)
+    assert set(report["base"]) == {"clean_acc", "asr_backdoor", "robust_acc_adaptive"}
+    assert report["config"]["recipes"] == ["none", "first"] and report["config"]["poison"]["budget"] == 0.1
+
+
+def test_run_poisoning_checks_its_options_before_any_training():
+    with pytest.raises(ValueError, match="recipes: unknown poisoning recipe 'influence'"):
+        defenses.run_poisoning("digits", recipes=["none", "influence"], **TINY)
+    with pytest.raises(ValueError, match="poison: must be one of"):
+        defenses.run_poisoning("digits", poison="sleeper", **TINY)
+    with pytest.raises(ValueError, match=r"poison: unknown fields \['rates'\]"):
+        defenses.run_poisoning("digits", poison={"rates": 0.1}, **TINY)
