@@ -6,7 +6,7 @@
 - :class:`PoisoningConfig`: :func:`defenses.run_poisoning`, the backdoor-poisoning pipeline, with its
   threat model :class:`PoisonSpec`.
 
-Both share the fields of :class:`SharedConfig` (data, model, threat model, training schedule, seeds,
+Both share the fields of :class:`~defenses.config.SharedConfig` (data, model, threat model, training schedule, seeds,
 output). Every field carries its help text in ``metadata["help"]`` (see :func:`help_texts`). The
 values are checked when a run is planned (:func:`defenses.plan.plan_run`), with errors that name the
 field.
@@ -76,7 +76,7 @@ class SharedConfig:
 
 @dataclass(frozen=True)
 class RunConfig(SharedConfig):
-    """The options of :func:`defenses.run` (the evasion pipeline): :class:`SharedConfig` plus the scoring,
+    """The options of :func:`defenses.run` (the evasion pipeline): :class:`~defenses.config.SharedConfig` plus the scoring,
     selection, retraining, recipes, references and evaluation suite."""
 
     method: str = _option("ip", "influence method (robust_infl.available_methods(); not tracin)")
@@ -157,7 +157,7 @@ class PoisonSpec:
 
 @dataclass(frozen=True)
 class PoisoningConfig(SharedConfig):
-    """The options of :func:`defenses.run_poisoning` (the backdoor-poisoning pipeline): :class:`SharedConfig`
+    """The options of :func:`defenses.run_poisoning` (the backdoor-poisoning pipeline): :class:`~defenses.config.SharedConfig`
     plus the backdoor threat model and the poisoning recipes."""
 
     poison: Any = _option("badnets", "the backdoor threat model: a PoisonSpec, a dict of its fields, or badnets / "

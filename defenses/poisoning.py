@@ -45,10 +45,10 @@ def run_poisoning(data="mnist", model=None, attack="pgd", **options) -> dict:
     its fields, or ``"badnets"`` / ``"clean-label"``), the poisoning ``recipes``
     (``defenses.available_recipes("poisoning")``; all by default), the trainer, schedule, seeds and output
     of :func:`defenses.run`. The run is planned first (every option checked before any training), then
-    executed (:func:`execute_poisoning`).
+    executed (:func:`~defenses.poisoning.execute_poisoning`).
 
     Returns:
-        The report: ``config``, ``base`` (mean ± std of the base model's ``clean_acc``, ``asr_backdoor`` and
+        The report, with ``config``, ``base`` (mean ± std of the base model's ``clean_acc``, ``asr_backdoor`` and
         ``robust_acc_adaptive``), ``per_seed`` (``base``, ``runs`` and ``timing``) and ``summary`` (per
         recipe and evidence size: every metric's mean ± std over seeds and paired differences vs ``none``
         and ``random``). With ``out``: ``report.json``, ``report.md`` and ``asr_by_recipe.png`` there, and
