@@ -80,7 +80,11 @@ def predict(logits: torch.Tensor) -> torch.Tensor:
 
 def plain_value(value):
     """``value`` as plain JSON data: numbers, strings, lists, dicts; small tensors as lists, large ones by
-    shape and hash; attacks and other callables by :func:`attack_settings`."""
+    shape and hash; attacks and other callables by :func:`attack_settings`.
+
+    The one fingerprint of settings: what a report records, what a resumed defence run compares
+    (:mod:`defenses.seed_results`) and what identifies a scoring store (:mod:`robust_infl.store`) or
+    fitted EK-FAC factors; equal settings give equal values in every process."""
     if value is None or isinstance(value, (bool, int, float, str)):
         return value
     if isinstance(value, torch.Tensor):
