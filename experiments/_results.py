@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import fcntl
 import json
+import math
 import re
 import time
 from contextlib import contextmanager
@@ -74,13 +75,12 @@ def mean_std(values: Iterable[float]) -> tuple:
 
 
 def paired_ci(a: Iterable[float], b: Iterable[float], level: float = 0.95) -> tuple:
-    """``(mean, (low, high))``: :func:`defenses.stats.paired_difference` of a - b with its two-sided t interval
-    (zero width for identical differences, NaN for one pair), the form the experiments' JSON stores."""
+    """``(mean, (low, high))``: :func:`defenses.stats.paired_difference` of a - b with its two-sided t interval,
+    the form the experiments' JSON stores; ``(nan, nan)`` where that function gives no interval (one pair, or
+    identical differences, whose zero-width interval would read as certainty)."""
     diff = stats.paired_difference(a, b, level)
-    if diff["n"] < 2:
-        return diff["mean"], (float("nan"), float("nan"))
-    half = stats.half_width(diff, level)
-    return diff["mean"], (diff["mean"] - half, diff["mean"] + half)
+    low, high = diff["ci95"] if diff["ci95"] is not None else (math.nan, math.nan)
+    return diff["mean"], (low, high)
 
 
 def format_mean_std(values: list, scale: float = 100.0, digits: int = 2) -> str:
@@ -90,8 +90,11 @@ def format_mean_std(values: list, scale: float = 100.0, digits: int = 2) -> str:
 
 
 def format_delta(a: list, b: list, scale: float = 100.0, digits: int = 2) -> str:
-    """``"+d [lo, hi]"``: mean paired difference ``scale * (a - b)`` and its 95% t-interval."""
+    """``"+d [lo, hi]"``: mean paired difference ``scale * (a - b)`` and its 95% t-interval (``"+d"`` alone
+    where :func:`paired_ci` gives no interval)."""
     m, (lo, hi) = paired_ci([scale * v for v in a], [scale * v for v in b])
+    if not math.isfinite(lo):
+        return f"{m:+.{digits}f}"
     return f"{m:+.{digits}f} [{lo:+.{digits}f}, {hi:+.{digits}f}]"
 
 
