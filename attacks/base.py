@@ -17,6 +17,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import inspect
+import re
 from abc import ABC, abstractmethod
 
 import torch
@@ -98,7 +99,7 @@ def plain_value(value):
         return {str(k): plain_value(v) for k, v in value.items()}
     if callable(value) or hasattr(value, "__dict__"):
         return attack_settings(value)
-    return repr(value)
+    return re.sub(r" at 0x[0-9a-fA-F]+", "", repr(value))  # no memory address: equal in every process
 
 
 def attack_settings(attack) -> dict:
