@@ -12,7 +12,7 @@ that clips to [0, 1] run on unbounded data through an exact affine change of var
 """
 
 from .adapters import ART, AutoAttack, TorchAttacks, art_evasion_names, torchattacks_names
-from .base import Attack, BinaryAsTwoLogits, attack_settings, predict
+from .base import Attack, BinaryAsTwoLogits, attack_settings, plain_value, predict
 from .closed_form import LinearClosedForm
 from .composite import Cascade, UnitBoxView
 from .evaluate import accuracy, evaluate
@@ -38,6 +38,7 @@ __all__ = [
     "predict",
     "BinaryAsTwoLogits",
     "attack_settings",
+    "plain_value",
     "torchattacks_names",
     "art_evasion_names",
     "Trigger",

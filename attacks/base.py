@@ -17,6 +17,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import inspect
+import re
 from abc import ABC, abstractmethod
 
 import torch
@@ -80,7 +81,11 @@ def predict(logits: torch.Tensor) -> torch.Tensor:
 
 def plain_value(value):
     """``value`` as plain JSON data: numbers, strings, lists, dicts; small tensors as lists, large ones by
-    shape and hash; attacks and other callables by :func:`attack_settings`."""
+    shape and hash; attacks and other callables by :func:`attack_settings`.
+
+    The one fingerprint of settings: what a report records, what a resumed defence run compares
+    (:mod:`defenses.seed_results`) and what identifies a scoring store (:mod:`robust_infl.store`) or
+    fitted EK-FAC factors; equal settings give equal values in every process."""
     if value is None or isinstance(value, (bool, int, float, str)):
         return value
     if isinstance(value, torch.Tensor):
@@ -94,7 +99,7 @@ def plain_value(value):
         return {str(k): plain_value(v) for k, v in value.items()}
     if callable(value) or hasattr(value, "__dict__"):
         return attack_settings(value)
-    return repr(value)
+    return re.sub(r" at 0x[0-9a-fA-F]+", "", repr(value))  # no memory address: equal in every process
 
 
 def attack_settings(attack) -> dict:

@@ -31,7 +31,7 @@ from .recipes import DefenceContext, available_recipes, register_recipe
 from .registry import TRAINER_NAMES, make_trainer
 from .selection import prune, relabel, reweight
 from .selection_hook import SelectionWeights
-from .trainers import ERM, PGDAT, TRADES, FastAT, Trainer, per_sample_loss
+from .trainers import ERM, PGDAT, TRADES, CheckpointingERM, FastAT, Trainer, per_sample_loss
 
 __all__ = [
     "prune",
@@ -39,6 +39,7 @@ __all__ = [
     "relabel",
     "Trainer",
     "ERM",
+    "CheckpointingERM",
     "PGDAT",
     "FastAT",
     "TRADES",

@@ -473,12 +473,12 @@ def _score(args, splits, defaults, eps, norm, objective):
         if rank != 0:
             args.no_progress = True
         model = _train(args, splits, defaults, eps, norm)
-        options = dict(objective=objective, method=args.method, seed=args.seed, device=args.device,
-                       progress=not args.no_progress, params=args.params)
+        options = dict(objective=objective, method=args.method,
+                       options=robust_infl.ScoringOptions(seed=args.seed, device=args.device, damping=args.damping,
+                                                          progress=not args.no_progress, params=args.params))
         if args.store is None and world_size == 1:
             extra = {} if not args.checkpoints else dict(checkpoints=args.checkpoints, lrs=args.lr or defaults.lr)
-            return rank, robust_infl.influence(model, splits.train[:2], splits.val, damping=args.damping,
-                                               **options, **extra)
+            return rank, robust_infl.influence(model, splits.train[:2], splits.val, **options, **extra)
         broadcast_module_state(model)
         return rank, sharded_influence(model, splits.train[:2], splits.val, store=args.store, resume=args.resume,
                                        chunk_size=args.chunk_size, **options)

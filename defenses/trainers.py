@@ -38,6 +38,7 @@ from .data import as_tensors, batch_source
 __all__ = [
     "Trainer",
     "ERM",
+    "CheckpointingERM",
     "PGDAT",
     "TRADES",
     "FastAT",
@@ -282,6 +283,48 @@ class Trainer:
 
 class ERM(Trainer):
     """Plain (weighted) empirical risk minimisation on the clean training points."""
+
+
+class CheckpointingERM(ERM):
+    """:class:`ERM` that keeps ``n_checkpoints`` evenly spaced copies of the weights of its latest fit:
+    the checkpoints of ``robust_infl.influence(method="tracin", checkpoints=...)``.
+
+    After ``fit``, ``checkpoints`` holds state dicts (detached copies) of the weights at the end of
+    epochs ``round(k * epochs / n_checkpoints)`` for ``k = 1 .. n_checkpoints``; the last one is the
+    returned model's. The training itself is :class:`ERM`'s, step for step.
+
+    Args:
+        n_checkpoints: how many, from 1 to ``epochs`` (default 3).
+        **trainer_options: the options of :class:`Trainer`.
+    """
+
+    def __init__(self, *, n_checkpoints: int = 3, **trainer_options):
+        super().__init__(**trainer_options)
+        self.n_checkpoints = check_int(n_checkpoints, "n_checkpoints", minimum=1, maximum=self.epochs)
+        self.checkpoints: list = []
+        self._save_at: set = set()
+
+    def begin_fit(self, model, train, val, *, seed, steps_per_epoch):
+        """Reset the checkpoints and compute the steps after which one is saved."""
+        super().begin_fit(model, train, val, seed=seed, steps_per_epoch=steps_per_epoch)
+        self.checkpoints = []
+        ends = {round(k * self.epochs / self.n_checkpoints) for k in range(1, self.n_checkpoints)}
+        self._save_at = {epoch * steps_per_epoch for epoch in ends}
+
+    def begin_step(self, model, *, step, epoch):
+        """Save the weights when ``step`` is the first step after a checkpoint epoch."""
+        if step in self._save_at:
+            self.checkpoints.append(_state_copy(model))
+
+    def fit(self, model, train, *, weights=None, seed: int = 0, val=None) -> nn.Module:
+        """Train as :meth:`Trainer.fit` and append the final weights to ``checkpoints``."""
+        trained = super().fit(model, train, weights=weights, seed=seed, val=val)
+        self.checkpoints.append(_state_copy(trained))
+        return trained
+
+
+def _state_copy(model: nn.Module) -> dict:
+    return {name: tensor.detach().clone() for name, tensor in model.state_dict().items()}
 
 
 class _BallTrainer(Trainer):

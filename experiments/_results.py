@@ -1,18 +1,25 @@
-"""Shared helpers for experiment scripts: result sections in RESULTS.md, atomic writes, and the statistics of
-:mod:`defenses.stats` in the tuple form the experiments' JSON stores, formatted for their tables."""
+"""Shared helpers for experiment scripts: result sections in RESULTS.md, atomic writes, the statistics of
+:mod:`defenses.stats` in the tuple form the experiments' JSON stores, formatted for their tables, and the
+settings and measures several experiments share (an experiment imports the library and this module only)."""
 
 from __future__ import annotations
 
 import argparse
 import fcntl
 import json
+import math
 import re
 import time
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterable, Iterator, Optional
 
-from defenses import stats
+import torch
+from torch import nn
+
+from attacks import predict
+from attacks.plumbing import eval_mode, make_generator
+from defenses import ERM, stats
 from defenses.seed_results import SeedResults
 from robust_infl.io import atomic_write_text
 
@@ -21,7 +28,8 @@ RESULTS_MD = EXPERIMENTS / "RESULTS.md"
 
 __all__ = ["write_section", "write_json", "mean_std", "paired_ci", "format_mean_std",
            "format_delta", "experiment_arguments", "scoring_benchmark_parser", "parse_benchmark_arguments",
-           "save_figure", "cached", "SETTINGS_FINGERPRINT", "EXPERIMENTS", "RESULTS_MD"]
+           "save_figure", "cached", "SETTINGS_FINGERPRINT", "EXPERIMENTS", "RESULTS_MD", "group_gaps", "random_scores",
+           "jaccard", "tabular_trainer", "ensemble_options"]
 
 
 def write_json(path: Path, obj) -> None:
@@ -67,13 +75,12 @@ def mean_std(values: Iterable[float]) -> tuple:
 
 
 def paired_ci(a: Iterable[float], b: Iterable[float], level: float = 0.95) -> tuple:
-    """``(mean, (low, high))``: :func:`defenses.stats.paired_difference` of a - b with its two-sided t interval
-    (zero width for identical differences, NaN for one pair), the form the experiments' JSON stores."""
+    """``(mean, (low, high))``: :func:`defenses.stats.paired_difference` of a - b with its two-sided t interval,
+    the form the experiments' JSON stores; ``(nan, nan)`` where that function gives no interval (one pair, or
+    identical differences, whose zero-width interval would read as certainty)."""
     diff = stats.paired_difference(a, b, level)
-    if diff["n"] < 2:
-        return diff["mean"], (float("nan"), float("nan"))
-    half = stats.half_width(diff, level)
-    return diff["mean"], (diff["mean"] - half, diff["mean"] + half)
+    low, high = diff["ci95"] if diff["ci95"] is not None else (math.nan, math.nan)
+    return diff["mean"], (low, high)
 
 
 def format_mean_std(values: list, scale: float = 100.0, digits: int = 2) -> str:
@@ -83,8 +90,11 @@ def format_mean_std(values: list, scale: float = 100.0, digits: int = 2) -> str:
 
 
 def format_delta(a: list, b: list, scale: float = 100.0, digits: int = 2) -> str:
-    """``"+d [lo, hi]"``: mean paired difference ``scale * (a - b)`` and its 95% t-interval."""
+    """``"+d [lo, hi]"``: mean paired difference ``scale * (a - b)`` and its 95% t-interval (``"+d"`` alone
+    where :func:`paired_ci` gives no interval)."""
     m, (lo, hi) = paired_ci([scale * v for v in a], [scale * v for v in b])
+    if not math.isfinite(lo):
+        return f"{m:+.{digits}f}"
     return f"{m:+.{digits}f} [{lo:+.{digits}f}, {hi:+.{digits}f}]"
 
 
@@ -163,3 +173,55 @@ def cached(results: Optional[SeedResults], seed: int, compute) -> tuple:
     if results is not None:
         results.save(seed, SETTINGS_FINGERPRINT, {"result": result, "seconds": seconds})
     return result, seconds
+
+
+# ----------------------------------------------------------------- settings and measures shared by experiments
+def group_gaps(model: nn.Module, X: torch.Tensor, y: torch.Tensor, s: torch.Tensor) -> dict:
+    """Demographic-parity and equal-opportunity gaps of the model's hard predictions on ``(X, y, s)``.
+
+    ``dp_gap = |P(yhat=1 | s=1) - P(yhat=1 | s=0)|`` and
+    ``eo_gap = |P(yhat=1 | y=1, s=1) - P(yhat=1 | y=1, s=0)|`` (true-positive-rate gap);
+    ``dp_signed`` and ``eo_signed`` are the same differences without the absolute value.
+    """
+    if not (torch.is_tensor(s) and s.shape == y.shape and bool(((s == 0) | (s == 1)).all())):
+        raise ValueError("s: must be a 0/1 tensor with one entry per sample")
+    for group in (0, 1):
+        if not bool(((s == group) & (y == 1)).any()):
+            raise ValueError(f"s: group {group} has no sample with y=1, the gaps are undefined")
+    with eval_mode(model), torch.no_grad():
+        positive = (predict(model(X)) == 1).to(torch.float64)
+    rate = [positive[s == g].mean() for g in (0, 1)]
+    tpr = [positive[(s == g) & (y == 1)].mean() for g in (0, 1)]
+    dp, eo = float(rate[1] - rate[0]), float(tpr[1] - tpr[0])
+    return {"dp_gap": abs(dp), "eo_gap": abs(eo), "dp_signed": dp, "eo_signed": eo}
+
+
+def random_scores(n: int, seed: int) -> torch.Tensor:
+    """``n`` uniform scores from a generator seeded with ``seed`` (the random-removal baseline)."""
+    return torch.rand(n, generator=make_generator(seed), dtype=torch.float64)
+
+
+def jaccard(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Jaccard overlap |a & b| / |a | b| of two boolean masks (1.0 when both are empty)."""
+    union = int((a | b).sum())
+    return 1.0 if union == 0 else int((a & b).sum()) / union
+
+
+def tabular_trainer(model_name: str, config) -> ERM:
+    """Full-batch Adam for logistic regression (a convex fit run close to convergence), mini-batch Adam for the MLP.
+
+    The trainer of the fairness and synthetic experiments; ``config`` is any configuration with the fields
+    used here (``n_train``, ``logreg_epochs``, ``logreg_lr``, ``mlp_epochs``, ``mlp_lr``, ``mlp_batch_size``,
+    ``weight_decay``).
+    """
+    if model_name == "logreg":
+        return ERM(epochs=config.logreg_epochs, lr=config.logreg_lr, batch_size=config.n_train,
+                   weight_decay=config.weight_decay, progress=False)
+    return ERM(epochs=config.mlp_epochs, lr=config.mlp_lr, batch_size=config.mlp_batch_size,
+               weight_decay=config.weight_decay, progress=False)
+
+
+def ensemble_options(model_name: str, members: int) -> dict:
+    """The paper's ensembles: N(0, 0.01) weight noise for logistic regression, dropout U(0, 0.01) otherwise."""
+    perturbation = "gaussian" if model_name == "logreg" else "dropout"
+    return {"members": members, "perturbation": perturbation, "scale": 0.01}

@@ -28,16 +28,15 @@ from torch import nn
 from tqdm.auto import tqdm
 
 import robust_infl as ri
-from attacks import accuracy, predict
-from attacks.plumbing import eval_mode, make_generator
-from defenses import ERM, prune
-from experiments._results import (experiment_arguments, format_delta, format_mean_std, mean_std, paired_ci,
-                                  save_figure, write_json, write_section)
+from attacks import accuracy
+from defenses import prune
+from experiments._results import (ensemble_options, experiment_arguments, format_delta, format_mean_std, group_gaps,
+                                  jaccard, mean_std, paired_ci, random_scores, save_figure, tabular_trainer,
+                                  write_json, write_section)
 from robust_infl.datasets import load_dataset
 from robust_infl.models import build_model
 
-__all__ = ["Config", "FULL", "QUICK", "group_gaps", "random_scores", "jaccard", "group_shares", "make_trainer",
-           "ensemble_options", "run_seed", "summarise", "main"]
+__all__ = ["Config", "FULL", "QUICK", "group_shares", "run_seed", "summarise", "main"]
 
 EXPERIMENTS = Path(__file__).resolve().parent
 OBJECTIVES = {"dp": ri.DemographicParity, "eo": ri.EqualOpportunity}
@@ -69,60 +68,10 @@ QUICK = Config(seeds=(0, 1), n_train=1500, n_val=600, n_test=1000, fractions=(0.
                mlp_epochs=3, ensemble_members=3)
 
 
-def group_gaps(model: nn.Module, X: torch.Tensor, y: torch.Tensor, s: torch.Tensor) -> dict:
-    """Demographic-parity and equal-opportunity gaps of the model's hard predictions on ``(X, y, s)``.
-
-    ``dp_gap = |P(yhat=1 | s=1) - P(yhat=1 | s=0)|`` and
-    ``eo_gap = |P(yhat=1 | y=1, s=1) - P(yhat=1 | y=1, s=0)|`` (true-positive-rate gap);
-    ``dp_signed`` and ``eo_signed`` are the same differences without the absolute value.
-    """
-    if not (torch.is_tensor(s) and s.shape == y.shape and bool(((s == 0) | (s == 1)).all())):
-        raise ValueError("s: must be a 0/1 tensor with one entry per sample")
-    for group in (0, 1):
-        if not bool(((s == group) & (y == 1)).any()):
-            raise ValueError(f"s: group {group} has no sample with y=1, the gaps are undefined")
-    with eval_mode(model), torch.no_grad():
-        positive = (predict(model(X)) == 1).to(torch.float64)
-    rate = [positive[s == g].mean() for g in (0, 1)]
-    tpr = [positive[(s == g) & (y == 1)].mean() for g in (0, 1)]
-    dp, eo = float(rate[1] - rate[0]), float(tpr[1] - tpr[0])
-    return {"dp_gap": abs(dp), "eo_gap": abs(eo), "dp_signed": dp, "eo_signed": eo}
-
-
-def random_scores(n: int, seed: int) -> torch.Tensor:
-    """``n`` uniform scores from a generator seeded with ``seed`` (the random-removal baseline)."""
-    return torch.rand(n, generator=make_generator(seed), dtype=torch.float64)
-
-
-def jaccard(a: torch.Tensor, b: torch.Tensor) -> float:
-    """Jaccard overlap |a & b| / |a | b| of two boolean masks (1.0 when both are empty)."""
-    union = int((a | b).sum())
-    return 1.0 if union == 0 else int((a & b).sum()) / union
-
-
 def group_shares(mask: torch.Tensor, y: torch.Tensor, s: torch.Tensor) -> dict:
     """Share of each (y, s) cell among the samples selected by ``mask``, keys ``"y1_s0"`` etc."""
     n = max(int(mask.sum()), 1)
     return {f"y{a}_s{b}": int((mask & (y == a) & (s == b)).sum()) / n for a in (0, 1) for b in (0, 1)}
-
-
-def make_trainer(model_name: str, config) -> ERM:
-    """Full-batch Adam for logistic regression (a convex fit run close to convergence), mini-batch Adam for the MLP.
-
-    ``config`` is any configuration with the fields of :class:`Config` used here (``n_train``,
-    ``logreg_epochs``, ``logreg_lr``, ``mlp_epochs``, ``mlp_lr``, ``mlp_batch_size``, ``weight_decay``).
-    """
-    if model_name == "logreg":
-        return ERM(epochs=config.logreg_epochs, lr=config.logreg_lr, batch_size=config.n_train,
-                   weight_decay=config.weight_decay, progress=False)
-    return ERM(epochs=config.mlp_epochs, lr=config.mlp_lr, batch_size=config.mlp_batch_size,
-               weight_decay=config.weight_decay, progress=False)
-
-
-def ensemble_options(model_name: str, members: int) -> dict:
-    """The paper's ensembles: N(0, 0.01) weight noise for logistic regression, dropout U(0, 0.01) otherwise."""
-    perturbation = "gaussian" if model_name == "logreg" else "dropout"
-    return {"members": members, "perturbation": perturbation, "scale": 0.01}
 
 
 def test_metrics(model: nn.Module, test: tuple) -> dict:
@@ -143,7 +92,7 @@ def run_seed(seed: int, config: Config, progress: bool = False) -> dict:
     X, y, s = data.train
     results: dict = {}
     for model_name in MODELS:
-        trainer = make_trainer(model_name, config)
+        trainer = tabular_trainer(model_name, config)
         initial = build_model(model_name, data.input_shape, data.num_classes, seed=seed)
         base = trainer.fit(initial, (X, y), seed=seed)
         out: dict = {"none": test_metrics(base, data.test)}

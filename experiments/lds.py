@@ -62,13 +62,12 @@ from tqdm.auto import tqdm
 import attacks
 import robust_infl as ri
 from attacks.plumbing import make_generator
-from defenses import ERM
+from defenses import CheckpointingERM, ERM
 from defenses.data import take
 from defenses.seed_results import SeedResults
 from defenses.trainers import copy_for_training
 from experiments._results import (cached, experiment_arguments, format_delta, mean_std, save_figure, write_json,
                                   write_section)
-from experiments.noisy_labels import CheckpointingERM
 from robust_infl.datasets import load_dataset
 from robust_infl.methods.iterative import largest_eigenvalue
 from robust_infl.models import build_model

@@ -44,8 +44,7 @@ from attacks import accuracy
 from attacks.plumbing import seeded
 from defenses import ERM, prune
 from experiments._results import (experiment_arguments, format_delta, format_mean_std, mean_std, paired_ci,
-                                  save_figure, write_json, write_section)
-from experiments.fairness import random_scores
+                                  random_scores, save_figure, write_json, write_section)
 from robust_infl.datasets import flip_labels
 
 __all__ = ["Config", "FULL", "QUICK", "load_minilm", "generate_reviews", "encode_frozen", "LastLayerClassifier",

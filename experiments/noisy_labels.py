@@ -10,7 +10,7 @@ Protocol (per seed, paired): two scales of MNIST,
 
 Flip 10 / 20 / 40 % of the TRAINING labels (``robust_infl.datasets.flip_labels``: symmetric = a
 uniformly drawn other class; class-dependent = c -> c+1 mod 10); validation and test labels stay
-clean. Train the model (:class:`CheckpointingERM`, which keeps evenly spaced checkpoints for TracIn)
+clean. Train the model (:class:`defenses.CheckpointingERM`, which keeps evenly spaced checkpoints for TracIn)
 on the noisy labels and score every training sample with ip, ip-ensemble, tracin, if-lissa and
 datainf against the clean VALIDATION ``Utility`` objective, and with the objective-free self and
 loss (and random as a control). Detection: AUROC of the score against the flipped-label mask and
@@ -51,15 +51,14 @@ from tqdm.auto import tqdm
 import robust_infl as ri
 from attacks import accuracy
 from attacks.plumbing import eval_mode
-from defenses import ERM, prune
+from defenses import CheckpointingERM, prune
 from defenses.seed_results import SeedResults
-from experiments._results import (cached, experiment_arguments, format_delta, format_mean_std, mean_std,
-                                  paired_ci, save_figure, write_json, write_section)
-from experiments.fairness import ensemble_options
+from experiments._results import (cached, ensemble_options, experiment_arguments, format_delta, format_mean_std,
+                                  mean_std, paired_ci, save_figure, write_json, write_section)
 from robust_infl.datasets import flip_labels, load_dataset
 from robust_infl.models import build_model
 
-__all__ = ["Scale", "Config", "FULL", "QUICK", "METHODS", "CheckpointingERM", "last_layer_view",
+__all__ = ["Scale", "Config", "FULL", "QUICK", "METHODS", "last_layer_view",
            "detection_metrics", "score_training_set", "run_condition", "run_seed", "summarise", "plot",
            "main"]
 
@@ -117,47 +116,6 @@ QUICK = Config(
     ),
     seeds=(0, 1), noise_rates=(0.3,), noise_modes=("symmetric",), ensemble_members=3, lissa_depth=50,
 )
-
-
-class CheckpointingERM(ERM):
-    """:class:`defenses.ERM` that keeps ``n_checkpoints`` evenly spaced state dicts of its latest fit.
-
-    After ``fit``, ``checkpoints`` holds copies of the weights at the end of epochs
-    ``round(k * epochs / n_checkpoints)`` for k = 1..n_checkpoints (the last one is the returned
-    model): TracIn's checkpoints.
-    """
-
-    def __init__(self, *, n_checkpoints: int = 3, **trainer_options):
-        super().__init__(**trainer_options)
-        if isinstance(n_checkpoints, bool) or not isinstance(n_checkpoints, int) or n_checkpoints < 1:
-            raise ValueError(f"n_checkpoints: must be an int >= 1, got {n_checkpoints!r}")
-        if n_checkpoints > self.epochs:
-            raise ValueError(f"n_checkpoints: at most one per epoch ({self.epochs}), got {n_checkpoints}")
-        self.n_checkpoints = n_checkpoints
-        self.checkpoints: list = []
-        self._save_at: set = set()
-
-    def begin_fit(self, model, train, val, *, seed, steps_per_epoch):
-        """Reset the checkpoints and compute the steps after which one is saved."""
-        super().begin_fit(model, train, val, seed=seed, steps_per_epoch=steps_per_epoch)
-        self.checkpoints = []
-        ends = {round(k * self.epochs / self.n_checkpoints) for k in range(1, self.n_checkpoints)}
-        self._save_at = {epoch * steps_per_epoch for epoch in ends}
-
-    def begin_step(self, model, *, step, epoch):
-        """Save the weights when ``step`` is the first step after a checkpoint epoch."""
-        if step in self._save_at:
-            self.checkpoints.append(_state_copy(model))
-
-    def fit(self, model, train, *, weights=None, seed: int = 0, val=None) -> nn.Module:
-        """Train as :meth:`defenses.Trainer.fit` and append the final weights to ``checkpoints``."""
-        trained = super().fit(model, train, weights=weights, seed=seed, val=val)
-        self.checkpoints.append(_state_copy(trained))
-        return trained
-
-
-def _state_copy(model: nn.Module) -> dict:
-    return {name: tensor.detach().clone() for name, tensor in model.state_dict().items()}
 
 
 def last_layer_view(model: nn.Module, X: torch.Tensor, batch_size: int = 1024) -> tuple:

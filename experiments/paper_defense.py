@@ -2,7 +2,7 @@
 the paper's own protocol side by side.
 
 Honest protocol (per setting and seed, paired): seeded train / validation / test split; train the
-model (:class:`experiments.noisy_labels.CheckpointingERM`, which keeps TracIn's checkpoints); for
+model (:class:`defenses.CheckpointingERM`, which keeps TracIn's checkpoints); for
 every attack (the threat model), score every training sample against ``Robust(attack)`` on the
 VALIDATION split with ip, ip-ensemble, tracin, if (if-exact for logistic regression, if-cg on the
 last layer otherwise) and datainf (``defenses.recipes.influence_scores``), or by the random and
@@ -52,13 +52,11 @@ import attacks
 import robust_infl as ri
 from attacks.plumbing import eval_mode, make_generator
 from attacks.registry import make_attack
-from defenses import DefenceContext, evaluate_on_test
+from defenses import CheckpointingERM, DefenceContext, evaluate_on_test
 from defenses.recipes import influence_scores, random_scores, select_and_retrain, training_loss_scores
 from defenses.seed_results import SeedResults
-from experiments._results import (cached, experiment_arguments, mean_std, paired_ci, save_figure, write_json,
-                                  write_section)
-from experiments.fairness import ensemble_options
-from experiments.noisy_labels import CheckpointingERM
+from experiments._results import (cached, ensemble_options, experiment_arguments, mean_std, paired_ci, save_figure,
+                                  write_json, write_section)
 from robust_infl.datasets import load_dataset
 from robust_infl.models import build_model
 

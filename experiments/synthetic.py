@@ -33,9 +33,9 @@ from tqdm.auto import tqdm
 import robust_infl as ri
 from attacks import PGD, accuracy, evaluate, per_sample_loss
 from defenses import prune
-from experiments._results import (experiment_arguments, format_delta, format_mean_std, mean_std, paired_ci,
-                                  save_figure, write_json, write_section)
-from experiments.fairness import ensemble_options, group_gaps, jaccard, make_trainer, random_scores
+from experiments._results import (ensemble_options, experiment_arguments, format_delta, format_mean_std, group_gaps,
+                                  jaccard, mean_std, paired_ci, random_scores, save_figure, tabular_trainer,
+                                  write_json, write_section)
 from robust_infl.datasets import load_dataset
 from robust_infl.models import build_model
 
@@ -117,7 +117,7 @@ def run_seed(seed: int, config: Config, keep_models: bool = False) -> tuple:
     results: dict = {}
     artefacts: dict = {"data": data} if keep_models else {}
     for model_name in MODELS:
-        trainer = make_trainer(model_name, config)
+        trainer = tabular_trainer(model_name, config)
         initial = build_model(model_name, data.input_shape, data.num_classes, seed=seed)
         base = trainer.fit(initial, (X, y), seed=seed)
         out: dict = {"none": test_metrics(base, data.test, attack)}

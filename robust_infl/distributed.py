@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from typing import Any, Callable, Optional, Sequence, Union
+from typing import Any, Callable, Optional, Union
 
 import numpy as np
 import torch
@@ -40,11 +40,11 @@ from torch import Tensor, nn
 from torch.utils.data import Dataset, Subset
 from tqdm.auto import tqdm
 
+from attacks.base import plain_value
 from attacks.validation import check_bool, check_int, check_seed
 from robust_infl.engine import (
     ScoringProblem,
     TrainStream,
-    check_per_target,
     directional_derivatives,
     flatten,
     objective_gradient,
@@ -52,10 +52,11 @@ from robust_infl.engine import (
     unflatten,
 )
 from robust_infl.grad_norms import BatchGradients, batch_gradients, squared_gradient_norms
-from robust_infl.objectives import Attack, LossFn, Objective, PreparedObjective
-from robust_infl.options import ScoringOptions
+from robust_infl.objectives import Objective, PreparedObjective
+from robust_infl.methods import check_aggregate
+from robust_infl.options import ScoringOptions, scoring_options
 from robust_infl.projection import RandomProjection
-from robust_infl.store import ChunkStore, data_hash, model_hash, stable_repr
+from robust_infl.store import ChunkStore, data_hash, model_hash
 from robust_infl.preparation import prepared_problem
 
 __all__ = [
@@ -182,33 +183,27 @@ def sharded_influence(
     *,
     objective: Objective,
     method: str = "ip",
-    aggregate: bool = True,
-    loss_fn: Optional[LossFn] = None,
-    batch_size: int = 256,
-    params: Optional[Sequence[str]] = None,
-    seed: int = 0,
-    train_loss: str = "clean",
-    train_attack: Optional[Attack] = None,
-    device: Optional[Union[str, torch.device]] = None,
-    progress: bool = True,
+    options: Optional[ScoringOptions] = None,
     projection_dim: Optional[int] = None,
     projection_seed: int = 0,
     store: Optional[Union[str, os.PathLike]] = None,
     resume: bool = False,
     chunk_size: Optional[int] = None,
     group: Optional[Any] = None,
+    **keywords: Any,
 ) -> Tensor:
     """Scores of :func:`robust_infl.influence`, computed chunk by chunk, sharded and resumable.
 
-    The arguments shared with :func:`robust_infl.influence` mean the same; the others:
+    The arguments shared with :func:`robust_infl.influence` mean the same: the scoring options are
+    the fields of :class:`~robust_infl.options.ScoringOptions`, given as ``options=ScoringOptions(...)``
+    or as keywords of the same names (a keyword wins over ``options``); ``aggregate=False`` gives the
+    ``(n_train, n_target)`` matrix (method ``"ip"``), ``damping`` is ignored by both methods here (as by
+    ``influence``), ``progress`` shows one bar over the chunks. The others:
 
     Args:
         method: ``"ip"`` (harm, as ``influence(method="ip")``) or ``"self"`` (``||grad l_i||^2``,
             as ``influence(method="self")``).
-        aggregate: ``"ip"`` only, the option of ``influence(method="ip", aggregate=...)``: ``True`` for
-            ``(n_train,)`` harms on the objective, ``False`` for the ``(n_train, n_target)`` matrix of
-            harms on each target sample's own loss (``Utility`` / ``Robust``; checked by
-            :func:`robust_infl.engine.check_per_target`).
+        options: the scoring options (None: the defaults of :class:`~robust_infl.options.ScoringOptions`).
         projection_dim: with ``aggregate=False``, estimate the matrix from per-sample gradients
             projected to this many dimensions by a :class:`~robust_infl.projection.RandomProjection`
             seeded with ``projection_seed`` (the projected training gradients are stored too).
@@ -219,6 +214,7 @@ def sharded_influence(
             ``16 * batch_size``).
         group: the ``torch.distributed`` process group to shard over (default group if one is
             initialised, else one process).
+        **keywords: any field of ``options`` by name; another name raises ``TypeError``.
 
     Returns:
         Every training sample's score (``(n_train,)`` or ``(n_train, n_target)``) on ``device``
@@ -226,17 +222,19 @@ def sharded_influence(
     """
     if method not in SHARDED_METHODS:
         raise ValueError(f"method: sharded scoring offers {', '.join(SHARDED_METHODS)}, got {method!r}")
-    for name, flag in (("aggregate", aggregate), ("progress", progress), ("resume", resume)):
-        check_bool(flag, name)
-    if method == "self" and not aggregate:
-        raise ValueError("aggregate: method 'self' gives one score per sample; use aggregate=True")
+    options, unknown = scoring_options(options, keywords)
+    if unknown:
+        raise TypeError(f"{sorted(unknown)[0]}: not an argument of sharded_influence (its scoring options are the "
+                        f"fields of robust_infl.ScoringOptions)")
+    check_bool(resume, "resume")
+    check_aggregate(method, options.aggregate, objective)
     if projection_dim is not None:
         projection_dim = check_int(projection_dim, "projection_dim", minimum=1)
-        if aggregate:
+        if options.aggregate:
             raise ValueError("projection_dim: only used for train x target matrices; pass aggregate=False")
     projection_seed = check_seed(projection_seed)
-    options = ScoringOptions(loss_fn=loss_fn, batch_size=batch_size, params=params, seed=seed, train_loss=train_loss,
-                             train_attack=train_attack, device=device, progress=False)  # the chunks show progress
+    progress, aggregate = options.progress, options.aggregate
+    options = dataclasses.replace(options, progress=False)  # the chunks show progress
     batch_size = options.batch_size
     chunk_size = CHUNK_BATCHES * batch_size if chunk_size is None else check_int(chunk_size, "chunk_size", minimum=1)
     if chunk_size % batch_size:
@@ -246,8 +244,6 @@ def sharded_influence(
 
     with prepared_problem(model, train, target, objective, options) as prepared:
         problem, train = prepared.problem, prepared.train
-        if method == "ip" and not aggregate:
-            check_per_target(objective)
         label_outputs = prepared.label_outputs
         scorer = _Scorer(problem, train, label_outputs, method, aggregate, projection_dim, projection_seed, group)
         chunks = None
@@ -257,11 +253,11 @@ def sharded_influence(
                 "data_hash": data_hash(train, prepared.target),
                 "method": method,
                 "options": {
-                    "objective": stable_repr(objective), "aggregate": aggregate, "projection_dim": projection_dim,
+                    "objective": plain_value(objective), "aggregate": aggregate, "projection_dim": projection_dim,
                     "projection_seed": projection_seed,
-                    "loss_fn": "default" if options.loss_fn is None else stable_repr(options.loss_fn),
+                    "loss_fn": "default" if options.loss_fn is None else plain_value(options.loss_fn),
                     "params": list(problem.param_names), "seed": options.seed, "train_loss": options.train_loss,
-                    "train_attack": stable_repr(options.train_attack), "batch_size": options.batch_size,
+                    "train_attack": plain_value(options.train_attack), "batch_size": options.batch_size,
                 },
             }
             chunks = _open_store(store, identity, problem.n_train, scorer.row_arrays(), problem.dtype, chunk_size, resume, group)

@@ -131,7 +131,7 @@ class ScoringProblem:
     ``params`` holds the scored parameters (detached), ``frozen`` the other parameters; both with
     ``buffers`` are passed to ``forward(all_params, buffers, x)``, by default
     ``torch.func.functional_call`` of the model (in eval mode during scoring). ``options`` are the
-    run's :class:`~robust_infl.options.ScoringOptions`; ``damping``, ``seed``, ``progress``,
+    run's :class:`~robust_infl.options.ScoringOptions`; ``damping``, ``seed``, ``progress``, ``aggregate``,
     ``train_loss`` (``"clean"`` or ``"adversarial"``: per-sample training losses at
     ``train_attack(model, x, y)``) and ``train_attack`` read them. ``loss_fn``, ``param_names`` and
     ``device`` are the resolved ones (defaults filled in from the model).
@@ -175,6 +175,11 @@ class ScoringProblem:
     def train_attack(self) -> Optional[Attack]:
         """The training-point attack of ``train_loss="adversarial"`` (``options.train_attack``)."""
         return self.options.train_attack
+
+    @property
+    def aggregate(self) -> bool:
+        """One score per training sample (True) or the train x target matrix (``options.aggregate``)."""
+        return self.options.aggregate
 
     @property
     def n_train(self) -> int:

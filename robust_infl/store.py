@@ -36,7 +36,7 @@ from attacks.plumbing import atomic_write
 from attacks.validation import check_bool, check_int
 from robust_infl.inputs import TargetSet
 
-__all__ = ["ChunkStore", "model_hash", "data_hash", "stable_repr", "MANIFEST", "FORMAT_VERSION"]
+__all__ = ["ChunkStore", "model_hash", "data_hash", "MANIFEST", "FORMAT_VERSION"]
 
 MANIFEST = "manifest.json"
 FORMAT_VERSION = 1
@@ -99,11 +99,6 @@ def data_hash(*parts: Any) -> str:
     for part in parts:
         add(part)
     return digest.hexdigest()
-
-
-def stable_repr(value: Any) -> str:
-    """``repr(value)`` without memory addresses (``' at 0x7f...'``), stable across processes."""
-    return re.sub(r" at 0x[0-9a-fA-F]+", "", repr(value))
 
 
 def _differences(stored: Mapping[str, Any], wanted: Mapping[str, Any], prefix: str = "") -> list[str]:

@@ -41,17 +41,19 @@ def _per_sample_loss(outputs: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 def fgsm_attack():
     """Factory ``fgsm_attack(eps)`` of a deterministic one-step sign-gradient attack(model, x, y).
 
-    The attack counts its calls in ``attack.calls`` and works for one-logit and multi-logit models.
+    The attack counts its calls in ``attack._calls`` (private: a function's public attributes are part of
+    its settings, :func:`attacks.plain_value`, and a resumed store compares them) and works for one-logit
+    and multi-logit models.
     """
 
     def make(eps: float):
         def attack(model, x, y):
-            attack.calls += 1
+            attack._calls += 1
             x = x.detach().clone().requires_grad_(True)
             (grad_x,) = torch.autograd.grad(_per_sample_loss(model(x), y).sum(), x)
             return (x + eps * grad_x.sign()).detach()
 
-        attack.calls = 0
+        attack._calls = 0
         return attack
 
     return make

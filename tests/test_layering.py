@@ -9,7 +9,9 @@ included). The rules:
 - the command line (``defenses/cli.py``) is the top of ``defenses``: no other module imports it;
 - no module imports ``attacks``, ``robust_infl`` or ``defenses`` inside a function or class: such an
   import is how a cycle is dodged, and the layers above leave none to dodge. Lazy imports of optional
-  third-party packages (torchattacks, art, kronfluence, matplotlib, ...) are not affected.
+  third-party packages (torchattacks, art, kronfluence, matplotlib, ...) are not affected;
+- an experiment script (``experiments/*.py``) imports the library and ``experiments._results`` only,
+  never another experiment: what two experiments share lives in the library or in ``_results``.
 
 Nothing is allow-listed.
 """
@@ -103,6 +105,35 @@ def test_no_function_local_import_of_the_project_packages():
     bad = [_where(p, line, m) for p, found in IMPORTS.items() for m, line, local in found
            if local and _top(m) in PACKAGES]
     assert bad == []
+
+
+EXPERIMENTS = sorted((ROOT / "experiments").glob("*.py"))
+SHARED_BY_EXPERIMENTS = ("experiments", "experiments._results")  # the package itself: its __init__
+
+
+def _experiment_imports_another(path: Path, source: str = None) -> list:
+    return [_where(path, line, m) for m, line, _ in _imports(path, source)
+            if _top(m) == "experiments" and not any(m == s or _within(m, "experiments._results")
+                                                    for s in SHARED_BY_EXPERIMENTS)]
+
+
+def test_experiments_import_only_the_library_and_their_shared_helpers():
+    assert len(EXPERIMENTS) > 10
+    bad = [where for path in EXPERIMENTS for where in _experiment_imports_another(path)]
+    assert bad == []
+
+
+@pytest.mark.parametrize("source, caught", [
+    ("from experiments.fairness import jaccard\n", True),
+    ("from .noisy_labels import CheckpointingERM\n", True),
+    ("import experiments.lds\n", True),
+    ("from experiments import fairness\n", True),
+    ("from experiments._results import write_json\n", False),
+    ("from . import _results\n", False),
+    ("from defenses import CheckpointingERM\n", False),
+])
+def test_the_experiment_rule_catches_every_form_of_importing_another(source, caught):
+    assert bool(_experiment_imports_another(ROOT / "experiments" / "synthetic.py", source)) == caught
 
 
 @pytest.mark.parametrize("source, expected", [

@@ -9,10 +9,13 @@ line at the bottom of this file. It receives a validated
 ``problem.params``, data, objective, loss, damping, seed and progress flag on the problem) and
 returns a tensor of shape ``(problem.n_train,)`` in the harm convention: a positive value is the
 first-order prediction that REMOVING the training sample DECREASES the objective, proportional to
-that predicted decrease. Options (e.g. ``aggregate`` for ``"ip"``) are keyword-only parameters
-with defaults; ``influence`` passes ``**method_options`` through and rejects names the function
-does not declare (unless it takes ``**kwargs``). A method that returns another shape for some
-option documents it. Build methods from the operators in :mod:`robust_infl.engine`, which take
+that predicted decrease. A method registered with ``per_target=True`` returns the
+``(n_train, n_target)`` matrix of harms on each target sample's own loss when
+``problem.aggregate`` is False (the scoring option ``aggregate``; :func:`check_aggregate` refuses it
+for the other methods). Options (e.g. ``renormalize`` for ``"ip"``) are keyword-only parameters
+with defaults; ``influence`` passes the keywords that are not scoring options through and rejects
+names the function does not declare (unless it takes ``**kwargs``). A method that returns another
+shape for some option documents it. Build methods from the operators in :mod:`robust_infl.engine`, which take
 the parameter dict explicitly; use ``problem.seed`` for any random choice and
 ``problem.progress`` for progress bars.
 """
@@ -24,15 +27,21 @@ from typing import Callable
 
 import torch
 
-__all__ = ["MethodFn", "register_method", "available_methods", "get_method", "check_method_options"]
+from robust_infl.engine import check_per_target
+from robust_infl.objectives import Objective
+
+__all__ = ["MethodFn", "register_method", "available_methods", "get_method", "check_method_options",
+           "check_aggregate"]
 
 MethodFn = Callable[..., torch.Tensor]
 
 _METHODS: dict[str, MethodFn] = {}
+_PER_TARGET: set[str] = set()
 
 
-def register_method(name: str) -> Callable[[MethodFn], MethodFn]:
-    """Decorator registering an influence method under ``name`` (names must be unique)."""
+def register_method(name: str, *, per_target: bool = False) -> Callable[[MethodFn], MethodFn]:
+    """Decorator registering an influence method under ``name`` (names must be unique); ``per_target``:
+    the method also returns the train x target matrix (when ``problem.aggregate`` is False)."""
     if not isinstance(name, str) or not name:
         raise ValueError(f"name: must be a non-empty string, got {name!r}")
 
@@ -40,6 +49,8 @@ def register_method(name: str) -> Callable[[MethodFn], MethodFn]:
         if name in _METHODS and _METHODS[name] is not fn:
             raise ValueError(f"name: method {name!r} is already registered")
         _METHODS[name] = fn
+        if per_target:
+            _PER_TARGET.add(name)
         return fn
 
     return decorate
@@ -69,6 +80,19 @@ def check_method_options(name: str, options: dict) -> None:
             f"method_options: method {name!r} does not accept {unknown}; "
             f"its options are {accepted if accepted else 'none'}"
         )
+
+
+def check_aggregate(name: str, aggregate: bool, objective: Objective) -> None:
+    """Before any compute: ``aggregate=False`` (a train x target matrix) needs a method registered with
+    ``per_target=True`` and an objective with per-target-sample values; ``ValueError`` naming
+    ``aggregate`` otherwise."""
+    if aggregate:
+        return
+    if name not in _PER_TARGET:
+        raise ValueError(f"aggregate: method {name!r} gives one score per training sample (aggregate=False is "
+                         f"offered by {', '.join(sorted(_PER_TARGET))}); use aggregate=True")
+    if isinstance(objective, Objective):  # anything else is refused where the objective is checked
+        check_per_target(objective)
 
 
 # One import line per method file (each registers itself on import).

@@ -43,12 +43,13 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import TensorDataset
 
+from attacks.base import plain_value
 from attacks.plumbing import seeded
 from attacks.validation import check_bool, check_choice
 from robust_infl.engine import ScoringProblem, check_finite_results, train_batches
 from robust_infl.methods import register_method
 from robust_infl.objectives import binary_cross_entropy_loss, cross_entropy_loss
-from robust_infl.store import data_hash, model_hash, stable_repr
+from robust_infl.store import data_hash, model_hash
 
 __all__ = ["ekfac_influence", "kfac_influence", "kronfluence_scores", "tracked_modules", "clear_cache", "EXTRA",
            "STRATEGIES", "DEFAULT_DAMPING"]
@@ -174,9 +175,9 @@ def _factors_name(problem: ScoringProblem, modules: list[str], factor_args) -> s
         "device": str(problem.device),
         "dtype": str(problem.dtype),
         "modules": modules,
-        "loss": stable_repr(problem.loss_fn),
+        "loss": plain_value(problem.loss_fn),
         "train_loss": problem.train_loss,
-        "train_attack": stable_repr(problem.train_attack),
+        "train_attack": plain_value(problem.train_attack),
         "seed": problem.seed,
         "factor_args": factor_args.to_str_dict(),
     }

@@ -26,13 +26,12 @@ from robust_infl.methods import register_method
 __all__ = ["inner_product_influence"]
 
 
-@register_method("ip")
-def inner_product_influence(problem: ScoringProblem, *, aggregate: bool = True,
-                            renormalize: bool = False) -> torch.Tensor:
+@register_method("ip", per_target=True)
+def inner_product_influence(problem: ScoringProblem, *, renormalize: bool = False) -> torch.Tensor:
     """IP harm scores; ``problem.damping`` is ignored (H = I).
 
-    ``aggregate=True`` (default): shape ``(n_train,)``, ``-<grad f, grad l_i>`` by one jvp pass.
-    ``aggregate=False``: the ``(n_train, n_target)`` matrix ``-<grad f_j, grad l_i>`` where ``f_j``
+    With the scoring option ``aggregate=True`` (default): shape ``(n_train,)``, ``-<grad f, grad l_i>``
+    by one jvp pass. ``aggregate=False``: the ``(n_train, n_target)`` matrix ``-<grad f_j, grad l_i>`` where ``f_j``
     is target sample j's own loss (at its adversarial point for ``Robust``), from per-sample
     gradients in batches (memory ``O((batch + n_target) * n_params)``). For ``Utility`` and
     ``Robust`` its row means equal the aggregate scores. Fairness objectives have no
@@ -43,10 +42,9 @@ def inner_product_influence(problem: ScoringProblem, *, aggregate: bool = True,
     :func:`robust_infl.grad_norms.renormalised`): a direction-only score, so that well-fitted
     samples with tiny gradients, such as backdoor poisons, are not ranked last for that reason alone.
     """
-    for name, value in (("aggregate", aggregate), ("renormalize", renormalize)):
-        check_bool(value, name)
+    check_bool(renormalize, "renormalize")
     params = problem.params
-    if aggregate:
+    if problem.aggregate:
         scores = harm_along(problem, params, objective_gradient(problem, params))
         return renormalised(problem, params, scores) if renormalize else scores
     target = target_gradients(problem, params)

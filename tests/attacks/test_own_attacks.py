@@ -174,10 +174,34 @@ def test_closed_form_with_true_labels_moves_only_the_correct_points_so_robust_ac
         assert not bool((predict(model(x_adv)) == y).any())  # a linear model: every point ends up wrong
 
 
-def test_closed_form_runs_on_nonlinear_models():
-    model = SmallCNN(image_size=8)
-    x, y = torch.rand(5, 1, 8, 8), torch.zeros(5, dtype=torch.long)
-    assert LinearClosedForm()(model, x, y).shape == x.shape
+def _deepfool_step_by_hand(model, x_i, overshoot):
+    """One linearised DeepFool step for one point, by autograd class by class: the nearest other class's
+    logit difference f and its gradient w, x - (1 + overshoot) * f / ||w||^2 * w."""
+    x_i = x_i.unsqueeze(0).requires_grad_(True)
+    logits = model(x_i)[0]
+    c = int(logits.argmax())
+    best = None
+    for k in range(logits.shape[0]):
+        if k != c:
+            f = logits[k] - logits[c]
+            (w,) = torch.autograd.grad(f, x_i, retain_graph=True)
+            f = f.detach()
+            if best is None or abs(float(f)) / float(w.norm()) < abs(float(best[0])) / float(best[1].norm()):
+                best = (f, w)
+    f, w = best
+    return (x_i - (1 + overshoot) * f / w.pow(2).sum() * w).detach()[0]
+
+
+def test_closed_form_on_a_nonlinear_model_is_one_linearised_deepfool_step():
+    torch.manual_seed(0)
+    model = SmallCNN(image_size=8).eval()
+    x = torch.rand(5, 1, 8, 8)
+    with torch.no_grad():
+        y = model(x).argmax(dim=1)  # every point classified correctly, so every point moves
+    x_adv = LinearClosedForm(overshoot=0.3)(model, x, y)
+    expected = torch.stack([_deepfool_step_by_hand(model, x[i], 0.3) for i in range(5)])
+    torch.testing.assert_close(x_adv, expected, rtol=1e-4, atol=1e-6)
+    assert bool(((x_adv - x).flatten(1).norm(dim=1) > 0).all())
 
 
 # ---------------------------------------------------------------- restarts and seeds

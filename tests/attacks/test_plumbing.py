@@ -169,3 +169,14 @@ def test_io_helpers_are_built_on_the_one_atomic_write(tmp_path):
     assert (tmp_path / "a.json").read_text() == '{\n  "a": [\n    1,\n    2\n  ],\n  "b": null\n}\n'
     io.atomic_save_npy(tmp_path / "x.npy", torch.arange(3))
     assert np.load(tmp_path / "x.npy").tolist() == [0, 1, 2]
+
+
+def test_the_settings_fingerprint_is_plain_json_without_memory_addresses():
+    marker = object()  # no attributes, not callable: recorded by its repr, whose address differs per process
+    assert " at 0x" in repr(marker) and attacks.plain_value(marker) == "<object object>"
+    value = {"attack": attacks.PGD(0.1, steps=2), "big": torch.zeros(100), "small": torch.ones(2), "n": (1, 2.5)}
+    plain = attacks.plain_value(value)
+    assert plain["attack"] == attacks.attack_settings(value["attack"]) and plain["attack"]["steps"] == 2
+    assert plain["big"]["shape"] == [100] and plain["small"] == [1.0, 1.0] and plain["n"] == [1, 2.5]
+    assert plain == attacks.plain_value({**value, "big": torch.zeros(100)})  # equal settings, equal fingerprints
+    assert plain != attacks.plain_value({**value, "big": torch.ones(100)})

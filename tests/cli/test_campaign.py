@@ -283,10 +283,36 @@ def test_evaluate_with_no_attack_reports_no_robust_number():
     assert set(result) == {"n", "clean_acc"}
 
 
-def test_attack_outputs_within_budget_and_bounds_pass_the_check():
+class _Shifted:
+    """``attack``'s points moved by ``shift`` (a tensor like x), declaring ``attack``'s budget (or ``eps``) and bounds."""
+
+    def __init__(self, attack, shift, eps=None):
+        self.attack, self.shift = attack, shift
+        self.eps, self.norm, self.bounds = attack.eps if eps is None else eps, attack.norm, attack.bounds
+
+    def __call__(self, model, x, y):
+        return self.attack(model, x, y) + self.shift
+
+
+def test_evaluate_accepts_attack_outputs_within_budget_and_bounds_and_refuses_those_beyond():
+    torch.manual_seed(0)
     model, (x, y) = nn.Linear(2, 2), blobs()
     for attack in (attacks.PGD(0.1, steps=3), attacks.PGD(0.5, norm="l2", steps=3), attacks.FGSM(0.1)):
-        attacks.evaluate(model, (x, y), {"a": attack}, progress=False)  # raises if the check misfires
+        delta = (attack(model, x, y) - x).flatten(1)
+        size = delta.abs().amax(dim=1) if attack.norm == "linf" else delta.norm(dim=1)
+        assert float(size.max()) <= attack.eps * (1 + 1e-6)  # inside the budget, measured here
+        result = attacks.evaluate(model, (x, y), {"a": attack}, progress=False)
+        assert result["a"]["robust_acc"] <= result["clean_acc"] and result["a"]["asr"] > 0
+        beyond = torch.zeros_like(x)
+        i = int(size.argmax())
+        beyond[i] = attack.eps * delta[i].sign()  # one point pushed further along its own perturbation, past eps
+        with pytest.raises(ValueError, match=f"^attacks: 'a': returned points outside its {attack.norm} budget"):
+            attacks.evaluate(model, (x, y), {"a": _Shifted(attack, beyond)}, progress=False)
+        outside = torch.zeros_like(x)
+        outside[x > 0.5] = 1.0  # past the bounds (0, 1); a declared budget of 10 is not exceeded
+        count = int((attack(model, x, y) + outside > 1).sum())
+        with pytest.raises(ValueError, match=rf"^attacks: 'a': returned {count} value\(s\) outside its bounds"):
+            attacks.evaluate(model, (x, y), {"a": _Shifted(attack, outside, eps=10.0)}, progress=False)
 
 
 # ---------------------------------------------------------------- the report and the rows of score

@@ -115,8 +115,10 @@ def test_demo_runs_both_data_sets(tmp_path, capsys, monkeypatch):
     out = capsys.readouterr().out
     assert "mnist / cnn / pgd" in out and "adult / logreg / pgd" in out and "demo finished" in out
     assert (tmp_path / "mnist" / "report.md").exists() and (tmp_path / "adult" / "report.md").exists()
-    assert cli.DEMO_RUNS["mnist"]["eps"] == 0.1 and cli.DEMO_RUNS["mnist"]["norm"] == "linf"
-    assert cli.DEMO_RUNS["adult"]["eps"] == 0.5 and cli.DEMO_RUNS["adult"]["norm"] == "l2"
+    for name in ("mnist", "adult"):  # each run attacked with the threat model the demo declares for it
+        config = json.loads((tmp_path / name / "report.json").read_text())["config"]
+        assert (config["eps"], config["norm"]) == (cli.DEMO_RUNS[name]["eps"], cli.DEMO_RUNS[name]["norm"])
+        assert config["attack_settings"]["eps"] == config["eps"] and config["attack_settings"]["norm"] == config["norm"]
 
 
 @pytest.mark.parametrize(

@@ -6,7 +6,7 @@ from torch import nn
 
 from attacks.pgd import pgd_ascent
 from attacks.steps import random_delta
-from defenses import ERM, PGDAT, TRADES, FastAT, Trainer, per_sample_loss
+from defenses import ERM, PGDAT, TRADES, CheckpointingERM, FastAT, Trainer, per_sample_loss
 from defenses.trainers import copy_for_training
 from robust_infl.models import MLP, LogisticRegression
 
@@ -264,3 +264,29 @@ def test_fit_validation():
     with pytest.raises(ValueError, match="^eps: must be a finite number > 0"):
         PGDAT(eps=-1, epochs=1, lr=0.1, batch_size=4)
     assert isinstance(trainer, Trainer)
+
+
+def _same_weights(state: dict, model: nn.Module) -> bool:
+    return state.keys() == model.state_dict().keys() and all(
+        torch.equal(state[k], v) for k, v in model.state_dict().items())
+
+
+def test_checkpoints_are_the_weights_of_shorter_erm_runs_and_training_is_erms():
+    torch.manual_seed(0)
+    X, y = torch.randn(40, 5), torch.randint(0, 3, (40,))
+    model = MLP(5, 3, hidden=(6,))
+    schedule = dict(lr=0.01, batch_size=8, progress=False)
+    trainer = CheckpointingERM(n_checkpoints=3, epochs=6, **schedule)
+    trained = trainer.fit(model, (X, y), seed=3)
+    assert len(trainer.checkpoints) == 3
+    for checkpoint, epochs in zip(trainer.checkpoints, (2, 4, 6)):  # same seed: the same steps, stopped earlier
+        assert _same_weights(checkpoint, ERM(epochs=epochs, **schedule).fit(model, (X, y), seed=3))
+    assert _same_weights(trainer.checkpoints[-1], trained)
+    trainer.fit(model, (X, y), seed=4)
+    assert len(trainer.checkpoints) == 3 and not _same_weights(trainer.checkpoints[-1], trained)  # the latest fit's
+
+
+@pytest.mark.parametrize("n_checkpoints, error", [(0, ValueError), (7, ValueError), (2.0, TypeError), (True, TypeError)])
+def test_checkpoint_count_is_checked_against_the_epochs(n_checkpoints, error):
+    with pytest.raises(error, match="^n_checkpoints: must be"):
+        CheckpointingERM(n_checkpoints=n_checkpoints, epochs=6)

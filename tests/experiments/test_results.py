@@ -1,10 +1,12 @@
 """The shared helpers of the experiment scripts: RESULTS.md sections and the paired statistics."""
 
+import math
 import multiprocessing as mp
 
 import pytest
 from scipy import stats
 
+from defenses import stats as stats_module
 from experiments._results import format_delta, mean_std, paired_ci, write_section
 
 
@@ -49,3 +51,13 @@ def test_paired_interval_matches_scipy():
     assert (low, high) == pytest.approx(expected)
     assert mean_std([1.0, 3.0]) == pytest.approx((2.0, 2 ** 0.5))
     assert format_delta(a, b) == f"{100 * mean:+.2f} [{100 * low:+.2f}, {100 * high:+.2f}]"
+
+
+def test_paired_interval_is_absent_where_the_statistics_module_gives_none():
+    for a, b in (([0.75, 0.5, 0.25], [0.5, 0.25, 0.0]), ([0.75], [0.5])):  # identical differences; one pair
+        mean, (low, high) = paired_ci(a, b)
+        assert stats_module.paired_difference(a, b)["ci95"] is None
+        assert mean == 0.25 and math.isnan(low) and math.isnan(high)
+        assert format_delta(a, b) == "+25.00"
+    a, b = [0.81, 0.84, 0.80], [0.78, 0.80, 0.79]
+    assert list(paired_ci(a, b)[1]) == stats_module.paired_difference(a, b)["ci95"]

@@ -102,7 +102,7 @@ def test_ip_robust_with_fixed_attack_equals_brute_force(name, fgsm_attack):
     (x, y), (xt, yt) = data(30), data(11)
     attack = fgsm_attack(0.1)
     harm = ri.influence(model, (x, y), (xt, yt), objective=ri.Robust(attack), progress=False)
-    assert attack.calls == 1
+    assert attack._calls == 1
     x_adv = fgsm_attack(0.1)(model, xt, yt)
     assert not torch.allclose(x_adv, xt)
     expected = brute_force_harm(model, x, y, mean_loss(model, x_adv, yt))
@@ -161,7 +161,7 @@ def test_ip_with_adversarial_training_loss_equals_brute_force(fgsm_attack):
         model, (x, y), (xt, yt), objective=ri.Utility(), train_loss="adversarial",
         train_attack=attack, batch_size=10, progress=False,
     )
-    assert attack.calls == 3  # once per training batch
+    assert attack._calls == 3  # once per training batch
     x_adv = fgsm_attack(0.2)(model, x, y)
     expected = brute_force_harm(model, x_adv, y, mean_loss(model, xt, yt))
     assert relative_error(harm, expected) <= TOL

@@ -10,7 +10,7 @@ import torch
 from torch.utils.data import TensorDataset
 
 from robust_infl.models import MLP
-from robust_infl.store import MANIFEST, ChunkStore, data_hash, model_hash, stable_repr
+from robust_infl.store import MANIFEST, ChunkStore, data_hash, model_hash
 
 IDENTITY = {"model_hash": "m1", "data_hash": "d1", "method": "ip", "options": {"seed": 0, "aggregate": False}}
 
@@ -113,9 +113,3 @@ def test_fingerprints_change_with_every_weight_and_sample():
     with pytest.raises(TypeError, match="^data:"):
         data_hash(object())
 
-
-def test_stable_repr_drops_memory_addresses():
-    def attack(model, x, y):
-        return x
-
-    assert " at 0x" in repr(attack) and stable_repr(attack).endswith("attack>")
