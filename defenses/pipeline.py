@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 import attacks
 from attacks.plumbing import model_device
 from robust_infl.datasets import Splits
+from robust_infl.io import lock_folder, output_errors
 
 from .data import as_tensors
 from .eval_suite import build_suite, evaluate_suite
@@ -263,7 +264,17 @@ def execute(plan: RunPlan) -> dict:
     each reference trainer (:func:`_run_seed`); the per-seed results are saved and reused on resume
     by :func:`defenses.seed_results.run_seeds`. A poisoning plan is run by
     :func:`defenses.poisoning.run_poisoned`. The report's ``config`` is :meth:`RunPlan.config`.
+
+    ``out`` is held for the whole run (:func:`robust_infl.io.lock_folder`: a second run into it is
+    refused), and a failed write there names it (:func:`robust_infl.io.output_errors`).
     """
+    if plan.settings.out is None:
+        return _execute(plan)
+    with lock_folder(plan.settings.out, "out"), output_errors("out"):
+        return _execute(plan)
+
+
+def _execute(plan: RunPlan) -> dict:
     s = plan.settings
     if s.out is not None:
         prepare_out_folder(s.out, resume=s.resume, overwrite=s.overwrite)
