@@ -270,7 +270,7 @@ def execute(plan: RunPlan) -> dict:
     """
     if plan.settings.out is None:
         return _execute(plan)
-    with lock_folder(plan.settings.out, "out"), output_errors("out"):
+    with lock_folder(plan.settings.out, "out"), output_errors("out", plan.settings.out):
         return _execute(plan)
 
 

@@ -243,18 +243,26 @@ def atomic_save_npys(arrays: Mapping[PathLike, Any]) -> list:
 
 
 @contextmanager
-def output_errors(name: str) -> Iterator[None]:
-    """Turn an ``OSError`` raised while writing (a full disk, a lost permission, a vanished folder) into a
-    ``ValueError`` of one line naming ``name`` and the file: ``"<name>: cannot write '<file>' (<reason>)"``.
-    Files written before the error are complete (every writer here is atomic) and kept."""
+def output_errors(name: str, folder: Union[PathLike, None] = None) -> Iterator[None]:
+    """Turn an ``OSError`` raised while writing a file (a full disk, a lost permission, a vanished folder)
+    into a ``ValueError`` of one line naming ``name`` and the file: ``"<name>: cannot write '<file>'
+    (<reason>)"``. With ``folder``, only errors about files inside it are turned (an input that cannot be
+    read keeps its own error). Files written before the error are complete (every writer here is
+    atomic) and kept."""
     try:
         yield
     except OSError as err:
+        if not err.filename or (folder is not None and not _inside(os.fsdecode(err.filename), folder)):
+            raise
         reason = err.strerror or type(err).__name__
         if err.errno == errno.ENOSPC:
             reason += "; the files written before it are complete and kept"
-        where = _shown(err.filename) if err.filename else "its output"
-        raise ValueError(f"{name}: cannot write {where} ({reason})") from err
+        raise ValueError(f"{name}: cannot write {_shown(os.fsdecode(err.filename))} ({reason})") from err
+
+
+def _inside(path: str, folder: PathLike) -> bool:
+    """Whether ``path`` lies in ``folder`` (or is it)."""
+    return os.path.join(os.path.abspath(path), "").startswith(os.path.join(os.path.abspath(os.fspath(folder)), ""))
 
 
 LOCK_FILE = ".robust-infl.lock"
