@@ -410,7 +410,7 @@ def _cmd_score(args) -> int:
     if args.resume and args.store is None:
         raise ValueError("resume: needs a store to resume from; pass --store DIR")
     _check_score_options(args)
-    if args.store is not None:
+    if args.store is not None and _rank() == 0:  # under torchrun, rank 0 creates the store
         check_store_folder(args.store, args.resume)
     splits, defaults, eps, norm, steps = _setup(args)
     _check_scored_params(args, splits, defaults)
