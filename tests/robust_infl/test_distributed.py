@@ -28,8 +28,8 @@ import torch.distributed as dist
 import robust_infl as ri
 from robust_infl.distributed import (broadcast_module_state, gather_rows, init_process_group_from_env,
                                      rank_and_world_size, sharded_influence)
-sys.path.insert(0, {tests!r})
-from test_distributed_gloo import RUNS, setting
+sys.path[:0] = {tests!r}
+from test_distributed import RUNS, setting
 
 assert init_process_group_from_env()
 rank, world_size = rank_and_world_size()
@@ -73,7 +73,7 @@ RUNS = {
 def two_processes(tmp_path_factory):
     folder = tmp_path_factory.mktemp("distributed")
     script = folder / "worker.py"
-    script.write_text(WORKER.format(tests=str(ROOT / "tests")))
+    script.write_text(WORKER.format(tests=[str(Path(__file__).parent), str(ROOT / "tests")]))
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
                str(script), str(folder / "results.pt"), str(folder)]
