@@ -311,7 +311,7 @@ def lock_folder(folder: PathLike, name: str) -> Iterator[Path]:
             except BlockingIOError:
                 owner = _lock_owner(handle)
                 handle.close()
-                raise ValueError(f"{name}: {_shown(folder)} is in use by another run ({_describe(owner)}); wait for "
+                raise ValueError(f"{name}: {_shown(folder)} is in use by another run, {_describe(owner)}; wait for "
                                  "it to finish or use another folder") from None
             try:  # the file may have been removed by the holder between our open and our lock: retry then
                 same = os.stat(path).st_ino == os.fstat(handle.fileno()).st_ino

@@ -131,8 +131,8 @@ def test_a_second_run_into_a_folder_in_use_is_refused_naming_the_folder_and_the_
                      ["score", *TINY, "--store", str(tmp_path / "run"), "--out", str(tmp_path / "s.npy")]):
             assert _run_cli(argv) == 2
             err = capsys.readouterr().err
-            assert re.fullmatch(rf"robust-infl {argv[0]}: error: (out|store): '.*run' is in use by another run "
-                                rf"\(process {process.pid} \(.*\)\); wait for it to finish or use another folder\n",
+            assert re.fullmatch(rf"robust-infl {argv[0]}: error: (out|store): '.*run' is in use by another run, "
+                                rf"process {process.pid} \(.*\); wait for it to finish or use another folder\n",
                                 err), err
     finally:
         process.kill()

@@ -36,7 +36,7 @@ def holder(folder: Path) -> subprocess.Popen:
 def test_a_folder_in_use_is_refused_naming_it_and_the_process(tmp_path):
     process = holder(tmp_path / "run")
     try:
-        with pytest.raises(ValueError, match=rf"^out: '.*run' is in use by another run \(process {process.pid}\b"):
+        with pytest.raises(ValueError, match=rf"^out: '.*run' is in use by another run, process {process.pid}\b"):
             with lock_folder(tmp_path / "run", "out"):
                 pass
     finally:
