@@ -241,3 +241,15 @@ def test_a_forged_seed_file_or_store_chunk_is_refused_on_resume_naming_the_file(
     assert cli.main([*score, "--resume"]) == 2
     assert re.fullmatch(r"robust-infl score: error: store: '.*scores_000000.npy' was changed after it was written "
                         r".*\n", capsys.readouterr().err)
+
+
+def test_score_store_on_a_full_disk_names_the_flag_and_the_chunk(tmp_path, monkeypatch, capsys):
+    def no_space(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(np.lib.format, "open_memmap", no_space)
+    assert cli.main(["score", *TINY, "--store", str(tmp_path / "st"), "--out", str(tmp_path / "s.npy")]) == 2
+    err = capsys.readouterr().err
+    assert re.fullmatch(r"robust-infl score: error: store: cannot write '.*st/scores_000000.npy' \(No space left on "
+                        r"device; the files written before it are complete and kept\)\n", err), err
+    assert not (tmp_path / "s.npy").exists() and not (tmp_path / "st" / LOCK_FILE).exists()
