@@ -6,8 +6,8 @@ the evaluation settings and a fingerprint of the seed's data splits). Each file 
 atomically (:mod:`robust_infl.io`), so a file that exists is complete, and carries the SHA-256 of its
 content (``sha256``): a file changed by hand (a forged number, rows deleted) is refused on load with a
 ``ValueError`` naming it, as is one whose accuracies are not numbers in [0, 1] or whose numbers are not
-finite. A resumed run reuses a seed's file only if its settings equal the current ones; otherwise it refuses with a ``ValueError`` that
-lists the settings that differ. The settings cover the attack (its class and every parameter,
+finite. A resumed run reuses a seed's file only if its settings equal the current ones; otherwise it
+refuses with a ``ValueError`` that lists the settings that differ. The settings cover the attack (its class and every parameter,
 :func:`attacks.attack_settings`), the bounds, the trainer (every parameter), the schedule, the data
 and the model (the hash of a given module's weights, or a factory's architecture). A plain
 function used as an attack is identified by its name, the hash of its code and constants and the
