@@ -158,9 +158,20 @@ def atomic_write(
     numpy memmap). ``durable``: fsync the file before the rename, so that it also survives a crash of
     the machine (the rename alone makes it survive the death of the process). The parent folders are
     created; the file gets the permissions an ordinary ``open(path, "w")`` would give it. On an error
-    the temporary file is removed and ``path`` is left as it was. Returns ``path`` as a ``Path``.
+    the temporary file is removed and ``path`` is left as it was, and an ``OSError`` (a full disk) names
+    ``path`` as its ``filename``. Returns ``path`` as a ``Path``.
     """
     path = Path(path)
+    try:
+        return _atomic_write(path, write, durable, by_path)
+    except OSError as err:
+        own_temporary = err.filename is not None and Path(os.fsdecode(err.filename)).name.startswith(f".{path.name}.")
+        if err.errno is None or not (err.filename is None or own_temporary):
+            raise
+        raise type(err)(err.errno, err.strerror, os.fspath(path)) from err
+
+
+def _atomic_write(path: Path, write: Callable[[Any], None], durable: bool, by_path: bool) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     mode = _file_mode(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")

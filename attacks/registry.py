@@ -9,9 +9,18 @@ from .closed_form import LinearClosedForm
 from .fgsm import FGSM
 from .pgd import PGD
 
-__all__ = ["ATTACK_NAMES", "make_attack"]
+__all__ = ["ATTACK_NAMES", "AUTOATTACK_NAMES", "make_attack", "check_attack_bounds"]
 
 ATTACK_NAMES = ("fgsm", "pgd", "linear", "autoattack", "apgd-ce", "apgd-t")
+AUTOATTACK_NAMES = ("autoattack", "apgd-ce", "apgd-t")  # run AutoAttack's code, which clips to [0, 1]
+
+
+def check_attack_bounds(name: str, bounds, argument: str = "attack") -> None:
+    """``ValueError`` naming ``argument`` when attack ``name`` runs AutoAttack's code (it clips to [0, 1])
+    and the data's ``bounds`` are not (0, 1)."""
+    if name in AUTOATTACK_NAMES and (bounds is None or tuple(bounds) != (0.0, 1.0)):
+        raise ValueError(f"{argument}: {name!r} runs AutoAttack's code, which clips to [0, 1]; this data "
+                         f"has bounds {bounds}. Use pgd")
 
 
 def make_attack(name: str, *, eps: float, norm: str = "linf", steps: int = 10, bounds=(0.0, 1.0),
@@ -31,9 +40,7 @@ def make_attack(name: str, *, eps: float, norm: str = "linf", steps: int = 10, b
         return PGD(eps, steps=steps, norm=norm, bounds=bounds, seed=seed)
     if name == "linear":
         return LinearClosedForm()
-    if bounds is None or tuple(bounds) != (0.0, 1.0):
-        raise ValueError(f"attack: {name!r} runs AutoAttack's code, which clips to [0, 1]; this data "
-                         f"has bounds {bounds}. Use --attack pgd")
+    check_attack_bounds(name, bounds)
     if name == "autoattack":
         return AutoAttack(eps, norm=norm, seed=seed)
     return AutoAttack(eps, norm=norm, seed=seed, components=(name,))

@@ -99,12 +99,21 @@ def check_fraction(value: Any, name: str, *, allow_zero: bool = False, allow_one
     return check_number(value, name, minimum=0, maximum=1, include_minimum=allow_zero, include_maximum=allow_one)
 
 
+# The largest budget: beyond it, perturbed float32 inputs (3.4e38 at most) and the logits they give overflow.
+EPS_MAX = 1e30
+
+
 def check_eps(value: Any, name: str = "eps", *, allow_zero: bool = False) -> float:
-    """A perturbation budget: a finite number ``> 0`` (``>= 0`` with ``allow_zero``), as a float.
+    """A perturbation budget: a finite number ``> 0`` (``>= 0`` with ``allow_zero``) and at most
+    :data:`EPS_MAX`, as a float.
 
     A budget of 0 is refused by default: it would silently turn robust accuracy into clean accuracy.
     """
-    return check_positive(value, name, allow_zero=allow_zero)
+    value = check_positive(value, name, allow_zero=allow_zero)
+    if value > EPS_MAX:
+        raise ValueError(f"{name}: must be at most {EPS_MAX:g} (perturbed float32 inputs overflow beyond it), "
+                         f"got {value:g}")
+    return value
 
 
 def check_bool(value: Any, name: str) -> bool:

@@ -9,9 +9,11 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
+import re
 import sys
 import time
 import warnings
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -23,15 +25,18 @@ import defenses
 import robust_infl
 from attacks.registry import ATTACK_NAMES, make_attack
 from defenses.config import POISON_ATTACKS, PoisoningConfig, PoisonSpec, RunConfig, help_texts
+from defenses.plan import EmptyBudgetWarning
 from defenses.recipes import DEFAULT_RECIPES, available_recipes, get_recipe
 from defenses.registry import TRAINER_NAMES, make_trainer
 from defenses.report import render_markdown
 from robust_infl.distributed import (SHARDED_METHODS, broadcast_module_state, init_process_group_from_env,
                                      rank_and_world_size, sharded_influence)
-from robust_infl.io import atomic_save_npy, atomic_save_tensor, check_output_file, check_output_folder, safe_load
+from robust_infl.io import (atomic_save_npys, atomic_save_tensor, check_output_file, check_output_folder, lock_folder,
+                            output_errors, safe_load)
 from robust_infl.methods.hessian import check_exact_size
 from robust_infl.registry import (DATASET_NAMES, MODEL_NAMES, OBJECTIVE_NAMES, data_defaults, load_splits,
                                   make_objective, model_factory)
+from robust_infl.store import check_store_folder
 from attacks.validation import check_device, check_number
 from robust_infl.inputs import resolve_param_names
 
@@ -39,6 +44,7 @@ __all__ = ["main", "build_parser"]
 
 PROG = "robust-infl"
 CHECKPOINT_METHODS = ("tracin",)  # methods that need checkpoints of the scored model's training run
+DAMPED_METHODS = ("if-exact", "if-cg", "if-lissa", "ekfac", "kfac")  # methods that take --damping
 THIRD_PARTY_MODULES = r"(?!(robust_infl|attacks|defenses|experiments)(\.|$))"
 USER_ERRORS = (ValueError, TypeError, OSError, ImportError, FloatingPointError)
 
@@ -137,7 +143,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="score only these parameters (e.g. the last layer for if-exact, which takes at most "
                              "5,000); default: all trainable ones")
     defend.add_argument("--damping", type=float, default=None,
-                        help="damping lambda of the Hessian methods if-exact / if-cg / if-lissa (default: 0)")
+                        help=f"damping lambda of the Hessian methods {' / '.join(DAMPED_METHODS)} (default: 0)")
     defend.add_argument("--fraction", type=float, nargs="+", default=[0.05], metavar="F",
                         help="budget(s): share of training samples pruned / down-weighted (default: 0.05)")
     defend.add_argument("--mode", choices=("prune", "reweight"), default="prune",
@@ -197,7 +203,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="score only these parameters (e.g. the last layer for if-exact, which takes at most "
                             "5,000); default: all trainable ones")
     score.add_argument("--damping", type=float, default=0.0,
-                       help="damping lambda of the Hessian methods if-exact / if-cg / if-lissa (default: 0)")
+                       help=f"damping lambda of the Hessian methods {' / '.join(DAMPED_METHODS)} (default: 0)")
     score.add_argument("--trainer", choices=TRAINER_NAMES, default="erm", help="training (default: %(default)s)")
     score.add_argument("--seed", type=_seed_value, default=0,
                        help="seed of split, training and scoring (default: 0)")
@@ -237,6 +243,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--no-progress", action="store_true",
                       help="hide the progress bar (shown only when stderr is a terminal)")
     demo.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
+    parser.command_parsers = commands.choices  # for check_flag_rules: each command's defaults
     return parser
 
 
@@ -327,6 +334,56 @@ def _defend_options(args, config_class) -> dict:
     return options
 
 
+def _world_size() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def _rank() -> int:
+    return int(os.environ.get("RANK", "0"))
+
+
+# The one rule for flags that act only together with others: a flag given a value other than its default
+# where it has no effect is refused (exit 2, one line naming it), before any compute.
+# (commands, flag, applies(args), where it is used)
+FLAG_RULES = (
+    (("score",), "chunk-size", lambda a: a.store is not None or _world_size() > 1, "with --store (or under torchrun)"),
+    (("score", "defend"), "damping", lambda a: a.method in DAMPED_METHODS, f"by --method {', '.join(DAMPED_METHODS)}"),
+    (("score",), "attack", lambda a: a.objective == "robust", "with --objective robust"),
+    (("score",), "checkpoints", lambda a: a.method in CHECKPOINT_METHODS,
+     f"by --method {', '.join(CHECKPOINT_METHODS)}"),
+    (("defend",), "poison-rate", lambda a: a.poison is not None, "with --poison"),
+    (("defend",), "target-class", lambda a: a.poison is not None, "with --poison"),
+    (("defend",), "evidence", lambda a: a.poison is not None, "with --poison"),
+    (("defend",), "budget", lambda a: a.poison is not None, "with --poison"),
+    (("defend",), "method", lambda a: a.poison is None, "without --poison (the poisoning recipes score by themselves)"),
+    (("defend",), "fraction", lambda a: a.poison is None, "without --poison (its budget is --budget)"),
+    (("defend",), "mode", lambda a: a.poison is None, "without --poison"),
+    (("defend",), "retrain", lambda a: a.poison is None, "without --poison"),
+    (("defend",), "scheme", lambda a: a.mode == "reweight", "with --mode reweight"),
+    (("defend",), "temperature", lambda a: a.mode == "reweight" and a.scheme == "smooth",
+     "with --mode reweight --scheme smooth"),
+)
+# API argument names in the library's messages -> the flag that sets them, where the two differ.
+FLAG_OF = {"defend": {"rate": "poison-rate", "fractions": "fraction", "target_class": "target-class",
+                      "eval_attacks": "eval-attacks", "eval_subset": "eval-subset"}}
+
+
+def check_flag_rules(args, command_parser: argparse.ArgumentParser) -> None:
+    """``ValueError`` naming the first flag of ``args`` given where it has no effect (:data:`FLAG_RULES`)."""
+    for commands, flag, applies, where in FLAG_RULES:
+        dest = flag.replace("-", "_")
+        if args.command in commands and getattr(args, dest) != command_parser.get_default(dest) and not applies(args):
+            raise ValueError(f"{flag}: only used {where}; drop --{flag}")
+
+
+def _flag_named(message: str, command: str) -> str:
+    """``message`` with its leading API argument name replaced by the flag that sets it (:data:`FLAG_OF`)."""
+    match = re.match(r"([a-z_]+): ", message)
+    if match and match.group(1) in FLAG_OF.get(command, {}):
+        return FLAG_OF[command][match.group(1)] + message[match.end(1):]
+    return message
+
+
 def _setup(args):
     """Splits (seed ``args.seed``), data defaults and the resolved threat model for score / attack."""
     defaults = data_defaults(args.data)
@@ -338,8 +395,7 @@ def _setup(args):
 
 
 def _train(args, splits, defaults, eps, norm):
-    """The model of score / attack: trained (seed ``args.seed``), or loaded from ``--weights``; saved to
-    ``--save-weights`` when given."""
+    """The model of score / attack: trained (seed ``args.seed``), or loaded from ``--weights``."""
     def pick(value, default):
         return default if value is None else value
 
@@ -352,9 +408,14 @@ def _train(args, splits, defaults, eps, norm):
                                batch_size=pick(args.batch_size, defaults.batch_size), eps=eps, norm=norm,
                                bounds=splits.bounds, train_steps=args.train_steps, progress=False)
         model = trainer.fit(model, splits.train, seed=args.seed, val=splits.val)
-    if args.save_weights is not None:
-        atomic_save_tensor(args.save_weights, model.state_dict())
     return model
+
+
+def _save_weights(args, model) -> None:
+    """Save the model's state dict to ``--save-weights`` (when given), a failed write naming the flag."""
+    if args.save_weights is not None:
+        with output_errors("save-weights"):
+            atomic_save_tensor(args.save_weights, model.state_dict())
 
 
 def _load_weights(model, path, name: str):
@@ -362,8 +423,17 @@ def _load_weights(model, path, name: str):
     state = safe_load(path, name="weights")
     if not isinstance(state, dict):
         raise ValueError(f"weights: {path!r} does not hold a state dict, got {type(state).__name__}")
+    expected = model.state_dict()
     for key, value in state.items():
-        if isinstance(value, torch.Tensor) and value.is_floating_point():
+        if not isinstance(value, torch.Tensor):
+            continue
+        if value.is_meta:
+            raise ValueError(f"weights: {path!r} holds tensors without data (device 'meta') in {key!r}; save the "
+                             "state dict of a model whose weights are materialised")
+        wanted = expected.get(key)
+        if isinstance(wanted, torch.Tensor) and value.is_floating_point() != wanted.is_floating_point():
+            raise ValueError(f"weights: {path!r} holds {key!r} as {value.dtype}, the model expects {wanted.dtype}")
+        if value.is_floating_point():
             bad = int((~torch.isfinite(value)).sum())
             if bad:
                 raise ValueError(f"weights: {path!r} holds {bad} NaN or infinite value(s) in {key!r}")
@@ -397,6 +467,8 @@ def _cmd_score(args) -> int:
     if args.resume and args.store is None:
         raise ValueError("resume: needs a store to resume from; pass --store DIR")
     _check_score_options(args)
+    if args.store is not None and _rank() == 0:  # under torchrun, rank 0 creates the store
+        check_store_folder(args.store, args.resume)
     splits, defaults, eps, norm, steps = _setup(args)
     _check_scored_params(args, splits, defaults)
     if args.objective in ("dp", "eop") and not splits.has_sensitive:
@@ -405,20 +477,23 @@ def _cmd_score(args) -> int:
     attack = make_attack(args.attack, eps=eps, norm=norm, steps=steps, bounds=splits.bounds, seed=args.seed) \
         if args.objective == "robust" else None
     objective = make_objective(args.objective, attack)
-    rank, scores = _score(args, splits, defaults, eps, norm, objective)
+    holding = lock_folder(args.store, "store") if args.store is not None and _rank() == 0 else nullcontext()
+    with holding, (output_errors("store", args.store) if args.store is not None else nullcontext()):
+        rank, model, scores = _score(args, splits, defaults, eps, norm, objective)
     if rank != 0:
         return 0
-    atomic_save_npy(out, scores)
     rows = splits.train_index
-    atomic_save_npy(rows_path(out), rows)
     order = scores.argsort(descending=True, stable=True)[: args.top]
     print(f"harm on {args.objective} ({args.method}) of {len(scores)} training samples; larger = more harmful")
     print(f"{'rank':>4}  {'index':>6}  {'row':>6}  {'label':>5}  {'harm':>12}")
     for rank, index in enumerate(order.tolist(), start=1):
         print(f"{rank:>4}  {index:>6}  {int(rows[index]):>6}  {int(splits.train[1][index]):>5}  "
               f"{float(scores[index]):>12.4g}")
+    with output_errors("out"):  # after the ranking is printed; both files replaced together or neither
+        atomic_save_npys({out: scores, rows_path(out): rows})
     print(f"saved {out} (scores, in training-split order: 'index') and {rows_path(out)} (the data set row of each "
           "training sample: 'row')")
+    _save_weights(args, model)
     return 0
 
 
@@ -450,9 +525,6 @@ def _check_score_options(args) -> None:
     if args.method in CHECKPOINT_METHODS and not args.checkpoints:
         raise ValueError(f"checkpoints: --method {args.method} needs --checkpoints PATH ... (state dicts of the model "
                          "saved during training)")
-    if args.checkpoints and args.method not in CHECKPOINT_METHODS:
-        raise ValueError(f"checkpoints: only used by --method {', '.join(CHECKPOINT_METHODS)}, "
-                         f"got --method {args.method}")
 
 
 def _check_scored_params(args, splits, defaults) -> None:
@@ -465,7 +537,7 @@ def _check_scored_params(args, splits, defaults) -> None:
 
 
 def _score(args, splits, defaults, eps, norm, objective):
-    """``(rank, scores)``: train, then score in one process, or sharded over torchrun's processes
+    """``(rank, model, scores)``: train, then score in one process, or sharded over torchrun's processes
     and / or into a resumable store (``robust_infl.distributed.sharded_influence``)."""
     started_group = init_process_group_from_env(args.device)
     try:
@@ -478,10 +550,10 @@ def _score(args, splits, defaults, eps, norm, objective):
                                                           progress=not args.no_progress, params=args.params))
         if args.store is None and world_size == 1:
             extra = {} if not args.checkpoints else dict(checkpoints=args.checkpoints, lrs=args.lr or defaults.lr)
-            return rank, robust_infl.influence(model, splits.train[:2], splits.val, **options, **extra)
+            return rank, model, robust_infl.influence(model, splits.train[:2], splits.val, **options, **extra)
         broadcast_module_state(model)
-        return rank, sharded_influence(model, splits.train[:2], splits.val, store=args.store, resume=args.resume,
-                                       chunk_size=args.chunk_size, **options)
+        return rank, model, sharded_influence(model, splits.train[:2], splits.val, store=args.store,
+                                              resume=args.resume, chunk_size=args.chunk_size, **options)
     finally:
         if started_group:
             dist.destroy_process_group()
@@ -505,6 +577,7 @@ def _cmd_attack(args) -> int:
         print(f"| {name} | {100 * results[name]['robust_acc']:.1f} | {100 * results[name]['asr']:.1f} |")
     if len(built) > 1:
         print(f"| worst case | {100 * results['worst_case_robust_acc']:.1f} | – |")
+    _save_weights(args, model)  # after the table is printed
     return 0
 
 
@@ -524,7 +597,11 @@ DEMO_QUICK = {
 
 
 def _cmd_demo(args) -> int:
-    check_output_folder(args.out, "out")
+    with lock_folder(args.out, "out"):
+        return _run_demo(args)
+
+
+def _run_demo(args) -> int:
     total = time.perf_counter()
     picks = []
     for name, settings in DEMO_RUNS.items():
@@ -556,12 +633,16 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             if not (args.debug or args.debug_all):  # third-party deprecation notices are not the user's business
                 for category in (FutureWarning, DeprecationWarning):
                     warnings.filterwarnings("ignore", category=category, module=THIRD_PARTY_MODULES)
+                warnings.showwarning = lambda message, category, *rest, **kw: print(
+                    f"{PROG} {args.command}: warning: {message}", file=sys.stderr)
+            warnings.simplefilter("error", EmptyBudgetWarning)  # a budget selecting nothing is refused
+            check_flag_rules(args, parser.command_parsers[args.command])
             return COMMANDS[args.command](args)
     except USER_ERRORS as err:
         if args.debug or args.debug_all:
             raise
         message = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        print(f"{PROG} {args.command}: error: {message}", file=sys.stderr)
+        print(f"{PROG} {args.command}: error: {_flag_named(message, args.command)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         if args.debug or args.debug_all:

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 import attacks
-from attacks.registry import ATTACK_NAMES, make_attack
+from attacks.registry import ATTACK_NAMES, check_attack_bounds, make_attack
 
 __all__ = ["AUTO_SUITE", "resolve_suite", "build_suite", "evaluate_suite"]
 
@@ -49,6 +49,8 @@ def resolve_suite(eval_attacks: Union[str, Sequence[str], None], threat: str, *,
     if eps is None and any(name != "linear" for name in eval_attacks):
         raise ValueError("eval_attacks: the threat model has no eps (a custom or budget-free attack); "
                          "only 'linear' can be added")
+    for name in eval_attacks:
+        check_attack_bounds(name, bounds, "eval_attacks")
     return [name for name in dict.fromkeys(eval_attacks) if name != threat]
 
 

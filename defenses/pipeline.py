@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 import attacks
 from attacks.plumbing import model_device
 from robust_infl.datasets import Splits
+from robust_infl.io import lock_folder, output_errors
 
 from .data import as_tensors
 from .eval_suite import build_suite, evaluate_suite
@@ -175,7 +176,17 @@ def execute(plan: RunPlan) -> dict:
     Every seed trains the base model, evaluates it, then runs each ``(recipe, fraction)`` task and
     each reference trainer (:func:`_run_seed`); the per-seed results are saved and reused on resume
     by :func:`defenses.seed_results.run_seeds`. The report's ``config`` is :meth:`RunPlan.config`.
+
+    ``out`` is held for the whole run (:func:`robust_infl.io.lock_folder`: a second run into it is
+    refused), and a failed write there names it (:func:`robust_infl.io.output_errors`).
     """
+    if plan.settings.out is None:
+        return _execute(plan)
+    with lock_folder(plan.settings.out, "out"), output_errors("out", plan.settings.out):
+        return _execute(plan)
+
+
+def _execute(plan: RunPlan) -> dict:
     s = plan.settings
     if not isinstance(s, RunConfig):
         raise TypeError(f"plan: expected the plan of a RunConfig, got one of {type(s).__name__} "

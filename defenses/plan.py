@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import warnings
 from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
@@ -36,9 +37,14 @@ from .references import reference_trainers
 from .registry import make_trainer
 from .selection import REWEIGHT_SCHEMES, check_budget
 
-__all__ = ["RunPlan", "plan_run", "seeded_split", "MODES"]
+__all__ = ["RunPlan", "plan_run", "seeded_split", "MODES", "EmptyBudgetWarning"]
 
 MODES = ("prune", "reweight")
+
+
+class EmptyBudgetWarning(UserWarning, ValueError):
+    """A budget (``fractions``) that selects no training sample, so its rows defend nothing. A warning for
+    the API; the command line turns it into an error (it is also a ``ValueError``)."""
 
 COST_UNIT = ("one ERM fit of the same schedule, data and seed, timed after the base model; CPU time of "
              "this process for models on the CPU, wall time on an accelerator")
@@ -172,8 +178,12 @@ def plan_run(config: SharedConfig) -> RunPlan:
     splits_for, defaults, data_label = _resolve_data(s.data, (s.n_train, s.n_val, s.n_test), bounds)
     model_for, model_label = _resolve_model(s.model, defaults)
     first = splits_for(seeds[0])
+    n_train = int(first.train[0].shape[0])
     for fraction in fractions:
-        check_budget(int(first.train[0].shape[0]), fraction, "fractions", "training samples")
+        if check_budget(n_train, fraction, "fractions", "training samples") == 0:
+            warnings.warn(f"fractions: {fraction:g} of {n_train} training samples selects none of them (the budget "
+                          f"is fraction * n rounded half up), so its rows defend nothing; use at least "
+                          f"{0.5 / n_train:g}", EmptyBudgetWarning, stacklevel=3)
     poison = PoisonSpec.of(s.poison).checked(first.num_classes) if poisoning else None
     first_model = model_for(seeds[0], first)
     if influence:

@@ -5,6 +5,12 @@ Layout of a store directory::
     manifest.json                  identity (model hash, data hash, method, options) and layout
     scores_000000.npy ...          one file per chunk of ``chunk_size`` training samples and array
     <name>.npy                     whole arrays a run needs again on resume (e.g. the objective gradient)
+    <file>.npy.sha256              the SHA-256 of each of those files, written after it
+
+Results on disk are tamper-evident: a file is read back only if its SHA-256 still matches the one
+written beside it, and its values are finite; otherwise reading refuses with a ``ValueError`` naming
+the file. A data file without its checksum (the process was killed between the two) counts as not
+written, and is computed again on resume.
 
 Every file is written to a temporary name in the same directory and then renamed with
 ``os.replace``, so a file that exists is complete: a process killed at any point leaves only
@@ -35,11 +41,12 @@ from torch.utils.data import Dataset
 from attacks.plumbing import atomic_write
 from attacks.validation import check_bool, check_int
 from robust_infl.inputs import TargetSet
+from robust_infl.io import LOCK_FILE, checksum_path, verify_checksum, write_checksum
 
-__all__ = ["ChunkStore", "model_hash", "data_hash", "MANIFEST", "FORMAT_VERSION"]
+__all__ = ["ChunkStore", "model_hash", "data_hash", "check_store_folder", "MANIFEST", "FORMAT_VERSION"]
 
 MANIFEST = "manifest.json"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: a SHA-256 beside every data file
 _NAME = re.compile(r"^[a-z][a-z0-9_]*$")
 # A Dataset is fingerprinted by its length and at most this many evenly spaced items.
 DATASET_PROBES = 64
@@ -118,13 +125,36 @@ def _short(value: Any) -> str:
 
 
 def _load_npy(path: Path) -> np.ndarray:
-    """A numeric ``.npy`` file of the store, memory-mapped; ``ValueError`` naming the file if it is not one
-    (truncated, foreign or pickled object data, which is never loaded)."""
+    """A numeric ``.npy`` file of the store, memory-mapped, after checking its checksum and that its values
+    are finite; ``ValueError`` naming the file otherwise (changed, truncated, foreign or pickled object
+    data, which is never loaded)."""
+    verify_checksum(path, "store")
     try:
-        return np.load(path, mmap_mode="r", allow_pickle=False)
+        array = np.load(path, mmap_mode="r", allow_pickle=False)
     except (ValueError, OSError, EOFError) as err:
         raise ValueError(f"store: {path} is not a numeric .npy array written by this store ({err}); "
                          "delete the store directory (or that file) and score again") from err
+    if array.dtype.kind in "fc" and not np.isfinite(array).all():
+        raise ValueError(f"store: {path} holds {int((~np.isfinite(array)).sum())} NaN or infinite value(s); "
+                         "delete that file to compute it again")
+    return array
+
+
+def _written(path: Path) -> bool:
+    """Whether the data file ``path`` and its checksum both exist (the checksum is written last)."""
+    return path.exists() and checksum_path(path).exists()
+
+
+def check_store_folder(directory: Union[str, os.PathLike], resume: bool) -> None:
+    """Before any compute: ``ValueError`` naming ``store`` when ``directory`` holds a store and ``resume``
+    is False, or is a non-empty folder that holds no store (the checks :class:`ChunkStore` makes)."""
+    directory = Path(directory)
+    if (directory / MANIFEST).exists():
+        if not resume:
+            raise ValueError(f"store: {directory} already holds a store ({MANIFEST}); pass resume=True "
+                             "(--resume) to continue it, or choose another directory")
+    elif directory.is_dir() and any(p.name != LOCK_FILE for p in directory.iterdir()):
+        raise ValueError(f"store: {directory} is not empty and holds no {MANIFEST}; choose an empty directory")
 
 
 class ChunkStore:
@@ -193,12 +223,8 @@ class ChunkStore:
 
     def _open(self, resume: bool) -> None:
         path = self.directory / MANIFEST
+        check_store_folder(self.directory, resume)
         if path.exists():
-            if not resume:
-                raise ValueError(
-                    f"store: {self.directory} already holds a store ({MANIFEST}); pass resume=True "
-                    "(--resume) to continue it, or choose another directory"
-                )
             stored = json.loads(path.read_text())
             stored.pop("completed", None)
             differences = _differences(stored, self.manifest)
@@ -214,8 +240,6 @@ class ChunkStore:
             return
         if not self.writer:
             raise ValueError(f"store: {self.directory} holds no {MANIFEST}; the writing process creates it first")
-        if self.directory.exists() and any(self.directory.iterdir()):
-            raise ValueError(f"store: {self.directory} is not empty and holds no {MANIFEST}; choose an empty directory")
         self.directory.mkdir(parents=True, exist_ok=True)
         self.refresh_manifest()
 
@@ -224,7 +248,7 @@ class ChunkStore:
 
     def is_complete(self, chunk: int) -> bool:
         """Whether every chunked array of ``chunk`` has been written."""
-        return all(self._chunk_path(name, chunk).exists() for name in self.arrays)
+        return all(_written(self._chunk_path(name, chunk)) for name in self.arrays)
 
     def completed(self) -> list[int]:
         """Indices of the complete chunks."""
@@ -233,7 +257,8 @@ class ChunkStore:
     def write_chunk(self, chunk: int, values: Mapping[str, Union[np.ndarray, Tensor]]) -> None:
         """Write the arrays of ``chunk`` (one entry per chunked array, ``rows(chunk)`` rows each).
 
-        Each file is written atomically; the chunk counts as complete once all of them exist.
+        Each file is written atomically, then its checksum; the chunk counts as complete once all of
+        them exist.
         """
         if set(values) != set(self.arrays):
             raise ValueError(f"values: expected arrays {sorted(self.arrays)}, got {sorted(values)}")
@@ -251,7 +276,7 @@ class ChunkStore:
                 mapped.flush()
                 del mapped
 
-            atomic_write(self._chunk_path(name, chunk), write, by_path=True)
+            write_checksum(atomic_write(self._chunk_path(name, chunk), write, by_path=True))
         self._done.add(chunk)
         if self.writer:
             self.refresh_manifest()
@@ -287,12 +312,12 @@ class ChunkStore:
             with open(tmp, "wb") as handle:
                 np.save(handle, array)
 
-        atomic_write(self.directory / f"{name}.npy", write, by_path=True)
+        write_checksum(atomic_write(self.directory / f"{name}.npy", write, by_path=True))
 
     def load_array(self, name: str) -> Optional[np.ndarray]:
-        """The array saved as ``name`` (memory-mapped), or ``None`` if there is none."""
+        """The array saved as ``name`` (memory-mapped), or ``None`` if there is none (or not its checksum yet)."""
         path = self.directory / f"{name}.npy"
-        return _load_npy(path) if path.exists() else None
+        return _load_npy(path) if _written(path) else None
 
     def refresh_manifest(self, rescan: bool = False) -> None:
         """Rewrite ``manifest.json`` (atomically) with the chunks known to be complete.

@@ -124,7 +124,7 @@ def test_demo_runs_both_data_sets(tmp_path, capsys, monkeypatch):
 @pytest.mark.parametrize(
     "argv, message",
     [
-        (["defend", *TINY, "--fraction", "1.5"], "robust-infl defend: error: fractions: every fraction must be in"),
+        (["defend", *TINY, "--fraction", "1.5"], "robust-infl defend: error: fraction: every fraction must be in"),
         (["score", *TINY, "--objective", "dp", "--data", "digits", "--out", "x.npy"],
          "robust-infl score: error: objective: dp needs a sensitive attribute"),
         (["score", *TINY, "--out", "scores.txt"], "robust-infl score: error: out: must end in .npy"),

@@ -13,7 +13,8 @@ import torch
 
 import robust_infl as ri
 from defenses.report import write_report
-from robust_infl.io import atomic_save_npy, atomic_save_tensor, atomic_write, atomic_write_json, safe_load
+from robust_infl.io import (atomic_save_npy, atomic_save_tensor, atomic_write, atomic_write_json, safe_load,
+                            write_checksum)
 from robust_infl.models import MLP
 from robust_infl.store import ChunkStore
 
@@ -59,10 +60,14 @@ def test_store_refuses_a_chunk_holding_pickled_objects_and_never_runs_it(tmp_pat
     chunk = tmp_path / "store" / "scores_000000.npy"
     np.save(chunk, np.array([CreatesMarkerWhenUnpickled(marker)] * 4, dtype=object), allow_pickle=True)
     store = ChunkStore(tmp_path / "store", resume=True, **settings)
+    with pytest.raises(ValueError, match="store: .*scores_000000.npy' was changed after it was written"):
+        store.read()
+    write_checksum(chunk)  # even with a matching checksum, the pickled objects are never loaded
     with pytest.raises(ValueError, match="store: .*scores_000000.npy is not a numeric .npy array"):
         store.read()
     assert not marker.exists()
     chunk.write_bytes(b"truncated")
+    write_checksum(chunk)
     with pytest.raises(ValueError, match="scores_000000.npy is not a numeric .npy array"):
         store.read()
 
