@@ -68,13 +68,18 @@ def influence(
             - ``"ekfac"``, ``"kfac"``: influence function with Kronfluence's (E)K-FAC curvature, factors
               cached per model (``methods.ekfac``; ``strategy``, ``use_empirical_fisher``; ``damping`` is
               its ``damping_factor``); needs the ``ekfac`` extra.
+            - ``"trak"``: TRAK through TRAK's package ``traker``: projected per-sample margin gradients
+              with a Gauss-Newton inverse in the projected space (``methods.trak``; ``proj_dim``,
+              ``aggregate``; ``seed`` seeds its projector, ``damping`` is its ``lambda_reg``); needs
+              the ``trak`` extra.
             - ``"self"``, ``"loss"``, ``"random"``: objective-free baselines, the squared gradient norm,
               the training loss and seeded noise (``methods.baselines``; no options).
         loss_fn: per-sample loss ``loss_fn(outputs, targets) -> (n,)``; default cross-entropy for
             >= 2 outputs, binary cross-entropy with logits for 1 output (labels are then checked
             against the model's classes).
         damping: ``lambda`` in ``H = (1/n) sum_i Hessian(l_i) + lambda * I`` (Hessian methods; for
-            ``"ekfac"`` / ``"kfac"`` added to the approximate curvature, ``0`` meaning Kronfluence's default).
+            ``"ekfac"`` / ``"kfac"`` added to the approximate curvature, ``0`` meaning Kronfluence's default;
+            for ``"trak"`` TRAK's ``lambda_reg``, added to its ``Phi^T Phi``).
         batch_size: training (and target) samples per batch.
         params: names of the parameters to score (e.g. only the last layer); all trainable ones
             by default.
