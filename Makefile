@@ -13,6 +13,8 @@ setup: $(STAMP)
 # kronfluence ask for torchvision, which does not import beside this torch and neither imports;
 # torchattacks also for an old requests it never imports). Kronfluence's real dependencies
 # (accelerate, einops, einconv, opt-einsum; psutil for accelerate) are pinned in requirements.lock.
+# TRAK's package traker (method "trak", extra `trak`) is pinned there too: its dependencies (torch,
+# numpy, tqdm) are already pinned, so it installs with them.
 $(STAMP): pyproject.toml requirements.lock
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --disable-pip-version-check -r requirements.lock

@@ -62,16 +62,21 @@ def influence(
             - ``"ekfac"``, ``"kfac"``: influence function with Kronfluence's (E)K-FAC curvature, factors
               cached per model (``methods.ekfac``; ``strategy``, ``use_empirical_fisher``; ``damping`` is
               its ``damping_factor``); needs the ``ekfac`` extra.
+            - ``"trak"``: TRAK through TRAK's package ``traker``: projected per-sample margin gradients
+              with a Gauss-Newton inverse in the projected space (``methods.trak``; ``proj_dim``,
+              ``aggregate``; ``seed`` seeds its projector, ``damping`` is its ``lambda_reg``); needs
+              the ``trak`` extra.
             - ``"self"``, ``"loss"``, ``"random"``: objective-free baselines, the squared gradient norm,
               the training loss and seeded noise (``methods.baselines``; no options).
         options: the scoring options as one :class:`~robust_infl.options.ScoringOptions` (None: its
             defaults), documented there: ``loss_fn`` (default cross-entropy, or BCE with logits for one
             output), ``damping`` (``lambda`` in ``H = (1/n) sum_i Hessian(l_i) + lambda * I``, Hessian
-            methods; for ``"ekfac"`` / ``"kfac"`` ``0`` means Kronfluence's default), ``batch_size``,
+            methods; for ``"ekfac"`` / ``"kfac"`` ``0`` means Kronfluence's default; for ``"trak"`` TRAK's
+            ``lambda_reg``, added to its ``Phi^T Phi``), ``batch_size``,
             ``params`` (the scored parameters), ``seed`` (same seed, same scores), ``train_loss`` /
             ``train_attack`` (training losses at ``train_attack(model, x, y)``), ``device``, ``progress``
             and ``aggregate`` (``False``: the ``(n_train, n_target)`` matrix of harms on each target
-            sample's own loss, method ``"ip"``).
+            sample's own loss, methods ``"ip"`` and ``"trak"``).
         **keywords: any field of ``options`` by name, and the method's options (see ``method``);
             a name the method does not take raises ``TypeError``.
 

@@ -104,3 +104,4 @@ from robust_infl.methods import iterative  # noqa: E402,F401
 from robust_infl.methods import datainf  # noqa: E402,F401
 from robust_infl.methods import baselines  # noqa: E402,F401
 from robust_infl.methods import ekfac  # noqa: E402,F401
+from robust_infl.methods import trak  # noqa: E402,F401

@@ -37,11 +37,12 @@ METHOD_OPTIONS = {
     "datainf": {},
     "ekfac": {},
     "kfac": dict(use_empirical_fisher=True),
+    "trak": dict(proj_dim=16),
     "self": {},
     "loss": {},
     "random": {},
 }
-RANDOM_PARTS = ("method:random", "method:ip-ensemble", "method:if-lissa", "pgd", "splits")
+RANDOM_PARTS = ("method:random", "method:ip-ensemble", "method:if-lissa", "method:trak", "pgd", "splits")
 
 
 def digest(value) -> str:
