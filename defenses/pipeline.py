@@ -20,10 +20,10 @@ from torch import nn
 from tqdm.auto import tqdm
 
 import attacks
+from attacks.inputs import as_data
 from attacks.plumbing import model_device
 from robust_infl.datasets import Splits
 
-from .data import as_tensors
 from .eval_suite import build_suite, evaluate_suite
 from .plan import MODES, RunPlan, RunSettings, plan_run, seeded_split
 from .poisoning import run_poisoned
@@ -50,7 +50,7 @@ def evaluate_on_test(model: nn.Module, test, attack: Callable, base_adversarial:
     without a suite) and ``worst_case`` (the share correct under every one of them), with the old
     names ``robust_acc`` and ``transfer_acc`` as aliases.
     """
-    X, y = as_tensors(test, "test")[:2]
+    X, y = as_data(test, "test")[:2]
     results, adversarial = attacks.evaluate(model, (X, y), {threat: attack}, batch_size=batch_size,
                                             progress=progress, return_adv=True)
     x_adv = adversarial[threat]
@@ -90,7 +90,7 @@ def _run_seed(seed: int, splits: Splits, tasks: list, bar, *, model_for: Callabl
     Returns ``{"base": row, "runs": [row, ...]}``; ``context`` holds the :class:`DefenceContext`
     fields shared by the tasks, ``evaluation`` the options of :func:`evaluate_on_test`.
     """
-    train, val = as_tensors(splits.train, "train"), as_tensors(splits.val, "val")
+    train, val = as_data(splits.train, "train"), as_data(splits.val, "val")
     _check_two_classes(train, seed)
     bar.set_postfix_str(f"seed {seed}: base model")
     base, base_time = _timed(base_trainer.fit, model_for(seed, splits), train, seed=seed, val=val)
@@ -185,7 +185,9 @@ def run(
     Args:
         data: a data set name (``mnist``, ``digits``, ``adult``, ``moons``, ``mnist-full``; split per
             seed), a ``robust_infl.datasets.Splits``, ``(train, val, test)`` splits, one ``(X, y[, s])``
-            data set (split per seed: 65% / 15% / 20%), or a callable ``seed -> Splits``.
+            data set (split per seed: 65% / 15% / 20%), or a callable ``seed -> Splits``. Your own data
+            are tensors or numpy arrays (:mod:`attacks.inputs`); floating ``X`` of another dtype
+            (numpy's float64) is converted to torch's default dtype (float32).
         model: a reference model name (``cnn``, ``mlp``, ``logreg``; default per data set), your own
             ``nn.Module`` (copied, then trained from scratch: every submodule needs
             ``reset_parameters``) or a factory ``seed -> nn.Module``.

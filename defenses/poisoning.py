@@ -35,15 +35,16 @@ from tqdm.auto import tqdm
 from attacks.plumbing import make_generator
 import attacks
 import robust_infl
-from attacks.poisoning import check_rate, check_target_class
+from attacks.inputs import as_data, check_target_class
+from attacks.poisoning import check_rate, poison_count
 from attacks.validation import check_choice, check_fraction, check_int, check_seed
 from robust_infl.io import atomic_write, atomic_write_json, atomic_write_text
 
 from . import poison_detection as detect
-from .data import as_tensors, take
+from .data import take
 from .report import format_interval
 from .seed_results import SeedResults, run_seeds
-from .selection import budget_size, most_harmful
+from .selection import budget_size, check_budget, most_harmful
 from .stats import mean_std, paired_difference
 
 __all__ = ["remove_poisons", "PoisonSpec", "POISON_RECIPES", "POISON_DEFAULT_RECIPES", "poison_recipe_names",
@@ -95,7 +96,7 @@ def contrast_detection(model: nn.Module, train: tuple, evidence: Optional[tuple]
     at most the budget, then once more with the flagged samples as the pull.
     """
     X, y = train[:2]
-    k = budget_size(len(y), budget)
+    k = check_budget(len(y), budget, "budget", "training samples", allow_none=False)
     features = detect.layer_features(model, X)
     if evidence is not None:
         target = detect.evidence_target_class(model, evidence)
@@ -136,8 +137,9 @@ def remove_poisons(model: nn.Module, train, evidence, *, trainer, budget: float,
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model: must be a torch.nn.Module, got {type(model).__name__}")
-    X, y = as_tensors(train, "train")[:2]
+    X, y = as_data(train, "train")[:2]
     budget = _check_budget(budget)
+    check_budget(len(y), budget, "budget", "training samples", allow_none=False)
     check_seed(seed)
     if not callable(getattr(trainer, "fit", None)):
         raise TypeError(f"trainer: must have a fit() method, got {type(trainer).__name__}")
@@ -181,8 +183,9 @@ class PoisonSpec:
     clean_label_steps: int = 20
     robust_n: Optional[int] = 500
 
-    def checked(self, num_classes: int) -> "PoisonSpec":
-        """This spec after validation, with ``budget`` resolved."""
+    def checked(self, num_classes: int, n_train: Optional[int] = None) -> "PoisonSpec":
+        """This spec after validation, with ``budget`` resolved; with ``n_train``, a rate that plants no poison
+        and a budget that removes no sample of a training split of that size are refused."""
         check_choice(self.attack, "poison", POISON_ATTACKS)
         rate = check_rate(self.rate)
         check_target_class(self.target_class, num_classes)
@@ -190,6 +193,9 @@ class PoisonSpec:
         for size in sizes:
             check_int(size, "evidence", minimum=1)
         budget = _check_budget(2 * rate if self.budget is None else self.budget)
+        if n_train is not None:
+            poison_count(rate, n_train)
+            check_budget(n_train, budget, "budget", "training samples", allow_none=False)
         check_int(self.patch_size, "patch_size", minimum=1)
         if self.robust_n is not None:
             check_int(self.robust_n, "robust_n", minimum=1)
@@ -380,7 +386,7 @@ def _poison_train(spec: PoisonSpec, train: tuple, trigger, trainer, model_for: C
 
 def _test_split(test, robust_n: Optional[int]) -> tuple:
     """``(X, y, robust_n)``: the test split and how many of its first inputs the evasion attack runs on."""
-    X, y = as_tensors(test, "test")[:2]
+    X, y = as_data(test, "test")[:2]
     return X, y, len(y) if robust_n is None else min(robust_n, len(y))
 
 
@@ -401,7 +407,7 @@ def poisoned_seed(seed: int, splits, spec: PoisonSpec, recipes: Sequence[str], *
                   attack: Callable, eval_batch_size: int = 256, progress: bool = False,
                   on_recipe: Optional[Callable[[str], None]] = None) -> dict:
     """One seed of :func:`run_poisoned`: ``{"base": row, "runs": [row, ...], "timing": {...}}``."""
-    train, val = as_tensors(splits.train, "train"), as_tensors(splits.val, "val")
+    train, val = as_data(splits.train, "train"), as_data(splits.val, "val")
     trigger = attacks.Trigger.patch(tuple(splits.input_shape), size=spec.patch_size)
     trainer = trainer.with_retrain("scratch")
     X, y, poisoned_index = _poison_train(spec, train, trigger, trainer, lambda s: model_for(s, splits), seed)
@@ -531,7 +537,7 @@ def run_poisoned(spec, *, seeds: list, splits_for: Callable, model_for: Callable
 
 
     first = splits_for(seeds[0])
-    spec = as_poison_spec(spec).checked(first.num_classes)
+    spec = as_poison_spec(spec).checked(first.num_classes, len(first.train[1]))
     recipes = list(POISON_DEFAULT_RECIPES if recipes is None else recipes)
     if not recipes or len(set(recipes)) != len(recipes):
         raise ValueError(f"recipes: must be distinct names, got {recipes}")
