@@ -27,7 +27,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 from torch.utils.data.dataloader import default_collate
 
-from .plumbing import model_device, model_dtype
+from .plumbing import model_device
 from .validation import check_int, integer_labels
 
 __all__ = [
@@ -133,9 +133,10 @@ def as_data(data: Any, name: str = "data", max_fields: Optional[int] = None) -> 
     if X.ndim == 0:
         raise ValueError(f"{name}: X must have a leading sample dimension, got a scalar")
     if y.ndim == 0 or y.shape[0] != X.shape[0]:
-        raise ValueError(f"{name}: X and y have different lengths ({X.shape[0]} vs {y.shape[0] if y.ndim else 'a scalar'})")
+        n_labels = y.shape[0] if y.ndim else "a scalar"
+        raise ValueError(f"{name}: X and y have different lengths ({X.shape[0]} vs {n_labels})")
     for t in tensors[2:]:
-        if t.ndim != 1 or t.shape[0] != X.shape[0]:
+        if t.ndim == 0 or t.shape[0] != X.shape[0]:
             raise ValueError(f"{name}: s must have shape ({X.shape[0]},), got {tuple(t.shape)}")
     check_not_empty(X.shape[0], name)
     check_inputs(X, name)
@@ -143,9 +144,12 @@ def as_data(data: Any, name: str = "data", max_fields: Optional[int] = None) -> 
 
 
 def to_model(x: torch.Tensor, model: nn.Module) -> torch.Tensor:
-    """Floating inputs ``x`` on the model's device in the model's floating dtype (float64 data into a
-    float32 model is converted; ``x`` itself when it already fits)."""
-    return x.to(device=model_device(model, x.device), dtype=model_dtype(model))
+    """Floating inputs ``x`` on the model's device in the model's floating dtype, that of its first floating
+    parameter or buffer (float64 data into a float32 model is converted; ``x``'s own dtype for a model with
+    no floating tensor; ``x`` itself when it already fits)."""
+    tensors = (*model.parameters(), *model.buffers())
+    dtype = next((t.dtype for t in tensors if t.is_floating_point()), x.dtype)
+    return x.to(device=model_device(model, x.device), dtype=dtype)
 
 
 def check_target_class(target_class: Any, num_classes: int) -> int:

@@ -183,7 +183,8 @@ class LookaheadWeights:
         with eval_mode(self.model):
             gradients = []
             for objective in objectives:
-                problem = self._problem((target.x, target.y), target, objective, seed=(self.seed * 100_003 + refresh) % (SEED_MAX + 1))
+                seed = (self.seed * 100_003 + refresh) % (SEED_MAX + 1)  # a valid seed for every valid self.seed
+                problem = self._problem((target.x, target.y), target, objective, seed=seed)
                 gradients.append(objective_gradient(problem, problem.params))
         return {name: sum(g[name] for g in gradients) / len(gradients) for name in gradients[0]}
 
