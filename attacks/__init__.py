@@ -8,7 +8,8 @@ that clips to [0, 1] run on unbounded data through an exact affine change of var
 :func:`evaluate` reports clean accuracy, robust accuracy and attack success rate (targeted with
 ``target_class``). Backdoor poisoning: :class:`Trigger` (patch / blend; also an attack callable),
 :func:`poison` (BadNets, clean-label) and :class:`ARTPoison` (ART's backdoor poisoning attacks).
-:func:`make_attack`: an attack by its name (:data:`ATTACK_NAMES`; the command line's ``--attack``).
+:func:`as_data` / :func:`to_model`: the one normaliser of the data given to the API (forms, dtype, device,
+labels). :func:`make_attack`: an attack by its name (:data:`ATTACK_NAMES`; the command line's ``--attack``).
 """
 
 from .adapters import ART, AutoAttack, TorchAttacks, art_evasion_names, torchattacks_names
@@ -17,6 +18,7 @@ from .closed_form import LinearClosedForm
 from .composite import Cascade, UnitBoxView
 from .evaluate import accuracy, evaluate
 from .fgsm import FGSM
+from .inputs import as_data, to_model
 from .pgd import PGD
 from .plumbing import per_sample_loss
 from .poisoning import ARTPoison, Trigger, poison
@@ -34,6 +36,8 @@ __all__ = [
     "UnitBoxView",
     "evaluate",
     "accuracy",
+    "as_data",
+    "to_model",
     "per_sample_loss",
     "predict",
     "BinaryAsTwoLogits",

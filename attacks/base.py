@@ -1,7 +1,8 @@
 """The attack interface: the :class:`Attack` base class, batch / logits / output checks, settings records.
 
 An attack is a callable ``attack(model, x, y) -> x_adv`` with the same shape, dtype and device
-as ``x``. :class:`Attack` runs the subclass's ``_perturb`` with the model switched to eval mode and
+as ``x``. :class:`Attack` runs the subclass's ``_perturb`` on ``x`` in the model's dtype and on its device
+(:func:`attacks.inputs.to_model`; the result is returned in ``x``'s), with the model switched to eval mode and
 its parameters frozen (``requires_grad=False``), then restores each module's train/eval mode,
 each parameter's ``requires_grad`` and any ``.grad`` the parameters held before, so an attack
 leaves no trace on the model.
@@ -24,6 +25,7 @@ import torch
 from torch import nn
 
 from .bounds import resolve_bounds
+from .inputs import check_inputs, to_model
 from .plumbing import frozen_in_eval
 from .validation import NORMS, check_model, check_output_shape
 
@@ -40,15 +42,13 @@ __all__ = [
 
 
 def check_batch(x, y) -> None:
-    """Check that ``x`` is a finite floating batch ``(n, ...)`` and ``y`` integer labels ``(n,)`` beside it."""
-    if not isinstance(x, torch.Tensor) or not x.is_floating_point():
-        kind = x.dtype if isinstance(x, torch.Tensor) else type(x).__name__
-        raise TypeError(f"x: must be a floating-point tensor, got {kind}")
+    """Check that ``x`` is a finite floating batch ``(n, ...)`` (:func:`attacks.inputs.check_inputs`) and ``y``
+    integer labels ``(n,)`` beside it."""
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"x: must be a floating-point tensor, got {type(x).__name__}")
     if x.dim() < 2:
         raise ValueError(f"x: expected a batch of shape (n, ...), got shape {tuple(x.shape)}")
-    bad = int((~torch.isfinite(x)).sum())
-    if bad:
-        raise ValueError(f"x: contains {bad} NaN or infinite value(s)")
+    check_inputs(x, "x", field=None)
     if not isinstance(y, torch.Tensor):
         raise TypeError(f"y: must be a tensor of class labels, got {type(y).__name__}")
     if y.is_floating_point() or y.is_complex() or y.dtype == torch.bool:
@@ -179,17 +179,18 @@ class Attack(ABC):
     def __call__(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """Return adversarial examples for the batch ``(x, y)`` (same shape, dtype, device as ``x``)."""
         check_batch(x, y)
-        check_model(model, x=x)
+        check_model(model)
         if x.shape[0] == 0:
             return x.detach().clone()
+        x_model = to_model(x, model).detach()
         with frozen_in_eval(model), torch.enable_grad():
-            x_adv = self._perturb(model, x.detach(), y.detach())
+            x_adv = self._perturb(model, x_model, y.detach().to(x_model.device))
         bad = int((~torch.isfinite(x_adv)).sum())
         if bad:
             raise ValueError(f"model: its outputs or gradients made {bad} adversarial value(s) NaN or infinite")
-        x_adv = x_adv.detach().to(device=x.device, dtype=x.dtype).reshape(x.shape)
-        check_attack_output(self, x, x_adv, type(self).__name__)
-        return x_adv
+        x_adv = x_adv.detach().to(device=x_model.device, dtype=x_model.dtype).reshape(x.shape)
+        check_attack_output(self, x_model, x_adv, type(self).__name__)
+        return x_adv.to(device=x.device, dtype=x.dtype)
 
     @abstractmethod
     def _perturb(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:

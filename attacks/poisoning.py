@@ -23,10 +23,11 @@ import torch
 from torch import nn
 
 from .base import Attack, BinaryAsTwoLogits, check_batch
+from .inputs import check_target_class
 from .plumbing import frozen_in_eval, make_generator, seeded
 from .validation import check_choice, check_fraction, check_int, check_number, check_seed
 
-__all__ = ["Trigger", "poison", "ARTPoison", "ART_POISON_NAMES", "check_rate", "check_target_class"]
+__all__ = ["Trigger", "poison", "ARTPoison", "ART_POISON_NAMES", "check_rate", "check_target_class", "poison_count"]
 
 CORNERS = ("top-left", "top-right", "bottom-left", "bottom-right")
 ART_POISON_NAMES = ("PoisoningAttackBackdoor", "PoisoningAttackCleanLabelBackdoor")
@@ -35,11 +36,6 @@ ART_POISON_NAMES = ("PoisoningAttackBackdoor", "PoisoningAttackCleanLabelBackdoo
 def check_rate(rate) -> float:
     """Return ``rate`` as a float after checking it is a number in the open interval (0, 1)."""
     return check_fraction(rate, "rate")
-
-
-def check_target_class(target_class, num_classes: int) -> int:
-    """Return ``target_class`` after checking it is an integer class in ``[0, num_classes)``."""
-    return check_int(target_class, "target_class", minimum=0, maximum=num_classes - 1)
 
 
 class Trigger(Attack):
@@ -119,11 +115,20 @@ def _train_tensors(train) -> Tuple[torch.Tensor, torch.Tensor]:
     return X, y
 
 
+def poison_count(rate: float, n: int) -> int:
+    """The number of poisons a ``rate`` plants on ``n`` samples, ``round(rate * n)``; ``ValueError`` naming
+    ``rate`` when that is none."""
+    count = round(rate * n)
+    if count == 0:
+        raise ValueError(f"rate: {rate:g} of {n} samples plants round(rate * n) = 0 poisons; "
+                         f"use a rate >= {1 / n:.3g}")
+    return count
+
+
 def _candidates(y: torch.Tensor, target_class: int, rate: float, clean_label: bool, seed: int) -> torch.Tensor:
     """Sorted indices of ``round(rate * n)`` samples drawn (seeded) among the eligible ones: the other
     classes for dirty-label poisons, the target class for clean-label ones."""
-    n = y.shape[0]
-    count = max(1, round(rate * n))
+    count = poison_count(rate, y.shape[0])
     eligible = torch.nonzero((y == target_class) if clean_label else (y != target_class)).flatten()
     if count > eligible.numel():
         kind = "of" if clean_label else "outside"

@@ -13,7 +13,6 @@ import math
 import numbers
 from typing import Any, Optional, Sequence
 
-import numpy as np
 import torch
 from torch import nn
 
@@ -28,17 +27,17 @@ __all__ = [
     "check_choice",
     "check_norm",
     "check_seed",
+    "SEED_MAX",
     "check_device",
     "check_model",
     "check_output_shape",
-    "as_tensor",
     "check_finite",
     "check_labels",
     "integer_labels",
-    "check_dataset_size",
 ]
 
 NORMS = ("linf", "l2")
+SEED_MAX = 2**32 - 1  # numpy's and scikit-learn's largest seed; torch takes it too
 
 
 def _interval(minimum, maximum, include_minimum: bool, include_maximum: bool) -> str:
@@ -136,8 +135,9 @@ def check_norm(value: Any, name: str = "norm") -> str:
 
 
 def check_seed(value: Any, name: str = "seed") -> int:
-    """A random seed: an integer ``>= 0``, as an ``int``."""
-    return check_int(value, name, minimum=0)
+    """A random seed: an integer in ``[0, SEED_MAX]`` (``2**32 - 1``, the range numpy and scikit-learn
+    take), as an ``int``."""
+    return check_int(value, name, minimum=0, maximum=SEED_MAX)
 
 
 def check_device(value: Any, name: str = "device") -> torch.device:
@@ -154,14 +154,22 @@ def check_device(value: Any, name: str = "device") -> torch.device:
         if resolved.index is not None and resolved.index >= torch.cuda.device_count():
             raise ValueError(f"{name}: {value!r} does not exist; this machine has "
                              f"{torch.cuda.device_count()} CUDA GPU(s)")
+    if resolved.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"{name}: {value!r} needs Apple's Metal GPU, but torch sees none here "
+                         f"(torch.backends.mps.is_available() is False); use cpu")
+    if resolved.type == "meta":
+        raise ValueError(f"{name}: {value!r} holds no data; use cpu or a GPU")
     return resolved
 
 
 def check_model(value: Any, name: str = "model", x: Optional[torch.Tensor] = None) -> nn.Module:
     """``value`` if it is a ``torch.nn.Module`` (``TypeError`` otherwise); ``ValueError`` when its parameters
-    live on another device than the batch ``x`` (if given)."""
+    are meta tensors (no data) or live on another device than the batch ``x`` (if given)."""
     if not isinstance(value, nn.Module):
         raise TypeError(f"{name}: must be a torch.nn.Module, got {type(value).__name__}")
+    if any(t.is_meta for t in (*value.parameters(), *value.buffers())):
+        raise ValueError(f"{name}: its parameters are on the meta device (they hold no data); load real weights "
+                         f"first (model.to_empty(device='cpu'), then load_state_dict)")
     if x is not None:
         for p in value.parameters():
             if p.device != x.device:
@@ -181,18 +189,6 @@ def check_output_shape(outputs, n: int) -> None:
     if outputs.dim() != 2 or outputs.shape[0] != n:
         hint = " (a binary model returns one logit as (n, 1): do not squeeze it)" if outputs.dim() == 1 else ""
         raise ValueError(f"model: must return logits of shape ({n}, C), got {tuple(outputs.shape)}{hint}")
-
-
-def as_tensor(value: Any, name: str) -> torch.Tensor:
-    """``value`` as a tensor (tensors, numpy arrays and nested sequences of numbers are accepted)."""
-    if isinstance(value, torch.Tensor):
-        return value
-    if isinstance(value, (np.ndarray, list, tuple)):
-        try:
-            return torch.as_tensor(np.asarray(value))
-        except (TypeError, ValueError) as err:
-            raise TypeError(f"{name}: cannot be converted to a tensor ({err})") from err
-    raise TypeError(f"{name}: expected a tensor or numpy array, got {type(value).__name__}")
 
 
 def check_finite(x: torch.Tensor, name: str) -> None:
@@ -231,14 +227,3 @@ def integer_labels(y: torch.Tensor, name: str) -> torch.Tensor:
     if not bool((y == torch.round(y)).all()):
         raise ValueError(f"{name}: labels must be integer class indices, got non-integer values")
     return y.long()
-
-
-def check_dataset_size(dataset: Any, name: str) -> int:
-    """The number of items of a map-style ``dataset``: ``TypeError`` without ``__len__``, ``ValueError`` when empty."""
-    try:
-        n = len(dataset)
-    except TypeError as err:
-        raise TypeError(f"{name}: a Dataset must define __len__") from err
-    if n == 0:
-        raise ValueError(f"{name}: is empty (0 samples)")
-    return n

@@ -22,10 +22,10 @@ import torch
 from torch import nn
 
 from attacks import PGD, BinaryAsTwoLogits
-from attacks.plumbing import model_device, seeded
+from attacks.inputs import as_data
+from attacks.plumbing import model_device, model_dtype, seeded
 from attacks.validation import check_bool, check_choice, check_int, check_model, check_positive, check_seed
 
-from .data import as_tensors
 from .trainers import NORMS, OPTIMIZERS, RETRAIN_MODES, check_labels_fit, copy_for_training, make_optimizer
 
 __all__ = ["ARTTrainer", "ART_TRAINER_NAMES"]
@@ -184,7 +184,8 @@ class ARTTrainer:
 
         check_model(model)
         check_seed(seed)
-        X, y = as_tensors(train, "train")[:2]
+        X, y = as_data(train, "train")[:2]
+        X = X.to(model_dtype(model))  # ART passes the arrays to the model as they are
         keep = _subset_for_weights(weights, X.shape[0])
         if keep is not None:
             X, y = X[keep], y[keep]

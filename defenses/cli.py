@@ -37,7 +37,7 @@ from robust_infl.methods.hessian import check_exact_size
 from robust_infl.registry import (DATASET_NAMES, MODEL_NAMES, OBJECTIVE_NAMES, data_defaults, load_splits,
                                   make_objective, model_factory)
 from robust_infl.store import check_store_folder
-from attacks.validation import check_device, check_number
+from attacks.validation import SEED_MAX, check_device, check_number, check_seed
 from robust_infl.inputs import resolve_param_names
 
 __all__ = ["main", "build_parser"]
@@ -50,14 +50,12 @@ USER_ERRORS = (ValueError, TypeError, OSError, ImportError, FloatingPointError)
 
 
 def _seed_value(text: str) -> int:
-    """argparse type of ``--seed``: an integer >= 0 (the error names the flag)."""
+    """argparse type of ``--seed``: the API's seed rule (:func:`attacks.validation.check_seed`; the error
+    names the flag)."""
     try:
-        value = int(text)
+        return check_seed(int(text))
     except ValueError:
-        raise argparse.ArgumentTypeError(f"must be an integer >= 0, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be an integer >= 0, got {value}")
-    return value
+        raise argparse.ArgumentTypeError(f"must be an integer in [0, {SEED_MAX}], got {text}") from None
 
 
 class _OneLineErrorParser(argparse.ArgumentParser):

@@ -17,10 +17,12 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any, Optional
 
-from attacks.poisoning import check_rate, check_target_class
+from attacks.inputs import check_target_class
+from attacks.poisoning import check_rate, poison_count
 from attacks.validation import check_choice, check_fraction, check_int
 
 from .recipes import DEFAULT_RECIPES
+from .selection import check_budget
 
 __all__ = ["SharedConfig", "RunConfig", "PoisoningConfig", "PoisonSpec", "POISON_ATTACKS", "help_texts",
            "config_from_options"]
@@ -120,8 +122,9 @@ class PoisonSpec:
     clean_label_steps: int = _option(20, "PGD steps of the clean-label attack")
     robust_n: Optional[int] = _option(500, "evasion robust accuracy on the first N test inputs (None: all)")
 
-    def checked(self, num_classes: int) -> "PoisonSpec":
-        """This spec after validation, with ``budget`` resolved."""
+    def checked(self, num_classes: int, n_train: Optional[int] = None) -> "PoisonSpec":
+        """This spec after validation, with ``budget`` resolved; with ``n_train``, a rate that plants no poison
+        and a budget that removes no sample of a training split of that size are refused."""
         check_choice(self.attack, "poison", POISON_ATTACKS)
         rate = check_rate(self.rate)
         check_target_class(self.target_class, num_classes)
@@ -129,6 +132,9 @@ class PoisonSpec:
         for size in sizes:
             check_int(size, "evidence", minimum=1)
         budget = check_fraction(2 * rate if self.budget is None else self.budget, "budget")
+        if n_train is not None:
+            poison_count(rate, n_train)
+            check_budget(n_train, budget, "budget", "training samples", allow_none=False)
         check_int(self.patch_size, "patch_size", minimum=1)
         if self.robust_n is not None:
             check_int(self.robust_n, "robust_n", minimum=1)

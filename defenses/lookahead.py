@@ -33,14 +33,14 @@ import torch
 from torch import nn
 
 import attacks
+from attacks.inputs import as_data
 from attacks.plumbing import eval_mode, make_generator, model_device
-from attacks.validation import check_bool, check_choice, check_fraction, check_int, check_model, check_seed
+from attacks.validation import SEED_MAX, check_bool, check_choice, check_fraction, check_int, check_model, check_seed
 from robust_infl.engine import build_problem, directional_derivatives, objective_gradient
 from robust_infl.inputs import TargetSet
 from robust_infl.objectives import Robust, Utility
 from robust_infl.options import ScoringOptions
 
-from .data import as_tensors
 from .trainers import ERM, PGDAT, Trainer, per_sample_loss
 
 __all__ = [
@@ -142,7 +142,7 @@ class LookaheadWeights:
         if loss_fn is not None and not callable(loss_fn):
             raise TypeError(f"loss_fn: must be callable, got {type(loss_fn).__name__}")
         self.model = model
-        self.val = as_tensors(val, "val")[:2]
+        self.val = as_data(val, "val")[:2]
         self.attack = attack
         vars(self).update(_checked_options(every=every, mix=mix, n_val_batch=n_val_batch,
                                            val_objective=val_objective, scheme=scheme, per_class=per_class))
@@ -183,7 +183,8 @@ class LookaheadWeights:
         with eval_mode(self.model):
             gradients = []
             for objective in objectives:
-                problem = self._problem((target.x, target.y), target, objective, seed=self.seed * 100_003 + refresh)
+                seed = (self.seed * 100_003 + refresh) % (SEED_MAX + 1)  # a valid seed for every valid self.seed
+                problem = self._problem((target.x, target.y), target, objective, seed=seed)
                 gradients.append(objective_gradient(problem, problem.params))
         return {name: sum(g[name] for g in gradients) / len(gradients) for name in gradients[0]}
 
@@ -239,7 +240,7 @@ class LookaheadReweighting(Trainer):
             raise TypeError(f"attack: must be callable attack(model, x, y), got {type(attack).__name__}")
         self.base = base
         self.attack = attack
-        self.val = None if val is None else as_tensors(val, "val")[:2]
+        self.val = None if val is None else as_data(val, "val")[:2]
         vars(self).update(_checked_options(every=every, mix=mix, n_val_batch=n_val_batch,
                                            val_objective=val_objective, scheme=scheme, per_class=per_class))
         self.warmup_epochs = check_int(warmup_epochs, "warmup_epochs", minimum=0)

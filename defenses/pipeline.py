@@ -20,11 +20,11 @@ from torch import nn
 from tqdm.auto import tqdm
 
 import attacks
+from attacks.inputs import as_data
 from attacks.plumbing import model_device
 from robust_infl.datasets import Splits
 from robust_infl.io import lock_folder, output_errors
 
-from .data import as_tensors
 from .eval_suite import build_suite, evaluate_suite
 from .config import RunConfig, config_from_options
 from .plan import MODES, RunPlan, plan_run, seeded_split
@@ -50,7 +50,7 @@ def evaluate_on_test(model: nn.Module, test, attack: Callable, base_adversarial:
     attack of ``suite`` plus the threat, on the first ``eval_subset`` test points; the whole split
     without a suite) and ``worst_case`` (the share correct under every one of them).
     """
-    X, y = as_tensors(test, "test")[:2]
+    X, y = as_data(test, "test")[:2]
     results, adversarial = attacks.evaluate(model, (X, y), {threat: attack}, batch_size=batch_size,
                                             progress=progress, return_adv=True)
     x_adv = adversarial[threat]
@@ -90,7 +90,7 @@ def _run_seed(seed: int, splits: Splits, tasks: list, bar, *, model_for: Callabl
     Returns ``{"base": row, "runs": [row, ...]}``; ``context`` holds the :class:`DefenceContext`
     fields shared by the tasks, ``evaluation`` the options of :func:`evaluate_on_test`.
     """
-    train, val = as_tensors(splits.train, "train"), as_tensors(splits.val, "val")
+    train, val = as_data(splits.train, "train"), as_data(splits.val, "val")
     _check_two_classes(train, seed)
     bar.set_postfix_str(f"seed {seed}: base model")
     base, base_time = _timed(base_trainer.fit, model_for(seed, splits), train, seed=seed, val=val)
@@ -152,7 +152,9 @@ def run(data: Union[str, Splits, Sequence, Callable] = "mnist", model: Union[str
     :class:`~defenses.config.RunConfig`, each documented there (an unknown one is a ``TypeError`` naming
     it; the backdoor-poisoning pipeline is :func:`defenses.run_poisoning`): the threat model, the
     scoring, the budgets and the selection, the training, the recipes and references, the evaluation
-    suite, the seeds and split sizes, and the output folder. Removal (prune mode) gives the removed
+    suite, the seeds and split sizes, and the output folder. Your own data are tensors or numpy arrays
+    (:mod:`attacks.inputs`); floating ``X`` of another dtype (numpy's float64) is converted to torch's
+    default dtype (float32). Removal (prune mode) gives the removed
     samples weight 0, so every recipe trains for as many steps as ``none`` (ART's trainers, which take no
     weights, drop them).
 

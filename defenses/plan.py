@@ -13,13 +13,15 @@ import warnings
 from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
+import numpy as np
 import torch
 from torch import nn
 
+from attacks.inputs import as_data
 from attacks.plumbing import make_generator
 from attacks.base import attack_settings, plain_value
 from attacks.registry import make_attack
-from attacks.validation import check_bool, check_choice, check_int, check_number, check_positive
+from attacks.validation import check_bool, check_choice, check_int, check_number, check_positive, check_seed
 from robust_infl.datasets import Splits
 from robust_infl.registry import DATA_DEFAULTS, USER_DATA_DEFAULTS, data_defaults, load_splits, model_factory
 from robust_infl.io import check_output_folder
@@ -30,7 +32,6 @@ from robust_infl.inputs import resolve_param_names
 
 from .art_trainer import ARTTrainer
 from .config import PoisoningConfig, PoisonSpec, RunConfig, SharedConfig
-from .data import as_tensors
 from .eval_suite import resolve_suite
 from .recipes import available_recipes, get_recipe
 from .references import reference_trainers
@@ -184,7 +185,7 @@ def plan_run(config: SharedConfig) -> RunPlan:
             warnings.warn(f"fractions: {fraction:g} of {n_train} training samples selects none of them (the budget "
                           f"is fraction * n rounded half up), so its rows defend nothing; use at least "
                           f"{0.5 / n_train:g}", EmptyBudgetWarning, stacklevel=3)
-    poison = PoisonSpec.of(s.poison).checked(first.num_classes) if poisoning else None
+    poison = PoisonSpec.of(s.poison).checked(first.num_classes, n_train) if poisoning else None
     first_model = model_for(seeds[0], first)
     if influence:
         _check_method_fits(s.method, method_options, first_model)
@@ -265,7 +266,7 @@ def _resolve_trainer(trainer, epochs, lr, batch_size, *, retrain: str, soft_weig
 def seeded_split(data, seed: int, val_fraction: float = 0.15, test_fraction: float = 0.2,
                  bounds=None) -> Splits:
     """Split one data set ``(X, y[, s])`` into train / validation / test with a seeded permutation."""
-    tensors = as_tensors(data, "data")
+    tensors = as_data(data, "data")
     n = tensors[0].shape[0]
     n_val, n_test = round(val_fraction * n), round(test_fraction * n)
     if not (0 < val_fraction < 1 and 0 < test_fraction < 1) or min(n_val, n_test, n - n_val - n_test) < 1:
@@ -277,10 +278,20 @@ def seeded_split(data, seed: int, val_fraction: float = 0.15, test_fraction: flo
     return _user_splits(train, val, test, bounds)
 
 
+def _is_arrays(data) -> bool:
+    """Whether ``data`` is one data set ``(X, y[, s])`` of tensors or numpy arrays (not ``(train, val, test)``)."""
+    return isinstance(data, (tuple, list)) and bool(data) and all(isinstance(t, (torch.Tensor, np.ndarray))
+                                                                  for t in data)
+
+
 def _user_splits(train, val, test, bounds) -> Splits:
-    train, val = as_tensors(train, "train"), as_tensors(val, "val")
+    """Splits of the user's data; floating ``X`` of another dtype (numpy's float64) in torch's default dtype
+    (float32), the dtype of the models the factories build (:mod:`attacks.inputs`)."""
+    dtype = torch.get_default_dtype()
+    train, val, test = ((X.to(dtype), *rest) for X, *rest in (as_data(part, name) for part, name in
+                                                             ((train, "train"), (val, "val"), (test, "test"))))
     classes = int(max(int(train[1].max()), int(val[1].max()))) + 1
-    return Splits("user", train, val, tuple(test), tuple(train[0].shape[1:]), max(classes, 2), bounds)
+    return Splits("user", train, val, test, tuple(train[0].shape[1:]), max(classes, 2), bounds)
 
 
 def _label(obj) -> str:
@@ -333,8 +344,8 @@ def _auto_bounds(data, attack, bounds):
         return bounds
     if not isinstance(attack, str) and hasattr(attack, "bounds"):
         return attack.bounds
-    if isinstance(data, (tuple, list)) and data and all(torch.is_tensor(t) for t in data):
-        X = data[0]
+    if _is_arrays(data):
+        X = as_data(data, "data")[0]
         inside = X.is_floating_point() and X.numel() > 0 and bool(((X >= 0) & (X <= 1)).all())
         return (0.0, 1.0) if inside else None
     return bounds
@@ -375,7 +386,7 @@ def _check_seeds(seeds) -> list:
     if not isinstance(seeds, (list, tuple)) or not seeds:
         raise ValueError(f"seeds: must be a count >= 1 or a non-empty list of seeds, got {seeds!r}")
     for s in seeds:
-        check_int(s, "seeds", minimum=0)
+        check_seed(s, "seeds")
     if len(set(seeds)) != len(seeds):
         raise ValueError(f"seeds: must be distinct, got {list(seeds)}")
     return list(seeds)
@@ -401,7 +412,7 @@ def _resolve_data(data, n_sizes: tuple, bounds) -> tuple:
     if isinstance(data, str):
         defaults = data_defaults(data)
         return (lambda seed: with_bounds(load_splits(data, seed, *n_sizes))), defaults, data
-    if isinstance(data, (tuple, list)) and data and all(torch.is_tensor(t) for t in data):
+    if _is_arrays(data):
         user_bounds = None if isinstance(bounds, str) else bounds
         return (lambda seed: seeded_split(data, seed, bounds=user_bounds)), USER_DATA_DEFAULTS, "user"
     if callable(data) and not isinstance(data, (Splits, tuple, list)):

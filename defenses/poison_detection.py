@@ -33,9 +33,9 @@ import torch
 from torch import nn
 
 from attacks.base import predict
+from attacks.inputs import as_data, to_model
 from attacks.plumbing import frozen_in_eval, model_device, seeded
 
-from .data import as_tensors
 from .trainers import per_sample_loss
 
 __all__ = [
@@ -60,12 +60,12 @@ __all__ = [
 def training_losses(model: nn.Module, data, *, train_attack: Optional[Callable] = None,
                     batch_size: int = 512) -> torch.Tensor:
     """Per-sample loss of ``model`` on ``data`` (at ``train_attack``'s points when given), float64 on the CPU."""
-    X, y = as_tensors(data, "data")[:2]
+    X, y = as_data(data, "data")[:2]
     device = model_device(model)
     out = []
     with frozen_in_eval(model):
         for start in range(0, X.shape[0], batch_size):
-            xb, yb = X[start:start + batch_size].to(device), y[start:start + batch_size].to(device)
+            xb, yb = to_model(X[start:start + batch_size], model), y[start:start + batch_size].to(device)
             if train_attack is not None:
                 xb = train_attack(model, xb, yb)
             with torch.no_grad():
@@ -81,18 +81,14 @@ def in_class_low_loss(losses: torch.Tensor, y: torch.Tensor, target_class: int) 
 
 
 def check_evidence(evidence, input_shape: tuple, num_classes: int) -> tuple:
-    """``evidence`` as ``(X_triggered, y_true)`` after checking the sample shape and labels (``ValueError``
-    naming ``evidence`` otherwise)."""
+    """``evidence`` as ``(X_triggered, y_true)`` (normalised by :func:`attacks.inputs.as_data`) after checking
+    the sample shape and labels (``ValueError`` naming ``evidence`` otherwise)."""
     if not isinstance(evidence, (tuple, list)) or len(evidence) != 2:
         raise ValueError(f"evidence: must be a pair (X_triggered, y_true) or None, got {type(evidence).__name__}")
-    X, y = evidence
-    if not torch.is_tensor(X) or not X.is_floating_point() or tuple(X.shape[1:]) != tuple(input_shape) or len(X) < 1:
-        shape = tuple(X.shape) if torch.is_tensor(X) else type(X).__name__
-        raise ValueError(f"evidence: X_triggered must be a floating tensor of shape (K, {', '.join(map(str, input_shape))}) "
-                         f"with K >= 1, got {shape}")
-    if not torch.is_tensor(y) or y.is_floating_point() or tuple(y.shape) != (X.shape[0],):
-        shape = tuple(y.shape) if torch.is_tensor(y) else type(y).__name__
-        raise ValueError(f"evidence: y_true must be integer labels of shape ({X.shape[0]},), got {shape}")
+    X, y = as_data(evidence, "evidence", max_fields=2)
+    if tuple(X.shape[1:]) != tuple(input_shape):
+        raise ValueError(f"evidence: X_triggered must have samples of shape {tuple(input_shape)}, "
+                         f"got {tuple(X.shape[1:])}")
     if int(y.min()) < 0 or int(y.max()) >= num_classes:
         raise ValueError(f"evidence: labels must lie in [0, {num_classes}), got [{int(y.min())}, {int(y.max())}]")
     return X, y
@@ -103,7 +99,7 @@ def evidence_target_class(model: nn.Module, evidence: tuple) -> int:
     them when it misclassifies none; ties: the smallest class): the class the trigger pushes them into."""
     X, y = evidence
     with frozen_in_eval(model), torch.no_grad():
-        predicted = predict(model(X.to(model_device(model)))).cpu()
+        predicted = predict(model(to_model(X, model))).cpu()
     wrong = predicted != y.cpu()
     return int(torch.bincount(predicted[wrong] if wrong.any() else predicted).argmax())
 
@@ -138,11 +134,10 @@ def layer_features(model: nn.Module, X: torch.Tensor, *, batch_size: int = 512) 
         raise ValueError("model: the representation-contrast detector needs a model with an nn.Linear layer")
     captured = []
     handle = first.register_forward_pre_hook(lambda module, inputs: captured.append(inputs[0].detach().flatten(1)))
-    device = model_device(model)
     try:
         with frozen_in_eval(model), torch.no_grad():
             for start in range(0, X.shape[0], batch_size):
-                model(X[start:start + batch_size].to(device))
+                model(to_model(X[start:start + batch_size], model))
     finally:
         handle.remove()
     return torch.cat(captured).double().cpu()
@@ -247,7 +242,7 @@ def activation_defence_scores(model: nn.Module, train, *, nb_clusters: int = 2, 
     """
     from art.defences.detector.poison import ActivationDefence
 
-    X, y = as_tensors(train, "train")[:2]
+    X, y = as_data(train, "train")[:2]
     num_classes = int(y.max()) + 1
     classifier = _art_classifier(model, X, num_classes)
     x_np, y_np = X.cpu().float().numpy(), np.eye(num_classes, dtype=np.float32)[y.cpu().numpy()]
@@ -273,7 +268,7 @@ def spectral_signature_scores(model: nn.Module, train) -> torch.Tensor:
     cutting at the budget flags what ART flags with ``expected_pp_poison = budget / 1.5``)."""
     from art.defences.detector.poison import SpectralSignatureDefense
 
-    X, y = as_tensors(train, "train")[:2]
+    X, y = as_data(train, "train")[:2]
     num_classes = int(y.max()) + 1
     classifier = _art_classifier(model, X, num_classes)
     features = classifier.get_activations(X.cpu().float().numpy(), layer=len(classifier.layer_names) - 1,

@@ -22,11 +22,12 @@ from typing import Optional
 import torch
 from torch import nn
 
+from attacks.inputs import as_data
 from attacks.validation import check_fraction, check_seed
 
 from . import poison_detection as detect
-from .data import as_tensors, take
-from .selection import budget_size, most_harmful
+from .data import take
+from .selection import check_budget, most_harmful
 
 __all__ = ["remove_poisons", "contrast_detection", "with_evidence", "evidence_repeats"]
 
@@ -69,7 +70,7 @@ def contrast_detection(model: nn.Module, train: tuple, evidence: Optional[tuple]
     at most the budget, then once more with the flagged samples as the pull.
     """
     X, y = train[:2]
-    k = budget_size(len(y), budget)
+    k = check_budget(len(y), budget, "budget", "training samples", allow_none=False)
     features = detect.layer_features(model, X)
     if evidence is not None:
         target = detect.evidence_target_class(model, evidence)
@@ -110,8 +111,9 @@ def remove_poisons(model: nn.Module, train, evidence, *, trainer, budget: float,
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model: must be a torch.nn.Module, got {type(model).__name__}")
-    X, y = as_tensors(train, "train")[:2]
+    X, y = as_data(train, "train")[:2]
     budget = check_fraction(budget, "budget")
+    check_budget(len(y), budget, "budget", "training samples", allow_none=False)
     check_seed(seed)
     if not callable(getattr(trainer, "fit", None)):
         raise TypeError(f"trainer: must have a fit() method, got {type(trainer).__name__}")

@@ -20,11 +20,11 @@ from torch import nn
 from tqdm.auto import tqdm
 
 import attacks
+from attacks.inputs import as_data
 from attacks.plumbing import make_generator
 
 from . import poison_detection as detect
 from .config import PoisoningConfig, PoisonSpec, config_from_options
-from .data import as_tensors
 from .plan import RunPlan, plan_run
 from .stats import mean_std
 from .poison_recipes import PoisonContext
@@ -85,7 +85,7 @@ def _poison_train(spec: PoisonSpec, train: tuple, trigger, trainer, model_for: C
 
 def _test_split(test, robust_n: Optional[int]) -> tuple:
     """``(X, y, robust_n)``: the test split and how many of its first inputs the evasion attack runs on."""
-    X, y = as_tensors(test, "test")[:2]
+    X, y = as_data(test, "test")[:2]
     return X, y, len(y) if robust_n is None else min(robust_n, len(y))
 
 
@@ -110,7 +110,7 @@ def poisoned_seed(seed: int, splits, spec: PoisonSpec, recipes: Sequence[Recipe]
 
     Returns ``{"base": row, "runs": [row, ...], "n_poisoned": int, "timing": {...}}``.
     """
-    train, val = as_tensors(splits.train, "train"), as_tensors(splits.val, "val")
+    train, val = as_data(splits.train, "train"), as_data(splits.val, "val")
     trigger = attacks.Trigger.patch(tuple(splits.input_shape), size=spec.patch_size)
     trainer = trainer.with_retrain("scratch")
     X, y, poisoned_index = _poison_train(spec, train, trigger, trainer, lambda s: model_for(s, splits), seed)

@@ -12,11 +12,12 @@ import math
 
 import torch
 
-from attacks.validation import check_choice, check_fraction, check_positive
+from attacks.validation import check_choice, check_fraction, check_number, check_positive
 
 __all__ = ["prune", "reweight", "relabel", "budget_size", "check_budget", "most_harmful", "REWEIGHT_SCHEMES"]
 
 REWEIGHT_SCHEMES = ("smooth", "hard")
+FLOAT32_MAX = float(torch.finfo(torch.float32).max)  # the weights are float32
 
 
 def _check_scores(scores) -> torch.Tensor:
@@ -40,10 +41,15 @@ def budget_size(n: int, fraction: float) -> int:
     return int(math.floor(check_fraction(fraction, "fraction", allow_zero=True) * n + 0.5))
 
 
-def check_budget(n: int, fraction: float, name: str = "fraction", what: str = "samples") -> int:
+def check_budget(n: int, fraction: float, name: str = "fraction", what: str = "samples", *,
+                 allow_none: bool = True) -> int:
     """``budget_size(n, fraction)``, or ``ValueError`` starting with ``name`` when it is all ``n`` samples
-    (after rounding, e.g. 0.999 of 300), which would leave nothing to train on."""
+    (after rounding, e.g. 0.999 of 300), which would leave nothing to train on, or (with
+    ``allow_none=False``) when it is no sample at all."""
     k = budget_size(n, fraction)
+    if k == 0 and not allow_none:
+        raise ValueError(f"{name}: {fraction:g} of {n} {what} removes none of them (the budget is {name} * n "
+                         f"rounded half up); use a {name} >= {0.5 / n:.3g}")
     if k >= n:
         raise ValueError(f"{name}: {fraction:g} of {n} {what} selects all {n} of them (the budget is "
                          f"fraction * n rounded half up); use a smaller fraction")
@@ -81,22 +87,21 @@ def reweight(scores, scheme: str = "smooth", *, fraction: float, temperature: fl
       ``s`` the standard deviation of the scores. The top ``fraction`` gets weights below
       ``w_max / 2``; a small temperature approaches the hard scheme, a large one uniform weights.
 
-    A fraction that would down-weight every sample (after rounding) raises ``ValueError``.
+    A budget of no sample (``fraction * n`` rounding to 0) leaves every weight at ``w_max``, as
+    :func:`prune` keeps every sample; one that would down-weight every sample raises ``ValueError``.
     """
     scores = _check_scores(scores)
     check_choice(scheme, "scheme", REWEIGHT_SCHEMES)
-    check_budget(scores.numel(), fraction)
+    k = check_budget(scores.numel(), fraction)
     flagged = most_harmful(scores, fraction)
-    check_positive(w_max, "w_max")
-    if scheme == "hard":
+    check_number(w_max, "w_max", minimum=0, include_minimum=False, maximum=FLOAT32_MAX)
+    if scheme == "smooth":
+        check_positive(temperature, "temperature")
+    if scheme == "hard" or k == 0:  # no sample flagged: every weight w_max, as prune keeps every sample
         return (~flagged).to(torch.float32) * float(w_max)
-    check_positive(temperature, "temperature")
     spread = scores.std(unbiased=False)
     scale = spread if spread > 0 else torch.tensor(1.0, dtype=torch.float64)
-    if not flagged.any():
-        center = scores.max() + scale
-    else:
-        center = 0.5 * (scores[flagged].min() + scores[~flagged].max())
+    center = 0.5 * (scores[flagged].min() + scores[~flagged].max())
     return (float(w_max) * torch.sigmoid(-(scores - center) / (temperature * scale))).to(torch.float32)
 
 
@@ -114,6 +119,10 @@ def relabel(scores, labels: torch.Tensor, predictions: torch.Tensor, fraction: f
     if not torch.is_tensor(predictions) or predictions.shape[0] != n or predictions.dim() > 2:
         raise ValueError(f"predictions: must be class indices ({n},) or model outputs ({n}, C)")
     if predictions.dim() == 2:
+        n_classes = max(predictions.shape[1], 2)
+        if int(labels.max()) >= n_classes or int(labels.min()) < 0:
+            raise ValueError(f"predictions: outputs of {n_classes} classes cannot relabel labels that reach class "
+                             f"{int(labels.max()) if int(labels.max()) >= n_classes else int(labels.min())}")
         predicted = (predictions[:, 0] > 0).long() if predictions.shape[1] == 1 else predictions.argmax(dim=1)
     elif predictions.is_floating_point():
         raise ValueError("predictions: a 1-D tensor must hold class indices, not floats")

@@ -18,9 +18,9 @@ from typing import Callable, Optional
 import torch
 from torch import nn
 
+from attacks.inputs import as_data
 from attacks.validation import check_choice
 
-from .data import as_tensors
 from .recipes import DefenceContext, influence_scores, random_scores, training_loss_scores
 from .selection import REWEIGHT_SCHEMES, prune, reweight
 from .trainers import check_weights
@@ -59,7 +59,7 @@ class SelectionWeights:
         check_choice(recipe, "recipe", tuple(SELECTION_SCORES))
         check_choice(mode, "mode", MODES)
         check_choice(scheme, "scheme", REWEIGHT_SCHEMES)
-        train, val = as_tensors(train, "train"), as_tensors(val, "val")
+        train, val = as_data(train, "train"), as_data(val, "val")
         ctx = DefenceContext(model=model, train=train, val=val, trainer=None, attack=attack, seed=seed,
                              fraction=fraction, mode=mode, scheme=scheme, temperature=temperature, method=method,
                              method_options=dict(method_options or {}), train_attack=train_attack,
@@ -74,5 +74,13 @@ class SelectionWeights:
         self.weights = check_weights(raw, train[0].shape[0])  # mean 1, as the trainers normalise them
 
     def __call__(self, indices) -> torch.Tensor:
-        """The weights of the training samples ``indices`` (a batch's indices into the training split)."""
-        return self.weights[torch.as_tensor(indices, dtype=torch.long).cpu()]
+        """The weights of the training samples ``indices`` (a batch's indices into the training split, in
+        ``[0, n)``; negative or larger indices raise ``ValueError``, non-integers ``TypeError``)."""
+        index = torch.as_tensor(indices).cpu()
+        if index.is_floating_point() or index.is_complex() or index.dtype == torch.bool:
+            raise TypeError(f"indices: must be integers, got {index.dtype}")
+        n = self.weights.shape[0]
+        if index.numel() and (int(index.min()) < 0 or int(index.max()) >= n):
+            raise ValueError(f"indices: must be training-sample indices in [0, {n}), got values in "
+                             f"[{int(index.min())}, {int(index.max())}]")
+        return self.weights[index.long()]

@@ -27,13 +27,14 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from attacks.bounds import check_bounds
+from attacks.inputs import as_data, to_model
 from attacks.pgd import PGD, pgd_ascent
-from attacks.plumbing import frozen_in_eval, make_generator, model_device, per_sample_loss, seeded
+from attacks.plumbing import frozen_in_eval, make_generator, model_device, model_dtype, per_sample_loss, seeded
 from attacks.steps import random_delta
 from attacks.validation import (check_bool, check_choice, check_int, check_labels, check_model, check_output_shape,
                                 check_positive, check_seed)
 
-from .data import as_tensors, batch_source
+from .data import batch_source
 
 __all__ = [
     "Trainer",
@@ -70,17 +71,22 @@ def _class_log_probs(logits: torch.Tensor) -> torch.Tensor:
 def check_weights(weights, n: int) -> Optional[torch.Tensor]:
     """Validate per-sample ``weights`` (None, or ``n`` finite values >= 0 with a positive sum).
 
-    Returns them as float32 normalised to mean 1, or None for uniform weights.
+    Returns them as float32 normalised to mean 1, or None for uniform weights. Only their ratios matter:
+    weights whose float32 sum would overflow (e.g. 3e38 each) are divided by their largest first.
     """
     if weights is None:
         return None
-    w = torch.as_tensor(weights).detach().to(torch.float32).cpu().reshape(-1)
+    w = torch.as_tensor(weights).detach().cpu().reshape(-1)
+    w = w if w.is_floating_point() else w.to(torch.float32)
     if w.numel() != n:
         raise ValueError(f"weights: need one weight per training sample ({n}), got {w.numel()}")
     if not torch.isfinite(w).all() or (w < 0).any():
         raise ValueError("weights: must be finite and >= 0")
     if w.sum() <= 0:
         raise ValueError("weights: at least one weight must be > 0")
+    if not torch.isfinite(w.to(torch.float32).sum()):
+        w = w.double() / w.double().max()
+    w = w.to(torch.float32)
     return w / w.mean()
 
 
@@ -95,7 +101,7 @@ def check_labels_fit(model: nn.Module, X: torch.Tensor, y: Optional[torch.Tensor
     """
     try:
         with frozen_in_eval(model), torch.no_grad():
-            outputs = model(X[:1].to(model_device(model)))
+            outputs = model(to_model(X[:1], model))
     except RuntimeError as err:
         detail = " ".join(str(err).split())[:300]
         raise ValueError(f"train: the model cannot evaluate inputs of shape {tuple(X.shape[1:])} ({detail})") from None
@@ -226,7 +232,8 @@ class Trainer:
 
         With ``retrain="scratch"`` (the default) the copy is re-initialised under ``seed`` first, so
         ``fit(trained_model, data)`` trains a new model from scratch; ``retrain="finetune"`` continues
-        from ``model``'s weights. ``train`` is ``(X, y[, s])`` (tensors or numpy arrays), a
+        from ``model``'s weights. ``train`` is ``(X, y[, s])`` (tensors or numpy arrays; ``X`` is trained
+        on in the model's dtype, see :mod:`attacks.inputs`), a
         ``Dataset`` of ``(x, y, ...)`` items or a ``DataLoader`` over one: a ``Dataset`` other than a
         ``TensorDataset`` is streamed (each batch is read when it is needed), in this trainer's
         seeded order and batch size (a ``DataLoader``'s own batching and shuffling are not used).
@@ -237,14 +244,14 @@ class Trainer:
         check_model(model)
         check_seed(seed)
         n, fetch, tensors = batch_source(train, "train")
-        val = None if val is None else as_tensors(val, "val")
+        val = None if val is None else as_data(val, "val")
         w = check_weights(weights, n)
         checks_labels = self.loss_fn is per_sample_loss  # a custom loss_fn takes outputs of its own shape
         n_outputs = None
         if checks_labels:
             probe_x = tensors[0] if tensors is not None else fetch(torch.arange(1))[0]
             n_outputs = check_labels_fit(model, probe_x, None if tensors is None else tensors[1])
-        device = model_device(model)
+        device, dtype = model_device(model), model_dtype(model)
         slices = batch_slices(n, self.batch_size, _has_batch_norm(model))
         steps_per_epoch = len(slices)
         with seeded(seed, device, numpy=False):
@@ -264,7 +271,7 @@ class Trainer:
                         xb, yb = fetch(idx)
                         if tensors is None and checks_labels:
                             check_labels(yb, "train", n_outputs)
-                        xb, yb = xb.to(device), yb.to(device)
+                        xb, yb = xb.to(device=device, dtype=dtype), yb.to(device)
                         wb = torch.ones(len(idx), device=device) if w is None else w[idx].to(device)
                         self.begin_step(model, step=step, epoch=epoch)
                         loss = self.batch_loss(model, xb, yb, wb, step)

@@ -33,8 +33,9 @@ from torch.func import functional_call, grad, jvp, vmap
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
+from attacks.inputs import as_labels, check_inputs
 from attacks.plumbing import model_device, model_dtype
-from attacks.validation import check_finite, check_labels
+from attacks.validation import check_labels
 from robust_infl.inputs import TargetSet, call_attack
 from robust_infl.objectives import Attack, LossFn, Objective, PreparedObjective
 from robust_infl.options import ScoringOptions
@@ -103,8 +104,7 @@ class TrainStream:
         for item in loader:
             if not isinstance(item, (tuple, list)) or len(item) < 2:
                 raise ValueError("train: Dataset items must be (x, y) tuples")
-            x, y = item[0], item[1]
-            check_finite(x, "train")
+            x, y = check_inputs(item[0], "train"), as_labels(item[1], "train")
             if self.label_outputs is not None:
                 check_labels(y, "train", self.label_outputs)
             yield x, y

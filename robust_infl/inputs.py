@@ -1,6 +1,6 @@
 """Normalisation of the data given at the public boundary, and the seeded call of user-supplied attacks.
 
-Scalars and tensors are checked with :mod:`attacks.validation`.
+Scalars are checked with :mod:`attacks.validation`, data with :mod:`attacks.inputs` (the one rule of the API).
 
 Every error names the argument it is about first (``"train: ..."``, ``"params: ..."``) and says
 what was wrong, so that a bad call fails here and not with a stack trace from inside torch.
@@ -14,10 +14,10 @@ from typing import Any, Callable, Optional, Sequence, Union
 import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
-from torch.utils.data.dataloader import default_collate
 
+from attacks.inputs import as_data, check_dataset_size
 from attacks.plumbing import model_device, seeded
-from attacks.validation import as_tensor, check_choice, check_dataset_size, check_device, check_finite, integer_labels
+from attacks.validation import check_choice, check_device, check_finite
 
 __all__ = [
     "TargetSet",
@@ -58,74 +58,33 @@ def check_train_loss(train_loss: Any, train_attack: Any) -> None:
         raise ValueError("train_attack: only used with train_loss='adversarial'; pass train_loss='adversarial'")
 
 
-def _check_pair(name: str, x: Tensor, y: Tensor) -> None:
-    if x.dtype == torch.bool or x.is_complex():
-        raise TypeError(f"{name}: X must hold real numbers (a floating or integer tensor), got {x.dtype}")
-    if y.is_complex():
-        raise TypeError(f"{name}: y must hold class labels (an integer tensor), got {y.dtype}")
-    if x.ndim == 0:
-        raise ValueError(f"{name}: X must have a leading sample dimension, got a scalar")
-    if y.ndim == 0 or y.shape[0] != x.shape[0]:
-        n_labels = "a scalar" if y.ndim == 0 else y.shape[0]
-        raise ValueError(f"{name}: X and y have different lengths ({x.shape[0]} vs {n_labels})")
-    if x.shape[0] == 0:
-        raise ValueError(f"{name}: is empty (0 samples)")
-    check_finite(x, name)
-
-
 def validate_train(train: Any) -> Union[tuple[Tensor, Tensor], Dataset]:
-    """Check ``train`` (``(X, y)``, a sized ``Dataset`` of ``(x, y)`` or a ``DataLoader`` over one, whose
-    dataset is used) and return it normalised."""
+    """Check ``train`` (``(X, y[, ...])`` tensors or arrays, a sized ``Dataset`` of ``(x, y)`` or a
+    ``DataLoader`` over one, whose dataset is used) and return it normalised
+    (:func:`attacks.inputs.as_data`; a Dataset other than a ``TensorDataset`` is streamed, its batches
+    checked as they are read)."""
     if isinstance(train, DataLoader):
         train = train.dataset  # streamed in this call's own batches, never shuffled
     if isinstance(train, Dataset):
-        try:
-            n = len(train)  # type: ignore[arg-type]
-        except TypeError as err:
-            raise TypeError("train: a Dataset must define __len__") from err
-        if n == 0:
-            raise ValueError("train: is empty (0 samples)")
+        check_dataset_size(train, "train")
         return train
-    if not isinstance(train, (tuple, list)) or len(train) != 2:
-        raise TypeError(
-            f"train: expected (X, y) or a torch.utils.data.Dataset of (x, y), got {type(train).__name__}"
-            + (f" of length {len(train)}" if isinstance(train, (tuple, list)) else "")
-        )
-    x, y = as_tensor(train[0], "train"), as_tensor(train[1], "train")
-    _check_pair("train", x, y)
-    return x, integer_labels(y, "train")
+    return tuple(as_data(train, "train")[:2])
 
 
 def validate_target(target: Any) -> TargetSet:
     """Check ``target`` (``(X, y)`` or ``(X, y, s)`` with ``s`` in {0, 1}, tensors or arrays, or a sized
     ``Dataset`` / ``DataLoader`` of such items, read whole: target sets are small) and return a
     :class:`TargetSet`."""
-    if isinstance(target, DataLoader):
-        target = target.dataset
-    if isinstance(target, Dataset):
-        target = _collate_whole("target", target)
-    if not isinstance(target, (tuple, list)) or len(target) not in (2, 3):
-        raise TypeError(f"target: expected (X, y) or (X, y, s), or a Dataset of such items, got {type(target).__name__}")
-    x, y = as_tensor(target[0], "target"), as_tensor(target[1], "target")
-    _check_pair("target", x, y)
-    y = integer_labels(y, "target")
+    x, y, *rest = as_data(target, "target", max_fields=3)
     s = None
-    if len(target) == 3:
-        s = as_tensor(target[2], "target")
-        if s.ndim != 1 or s.shape[0] != x.shape[0]:
+    if rest:
+        s = rest[0]
+        if s.ndim != 1:
             raise ValueError(f"target: s must have shape ({x.shape[0]},), got {tuple(s.shape)}")
         check_finite(s, "target")
         if not bool(((s == 0) | (s == 1)).all()):
             raise ValueError("target: the sensitive attribute s must take values in {0, 1}")
     return TargetSet(x, y, s)
-
-
-def _collate_whole(name: str, dataset: Dataset) -> tuple:
-    """Every item of a sized ``dataset`` stacked into a tuple of tensors (``ValueError`` naming ``name``)."""
-    items = [dataset[i] for i in range(check_dataset_size(dataset, name))]
-    if not all(isinstance(item, (tuple, list)) and len(item) in (2, 3) for item in items):
-        raise ValueError(f"{name}: Dataset items must be (x, y) or (x, y, s) tuples")
-    return tuple(default_collate([tuple(item) for item in items]))
 
 
 def resolve_param_names(model: nn.Module, params: Optional[Sequence[str]]) -> tuple[str, ...]:

@@ -14,10 +14,10 @@ from typing import Iterator, Optional, Union
 import torch
 from torch import Tensor, nn
 from torch.utils.data import Dataset
-from torch.utils.data.dataloader import default_collate
 
-from attacks.plumbing import eval_mode, model_device, model_dtype
-from attacks.validation import as_tensor, check_labels, check_model
+from attacks.inputs import as_labels, check_inputs, collate, to_model
+from attacks.plumbing import eval_mode
+from attacks.validation import check_labels, check_model
 from robust_infl.engine import ScoringProblem, build_problem, check_finite_results
 from robust_infl.inputs import TargetSet, resolve_device, resolve_param_names, validate_target, validate_train
 from robust_infl.objectives import LossFn, Objective, default_loss_fn
@@ -90,17 +90,15 @@ def _probe_batch(train: Union[tuple[Tensor, Tensor], Dataset]) -> tuple[Tensor, 
     if isinstance(train, tuple):
         return train[0][:PROBE_SIZE], train[1][:PROBE_SIZE]
     items = [train[i] for i in range(min(PROBE_SIZE, len(train)))]  # type: ignore[arg-type]
-    if not all(isinstance(item, (tuple, list)) and len(item) >= 2 for item in items):
-        raise ValueError("train: Dataset items must be (x, y) tuples")
-    batch = default_collate([tuple(item[:2]) for item in items])
-    return as_tensor(batch[0], "train"), as_tensor(batch[1], "train")
+    x, y = collate(items, "train")[:2]
+    return check_inputs(x, "train"), as_labels(y, "train")
 
 
 def _forward(name: str, model: nn.Module, x: Tensor, device: torch.device) -> Tensor:
     """Probe outputs of ``model`` on ``x``, computed where the model lives, returned on ``device``."""
     try:
         with torch.no_grad():
-            outputs = model(x.to(device=model_device(model), dtype=model_dtype(model)))
+            outputs = model(to_model(x, model))
     except RuntimeError as err:
         raise ValueError(
             f"{name}: the model cannot evaluate inputs of shape {tuple(x.shape[1:])} ({err})"

@@ -25,9 +25,9 @@ import torch
 from torch import Tensor
 from torch.func import grad, jvp, vmap
 from torch.utils.data import Dataset
-from torch.utils.data.dataloader import default_collate
 from tqdm.auto import tqdm
 
+from attacks.inputs import as_labels, check_inputs, collate
 from attacks.plumbing import make_generator
 from attacks.validation import check_int, check_positive
 from robust_infl.engine import (
@@ -116,7 +116,8 @@ def sampled_batch(problem: ScoringProblem, params: Params, indices: Tensor, seed
     """
     source = problem.train.source
     if isinstance(source, Dataset):
-        x, y = default_collate([tuple(source[int(i)][:2]) for i in indices])
+        x, y = collate([source[int(i)] for i in indices], "train")[:2]
+        x, y = check_inputs(x, "train"), as_labels(y, "train")
     else:
         x, y = source[0][indices], source[1][indices]
     x, y = x.to(device=problem.device, dtype=problem.dtype), y.to(problem.device)

@@ -11,7 +11,8 @@ from torch import nn
 
 import attacks
 import defenses
-from attacks.validation import (as_tensor, check_bool, check_choice, check_dataset_size, check_device, check_eps,
+from attacks.inputs import as_inputs, check_dataset_size
+from attacks.validation import (check_bool, check_choice, check_device, check_eps,
                                 check_finite, check_fraction, check_int, check_labels, check_model, check_norm,
                                 check_number, check_output_shape, check_positive, check_seed, integer_labels)
 
@@ -69,7 +70,8 @@ REFUSED = [
     (lambda: check_choice(["a"], "mode", ("a", "b")), ValueError, "mode: must be one of a, b, got ['a']"),
     (lambda: check_norm("l1"), ValueError, "norm: must be one of linf, l2, got 'l1'"),
     (lambda: check_norm(2), ValueError, "norm: must be one of linf, l2, got 2"),
-    (lambda: check_seed(-3), ValueError, "seed: must be >= 0, got -3"),
+    (lambda: check_seed(-3), ValueError, "seed: must be in [0, 4294967295], got -3"),
+    (lambda: check_seed(2**32), ValueError, "seed: must be in [0, 4294967295], got 4294967296"),
     (lambda: check_seed(1.5, "projection_seed"), TypeError, "projection_seed: must be an integer, got float"),
     (lambda: check_device("tpu-of-dreams"), ValueError, "device: must be a valid torch device, got 'tpu-of-dreams'"),
     (lambda: check_model(lambda x: x), TypeError, "model: must be a torch.nn.Module, got function"),
@@ -135,9 +137,9 @@ def test_trainers_accept_the_per_feature_bounds_the_attacks_accept():
 
 
 def test_tensor_checks_take_the_value_first_and_name_it_in_the_message():
-    assert torch.equal(as_tensor([[1.0, 2.0]], "train"), torch.tensor([[1.0, 2.0]], dtype=torch.float64))
-    with pytest.raises(TypeError, match=r"^train: expected a tensor or numpy array, got str"):
-        as_tensor("x", "train")
+    assert torch.equal(as_inputs([[1.0, 2.0]], "train"), torch.tensor([[1.0, 2.0]], dtype=torch.float64))
+    with pytest.raises(TypeError, match=r"^train: expected tensors or numpy arrays, got str"):
+        as_inputs("x", "train")
     with pytest.raises(ValueError, match=r"^target: contains 1 NaN or infinite value\(s\)"):
         check_finite(torch.tensor([0.0, float("nan")]), "target")
     assert integer_labels(torch.tensor([0.0, 2.0]), "y").dtype == torch.int64

@@ -82,7 +82,13 @@ CLI_ROWS = [
     ("attack --save-weights <unwritable>", ["attack", *TINY, "--save-weights", "{tmp}/plain.txt/w.pt"], 2,
      r"attack: error: save-weights: cannot write '.*plain.txt/w.pt'"),
     ("attack --seed -1", ["attack", *TINY, "--seed", "-1"], 2,
-     r"attack: error: argument --seed: must be an integer >= 0, got -1"),
+     r"attack: error: argument --seed: must be an integer in \[0, 4294967295\], got -1"),
+    ("score --seed <beyond 2**32>", ["score", *TINY, "--seed", "99999999999999999999", "--out", "{tmp}/s.npy"], 2,
+     r"score: error: argument --seed: must be an integer in \[0, 4294967295\], got 99999999999999999999"),
+    ("defend --poison-rate <rounding to no poison>", ["defend", "--data", "digits", "--model", "mlp", "--n-train",
+                                                      "200", "--n-val", "40", "--n-test", "40", "--poison", "badnets",
+                                                      "--poison-rate", "0.001", "--out", "{tmp}/d"], 2,
+     r"defend: error: .*0.001 of 200 .*samples .*(plants round\(rate \* n\) = 0 poisons|removes none)"),
     ("defend --fraction 0.999", ["defend", *TINY, "--fraction", "0.999", "--out", "{tmp}/d"], 2,
      r"defend: error: fraction: 0.999 of 40 training samples selects all 40 of them"),
     ("score --chunk-size 100", ["score", *TINY, "--batch-size", "32", "--chunk-size", "100", "--store", "{tmp}/st",
@@ -406,7 +412,7 @@ def test_the_process_exit_status_is_2_with_one_line(tmp_path):
                                                      "cuda" if NO_GPU else "cuda:99"]]
     started = [subprocess.Popen([sys.executable, "-m", "defenses.cli", *argv], cwd=tmp_path, env=env,
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for argv in commands]
-    for process, message in zip(started, (r"argument --seed: must be an integer >= 0", r"error: device: 'cuda")):
+    for process, message in zip(started, (r"argument --seed: must be an integer in \[0, 4294967295\]", r"error: device: 'cuda")):
         _, err = process.communicate(timeout=300)
         assert process.returncode == 2 and err.count("\n") == 1 and re.search(message, err), err
 

@@ -2,7 +2,8 @@
 names the argument first (and, for unknown names, lists the valid ones).
 
 Each case id starts with the table row it backs (``nan-``, ``dtype-``, ``labels-``, ``single-class-``,
-``empty-``, ``fraction-``, ``eps-``, ``name-``, ``sensitive-``, ``path-``). The rows about models
+``empty-``, ``fraction-``, ``eps-``, ``name-``, ``sensitive-``, ``path-``, ``output-``, ``device-``, ``seed-``,
+``index-``, ``budget-``). The rows about models
 (train mode, NaN outputs) are in ``tests/robust_infl/test_model_modes_and_nan.py``, files in ``tests/robust_infl/test_file_safety.py``,
 the command line in ``tests/cli/test_errors.py``.
 """
@@ -11,6 +12,8 @@ from __future__ import annotations
 
 import pytest
 import torch
+from torch import nn
+from torch.utils.data import TensorDataset
 
 import attacks
 import defenses
@@ -22,6 +25,7 @@ from robust_infl.datasets import load_dataset
 from robust_infl.registry import make_objective, model_factory
 from robust_infl.io import safe_load
 from robust_infl.models import MLP
+from defenses.poisoning import remove_poisons
 
 G = torch.Generator().manual_seed(0)
 X, Y = torch.rand(10, 4, generator=G), torch.randint(0, 3, (10,), generator=G)
@@ -54,6 +58,30 @@ def run(data="moons", **options):
     return defenses.run(data, **{**settings, **options})
 
 
+class DictModel(nn.Module):
+    """A model returning a dict of outputs (as Hugging Face models do)."""
+
+    def __init__(self):
+        super().__init__()
+        self.linear = nn.Linear(4, 3)
+
+    def forward(self, x):
+        return {"logits": self.linear(x)}
+
+
+def on_meta(m: nn.Module) -> nn.Module:
+    return m.to("meta")
+
+
+def hook(indices):
+    train, val = (X, Y), (XT, YT)
+    return defenses.SelectionWeights(model(), train, val, attacks.FGSM(0.1), recipe="random", fraction=0.2)(indices)
+
+
+G200 = torch.Generator().manual_seed(1)
+X200, Y200 = torch.rand(200, 1, 4, 4, generator=G200), torch.randint(0, 3, (200,), generator=G200)
+
+
 def with_value(t: torch.Tensor, index: int, value) -> torch.Tensor:
     t = t.clone()
     t.view(-1)[index] = value
@@ -63,9 +91,9 @@ def with_value(t: torch.Tensor, index: int, value) -> torch.Tensor:
 CASES = {
     # NaN / inf values
     "nan-influence-train": (lambda: influence(train=(with_value(X, 5, float("nan")), Y)),
-                            ValueError, r"^train: contains 1 NaN or infinite value"),
+                            ValueError, r"^train: X contains 1 NaN or infinite value"),
     "nan-influence-target": (lambda: influence(target=(with_value(XT, 0, float("inf")), YT)),
-                             ValueError, r"^target: contains 1 NaN or infinite value"),
+                             ValueError, r"^target: X contains 1 NaN or infinite value"),
     "nan-attack-input": (lambda: attacks.PGD(0.1)(model(), with_value(X, 3, float("nan")), Y),
                          ValueError, r"^x: contains 1 NaN or infinite value"),
     "nan-trainer-data": (lambda: fit((with_value(X, 2, -float("inf")), Y)),
@@ -76,17 +104,22 @@ CASES = {
                          ValueError, r"^scores: contains NaN or infinite values"),
     # wrong dtypes
     "dtype-influence-bool-x": (lambda: influence(train=(X > 0.5, Y)),
-                               TypeError, r"^train: X must hold real numbers .* got torch.bool"),
+                               TypeError, r"^train: X must be floating-point .* got torch.bool"),
     "dtype-influence-float-labels": (lambda: influence(train=(X, Y + 0.5)),
                                      ValueError, r"^train: labels must be integer class indices"),
     "dtype-influence-strings": (lambda: influence(train=([["a"] * 4] * 10, Y)),
                                 TypeError, r"^train: cannot be converted to a tensor"),
     "dtype-attack-int-x": (lambda: attacks.FGSM(0.1)(model(), (X * 255).long(), Y),
-                           TypeError, r"^x: must be a floating-point tensor, got torch.int64"),
+                           TypeError, r"^x: must be floating-point \(integer data: X.float\(\), 8-bit images: "
+                                     r"X.float\(\) / 255\), got torch.int64"),
+    "dtype-influence-int-x": (lambda: influence(train=((X * 255).long(), Y)),
+                              TypeError, r"^train: X must be floating-point \(integer data: .*got torch.int64"),
+    "dtype-evaluate-int-x": (lambda: attacks.evaluate(model(), ((X * 255).long(), Y), {}, progress=False),
+                             TypeError, r"^data: X must be floating-point \(integer data: .*got torch.int64"),
     "dtype-attack-float-y": (lambda: attacks.FGSM(0.1)(model(), X, Y.float()),
                              TypeError, r"^y: must hold integer class labels, got torch.float32"),
     "dtype-trainer-int-x": (lambda: fit(((X * 255).long(), Y)),
-                            TypeError, r"^train: X must be a floating-point tensor, got torch.int64"),
+                            TypeError, r"^train: X must be floating-point \(integer data: .*got torch.int64"),
     "dtype-prune-complex": (lambda: defenses.prune(torch.ones(3, dtype=torch.complex64), 0.1),
                             TypeError, r"^scores: must be real numbers"),
     # labels out of range
@@ -98,6 +131,12 @@ CASES = {
                       ValueError, r"^y: labels must lie in \[0, 3\)"),
     "labels-trainer": (lambda: fit((X, with_value(Y, 9, 7))),
                        ValueError, r"^train: labels must lie in \[0, 2\] for a model with 3 output\(s\)"),
+    "labels-evaluate": (lambda: attacks.evaluate(model(), (X, Y + 10), {}, progress=False),
+                        ValueError, r"^data: labels must lie in \[0, 2\] for a model with 3 output\(s\), got values in \[10, 12\]"),
+    "labels-evaluate-target-class": (lambda: attacks.evaluate(model(), (X, Y), {}, target_class=99, progress=False),
+                                     ValueError, r"^target_class: must be in \[0, 2\], got 99"),
+    "labels-relabel": (lambda: defenses.relabel(torch.rand(10), torch.arange(10), torch.rand(10, 3), 0.1),
+                       ValueError, r"^predictions: outputs of 3 classes cannot relabel labels that reach class 9"),
     # a single class
     "single-class-defence": (lambda: run((X, torch.zeros(10, dtype=torch.long)), model=lambda seed: model(2),
                                          bounds=None, eps=0.1, norm="l2"),
@@ -108,9 +147,11 @@ CASES = {
     # empty splits
     "empty-influence-train": (lambda: influence(train=(X[:0], Y[:0])), ValueError, r"^train: is empty \(0 samples\)"),
     "empty-influence-target": (lambda: influence(target=(XT[:0], YT[:0])), ValueError, r"^target: is empty"),
-    "empty-trainer": (lambda: fit((X[:0], Y[:0])), ValueError, r"^train: needs at least one sample"),
+    "empty-trainer": (lambda: fit((X[:0], Y[:0])), ValueError, r"^train: is empty \(0 samples\)$"),
+    "empty-trainer-dataset": (lambda: fit(TensorDataset(X[:0], Y[:0])), ValueError, r"^train: is empty \(0 samples\)$"),
     "empty-evaluate": (lambda: attacks.evaluate(model(), (X[:0], Y[:0]), {}, progress=False),
-                       ValueError, r"^data: is empty"),
+                       ValueError, r"^data: is empty \(0 samples\)$"),
+    "empty-accuracy": (lambda: attacks.accuracy(model(), X[:0], Y[:0]), ValueError, r"^X: is empty \(0 samples\)$"),
     "empty-prune": (lambda: defenses.prune(torch.ones(0), 0.1), ValueError, r"^scores: must be a non-empty"),
     "empty-split-sizes": (lambda: load_dataset("moons", seed=0, n_val=0), ValueError, r"^n_val: must be a positive"),
     "empty-seeded-split": (lambda: seeded_split((X[:3], Y[:3]), seed=0),
@@ -120,6 +161,8 @@ CASES = {
     "fraction-prune-negative": (lambda: defenses.prune(torch.ones(5), -0.1), ValueError, r"^fraction: must be a finite number in \[0, 1\)"),
     "fraction-reweight": (lambda: defenses.reweight(torch.ones(5), fraction=1.5), ValueError, r"^fraction: must be a finite number in"),
     "fraction-defence": (lambda: run(fractions=[1.5]), ValueError, r"^fractions: every fraction must be in \(0, 1\)"),
+    "fraction-reweight-w-max": (lambda: defenses.reweight(torch.rand(5), fraction=0.2, w_max=1e300),
+                                ValueError, r"^w_max: must be a finite number in \(0, 3.4028\d*e\+38\], got 1e\+300"),
     # eps <= 0
     "eps-pgd-zero": (lambda: attacks.PGD(0.0), ValueError, r"^eps: must be a finite number > 0, got 0.0"),
     "eps-fgsm-negative": (lambda: attacks.FGSM(-1), ValueError, r"^eps: must be a finite number > 0, got -1"),
@@ -160,7 +203,47 @@ CASES = {
                                ValueError, r"^checkpoints: checkpoint 0: no such file: '/nonexistent/ckpt.pt'"),
     "path-safe-load": (lambda: safe_load("/nonexistent/weights.pt", name="weights"),
                        ValueError, r"^weights: no such file: '/nonexistent/weights.pt'"),
+    # what the model returns, where model and data live
+    "output-evaluate-dict": (lambda: attacks.evaluate(DictModel(), (X, Y), {}, progress=False),
+                             ValueError, r"^model: must return a tensor of logits, got dict"),
+    "device-influence-meta": (lambda: influence(device="meta"), ValueError, r"^device: 'meta' holds no data"),
+    "device-influence-meta-x": (lambda: influence(train=(X.to("meta"), Y)),
+                                ValueError, r"^train: X is on the meta device \(it holds no data\)"),
+    "device-evaluate-meta-x": (lambda: attacks.evaluate(model(), (X.to("meta"), Y), {}, progress=False),
+                               ValueError, r"^data: X is on the meta device"),
+    "device-influence-meta-model": (lambda: ri.influence(on_meta(model()), (X, Y), (XT, YT), objective=ri.Utility(),
+                                                         progress=False),
+                                    ValueError, r"^model: its parameters are on the meta device \(they hold no data\)"),
+    "device-evaluate-meta-model": (lambda: attacks.evaluate(on_meta(model()), (X, Y), {}, progress=False),
+                                   ValueError, r"^model: its parameters are on the meta device"),
+    "device-attack-meta-model": (lambda: attacks.PGD(0.1)(on_meta(model()), X, Y),
+                                 ValueError, r"^model: its parameters are on the meta device"),
+    "device-trainer-meta-model": (lambda: erm().fit(on_meta(model()), (X, Y)),
+                                  ValueError, r"^model: its parameters are on the meta device"),
+    # seeds: one range everywhere
+    "seed-trainer-huge": (lambda: fit((X, Y), seed=2**70),
+                          ValueError, r"^seed: must be in \[0, 4294967295\], got 1180591620717411303424$"),
+    "seed-pgd-negative": (lambda: attacks.PGD(0.1, seed=-1), ValueError, r"^seed: must be in \[0, 4294967295\], got -1$"),
+    "seed-influence": (lambda: influence(seed=2**32), ValueError, r"^seed: must be in \[0, 4294967295\]"),
+    # the selection hook's indices
+    "index-hook-n": (lambda: hook(torch.tensor([3, 10])), ValueError,
+                     r"^indices: must be training-sample indices in \[0, 10\), got values in \[3, 10\]"),
+    "index-hook-negative": (lambda: hook([-1]), ValueError, r"^indices: must be training-sample indices in \[0, 10\)"),
+    "index-hook-float": (lambda: hook(torch.tensor([0.5])), TypeError, r"^indices: must be integers, got torch.float32"),
+    # budgets that round to zero samples
+    "budget-poison-rate": (lambda: attacks.poison((X200, Y200), attacks.Trigger.patch((1, 4, 4), size=2),
+                                                  target_class=0, rate=0.001, seed=0),
+                           ValueError, r"^rate: 0.001 of 200 samples plants round\(rate \* n\) = 0 poisons; "
+                                       r"use a rate >= 0.005"),
+    "budget-remove-poisons": (lambda: remove_poisons(model(), (X200.flatten(1)[:, :4], Y200), None, trainer=erm(),
+                                                     budget=0.002),
+                              ValueError, r"^budget: 0.002 of 200 training samples removes none of them"),
 }
+
+
+if not torch.backends.mps.is_available():  # on a Mac with Metal, device="mps" is valid
+    CASES["device-influence-mps"] = (lambda: influence(device="mps"), ValueError,
+                                     r"^device: 'mps' needs Apple's Metal GPU, but torch sees none here")
 
 
 @pytest.mark.parametrize("case", sorted(CASES))
@@ -174,4 +257,5 @@ def test_bad_input_gets_a_clear_error_naming_the_argument(case):
 
 def test_every_row_of_the_table_is_covered():
     rows = {case.split("-")[0] for case in CASES}
-    assert rows == {"nan", "dtype", "labels", "single", "empty", "fraction", "eps", "name", "sensitive", "path"}
+    assert rows == {"nan", "dtype", "labels", "single", "empty", "fraction", "eps", "name", "sensitive", "path",
+                    "output", "device", "seed", "index", "budget"}

@@ -15,6 +15,8 @@ import attacks
 import defenses
 import robust_infl
 
+from defenses.report import without_timing
+
 from conftest import square_blobs
 
 
@@ -103,3 +105,77 @@ def test_progress_bars_only_on_a_terminal(capsys, monkeypatch):
     defenses.run((X, y), progress=True, **options)
     err = capsys.readouterr().err
     assert "defence" in err and "ERM" not in err and "evaluate" not in err  # one top-level bar, nothing nested
+
+
+# ---------------------------------------------------------------- one rule for dtype: float data in the model's dtype
+
+def _moons(n=200):
+    from sklearn.datasets import make_moons
+
+    return make_moons(n, noise=0.1, random_state=0)  # numpy float64 X, int64 y: scikit-learn's default
+
+
+def test_numpy_float64_data_is_converted_to_the_models_dtype_alike_everywhere():
+    X64, y = _moons()
+    X32, y32 = torch.from_numpy(X64).float(), torch.from_numpy(y)
+    torch.manual_seed(0)
+    linear = nn.Linear(2, 2)
+    fgsm = {"fgsm": attacks.FGSM(0.1, bounds=None)}
+    assert attacks.evaluate(linear, (X64, y), fgsm, progress=False) == \
+        attacks.evaluate(linear, (X32, y32), fgsm, progress=False)
+    assert attacks.accuracy(linear, torch.from_numpy(X64), y32) == attacks.accuracy(linear, X32, y32)
+    erm = defenses.ERM(epochs=2, batch_size=16, progress=False)
+    reference = weights_of(erm.fit(nn.Linear(2, 2), (X32, y32), seed=1))
+    for data in ((X64, y), (torch.from_numpy(X64), y32), (X32.half(), y32)):
+        trained = weights_of(erm.fit(nn.Linear(2, 2), data, seed=1))
+        if data[0].dtype == torch.float16:  # rounded to half precision first: close, not equal
+            assert all(torch.allclose(a, b, atol=1e-2) for a, b in zip(trained, reference))
+        else:
+            assert all(torch.equal(a, b) for a, b in zip(trained, reference))
+    scores = robust_infl.influence(linear, (X32, y32), (X32[:20], y32[:20]), objective=robust_infl.Utility(),
+                                   progress=False)
+    assert torch.equal(robust_infl.influence(linear, (X64, y), (X64[:20], y[:20]), objective=robust_infl.Utility(),
+                                             progress=False), scores)
+
+
+def test_defence_run_takes_numpy_arrays_like_tensors():
+    X64, y = _moons()
+    options = dict(model=lambda seed: nn.Linear(2, 2), attack=attacks.FGSM(0.1, bounds=None), recipes=["none"],
+                   seeds=1, epochs=1, progress=False)
+    from_numpy = defenses.run((X64, y), **options)
+    from_tensors = defenses.run((torch.from_numpy(X64).float(), torch.from_numpy(y)), **options)
+    assert without_timing(from_numpy["per_seed"]) == without_timing(from_tensors["per_seed"])
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float16])
+@pytest.mark.parametrize("attack", [attacks.PGD(0.1, steps=3), attacks.FGSM(0.1)], ids=["pgd", "fgsm"])
+def test_attacks_compute_in_the_models_dtype_and_return_the_inputs_dtype(attack, dtype):
+    X, y = square_blobs(30, seed=2)
+    torch.manual_seed(0)
+    model = nn.Linear(2, 2)
+    x = X.to(dtype)
+    x_adv = attack(model, x, y)
+    assert x_adv.dtype == dtype and x_adv.shape == x.shape
+    assert torch.equal(x_adv, attack(model, x.float(), y).to(dtype))
+
+
+def test_evaluate_takes_an_attack_returning_another_float_dtype():
+    X, y = square_blobs(30, seed=2)
+    torch.manual_seed(0)
+    model = nn.Linear(2, 2)
+    pgd = attacks.PGD(0.1, steps=3)
+
+    def pgd64(m, x, y):
+        return pgd(m, x, y).double()
+
+    results, adv = attacks.evaluate(model, (X, y), {"pgd": pgd, "pgd64": pgd64}, progress=False, return_adv=True)
+    assert results["pgd"] == results["pgd64"] and adv["pgd64"].dtype == torch.float32
+
+
+def test_huge_weights_train_like_their_normalised_values():
+    X, y = square_blobs(40, seed=1)
+    erm = defenses.ERM(epochs=2, batch_size=8, progress=False)
+    reference = weights_of(erm.fit(nn.Linear(2, 2), (X, y), weights=torch.ones(40), seed=0))
+    for weights in (torch.full((40,), 3e38), torch.full((40,), 1e300, dtype=torch.float64)):
+        trained = weights_of(erm.fit(nn.Linear(2, 2), (X, y), weights=weights, seed=0))
+        assert all(torch.equal(a, b) for a, b in zip(trained, reference))

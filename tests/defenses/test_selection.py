@@ -44,6 +44,14 @@ def test_smooth_weights_are_bounded_and_non_increasing_in_harm(values, fraction,
         assert (w[flagged] <= w_max / 2).all() and (w[~flagged] >= w_max / 2).all()
 
 
+def test_a_budget_of_no_sample_leaves_every_weight_alone_like_prune():
+    scores = torch.randn(50, generator=torch.Generator().manual_seed(0))
+    assert prune(scores, 0.0).all()
+    for scheme in ("smooth", "hard"):
+        for fraction in (0.0, 0.005):  # 0.005 of 50 rounds to no sample
+            assert torch.equal(reweight(scores, scheme, fraction=fraction, w_max=2.0), torch.full((50,), 2.0))
+
+
 def test_hard_weights_are_the_prune_mask():
     scores = torch.randn(50, generator=torch.Generator().manual_seed(0))
     w = reweight(scores, "hard", fraction=0.2, w_max=3.0)

@@ -259,7 +259,7 @@ def test_fit_validation():
         trainer.fit(MLP(5, 2), (X, y), weights=torch.zeros(10))
     with pytest.raises(TypeError, match="^model: must be a torch.nn.Module"):
         trainer.fit("mlp", (X, y))
-    with pytest.raises(ValueError, match="^train: all tensors need the same first dimension"):
+    with pytest.raises(ValueError, match=r"^train: X and y have different lengths \(10 vs 5\)"):
         trainer.fit(MLP(5, 2), (X, y[:5]))
     with pytest.raises(ValueError, match="^eps: must be a finite number > 0"):
         PGDAT(eps=-1, epochs=1, lr=0.1, batch_size=4)

@@ -18,7 +18,7 @@ from robust_infl.models import MLP
     (dict(damping="big"), TypeError, "^damping: must be a number"),
     (dict(batch_size=0), ValueError, "^batch_size: must be >= 1"),
     (dict(batch_size=2.5), TypeError, "^batch_size: must be an integer"),
-    (dict(seed=-1), ValueError, "^seed: must be >= 0"),
+    (dict(seed=-1), ValueError, r"^seed: must be in \[0, 4294967295\]"),
     (dict(train_loss="robust"), ValueError, "^train_loss: must be one of"),
     (dict(train_loss="adversarial"), ValueError, "^train_attack: train_loss='adversarial' needs"),
     (dict(train_attack=lambda m, x, y: x), ValueError, "^train_attack: only used with"),
