@@ -54,13 +54,11 @@ from robust_infl.engine import ScoringProblem, check_finite_results, train_batch
 from robust_infl.methods import register_method
 from robust_infl.objectives import PreparedObjective, binary_cross_entropy_loss, cross_entropy_loss
 
-__all__ = ["trak_influence", "BinaryMargin", "margins", "EXTRA", "DEFAULT_PROJ_DIM", "MAX_SEED"]
+__all__ = ["trak_influence", "BinaryMargin", "margins", "EXTRA", "DEFAULT_PROJ_DIM"]
 
 EXTRA = "trak"
 DEFAULT_PROJ_DIM = 2048
 """``TRAKer``'s default projection dimension."""
-MAX_SEED = 2**63 - 1
-"""TRAK's projector seeds block ``b`` with ``seed + 1000 b``, which torch takes below ``2**64``."""
 _MODEL_ID = 0  # TRAK's model id of the one scored model (it offsets the projector's seeds per model)
 _MARGIN_RTOL = 1e-4  # how far df/doutputs may stray from the direction of the margin's gradient
 
@@ -144,8 +142,6 @@ def _check(problem: ScoringProblem, proj_dim: int) -> int:
                          "leave loss_fn to the default")
     if problem.forward is not None:
         raise ValueError("method: 'trak' scores the model itself, not a custom forward")
-    if problem.seed > MAX_SEED:
-        raise ValueError(f"seed: 'trak' seeds TRAK's projector, which takes seeds up to 2**63 - 1, got {problem.seed}")
     rank = min(problem.n_train, problem.n_params)
     if problem.damping == 0 and proj_dim > rank:
         raise ValueError(

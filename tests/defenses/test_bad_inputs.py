@@ -25,7 +25,7 @@ from robust_infl.datasets import load_dataset
 from robust_infl.registry import make_objective, model_factory
 from robust_infl.io import safe_load
 from robust_infl.models import MLP
-from defenses.poisoning import remove_poisons
+from defenses.poison_removal import remove_poisons
 
 G = torch.Generator().manual_seed(0)
 X, Y = torch.rand(10, 4, generator=G), torch.randint(0, 3, (10,), generator=G)
