@@ -183,9 +183,9 @@ def run(
     (:func:`execute`); the report's ``config`` records the plan.
 
     Args:
-        data: a data set name (``mnist``, ``digits``, ``adult``, ``moons``, ``mnist-full``; split per
-            seed), a ``robust_infl.datasets.Splits``, ``(train, val, test)`` splits, one ``(X, y[, s])``
-            data set (split per seed: 65% / 15% / 20%), or a callable ``seed -> Splits``.
+        data: a data set name (``mnist``, ``mnist-full``, ``fashion-mnist``, ``fashion-mnist-full``, ``digits``,
+            ``adult``, ``moons``; split per seed), a ``robust_infl.datasets.Splits``, ``(train, val, test)``
+            splits, one ``(X, y[, s])`` data set (split per seed: 65% / 15% / 20%), or a callable ``seed -> Splits``.
         model: a reference model name (``cnn``, ``mlp``, ``logreg``; default per data set), your own
             ``nn.Module`` (copied, then trained from scratch: every submodule needs
             ``reset_parameters``) or a factory ``seed -> nn.Module``.
