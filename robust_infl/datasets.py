@@ -27,7 +27,8 @@ import torch
 
 from attacks.plumbing import make_generator
 
-__all__ = ["Splits", "load_dataset", "flip_labels", "read_idx", "fashion_mnist_dirs", "DATASET_NAMES",
+__all__ = ["Splits", "load_dataset", "flip_labels", "read_idx", "fashion_mnist_dirs", "find_fashion_mnist",
+           "DATASET_NAMES",
            "FASHION_MNIST_ENV", "FASHION_MNIST_FILES"]
 
 DATASET_NAMES = ("mnist", "mnist-full", "fashion-mnist", "fashion-mnist-full", "digits", "adult", "moons")
@@ -172,8 +173,9 @@ def _idx_file(folder: Path, name: str) -> Optional[Path]:
     return None
 
 
-def _find_fashion_mnist(data_dir=None) -> list:
-    """The four IDX files of the first folder that holds all of them; one-line FileNotFoundError if none does."""
+def find_fashion_mnist(data_dir=None) -> list:
+    """Fashion-MNIST's four IDX files (``FASHION_MNIST_FILES`` order) in the first folder of
+    :func:`fashion_mnist_dirs` that holds all of them; a one-line FileNotFoundError if none does."""
     folders = fashion_mnist_dirs(data_dir)
     for folder in folders:
         files = [_idx_file(folder, name) for name in FASHION_MNIST_FILES]
@@ -188,7 +190,7 @@ def _find_fashion_mnist(data_dir=None) -> list:
 def _load_fashion_mnist(name: str, sizes: tuple, seed: int, data_dir) -> Splits:
     """Train and validation drawn (seeded, disjoint) from the 60,000 training images, test from the 10,000 test
     images; ``train_index`` holds the rows in the training file."""
-    paths = _find_fashion_mnist(data_dir)
+    paths = find_fashion_mnist(data_dir)
     train_x, train_y, test_x, test_y = (read_idx(p) for p in paths)
     for images, labels, path in ((train_x, train_y, paths[0]), (test_x, test_y, paths[2])):
         if images.ndim != 3 or images.shape[1:] != (28, 28) or images.dtype != np.uint8 or labels.ndim != 1 \

@@ -15,6 +15,8 @@ from robust_infl import datasets
 from robust_infl.datasets import FASHION_MNIST_ENV, FASHION_MNIST_FILES, fashion_mnist_dirs, load_dataset, read_idx
 from robust_infl.registry import DATA_DEFAULTS
 
+from conftest import fashion_mnist_installed
+
 N_TRAIN_FILE, N_TEST_FILE = 60, 20
 
 
@@ -118,11 +120,11 @@ def test_search_order_argument_environment_cache(tmp_path, nowhere, monkeypatch)
     env_folder, arg_folder = tmp_path / "env", tmp_path / "arg"
     monkeypatch.setenv(FASHION_MNIST_ENV, str(env_folder))
     assert fashion_mnist_dirs(arg_folder)[:3] == [arg_folder, env_folder, cache]
-    assert datasets._find_fashion_mnist(arg_folder)[0].parent == cache  # the first folder holding all four
+    assert datasets.find_fashion_mnist(arg_folder)[0].parent == cache  # the first folder holding all four
     tiny_fashion(env_folder)
-    assert datasets._find_fashion_mnist(arg_folder)[0].parent == env_folder
+    assert datasets.find_fashion_mnist(arg_folder)[0].parent == env_folder
     tiny_fashion(arg_folder, gz=True)
-    assert datasets._find_fashion_mnist(arg_folder)[0] == arg_folder / "train-images-idx3-ubyte.gz"
+    assert datasets.find_fashion_mnist(arg_folder)[0] == arg_folder / "train-images-idx3-ubyte.gz"
     assert load_dataset("fashion-mnist", n_train=5, n_val=5, n_test=5).train[0].shape == (5, 1, 28, 28)
 
 
@@ -154,16 +156,9 @@ def test_registry_defaults_are_the_image_threat_model():
         assert (d.model, d.norm, d.eps) == ("cnn", "linf", 0.1)
 
 
-def _real_files():
-    try:
-        return datasets._find_fashion_mnist()
-    except FileNotFoundError:
-        return None
-
-
-@pytest.mark.skipif(_real_files() is None, reason="Fashion-MNIST is not installed here (make setup fills the cache)")
+@pytest.mark.skipif(not fashion_mnist_installed(), reason="Fashion-MNIST is not installed here (make setup fills the cache)")
 def test_real_files_hold_60000_and_10000_balanced_images():
-    train_x, train_y, test_x, test_y = (read_idx(p) for p in _real_files())
+    train_x, train_y, test_x, test_y = (read_idx(p) for p in datasets.find_fashion_mnist())
     assert train_x.shape == (60000, 28, 28) and test_x.shape == (10000, 28, 28)
     assert np.bincount(train_y).tolist() == [6000] * 10 and np.bincount(test_y).tolist() == [1000] * 10
     splits = load_dataset("fashion-mnist", seed=0)

@@ -11,6 +11,8 @@ import pytest
 from defenses import cli
 from robust_infl import datasets
 
+from conftest import fashion_mnist_installed
+
 TINY = ["--data", "fashion-mnist", "--n-train", "200", "--n-val", "50", "--n-test", "100", "--epochs", "1",
         "--steps", "2", "--no-progress"]
 
@@ -29,15 +31,7 @@ def test_missing_data_is_one_line_exit_2_before_any_output(command, tmp_path, mo
     assert [p for p in tmp_path.rglob("*") if p.is_file()] == []  # nothing written (defend: its empty --out folder)
 
 
-def _installed() -> bool:
-    try:
-        datasets._find_fashion_mnist()
-    except FileNotFoundError:
-        return False
-    return True
-
-
-@pytest.mark.skipif(not _installed(), reason="Fashion-MNIST is not installed here (make setup fills the cache)")
+@pytest.mark.skipif(not fashion_mnist_installed(), reason="Fashion-MNIST is not installed here (make setup fills the cache)")
 def test_attack_on_the_real_data_trains_above_chance(capsys):
     assert cli.main(["attack", *TINY, "--n-train", "1000", "--n-test", "200", "--steps", "3"]) == 0
     out = capsys.readouterr().out
