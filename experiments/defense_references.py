@@ -24,6 +24,9 @@ in separate processes and gathered there.
     python -m experiments.defense_references --settings mnist-cnn     # one setting (the section is rewritten
                                                                       # from every setting's saved summary)
     python -m experiments.defense_references --settings               # none: only rewrite the section and plot
+    python -m experiments.defense_references --settings fashion-mnist-cnn --seeds 2
+                                                                      # the first 2 seeds (e.g. those a stopped run
+                                                                      # saved), the summary and section from them
     python -m experiments.defense_references --quick                  # smoke test (tiny, 1 seed, no RESULTS.md)
 """
 
@@ -197,14 +200,17 @@ def main(argv=None) -> dict:
 
     parser = argparse.ArgumentParser(add_help=False)
     parser.add_argument("--settings", nargs="*", choices=[s.name for s in SETTINGS], default=None)
+    parser.add_argument("--seeds", type=int, default=None, help="seeds per setting (default: its own, 5)")
     chosen, rest = parser.parse_known_args(argv)
+    if chosen.seeds is not None and chosen.seeds < 1:
+        parser.error(f"--seeds: must be an integer >= 1, got {chosen.seeds}")
     args = experiment_arguments(__doc__, "defense_references", rest)
     folder = args.out.with_suffix("")
     if chosen.settings is None:  # all of them, but a data set that must be installed first only where it is
         chosen.settings = [s.name for s in SETTINGS if not _skip_missing(s)]
     for setting in SETTINGS:
         if setting.name in chosen.settings:
-            seeds = QUICK["seeds"] if args.quick else setting.seeds
+            seeds = QUICK["seeds"] if args.quick else chosen.seeds or setting.seeds
             report = run_setting(setting, seeds=seeds, quick=args.quick, out=folder / setting.name,
                                  progress=not args.no_progress)
             write_json(folder / f"{setting.name}.json",
