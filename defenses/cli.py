@@ -69,9 +69,9 @@ def _common_options() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     group = common.add_argument_group("data, model and threat model")
     group.add_argument("--data", choices=DATASET_NAMES, default="mnist",
-                       help="data set, shipped with the install (default: %(default)s)")
+                       help="data set (default: %(default)s; fashion-mnist needs `make setup` or its IDX files)")
     group.add_argument("--model", choices=MODEL_NAMES, default=None,
-                       help="reference model (default per data set: mnist cnn, digits/moons mlp, adult logreg)")
+                       help="reference model (default per data set: (fashion-)mnist cnn, digits/moons mlp, adult logreg)")
     group.add_argument("--eps", type=float, default=None,
                        help="attack budget (default per data set: images 0.1 linf, tabular 0.5 l2)")
     group.add_argument("--norm", choices=("linf", "l2"), default=None,

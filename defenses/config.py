@@ -41,7 +41,7 @@ def _option(default: Any, help: str, *, factory: bool = False):
 class SharedConfig:
     """The options both pipelines take: data, model, threat model, training schedule, seeds and output."""
 
-    data: Any = _option("mnist", "a data set name (mnist, digits, adult, moons, mnist-full; split per seed), a "
+    data: Any = _option("mnist", "a data set name (mnist, mnist-full, fashion-mnist, fashion-mnist-full, digits, adult, moons; split per seed), a "
                                  "robust_infl.datasets.Splits, (train, val, test) splits, one (X, y[, s]) data set "
                                  "(split per seed: 65% / 15% / 20%), or a callable seed -> Splits")
     model: Any = _option(None, "a reference model name (cnn, mlp, logreg; default per data set), your own nn.Module "

@@ -8,9 +8,10 @@ in this one process, interleaved, and the median over repeats is reported; the I
 everything ``robust_infl.influence`` does (validation, the objective gradient on the targets and
 the streaming jvp pass). The forward pass runs over the same pieces the engine uses
 (``robust_infl.engine.piece_size``: at most ``CPU_PIECE`` samples on CPU), so neither side gets a
-cache advantage.
+cache advantage. ``--data fashion-mnist`` times the same on real images: the training split of
+Fashion-MNIST (``--n-train`` images) and targets from its validation split, in its own RESULTS.md section.
 
-    PYTHONPATH=. .venv/bin/python experiments/bench_scoring.py [--repeats 5] [--write-results]
+    PYTHONPATH=. .venv/bin/python experiments/bench_scoring.py [--repeats 5] [--data fashion-mnist] [--write-results]
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from attacks.plumbing import make_generator
 import robust_infl as ri
 from experiments._results import parse_benchmark_arguments, scoring_benchmark_parser, write_section
 from robust_infl import engine
+from robust_infl.datasets import load_dataset
 from robust_infl.models import SmallCNN
 from robust_infl.objectives import default_loss_fn
 from robust_infl.inputs import validate_target
@@ -49,14 +51,21 @@ def forward_pass(model: torch.nn.Module, x: torch.Tensor, batch_size: int) -> No
 
 def main() -> None:
     """Run the benchmark and print the timings, the ratio and whether the target is met."""
-    args = parse_benchmark_arguments(scoring_benchmark_parser(__doc__, repeats=5))
+    parser = scoring_benchmark_parser(__doc__, repeats=5)
+    parser.add_argument("--data", choices=("random", "fashion-mnist"), default="random",
+                        help="random inputs (default) or Fashion-MNIST's images (training split; validation targets)")
+    args = parse_benchmark_arguments(parser)
 
     generator = make_generator(args.seed)
     torch.manual_seed(args.seed)
     model = SmallCNN().eval()
-    x = torch.rand(args.n_train, 1, 28, 28, generator=generator)
-    y = torch.randint(0, 10, (args.n_train,), generator=generator)
-    target = (torch.rand(args.n_target, 1, 28, 28, generator=generator), torch.randint(0, 10, (args.n_target,), generator=generator))
+    if args.data == "random":
+        x = torch.rand(args.n_train, 1, 28, 28, generator=generator)
+        y = torch.randint(0, 10, (args.n_train,), generator=generator)
+        target = (torch.rand(args.n_target, 1, 28, 28, generator=generator), torch.randint(0, 10, (args.n_target,), generator=generator))
+    else:
+        splits = load_dataset(args.data, seed=args.seed, n_train=args.n_train, n_val=args.n_target, n_test=1)
+        (x, y), target = splits.train, splits.val
     n_params = sum(p.numel() for p in model.parameters())
 
     def ip() -> torch.Tensor:
@@ -83,7 +92,8 @@ def main() -> None:
     paired = statistics.median(i / f for i, f in zip(ip_times, forward_times))
     met = ratio <= TARGET_RATIO
     lines = [
-        f"SmallCNN ({n_params:,} parameters), {args.n_train:,} training inputs 1x28x28, batch {args.batch_size} "
+        f"SmallCNN ({n_params:,} parameters), {args.n_train:,} training inputs 1x28x28 ({args.data}), "
+        f"batch {args.batch_size} "
         f"(passes in pieces of {piece}), "
         f"Utility on {args.n_target} targets, {torch.get_num_threads()} torch thread(s), median of {args.repeats} "
         f"(warm-up: forward {warm_up['forward']:.3f} s, ip {warm_up['ip']:.3f} s)",
@@ -95,7 +105,9 @@ def main() -> None:
     ]
     print("\n".join(lines))
     if args.write_results:
-        write_section("bench_scoring", "## Scoring speed (experiments/bench_scoring.py)\n\n```\n" + "\n".join(lines) + "\n```")
+        name, title = (("bench_scoring", "(experiments/bench_scoring.py)") if args.data == "random" else
+                       ("bench_scoring_fashion_mnist", "on Fashion-MNIST (experiments/bench_scoring.py --data fashion-mnist)"))
+        write_section(name, f"## Scoring speed {title}\n\n```\n" + "\n".join(lines) + "\n```")
 
 
 if __name__ == "__main__":

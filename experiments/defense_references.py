@@ -6,26 +6,33 @@ its baselines at a 5% budget (removal as weight 0, so every retraining takes as 
 ``none``), the ``lookahead`` recipe, plain training on train + validation, and the reference rows
 ``fast-at`` (FGSM from a random start, Wong et al. 2020), ``pgd-at`` and ``trades`` (beta 6; 3 PGD steps on MNIST,
 5 on tabular data), all on the same training split with the same schedule and seed. Every model is
-re-attacked (adaptive); MNIST also gets APGD-CE (the AutoAttack authors' code) on the first 200 test
+re-attacked (adaptive); MNIST and Fashion-MNIST also get APGD-CE (the AutoAttack authors' code) on the first 200 test
 points, and the worst case over PGD and APGD-CE there is reported (the full default suite, with
 targeted APGD-DLR, costs too much per model on a shared 2-core machine for 5 seeds x 10 models).
 Cost is wall time over one ERM fit of the same schedule, measured in the same run, per seed.
 
-Settings: MNIST 3,500 training images / SmallCNN / PGD linf 0.1 (10 steps); Adult / logistic
+Settings: MNIST 3,500 training images / SmallCNN / PGD linf 0.1 (10 steps); Fashion-MNIST the same (3,500 /
+500 / 1,000 images drawn from its 60,000 / 10,000, the same epochs and suite, so the two rows compare); Adult / logistic
 regression / PGD L2 0.5; scikit-learn's breast_cancer (standardised, data the project was not tuned
 on) / logistic regression / PGD L2 1.0. Five seeds; paired 95% t-intervals. Each setting resumes from
 the per-seed results already in its folder (``defenses.run(..., resume=True)``), so seeds can be run
 in separate processes and gathered there.
 
     python -m experiments.defense_references                          # every setting, then the RESULTS.md section
+                                                                      # (Fashion-MNIST skipped, with a note, where
+                                                                      # it is not installed: make setup)
     python -m experiments.defense_references --settings mnist-cnn     # one setting (the section is rewritten
                                                                       # from every setting's saved summary)
     python -m experiments.defense_references --settings               # none: only rewrite the section and plot
+    python -m experiments.defense_references --settings fashion-mnist-cnn --seeds 2
+                                                                      # the first 2 seeds (e.g. those a stopped run
+                                                                      # saved), the summary and section from them
     python -m experiments.defense_references --quick                  # smoke test (tiny, 1 seed, no RESULTS.md)
 """
 
 from __future__ import annotations
 
+import sys
 import time
 from dataclasses import dataclass, field
 
@@ -35,6 +42,7 @@ import defenses
 from defenses.report import pareto_front, recommend
 from defenses.stats import half_width
 from experiments._results import experiment_arguments, save_figure, write_json, write_section
+from robust_infl.datasets import find_fashion_mnist
 from robust_infl.models import LogisticRegression
 
 __all__ = ["Setting", "SETTINGS", "QUICK", "breast_cancer", "run_setting", "render", "main"]
@@ -72,6 +80,9 @@ def _logreg(features: int):
 SETTINGS = (
     Setting("mnist-cnn", "mnist", dict(model="cnn", attack="pgd", eps=0.1, norm="linf", steps=10, epochs=5,
                                        train_steps=3, eval_attacks=["apgd-ce"], eval_subset=200)),
+    Setting("fashion-mnist-cnn", "fashion-mnist", dict(model="cnn", attack="pgd", eps=0.1, norm="linf", steps=10,
+                                                       epochs=5, train_steps=3, eval_attacks=["apgd-ce"],
+                                                       eval_subset=200, n_train=3500, n_val=500, n_test=1000)),
     Setting("adult-logreg", "adult", dict(model="logreg", attack="pgd", eps=0.5, norm="l2", steps=10)),
     Setting("breast_cancer-logreg", "breast_cancer", dict(attack="pgd", eps=1.0, norm="l2", steps=20, epochs=30,
                                                           lr=0.01, batch_size=32)),
@@ -169,6 +180,18 @@ def plot(saved: dict, path) -> None:
     save_figure(fig, path)
 
 
+def _skip_missing(setting: Setting) -> bool:
+    """Whether ``setting`` needs Fashion-MNIST and it is not installed (then say so on stderr)."""
+    if not (isinstance(setting.data, str) and setting.data.startswith("fashion-mnist")):
+        return False
+    try:
+        find_fashion_mnist()
+    except FileNotFoundError as err:
+        print(f"defense_references: {setting.name} skipped: {err}", file=sys.stderr)
+        return True
+    return False
+
+
 def main(argv=None) -> dict:
     """Run the chosen settings (``--settings``; default all), save each one's summary next to its report, and,
     unless ``--quick``, rewrite the RESULTS.md section from every setting's saved summary."""
@@ -176,13 +199,18 @@ def main(argv=None) -> dict:
     import json
 
     parser = argparse.ArgumentParser(add_help=False)
-    parser.add_argument("--settings", nargs="*", choices=[s.name for s in SETTINGS], default=[s.name for s in SETTINGS])
+    parser.add_argument("--settings", nargs="*", choices=[s.name for s in SETTINGS], default=None)
+    parser.add_argument("--seeds", type=int, default=None, help="seeds per setting (default: its own, 5)")
     chosen, rest = parser.parse_known_args(argv)
+    if chosen.seeds is not None and chosen.seeds < 1:
+        parser.error(f"--seeds: must be an integer >= 1, got {chosen.seeds}")
     args = experiment_arguments(__doc__, "defense_references", rest)
     folder = args.out.with_suffix("")
+    if chosen.settings is None:  # all of them, but a data set that must be installed first only where it is
+        chosen.settings = [s.name for s in SETTINGS if not _skip_missing(s)]
     for setting in SETTINGS:
         if setting.name in chosen.settings:
-            seeds = QUICK["seeds"] if args.quick else setting.seeds
+            seeds = QUICK["seeds"] if args.quick else chosen.seeds or setting.seeds
             report = run_setting(setting, seeds=seeds, quick=args.quick, out=folder / setting.name,
                                  progress=not args.no_progress)
             write_json(folder / f"{setting.name}.json",

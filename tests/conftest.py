@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from hypothesis import settings
 
 import robust_infl as ri
+from robust_infl import datasets
 from robust_infl.models import MLP
 
 # Property tests draw the same examples on every run (CI must not depend on luck); no example database.
@@ -227,3 +228,12 @@ def influence_scorer(batch_size: int):
         return ri.influence(model, train, target, objective=objective or ri.Utility(), **options)
 
     return score
+
+
+def fashion_mnist_installed() -> bool:
+    """Whether Fashion-MNIST's IDX files are where the loader looks (``make setup`` puts them there)."""
+    try:
+        datasets.find_fashion_mnist()
+    except FileNotFoundError:
+        return False
+    return True

@@ -43,7 +43,8 @@ def runs(tmp_path_factory):
 
 @pytest.mark.parametrize("case, message", [
     ("unknown-data", r"robust-infl score: error: argument --data: invalid choice: 'cifar10' "
-                     r"\(choose from 'mnist', 'mnist-full', 'digits', 'adult', 'moons'\)"),
+                     r"\(choose from 'mnist', 'mnist-full', 'fashion-mnist', 'fashion-mnist-full', 'digits', 'adult', "
+                     r"'moons'\)"),
     ("fraction", r"robust-infl defend: error: fraction: every fraction must be in \(0, 1\), got 1.5"),
     ("eps", r"robust-infl score: error: eps: must be a finite number > 0, got -1.0"),
     ("missing-path", r"robust-infl attack: error: weights: no such file: '.*missing.pt'"),
