@@ -4,8 +4,8 @@ The attack names are in :mod:`attacks.registry`, the trainer names in :mod:`defe
 
 One table of per-data-set defaults (model, threat model, training hyper-parameters) so that the
 CLI and :func:`defenses.run` agree. Images: PGD linf, eps 0.1, bounds (0, 1); on Fashion-MNIST too,
-the budget most of its robustness papers use (e.g. Xiao et al. 2019, Croce & Hein 2020's AutoAttack
-tables; MNIST's customary 0.3 leaves a small CNN almost no robust accuracy there). Tabular data
+the budget its robustness papers commonly use (e.g. Wong & Kolter 2018, provable defenses via the convex
+outer adversarial polytope; MNIST's customary 0.3 leaves a small CNN almost no robust accuracy there). Tabular data
 (standardised features): PGD L2, eps 0.5, bounds None.
 """
 
