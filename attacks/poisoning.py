@@ -58,7 +58,8 @@ class BackdoorTrigger(Attack):
     dtype and device). It is an attack callable ``trigger(model, x, y)`` (model and labels unused), so
     it serves ``robust_infl.Robust(trigger)`` and :func:`attacks.evaluate` (``target_class=c``: the
     backdoor's attack success rate). ``noise_ratio`` > 0 (WaNet's noise mode): :func:`poison` also
-    gives ``noise_ratio`` times as many other samples :meth:`noise` under their true labels."""
+    gives ``noise_ratio`` times as many other samples the trigger's ``noise(x, generator)`` under their true
+    labels (:meth:`WaNetTrigger.noise`)."""
 
     noise_ratio = 0.0
 
