@@ -6,8 +6,11 @@ paper's closed-form boundary crossing). Third-party attacks: :class:`TorchAttack
 :class:`Cascade` (members in turn on the points still correct) and :class:`UnitBoxView` (an attack
 that clips to [0, 1] run on unbounded data through an exact affine change of variables).
 :func:`evaluate` reports clean accuracy, robust accuracy and attack success rate (targeted with
-``target_class``). Backdoor poisoning: :class:`Trigger` (patch / blend; also an attack callable),
-:func:`poison` (BadNets, clean-label) and :class:`ARTPoison` (ART's backdoor poisoning attacks).
+``target_class``). Backdoor poisoning: the triggers (:class:`BackdoorTrigger`, also attack callables)
+:class:`Trigger` (patch / blend), :class:`SIGTrigger` (sinusoidal signal) and :class:`WaNetTrigger`
+(warping, with its noise mode); :func:`poison` (BadNets, clean-label, SIG, WaNet),
+:func:`label_consistent_poison` (PGD-hardened target-class samples) and :class:`ARTPoison` (ART's
+backdoor poisoning attacks).
 :func:`as_data` / :func:`to_model`: the one normaliser of the data given to the API (forms, dtype, device,
 labels). :func:`make_attack`: an attack by its name (:data:`ATTACK_NAMES`; the command line's ``--attack``).
 """
@@ -21,7 +24,8 @@ from .fgsm import FGSM
 from .inputs import as_data, to_model
 from .pgd import PGD
 from .plumbing import per_sample_loss
-from .poisoning import ARTPoison, Trigger, poison
+from .poisoning import (ARTPoison, BackdoorTrigger, SIGTrigger, Trigger, WaNetTrigger, label_consistent_poison,
+                        poison)
 from .registry import ATTACK_NAMES, make_attack
 
 __all__ = [
@@ -45,8 +49,12 @@ __all__ = [
     "plain_value",
     "torchattacks_names",
     "art_evasion_names",
+    "BackdoorTrigger",
     "Trigger",
+    "SIGTrigger",
+    "WaNetTrigger",
     "poison",
+    "label_consistent_poison",
     "ARTPoison",
     "ATTACK_NAMES",
     "make_attack",

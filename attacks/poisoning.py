@@ -8,6 +8,11 @@
   Learning Model Supply Chain"): a share ``rate`` of the training set, drawn from the samples of
   the other classes, gets the trigger and the label ``target_class``; with ``clean_label=True``
   samples OF the target class get the trigger and keep their label.
+- :class:`SIGTrigger` (Barni et al. 2019, clean-label sinusoidal signal) and :class:`WaNetTrigger`
+  (Nguyen & Tran 2021, a smooth warp with its noise mode) are triggers of their own kind beside
+  :class:`Trigger`; every trigger is a :class:`BackdoorTrigger` and serves :func:`poison`.
+- :func:`label_consistent_poison` (Turner et al. 2019): target-class samples are made hard by PGD on
+  a proxy model before the trigger is stamped; labels kept.
 - :class:`ARTPoison`: ART's ``PoisoningAttackBackdoor`` and ``PoisoningAttackCleanLabelBackdoor``
   (Turner et al. 2019, "Label-Consistent Backdoor Attacks": target-class samples are first pushed
   away from their class by PGD on a proxy model, then triggered) behind the same
@@ -16,20 +21,26 @@
 
 from __future__ import annotations
 
+import math
+from abc import abstractmethod
 from typing import Sequence, Tuple
 
 import numpy as np
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 from .base import Attack, BinaryAsTwoLogits, check_batch
 from .inputs import check_target_class
+from .pgd import PGD
 from .plumbing import frozen_in_eval, make_generator, seeded
-from .validation import check_choice, check_fraction, check_int, check_number, check_seed
+from .validation import (check_choice, check_fraction, check_int, check_model, check_number, check_positive,
+                         check_seed)
 
-__all__ = ["Trigger", "poison", "ARTPoison", "ART_POISON_NAMES", "check_rate", "check_target_class", "poison_count"]
+__all__ = ["BackdoorTrigger", "Trigger", "SIGTrigger", "WaNetTrigger", "poison", "label_consistent_poison",
+           "ARTPoison", "ART_POISON_NAMES", "check_rate", "check_target_class", "poison_count"]
 
-CORNERS = ("top-left", "top-right", "bottom-left", "bottom-right")
+CORNERS = ("top-left", "top-right", "bottom-left", "bottom-right", "all")
 ART_POISON_NAMES = ("PoisoningAttackBackdoor", "PoisoningAttackCleanLabelBackdoor")
 
 
@@ -38,7 +49,54 @@ def check_rate(rate) -> float:
     return check_fraction(rate, "rate")
 
 
-class Trigger(Attack):
+class BackdoorTrigger(Attack):
+    """A backdoor trigger: ``apply(x)`` stamps every sample of a batch of ``input_shape`` samples (same
+    dtype and device). It is an attack callable ``trigger(model, x, y)`` (model and labels unused), so
+    it serves ``robust_infl.Robust(trigger)`` and :func:`attacks.evaluate` (``target_class=c``: the
+    backdoor's attack success rate). ``noise_ratio`` > 0 (WaNet's noise mode): :func:`poison` also
+    gives ``noise_ratio`` times as many other samples the trigger's ``noise(x, generator)`` under their true
+    labels (:meth:`WaNetTrigger.noise`)."""
+
+    noise_ratio = 0.0
+
+    @property
+    @abstractmethod
+    def input_shape(self) -> tuple:
+        """The shape of one sample the trigger stamps."""
+
+    @abstractmethod
+    def _stamp(self, x: torch.Tensor) -> torch.Tensor:
+        """The stamped batch; ``x`` is a checked floating batch of ``input_shape`` samples."""
+
+    def apply(self, x: torch.Tensor) -> torch.Tensor:
+        """The batch ``x`` (shape ``(n, *input_shape)``) with the trigger stamped on every sample."""
+        return self._stamp(self._checked(x))
+
+    def _checked(self, x: torch.Tensor) -> torch.Tensor:
+        """``x`` after checking it is a floating batch of ``input_shape`` samples."""
+        if not isinstance(x, torch.Tensor) or not x.is_floating_point():
+            raise TypeError(f"x: must be a floating-point tensor, got {type(x).__name__}")
+        if tuple(x.shape[1:]) != tuple(self.input_shape):
+            raise ValueError(f"x: samples of shape {tuple(x.shape[1:])} do not match the trigger's "
+                             f"{tuple(self.input_shape)}")
+        return x
+
+    def _perturb(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return self.apply(x)
+
+
+def _image_shape(input_shape, channels_first: bool = False) -> tuple:
+    """``input_shape`` as a tuple of positive ints, checked to be an image shape ``(..., H, W)`` (``(C, H, W)``
+    with ``channels_first``)."""
+    shape = tuple(int(s) for s in input_shape)
+    if channels_first and len(shape) != 3:
+        raise ValueError(f"input_shape: must be an image shape (C, H, W), got {tuple(input_shape)}")
+    if len(shape) < 2 or min(shape) < 1:
+        raise ValueError(f"input_shape: must be an image shape (..., H, W), got {tuple(input_shape)}")
+    return shape
+
+
+class Trigger(BackdoorTrigger):
     """A backdoor trigger ``x' = (1 - mask) * x + mask * pattern`` for samples of ``mask``'s shape.
 
     Arguments:
@@ -68,18 +126,18 @@ class Trigger(Attack):
     @classmethod
     def patch(cls, input_shape: Sequence[int], size: int = 3, corner: str = "bottom-right",
               value: float = 1.0) -> "Trigger":
-        """A ``size`` x ``size`` square of ``value`` in one ``corner`` of images of ``input_shape`` ``(..., H, W)``."""
-        shape = tuple(int(s) for s in input_shape)
-        if len(shape) < 2 or min(shape) < 1:
-            raise ValueError(f"input_shape: must be an image shape (..., H, W), got {tuple(input_shape)}")
+        """A ``size`` x ``size`` square of ``value`` in one ``corner`` of images of ``input_shape`` ``(..., H, W)``;
+        ``corner="all"``: in each of the four corners (Turner et al. 2019's label-consistent trigger)."""
+        shape = _image_shape(input_shape)
         check_int(size, "size", minimum=1, maximum=min(shape[-2:]))
         check_choice(corner, "corner", CORNERS)
         check_number(value, "value")
         height, width = shape[-2:]
-        rows = slice(0, size) if corner.startswith("top") else slice(height - size, height)
-        cols = slice(0, size) if corner.endswith("left") else slice(width - size, width)
         mask = torch.zeros(shape)
-        mask[..., rows, cols] = 1.0
+        for name in (CORNERS[:4] if corner == "all" else (corner,)):
+            rows = slice(0, size) if name.startswith("top") else slice(height - size, height)
+            cols = slice(0, size) if name.endswith("left") else slice(width - size, width)
+            mask[..., rows, cols] = 1.0
         return cls(mask, torch.full(shape, float(value)))
 
     @classmethod
@@ -90,21 +148,108 @@ class Trigger(Attack):
             raise TypeError(f"pattern: must be a floating-point tensor, got {type(pattern).__name__}")
         return cls(torch.full(pattern.shape, float(alpha), dtype=pattern.dtype), pattern)
 
-    def apply(self, x: torch.Tensor) -> torch.Tensor:
-        """The batch ``x`` (shape ``(n, *mask.shape)``) with the trigger stamped on every sample."""
-        if not isinstance(x, torch.Tensor) or not x.is_floating_point():
-            raise TypeError(f"x: must be a floating-point tensor, got {type(x).__name__}")
-        if tuple(x.shape[1:]) != tuple(self.mask.shape):
-            raise ValueError(f"x: samples of shape {tuple(x.shape[1:])} do not match the trigger's "
-                             f"{tuple(self.mask.shape)}")
+    @property
+    def input_shape(self) -> tuple:
+        """The mask's shape."""
+        return tuple(self.mask.shape)
+
+    def _stamp(self, x: torch.Tensor) -> torch.Tensor:
         mask = self.mask.to(device=x.device, dtype=x.dtype)
         return (1 - mask) * x + mask * self.pattern.to(device=x.device, dtype=x.dtype)
 
-    def _perturb(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        return self.apply(x)
-
     def __repr__(self) -> str:
         return f"Trigger(mask of shape {tuple(self.mask.shape)}, {int((self.mask > 0).sum())} stamped values)"
+
+
+class SIGTrigger(BackdoorTrigger):
+    """SIG, the clean-label sinusoidal signal of Barni, Kallas & Tondi 2019, "A new Backdoor Attack in CNNs
+    by Training Set Corruption without Label Poisoning" (ICIP): ``x' = clip(x + v, 0, 1)`` with
+    ``v[..., i, j] = delta * sin(2 pi j frequency / m)`` along the ``m`` columns, the same on every row and
+    channel. The paper poisons samples of the target class only, labels kept
+    (``poison(..., clean_label=True)``), with ``delta = 20/255`` and ``frequency = 6`` at training.
+
+    Arguments:
+        input_shape: the shape of one image, ``(..., H, W)``.
+        delta: the signal's amplitude, in (0, 1].
+        frequency: the number of periods across the image's width, > 0.
+    """
+
+    def __init__(self, input_shape: Sequence[int], delta: float = 20 / 255, frequency: float = 6):
+        self._shape = _image_shape(input_shape)
+        self.delta = check_number(delta, "delta", minimum=0, maximum=1, include_minimum=False)
+        self.frequency = check_positive(frequency, "frequency")
+        width = self._shape[-1]
+        columns = torch.arange(width, dtype=torch.float64)
+        self.signal = (self.delta * torch.sin(2 * math.pi * columns * self.frequency / width)).expand(self._shape)
+
+    @property
+    def input_shape(self) -> tuple:
+        """The image shape given."""
+        return self._shape
+
+    def _stamp(self, x: torch.Tensor) -> torch.Tensor:
+        return (x + self.signal.to(device=x.device, dtype=x.dtype)).clamp(0, 1)
+
+    def __repr__(self) -> str:
+        return f"SIGTrigger({self._shape}, delta={self.delta:g}, frequency={self.frequency:g})"
+
+
+class WaNetTrigger(BackdoorTrigger):
+    """WaNet, the warping trigger of Nguyen & Tran 2021, "WaNet - Imperceptible Warping-based Backdoor
+    Attack" (ICLR): a fixed smooth warping field resamples the image (``torch.nn.functional.grid_sample``,
+    bilinear, ``align_corners=True``). As in the paper's code: a ``k`` x ``k`` grid of 2-D offsets drawn
+    uniformly in [-1, 1] (seeded), divided by its mean absolute value, upsampled bicubically to H x W;
+    ``field = clip(identity + s * offsets / H, -1, 1)`` in grid_sample's normalised coordinates. Noise mode:
+    :func:`poison` also warps ``noise_ratio`` times as many other samples under their true labels, each by
+    the field plus its own uniform noise in ``[-1/H, 1/H]`` (:meth:`noise`), so that the model learns the
+    exact field, not any warp. The paper's defaults: ``k = 4``, ``s = 0.5``, ``noise_ratio = 2``.
+
+    Arguments:
+        input_shape: the shape of one image, ``(C, H, W)``.
+        k: side of the random control grid, in ``[2, min(H, W)]``.
+        s: warping strength, >= 0 (0: the identity).
+        noise_ratio: noise-mode samples per poisoned sample, >= 0 (0: no noise mode).
+        seed: seed of the control grid.
+    """
+
+    def __init__(self, input_shape: Sequence[int], k: int = 4, s: float = 0.5, noise_ratio: float = 2.0,
+                 seed: int = 0):
+        self._shape = _image_shape(input_shape, channels_first=True)
+        height, width = self._shape[1:]
+        self.k = check_int(k, "k", minimum=2, maximum=min(height, width))
+        self.s = check_positive(s, "s", allow_zero=True)
+        self.noise_ratio = check_positive(noise_ratio, "noise_ratio", allow_zero=True)
+        self.seed = check_seed(seed)
+        offsets = torch.rand(1, 2, self.k, self.k, generator=make_generator(self.seed), dtype=torch.float64) * 2 - 1
+        offsets = offsets / offsets.abs().mean()
+        offsets = F.interpolate(offsets, size=(height, width), mode="bicubic", align_corners=True).permute(0, 2, 3, 1)
+        rows, cols = torch.meshgrid(torch.linspace(-1, 1, height, dtype=torch.float64),
+                                    torch.linspace(-1, 1, width, dtype=torch.float64), indexing="ij")
+        identity = torch.stack((cols, rows), dim=-1)[None]
+        self.field = (identity + self.s * offsets / height).clamp(-1, 1)
+
+    @property
+    def input_shape(self) -> tuple:
+        """The image shape given."""
+        return self._shape
+
+    def _warp(self, x: torch.Tensor, field: torch.Tensor) -> torch.Tensor:
+        field = field.to(device=x.device, dtype=x.dtype).expand(x.shape[0], -1, -1, -1)
+        return F.grid_sample(x, field, mode="bilinear", padding_mode="zeros", align_corners=True).clamp(0, 1)
+
+    def _stamp(self, x: torch.Tensor) -> torch.Tensor:
+        return self._warp(x, self.field)
+
+    def noise(self, x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        """The noise mode: each sample of ``x`` warped by the field plus its own uniform noise in
+        ``[-1/H, 1/H]`` (drawn from ``generator``, a CPU generator), clipped to [-1, 1]."""
+        x = self._checked(x)
+        height = self._shape[1]
+        jitter = torch.rand(x.shape[0], *self._shape[1:], 2, generator=generator, dtype=torch.float64) * 2 - 1
+        return self._warp(x, (self.field + jitter / height).clamp(-1, 1))
+
+    def __repr__(self) -> str:
+        return f"WaNetTrigger({self._shape}, k={self.k}, s={self.s:g}, noise_ratio={self.noise_ratio:g}, seed={self.seed})"
 
 
 def _train_tensors(train) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -138,17 +283,42 @@ def _candidates(y: torch.Tensor, target_class: int, rate: float, clean_label: bo
     return torch.sort(eligible[order[:count]].cpu()).values.to(y.device)
 
 
-def poison(train, trigger: Trigger, *, target_class: int, rate: float, seed: int, clean_label: bool = False):
+def _check_trigger(trigger) -> None:
+    if not isinstance(trigger, BackdoorTrigger):
+        raise TypeError(f"trigger: must be an attacks.BackdoorTrigger (Trigger, SIGTrigger, WaNetTrigger), "
+                        f"got {type(trigger).__name__}")
+
+
+def _noise_mode(X_out: torch.Tensor, X: torch.Tensor, index: torch.Tensor, trigger: BackdoorTrigger, seed: int,
+                rate: float) -> None:
+    """WaNet's noise mode in place: ``round(noise_ratio * len(index))`` samples outside ``index``, drawn
+    (seeded), get :meth:`WaNetTrigger.noise` and keep their labels."""
+    count = round(trigger.noise_ratio * index.numel())
+    if count == 0:
+        return
+    outside = torch.ones(X.shape[0], dtype=torch.bool)
+    outside[index.cpu()] = False
+    eligible = torch.nonzero(outside).flatten()
+    if count > eligible.numel():
+        raise ValueError(f"rate: {rate} with the trigger's noise_ratio {trigger.noise_ratio:g} asks for {count} "
+                         f"noise-mode samples but only {eligible.numel()} samples are left")
+    generator = make_generator(seed + 1)
+    chosen = eligible[torch.randperm(eligible.numel(), generator=generator)[:count]].to(X.device)
+    X_out[chosen] = trigger.noise(X[chosen], generator)
+
+
+def poison(train, trigger: BackdoorTrigger, *, target_class: int, rate: float, seed: int, clean_label: bool = False):
     """Poison a share ``rate`` of ``train = (X, y)`` with ``trigger``; returns ``(X', y', poisoned_index)``.
 
     Dirty-label (BadNets, default): ``round(rate * n)`` samples drawn (seeded) from the classes other
     than ``target_class`` are stamped and relabelled ``target_class``. ``clean_label=True``: samples
-    of ``target_class`` are stamped and keep their label. ``poisoned_index`` is sorted; the inputs
-    are not modified.
+    of ``target_class`` are stamped and keep their label (SIG's setting). A trigger with a noise mode
+    (:class:`WaNetTrigger`) also gives ``noise_ratio`` times as many other samples a noisy warp under
+    their true labels; they are not in ``poisoned_index`` (they carry no backdoor). ``poisoned_index``
+    is sorted; the inputs are not modified.
     """
     X, y = _train_tensors(train)
-    if not isinstance(trigger, Trigger):
-        raise TypeError(f"trigger: must be an attacks.Trigger, got {type(trigger).__name__}")
+    _check_trigger(trigger)
     rate = check_rate(rate)
     target_class = check_target_class(target_class, int(y.max()) + 1)
     check_seed(seed)
@@ -156,7 +326,32 @@ def poison(train, trigger: Trigger, *, target_class: int, rate: float, seed: int
     X_out, y_out = X.clone(), y.clone()
     X_out[index] = trigger.apply(X[index])
     y_out[index] = target_class
+    _noise_mode(X_out, X, index, trigger, seed, rate)
     return X_out, y_out, index
+
+
+def label_consistent_poison(train, trigger: BackdoorTrigger, proxy: nn.Module, *, target_class: int, rate: float,
+                            seed: int, eps: float = 0.3, steps: int = 20, norm: str = "linf"):
+    """The label-consistent backdoor of Turner, Tsipras & Madry 2019, "Label-Consistent Backdoor Attacks"
+    (arXiv:1912.02771); returns ``(X', y', poisoned_index)`` as :func:`poison` does.
+
+    ``round(rate * n)`` samples of ``target_class``, drawn (seeded) as by ``poison(..., clean_label=True)``,
+    are first made hard to classify by an untargeted :class:`~attacks.PGD` (``eps``, ``steps``, ``norm``,
+    inputs kept in [0, 1]) on ``proxy``, a model trained on clean data (the paper uses an adversarially
+    trained one: its perturbations change what the image shows, so the poisoned model has to lean on the
+    trigger), then stamped with ``trigger``; every label is kept.
+    """
+    X, y = _train_tensors(train)
+    _check_trigger(trigger)
+    check_model(proxy, "proxy", x=X[:1])
+    rate = check_rate(rate)
+    target_class = check_target_class(target_class, int(y.max()) + 1)
+    check_seed(seed)
+    attack = PGD(eps=eps, steps=steps, norm=norm, seed=seed)
+    index = _candidates(y, target_class, rate, True, seed)
+    X_out = X.clone()
+    X_out[index] = trigger.apply(attack(proxy, X[index], y[index]))
+    return X_out, y.clone(), index
 
 
 class ARTPoison:
@@ -188,15 +383,14 @@ class ARTPoison:
     def __repr__(self) -> str:
         return f"ARTPoison({self.name!r}, {self.kwargs!r})"
 
-    def poison(self, train, trigger: Trigger, *, target_class: int, rate: float, seed: int,
+    def poison(self, train, trigger: BackdoorTrigger, *, target_class: int, rate: float, seed: int,
                proxy: nn.Module = None):
         """Poison ``train`` as :func:`poison` does, through ART; ``proxy`` (a trained model) is needed
         by the clean-label attack."""
         from art.attacks.poisoning import PoisoningAttackBackdoor
 
         X, y = _train_tensors(train)
-        if not isinstance(trigger, Trigger):
-            raise TypeError(f"trigger: must be an attacks.Trigger, got {type(trigger).__name__}")
+        _check_trigger(trigger)
         rate = check_rate(rate)
         num_classes = int(y.max()) + 1
         target_class = check_target_class(target_class, num_classes)

@@ -256,8 +256,7 @@ def _poison_options(defend: argparse.ArgumentParser) -> None:
         + ", ".join(_poison_recipes()) + ")")
     spec = help_texts(PoisonSpec)
     group.add_argument("--poison", choices=POISON_ATTACKS, default=None,
-                       help="poison every seed's training split with a corner patch: badnets (relabelled to the "
-                            "target class) or clean-label (ART's label-consistent backdoor)")
+                       help=f"poison every seed's training split with {spec['attack']}")
     group.add_argument("--poison-rate", type=float, default=0.05, help="share poisoned (default: %(default)s)")
     group.add_argument("--target-class", type=int, default=0, help="the backdoor's target class (default: 0)")
     group.add_argument("--evidence", type=int, nargs="+", default=[50], metavar="K",

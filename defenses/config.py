@@ -27,7 +27,7 @@ from .selection import check_budget
 __all__ = ["SharedConfig", "RunConfig", "PoisoningConfig", "PoisonSpec", "POISON_ATTACKS", "help_texts",
            "config_from_options"]
 
-POISON_ATTACKS = ("badnets", "clean-label")
+POISON_ATTACKS = ("badnets", "clean-label", "sig", "wanet", "label-consistent")
 
 
 def _option(default: Any, help: str, *, factory: bool = False):
@@ -107,19 +107,27 @@ class PoisonSpec:
     ``badnets`` patches a corner of ``rate`` of the training split and relabels it to ``target_class``
     (:func:`attacks.poison`); ``clean-label`` is ART's ``PoisoningAttackCleanLabelBackdoor``: target-class
     samples, PGD-perturbed on a proxy model trained on the clean split with the same trainer, then patched,
-    labels kept. The evidence sizes are nested: the first K of one draw of triggered validation inputs of
+    labels kept; ``label-consistent`` is the same attack done by :func:`attacks.label_consistent_poison`
+    with the patch in all four corners (Turner et al. 2019's trigger; strong enough to backdoor). ``sig``
+    adds :class:`attacks.SIGTrigger`'s sinusoid (delta 20/255, 6 periods) to target-class samples, labels
+    kept; ``wanet`` warps ``rate`` of the split by :class:`attacks.WaNetTrigger` (k 4, s 0.5, seeded per
+    seed), relabelled, and twice as many others by a noisy warp under their true labels. The evidence sizes are nested: the first K of one draw of triggered validation inputs of
     the other classes. Clean accuracy and the backdoor ASR are measured on the whole test split.
     """
 
-    attack: str = _option("badnets", "the backdoor: badnets (corner patch, relabelled to the target class) or "
-                                     "clean-label (ART's label-consistent backdoor)")
+    attack: str = _option("badnets", "the backdoor: badnets (corner patch, relabelled to the target class), "
+                                     "clean-label (ART's label-consistent backdoor), sig (sinusoidal signal on "
+                                     "target-class samples, labels kept), wanet (warping, with its noise mode) or "
+                                     "label-consistent (PGD-hardened target-class samples, four-corner patch)")
     rate: float = _option(0.05, "share of the training split poisoned")
     target_class: int = _option(0, "the backdoor's target class")
     evidence: tuple = _option((50,), "evidence sizes K: triggered validation inputs with their true labels")
     budget: Optional[float] = _option(None, "share removed by every recipe (default: twice the rate)")
-    patch_size: int = _option(3, "side of the square trigger patch in the bottom-right corner")
-    clean_label_eps: float = _option(0.3, "PGD budget (linf) of the clean-label attack on its proxy model")
-    clean_label_steps: int = _option(20, "PGD steps of the clean-label attack")
+    patch_size: int = _option(3, "side of the square trigger patch in the bottom-right corner (label-consistent: "
+                                 "in each corner)")
+    clean_label_eps: float = _option(0.3, "PGD budget (linf) of the clean-label and label-consistent attacks on "
+                                          "their proxy model")
+    clean_label_steps: int = _option(20, "PGD steps of the clean-label and label-consistent attacks")
     robust_n: Optional[int] = _option(500, "evasion robust accuracy on the first N test inputs (None: all)")
 
     def checked(self, num_classes: int, n_train: Optional[int] = None) -> "PoisonSpec":
@@ -166,8 +174,9 @@ class PoisoningConfig(SharedConfig):
     """The options of :func:`defenses.run_poisoning` (the backdoor-poisoning pipeline): :class:`~defenses.config.SharedConfig`
     plus the backdoor threat model and the poisoning recipes."""
 
-    poison: Any = _option("badnets", "the backdoor threat model: a PoisonSpec, a dict of its fields, or badnets / "
-                                     "clean-label with the other fields at their defaults")
+    poison: Any = _option("badnets", "the backdoor threat model: a PoisonSpec, a dict of its fields, or an attack "
+                                     "name (badnets, clean-label, sig, wanet, label-consistent) with the other "
+                                     "fields at their defaults")
     recipes: Any = _option(None, "poisoning recipe names from defenses.available_recipes('poisoning') (None: all "
                                  "of them)")
 

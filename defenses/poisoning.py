@@ -1,5 +1,5 @@
-"""The poisoning pipeline, :func:`run_poisoning`: per seed, poison the training split (BadNets patch or ART's
-clean-label backdoor), train the base model with the trainer, draw K triggered validation inputs of the
+"""The poisoning pipeline, :func:`run_poisoning`: per seed, poison the training split (BadNets patch, ART's
+clean-label backdoor, SIG, WaNet or the label-consistent backdoor), train the base model with the trainer, draw K triggered validation inputs of the
 other classes as evidence, run every poisoning recipe (:mod:`defenses.poison_recipes`) and report clean
 accuracy, backdoor ASR (``asr_backdoor``), detection precision / recall / AUROC at the budget and the
 evasion robust accuracy (``robust_acc_adaptive``: the attack re-run on each model), with paired 95%
@@ -42,7 +42,7 @@ def run_poisoning(data="mnist", model=None, attack="pgd", **options) -> dict:
     ``data``, ``model``, ``attack`` and the keyword ``options`` are the fields of
     :class:`~defenses.config.PoisoningConfig` (each documented there; an unknown one is a ``TypeError``
     naming it): the backdoor threat model ``poison`` (a :class:`~defenses.config.PoisonSpec`, a dict of
-    its fields, or ``"badnets"`` / ``"clean-label"``), the poisoning ``recipes``
+    its fields, or an attack name of ``defenses.config.POISON_ATTACKS``), the poisoning ``recipes``
     (``defenses.available_recipes("poisoning")``; all by default), the trainer, schedule, seeds and output
     of :func:`defenses.run`. The run is planned first (every option checked before any training), then
     executed (:func:`~defenses.poisoning.execute_poisoning`).
@@ -73,10 +73,25 @@ def _draw_evidence(val: tuple, trigger, target_class: int, size: int, seed: int)
     return (trigger.apply(X[chosen]), y[chosen]), (X[rest], y[rest])
 
 
+def _trigger(spec: PoisonSpec, input_shape: tuple, seed: int) -> attacks.BackdoorTrigger:
+    """The trigger of ``spec.attack`` (WaNet's warp drawn from ``seed``)."""
+    if spec.attack == "sig":
+        return attacks.SIGTrigger(input_shape)
+    if spec.attack == "wanet":
+        return attacks.WaNetTrigger(input_shape, seed=seed)
+    corner = "all" if spec.attack == "label-consistent" else "bottom-right"
+    return attacks.Trigger.patch(input_shape, size=spec.patch_size, corner=corner)
+
+
 def _poison_train(spec: PoisonSpec, train: tuple, trigger, trainer, model_for: Callable, seed: int):
-    if spec.attack == "badnets":
-        return attacks.poison(train[:2], trigger, target_class=spec.target_class, rate=spec.rate, seed=seed)
+    if spec.attack in ("badnets", "sig", "wanet"):
+        return attacks.poison(train[:2], trigger, target_class=spec.target_class, rate=spec.rate, seed=seed,
+                              clean_label=spec.attack == "sig")
     proxy = trainer.fit(model_for(seed), train[:2], seed=seed)
+    if spec.attack == "label-consistent":
+        return attacks.label_consistent_poison(train[:2], trigger, proxy, target_class=spec.target_class,
+                                               rate=spec.rate, seed=seed, eps=spec.clean_label_eps,
+                                               steps=spec.clean_label_steps)
     art = attacks.ARTPoison("PoisoningAttackCleanLabelBackdoor", eps=spec.clean_label_eps,
                             eps_step=2.5 * spec.clean_label_eps / spec.clean_label_steps,
                             max_iter=spec.clean_label_steps)
@@ -111,7 +126,7 @@ def poisoned_seed(seed: int, splits, spec: PoisonSpec, recipes: Sequence[Recipe]
     Returns ``{"base": row, "runs": [row, ...], "n_poisoned": int, "timing": {...}}``.
     """
     train, val = as_data(splits.train, "train"), as_data(splits.val, "val")
-    trigger = attacks.Trigger.patch(tuple(splits.input_shape), size=spec.patch_size)
+    trigger = _trigger(spec, tuple(splits.input_shape), seed)
     trainer = trainer.with_retrain("scratch")
     X, y, poisoned_index = _poison_train(spec, train, trigger, trainer, lambda s: model_for(s, splits), seed)
     start = time.perf_counter()

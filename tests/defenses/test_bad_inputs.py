@@ -180,7 +180,7 @@ CASES = {
     "name-norm-attack": (lambda: attacks.PGD(0.1, norm="l1"), ValueError, r"^norm: must be one of linf, l2, got 'l1'"),
     "name-norm-defence": (lambda: run(norm="l1"), ValueError, r"^norm: must be one of linf, l2, got 'l1'"),
     "name-data-defence": (lambda: run("cifar10"), ValueError,
-                          r"^data: unknown data set 'cifar10'; valid names are mnist, mnist-full, digits, adult, moons"),
+                          r"^data: unknown data set 'cifar10'; valid names are mnist, mnist-full, fashion-mnist, fashion-mnist-full, digits, adult, moons"),
     "name-data-loader": (lambda: load_dataset("cifar10", seed=0), ValueError, r"^data: unknown data set 'cifar10'; valid"),
     "name-model": (lambda: model_factory("resnet", None), ValueError, r"^model: unknown name 'resnet'; valid names are"),
     "name-trainer": (lambda: make_trainer("free-at", epochs=1, lr=0.1, batch_size=4), ValueError,

@@ -57,3 +57,13 @@ def test_run_poisoning_checks_its_options_before_any_training():
         defenses.run_poisoning("digits", poison="sleeper", **TINY)
     with pytest.raises(ValueError, match=r"poison: unknown fields \['rates'\]"):
         defenses.run_poisoning("digits", poison={"rates": 0.1}, **TINY)
+
+
+@pytest.mark.parametrize("attack", ["sig", "wanet", "label-consistent"])
+def test_run_poisoning_runs_each_backdoor_attack(attack):
+    report = defenses.run_poisoning("digits", poison=dict(attack=attack, evidence=(10,), robust_n=20, patch_size=2),
+                                    recipes=["none"], **TINY)
+    assert report["config"]["poison"]["attack"] == attack
+    base = report["per_seed"]["base"][0]
+    assert 0 <= base["asr_backdoor"] <= 1 and base["clean_acc"] > 0.5
+    assert report["per_seed"]["runs"][0]["recipe"] == "none"
