@@ -13,6 +13,8 @@
   (:mod:`defenses.eval_suite`) over several seeds, writing ``report.json``, ``report.md``,
   ``robust_vs_cost.png`` and ``robust_vs_fraction.png`` atomically, and each seed's results as it
   completes (``resume=True`` reuses them after a crash); its options are the fields of :class:`RunConfig`.
+- :func:`run_demo`: the command line's demo (evasion on MNIST and Adult, a backdoor on MNIST), in
+  :mod:`defenses.demo`.
 - :func:`remove_poisons`: find backdoor poisons (with or without triggered evidence), remove them and
   retrain (:mod:`defenses.poison_removal`); :func:`run_poisoning`, the poisoning pipeline, measures it
   against the poisoning baselines (:mod:`defenses.poisoning`, recipes in :mod:`defenses.poison_recipes`,
@@ -24,6 +26,7 @@
 from .art_trainer import ARTTrainer
 from .lookahead import LookaheadReweighting, LookaheadWeights
 from .config import PoisoningConfig, PoisonSpec, RunConfig
+from .demo import run_demo
 from .pipeline import evaluate_on_test, run, seeded_split
 from .poison_removal import remove_poisons
 from .poisoning import run_poisoning
@@ -51,6 +54,7 @@ __all__ = [
     "run",
     "RunConfig",
     "run_poisoning",
+    "run_demo",
     "PoisoningConfig",
     "evaluate_on_test",
     "seeded_split",

@@ -25,6 +25,7 @@ import defenses
 import robust_infl
 from attacks.registry import ATTACK_NAMES, make_attack
 from defenses.config import POISON_ATTACKS, PoisoningConfig, PoisonSpec, RunConfig, help_texts
+from defenses.demo import run_demo
 from defenses.plan import EmptyBudgetWarning
 from defenses.recipes import DEFAULT_RECIPES, available_recipes, get_recipe
 from defenses.registry import TRAINER_NAMES, make_trainer
@@ -230,13 +231,17 @@ def build_parser() -> argparse.ArgumentParser:
                         help="seed of split, training and attacks (default: 0)")
 
     demo = commands.add_parser(
-        "demo", help="the README demo: MNIST subset + small CNN + PGD, Adult + logistic regression",
-        description="Run the defence and the adversarial-training references (fast-at, pgd-at, trades) on the "
-                    "MNIST subset (small CNN, PGD linf eps 0.1, 10 steps) and on Adult (logistic regression, PGD "
-                    "L2 eps 0.5, unbounded features), print the tables with each row's cost, and say which row "
-                    "to pick and why.")
+        "demo", help="the README demo: evasion (MNIST subset + small CNN + PGD, Adult + logistic regression) "
+                     "and a backdoor (poisoned MNIST subset)",
+        description="Evasion: run the defence and the adversarial-training references (fast-at, pgd-at, trades) "
+                    "on the MNIST subset (small CNN, PGD linf eps 0.1, 10 steps) and on Adult (logistic "
+                    "regression, PGD L2 eps 0.5, unbounded features). Backdoor: poison 5% of the MNIST subset "
+                    "with BadNets into class 0, then run remove_poisons with 10 triggered inputs known and "
+                    "without evidence beside ART's activation clustering and lowest loss. Print the tables with "
+                    "each row's cost, and say which row to pick and why.")
     demo.add_argument("--out", default="runs/demo",
-                      help="output folder; an earlier demo in it is replaced (default: %(default)s)")
+                      help="output folder, one subfolder per part; the demo replaces only its own earlier run "
+                           "there and refuses a folder holding other runs (default: %(default)s)")
     demo.add_argument("--quick", action="store_true", help="tiny sizes and one seed (a smoke test)")
     demo.add_argument("--no-progress", action="store_true",
                       help="hide the progress bar (shown only when stderr is a terminal)")
@@ -578,40 +583,8 @@ def _cmd_attack(args) -> int:
     return 0
 
 
-# The demo's settings: sized to finish in <= 10 minutes on 2 CPU cores (both data sets together), with the
-# adversarial-training reference rows (PGD-AT and TRADES with 3 steps) and the threat-model attack only
-# (the default evaluation suite of ``defend`` adds APGD-CE and targeted APGD-DLR, which cost more per model).
-DEMO_RUNS = {
-    "mnist": dict(data="mnist", model="cnn", attack="pgd", eps=0.1, norm="linf", steps=10, seeds=3,
-                  fractions=[0.05], epochs=5, train_steps=3, eval_attacks=()),
-    "adult": dict(data="adult", model="logreg", attack="pgd", eps=0.5, norm="l2", steps=10, seeds=3,
-                  fractions=[0.05], train_steps=3, eval_attacks=()),
-}
-DEMO_QUICK = {
-    "mnist": dict(seeds=1, n_train=600, n_val=100, n_test=200, epochs=2, steps=5),
-    "adult": dict(seeds=1, n_train=1000, n_val=300, n_test=500, epochs=2),
-}
-
-
 def _cmd_demo(args) -> int:
-    with lock_folder(args.out, "out"):
-        return _run_demo(args)
-
-
-def _run_demo(args) -> int:
-    total = time.perf_counter()
-    picks = []
-    for name, settings in DEMO_RUNS.items():
-        settings = {**settings, **(DEMO_QUICK[name] if args.quick else {})}
-        start = time.perf_counter()
-        # the demo replaces its own earlier runs (make demo twice), in its own subfolders only
-        report = defenses.run(out=Path(args.out) / name, overwrite=True, progress=not args.no_progress, **settings)
-        print(render_markdown(report))
-        print(f"[{name}: {time.perf_counter() - start:.0f} s, files in {Path(args.out) / name}]\n")
-        picks.append(f"{name}: {report['recommendation']['reason']}")
-    print("Which row to pick (the cheapest within 1 point of the most robust, clean accuracy kept):")
-    print("\n".join(f"  {line}" for line in picks))
-    print(f"demo finished in {time.perf_counter() - total:.0f} s")
+    run_demo(args.out, quick=args.quick, progress=not args.no_progress)
     return 0
 
 

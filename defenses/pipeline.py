@@ -12,7 +12,6 @@ place, :func:`evaluate_on_test`.
 from __future__ import annotations
 
 import math
-import time
 from typing import Callable, Optional, Sequence, Union
 
 import torch
@@ -21,7 +20,6 @@ from tqdm.auto import tqdm
 
 import attacks
 from attacks.inputs import as_data
-from attacks.plumbing import model_device
 from robust_infl.datasets import Splits
 from robust_infl.io import lock_folder, output_errors
 
@@ -32,6 +30,7 @@ from .recipes import DefenceContext
 from .references import erm_like
 from .report import recommend, summarise, summarise_base, write_report
 from .seed_results import SeedResults, prepare_out_folder, run_seeds
+from .timing import cost_clock, timed
 from .trainers import ERM
 
 __all__ = ["run", "execute", "evaluate_on_test", "seeded_split", "MODES", "RunPlan", "plan_run"]
@@ -67,25 +66,12 @@ def evaluate_on_test(model: nn.Module, test, attack: Callable, base_adversarial:
     return metrics, x_adv
 
 
-def _timed(fn: Callable, *args, **kwargs) -> tuple:
-    """``(fn(*args, **kwargs), {"wall": seconds, "cpu": seconds})``: wall time and this process's CPU time."""
-    wall, cpu = time.perf_counter(), time.process_time()
-    value = fn(*args, **kwargs)
-    return value, {"wall": time.perf_counter() - wall, "cpu": time.process_time() - cpu}
-
-
-def cost_clock(model: nn.Module) -> str:
-    """The clock ``cost_vs_erm`` is read from: ``"cpu"`` (this process's CPU time, which other jobs on a shared
-    machine do not inflate) for a model on the CPU, ``"wall"`` on an accelerator (whose work CPU time misses)."""
-    return "cpu" if model_device(model).type == "cpu" else "wall"
-
-
 def _run_seed(seed: int, splits: Splits, tasks: list, bar, *, model_for: Callable, attack_fn: Callable,
               base_trainer, context: dict, references: dict, cost_unit, evaluation: dict) -> dict:
     """Train the base model of ``seed``, evaluate it, then run every ``(recipe, fraction)`` task and every
     reference trainer; every row records its wall time (``train_time``), its CPU time (``train_cpu_time``) and
     its ratio to ``cost_unit``'s fit (an ERM fit of the same schedule, timed right after the base model; NaN
-    without one) on the clock of :func:`cost_clock`.
+    without one) on the clock of :func:`~defenses.timing.cost_clock`.
 
     Returns ``{"base": row, "runs": [row, ...]}``; ``context`` holds the :class:`DefenceContext`
     fields shared by the tasks, ``evaluation`` the options of :func:`evaluate_on_test`.
@@ -93,10 +79,10 @@ def _run_seed(seed: int, splits: Splits, tasks: list, bar, *, model_for: Callabl
     train, val = as_data(splits.train, "train"), as_data(splits.val, "val")
     _check_two_classes(train, seed)
     bar.set_postfix_str(f"seed {seed}: base model")
-    base, base_time = _timed(base_trainer.fit, model_for(seed, splits), train, seed=seed, val=val)
+    base, base_time = timed(base_trainer.fit, model_for(seed, splits), train, seed=seed, val=val)
     clock = cost_clock(base)
     nan = {"wall": math.nan, "cpu": math.nan}
-    erm_time = nan if cost_unit is None else _timed(cost_unit.fit, model_for(seed, splits), train, seed=seed)[1]
+    erm_time = nan if cost_unit is None else timed(cost_unit.fit, model_for(seed, splits), train, seed=seed)[1]
     if isinstance(base_trainer, ERM):  # the same fit twice: the faster one is the cost unit (no warm-up in it)
         base_time = erm_time = {k: min(base_time[k], erm_time[k]) for k in base_time}
     base_metrics, base_adversarial = evaluate_on_test(base, splits.test, attack_fn, **evaluation)
@@ -111,8 +97,8 @@ def _run_seed(seed: int, splits: Splits, tasks: list, bar, *, model_for: Callabl
     for recipe, fraction in tasks:
         bar.set_postfix_str(f"seed {seed}: {recipe.name}" + ("" if fraction is None else f" @ {fraction:g}"))
         cache["reused_seconds"] = {"wall": 0.0, "cpu": 0.0}
-        defended, seconds = _timed(recipe.fn, DefenceContext(model=base, train=train, val=val, attack=attack_fn,
-                                                             seed=seed, fraction=fraction, cache=cache, **context))
+        defended, seconds = timed(recipe.fn, DefenceContext(model=base, train=train, val=val, attack=attack_fn,
+                                                            seed=seed, fraction=fraction, cache=cache, **context))
         if defended is base:
             metrics, seconds = dict(base_metrics), base_time
         else:
@@ -123,7 +109,7 @@ def _run_seed(seed: int, splits: Splits, tasks: list, bar, *, model_for: Callabl
         bar.update()
     for name, trainer in references.items():
         bar.set_postfix_str(f"seed {seed}: reference {name}")
-        reference, seconds = _timed(trainer.fit, model_for(seed, splits), train, seed=seed, val=val)
+        reference, seconds = timed(trainer.fit, model_for(seed, splits), train, seed=seed, val=val)
         metrics, _ = evaluate_on_test(reference, splits.test, attack_fn, base_adversarial, **evaluation)
         runs.append({**row(name, None, metrics, seconds), "reference": True})
         bar.update()

@@ -22,7 +22,7 @@ from attacks.plumbing import make_generator
 
 from . import poison_detection as detect
 from .data import take
-from .poison_removal import contrast_detection, evidence_repeats, remove_poisons, with_evidence
+from .poison_removal import contrast_detection, detect_and_retrain, evidence_repeats, with_evidence
 from .recipes import register_recipe
 from .selection import budget_size, most_harmful
 
@@ -123,12 +123,7 @@ def _evidence_finetune(ctx: PoisonContext) -> Outcome:
 
 
 def _remove_poisons(ctx: PoisonContext) -> Outcome:
-    model, index = remove_poisons(ctx.model, ctx.train[:2], ctx.evidence, trainer=ctx.trainer, budget=ctx.budget,
-                                  seed=ctx.seed)
-    removed = torch.zeros(len(ctx.train[1]), dtype=torch.bool)
-    removed[index] = True
-    scores, _, _ = contrast_detection(ctx.model, ctx.train[:2], ctx.evidence, ctx.budget)
-    return Outcome(model, removed, scores)
+    return Outcome(*detect_and_retrain(ctx.model, ctx.train[:2], ctx.evidence, ctx.trainer, ctx.budget, ctx.seed))
 
 
 def _removal_only(ctx: PoisonContext) -> Outcome:

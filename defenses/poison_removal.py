@@ -29,7 +29,7 @@ from . import poison_detection as detect
 from .data import take
 from .selection import check_budget, most_harmful
 
-__all__ = ["remove_poisons", "contrast_detection", "with_evidence", "evidence_repeats"]
+__all__ = ["remove_poisons", "detect_and_retrain", "contrast_detection", "with_evidence", "evidence_repeats"]
 
 
 def evidence_repeats(trainer) -> int:
@@ -119,7 +119,15 @@ def remove_poisons(model: nn.Module, train, evidence, *, trainer, budget: float,
         raise TypeError(f"trainer: must have a fit() method, got {type(trainer).__name__}")
     if evidence is not None:
         evidence = detect.check_evidence(evidence, tuple(X.shape[1:]), int(y.max()) + 1)
+    retrained, removed, _ = detect_and_retrain(model, (X, y), evidence, trainer, budget, seed)
+    return retrained, torch.nonzero(removed).flatten()
+
+
+def detect_and_retrain(model: nn.Module, train: tuple, evidence: Optional[tuple], trainer, budget: float,
+                       seed: int) -> tuple:
+    """The work of :func:`remove_poisons` on checked inputs, its detector run once:
+    ``(retrained_model, removed_mask, scores)``."""
     trainer = trainer.with_retrain("scratch") if callable(getattr(trainer, "with_retrain", None)) else trainer
-    _, removed, _ = contrast_detection(model, (X, y), evidence, budget)
-    kept = with_evidence(take((X, y), ~removed), evidence, evidence_repeats(trainer))
-    return trainer.fit(model, kept, seed=seed), torch.nonzero(removed).flatten()
+    scores, removed, _ = contrast_detection(model, train, evidence, budget)
+    kept = with_evidence(take(train, ~removed), evidence, evidence_repeats(trainer))
+    return trainer.fit(model, kept, seed=seed), removed, scores

@@ -12,7 +12,6 @@ Its options are a :class:`~defenses.config.PoisoningConfig`, planned like the ev
 
 from __future__ import annotations
 
-import time
 from typing import Callable, Optional, Sequence
 
 import torch
@@ -30,8 +29,9 @@ from .stats import mean_std
 from .poison_recipes import PoisonContext
 from .poison_removal import contrast_detection
 from .recipes import Recipe
-from .report import POISON_BASE_METRICS, summarise_poisoned, write_report
+from .report import POISON_BASE_METRICS, recommend_poisoned, summarise_poisoned, write_report
 from .seed_results import SeedResults, prepare_out_folder, run_seeds
+from .timing import cost_clock, timed
 
 __all__ = ["run_poisoning", "execute_poisoning", "poisoned_seed"]
 
@@ -123,18 +123,19 @@ def poisoned_seed(seed: int, splits, spec: PoisonSpec, recipes: Sequence[Recipe]
     """One seed of :func:`execute_poisoning`: poison the training split, train the base model, draw the evidence,
     run every recipe (an evidence recipe once per evidence size) and measure each model on the test split.
 
-    Returns ``{"base": row, "runs": [row, ...], "n_poisoned": int, "timing": {...}}``.
+    Returns ``{"base": row, "runs": [row, ...], "n_poisoned": int, "timing": {...}}``. Every row records the
+    wall and CPU time of its recipe (detection and retraining; the base model's training for ``none``) as
+    ``train_time`` / ``train_cpu_time``, and ``cost_vs_base``: that time over the base model's training, on
+    the clock of :func:`~defenses.timing.cost_clock` (the first training of a process also pays torch's
+    warm-up, which lowers the ratios of that seed a little).
     """
     train, val = as_data(splits.train, "train"), as_data(splits.val, "val")
     trigger = _trigger(spec, tuple(splits.input_shape), seed)
     trainer = trainer.with_retrain("scratch")
     X, y, poisoned_index = _poison_train(spec, train, trigger, trainer, lambda s: model_for(s, splits), seed)
-    start = time.perf_counter()
-    base = trainer.fit(model_for(seed, splits), (X, y), seed=seed)
-    train_time = time.perf_counter() - start
-    start = time.perf_counter()
-    contrast_detection(base, (X, y), None, spec.budget)
-    detection_time = time.perf_counter() - start
+    base, base_time = timed(trainer.fit, model_for(seed, splits), (X, y), seed=seed)
+    clock = cost_clock(base)
+    detection_time = timed(contrast_detection, base, (X, y), None, spec.budget)[1]["wall"]
     test = _test_split(splits.test, spec.robust_n)
     base_row = {"seed": seed, **_test_metrics(base, test, trigger, spec.target_class, attack, eval_batch_size)}
     evidence, rest = _draw_evidence(val, trigger, spec.target_class, max(spec.evidence), seed)
@@ -148,7 +149,9 @@ def poisoned_seed(seed: int, splits, spec: PoisonSpec, recipes: Sequence[Recipe]
             ctx = PoisonContext(model=base, train=(X, y), val=rest, trainer=trainer, budget=spec.budget, seed=seed,
                                 evidence=None if size is None else (evidence[0][:size], evidence[1][:size]),
                                 progress=progress, cache=cache)
-            outcome = fn(ctx)
+            outcome, seconds = timed(fn, ctx)
+            if outcome.model is base:
+                seconds = base_time
             metrics = (dict(base_row) if outcome.model is base else
                        _test_metrics(outcome.model, test, trigger, spec.target_class, attack, eval_batch_size))
             metrics.pop("seed", None)
@@ -157,7 +160,10 @@ def poisoned_seed(seed: int, splits, spec: PoisonSpec, recipes: Sequence[Recipe]
             runs.append({"seed": seed, "recipe": name, "evidence": size, "threat": threat, **metrics,
                          "precision": found["precision"] if outcome.removed is not None else None,
                          "recall": found["recall"] if outcome.removed is not None else None,
-                         "auroc": found["auroc"], "removed_share": found["removed"] / len(y)})
+                         "auroc": found["auroc"], "removed_share": found["removed"] / len(y),
+                         "train_time": seconds["wall"], "train_cpu_time": seconds["cpu"],
+                         "cost_vs_base": seconds[clock] / base_time[clock]})
+    train_time = base_time["wall"]
     return {"base": base_row, "runs": runs, "n_poisoned": int(poisoned_index.numel()),
             "timing": {"train_s": train_time, "detection_s": detection_time,
                        "detection_over_epoch": detection_time / (train_time / max(1, getattr(trainer, "epochs", 1)))}}
@@ -188,6 +194,7 @@ def execute_poisoning(plan: RunPlan) -> dict:
               "base": {m: mean_std(r[m] for r in base_rows) for m in POISON_BASE_METRICS},
               "per_seed": {"base": base_rows, "runs": rows, "timing": [r["timing"] for r in per_seed]},
               "summary": summarise_poisoned(rows, config["recipes"])}
+    report["recommendation"] = recommend_poisoned(report["summary"])
     if s.out is not None:
         write_report(report, s.out)
     return report

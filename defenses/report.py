@@ -12,8 +12,10 @@ ratio to one ERM fit (CPU time on the CPU, wall time on an accelerator).
 
 A poisoning report (:func:`defenses.run_poisoning`, its ``config`` holds ``poison``) has per-seed rows
 ``{"seed", "recipe", "evidence", "threat", "clean_acc", "asr_backdoor", "robust_acc_adaptive", "precision",
-"recall", "auroc", "removed_share"}`` (:data:`POISON_METRICS`), summarised per recipe and evidence size by
-:func:`summarise_poisoned`. :func:`render_markdown` and :func:`write_report` write both kinds.
+"recall", "auroc", "removed_share", "train_time", "train_cpu_time", "cost_vs_base"}``
+(:data:`POISON_METRICS` and the recipe's time; ``cost_vs_base`` is its ratio to the base model's
+training), summarised per recipe and evidence size by :func:`summarise_poisoned`;
+:func:`recommend_poisoned` picks the row to use. :func:`render_markdown` and :func:`write_report` write both kinds.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from .stats import half_width, mean_std, paired_difference
 
 __all__ = ["METRICS", "POISON_METRICS", "POISON_BASE_METRICS", "mean_std", "paired_difference", "format_interval",
            "summarise", "summarise_base", "summarise_poisoned", "without_timing", "TIMING_KEYS", "recommend",
+           "recommend_poisoned",
            "pareto_front", "is_poisoning", "render_markdown", "plot_robust_vs_fraction", "plot_robust_vs_cost",
            "plot_asr_by_recipe", "write_report"]
 
@@ -39,7 +42,7 @@ _ATTACK_METRICS = ("robust_acc", "asr")
 
 
 # wall-time measurements (evasion rows; a poisoning run's per-seed "timing") and what reads them
-TIMING_KEYS = ("train_time", "train_cpu_time", "cost_vs_erm", "recommendation", "timing")
+TIMING_KEYS = ("train_time", "train_cpu_time", "cost_vs_erm", "cost_vs_base", "recommendation", "timing")
 
 
 def without_timing(value):
@@ -94,7 +97,8 @@ def summarise(rows: list, recipes: Iterable[str], fractions: Iterable[float], *,
 
 
 def summarise_poisoned(rows: list, recipes: Sequence[str]) -> list:
-    """Per (recipe, evidence): each metric's mean ± std over seeds, paired differences vs ``none`` and ``random``."""
+    """Per (recipe, evidence): each metric's mean ± std over seeds (and ``cost_vs_base``'s, None when a seed file
+    written before it was measured lacks it), paired differences vs ``none`` and ``random``."""
     by_key: dict = {}
     for row in rows:
         by_key.setdefault((row["recipe"], row["evidence"]), {})[row["seed"]] = row
@@ -106,6 +110,8 @@ def summarise_poisoned(rows: list, recipes: Sequence[str]) -> list:
             values = [runs[s][metric] for s in seeds]
             entry[metric] = None if any(v is None or (isinstance(v, float) and math.isnan(v)) for v in values) \
                 else mean_std(values)
+        costs = [runs[s].get("cost_vs_base") for s in seeds]
+        entry["cost_vs_base"] = None if None in costs else mean_std(costs)
         for control in ("none", "random"):
             other = by_key.get((control, None))
             if other is None or control == recipe or set(other) != set(runs):
@@ -163,6 +169,62 @@ def recommend(summary: list, *, tolerance: float = 0.01) -> dict:
         reason += (f"; if {lost:.1f} clean points are affordable, {_name(strongest)} is more robust "
                    f"({100 * strongest['robust_acc_adaptive']['mean']:.1f}, {strongest['cost_vs_erm']['mean']:.2f}x)")
     return {"recipe": pick["recipe"], "fraction": pick["fraction"], "reason": reason + "."}
+
+
+def _poison_label(entry: dict) -> str:
+    return entry["recipe"] + ("" if entry["evidence"] is None else f" K={entry['evidence']}")
+
+
+def _poison_cost(entry: dict) -> float:
+    return math.inf if entry.get("cost_vs_base") is None else entry["cost_vs_base"]["mean"]
+
+
+def _pick_against_backdoor(entries: list, none: Optional[dict], tolerance: float) -> dict:
+    allowed = [e for e in entries if none is None or e["clean_acc"]["mean"] >= none["clean_acc"]["mean"] - tolerance]
+    allowed = allowed or list(entries)
+    lowest = min(e["asr_backdoor"]["mean"] for e in allowed)
+    close = [e for e in allowed if e["asr_backdoor"]["mean"] <= lowest + tolerance]
+    return min(close, key=lambda e: (_poison_cost(e), e["asr_backdoor"]["mean"]))
+
+
+def _describe_pick(entry: dict, none: Optional[dict]) -> str:
+    parts = [f"backdoor ASR {100 * entry['asr_backdoor']['mean']:.1f}"
+             + ("" if none is None else f" (none {100 * none['asr_backdoor']['mean']:.1f})")]
+    if entry.get("recall") is not None:
+        parts.append(f"{100 * entry['recall']['mean']:.1f}% of the poisons removed")
+    parts.append(f"clean {100 * entry['clean_acc']['mean']:.1f}"
+                 + ("" if none is None else f" (none {100 * none['clean_acc']['mean']:.1f})"))
+    cost = _poison_cost(entry)
+    parts.append("cost not measured" if math.isinf(cost) else f"{cost:.2f}x the base model's training")
+    return f"pick {_poison_label(entry)}: " + ", ".join(parts)
+
+
+def recommend_poisoned(summary: list, *, tolerance: float = 0.01) -> dict:
+    """The row of a poisoning summary (:func:`summarise_poisoned`) to pick against the backdoor, per defender
+    threat model: with the trigger unknown (the rows that need no evidence) and with evidence known (every
+    row). Among the rows whose clean accuracy is at most ``tolerance`` below ``none``'s (all rows when none
+    qualifies or ``none`` was not run), the cheapest (mean ``cost_vs_base``) whose mean backdoor ASR is
+    within ``tolerance`` of the lowest.
+
+    Returns ``{"unknown": label or None, "evidence": label or None, "reason": one line}`` (labels as in
+    the report: ``recipe`` or ``recipe K=<evidence size>``; figures in %). The reason also names the
+    lowest ASR of the rows not picked.
+    """
+    none = next((e for e in summary if e["recipe"] == "none"), None)
+    unknown = [e for e in summary if e["threat"] != "evidence"]
+    picks = {"unknown": _pick_against_backdoor(unknown, none, tolerance) if unknown else None,
+             "evidence": (_pick_against_backdoor(summary, none, tolerance)
+                          if len(unknown) < len(summary) else None)}
+    clauses = [f"{threat}: {_describe_pick(pick, none)}"
+               for threat, pick in (("trigger unknown", picks["unknown"]), ("evidence known", picks["evidence"]))
+               if pick is not None]
+    others = [e for e in summary if e["recipe"] != "none" and all(e is not p for p in picks.values())]
+    if others:
+        best = min(others, key=lambda e: e["asr_backdoor"]["mean"])
+        clauses.append(f"best other row: {_poison_label(best)}, "
+                       f"backdoor ASR {100 * best['asr_backdoor']['mean']:.1f}")
+    labels = {key: None if pick is None else _poison_label(pick) for key, pick in picks.items()}
+    return {**labels, "reason": "; ".join(clauses) + "."}
 
 
 def _pct(stat: Optional[dict], scale: float = 100.0, digits: int = 1) -> str:
@@ -270,19 +332,23 @@ def _render_poisoning(report: dict) -> str:
              f"{spec['patch_size']}x{spec['patch_size']}; budget {spec['budget']:g} of the training split; "
              f"evasion attack {cfg['attack']}; seeds {cfg['seeds']}.", "",
              "| recipe | threat | K | clean acc | backdoor ASR | Δ ASR vs none | Δ clean vs none | precision | recall "
-             "| AUROC | robust acc | removed |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| AUROC | robust acc | removed | cost vs base |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for e in report["summary"]:
         vs_none = e.get("vs_none", {})
         lines.append(
             f"| {e['recipe']} | {e['threat']} | {e['evidence'] or '–'} | {_pct(e['clean_acc'])} "
             f"| {_pct(e['asr_backdoor'])} | {_delta(vs_none.get('asr_backdoor'), std=False)} "
             f"| {_delta(vs_none.get('clean_acc'), std=False)} | {_pct(e['precision'])} | {_pct(e['recall'])} "
-            f"| {_pct(e['auroc'], 1.0, 3)} | {_pct(e['robust_acc_adaptive'])} | {_pct(e['removed_share'])} |")
+            f"| {_pct(e['auroc'], 1.0, 3)} | {_pct(e['robust_acc_adaptive'])} | {_pct(e['removed_share'])} "
+            f"| {'–' if e.get('cost_vs_base') is None else format(e['cost_vs_base']['mean'], '.2f')} |")
     lines += ["", "Percentages (AUROC as a number), mean ± std over seeds; Δ paired per seed with the 95% t-interval. "
               "Backdoor ASR: triggered test inputs of the other classes classified as the target class. "
               "Precision / recall of the removed samples against the true poisons; robust acc: the evasion "
-              "attack re-run on each model."]
+              "attack re-run on each model; cost vs base: the recipe's time (detection and retraining) over the "
+              "base model's training."]
+    if report.get("recommendation"):
+        lines += ["", f"**Recommendation:** {report['recommendation']['reason']}"]
     return "\n".join(lines) + "\n"
 
 

@@ -26,7 +26,7 @@ from typing import Any, Callable, Mapping, Optional, Sequence
 from robust_infl.io import PathLike, atomic_write_json, check_output_folder, json_safe
 from robust_infl.store import data_hash
 
-__all__ = ["SeedResults", "SEEDS_DIR", "FORMAT_VERSION", "RUN_FILES", "prepare_out_folder", "run_seeds",
+__all__ = ["SeedResults", "SEEDS_DIR", "FORMAT_VERSION", "RUN_FILES", "run_files", "prepare_out_folder", "run_seeds",
            "record_checksum", "read_seed_file"]
 
 SEEDS_DIR = "seeds"
@@ -35,6 +35,12 @@ RUN_FILES = ("report.json", "report.md", "robust_vs_fraction.png", "robust_vs_co
              "asr_by_recipe.png")  # what write_report and the poisoning report write
 # Result keys holding a share in [0, 1] (accuracies and attack success rates), checked on load.
 SHARE_KEY = re.compile(r"^(.*_)?(acc|asr|precision|recall|auroc)(_.*)?$")
+
+
+def run_files(folder: Path) -> list:
+    """The files of an earlier run in ``folder``: its reports and plots (:data:`RUN_FILES`) and per-seed files."""
+    return [folder / name for name in RUN_FILES if (folder / name).exists()] + sorted(
+        (folder / SEEDS_DIR).glob("seed_*.json"))
 
 
 def prepare_out_folder(out: PathLike, *, resume: bool, overwrite: bool) -> Path:
@@ -50,8 +56,7 @@ def prepare_out_folder(out: PathLike, *, resume: bool, overwrite: bool) -> Path:
         raise ValueError("overwrite: cannot be combined with resume (resume reuses the folder's seeds, "
                          "overwrite deletes them); pass one of them")
     folder = check_output_folder(out, "out")
-    earlier = [folder / name for name in RUN_FILES if (folder / name).exists()]
-    earlier += sorted((folder / SEEDS_DIR).glob("seed_*.json"))
+    earlier = run_files(folder)
     if earlier and not resume:
         if not overwrite:
             shown = ", ".join(str(p.relative_to(folder)) for p in earlier[:3]) + (", ..." if len(earlier) > 3 else "")

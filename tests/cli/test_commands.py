@@ -107,20 +107,6 @@ def test_attack_prints_clean_and_robust_accuracy(capsys):
     assert "| (clean) |" in out and "| fgsm |" in out and "| linear |" in out and "| worst case |" in out
 
 
-def test_demo_runs_both_data_sets(tmp_path, capsys, monkeypatch):
-    """The demo command on its quick settings, shrunk further so the test stays short."""
-    monkeypatch.setitem(cli.DEMO_QUICK, "mnist", dict(seeds=1, n_train=150, n_val=50, n_test=50, epochs=1, steps=2))
-    monkeypatch.setitem(cli.DEMO_QUICK, "adult", dict(seeds=1, n_train=300, n_val=100, n_test=100, epochs=1))
-    assert cli.main(["demo", "--quick", "--no-progress", "--out", str(tmp_path)]) == 0
-    out = capsys.readouterr().out
-    assert "mnist / cnn / pgd" in out and "adult / logreg / pgd" in out and "demo finished" in out
-    assert (tmp_path / "mnist" / "report.md").exists() and (tmp_path / "adult" / "report.md").exists()
-    for name in ("mnist", "adult"):  # each run attacked with the threat model the demo declares for it
-        config = json.loads((tmp_path / name / "report.json").read_text())["config"]
-        assert (config["eps"], config["norm"]) == (cli.DEMO_RUNS[name]["eps"], cli.DEMO_RUNS[name]["norm"])
-        assert config["attack_settings"]["eps"] == config["eps"] and config["attack_settings"]["norm"] == config["norm"]
-
-
 @pytest.mark.parametrize(
     "argv, message",
     [

@@ -14,6 +14,9 @@ import defenses
 import robust_infl as ri
 from defenses import poison_detection as detect
 from defenses.poison_removal import contrast_detection
+from defenses.poison_recipes import PoisonContext
+from defenses.recipes import get_recipe
+from defenses.report import recommend_poisoned
 
 
 def per_sample_gradients(model, x, y):
@@ -177,6 +180,10 @@ def test_defend_cli_with_poison_writes_the_backdoor_fields(tmp_path):
         for metric in ("clean_acc", "asr_backdoor", "robust_acc_adaptive"):
             assert 0 <= entry[metric]["mean"] <= 1
     assert (out / "report.md").exists() and (out / "asr_by_recipe.png").exists()
+    assert all(entry["cost_vs_base"]["mean"] > 0 for entry in report["summary"])
+    assert report["recommendation"]["unknown"] in ("none", "random")
+    assert report["recommendation"]["evidence"] in ("none", "random", "remove-poisons K=10")
+    assert f"**Recommendation:** {report['recommendation']['reason']}" in (out / "report.md").read_text()
     with pytest.raises(SystemExit):
         main(["defend", "--poison", "sleeper"])
 
@@ -199,3 +206,56 @@ def test_evidence_target_class_is_where_the_misclassified_evidence_goes():
     X = torch.stack([predicted.double(), torch.zeros(10, dtype=torch.float64)], dim=1)
     assert detect.evidence_target_class(FixedPredictions(), (X, y_true)) == 3
     assert detect.evidence_target_class(FixedPredictions(), (X, predicted)) == 1  # none misclassified: the mode
+
+
+def summary_entry(recipe, evidence, threat, clean, asr, cost, recall=None):
+    stat = lambda value: {"mean": value, "std": 0.0}  # noqa: E731
+    return {"recipe": recipe, "evidence": evidence, "threat": threat, "clean_acc": stat(clean),
+            "asr_backdoor": stat(asr), "recall": None if recall is None else stat(recall), "cost_vs_base": stat(cost)}
+
+
+def test_the_backdoor_recommendation_is_the_cheapest_row_near_the_lowest_attack_success_per_threat_model():
+    summary = [
+        summary_entry("none", None, "none", 0.930, 0.99, 1.0),
+        summary_entry("low-loss", None, "unknown", 0.925, 0.005, 1.1, 0.6),      # lowest ASR of the unknown rows
+        summary_entry("knn-label", None, "unknown", 0.910, 0.000, 0.5, 0.8),     # lower still, but loses 2 clean points
+        summary_entry("remove-poisons-unknown", None, "unknown", 0.931, 0.012, 1.3, 0.99),  # within 1 point, dearer
+        summary_entry("activation-defence", None, "unknown", 0.928, 0.012, 0.9, 0.7),  # within 1 point, cheapest
+        summary_entry("remove-poisons", 10, "evidence", 0.935, 0.003, 1.4, 0.99),
+        summary_entry("evidence-retrain", 10, "evidence", 0.936, 0.30, 1.2),
+    ]
+    pick = recommend_poisoned(summary)
+    assert pick["unknown"] == "activation-defence"
+    assert pick["evidence"] == "activation-defence"  # the evidence-known defender may use every row
+    assert pick["reason"].startswith("trigger unknown: pick activation-defence: backdoor ASR 1.2 (none 99.0), 70.0% "
+                                     "of the poisons removed, clean 92.8 (none 93.0), 0.90x the base model's training;")
+    assert pick["reason"].endswith("best other row: knn-label, backdoor ASR 0.0.")
+    summary[4]["cost_vs_base"]["mean"] = 1.5
+    pick = recommend_poisoned(summary)
+    assert (pick["unknown"], pick["evidence"]) == ("low-loss", "low-loss")
+    summary[1]["asr_backdoor"]["mean"], summary[5]["asr_backdoor"]["mean"] = 0.05, 0.0
+    pick = recommend_poisoned(summary)
+    assert (pick["unknown"], pick["evidence"]) == ("remove-poisons-unknown", "remove-poisons K=10")
+    assert recommend_poisoned(summary[:5])["evidence"] is None  # no evidence rows were run
+
+
+@pytest.mark.parametrize("with_evidence", [True, False])
+def test_the_remove_poisons_recipe_runs_the_detector_once_and_matches_the_public_call(poisoned_digits, monkeypatch,
+                                                                                      with_evidence):
+    model, train, index, evidence, trainer, *_ = poisoned_digits
+    evidence = evidence if with_evidence else None
+    calls = []
+
+    def counted(*args, **kwargs):
+        calls.append(1)
+        return contrast_detection(*args, **kwargs)
+
+    monkeypatch.setattr(defenses.poison_removal, "contrast_detection", counted)
+    recipe = get_recipe("remove-poisons" if with_evidence else "remove-poisons-unknown", pipeline="poisoning")
+    outcome = recipe.fn(PoisonContext(model=model, train=train, val=train, evidence=evidence, trainer=trainer,
+                                      budget=0.1, seed=0))
+    assert len(calls) == 1
+    repaired, removed = defenses.remove_poisons(model, train, evidence, trainer=trainer, budget=0.1, seed=0)
+    assert torch.equal(torch.nonzero(outcome.removed).flatten(), removed)
+    assert torch.equal(outcome.scores, contrast_detection(model, train, evidence, 0.1)[0])
+    assert all(torch.equal(a, b) for a, b in zip(outcome.model.state_dict().values(), repaired.state_dict().values()))
