@@ -11,8 +11,8 @@
 Each part writes its report into its own subfolder of ``out``; ``out/demo.json`` records every run
 file the demo wrote with its SHA-256, so that a later demo replaces only its own earlier run. A
 folder holding any other run (a report or per-seed file the record does not vouch for) is refused
-before any compute. ``out`` is held for the whole demo (:func:`robust_infl.io.lock_folder`), and a
-failed write there names it (:func:`robust_infl.io.output_errors`).
+before any compute. ``out`` is held for the whole demo (:func:`robust_infl.io.held_output`: one run at a time, and a
+failed write there names it).
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 from typing import Callable
 
-from robust_infl.io import PathLike, atomic_write_json, lock_folder, output_errors
+from robust_infl.io import PathLike, atomic_write_json, held_output
 
 from .pipeline import run
 from .poisoning import run_poisoning
@@ -119,7 +119,7 @@ def run_demo(out: PathLike = "runs/demo", *, quick: bool = False, progress: bool
              echo: Callable[[str], None] = print) -> dict:
     """Run the demo (see the module's docstring) into ``out``, printing through ``echo``; returns its reports
     by part. ``quick``: tiny sizes and one seed (a smoke test)."""
-    with lock_folder(out, "out") as folder, output_errors("out", folder):
+    with held_output(out) as folder:
         _check_demo_folder(folder)
         return _run_parts(folder, quick, progress, echo)
 

@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 import attacks
 from attacks.inputs import as_data
 from robust_infl.datasets import Splits
-from robust_infl.io import lock_folder, output_errors
+from robust_infl.io import held_output
 
 from .eval_suite import build_suite, evaluate_suite
 from .config import RunConfig, config_from_options
@@ -165,12 +165,10 @@ def execute(plan: RunPlan) -> dict:
     each reference trainer (:func:`_run_seed`); the per-seed results are saved and reused on resume
     by :func:`defenses.seed_results.run_seeds`. The report's ``config`` is :meth:`RunPlan.config`.
 
-    ``out`` is held for the whole run (:func:`robust_infl.io.lock_folder`: a second run into it is
-    refused), and a failed write there names it (:func:`robust_infl.io.output_errors`).
+    ``out`` is held for the whole run (:func:`robust_infl.io.held_output`: a second run into it is
+    refused, and a failed write there names it).
     """
-    if plan.settings.out is None:
-        return _execute(plan)
-    with lock_folder(plan.settings.out, "out"), output_errors("out", plan.settings.out):
+    with held_output(plan.settings.out):
         return _execute(plan)
 
 

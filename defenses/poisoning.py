@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 import attacks
 from attacks.inputs import as_data
 from attacks.plumbing import make_generator
+from robust_infl.io import held_output
 
 from . import poison_detection as detect
 from .config import PoisoningConfig, PoisonSpec, config_from_options
@@ -171,7 +172,13 @@ def poisoned_seed(seed: int, splits, spec: PoisonSpec, recipes: Sequence[Recipe]
 
 def execute_poisoning(plan: RunPlan) -> dict:
     """Run the plan of a :class:`~defenses.config.PoisoningConfig` (see :func:`run_poisoning`) and return (and with
-    ``out`` write) its report; the per-seed loop is :func:`defenses.seed_results.run_seeds`."""
+    ``out`` write) its report; the per-seed loop is :func:`defenses.seed_results.run_seeds`. ``out`` is held
+    for the whole run (:func:`robust_infl.io.held_output`: a second run into it is refused)."""
+    with held_output(plan.settings.out):
+        return _execute_poisoning(plan)
+
+
+def _execute_poisoning(plan: RunPlan) -> dict:
     s, spec = plan.settings, plan.poison
     if s.out is not None:
         prepare_out_folder(s.out, resume=s.resume, overwrite=s.overwrite)

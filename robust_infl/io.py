@@ -57,6 +57,7 @@ __all__ = [
     "LOCK_FILE",
     "StaleLockWarning",
     "output_errors",
+    "held_output",
     "file_sha256",
     "write_checksum",
     "verify_checksum",
@@ -337,6 +338,18 @@ def lock_folder(folder: PathLike, name: str) -> Iterator[Path]:
             path.unlink(missing_ok=True)
         finally:
             handle.close()
+
+
+@contextmanager
+def held_output(folder: Union[PathLike, None], name: str = "out") -> Iterator[Union[Path, None]]:
+    """An output folder held for a whole run: :func:`lock_folder` (one run at a time) and
+    :func:`output_errors` (a failed write names ``name`` and the file); yields the folder. ``None`` (the run
+    writes nothing) holds nothing and yields None."""
+    if folder is None:
+        yield None
+        return
+    with lock_folder(folder, name) as held, output_errors(name, held):
+        yield held
 
 
 def file_sha256(path: PathLike) -> str:

@@ -127,6 +127,7 @@ def test_a_second_run_into_a_folder_in_use_is_refused_naming_the_folder_and_the_
     try:
         for argv in (["defend", *TINY, "--out", str(tmp_path / "run")],
                      ["defend", *TINY, "--resume", "--out", str(tmp_path / "run")],
+                     ["defend", *TINY, "--poison", "badnets", "--out", str(tmp_path / "run")],
                      ["demo", "--quick", "--no-progress", "--out", str(tmp_path / "run")],
                      ["score", *TINY, "--store", str(tmp_path / "run"), "--out", str(tmp_path / "s.npy")]):
             assert _run_cli(argv) == 2
