@@ -166,6 +166,7 @@ def test_bad_adapter_arguments_raise_errors_naming_the_argument():
         TorchAttacks("APGD", eps=0.1)(model, x, y + 2)
 
 
+@pytest.mark.slow  # about 20 s: the authors' full AutoAttack on a superset of the images
 def test_autoattack_authors_backend_agrees_with_torchattacks_within_one_point(digits_cnn):
     model, X, y = digits_cnn
     X, y = X[:100], y[:100]

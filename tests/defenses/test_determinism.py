@@ -14,6 +14,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -79,6 +80,7 @@ def fingerprints(seed: int) -> dict:
     return out
 
 
+@pytest.mark.slow  # runs the whole fingerprint in fresh processes
 def test_same_seed_is_bitwise_identical_within_and_across_processes():
     """Twice in this process, and once in a fresh process (started first, it runs alongside)."""
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": str(torch.get_num_threads())}
@@ -93,6 +95,7 @@ def test_same_seed_is_bitwise_identical_within_and_across_processes():
     assert json.loads(out.strip().splitlines()[-1]) == first
 
 
+@pytest.mark.slow
 def test_a_different_seed_changes_what_is_random():
     zero, one = fingerprints(0), fingerprints(1)
     for part in RANDOM_PARTS:
