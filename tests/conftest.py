@@ -237,3 +237,17 @@ def fashion_mnist_installed() -> bool:
     except FileNotFoundError:
         return False
     return True
+
+
+def tiny_cnn_problem(n_train: int, n_target: int) -> tuple:
+    """``(model, (x, y), (xt, yt))``: a seeded float64 CNN (177 parameters, 3 classes, eval mode) and seeded
+    6x6 one-channel images with random labels, for checks against a peer library on the same model."""
+    torch.manual_seed(3)
+    model = torch.nn.Sequential(torch.nn.Conv2d(1, 3, 3), torch.nn.ReLU(), torch.nn.Flatten(),
+                                torch.nn.Linear(48, 3)).double().eval()
+    generator = torch.Generator().manual_seed(0)
+    x = torch.rand(n_train, 1, 6, 6, generator=generator, dtype=torch.float64)
+    y = torch.randint(0, 3, (n_train,), generator=generator)
+    xt = torch.rand(n_target, 1, 6, 6, generator=generator, dtype=torch.float64)
+    yt = torch.randint(0, 3, (n_target,), generator=generator)
+    return model, (x, y), (xt, yt)

@@ -22,7 +22,7 @@ from torch import nn
 import robust_infl as ri
 from robust_infl.methods.ekfac import clear_cache
 
-from conftest import pearson
+from conftest import pearson, tiny_cnn_problem
 
 kronfluence = pytest.importorskip("kronfluence", reason="needs the ekfac extra (kronfluence)")
 from kronfluence.analyzer import Analyzer, prepare_model  # noqa: E402
@@ -33,19 +33,9 @@ N_TRAIN, N_TARGET = 60, 20
 pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning")  # Kronfluence uses torch.cuda.amp
 
 
-def tiny_cnn() -> nn.Module:
-    torch.manual_seed(3)
-    return nn.Sequential(nn.Conv2d(1, 3, 3), nn.ReLU(), nn.Flatten(), nn.Linear(48, 3)).double().eval()
-
-
 @pytest.fixture
 def problem():
-    generator = torch.Generator().manual_seed(0)
-    x = torch.rand(N_TRAIN, 1, 6, 6, generator=generator, dtype=torch.float64)
-    y = torch.randint(0, 3, (N_TRAIN,), generator=generator)
-    xt = torch.rand(N_TARGET, 1, 6, 6, generator=generator, dtype=torch.float64)
-    yt = torch.randint(0, 3, (N_TARGET,), generator=generator)
-    return tiny_cnn(), (x, y), (xt, yt)
+    return tiny_cnn_problem(N_TRAIN, N_TARGET)
 
 
 class DirectTask(Task):

@@ -28,7 +28,7 @@ from torch import nn
 
 import robust_infl as ri
 
-from conftest import flat_grad, pearson
+from conftest import flat_grad, pearson, tiny_cnn_problem
 
 pytest.importorskip("trak", reason="needs the trak extra (traker)")
 from trak import TRAKer  # noqa: E402
@@ -38,19 +38,9 @@ PROJ_DIM = 150  # > 100: TRAKer 0.3.2 frees its one-block CPU projection matrix 
 SEED = 5
 
 
-def tiny_cnn() -> nn.Module:
-    torch.manual_seed(3)
-    return nn.Sequential(nn.Conv2d(1, 3, 3), nn.ReLU(), nn.Flatten(), nn.Linear(48, 3)).double().eval()  # 177 params
-
-
 @pytest.fixture
 def problem():
-    generator = torch.Generator().manual_seed(0)
-    x = torch.rand(N_TRAIN, 1, 6, 6, generator=generator, dtype=torch.float64)
-    y = torch.randint(0, 3, (N_TRAIN,), generator=generator)
-    xt = torch.rand(N_TARGET, 1, 6, 6, generator=generator, dtype=torch.float64)
-    yt = torch.randint(0, 3, (N_TARGET,), generator=generator)
-    return tiny_cnn(), (x, y), (xt, yt)
+    return tiny_cnn_problem(N_TRAIN, N_TARGET)
 
 
 def direct_traker(model, train, target, tmp_path, damping=0.0, grad_wrt=None):
