@@ -42,7 +42,9 @@ def test_options_are_frozen_normalised_and_default_as_influence():
                                               aggregate=True)
 
 
-def test_influence_passes_its_keywords_down_as_one_scoring_options(monkeypatch):
+@pytest.fixture
+def seen_options(monkeypatch) -> list:
+    """Every method call records its problem's ``ScoringOptions`` here (and scores zeros) instead of scoring."""
     seen = []
 
     def record(problem):
@@ -50,6 +52,11 @@ def test_influence_passes_its_keywords_down_as_one_scoring_options(monkeypatch):
         return torch.zeros(problem.n_train)
 
     monkeypatch.setattr(ri.api, "get_method", lambda name: record)
+    return seen
+
+
+def test_influence_passes_its_keywords_down_as_one_scoring_options(seen_options):
+    seen = seen_options
     torch.manual_seed(0)
     X, y = torch.randn(12, 4), torch.randint(0, 3, (12,))
     model = MLP(4, 3, hidden=(5,))
@@ -81,14 +88,8 @@ def test_both_entry_points_take_the_options_as_one_value_or_as_keywords_with_the
                                rtol=1e-10, atol=1e-12)
 
 
-def test_a_keyword_wins_over_the_same_field_of_options(monkeypatch):
-    seen = []
-
-    def record(problem):
-        seen.append(problem.options)
-        return torch.zeros(problem.n_train)
-
-    monkeypatch.setattr(ri.api, "get_method", lambda name: record)
+def test_a_keyword_wins_over_the_same_field_of_options(seen_options):
+    seen = seen_options
     model, train, target = _setting()
     ri.influence(model, train, target, objective=ri.Utility(), options=ScoringOptions(seed=5, batch_size=3),
                  batch_size=8, progress=False)
