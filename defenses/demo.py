@@ -17,13 +17,12 @@ failed write there names it).
 
 from __future__ import annotations
 
-import hashlib
 import json
 import time
 from pathlib import Path
 from typing import Callable
 
-from robust_infl.io import PathLike, atomic_write_json, held_output
+from robust_infl.io import PathLike, atomic_write_json, file_sha256, held_output
 
 from .pipeline import run
 from .poisoning import run_poisoning
@@ -59,10 +58,6 @@ DEMO_BACKDOOR_QUICK = {
 RECORD = "demo.json"  # in ``out``: the run files each part wrote, with their SHA-256
 
 
-def _sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
 def _read_record(folder: Path) -> dict:
     """``{part: {"finished": bool, "files": {relative path: sha256}}}`` from ``folder / RECORD`` ({} if none)."""
     try:
@@ -83,14 +78,14 @@ def _foreign_run_files(folder: Path, record: dict) -> list:
             part = record.get(name.split("/")[0])
             if not isinstance(part, dict) or "/" not in name:
                 foreign.append(name)
-            elif part.get("finished") and part.get("files", {}).get(name) != _sha256(path):
+            elif part.get("finished") and part.get("files", {}).get(name) != file_sha256(path):
                 foreign.append(name)
     return foreign
 
 
 def _check_demo_folder(folder: Path) -> None:
-    """Check, before any compute, that the demo may write into ``folder`` (checked and locked by
-    :func:`~robust_infl.io.lock_folder`): it holds no run but the demo's own earlier one (``ValueError``
+    """Check, before any compute, that the demo may write into ``folder`` (checked and held by
+    :func:`~robust_infl.io.held_output`): it holds no run but the demo's own earlier one (``ValueError``
     naming ``out``)."""
     foreign = _foreign_run_files(folder, _read_record(folder))
     if foreign:
@@ -101,7 +96,7 @@ def _check_demo_folder(folder: Path) -> None:
 
 def _record_part(folder: Path, part: str, finished: bool) -> None:
     record = _read_record(folder)
-    files = {p.relative_to(folder).as_posix(): _sha256(p) for p in run_files(folder / part)} if finished else {}
+    files = {p.relative_to(folder).as_posix(): file_sha256(p) for p in run_files(folder / part)} if finished else {}
     record[part] = {"finished": finished, "files": files}
     atomic_write_json(folder / RECORD, {"written_by": "robust-infl demo", "parts": record})
 
