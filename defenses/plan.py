@@ -181,7 +181,7 @@ def plan_run(config: SharedConfig) -> RunPlan:
     first = splits_for(seeds[0])
     n_train = int(first.train[0].shape[0])
     for fraction in fractions:
-        if check_budget(n_train, fraction, "fractions", "training samples") == 0:
+        if check_budget(n_train, fraction, "fractions", "training samples") == 0 and any(r.uses_budget for r in chosen):
             warnings.warn(f"fractions: {fraction:g} of {n_train} training samples selects none of them (the budget "
                           f"is fraction * n rounded half up), so its rows defend nothing; use at least "
                           f"{0.5 / n_train:g}", EmptyBudgetWarning, stacklevel=3)

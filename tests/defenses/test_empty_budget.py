@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 
 import defenses
@@ -20,3 +22,10 @@ def test_a_budget_selecting_no_sample_is_reported_with_the_sample_count():
 
 def test_the_warning_is_also_a_value_error_for_callers_that_refuse_it():
     assert issubclass(EmptyBudgetWarning, ValueError) and issubclass(EmptyBudgetWarning, UserWarning)
+
+
+def test_no_warning_where_no_recipe_uses_the_budget():
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", EmptyBudgetWarning)
+        defenses.run("moons", "logreg", "pgd", fractions=[0.01], recipes=["none"], seeds=1, epochs=1, n_train=40,
+                     n_val=20, n_test=20, references=(), eval_attacks=(), progress=False)
