@@ -22,7 +22,7 @@ from __future__ import annotations
 
 from pathlib import Path
 import math
-from typing import Iterable, Optional, Sequence
+from typing import Callable, Iterable, Optional, Sequence
 
 from robust_infl.io import atomic_write, atomic_write_json, atomic_write_text
 
@@ -139,6 +139,19 @@ def pareto_front(summary: list, metric: str = "robust_acc_adaptive") -> list:
     return sorted((e for e in summary if not dominated(e)), key=lambda e: e["cost_vs_erm"]["mean"])
 
 
+def _cheapest_near_best(entries: list, none: Optional[dict], tolerance: float, score: Callable[[dict], float],
+                        cost: Callable[[dict], float]) -> tuple:
+    """The one selection rule of both pipelines' recommendations: among the ``entries`` whose mean clean accuracy
+    is at most ``tolerance`` below ``none``'s (all of them when none qualifies or ``none`` is None), the
+    cheapest whose ``score`` (higher is better) is within ``tolerance`` of the best, ties to the higher score.
+    Returns ``(pick, best, allowed)``."""
+    allowed = [e for e in entries if none is None or e["clean_acc"]["mean"] >= none["clean_acc"]["mean"] - tolerance]
+    allowed = allowed or list(entries)
+    best = max(allowed, key=score)
+    close = [e for e in allowed if score(e) >= score(best) - tolerance]
+    return min(close, key=lambda e: (cost(e), -score(e))), best, allowed
+
+
 def recommend(summary: list, *, tolerance: float = 0.01) -> dict:
     """The row to pick: the cheapest (mean ``cost_vs_erm``) whose mean adaptive robust accuracy is within
     ``tolerance`` of the best row's, among the rows whose clean accuracy is at most ``tolerance`` below
@@ -148,11 +161,8 @@ def recommend(summary: list, *, tolerance: float = 0.01) -> dict:
     most robust row when the clean-accuracy bound excluded it).
     """
     none = next((e for e in summary if e["recipe"] == "none"), None)
-    allowed = [e for e in summary if none is None or e["clean_acc"]["mean"] >= none["clean_acc"]["mean"] - tolerance]
-    allowed = allowed or list(summary)
-    best = max(allowed, key=lambda e: e["robust_acc_adaptive"]["mean"])
-    close = [e for e in allowed if e["robust_acc_adaptive"]["mean"] >= best["robust_acc_adaptive"]["mean"] - tolerance]
-    pick = min(close, key=lambda e: (e["cost_vs_erm"]["mean"], -e["robust_acc_adaptive"]["mean"]))
+    pick, best, allowed = _cheapest_near_best(summary, none, tolerance, lambda e: e["robust_acc_adaptive"]["mean"],
+                                              lambda e: e["cost_vs_erm"]["mean"])
     robust, cost, clean = (pick[m]["mean"] for m in ("robust_acc_adaptive", "cost_vs_erm", "clean_acc"))
     kept = "" if len(allowed) == len(summary) else f" that keeps clean accuracy within {100 * tolerance:g} point(s)"
     if pick is best:
@@ -180,11 +190,7 @@ def _poison_cost(entry: dict) -> float:
 
 
 def _pick_against_backdoor(entries: list, none: Optional[dict], tolerance: float) -> dict:
-    allowed = [e for e in entries if none is None or e["clean_acc"]["mean"] >= none["clean_acc"]["mean"] - tolerance]
-    allowed = allowed or list(entries)
-    lowest = min(e["asr_backdoor"]["mean"] for e in allowed)
-    close = [e for e in allowed if e["asr_backdoor"]["mean"] <= lowest + tolerance]
-    return min(close, key=lambda e: (_poison_cost(e), e["asr_backdoor"]["mean"]))
+    return _cheapest_near_best(entries, none, tolerance, lambda e: -e["asr_backdoor"]["mean"], _poison_cost)[0]
 
 
 def _describe_pick(entry: dict, none: Optional[dict]) -> str:
