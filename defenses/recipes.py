@@ -41,10 +41,10 @@ from torch import nn
 
 import robust_infl
 from attacks.base import predict
-from attacks.plumbing import frozen_in_eval, make_generator, model_device
+from attacks.plumbing import frozen_in_eval, model_device
 from attacks.validation import check_choice
 
-from .selection import budget_size, prune, reweight
+from .selection import budget_size, prune, reweight, uniform_scores
 from .trainers import per_sample_loss
 
 __all__ = [
@@ -214,8 +214,7 @@ def influence_scores(ctx: DefenceContext) -> torch.Tensor:
 
 def random_scores(ctx: DefenceContext) -> torch.Tensor:
     """Uniform random scores (seeded): a random selection of the same budget."""
-    return torch.rand(ctx.train[0].shape[0], generator=make_generator(ctx.seed),
-                      dtype=torch.float64)
+    return uniform_scores(ctx.train[0].shape[0], ctx.seed)
 
 
 def _outputs_at_training_points(ctx: DefenceContext, batch_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:

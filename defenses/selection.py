@@ -12,9 +12,11 @@ import math
 
 import torch
 
+from attacks.plumbing import make_generator
 from attacks.validation import check_choice, check_fraction, check_number, check_positive
 
-__all__ = ["prune", "reweight", "relabel", "budget_size", "check_budget", "most_harmful", "REWEIGHT_SCHEMES"]
+__all__ = ["prune", "reweight", "relabel", "budget_size", "check_budget", "most_harmful", "uniform_scores",
+           "REWEIGHT_SCHEMES"]
 
 REWEIGHT_SCHEMES = ("smooth", "hard")
 FLOAT32_MAX = float(torch.finfo(torch.float32).max)  # the weights are float32
@@ -132,3 +134,9 @@ def relabel(scores, labels: torch.Tensor, predictions: torch.Tensor, fraction: f
     new_labels = labels.clone()
     new_labels[flagged] = predicted[flagged].to(labels.device, labels.dtype)
     return new_labels, flagged
+
+
+def uniform_scores(n: int, seed: int) -> torch.Tensor:
+    """``n`` uniform float64 scores from a generator seeded with ``seed``: the random-selection baseline
+    (same seed, same selection)."""
+    return torch.rand(n, generator=make_generator(seed), dtype=torch.float64)

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from attacks import predict
-from attacks.plumbing import eval_mode, make_generator
+from attacks.plumbing import eval_mode
 from defenses import ERM, stats
 from defenses.seed_results import SeedResults
 from robust_infl.io import atomic_write_text
@@ -28,7 +28,7 @@ RESULTS_MD = EXPERIMENTS / "RESULTS.md"
 
 __all__ = ["write_section", "write_json", "mean_std", "paired_ci", "format_mean_std",
            "format_delta", "experiment_arguments", "scoring_benchmark_parser", "parse_benchmark_arguments",
-           "save_figure", "cached", "SETTINGS_FINGERPRINT", "EXPERIMENTS", "RESULTS_MD", "group_gaps", "random_scores",
+           "save_figure", "cached", "SETTINGS_FINGERPRINT", "EXPERIMENTS", "RESULTS_MD", "group_gaps",
            "jaccard", "tabular_trainer", "ensemble_options"]
 
 
@@ -194,11 +194,6 @@ def group_gaps(model: nn.Module, X: torch.Tensor, y: torch.Tensor, s: torch.Tens
     tpr = [positive[(s == g) & (y == 1)].mean() for g in (0, 1)]
     dp, eo = float(rate[1] - rate[0]), float(tpr[1] - tpr[0])
     return {"dp_gap": abs(dp), "eo_gap": abs(eo), "dp_signed": dp, "eo_signed": eo}
-
-
-def random_scores(n: int, seed: int) -> torch.Tensor:
-    """``n`` uniform scores from a generator seeded with ``seed`` (the random-removal baseline)."""
-    return torch.rand(n, generator=make_generator(seed), dtype=torch.float64)
 
 
 def jaccard(a: torch.Tensor, b: torch.Tensor) -> float:

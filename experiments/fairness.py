@@ -30,8 +30,9 @@ from tqdm.auto import tqdm
 import robust_infl as ri
 from attacks import accuracy
 from defenses import prune
+from defenses.selection import uniform_scores
 from experiments._results import (ensemble_options, experiment_arguments, format_delta, format_mean_std, group_gaps,
-                                  jaccard, mean_std, paired_ci, random_scores, save_figure, tabular_trainer,
+                                  jaccard, mean_std, paired_ci, save_figure, tabular_trainer,
                                   write_json, write_section)
 from robust_infl.datasets import load_dataset
 from robust_infl.models import build_model
@@ -102,7 +103,7 @@ def run_seed(seed: int, config: Config, progress: bool = False) -> dict:
             model = trainer.fit(initial, (X, y), weights=keep.float(), seed=seed)
             return test_metrics(model, data.test)
 
-        chance = random_scores(len(y), seed)
+        chance = uniform_scores(len(y), seed)
         out["random"] = {str(f): retrained(chance, f) for f in config.fractions}
         for objective_name, objective in OBJECTIVES.items():
             out[objective_name] = {}

@@ -43,8 +43,9 @@ import robust_infl as ri
 from attacks import accuracy
 from attacks.plumbing import seeded
 from defenses import ERM, prune
+from defenses.selection import uniform_scores
 from experiments._results import (experiment_arguments, format_delta, format_mean_std, mean_std, paired_ci,
-                                  random_scores, save_figure, write_json, write_section)
+                                  save_figure, write_json, write_section)
 from robust_infl.datasets import flip_labels
 
 __all__ = ["Config", "FULL", "QUICK", "load_minilm", "generate_reviews", "encode_frozen", "LastLayerClassifier",
@@ -219,7 +220,7 @@ def run_seed(seed: int, config: Config, tokenizer, encoder: nn.Module, progress:
     out: dict = {"full": test_metrics(full, X_test, y_test),
                  "oracle": test_metrics(fine_tune(~corrupted), X_test, y_test),
                  "noisy_train_acc": accuracy(full, X, y, batch_size=500)}
-    chance = random_scores(len(y), seed)
+    chance = uniform_scores(len(y), seed)
     out["random"] = {str(f): test_metrics(fine_tune(prune(chance, f)), X_test, y_test) for f in config.fractions}
     out["detection"] = {}
     for method in METHODS:

@@ -33,8 +33,9 @@ from tqdm.auto import tqdm
 import robust_infl as ri
 from attacks import PGD, accuracy, evaluate, per_sample_loss
 from defenses import prune
+from defenses.selection import uniform_scores
 from experiments._results import (ensemble_options, experiment_arguments, format_delta, format_mean_std, group_gaps,
-                                  jaccard, mean_std, paired_ci, random_scores, save_figure, tabular_trainer,
+                                  jaccard, mean_std, paired_ci, save_figure, tabular_trainer,
                                   write_json, write_section)
 from robust_infl.datasets import load_dataset
 from robust_infl.models import build_model
@@ -127,7 +128,7 @@ def run_seed(seed: int, config: Config, keep_models: bool = False) -> tuple:
             removed = ~prune(scores, fraction)
             return trainer.fit(initial, (X, y), weights=(~removed).float(), seed=seed), removed
 
-        chance = random_scores(len(y), seed)
+        chance = uniform_scores(len(y), seed)
         out["random"] = {str(f): test_metrics(retrain(chance, f)[0], data.test, attack) for f in config.fractions}
         for objective_name in OBJECTIVES:
             out[objective_name] = {method: {} for method in METHODS}
