@@ -8,6 +8,7 @@
   Learning Model Supply Chain"): a share ``rate`` of the training set, drawn from the samples of
   the other classes, gets the trigger and the label ``target_class``; with ``clean_label=True``
   samples OF the target class get the trigger and keep their label.
+- :meth:`Trigger.random_blend`: the blended injection of Chen et al. 2017 with a seeded uniform noise pattern.
 - :class:`SIGTrigger` (Barni et al. 2019, clean-label sinusoidal signal) and :class:`WaNetTrigger`
   (Nguyen & Tran 2021, a smooth warp with its noise mode) are triggers of their own kind beside
   :class:`Trigger`; every trigger is a :class:`BackdoorTrigger` and serves :func:`poison`.
@@ -147,6 +148,16 @@ class Trigger(BackdoorTrigger):
         if not isinstance(pattern, torch.Tensor):
             raise TypeError(f"pattern: must be a floating-point tensor, got {type(pattern).__name__}")
         return cls(torch.full(pattern.shape, float(alpha), dtype=pattern.dtype), pattern)
+
+    @classmethod
+    def random_blend(cls, input_shape: Sequence[int], alpha: float = 0.2, seed: int = 0) -> "Trigger":
+        """Blended injection with a random pattern (Chen, Liu, Li, Lu & Song 2017, "Targeted Backdoor Attacks on
+        Deep Learning Systems Using Data Poisoning", arXiv:1712.05526): a pattern of ``input_shape`` ``(..., H, W)``
+        drawn uniformly in [0, 1) from ``seed``, blended over the whole image at ``alpha`` (the paper's 0.2, at
+        training and at test time) by :meth:`Trigger.blend`."""
+        shape = _image_shape(input_shape)
+        pattern = torch.rand(shape, generator=make_generator(check_seed(seed)))
+        return cls.blend(pattern, alpha)
 
     @property
     def input_shape(self) -> tuple:
