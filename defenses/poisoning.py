@@ -1,9 +1,9 @@
 """The poisoning pipeline, :func:`run_poisoning`: per seed, poison the training split (BadNets patch, blended
-noise pattern, ART's clean-label backdoor, SIG, WaNet or the label-consistent backdoor), train the base model
-with the trainer, draw K triggered validation inputs of the other classes as evidence, run every poisoning
-recipe (:mod:`defenses.poison_recipes`) and report clean accuracy, backdoor ASR (``asr_backdoor``), detection
-precision / recall / AUROC at the budget and the evasion robust accuracy (``robust_acc_adaptive``: the attack
-re-run on each model), with paired 95% intervals against ``none`` and ``random``
+noise pattern, Adap-Blend, ART's clean-label backdoor, SIG, WaNet or the label-consistent backdoor), train the
+base model with the trainer, draw K triggered validation inputs of the other classes as evidence, run every
+poisoning recipe (:mod:`defenses.poison_recipes`) and report clean accuracy, backdoor ASR (``asr_backdoor``),
+detection precision / recall / AUROC at the budget and the evasion robust accuracy (``robust_acc_adaptive``:
+the attack re-run on each model), with paired 95% intervals against ``none`` and ``random``
 (:func:`defenses.report.summarise_poisoned`).
 
 Its options are a :class:`~defenses.config.PoisoningConfig`, planned like the evasion pipeline's
@@ -83,12 +83,14 @@ def _trigger(spec: PoisonSpec, input_shape: tuple, seed: int) -> attacks.Backdoo
         return attacks.WaNetTrigger(input_shape, seed=seed)
     if spec.attack == "blend":
         return attacks.Trigger.random_blend(input_shape, seed=seed)
+    if spec.attack == "adaptive-blend":
+        return attacks.AdaptiveBlendTrigger.random(input_shape, seed=seed)
     corner = "all" if spec.attack == "label-consistent" else "bottom-right"
     return attacks.Trigger.patch(input_shape, size=spec.patch_size, corner=corner)
 
 
 def _poison_train(spec: PoisonSpec, train: tuple, trigger, trainer, model_for: Callable, seed: int):
-    if spec.attack in ("badnets", "blend", "sig", "wanet"):
+    if spec.attack in ("badnets", "blend", "adaptive-blend", "sig", "wanet"):
         return attacks.poison(train[:2], trigger, target_class=spec.target_class, rate=spec.rate, seed=seed,
                               clean_label=spec.attack == "sig")
     proxy = trainer.fit(model_for(seed), train[:2], seed=seed)
