@@ -19,10 +19,12 @@
   retrain (:mod:`defenses.poison_removal`); :func:`run_poisoning`, the poisoning pipeline, measures it
   against the poisoning baselines (:mod:`defenses.poisoning`, recipes in :mod:`defenses.poison_recipes`,
   detectors in :mod:`defenses.poison_detection`); its options are the fields of :class:`PoisoningConfig`,
-  the backdoor threat model a :class:`PoisonSpec`.
+  the backdoor threat model a :class:`PoisonSpec`. :func:`anti_backdoor_learning`: the field's reference
+  training-time defence (Anti-Backdoor Learning, :mod:`defenses.abl`).
 - Recipes of both pipelines live in one registry (:func:`register_recipe`, :func:`available_recipes`).
 """
 
+from .abl import anti_backdoor_learning
 from .art_trainer import ARTTrainer
 from .lookahead import LookaheadReweighting, LookaheadWeights
 from .config import PoisoningConfig, PoisonSpec, RunConfig
@@ -62,6 +64,7 @@ __all__ = [
     "register_recipe",
     "available_recipes",
     "remove_poisons",
+    "anti_backdoor_learning",
     "PoisonSpec",
     "TRAINER_NAMES",
     "make_trainer",

@@ -21,6 +21,7 @@ import robust_infl
 from attacks.plumbing import make_generator
 
 from . import poison_detection as detect
+from .abl import anti_backdoor_learning
 from .data import take
 from .poison_removal import contrast_detection, detect_and_retrain, evidence_repeats, with_evidence
 from .recipes import register_recipe
@@ -141,6 +142,12 @@ def _lead_recipe(ctx: PoisonContext) -> Outcome:
     return Outcome(ctx.fit(kept), removed, scores)
 
 
+def _abl(ctx: PoisonContext) -> Outcome:
+    """Anti-Backdoor Learning with its published defaults (isolation ratio 1%, not the budget)."""
+    model, isolated, scores = anti_backdoor_learning(ctx.model, ctx.train[:2], trainer=ctx.trainer, seed=ctx.seed)
+    return Outcome(model, isolated, scores)
+
+
 def _register(name: str, fn: Callable, threat: str, description: str) -> None:
     register_recipe(name, fn, uses_budget=threat != "none", description=description, pipeline="poisoning",
                     threat=threat)
@@ -162,6 +169,8 @@ _register("class-low-loss", by_scores("class-low-loss", _estimated_class_low_los
 _register("knn-label", by_scores("knn-label", lambda ctx: detect.label_disagreement_scores(
     detect.layer_features(ctx.model, ctx.train[0]), ctx.train[1])), "unknown",
     "largest k-NN label disagreement in the model's features")
+_register("abl", _abl, "unknown", "Anti-Backdoor Learning (Li et al. 2021): LGA isolation of the lowest-loss 1%, "
+          "continued training without them, unlearning them by gradient ascent")
 _register("remove-poisons-unknown", _remove_poisons, "unknown", "defenses.remove_poisons without evidence")
 _register("evidence-retrain", _evidence_retrain, "evidence", "retrained on all samples plus the evidence")
 _register("evidence-finetune", _evidence_finetune, "evidence",
