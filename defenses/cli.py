@@ -273,6 +273,10 @@ def _poison_options(defend: argparse.ArgumentParser) -> None:
                        help=f"{spec['clean_label_eps']} (default: %(default)s)")
     group.add_argument("--clean-label-steps", type=int, default=20,
                        help=f"{spec['clean_label_steps']} (default: %(default)s)")
+    for flag, name in (("--sig-delta", "sig_delta"), ("--sig-test-delta", "sig_test_delta"),
+                       ("--wanet-s", "wanet_s"), ("--wanet-noise-ratio", "wanet_noise_ratio")):
+        group.add_argument(flag, type=float, default=getattr(PoisonSpec, name),
+                           help=f"{spec[name]} (default: %(default).3g)")
     group.add_argument("--robust-n", type=int, default=500,
                        help="evasion robust accuracy on the first N test inputs (default: %(default)s)")
 
@@ -295,7 +299,8 @@ DEFEND_FLAGS = {
 POISON_FLAGS = {
     "attack": "--poison", "rate": "--poison-rate", "target_class": "--target-class", "evidence": "--evidence",
     "budget": "--budget", "patch_size": "--patch-size", "clean_label_eps": "--clean-label-eps",
-    "clean_label_steps": "--clean-label-steps", "robust_n": "--robust-n",
+    "clean_label_steps": "--clean-label-steps", "sig_delta": "--sig-delta", "sig_test_delta": "--sig-test-delta",
+    "wanet_s": "--wanet-s", "wanet_noise_ratio": "--wanet-noise-ratio", "robust_n": "--robust-n",
 }
 DEFEND_ONLY_FLAGS = ("--help", "--debug")  # flags of the command itself, not options of a run
 

@@ -78,9 +78,9 @@ def _draw_evidence(val: tuple, trigger, target_class: int, size: int, seed: int)
 def _trigger(spec: PoisonSpec, input_shape: tuple, seed: int) -> attacks.BackdoorTrigger:
     """The trigger of ``spec.attack`` (WaNet's warp and the blend pattern drawn from ``seed``)."""
     if spec.attack == "sig":
-        return attacks.SIGTrigger(input_shape)
+        return attacks.SIGTrigger(input_shape, delta=spec.sig_delta, test_delta=spec.sig_test_delta)
     if spec.attack == "wanet":
-        return attacks.WaNetTrigger(input_shape, seed=seed)
+        return attacks.WaNetTrigger(input_shape, s=spec.wanet_s, noise_ratio=spec.wanet_noise_ratio, seed=seed)
     if spec.attack == "blend":
         return attacks.Trigger.random_blend(input_shape, seed=seed)
     if spec.attack == "adaptive-blend":
