@@ -20,7 +20,8 @@
   against the poisoning baselines (:mod:`defenses.poisoning`, recipes in :mod:`defenses.poison_recipes`,
   detectors in :mod:`defenses.poison_detection`); its options are the fields of :class:`PoisoningConfig`,
   the backdoor threat model a :class:`PoisonSpec`. :func:`anti_backdoor_learning`: the field's reference
-  training-time defence (Anti-Backdoor Learning, :mod:`defenses.abl`).
+  training-time defence (Anti-Backdoor Learning, :mod:`defenses.abl`); :func:`spectre_scores`: SPECTRE's
+  robust-statistics detector (:mod:`defenses.spectre`).
 - Recipes of both pipelines live in one registry (:func:`register_recipe`, :func:`available_recipes`).
 """
 
@@ -36,6 +37,7 @@ from .recipes import DefenceContext, available_recipes, register_recipe
 from .registry import TRAINER_NAMES, make_trainer
 from .selection import prune, relabel, reweight
 from .selection_hook import SelectionWeights
+from .spectre import spectre_scores
 from .trainers import ERM, PGDAT, TRADES, CheckpointingERM, FastAT, Trainer, per_sample_loss
 
 __all__ = [
@@ -65,6 +67,7 @@ __all__ = [
     "available_recipes",
     "remove_poisons",
     "anti_backdoor_learning",
+    "spectre_scores",
     "PoisonSpec",
     "TRAINER_NAMES",
     "make_trainer",
