@@ -22,7 +22,8 @@
   against the poisoning baselines (:mod:`defenses.poisoning`, recipes in :mod:`defenses.poison_recipes`,
   detectors in :mod:`defenses.poison_detection`); its options are the fields of :class:`PoisoningConfig`,
   the backdoor threat model a :class:`PoisonSpec`. :func:`anti_backdoor_learning`: the field's reference
-  training-time defence (Anti-Backdoor Learning, :mod:`defenses.abl`).
+  training-time defence (Anti-Backdoor Learning, :mod:`defenses.abl`); :func:`spectre_scores`: SPECTRE's
+  robust-statistics detector (:mod:`defenses.spectre`).
 - Recipes of both pipelines live in one registry (:func:`register_recipe`, :func:`available_recipes`).
 """
 
@@ -39,6 +40,7 @@ from .recipes import DefenceContext, available_recipes, register_recipe
 from .registry import TRAINER_NAMES, make_trainer
 from .selection import prune, relabel, reweight
 from .selection_hook import SelectionWeights
+from .spectre import spectre_scores
 from .trainers import ERM, PGDAT, TRADES, CheckpointingERM, FastAT, Trainer, per_sample_loss
 
 __all__ = [
@@ -70,6 +72,7 @@ __all__ = [
     "anti_backdoor_learning",
     "scan_backdoor",
     "ScanResult",
+    "spectre_scores",
     "PoisonSpec",
     "TRAINER_NAMES",
     "make_trainer",

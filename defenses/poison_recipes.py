@@ -22,6 +22,7 @@ from attacks.plumbing import make_generator
 
 from . import poison_detection as detect
 from .abl import anti_backdoor_learning
+from .spectre import spectre_scores
 from .data import take
 from .backdoor_scan import ScanResult, scan_backdoor
 from .poison_removal import contrast_detection, detect_and_retrain, evidence_repeats, scan_and_retrain, with_evidence
@@ -192,6 +193,9 @@ _register("knn-label", by_scores("knn-label", lambda ctx: detect.label_disagreem
     "largest k-NN label disagreement in the model's features")
 _register("abl", _abl, "unknown", "Anti-Backdoor Learning (Li et al. 2021): LGA isolation of the lowest-loss 1%, "
           "continued training without them, unlearning them by gradient ascent")
+_register("spectre", by_scores("spectre", lambda ctx: spectre_scores(ctx.model, ctx.train, budget=ctx.budget)),
+          "unknown", "SPECTRE (Hayase et al. 2021): robust whitening and QUE scores of the penultimate features, "
+          "in the class with the largest QUE statistic")
 _register("backdoor-scan", _backdoor_scan, "unknown",
           "trigger-unknown scan (trusted: the validation split) with a verdict; removes nothing when nothing is found")
 _register("remove-poisons-unknown", _remove_poisons, "unknown",
