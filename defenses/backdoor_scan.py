@@ -39,8 +39,8 @@ from .selection import budget_size, check_budget
 from .timing import timed
 from .trainers import ERM
 
-__all__ = ["ScanResult", "scan_backdoor", "scan_scores", "class_statistics", "tail_excess", "check_trusted", "VERDICT_STATISTIC", "VERDICT_THRESHOLD",
-           "DEFAULT_SCAN_BUDGET", "TRUSTED_EPOCHS", "SCORE_TAIL"]
+__all__ = ["ScanResult", "scan_backdoor", "scan_scores", "class_statistics", "tail_excess", "check_trusted",
+           "VERDICT_STATISTIC", "VERDICT_THRESHOLD", "DEFAULT_SCAN_BUDGET", "TRUSTED_EPOCHS", "SCORE_TAIL"]
 
 DEFAULT_SCAN_BUDGET = 0.1
 TRUSTED_EPOCHS = 25
@@ -189,13 +189,15 @@ def scan_backdoor(model: nn.Module, train, trusted, *, budget: float = DEFAULT_S
         progress: show a progress bar.
         trusted_epochs: epochs of the trusted model.
         training_seconds: wall seconds one training run of ``model`` took, to report the scan's cost over it.
-        threshold: the verdict's threshold (default :data:`VERDICT_THRESHOLD`, calibrated on clean data).
+        threshold: the verdict's threshold (default :data:`~defenses.backdoor_scan.VERDICT_THRESHOLD`,
+            calibrated on clean data).
         tail: the score (nats) above which a sample counts towards the verdict statistic (default
-            :data:`SCORE_TAIL`); the default threshold is calibrated for the default tail, on MNIST and
-            Fashion-MNIST with a small CNN: recalibrate both on clean data of your own elsewhere.
+            :data:`~defenses.backdoor_scan.SCORE_TAIL`); the default threshold is calibrated for the default
+            tail, on MNIST and Fashion-MNIST with a small CNN: recalibrate both on clean data of your own
+            elsewhere.
 
     Returns:
-        A :class:`ScanResult`: the verdict, its statistic, value and threshold, the suspected target class,
+        A :class:`~defenses.ScanResult`: the verdict, its statistic, value and threshold, the suspected target class,
         the flagged indices (empty when nothing is found), every sample's score, the budget and the timing.
     """
     check_model(model)
