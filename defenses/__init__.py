@@ -20,6 +20,9 @@
   against the poisoning baselines (:mod:`defenses.poisoning`, recipes in :mod:`defenses.poison_recipes`,
   detectors in :mod:`defenses.poison_detection`); its options are the fields of :class:`PoisoningConfig`,
   the backdoor threat model a :class:`PoisonSpec`.
+- :func:`explain`: the training samples most responsible for a model's adversarial failures on given
+  inputs, with the measured LDS of the method used (:func:`lds_reference`); :func:`write_explanation`
+  writes its JSON, Markdown and PNG.
 - Recipes of both pipelines live in one registry (:func:`register_recipe`, :func:`available_recipes`).
 """
 
@@ -27,6 +30,7 @@ from .art_trainer import ARTTrainer
 from .lookahead import LookaheadReweighting, LookaheadWeights
 from .config import PoisoningConfig, PoisonSpec, RunConfig
 from .demo import run_demo
+from .explain import Explanation, explain, lds_reference, write_explanation
 from .pipeline import evaluate_on_test, run, seeded_split
 from .poison_removal import remove_poisons
 from .poisoning import run_poisoning
@@ -65,4 +69,8 @@ __all__ = [
     "PoisonSpec",
     "TRAINER_NAMES",
     "make_trainer",
+    "explain",
+    "Explanation",
+    "lds_reference",
+    "write_explanation",
 ]
