@@ -18,7 +18,7 @@ import zipfile
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
-from typing import Any, Callable, Optional, Union
+from typing import Any, Callable, Optional
 
 import numpy as np
 import torch
@@ -31,7 +31,7 @@ from attacks.registry import make_attack
 from attacks.validation import check_bool, check_int, check_labels, check_model, check_output_shape, check_seed
 from robust_infl import ScoringOptions, Utility, available_methods, influence
 from robust_infl.inputs import call_attack
-from robust_infl.io import atomic_write, atomic_write_json, atomic_write_text
+from robust_infl.io import PathLike, atomic_write, atomic_write_json, atomic_write_text
 from robust_infl.methods import check_method_options, per_target_methods
 from robust_infl.options import scoring_options
 
@@ -148,7 +148,7 @@ def trust_text(trust: dict) -> str:
 
 
 def lds_reference(method: str, *, objective: str = "robust", model: Optional[str] = None,
-                  path: Union[str, os.PathLike, None] = None) -> dict:
+                  path: Optional[PathLike] = None) -> dict:
     """The measured per-example LDS of ``method`` on ``objective`` for one model, from the benchmark's file.
 
     Args:
@@ -214,7 +214,7 @@ def _top(order: Tensor, scores: Tensor, labels: Tensor) -> list:
 def explain(model: nn.Module, train, inputs, labels, *, attack: Any = "pgd", eps: Optional[float] = None,
             norm: Optional[str] = None, steps: Optional[int] = None, bounds: Any = (0.0, 1.0), method: str = "ip",
             top: int = 10, seed: int = 0, progress: bool = False, options: Optional[ScoringOptions] = None,
-            lds_file: Union[str, os.PathLike, None] = None, **keywords: Any) -> Explanation:
+            lds_file: Optional[PathLike] = None, **keywords: Any) -> Explanation:
     """The training samples most responsible for the adversarial failure of ``inputs``.
 
     Attacks ``inputs`` (seeded), keeps those the model classifies correctly and the attack flips (the
@@ -323,7 +323,7 @@ def _picture(sample: Tensor):
     return sample.numpy()
 
 
-def plot_explanation(explanation: Explanation, path: Union[str, os.PathLike]) -> None:
+def plot_explanation(explanation: Explanation, path: PathLike) -> None:
     """The PNG: per explained input (up to four), the clean input and its adversarial version with the
     predicted labels, then the top training samples (up to eight) with their labels and harms."""
     import matplotlib
@@ -357,7 +357,7 @@ def plot_explanation(explanation: Explanation, path: Union[str, os.PathLike]) ->
         plt.close(fig)
 
 
-def write_explanation(explanation: Explanation, out: Union[str, os.PathLike]) -> dict:
+def write_explanation(explanation: Explanation, out: PathLike) -> dict:
     """Write ``explanation.json``, ``explanation.md`` and, for image data, ``explanation.png`` (each atomically)
     into the folder ``out`` (created); non-image data get the tables only. Returns ``{kind: path}``."""
     folder = Path(out)
@@ -371,7 +371,7 @@ def write_explanation(explanation: Explanation, out: Union[str, os.PathLike]) ->
     return paths
 
 
-def read_inputs(path: Union[str, os.PathLike], name: str = "inputs") -> tuple:
+def read_inputs(path: PathLike, name: str = "inputs") -> tuple:
     """``(X, y)`` from a ``.npz`` file holding the arrays ``X`` and ``y`` (``numpy.savez(path, X=..., y=...)``),
     read with ``allow_pickle=False`` and checked (:func:`attacks.as_data`); errors name ``name``."""
     shown = os.fspath(path)
