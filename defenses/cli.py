@@ -630,7 +630,7 @@ def _cmd_explain(args) -> int:
     model = _train(args, splits, defaults, eps, norm)
     try:
         explanation = explain(model, splits.train[:2], X, y, attack=attack, method=args.method, top=args.top,
-                              seed=args.seed, progress=not args.no_progress, damping=args.damping)
+                              seed=args.seed, progress=not args.no_progress, ids=args.index, damping=args.damping)
     except ValueError as err:  # the inputs' error names the flag that chose them
         if args.index is None or not str(err).startswith("inputs:"):
             raise

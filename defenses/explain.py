@@ -18,7 +18,7 @@ import zipfile
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
 import torch
@@ -52,11 +52,11 @@ class Explanation:
     Attributes:
         method: the influence method used.
         attack: the attack's settings (:func:`attacks.attack_settings`).
-        explained: one dict per input the attack flips: ``position`` (in the given inputs), ``label``,
+        explained: one dict per input the attack flips: ``input`` (its id: see ``ids``), ``label``,
             ``clean_prediction``, ``adversarial_prediction``, ``adversarial_loss`` and ``top``, a list of
             ``{"index", "label", "harm"}`` (training samples, most harmful first), or None where the
             method gives only one score over the set (see ``per_input``).
-        dropped: one dict per input not explained: ``position``, ``label``, ``clean_prediction``,
+        dropped: one dict per input not explained: ``input``, ``label``, ``clean_prediction``,
             ``adversarial_prediction`` and ``reason``.
         aggregate: the top training samples on the mean adversarial loss over every explained input.
         per_input: whether the method scores each input's own loss (``aggregate=False``: ``ip``, ``trak``).
@@ -100,13 +100,13 @@ class Explanation:
                  f"Explained {len(self.explained)} of {n} input(s)."
                  + ("" if is_image(tuple(self.inputs.shape[1:])) else
                     " The inputs are not images: tables only, no picture.")]
-        lines += [f"- input {d['position']} (label {d['label']}) dropped: {d['reason']}" for d in self.dropped]
+        lines += [f"- input {d['input']} (label {d['label']}) dropped: {d['reason']}" for d in self.dropped]
         if not self.per_input and len(self.explained) > 1:
             lines += ["", f"`{self.method}` gives one score per training sample over the set, so the inputs share "
                           "the ranking below; per-input rankings need a method with per-target scores "
                           f"({', '.join(per_target_methods())})."]
         for entry in self.explained:
-            lines += ["", f"## Input {entry['position']}: label {entry['label']}, predicted "
+            lines += ["", f"## Input {entry['input']}: label {entry['label']}, predicted "
                           f"{entry['clean_prediction']} clean, {entry['adversarial_prediction']} attacked "
                           f"(adversarial loss {entry['adversarial_loss']:.4g})"]
             if entry["top"] is not None:
@@ -206,6 +206,18 @@ def _resolve_attack(attack, eps, norm, steps, bounds, seed: int) -> Callable:
     return attack
 
 
+def _check_ids(ids, n: int) -> list:
+    """``ids`` as a list of ``n`` distinct ints (positions ``0 .. n - 1`` when None); errors name ``ids``."""
+    if ids is None:
+        return list(range(n))
+    if isinstance(ids, (str, bytes)) or not hasattr(ids, "__len__"):
+        raise TypeError(f"ids: expected a sequence of integers, got {type(ids).__name__}")
+    values = [check_int(i, "ids") for i in ids]
+    if len(values) != n or len(set(values)) != n:
+        raise ValueError(f"ids: must be {n} distinct integers, one per input, got {values}")
+    return values
+
+
 def _top(order: Tensor, scores: Tensor, labels: Tensor) -> list:
     """``[{"index", "label", "harm"}]`` of the training samples in ``order``."""
     return [{"index": i, "label": int(labels[i]), "harm": float(scores[i])} for i in order.tolist()]
@@ -213,7 +225,8 @@ def _top(order: Tensor, scores: Tensor, labels: Tensor) -> list:
 
 def explain(model: nn.Module, train, inputs, labels, *, attack: Any = "pgd", eps: Optional[float] = None,
             norm: Optional[str] = None, steps: Optional[int] = None, bounds: Any = (0.0, 1.0), method: str = "ip",
-            top: int = 10, seed: int = 0, progress: bool = False, options: Optional[ScoringOptions] = None,
+            top: int = 10, seed: int = 0, progress: bool = False, ids: Optional[Sequence[int]] = None,
+            options: Optional[ScoringOptions] = None,
             lds_file: Optional[PathLike] = None, **keywords: Any) -> Explanation:
     """The training samples most responsible for the adversarial failure of ``inputs``.
 
@@ -236,6 +249,8 @@ def explain(model: nn.Module, train, inputs, labels, *, attack: Any = "pgd", eps
         top: how many training samples to list per input and for the set (>= 1).
         seed: seeds the attack and the scoring.
         progress: show the scoring's progress bars.
+        ids: the integer id reported for each input (distinct; default: its position ``0 .. n - 1``; the
+            command line passes the test-split rows).
         options: further scoring options (:class:`robust_infl.ScoringOptions`: ``params``, ``damping``,
             ``batch_size``, ``loss_fn``, ``device``, ...); its ``seed``, ``progress`` and ``aggregate`` are
             set by this function.
@@ -259,6 +274,7 @@ def explain(model: nn.Module, train, inputs, labels, *, attack: Any = "pgd", eps
     if x.shape[1:] != train_x.shape[1:]:
         raise ValueError(f"inputs: samples of shape {tuple(x.shape[1:])} do not match the training samples' "
                          f"shape {tuple(train_x.shape[1:])}")
+    ids = _check_ids(ids, len(x))
     attack_fn = _resolve_attack(attack, eps, norm, steps, bounds, seed)
     per_input = method in per_target_methods()
     scoring = dataclasses.replace(options, seed=seed, progress=progress, aggregate=not per_input)
@@ -279,7 +295,7 @@ def explain(model: nn.Module, train, inputs, labels, *, attack: Any = "pgd", eps
             adv_loss = loss_fn(adv_logits, y_model).cpu()
     clean_pred, adv_pred, y = predict(clean_logits).cpu(), predict(adv_logits).cpu(), y.cpu()
     flipped = (clean_pred == y) & (adv_pred != y)
-    dropped = [{"position": i, "label": int(y[i]), "clean_prediction": int(clean_pred[i]),
+    dropped = [{"input": ids[i], "label": int(y[i]), "clean_prediction": int(clean_pred[i]),
                 "adversarial_prediction": int(adv_pred[i]),
                 "reason": DROP_REASONS["misclassified" if clean_pred[i] != y[i] else "robust"]}
                for i in (~flipped).nonzero().flatten().tolist()]
@@ -300,7 +316,7 @@ def explain(model: nn.Module, train, inputs, labels, *, attack: Any = "pgd", eps
         tops = [_top(order, column, train_y) for order, column in zip(orders, scores.T)]
     else:
         tops = [_top(set_order, aggregate_scores, train_y) if len(kept) == 1 else None]
-    explained = [{"position": i, "label": int(y[i]), "clean_prediction": int(clean_pred[i]),
+    explained = [{"input": ids[i], "label": int(y[i]), "clean_prediction": int(clean_pred[i]),
                   "adversarial_prediction": int(adv_pred[i]), "adversarial_loss": float(adv_loss[i]),
                   "top": tops[j] if per_input else tops[0]} for j, i in enumerate(kept.tolist())]
     return Explanation(method=method, attack=attack_settings(attack_fn), explained=explained, dropped=dropped,
@@ -338,7 +354,7 @@ def plot_explanation(explanation: Explanation, path: PathLike) -> None:
     fig, axes = plt.subplots(len(shown), columns, figsize=(1.3 * columns, 1.6 * len(shown) + 0.4), squeeze=False)
     for row, entry in enumerate(shown):
         ranking = entry["top"] if entry["top"] is not None else explanation.aggregate
-        pictures = [(explanation.inputs[row], f"input {entry['position']}\ny={entry['label']} "
+        pictures = [(explanation.inputs[row], f"input {entry['input']}\ny={entry['label']} "
                                               f"pred {entry['clean_prediction']}"),
                     (explanation.adversarial[row], f"attacked\npred {entry['adversarial_prediction']}")]
         pictures += [(explanation.train_inputs[t["index"]], f"#{t['index']} y={t['label']}\nharm {t['harm']:.2g}")

@@ -62,7 +62,7 @@ def test_the_top_sample_is_the_one_whose_removal_most_lowers_the_adversarial_los
     explanation = _explain(problem, top=3)
     [entry] = explanation.explained
     x_adv = explanation.adversarial
-    assert entry["position"] == 0 and model(x_adv).argmax(1).item() == 1
+    assert entry["input"] == 0 and model(x_adv).argmax(1).item() == 1
 
     def adversarial_loss(m):
         return F.cross_entropy(m(x_adv), labels[:1]).item()
@@ -94,10 +94,12 @@ def test_the_top_sample_is_the_one_whose_removal_most_lowers_the_adversarial_los
 
 def test_inputs_not_flipped_are_reported_with_the_reason(problem):
     explanation = _explain(problem)
-    assert [d["position"] for d in explanation.dropped] == [1, 2]
+    assert [d["input"] for d in explanation.dropped] == [1, 2]
     assert "misclassified before the attack" in explanation.dropped[0]["reason"]
     assert "did not flip" in explanation.dropped[1]["reason"]
     assert "input 1 (label 0) dropped: misclassified" in explanation.to_markdown()
+    named = _explain(problem, ids=[10, 11, 12])
+    assert [d["input"] for d in named.dropped] == [11, 12] and named.explained[0]["input"] == 10
     with pytest.raises(ValueError, match=r"^inputs: the attack flips none of the 2 input\(s\) \(1 misclassified"):
         defenses.explain(problem[0], problem[1], problem[2][1:], problem[3][1:], eps=0.8, bounds=None)
 
@@ -190,6 +192,8 @@ def test_files_written_png_for_images_tables_only_otherwise(problem, tmp_path):
     (dict(attack=3), TypeError, "^attack: expected a name or a callable"),
     (dict(options={}), TypeError, "^options: "),
     (dict(lds_file=3), TypeError, "^lds_file: "),
+    (dict(ids=[0, 0, 1]), ValueError, r"^ids: must be 3 distinct integers, one per input, got \[0, 0, 1\]"),
+    (dict(ids=[7, 8]), ValueError, "^ids: must be 3 distinct"),
     (dict(renorm=True), TypeError, "^method_options: method 'ip' does not accept"),
 ])
 def test_bad_arguments_name_themselves(problem, keywords, error, message):
