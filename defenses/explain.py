@@ -148,7 +148,7 @@ def trust_text(trust: dict) -> str:
 
 
 def lds_reference(method: str, *, objective: str = "robust", model: Optional[str] = None,
-                  path: Optional[PathLike] = None) -> dict:
+                  lds_file: Optional[PathLike] = None) -> dict:
     """The measured per-example LDS of ``method`` on ``objective`` for one model, from the benchmark's file.
 
     Args:
@@ -156,7 +156,7 @@ def lds_reference(method: str, *, objective: str = "robust", model: Optional[str
         objective: ``"robust"`` or ``"utility"``.
         model: the class name of the model explained; among several entries, one measured on that model
             is preferred.
-        path: the JSON file to read; None: the package data file ``defenses/lds_reference.json``
+        lds_file: the JSON file to read; None: the package data file ``defenses/lds_reference.json``
             (schema: ``{"protocol", "source", "entries": [{"data", "model", "objective", "method",
             "models", "lds", "ci", "seeds", "cost_vs_training"}]}``).
 
@@ -166,13 +166,13 @@ def lds_reference(method: str, *, objective: str = "robust", model: Optional[str
         measured with one model is missing; no number is ever made up. ``ValueError`` naming ``lds_file``
         when the file is not of that schema.
     """
-    if path is None:
+    if lds_file is None:
         source = resources.files("defenses").joinpath(LDS_REFERENCE_FILE)
         shown = f"defenses/{LDS_REFERENCE_FILE}"
-    elif isinstance(path, (str, os.PathLike)):
-        source, shown = Path(path), os.fspath(path)
+    elif isinstance(lds_file, (str, os.PathLike)):
+        source, shown = Path(lds_file), os.fspath(lds_file)
     else:
-        raise TypeError(f"lds_file: expected a file path or None, got {type(path).__name__}")
+        raise TypeError(f"lds_file: expected a file path or None, got {type(lds_file).__name__}")
     if not source.is_file():
         return {"measured": False, "reason": f"no benchmark file {shown}; run experiments/lds.py"}
     try:
@@ -278,7 +278,7 @@ def explain(model: nn.Module, train, inputs, labels, *, attack: Any = "pgd", eps
     attack_fn = _resolve_attack(attack, eps, norm, steps, bounds, seed)
     per_input = method in per_target_methods()
     scoring = dataclasses.replace(options, seed=seed, progress=progress, aggregate=not per_input)
-    trust = lds_reference(method, model=type(model).__name__, path=lds_file)
+    trust = lds_reference(method, model=type(model).__name__, lds_file=lds_file)
 
     with frozen_in_eval(model):
         x_model = to_model(x, model)

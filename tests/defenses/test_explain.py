@@ -3,6 +3,7 @@ retraining and the exact harm formula; dropped inputs, the LDS lookup, the files
 
 from __future__ import annotations
 
+import importlib
 import json
 
 import pytest
@@ -145,11 +146,11 @@ def test_lds_lookup_present_missing_and_not_measured(problem, tmp_path):
     assert "may differ" in text
     assert "+0.087" in _explain(problem, lds_file=path).to_markdown()
 
-    unmeasured = defenses.lds_reference("trak", path=path)  # only a 10-model ensemble was measured
+    unmeasured = defenses.lds_reference("trak", lds_file=path)  # only a 10-model ensemble was measured
     assert unmeasured == {"measured": False, "reason": f"no entry for method 'trak' on the robust objective "
                                                        f"(one model) in {path}"}
     assert trust_text(unmeasured).startswith("not measured")
-    missing = defenses.lds_reference("ip", path=tmp_path / "absent.json")
+    missing = defenses.lds_reference("ip", lds_file=tmp_path / "absent.json")
     assert not missing["measured"] and "no benchmark file" in missing["reason"]
     assert "lds" not in missing
     bad = tmp_path / "bad.json"
@@ -158,10 +159,17 @@ def test_lds_lookup_present_missing_and_not_measured(problem, tmp_path):
         _explain(problem, lds_file=bad)
 
 
+def test_lds_lookup_reads_the_package_data_file_by_default(monkeypatch):
+    module = importlib.import_module("defenses.explain")  # the module (defenses.explain is the function)
+    monkeypatch.setattr(module, "LDS_REFERENCE_FILE", "absent_reference.json")
+    assert defenses.lds_reference("ip") == {
+        "measured": False, "reason": "no benchmark file defenses/absent_reference.json; run experiments/lds.py"}
+
+
 def test_lds_lookup_prefers_the_explained_model(tmp_path):
     path = _reference(tmp_path, [ENTRY, {**ENTRY, "data": "digits", "model": "MLP", "lds": 0.15}])
-    assert defenses.lds_reference("ip", model="MLP", path=path)["lds"] == 0.15
-    assert defenses.lds_reference("ip", model="Linear", path=path)["lds"] == 0.087
+    assert defenses.lds_reference("ip", model="MLP", lds_file=path)["lds"] == 0.15
+    assert defenses.lds_reference("ip", model="Linear", lds_file=path)["lds"] == 0.087
 
 
 def test_files_written_png_for_images_tables_only_otherwise(problem, tmp_path):
