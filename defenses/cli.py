@@ -272,6 +272,9 @@ def _explain_parser(commands, parents: list, methods: tuple) -> None:
     explain_cmd.add_argument("--method", choices=[m for m in methods if m not in CHECKPOINT_METHODS], default="ip",
                              help="influence method (default: %(default)s; ip and trak rank per input, the others "
                                   "over the set)")
+    explain_cmd.add_argument("--params", nargs="+", default=None, metavar="NAME",
+                             help="score only these parameters (e.g. the last layer for if-exact, which takes at "
+                                  "most 5,000); default: all trainable ones")
     explain_cmd.add_argument("--damping", type=float, default=0.0,
                              help=f"damping lambda of the Hessian methods {' / '.join(DAMPED_METHODS)} (default: 0)")
     explain_cmd.add_argument("--top", type=int, default=10,
@@ -626,11 +629,12 @@ def _cmd_explain(args) -> int:
     given = read_inputs(args.inputs) if args.inputs is not None else None
     splits, defaults, eps, norm, steps = _setup(args)
     X, y = chosen_inputs(splits.test, args.index, given, splits.num_classes)
+    _check_scored_params(args, splits, defaults)
     attack = make_attack(args.attack, eps=eps, norm=norm, steps=steps, bounds=splits.bounds, seed=args.seed)
     model = _train(args, splits, defaults, eps, norm)
     try:
         explanation = explain(model, splits.train[:2], X, y, attack=attack, method=args.method, top=args.top,
-                              seed=args.seed, progress=not args.no_progress, ids=args.index, damping=args.damping)
+                              seed=args.seed, progress=not args.no_progress, ids=args.index, damping=args.damping, params=args.params)
     except ValueError as err:  # the inputs' error names the flag that chose them
         if args.index is None or not str(err).startswith("inputs:"):
             raise

@@ -67,6 +67,7 @@ def _npz(tmp_path, name, **arrays):
     (["--index", "2", "2"], "index: each test input once, got 2 2"),
     (["--index", "2", "--damping", "0.1"], "damping: only used by --method if-exact"),
     (["--index", "2", "--eps", "-1"], "eps: must be a finite number > 0, got -1.0"),
+    (["--index", "2", "--params", "nope"], "params: "),
     (["--inputs", "MISSING"], "inputs: no such file: '.*absent.npz'"),
     (["--inputs", "NOY"], r"inputs: '.*noy.npz' holds no array y \(it has X\)"),
     (["--inputs", "SHAPE"], r"inputs: samples of shape \(3,\) do not match the data's \(2,\)"),
