@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import zipfile
 from dataclasses import dataclass
@@ -163,7 +164,7 @@ def lds_reference(method: str, *, objective: str = "robust", model: Optional[str
     Returns:
         The entry (with ``"measured": True`` and the file's ``protocol`` and ``source``), or
         ``{"measured": False, "reason": ...}`` when the file or an entry of ``method`` on ``objective``
-        measured with one model is missing; no number is ever made up. ``ValueError`` naming ``lds_file``
+        measured with one model (with a finite ``lds``) is missing; no number is ever made up. ``ValueError`` naming ``lds_file``
         when the file is not of that schema.
     """
     if lds_file is None:
@@ -180,11 +181,10 @@ def lds_reference(method: str, *, objective: str = "robust", model: Optional[str
     except (UnicodeDecodeError, json.JSONDecodeError) as err:
         raise ValueError(f"lds_file: {shown!r} is not JSON ({err})") from None
     entries = table.get("entries") if isinstance(table, dict) else None
-    if not isinstance(entries, list) or not all(isinstance(e, dict) and isinstance(e.get("lds"), (int, float))
-                                                for e in entries):
+    if not isinstance(entries, list) or not all(isinstance(e, dict) for e in entries):
         raise ValueError(f"lds_file: {shown!r} must hold {{'entries': [{{'method', 'objective', 'lds', ...}}]}}")
     found = [e for e in entries if e.get("method") == method and e.get("objective") == objective
-             and e.get("models", 1) == 1]
+             and e.get("models", 1) == 1 and isinstance(e.get("lds"), (int, float)) and math.isfinite(e["lds"])]
     if not found:
         return {"measured": False, "reason": f"no entry for method {method!r} on the {objective} objective "
                                              f"(one model) in {shown}"}

@@ -138,7 +138,8 @@ ENTRY = {"data": "mnist", "model": "SmallCNN", "objective": "robust", "method": 
 
 def test_lds_lookup_present_missing_and_not_measured(problem, tmp_path):
     path = _reference(tmp_path, [{**ENTRY, "objective": "utility", "lds": 0.098}, ENTRY,
-                                 {**ENTRY, "method": "trak", "models": 10, "lds": 0.3}])
+                                 {**ENTRY, "method": "trak", "models": 10, "lds": 0.3},
+                                 {**ENTRY, "method": "tracin", "lds": None}])
     trust = _explain(problem, lds_file=path).trust
     assert trust["measured"] and trust["lds"] == 0.087 and trust["ci"] == [0.061, 0.113]
     text = trust_text(trust)
@@ -150,11 +151,12 @@ def test_lds_lookup_present_missing_and_not_measured(problem, tmp_path):
     assert unmeasured == {"measured": False, "reason": f"no entry for method 'trak' on the robust objective "
                                                        f"(one model) in {path}"}
     assert trust_text(unmeasured).startswith("not measured")
+    assert not defenses.lds_reference("tracin", lds_file=path)["measured"]  # an entry without a number
     missing = defenses.lds_reference("ip", lds_file=tmp_path / "absent.json")
     assert not missing["measured"] and "no benchmark file" in missing["reason"]
     assert "lds" not in missing
     bad = tmp_path / "bad.json"
-    bad.write_text('{"entries": [{"method": "ip"}]}')
+    bad.write_text('{"entries": [["ip", 0.1]]}')
     with pytest.raises(ValueError, match="^lds_file: "):
         _explain(problem, lds_file=bad)
 
