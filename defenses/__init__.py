@@ -24,6 +24,9 @@
   the backdoor threat model a :class:`PoisonSpec`. :func:`anti_backdoor_learning`: the field's reference
   training-time defence (Anti-Backdoor Learning, :mod:`defenses.abl`); :func:`spectre_scores`: SPECTRE's
   robust-statistics detector (:mod:`defenses.spectre`).
+- :func:`explain`: the training samples most responsible for a model's adversarial failures on given
+  inputs, with the measured LDS of the method used (:func:`lds_reference`); :func:`write_explanation`
+  writes its JSON, Markdown and PNG (:mod:`defenses.attribution`).
 - Recipes of both pipelines live in one registry (:func:`register_recipe`, :func:`available_recipes`).
 """
 
@@ -33,6 +36,7 @@ from .backdoor_scan import ScanResult, scan_backdoor
 from .lookahead import LookaheadReweighting, LookaheadWeights
 from .config import PoisoningConfig, PoisonSpec, RunConfig
 from .demo import run_demo
+from .attribution import Explanation, explain, lds_reference, write_explanation
 from .pipeline import evaluate_on_test, run, seeded_split
 from .poison_removal import remove_poisons
 from .poisoning import run_poisoning
@@ -76,4 +80,8 @@ __all__ = [
     "PoisonSpec",
     "TRAINER_NAMES",
     "make_trainer",
+    "explain",
+    "Explanation",
+    "lds_reference",
+    "write_explanation",
 ]

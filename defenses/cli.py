@@ -1,4 +1,4 @@
-"""The ``robust-infl`` command line: ``defend``, ``score``, ``attack`` and ``demo``.
+"""The ``robust-infl`` command line: ``defend``, ``score``, ``attack``, ``explain`` and ``demo``.
 
 Run ``robust-infl <command> --help`` for every flag. User errors print one line on stderr and exit
 with status 2 (``--debug`` shows the traceback instead).
@@ -26,14 +26,15 @@ import robust_infl
 from attacks.registry import ATTACK_NAMES, make_attack
 from defenses.config import POISON_ATTACKS, PoisoningConfig, PoisonSpec, RunConfig, help_texts
 from defenses.demo import run_demo
+from defenses.attribution import chosen_inputs, explain, read_inputs, write_explanation
 from defenses.plan import EmptyBudgetWarning
 from defenses.recipes import DEFAULT_RECIPES, available_recipes, get_recipe
 from defenses.registry import TRAINER_NAMES, make_trainer
 from defenses.report import render_markdown
 from robust_infl.distributed import (SHARDED_METHODS, broadcast_module_state, init_process_group_from_env,
                                      rank_and_world_size, sharded_influence)
-from robust_infl.io import (atomic_save_npys, atomic_save_tensor, check_output_file, check_output_folder, lock_folder,
-                            output_errors, safe_load)
+from robust_infl.io import (atomic_save_npys, atomic_save_tensor, check_output_file, check_output_folder, held_output,
+                            lock_folder, output_errors, safe_load)
 from robust_infl.methods.hessian import check_exact_size
 from robust_infl.registry import (DATASET_NAMES, MODEL_NAMES, OBJECTIVE_NAMES, data_defaults, load_splits,
                                   make_objective, model_factory)
@@ -108,7 +109,7 @@ def _weights_options() -> argparse.ArgumentParser:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The argument parser of ``robust-infl`` with its four subcommands."""
+    """The argument parser of ``robust-infl`` with its five subcommands."""
     parser = _OneLineErrorParser(prog=PROG, description=(
         "Find the training samples that make a model easier to attack, prune or down-weight them, "
         "retrain, attack again and compare with honest baselines."))
@@ -230,6 +231,8 @@ def build_parser() -> argparse.ArgumentParser:
     attack.add_argument("--seed", type=_seed_value, default=0,
                         help="seed of split, training and attacks (default: 0)")
 
+    _explain_parser(commands, one_model, methods)
+
     demo = commands.add_parser(
         "demo", help="the README demo: evasion (MNIST subset + small CNN + PGD, Adult + logistic regression) "
                      "and a backdoor (poisoned MNIST subset)",
@@ -248,6 +251,39 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
     parser.command_parsers = commands.choices  # for check_flag_rules: each command's defaults
     return parser
+
+
+def _explain_parser(commands, parents: list, methods: tuple) -> None:
+    """``explain``: the training samples behind a model's adversarial failures (:func:`defenses.explain`)."""
+    explain_cmd = commands.add_parser(
+        "explain", parents=parents, help="find the training samples most responsible for adversarial failures",
+        description="Train the model (or load --weights), attack the chosen test inputs, keep those the attack "
+                    "flips, and score every training sample's harm on the loss at their adversarial points (held "
+                    "fixed). Writes explanation.json, explanation.md and, for images, explanation.png in --out, "
+                    "with the measured per-example LDS of the method (how far to trust the ranking; "
+                    "experiments/RESULTS.md, section lds).")
+    chosen = explain_cmd.add_argument_group("inputs to explain (one of)").add_mutually_exclusive_group(required=True)
+    chosen.add_argument("--index", type=int, nargs="+", default=None, metavar="I",
+                        help="rows of the test split (seeded by --seed)")
+    chosen.add_argument("--inputs", default=None, metavar="FILE.npz",
+                        help="a .npz of X (floats shaped like the data's samples) and y (true labels), "
+                             "written with numpy.savez(path, X=..., y=...)")
+    explain_cmd.add_argument("--attack", choices=ATTACK_NAMES, default="pgd", help="attack (default: %(default)s)")
+    explain_cmd.add_argument("--method", choices=[m for m in methods if m not in CHECKPOINT_METHODS], default="ip",
+                             help="influence method (default: %(default)s; ip and trak rank per input, the others "
+                                  "over the set)")
+    explain_cmd.add_argument("--params", nargs="+", default=None, metavar="NAME",
+                             help="score only these parameters (e.g. the last layer for if-exact, which takes at "
+                                  "most 5,000); default: all trainable ones")
+    explain_cmd.add_argument("--damping", type=float, default=0.0,
+                             help=f"damping lambda of the Hessian methods {' / '.join(DAMPED_METHODS)} (default: 0)")
+    explain_cmd.add_argument("--top", type=int, default=10,
+                             help="training samples listed per input (default: %(default)s)")
+    explain_cmd.add_argument("--trainer", choices=TRAINER_NAMES, default="erm", help="training (default: %(default)s)")
+    explain_cmd.add_argument("--seed", type=_seed_value, default=0,
+                             help="seed of split, training, attack and scoring (default: 0)")
+    explain_cmd.add_argument("--out", default="runs/explain",
+                             help="output folder; its explanation.* files are replaced (default: %(default)s)")
 
 
 def _poison_recipes() -> tuple:
@@ -354,7 +390,7 @@ def _rank() -> int:
 # (commands, flag, applies(args), where it is used)
 FLAG_RULES = (
     (("score",), "chunk-size", lambda a: a.store is not None or _world_size() > 1, "with --store (or under torchrun)"),
-    (("score", "defend"), "damping", lambda a: a.method in DAMPED_METHODS, f"by --method {', '.join(DAMPED_METHODS)}"),
+    (("score", "defend", "explain"), "damping", lambda a: a.method in DAMPED_METHODS, f"by --method {', '.join(DAMPED_METHODS)}"),
     (("score",), "attack", lambda a: a.objective == "robust", "with --objective robust"),
     (("score",), "checkpoints", lambda a: a.method in CHECKPOINT_METHODS,
      f"by --method {', '.join(CHECKPOINT_METHODS)}"),
@@ -588,12 +624,41 @@ def _cmd_attack(args) -> int:
     return 0
 
 
+def _cmd_explain(args) -> int:
+    if args.top < 1:
+        raise ValueError(f"top: must be >= 1, got {args.top}")
+    check_number(args.damping, "damping", minimum=0)
+    check_output_folder(args.out, "out")
+    if args.save_weights is not None:
+        check_output_file(args.save_weights, "save-weights")
+    given = read_inputs(args.inputs) if args.inputs is not None else None
+    splits, defaults, eps, norm, steps = _setup(args)
+    X, y = chosen_inputs(splits.test, args.index, given, splits.num_classes)
+    _check_scored_params(args, splits, defaults)
+    attack = make_attack(args.attack, eps=eps, norm=norm, steps=steps, bounds=splits.bounds, seed=args.seed)
+    model = _train(args, splits, defaults, eps, norm)
+    try:
+        explanation = explain(model, splits.train[:2], X, y, attack=attack, method=args.method, top=args.top,
+                              seed=args.seed, progress=not args.no_progress, ids=args.index, damping=args.damping, params=args.params)
+    except ValueError as err:  # the inputs' error names the flag that chose them
+        if args.index is None or not str(err).startswith("inputs:"):
+            raise
+        raise ValueError("index:" + str(err)[len("inputs:"):]) from err
+    with held_output(args.out) as out:
+        paths = write_explanation(explanation, out)
+    print(explanation.to_markdown())
+    print(f"wrote {', '.join(str(path) for path in paths.values())}")
+    _save_weights(args, model)
+    return 0
+
+
 def _cmd_demo(args) -> int:
     run_demo(args.out, quick=args.quick, progress=not args.no_progress)
     return 0
 
 
-COMMANDS = {"defend": _cmd_defend, "score": _cmd_score, "attack": _cmd_attack, "demo": _cmd_demo}
+COMMANDS = {"defend": _cmd_defend, "score": _cmd_score, "attack": _cmd_attack, "explain": _cmd_explain,
+            "demo": _cmd_demo}
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

@@ -30,8 +30,8 @@ import torch
 from robust_infl.engine import check_per_target
 from robust_infl.objectives import Objective
 
-__all__ = ["MethodFn", "register_method", "available_methods", "get_method", "check_method_options",
-           "check_aggregate"]
+__all__ = ["MethodFn", "register_method", "available_methods", "per_target_methods", "get_method",
+           "check_method_options", "check_aggregate"]
 
 MethodFn = Callable[..., torch.Tensor]
 
@@ -59,6 +59,11 @@ def register_method(name: str, *, per_target: bool = False) -> Callable[[MethodF
 def available_methods() -> tuple[str, ...]:
     """Names of the registered methods, sorted."""
     return tuple(sorted(_METHODS))
+
+
+def per_target_methods() -> tuple[str, ...]:
+    """Names of the methods that also return the train x target matrix (``aggregate=False``), sorted."""
+    return tuple(sorted(_PER_TARGET))
 
 
 def get_method(name: str) -> MethodFn:

@@ -45,7 +45,7 @@ def _documented_options(text: str) -> dict:
 
 def test_help_documents_every_flag_of_every_command():
     commands = re.findall(r"^    (\w+)  ", _help(), flags=re.M)
-    assert set(commands) == {"defend", "score", "attack", "demo"}
+    assert set(commands) == {"defend", "score", "attack", "explain", "demo"}
     flags = {}
     for name in commands:
         text = _help(name)
