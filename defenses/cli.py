@@ -273,8 +273,8 @@ def _scan_parser(commands, one_model: list) -> None:
                        help="clean trusted samples of the same classes (e.g. a held-out validation split), a .npz "
                             "of X, y; with --data the trusted set is the validation split")
     scan.add_argument("--trainer", choices=TRAINER_NAMES, default="erm",
-                      help="training of the model when no --weights are given, and of the scan's own models "
-                           "(default: %(default)s)")
+                      help="training of the model when no --weights are given (default: %(default)s); the scan's "
+                           "own models train plainly with its learning rate and batch size")
     scan.add_argument("--budget", type=float, default=None,
                       help="the most the scan may flag, a share of the training samples in (0, 1) (default: the "
                            "scan's own)")

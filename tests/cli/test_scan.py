@@ -5,7 +5,11 @@ every bad flag is refused with one line naming it before any compute."""
 from __future__ import annotations
 
 import json
+import os
 import re
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -17,6 +21,7 @@ from defenses.scan_report import kept_indices, typical_samples
 
 from test_campaign import _run_cli, no_compute  # noqa: F401 - the fixture that makes any compute fail
 
+ROOT = Path(__file__).resolve().parents[2]
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
@@ -146,3 +151,86 @@ def test_kept_indices_and_typical_samples_by_brute_force():
                       and i not in exclude.tolist() and i not in used]
         assert typical[position] == (candidates[0] if candidates else -1)
         used.add(candidates[0]) if candidates else None
+
+
+def _scan(data, out, *extra) -> list:
+    return ["scan", "--train", str(data / extra[0]), "--trusted", str(data / "trusted.npz"), "--model", "cnn",
+            "--epochs", "5", "--out", str(out), *extra[1:]]
+
+
+def test_a_poisoned_set_is_found_its_poisons_flagged_and_left_out_of_the_kept_list(data, tmp_path, capsys):
+    out, keep = tmp_path / "out", tmp_path / "keep.txt"
+    assert cli.main(_scan(data, out, "poisoned.npz", "--remove", str(keep))) == 0
+    printed = capsys.readouterr()
+    assert printed.err == ""  # no progress bar off a terminal, no warning
+    assert "verdict: BACKDOOR FOUND, suspected target class 0: 30 of 600" in printed.out
+    assert "trained here with erm (5 epochs, seed 0)" in printed.out
+    record = json.loads((out / "scan.json").read_text())
+    verdict, poisons = record["verdict"], set(np.load(data / "poisons.npy").tolist())
+    assert verdict["found"] and verdict["target_class"] == 0 and verdict["value"] > verdict["threshold"]
+    flagged = [entry["index"] for entry in record["flagged"]]
+    assert len(flagged) == verdict["n_flagged"] <= 0.1 * 600 and len(set(flagged) & poisons) >= 0.9 * len(poisons)
+    assert len(set(flagged) - poisons) <= 0.1 * len(flagged)
+    scores = np.load(out / "scan_scores.npy")
+    assert scores.shape == (600,)
+    assert [entry["score"] for entry in record["flagged"]] == pytest.approx(scores[flagged].tolist())
+    assert all(a["score"] >= b["score"] for a, b in zip(record["flagged"], record["flagged"][1:]))
+    assert [entry["rank"] for entry in record["flagged"]] == list(range(1, len(flagged) + 1))
+    assert all(entry["label"] == 0 for entry in record["flagged"])
+    kept = np.loadtxt(keep, dtype=int)
+    assert kept.tolist() == sorted(set(range(600)) - set(flagged)) and verdict["n_kept"] == len(kept)
+    assert (out / "scan_grid.png").read_bytes()[:8] == PNG_MAGIC
+    markdown = (out / "scan.md").read_text()
+    assert "**Backdoor found**: suspected target class 0; 30 of 600" in markdown and "(scan_grid.png)" in markdown
+    assert f"| 1 | {flagged[0]} | 0 |" in markdown
+    assert record["files"] == {"markdown": "scan.md", "scores": "scan_scores.npy", "grid": "scan_grid.png",
+                               "remove": str(keep)}
+
+
+def test_a_clean_set_gives_nothing_found_and_keeps_every_index(data, tmp_path, capsys):
+    out, keep = tmp_path / "out", tmp_path / "keep.txt"
+    assert cli.main(_scan(data, out, "clean.npz", "--remove", str(keep), "--top", "4")) == 0
+    printed = capsys.readouterr().out
+    assert "verdict: no backdoor found; nothing flagged, all 600 training samples kept" in printed
+    record = json.loads((out / "scan.json").read_text())
+    assert not record["verdict"]["found"] and record["verdict"]["value"] <= record["verdict"]["threshold"]
+    assert record["flagged"] == [] and record["verdict"]["n_kept"] == 600
+    assert len(record["highest_scores"]) == 4  # shown for inspection, none flagged
+    assert np.loadtxt(keep, dtype=int).tolist() == list(range(600))
+    assert "**No backdoor found**: nothing flagged" in (out / "scan.md").read_text()
+    assert (out / "scan_grid.png").read_bytes()[:8] == PNG_MAGIC
+
+
+def test_given_weights_are_scanned_and_non_image_data_gets_no_grid(tmp_path, capsys):
+    weights, tiny = tmp_path / "mlp.pt", ["--data", "moons", "--model", "mlp", "--epochs", "1", "--seed", "3"]
+    assert cli.main(["scan", *tiny, "--out", str(tmp_path / "a"), "--save-weights", str(weights), "--top", "2"]) == 0
+    assert "trained here" in capsys.readouterr().out and weights.exists()
+    assert cli.main(["scan", *tiny, "--out", str(tmp_path / "b"), "--weights", str(weights), "--top", "2"]) == 0
+    printed = capsys.readouterr().out
+    assert f"model: mlp, weights {weights}" in printed and "trained here" not in printed
+    assert "(no image grid: the samples are not images)" in printed
+    record = json.loads((tmp_path / "b" / "scan.json").read_text())
+    assert record["files"]["grid"] is None and not (tmp_path / "b" / "scan_grid.png").exists()
+    assert "No image grid: the samples are not images (shape (2,)" in (tmp_path / "b" / "scan.md").read_text()
+    entries = record["flagged"] or record["highest_scores"]
+    assert all("row" in entry for entry in entries)  # built-in data: the data set row of each sample
+
+
+def test_overwrite_replaces_an_earlier_scan(data, tmp_path, capsys):
+    out = tmp_path / "out"
+    (out).mkdir()
+    (out / "scan_grid.png").write_bytes(b"old")
+    assert cli.main(["scan", "--data", "moons", "--model", "mlp", "--epochs", "1", "--out", str(out),
+                     "--overwrite"]) == 0
+    assert not (out / "scan_grid.png").exists() and (out / "scan.json").exists()
+
+
+@pytest.mark.slow
+def test_the_command_end_to_end_in_its_own_process(data, tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    result = subprocess.run([sys.executable, "-m", "defenses.cli", *_scan(data, tmp_path / "out", "poisoned.npz",
+                                                                          "--remove", str(tmp_path / "keep.txt"))],
+                            env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert "verdict: BACKDOOR FOUND, suspected target class 0" in result.stdout and result.stderr == ""
+    assert len(np.loadtxt(tmp_path / "keep.txt", dtype=int)) == 570
