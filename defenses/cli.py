@@ -24,6 +24,7 @@ import attacks
 import defenses
 import robust_infl
 from attacks.registry import ATTACK_NAMES, make_attack
+from defenses.backdoor_scan import DEFAULT_SCAN_BUDGET
 from defenses.config import POISON_ATTACKS, PoisoningConfig, PoisonSpec, RunConfig, help_texts
 from defenses.demo import run_demo
 from defenses.plan import EmptyBudgetWarning
@@ -31,6 +32,7 @@ from defenses.recipes import DEFAULT_RECIPES, available_recipes, get_recipe
 from defenses.registry import TRAINER_NAMES, make_trainer
 from defenses.report import render_markdown
 from defenses.scan_report import load_scan_data, prepare_scan_folder, statistic_line, write_scan_report
+from defenses.timing import timed
 from robust_infl.distributed import (SHARDED_METHODS, broadcast_module_state, init_process_group_from_env,
                                      rank_and_world_size, sharded_influence)
 from robust_infl.io import (atomic_save_npys, atomic_save_tensor, check_output_file, check_output_folder, held_output,
@@ -275,9 +277,9 @@ def _scan_parser(commands, one_model: list) -> None:
     scan.add_argument("--trainer", choices=TRAINER_NAMES, default="erm",
                       help="training of the model when no --weights are given (default: %(default)s); the scan's "
                            "own models train plainly with its learning rate and batch size")
-    scan.add_argument("--budget", type=float, default=None,
-                      help="the most the scan may flag, a share of the training samples in (0, 1) (default: the "
-                           "scan's own)")
+    scan.add_argument("--budget", type=float, default=DEFAULT_SCAN_BUDGET,
+                      help="the most the scan may flag, a share of the training samples in (0, 1) (default: "
+                           "%(default)s)")
     scan.add_argument("--seed", type=_seed_value, default=0,
                       help="seed of the split (--data), training and the scan (default: 0)")
     scan.add_argument("--top", type=int, default=16,
@@ -660,8 +662,7 @@ def _scan_setup(args):
 
 def _cmd_scan(args) -> int:
     start = time.perf_counter()
-    if args.budget is not None:
-        check_fraction(args.budget, "budget")
+    check_fraction(args.budget, "budget")
     check_int(args.top, "top", minimum=0)
     for path, flag in ((args.remove, "remove"), (args.save_weights, "save-weights")):
         if path is not None:
@@ -674,15 +675,16 @@ def _cmd_scan(args) -> int:
         model_factory(name, splits)  # a model that cannot take the data is refused before the folder is touched
         given = _train(args, splits, defaults, eps, norm) if args.weights is not None else None  # checked first
         prepare_scan_folder(folder, args.overwrite)
-        model = given or _train(args, splits, defaults, eps, norm, trainer)
+        model, seconds = (given, None) if given is not None else timed(_train, args, splits, defaults, eps, norm,
+                                                                       trainer)
         if args.weights is None:
             made = (f"{name}, none given (--weights): trained here with {args.trainer} ({trainer.epochs} epochs, "
                     f"seed {args.seed}); pass --weights FILE to scan your own model")
         else:
             made = f"{name}, weights {args.weights}"
         result = defenses.scan_backdoor(model, splits.train[:2], splits.val[:2], seed=args.seed, progress=progress,
-                                        trainer=trainer,
-                                        **({} if args.budget is None else {"budget": args.budget}))
+                                        budget=args.budget, trainer=trainer,
+                                        training_seconds=None if seconds is None else seconds["wall"])
         context = {"data": {"summary": described, "train": args.train or args.data, "trusted": args.trusted,
                             "n_train": len(splits.train[1]), "n_trusted": len(splits.val[1]),
                             "input_shape": list(splits.input_shape), "num_classes": splits.num_classes},

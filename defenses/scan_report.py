@@ -9,9 +9,7 @@ written as JSON and Markdown, a PNG grid of the most suspicious images, and the 
 - :func:`kept_indices` / :func:`write_kept_indices`: the training indices a scan keeps (all of them when
   nothing was found), one per line.
 
-A scan result is what :func:`defenses.scan_backdoor` returns: ``found``, ``statistic``, ``value``,
-``threshold``, ``target_class``, ``flagged`` (indices, most suspicious first), ``scores`` (one per
-training sample, higher = more suspicious), ``budget`` and ``timing``.
+The scan itself is :func:`defenses.scan_backdoor`; its result a :class:`~defenses.ScanResult`.
 """
 
 from __future__ import annotations
@@ -26,6 +24,8 @@ from attacks.inputs import as_data
 from robust_infl.datasets import Splits
 from robust_infl.io import (PathLike, atomic_save_npy, atomic_write, atomic_write_json, atomic_write_text,
                             safe_load_npz)
+
+from .backdoor_scan import ScanResult, check_trusted
 
 __all__ = ["SCAN_FILES", "load_scan_data", "is_image_data", "kept_indices", "typical_samples", "scan_record",
            "statistic_line", "timing_line", "render_scan_markdown", "plot_suspicious_grid", "prepare_scan_folder", "write_scan_report",
@@ -49,21 +49,17 @@ def _labelled(arrays: tuple, name: str) -> tuple:
 def load_scan_data(train: PathLike, trusted: PathLike) -> Splits:
     """The data of a scan from two ``.npz`` files of ``X`` (floating point; images ``(N, C, H, W)`` in [0, 1])
     and ``y`` (class indices): ``train`` (the data to scan) and ``trusted`` (clean samples of the same
-    classes, e.g. a held-out validation split). Returns :class:`~robust_infl.datasets.Splits` with
-    ``train``, ``trusted`` as ``val`` and an empty ``test``; errors name ``train`` or ``trusted``."""
+    classes, e.g. a held-out validation split; checked by :func:`~defenses.backdoor_scan.check_trusted`).
+    Returns :class:`~robust_infl.datasets.Splits` with ``train``, ``trusted`` as ``val`` and an empty ``test``;
+    errors name ``train`` or ``trusted``."""
     train_data = _labelled(safe_load_npz(train, "train"), "train")
     trusted_data = _labelled(safe_load_npz(trusted, "trusted"), "trusted")
-    shape, shape_trusted = tuple(train_data[0].shape[1:]), tuple(trusted_data[0].shape[1:])
-    if shape != shape_trusted:
-        raise ValueError(f"trusted: X has samples of shape {shape_trusted}, the training data (--train) {shape}")
+    check_trusted(trusted_data, *train_data)
     classes = int(train_data[1].max()) + 1
-    if int(trusted_data[1].max()) >= classes:
-        raise ValueError(f"trusted: y holds class {int(trusted_data[1].max())}, the training data (--train) only "
-                         f"classes 0..{classes - 1}")
     if classes < 2:
         raise ValueError("train: y holds a single class; a scan needs at least two")
     empty = (train_data[0][:0], train_data[1][:0])
-    return Splits("user", train_data, trusted_data, empty, shape, classes, None)
+    return Splits("user", train_data, trusted_data, empty, tuple(train_data[0].shape[1:]), classes, None)
 
 
 def is_image_data(X: torch.Tensor) -> bool:
@@ -108,7 +104,7 @@ def _entries(indices: torch.Tensor, y: torch.Tensor, scores: torch.Tensor, rows:
     return entries
 
 
-def _shown(result, top: int) -> torch.Tensor:
+def _shown(result: ScanResult, top: int) -> torch.Tensor:
     """The samples the report shows: the flagged ones (at most ``top``), or, when nothing was found, the
     ``top`` highest scores (for inspection; none of them is flagged)."""
     if result.found:
@@ -116,7 +112,7 @@ def _shown(result, top: int) -> torch.Tensor:
     return result.scores.argsort(descending=True, stable=True)[:top]
 
 
-def scan_record(result, y: torch.Tensor, *, rows: Optional[torch.Tensor] = None, top: int = 16,
+def scan_record(result: ScanResult, y: torch.Tensor, *, rows: Optional[torch.Tensor] = None, top: int = 16,
                 context: Optional[dict] = None) -> dict:
     """The content of ``scan.json``: ``verdict`` (found, statistic, value, threshold, target class, budget,
     counts), ``flagged`` (every flagged sample, most suspicious first: rank, training index, label, score,
@@ -128,7 +124,7 @@ def scan_record(result, y: torch.Tensor, *, rows: Optional[torch.Tensor] = None,
                     "threshold": float(result.threshold),
                     "target_class": None if result.target_class is None else int(result.target_class),
                     "budget": float(result.budget), "n_train": n, "n_flagged": len(flagged),
-                    "n_kept": n - len(flagged)},
+                    "n_kept": n - len(flagged), "statistics": dict(result.statistics)},
         "flagged": _entries(flagged, y, result.scores, rows),
         "timing": dict(result.timing),
     }
@@ -230,7 +226,7 @@ def plot_suspicious_grid(X: torch.Tensor, y: torch.Tensor, scores: torch.Tensor,
         else:
             bottom.text(0.5, 0.5, "no other\nsample\nof this class", ha="center", va="center", fontsize=7)
     fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
+    fig.tight_layout(h_pad=1.5)
     try:
         atomic_write(path, lambda handle: fig.savefig(handle, format="png", dpi=110))
     finally:
@@ -255,13 +251,16 @@ def write_kept_indices(path: PathLike, kept: torch.Tensor) -> Path:
     return atomic_write_text(path, "".join(f"{i}\n" for i in kept.tolist()))
 
 
-def write_scan_report(result, train: Sequence[torch.Tensor], out: PathLike, *, rows: Optional[torch.Tensor] = None,
-                      top: int = 16, context: Optional[dict] = None, remove: Optional[PathLike] = None) -> dict:
-    """Write a scan's files into the folder ``out``: ``scan.json`` (:func:`scan_record`), ``scan.md``,
-    ``scan_scores.npy`` (the score of every training sample, in training order) and, for image data
-    (:func:`is_image_data`), ``scan_grid.png`` (:func:`plot_suspicious_grid` of the ``top`` most suspicious
-    samples beside typical ones of their class); with ``remove``, the kept training indices
-    (:func:`write_kept_indices`). Every file is written atomically. Returns the record of ``scan.json``."""
+def write_scan_report(result: ScanResult, train: Sequence[torch.Tensor], out, *, rows: Optional[torch.Tensor] = None,
+                      top: int = 16, context: Optional[dict] = None, remove=None) -> dict:
+    """Write the files of a scan of ``train`` (``(X, y)``) into the folder ``out`` (a path): ``scan.json``
+    (:func:`~defenses.scan_report.scan_record`), ``scan.md``, ``scan_scores.npy`` (the score of every training
+    sample, in training order) and, for images ``(N, C, H, W)`` with 1 or 3 channels, ``scan_grid.png`` (the
+    ``top`` most suspicious samples, each above a typical sample of its class:
+    :func:`~defenses.scan_report.plot_suspicious_grid`); with ``remove`` (a file path), the kept training
+    indices, one per line (:func:`~defenses.scan_report.write_kept_indices`). ``rows``: the data set row of
+    each training sample; ``context``: more entries of ``scan.json``. Every file is written atomically.
+    Returns the record of ``scan.json``."""
     X, y = train[0], train[1]
     out = Path(out)
     files = {"markdown": "scan.md", "scores": "scan_scores.npy", "grid": None,
