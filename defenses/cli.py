@@ -32,6 +32,7 @@ from defenses.recipes import DEFAULT_RECIPES, available_recipes, get_recipe
 from defenses.registry import TRAINER_NAMES, make_trainer
 from defenses.report import render_markdown
 from defenses.scan_report import load_scan_data, prepare_scan_folder, statistic_line, write_scan_report
+from defenses.selection import check_budget
 from defenses.timing import timed
 from robust_infl.distributed import (SHARDED_METHODS, broadcast_module_state, init_process_group_from_env,
                                      rank_and_world_size, sharded_influence)
@@ -670,6 +671,7 @@ def _cmd_scan(args) -> int:
     progress = not args.no_progress
     with held_output(args.out) as folder:
         splits, defaults, eps, norm, described = _scan_setup(args)
+        check_budget(len(splits.train[1]), args.budget, "budget", "training samples", allow_none=False)
         name = args.model or defaults.model
         trainer = _trainer(args, splits, defaults, eps, norm, progress=progress)
         model_factory(name, splits)  # a model that cannot take the data is refused before the folder is touched

@@ -94,6 +94,8 @@ BAD_ROWS = [
     ("steps", [*FILES, "--steps", "3"], r"steps: only used by attacks; scan runs none; drop --steps"),
     ("budget 1.5", [*FILES, "--budget", "1.5"], r"budget: must be a finite number in \(0, 1\), got 1.5"),
     ("budget 0", [*FILES, "--budget", "0"], r"budget: must be a finite number in \(0, 1\), got 0.0"),
+    ("budget of no sample", [*FILES, "--budget", "0.0005"],
+     r"budget: 0.0005 of 600 training samples removes none of them .*; use a budget >= 0.000833"),
     ("top -1", [*FILES, "--top", "-1"], r"top: must be >= 0, got -1"),
     ("seed -1", [*FILES, "--seed", "-1"], r"argument --seed: must be an integer in \[0, 4294967295\], got -1"),
     ("trainer unknown", [*FILES, "--trainer", "sgd"], r"argument --trainer: invalid choice: 'sgd'"),
@@ -234,3 +236,19 @@ def test_the_command_end_to_end_in_its_own_process(data, tmp_path):
     assert result.returncode == 0, result.stderr
     assert "verdict: BACKDOOR FOUND, suspected target class 0" in result.stdout and result.stderr == ""
     assert len(np.loadtxt(tmp_path / "keep.txt", dtype=int)) == 570
+
+
+def test_progress_is_asked_for_unless_no_progress(tmp_path, monkeypatch, capsys):
+    """The bar's convention (tqdm ``disable=None``): asked for by default, shown only on a terminal."""
+    asked, scan = [], defenses.scan_backdoor
+
+    def recording(*args, **kwargs):
+        asked.append((kwargs["progress"], kwargs["trainer"].progress))
+        return scan(*args, **kwargs)
+
+    monkeypatch.setattr(defenses, "scan_backdoor", recording)
+    tiny = ["scan", "--data", "moons", "--model", "mlp", "--epochs", "1", "--top", "0"]
+    assert cli.main([*tiny, "--out", str(tmp_path / "a")]) == 0
+    assert cli.main([*tiny, "--out", str(tmp_path / "b"), "--no-progress"]) == 0
+    assert asked == [(True, True), (False, False)]
+    assert capsys.readouterr().err == ""  # not a terminal: no bar
