@@ -95,13 +95,11 @@ def typical_samples(scores: torch.Tensor, y: torch.Tensor, shown: torch.Tensor,
 
 
 def _entries(indices: torch.Tensor, y: torch.Tensor, scores: torch.Tensor, rows: Optional[torch.Tensor]) -> list:
-    entries = []
-    for rank, index in enumerate(indices.tolist(), start=1):
-        entry = {"rank": rank, "index": index, "label": int(y[index]), "score": float(scores[index])}
-        if rows is not None:
-            entry["row"] = int(rows[index])
-        entries.append(entry)
-    return entries
+    """``[{rank, index, label, score[, row]}]`` of ``indices``, in their order."""
+    columns = {"index": indices.tolist(), "label": y[indices].tolist(), "score": scores[indices].double().tolist()}
+    if rows is not None:
+        columns["row"] = rows[indices].tolist()
+    return [{"rank": rank, **dict(zip(columns, values))} for rank, values in enumerate(zip(*columns.values()), 1)]
 
 
 def _shown(result: ScanResult, top: int) -> torch.Tensor:
