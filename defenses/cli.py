@@ -267,7 +267,8 @@ def _scan_parser(commands, one_model: list) -> None:
                     "of --model trained on the training data); without --weights one is trained here. Writes "
                     "scan.json, scan.md, scan_scores.npy and, for images, scan_grid.png into --out; --remove "
                     "writes the training indices to keep. When nothing is found, nothing is flagged and every "
-                    "index is kept. The verdict's threshold and its calibration: docs/poisoned-data.md.")
+                    "index is kept. The verdict's statistic and threshold: defenses.scan_backdoor; its calibration on "
+                    "clean data: experiments/RESULTS.md (section scan_calibration).")
     files = scan.add_argument_group("your own data (instead of --data)")
     files.add_argument("--train", default=None, metavar="FILE.npz",
                        help="the training data to scan: a .npz of X (float; images (N, C, H, W) in [0, 1]) and y "
