@@ -16,7 +16,8 @@
 - :func:`run_demo`: the command line's demo (evasion on MNIST and Adult, a backdoor on MNIST), in
   :mod:`defenses.demo`.
 - :func:`scan_backdoor`: scan a training set for a backdoor, trigger unknown, with a small trusted clean set,
-  and a calibrated verdict (:class:`ScanResult`; :mod:`defenses.backdoor_scan`).
+  and a calibrated verdict (:class:`ScanResult`; :mod:`defenses.backdoor_scan`); :func:`write_scan_report`
+  writes its report (JSON, Markdown, a grid of the most suspicious images; the command line's ``scan``).
 - :func:`remove_poisons`: find backdoor poisons (with or without triggered evidence), remove them and
   retrain (:mod:`defenses.poison_removal`); :func:`run_poisoning`, the poisoning pipeline, measures it
   against the poisoning baselines (:mod:`defenses.poisoning`, recipes in :mod:`defenses.poison_recipes`,
@@ -41,6 +42,7 @@ from .pipeline import evaluate_on_test, run, seeded_split
 from .poison_removal import remove_poisons
 from .poisoning import run_poisoning
 from .recipes import DefenceContext, available_recipes, register_recipe
+from .scan_report import write_scan_report
 from .registry import TRAINER_NAMES, make_trainer
 from .selection import prune, relabel, reweight
 from .selection_hook import SelectionWeights
@@ -77,6 +79,7 @@ __all__ = [
     "scan_backdoor",
     "ScanResult",
     "spectre_scores",
+    "write_scan_report",
     "PoisonSpec",
     "TRAINER_NAMES",
     "make_trainer",

@@ -1,4 +1,4 @@
-"""The ``robust-infl`` command line: ``defend``, ``score``, ``attack``, ``explain`` and ``demo``.
+"""The ``robust-infl`` command line: ``defend``, ``score``, ``attack``, ``explain``, ``scan`` and ``demo``.
 
 Run ``robust-infl <command> --help`` for every flag. User errors print one line on stderr and exit
 with status 2 (``--debug`` shows the traceback instead).
@@ -24,6 +24,7 @@ import attacks
 import defenses
 import robust_infl
 from attacks.registry import ATTACK_NAMES, make_attack
+from defenses.backdoor_scan import DEFAULT_SCAN_BUDGET
 from defenses.config import POISON_ATTACKS, PoisoningConfig, PoisonSpec, RunConfig, help_texts
 from defenses.demo import run_demo
 from defenses.attribution import chosen_inputs, explain, read_inputs, write_explanation
@@ -31,15 +32,18 @@ from defenses.plan import EmptyBudgetWarning
 from defenses.recipes import DEFAULT_RECIPES, available_recipes, get_recipe
 from defenses.registry import TRAINER_NAMES, make_trainer
 from defenses.report import render_markdown
+from defenses.scan_report import load_scan_data, prepare_scan_folder, statistic_line, write_scan_report
+from defenses.selection import check_budget
+from defenses.timing import timed
 from robust_infl.distributed import (SHARDED_METHODS, broadcast_module_state, init_process_group_from_env,
                                      rank_and_world_size, sharded_influence)
 from robust_infl.io import (atomic_save_npys, atomic_save_tensor, check_output_file, check_output_folder, held_output,
                             lock_folder, output_errors, safe_load)
 from robust_infl.methods.hessian import check_exact_size
-from robust_infl.registry import (DATASET_NAMES, MODEL_NAMES, OBJECTIVE_NAMES, data_defaults, load_splits,
-                                  make_objective, model_factory)
+from robust_infl.registry import (DATASET_NAMES, MODEL_NAMES, OBJECTIVE_NAMES, USER_DATA_DEFAULTS, data_defaults,
+                                  load_splits, make_objective, model_factory)
 from robust_infl.store import check_store_folder
-from attacks.validation import SEED_MAX, check_device, check_number, check_seed
+from attacks.validation import SEED_MAX, check_device, check_fraction, check_int, check_number, check_seed
 from robust_infl.inputs import resolve_param_names
 
 __all__ = ["main", "build_parser"]
@@ -232,6 +236,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="seed of split, training and attacks (default: 0)")
 
     _explain_parser(commands, one_model, methods)
+    _scan_parser(commands, one_model)
 
     demo = commands.add_parser(
         "demo", help="the README demo: evasion (MNIST subset + small CNN + PGD, Adult + logistic regression) "
@@ -284,6 +289,45 @@ def _explain_parser(commands, parents: list, methods: tuple) -> None:
                              help="seed of split, training, attack and scoring (default: 0)")
     explain_cmd.add_argument("--out", default="runs/explain",
                              help="output folder; its explanation.* files are replaced (default: %(default)s)")
+
+
+def _scan_parser(commands, one_model: list) -> None:
+    """``scan``: a trained model and its training data -> the backdoor verdict, the report and the kept indices."""
+    scan = commands.add_parser(
+        "scan", parents=one_model, help="scan training data for a backdoor (trigger unknown): verdict, report, "
+                                        "the most suspicious samples and the indices to keep",
+        description="Scan a training set for backdoor poisons without knowing the trigger "
+                    "(defenses.scan_backdoor), using a small clean trusted set: the validation split of --data, "
+                    "or --trusted FILE.npz beside --train FILE.npz. The model scanned is --weights (a state dict "
+                    "of --model trained on the training data); without --weights one is trained here. Writes "
+                    "scan.json, scan.md, scan_scores.npy and, for images, scan_grid.png into --out; --remove "
+                    "writes the training indices to keep. When nothing is found, nothing is flagged and every "
+                    "index is kept. The verdict's statistic and threshold: defenses.scan_backdoor; its calibration on "
+                    "clean data: experiments/RESULTS.md (section scan_calibration).")
+    files = scan.add_argument_group("your own data (instead of --data)")
+    files.add_argument("--train", default=None, metavar="FILE.npz",
+                       help="the training data to scan: a .npz of X (float; images (N, C, H, W) in [0, 1]) and y "
+                            "(class indices), numpy.savez(path, X=X, y=y); needs --trusted and --model")
+    files.add_argument("--trusted", default=None, metavar="FILE.npz",
+                       help="clean trusted samples of the same classes (e.g. a held-out validation split), a .npz "
+                            "of X, y; with --data the trusted set is the validation split")
+    scan.add_argument("--trainer", choices=TRAINER_NAMES, default="erm",
+                      help="training of the model when no --weights are given (default: %(default)s); the scan's "
+                           "own models train plainly with its learning rate and batch size")
+    scan.add_argument("--budget", type=float, default=DEFAULT_SCAN_BUDGET,
+                      help="the most the scan may flag, a share of the training samples in (0, 1) (default: "
+                           "%(default)s)")
+    scan.add_argument("--seed", type=_seed_value, default=0,
+                      help="seed of the split (--data), training and the scan (default: 0)")
+    scan.add_argument("--top", type=int, default=16,
+                      help="how many of the most suspicious samples to print and show in the grid (default: "
+                           "%(default)s; scan.json lists every flagged sample)")
+    scan.add_argument("--out", default="runs/scan", help="output folder (default: %(default)s)")
+    scan.add_argument("--overwrite", action="store_true",
+                      help="replace an earlier scan in --out (without it, a folder holding one is refused)")
+    scan.add_argument("--remove", default=None, metavar="FILE",
+                      help="write the training indices to KEEP (0-based positions in the training data, ascending, "
+                           "one per line: numpy.loadtxt(FILE, dtype=int)); every index when nothing is found")
 
 
 def _poison_recipes() -> tuple:
@@ -405,6 +449,12 @@ FLAG_RULES = (
     (("defend",), "scheme", lambda a: a.mode == "reweight", "with --mode reweight"),
     (("defend",), "temperature", lambda a: a.mode == "reweight" and a.scheme == "smooth",
      "with --mode reweight --scheme smooth"),
+    (("scan",), "trusted", lambda a: a.train is not None, "with --train (with --data, the validation split)"),
+    (("scan",), "data", lambda a: a.train is None, "without --train"),
+    *((("scan",), flag, lambda a: a.train is None, "with --data") for flag in ("n-train", "n-val", "n-test")),
+    *((("scan",), flag, lambda a: a.trainer != "erm", "by an adversarial --trainer")
+      for flag in ("eps", "norm", "train-steps")),
+    (("scan",), "steps", lambda a: False, "by attacks; scan runs none"),
 )
 # API argument names in the library's messages -> the flag that sets them, where the two differ.
 FLAG_OF = {"defend": {"rate": "poison-rate", "fractions": "fraction", "target_class": "target-class",
@@ -437,19 +487,25 @@ def _setup(args):
     return splits, defaults, eps, norm, steps
 
 
-def _train(args, splits, defaults, eps, norm):
-    """The model of score / attack: trained (seed ``args.seed``), or loaded from ``--weights``."""
+def _trainer(args, splits, defaults, eps, norm, progress: bool = False):
+    """The trainer of score / attack / scan from the training flags (the data set's defaults where not given)."""
     def pick(value, default):
         return default if value is None else value
 
+    return make_trainer(args.trainer, epochs=pick(args.epochs, defaults.epochs), lr=pick(args.lr, defaults.lr),
+                        batch_size=pick(args.batch_size, defaults.batch_size), eps=eps, norm=norm,
+                        bounds=splits.bounds, train_steps=args.train_steps, progress=progress)
+
+
+def _train(args, splits, defaults, eps, norm, trainer=None):
+    """The model of score / attack / scan: trained with ``trainer`` (default: :func:`_trainer`'s; seed
+    ``args.seed``), or loaded from ``--weights``."""
     name = args.model or defaults.model
     model = model_factory(name, splits)(args.seed)
     if args.weights is not None:
         model = _load_weights(model, args.weights, name)
     else:
-        trainer = make_trainer(args.trainer, epochs=pick(args.epochs, defaults.epochs), lr=pick(args.lr, defaults.lr),
-                               batch_size=pick(args.batch_size, defaults.batch_size), eps=eps, norm=norm,
-                               bounds=splits.bounds, train_steps=args.train_steps, progress=False)
+        trainer = trainer or _trainer(args, splits, defaults, eps, norm)
         model = trainer.fit(model, splits.train, seed=args.seed, val=splits.val)
     return model
 
@@ -639,7 +695,8 @@ def _cmd_explain(args) -> int:
     model = _train(args, splits, defaults, eps, norm)
     try:
         explanation = explain(model, splits.train[:2], X, y, attack=attack, method=args.method, top=args.top,
-                              seed=args.seed, progress=not args.no_progress, ids=args.index, damping=args.damping, params=args.params)
+                              seed=args.seed, progress=not args.no_progress, ids=args.index, damping=args.damping,
+                              params=args.params)
     except ValueError as err:  # the inputs' error names the flag that chose them
         if args.index is None or not str(err).startswith("inputs:"):
             raise
@@ -652,13 +709,102 @@ def _cmd_explain(args) -> int:
     return 0
 
 
+def _scan_setup(args):
+    """``(splits, defaults, eps, norm, described)`` of ``scan``: the built-in data set (its validation split is
+    the trusted set) or the user's ``--train`` / ``--trusted`` files, and the data's description."""
+    if args.train is None:
+        splits, defaults, eps, norm, _ = _setup(args)
+        described = (f"{args.data}, {len(splits.train[1])} training samples (seed {args.seed}'s split), trusted: its "
+                     f"{len(splits.val[1])}-sample validation split")
+        return splits, defaults, eps, norm, described
+    if args.trusted is None:
+        raise ValueError("trusted: required with --train: clean samples of the same classes (e.g. a held-out "
+                         "validation split) as a .npz of X, y")
+    if args.model is None:
+        raise ValueError(f"model: required with --train, one of {', '.join(MODEL_NAMES)} (cnn for images "
+                         "(N, C, H, W))")
+    splits = load_scan_data(args.train, args.trusted)
+    defaults = USER_DATA_DEFAULTS
+    described = (f"{args.train}, {len(splits.train[1])} training samples; trusted: {args.trusted}, "
+                 f"{len(splits.val[1])} samples")
+    eps = defaults.eps if args.eps is None else args.eps
+    return splits, defaults, eps, args.norm or defaults.norm, described
+
+
+def _cmd_scan(args) -> int:
+    start = time.perf_counter()
+    check_fraction(args.budget, "budget")
+    check_int(args.top, "top", minimum=0)
+    for path, flag in ((args.remove, "remove"), (args.save_weights, "save-weights")):
+        if path is not None:
+            check_output_file(path, flag)
+    progress = not args.no_progress
+    with held_output(args.out) as folder:
+        splits, defaults, eps, norm, described = _scan_setup(args)
+        check_budget(len(splits.train[1]), args.budget, "budget", "training samples", allow_none=False)
+        name = args.model or defaults.model
+        trainer = _trainer(args, splits, defaults, eps, norm, progress=progress)
+        model_factory(name, splits)  # a model that cannot take the data is refused before the folder is touched
+        given = _train(args, splits, defaults, eps, norm) if args.weights is not None else None  # checked first
+        prepare_scan_folder(folder, args.overwrite)
+        model, seconds = (given, None) if given is not None else timed(_train, args, splits, defaults, eps, norm,
+                                                                       trainer)
+        if args.weights is None:
+            made = (f"{name}, none given (--weights): trained here with {args.trainer} ({trainer.epochs} epochs, "
+                    f"seed {args.seed}); pass --weights FILE to scan your own model")
+        else:
+            made = f"{name}, weights {args.weights}"
+        result = defenses.scan_backdoor(model, splits.train[:2], splits.val[:2], seed=args.seed, progress=progress,
+                                        budget=args.budget, trainer=trainer,
+                                        training_seconds=None if seconds is None else seconds["wall"])
+        context = {"data": {"summary": described, "train": args.train or args.data, "trusted": args.trusted,
+                            "n_train": len(splits.train[1]), "n_trusted": len(splits.val[1]),
+                            "input_shape": list(splits.input_shape), "num_classes": splits.num_classes},
+                   "model": {"summary": made, "name": name, "weights": args.weights,
+                             "trained_here": args.weights is None, "trainer": args.trainer, "seed": args.seed}}
+        record = write_scan_report(result, splits.train, folder, top=args.top, remove=args.remove, context=context,
+                                   rows=splits.train_index if args.train is None else None)
+    _print_scan(record, args.top)
+    files = record["files"]
+    written = ", ".join(f for f in ("scan.json", files["markdown"], files["scores"], files["grid"]) if f)
+    print(f"wrote {written} in {folder} in {time.perf_counter() - start:.0f} s"
+          + (" (no image grid: the samples are not images)" if files.get("grid_note") else ""))
+    if args.remove is not None:
+        print(f"kept training indices ({record['verdict']['n_kept']} of {record['verdict']['n_train']}, one per "
+              f"line) in {args.remove}")
+    _save_weights(args, model)
+    return 0
+
+
+def _print_scan(record: dict, top: int) -> None:
+    """The verdict of a scan and its most suspicious samples on stdout."""
+    verdict = record["verdict"]
+    print(f"data: {record['data']['summary']}")
+    print(f"model: {record['model']['summary']}")
+    if verdict["found"]:
+        print(f"verdict: BACKDOOR FOUND, suspected target class {verdict['target_class']}: {verdict['n_flagged']} of "
+              f"{verdict['n_train']} training samples flagged (budget {100 * verdict['budget']:.3g}%)")
+        entries, heading = record["flagged"], "flagged, most suspicious first"
+    else:
+        print(f"verdict: no backdoor found; nothing flagged, all {verdict['n_train']} training samples kept")
+        entries, heading = record["highest_scores"], "highest scores (none flagged)"
+    print(f"  {statistic_line(verdict)}")
+    if entries[:top]:
+        print(f"{heading}; larger = more suspicious")
+        rows = "row" in entries[0]
+        print(f"{'rank':>4}  {'index':>6}  " + (f"{'row':>6}  " if rows else "") + f"{'label':>5}  {'score':>10}")
+        for entry in entries[:top]:
+            print(f"{entry['rank']:>4}  {entry['index']:>6}  " + (f"{entry['row']:>6}  " if rows else "")
+                  + f"{entry['label']:>5}  {entry['score']:>10.4g}")
+
+
 def _cmd_demo(args) -> int:
     run_demo(args.out, quick=args.quick, progress=not args.no_progress)
     return 0
 
 
 COMMANDS = {"defend": _cmd_defend, "score": _cmd_score, "attack": _cmd_attack, "explain": _cmd_explain,
-            "demo": _cmd_demo}
+            "scan": _cmd_scan, "demo": _cmd_demo}
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
