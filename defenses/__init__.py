@@ -21,12 +21,14 @@
   detectors in :mod:`defenses.poison_detection`); its options are the fields of :class:`PoisoningConfig`,
   the backdoor threat model a :class:`PoisonSpec`. :func:`anti_backdoor_learning`: the field's reference
   training-time defence (Anti-Backdoor Learning, :mod:`defenses.abl`); :func:`spectre_scores`: SPECTRE's
-  robust-statistics detector (:mod:`defenses.spectre`).
+  robust-statistics detector (:mod:`defenses.spectre`); :func:`asset_scores`: ASSET's offset detector
+  with a trusted clean set (:mod:`defenses.asset`).
 - Recipes of both pipelines live in one registry (:func:`register_recipe`, :func:`available_recipes`).
 """
 
 from .abl import anti_backdoor_learning
 from .art_trainer import ARTTrainer
+from .asset import asset_scores
 from .lookahead import LookaheadReweighting, LookaheadWeights
 from .config import PoisoningConfig, PoisonSpec, RunConfig
 from .demo import run_demo
@@ -68,6 +70,7 @@ __all__ = [
     "remove_poisons",
     "anti_backdoor_learning",
     "spectre_scores",
+    "asset_scores",
     "PoisonSpec",
     "TRAINER_NAMES",
     "make_trainer",

@@ -22,6 +22,7 @@ from attacks.plumbing import make_generator
 
 from . import poison_detection as detect
 from .abl import anti_backdoor_learning
+from .asset import asset_scores
 from .spectre import spectre_scores
 from .data import take
 from .poison_removal import contrast_detection, detect_and_retrain, evidence_repeats, with_evidence
@@ -175,6 +176,10 @@ _register("abl", _abl, "unknown", "Anti-Backdoor Learning (Li et al. 2021): LGA 
 _register("spectre", by_scores("spectre", lambda ctx: spectre_scores(ctx.model, ctx.train, budget=ctx.budget)),
           "unknown", "SPECTRE (Hayase et al. 2021): robust whitening and QUE scores of the penultimate features, "
           "in the class with the largest QUE statistic")
+_register("asset", by_scores("asset", lambda ctx: asset_scores(ctx.model, ctx.train[:2], ctx.val[:2], seed=ctx.seed,
+                                                            batch_size=ctx.trainer.batch_size)),
+          "unknown", "ASSET (Pan et al. 2023): loss under a model offset between the clean validation split "
+          "and the training set")
 _register("remove-poisons-unknown", _remove_poisons, "unknown", "defenses.remove_poisons without evidence")
 _register("evidence-retrain", _evidence_retrain, "evidence", "retrained on all samples plus the evidence")
 _register("evidence-finetune", _evidence_finetune, "evidence",
