@@ -78,7 +78,7 @@ def test_abl_is_seeded():
     (dict(trainer=object()), "trainer"),
     (dict(isolation_ratio=0.0), "isolation_ratio"),
     (dict(isolation_ratio=1.5), "isolation_ratio"),
-    (dict(isolation_ratio=0.001), "isolation_ratio"),
+    (dict(isolation_ratio=0.999), "isolation_ratio"),
     (dict(gamma=-1.0), "gamma"),
     (dict(isolation_epochs=0), "isolation_epochs"),
     (dict(continued_epochs=0), "continued_epochs"),
