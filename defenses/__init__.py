@@ -24,7 +24,8 @@
   detectors in :mod:`defenses.poison_detection`); its options are the fields of :class:`PoisoningConfig`,
   the backdoor threat model a :class:`PoisonSpec`. :func:`anti_backdoor_learning`: the field's reference
   training-time defence (Anti-Backdoor Learning, :mod:`defenses.abl`); :func:`spectre_scores`: SPECTRE's
-  robust-statistics detector (:mod:`defenses.spectre`).
+  robust-statistics detector (:mod:`defenses.spectre`); :func:`asset_scores`: ASSET's offset detector
+  with a trusted clean set (:mod:`defenses.asset`).
 - :func:`explain`: the training samples most responsible for a model's adversarial failures on given
   inputs, with the measured LDS of the method used (:func:`lds_reference`); :func:`write_explanation`
   writes its JSON, Markdown and PNG (:mod:`defenses.attribution`).
@@ -34,6 +35,7 @@
 from .abl import anti_backdoor_learning
 from .art_trainer import ARTTrainer
 from .backdoor_scan import ScanResult, scan_backdoor
+from .asset import asset_scores
 from .lookahead import LookaheadReweighting, LookaheadWeights
 from .config import PoisoningConfig, PoisonSpec, RunConfig
 from .demo import run_demo
@@ -80,6 +82,7 @@ __all__ = [
     "ScanResult",
     "spectre_scores",
     "write_scan_report",
+    "asset_scores",
     "PoisonSpec",
     "TRAINER_NAMES",
     "make_trainer",
