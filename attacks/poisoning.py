@@ -186,7 +186,7 @@ class SIGTrigger(BackdoorTrigger):
     channel. The paper poisons samples of the target class only, labels kept
     (``poison(..., clean_label=True)``), with ``delta = 20/255`` and ``frequency = 6`` at training, and
     tests with a stronger signal than it trains with: :meth:`train_stamp` (the poisons) adds the signal of
-    amplitude ``delta``, :meth:`apply` (test time) that of amplitude ``test_delta``.
+    amplitude ``delta``, :meth:`~BackdoorTrigger.apply` (test time) that of amplitude ``test_delta``.
 
     Arguments:
         input_shape: the shape of one image, ``(..., H, W)``.
@@ -298,8 +298,8 @@ class AdaptiveBlendTrigger(BackdoorTrigger):
     set of ``pieces - round(mask_rate * pieces)`` cells, ``x' = x + alpha * m * (pattern - x)``; and
     ``noise_ratio`` times as many other samples (the paper's "cover" or regularisation samples) carry a random
     set the same way under their TRUE labels (:meth:`noise`, through :func:`poison`'s noise mode), so that only
-    the full pattern, used at test time (:meth:`apply`: ``x + test_alpha * (pattern - x)``), activates the
-    backdoor. The paper's code defaults (``poison_tool_box/adaptive_blend.py``): 16 pieces, mask rate 0.5,
+    the full pattern, used at test time (:meth:`~BackdoorTrigger.apply`: ``x + test_alpha * (pattern - x)``),
+    activates the backdoor. The paper's code defaults (``poison_tool_box/adaptive_blend.py``): 16 pieces, mask rate 0.5,
     alpha 0.2 at training and test, as many cover samples as poisons. Its code draws the poisons from every
     class; :func:`poison` draws them from the other classes, as for BadNets.
 
