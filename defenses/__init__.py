@@ -20,6 +20,8 @@
   against the poisoning baselines (:mod:`defenses.poisoning`, recipes in :mod:`defenses.poison_recipes`,
   detectors in :mod:`defenses.poison_detection`); its options are the fields of :class:`PoisoningConfig`,
   the backdoor threat model a :class:`PoisonSpec`.
+- :func:`train_ensemble`: train the members of an ensemble of models (random subsets, seeded), to score as a
+  :class:`robust_infl.Ensemble` (:mod:`defenses.ensembles`).
 - Recipes of both pipelines live in one registry (:func:`register_recipe`, :func:`available_recipes`).
 """
 
@@ -27,6 +29,7 @@ from .art_trainer import ARTTrainer
 from .lookahead import LookaheadReweighting, LookaheadWeights
 from .config import PoisoningConfig, PoisonSpec, RunConfig
 from .demo import run_demo
+from .ensembles import TrainedEnsemble, train_ensemble
 from .pipeline import evaluate_on_test, run, seeded_split
 from .poison_removal import remove_poisons
 from .poisoning import run_poisoning
@@ -65,4 +68,6 @@ __all__ = [
     "PoisonSpec",
     "TRAINER_NAMES",
     "make_trainer",
+    "train_ensemble",
+    "TrainedEnsemble",
 ]
