@@ -66,6 +66,9 @@ __all__ = ["trak_influence", "trak_ensemble_influence", "BinaryMargin", "margins
 EXTRA = "trak"
 DEFAULT_PROJ_DIM = 2048
 """``TRAKer``'s default projection dimension."""
+WHOLE_MATRIX_BYTES = 2**30
+"""Largest projection matrix (``n_params x proj_dim`` float32) drawn once and held; a larger one is drawn block by
+block at every batch, as TRAK's ``BasicProjector`` does."""
 _MARGIN_RTOL = 1e-4  # how far df/doutputs may stray from the direction of the margin's gradient
 
 
@@ -174,6 +177,30 @@ class _Member:
             grad_dim=problem.n_params, proj_dim=proj_dim, seed=problem.seed, device=problem.device, dtype=f32,
             proj_type=trak.projectors.ProjectionType.normal, model_id=model_id)
         self.normaliser = torch.sqrt(torch.tensor(problem.n_params, dtype=f32))
+        self.matrix = self._whole_matrix(proj_dim) if problem.n_params * proj_dim * 4 <= WHOLE_MATRIX_BYTES else None
+        self._flat = None  # the flattened per-sample gradients of a batch
+
+    def _whole_matrix(self, proj_dim: int) -> Tensor:
+        """TRAK's projection matrix whole: the projector's blocks, drawn once from their generator states (TRAK's
+        ``BasicProjector`` draws every block again at every ``project`` call)."""
+        projector = self.projector
+        matrix = torch.empty(projector.grad_dim, proj_dim, dtype=projector.dtype, device=projector.device)
+        for index, state in enumerate(projector.generator_states):
+            start = index * projector.block_size
+            stop = min(start + projector.block_size, proj_dim)
+            projector.generate_sketch_matrix(state)
+            matrix[:, start:stop] = projector.proj_matrix[:, :stop - start]
+        projector.free_memory()
+        return matrix
+
+    def _project_whole(self, grads: dict, batch: int) -> Tensor:
+        """``vectorize(grads) @ matrix``: the per-sample gradients flattened in their own order (as TRAK's
+        ``trak.utils.vectorize`` flattens them), into one buffer kept across batches, times the whole matrix."""
+        first = next(iter(grads.values()))
+        if self._flat is None or self._flat.shape[0] < batch or self._flat.dtype != first.dtype:
+            self._flat = torch.empty(batch, self.matrix.shape[0], dtype=first.dtype, device=first.device)
+        flat = torch.cat([g.detach().reshape(batch, -1) for g in grads.values()], dim=1, out=self._flat[:batch])
+        return flat.to(self.matrix.dtype) @ self.matrix
 
     def labelled(self, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
         """The batch as TRAK's model outputs take it (TRAK indexes the softmax by the label)."""
@@ -181,8 +208,11 @@ class _Member:
 
     def features(self, x: Tensor, y: Tensor, where: str) -> Tensor:
         """``P^T grad m(z) / sqrt(n_params)`` of every sample of the batch (TRAK's ``featurize``)."""
-        projected = self.projector.project(self.computer.compute_per_sample_grad(batch=self.labelled(x, y)),
-                                           model_id=self.model_id)
+        grads = self.computer.compute_per_sample_grad(batch=self.labelled(x, y))
+        if self.matrix is None:
+            projected = self.projector.project(grads, model_id=self.model_id)
+        else:
+            projected = self._project_whole(grads, x.shape[0])
         projected /= self.normaliser
         check_finite_results(projected, "output gradients", where)
         return projected
