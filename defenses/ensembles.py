@@ -86,7 +86,7 @@ def train_ensemble(model: nn.Module, data: Any, trainer: Any, n: int, *, subset:
         n: the number of members (>= 1).
         subset: the fraction of the data each member trains on, in ``(0, 1]`` (``0.5``: random halves,
             TRAK's recipe; ``1``: every member on all the data, only the seeds differ).
-        seed: member ``k`` trains under the seeds :func:`member_seeds` ``(seed, k)``.
+        seed: member ``k`` trains under the seeds :func:`defenses.ensembles.member_seeds` ``(seed, k)``.
         progress: show a progress bar over the members.
 
     Returns:
