@@ -30,7 +30,10 @@ scoring ``seed``; on a GPU the same seed draws another matrix) and score compute
 (``BasicScoreComputer``: ``Phi^T Phi``, its inverse with ``lambda_reg = damping``, divided by its
 mean absolute entry, and the products), in float32 as ``TRAKer(use_half_precision=False)``. What
 ``TRAKer`` keeps in memory-mapped files on disk is kept here in memory; the scores equal
-``TRAKer``'s (tested). TRAK's scale is kept (features divided by ``sqrt(n_params)``, inverse by its
+``TRAKer``'s (tested). Two savings over ``TRAKer`` on the CPU: TRAK's ``BasicProjector`` draws every
+block of its matrix again at every batch, here a matrix of at most :data:`WHOLE_MATRIX_BYTES` is drawn once
+from the same blocks' generator states; and the per-sample gradients are flattened into one buffer kept
+across batches (``experiments/bench_peers.py`` times both against ``TRAKer``). TRAK's scale is kept (features divided by ``sqrt(n_params)``, inverse by its
 mean absolute entry): scores compare within one model, across its objectives, not with the units of
 ``"if-exact"``. One-logit models (binary cross-entropy) use the same margin, written here
 (:class:`BinaryMargin`), since TRAK ships only the softmax one.
@@ -61,7 +64,8 @@ from robust_infl.engine import ScoringProblem, check_finite_results, train_batch
 from robust_infl.methods import register_method
 from robust_infl.objectives import PreparedObjective, binary_cross_entropy_loss, cross_entropy_loss
 
-__all__ = ["trak_influence", "trak_ensemble_influence", "BinaryMargin", "margins", "EXTRA", "DEFAULT_PROJ_DIM"]
+__all__ = ["trak_influence", "trak_ensemble_influence", "BinaryMargin", "margins", "EXTRA", "DEFAULT_PROJ_DIM",
+           "WHOLE_MATRIX_BYTES"]
 
 EXTRA = "trak"
 DEFAULT_PROJ_DIM = 2048
