@@ -29,6 +29,8 @@
 - :func:`explain`: the training samples most responsible for a model's adversarial failures on given
   inputs, with the measured LDS of the method used (:func:`lds_reference`); :func:`write_explanation`
   writes its JSON, Markdown and PNG (:mod:`defenses.attribution`).
+- :func:`train_ensemble`: train the members of an ensemble of models (random subsets, seeded), to score as a
+  :class:`robust_infl.Ensemble` (:mod:`defenses.ensembles`).
 - Recipes of both pipelines live in one registry (:func:`register_recipe`, :func:`available_recipes`).
 """
 
@@ -40,6 +42,7 @@ from .lookahead import LookaheadReweighting, LookaheadWeights
 from .config import PoisoningConfig, PoisonSpec, RunConfig
 from .demo import run_demo
 from .attribution import Explanation, explain, lds_reference, write_explanation
+from .ensembles import TrainedEnsemble, train_ensemble
 from .pipeline import evaluate_on_test, run, seeded_split
 from .poison_removal import remove_poisons
 from .poisoning import run_poisoning
@@ -90,4 +93,6 @@ __all__ = [
     "Explanation",
     "lds_reference",
     "write_explanation",
+    "train_ensemble",
+    "TrainedEnsemble",
 ]
