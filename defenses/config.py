@@ -27,6 +27,7 @@ from .selection import check_budget
 __all__ = ["SharedConfig", "RunConfig", "PoisoningConfig", "PoisonSpec", "POISON_ATTACKS", "help_texts",
            "config_from_options"]
 
+_OWN_OPTIONS = (("sig", "sig_"), ("wanet", "wanet_"))  # the PoisonSpec fields only one attack reads, by prefix
 POISON_ATTACKS = ("badnets", "blend", "adaptive-blend", "clean-label", "sig", "wanet", "label-consistent")
 
 
@@ -141,7 +142,7 @@ class PoisonSpec:
     sig_delta: float = _option(40 / 255, "SIG's signal amplitude on the poisons, in (0, 1] (BackdoorBench's 40/255)")
     sig_test_delta: float = _option(0.5, "SIG's signal amplitude at test time, in (0, 1] (the paper tests with a "
                                          "stronger signal than it trains with)")
-    wanet_s: float = _option(1.0, "WaNet's warping strength s, > 0 (the paper's default 0.5, its ablation up to 1)")
+    wanet_s: float = _option(1.0, "WaNet's warping strength s, > 0 (twice the paper's default 0.5)")
     wanet_noise_ratio: float = _option(2.0, "WaNet's noise-mode samples per poison, >= 0 (the paper's cross ratio "
                                             "2; 0: no noise mode)")
     robust_n: Optional[int] = _option(500, "evasion robust accuracy on the first N test inputs (None: all)")
@@ -185,8 +186,11 @@ class PoisonSpec:
                         f"got {type(poison).__name__}")
 
     def as_dict(self) -> dict:
-        """The fields as a plain dict (the report's ``config["poison"]``)."""
-        return asdict(self)
+        """The fields as a plain dict (the report's ``config["poison"]``, part of the settings a per-seed cache is
+        checked against), without the options of the attacks not run (``sig_*`` but for ``sig``, ``wanet_*`` but
+        for ``wanet``): those do not change the run, so they do not invalidate its cache."""
+        return {name: value for name, value in asdict(self).items()
+                if not any(name.startswith(prefix) and self.attack != attack for attack, prefix in _OWN_OPTIONS)}
 
 
 @dataclass(frozen=True)

@@ -83,6 +83,14 @@ def test_the_spec_builds_each_trigger_with_its_options():
     assert torch.equal(adaptive.pattern, blend.pattern) and (adaptive.pieces, adaptive.mask_rate) == (16, 0.5)
 
 
+def test_the_report_records_only_the_options_of_the_attack_run():
+    assert "sig_delta" not in PoisonSpec().as_dict() and "wanet_s" not in PoisonSpec().as_dict()
+    sig = PoisonSpec(attack="sig", sig_test_delta=0.4).as_dict()
+    assert sig["sig_test_delta"] == 0.4 and "wanet_s" not in sig and PoisonSpec.of(sig) == PoisonSpec(attack="sig",
+                                                                                                       sig_test_delta=0.4)
+    assert {"wanet_s", "wanet_noise_ratio"} <= set(PoisonSpec(attack="wanet").as_dict())
+
+
 @pytest.mark.parametrize("attack", ["blend", "adaptive-blend", "sig", "wanet", "label-consistent"])
 def test_run_poisoning_runs_each_backdoor_attack(attack):
     report = defenses.run_poisoning("digits", poison=dict(attack=attack, evidence=(10,), robust_n=20, patch_size=2),
