@@ -14,7 +14,8 @@ one-epoch model, trained on it, already gives its label some weight. Natural har
 spread over the classes; poisons pile up in the target class. The verdict statistic, ``tail_excess``
 (:func:`tail_excess`), counts per class the samples scoring above :data:`SCORE_TAIL` nats and measures the
 largest class's excess over the rate of the other classes; that class is the suspected target. The flagged
-samples are those of that class above the Otsu split of its scores, at most the budget, most suspicious first.
+samples are those of that class scoring above :data:`FLAG_SCORE` nats, at most the budget, most suspicious
+first.
 
 A backdoor is found when the statistic exceeds :data:`VERDICT_THRESHOLD`, calibrated on clean data
 (``experiments/scan_calibration.py``; section ``scan_calibration`` of ``experiments/RESULTS.md``, where the
@@ -40,13 +41,15 @@ from .timing import timed
 from .trainers import ERM
 
 __all__ = ["ScanResult", "scan_backdoor", "scan_scores", "class_statistics", "tail_excess", "check_trusted",
-           "VERDICT_STATISTIC", "VERDICT_THRESHOLD", "DEFAULT_SCAN_BUDGET", "TRUSTED_EPOCHS", "SCORE_TAIL"]
+           "VERDICT_STATISTIC", "VERDICT_THRESHOLD", "DEFAULT_SCAN_BUDGET", "TRUSTED_EPOCHS", "SCORE_TAIL",
+           "FLAG_SCORE"]
 
 DEFAULT_SCAN_BUDGET = 0.1
 TRUSTED_EPOCHS = 25
 SCORE_TAIL = 8.0
+FLAG_SCORE = 2.0
 VERDICT_STATISTIC = "tail_excess"
-VERDICT_THRESHOLD = 7.0
+VERDICT_THRESHOLD = 10.0
 
 
 @dataclass(frozen=True)
@@ -130,24 +133,24 @@ def tail_excess(scores: torch.Tensor, y: torch.Tensor, tail: float = SCORE_TAIL)
 
 def class_statistics(scores: torch.Tensor, y: torch.Tensor, k: int, tail: float = SCORE_TAIL) -> tuple:
     """``(target_class, flagged, statistics)`` of per-sample ``scores`` with labels ``y``: the class with the
-    largest :func:`tail_excess` (the suspected target), its samples above the Otsu split of their scores (at
-    most ``k``, most suspicious first), and the statistics: ``tail_excess`` and ``tail_count`` (that class's
-    excess and its number of samples scoring above ``tail``), ``over_representation`` (its share among the
-    ``k`` highest scores over its share of all samples) and ``otsu_separation`` (the between-group share of
-    the variance of its scores, :func:`~defenses.poison_detection.otsu_split`)."""
+    largest :func:`tail_excess` (the suspected target), its samples scoring above :data:`FLAG_SCORE` (at most
+    ``k``, most suspicious first), and the statistics: ``tail_excess`` and ``tail_count`` (that class's excess
+    and its number of samples scoring above ``tail``), ``over_representation`` (its share among the ``k``
+    highest scores over its share of all samples) and ``otsu_separation`` (the between-group share of the
+    variance of its scores, :func:`~defenses.poison_detection.otsu_split`)."""
     excess = tail_excess(scores, y, tail)
     target = int(torch.sort(-excess, stable=True).indices[0])
     top = torch.zeros(len(y), dtype=torch.bool)
     top[torch.sort(-scores, stable=True).indices[:k]] = True
     in_class = torch.nonzero(y == target).flatten()
     share_top = float((top & (y == target)).sum()) / max(1, int(top.sum()))
-    count, separation = detect.otsu_split(scores[in_class])
+    _, separation = detect.otsu_split(scores[in_class])
     order = in_class[torch.sort(-scores[in_class], stable=True).indices]
-    flagged = order[:min(count, k)]
+    flagged = order[:min(int((scores[order] > FLAG_SCORE).sum()), k)]
     return target, flagged, {"tail_excess": float(excess[target]),
                              "tail_count": float((scores[in_class] > tail).sum()),
                              "over_representation": share_top / (in_class.numel() / len(y)),
-                             "otsu_separation": float(separation), "otsu_count": float(count)}
+                             "otsu_separation": float(separation)}
 
 
 def _check_pair(data, name: str) -> tuple:

@@ -194,8 +194,8 @@ def _settings(part: str, data: str, case: str) -> dict:
 def jobs(parts) -> list:
     """``(part, data, case, seed)`` in the order they run, seed-major within a part (so that a run stopped early
     holds balanced seeds): the clean calibration, the influence comparison (cheap), the ``erm`` part (MNIST's
-    detections) on seeds 0-2, PGD-AT on the 1% cases of seed 0, the other ``erm`` seeds, the rest of PGD-AT and
-    the Fashion-MNIST detections."""
+    detections) on seeds 0-2, PGD-AT on the 1% cases of seed 0, the other ``erm`` seeds, the Fashion-MNIST
+    detections on seeds 0-2, PGD-AT on the other 1% seeds, then on the 5% cases, the other Fashion-MNIST seeds."""
     erm = [("erm", "mnist", case, seed) for seed in POISON_SEEDS for case in CASES]
     pgd = [("pgd-at", "mnist", case, seed) for seed in POISON_SEEDS for case in CASES]
     first_pgd = [job for job in pgd if job[3] == 0 and job[2] in CASES[:2]]
@@ -210,10 +210,14 @@ def jobs(parts) -> list:
         out += first_pgd
     if "erm" in parts:
         out += [job for job in erm if job[3] >= 3]
-    if "pgd-at" in parts:
-        out += [job for job in pgd if job not in first_pgd]
+    detect = [("detect", "fashion-mnist", case, seed) for seed in POISON_SEEDS for case in CASES]
     if "detect" in parts:
-        out += [("detect", "fashion-mnist", case, seed) for seed in POISON_SEEDS for case in CASES]
+        out += [job for job in detect if job[3] < 3]
+    if "pgd-at" in parts:
+        out += [job for job in pgd if job not in first_pgd and job[2] in CASES[:2]]
+        out += [job for job in pgd if job[2] not in CASES[:2]]
+    if "detect" in parts:
+        out += [job for job in detect if job[3] >= 3]
     return out
 
 
