@@ -156,8 +156,8 @@ def poisoned_seed(seed: int, splits, spec: PoisonSpec, recipes: Sequence[Recipe]
                                 evidence=None if size is None else (evidence[0][:size], evidence[1][:size]),
                                 progress=progress, cache=cache)
             outcome, seconds = timed(fn, ctx)
-            if outcome.model is base:
-                seconds = base_time
+            if threat == "none":  # no defence: its cost is the base training (a recipe that keeps the base
+                seconds = base_time  # model, e.g. a scan that found nothing, costs its own detection time)
             metrics = (dict(base_row) if outcome.model is base else
                        _test_metrics(outcome.model, test, trigger, spec.target_class, attack, eval_batch_size))
             metrics.pop("seed", None)
