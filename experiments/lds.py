@@ -394,11 +394,11 @@ class Setup:
 
 SETUPS = {
     # The project's SmallCNN set-up (the aggregate protocol's data and schedule), 100 test images as targets.
-    "cnn": Setup(),
+    "cnn": Setup(proj_dim=1024),
     # dattri's MNIST + MLP benchmark: 5,000 training / 500 test images, SGD (momentum 0.9) lr 0.01, 50 epochs,
     # batch 64, a 784-128-64-10 ReLU network (dattri's has dropout 0.1; this one none), 100 subsets, alpha 0.5.
     "mlp": Setup(data="mnist-full", model="mlp", hidden=(128, 64), n_train=5000, n_targets=500, n_subsets=100,
-                 epochs=50, lr=0.01, optimizer="sgd"),
+                 epochs=50, lr=0.01, optimizer="sgd", proj_dim=1024),
     # dattri's MNIST + logistic regression: plain SGD lr 0.01, 20 epochs, batch 32; the project's SGD has momentum
     # 0.9, so lr 0.001 (the same steady-state step).
     "logreg": Setup(data="mnist-full", model="logreg", n_train=5000, n_targets=500, n_subsets=100, epochs=20,
@@ -614,11 +614,17 @@ def per_example_seed(setup: Setup, seed: int, methods: tuple, sizes: tuple, fold
     return result
 
 
+SCORING_FIELDS = ("proj_dim", "checkpoints", "scoring_batch")
+"""Fields of :class:`Setup` that only the scoring reads (left out of the cache folder's name)."""
+
+
 def setup_folder(out: Path, name: str, setup: Setup) -> Path:
-    """The cache folder of one set-up: ``out / <name>-<hash of the set-up>`` (with its settings in
-    ``settings.json``), so that another configuration never reads these results."""
+    """The cache folder of one set-up: ``out / <name>-<hash of the set-up but its scoring fields>`` (with its
+    settings in ``settings.json``), so that another data, model, training or subset configuration never reads
+    these results."""
     settings = json_safe(asdict(setup))
-    digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:10]
+    identity = {k: v for k, v in settings.items() if k not in SCORING_FIELDS}
+    digest = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:10]
     folder = out / f"{name}-{digest}"
     folder.mkdir(parents=True, exist_ok=True)
     atomic_write_json(folder / "settings.json", {"name": name, "setup": settings})
