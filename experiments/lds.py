@@ -1,8 +1,16 @@
 """Linear datamodeling score: does the Hessian-free claim hold on a deep model?
 
 The LDS (Park et al. 2023, "TRAK"; used by dattri and Kronfluence) asks how well a method's scores,
-summed over a training subset, predict the objective of a model RETRAINED on that subset.
-Set-up: MNIST (3,500 training images, 500 validation images), the reference SmallCNN, ERM with
+summed over a training subset, predict the objective of a model RETRAINED on that subset. Two
+protocols, both here:
+
+- AGGREGATE (the default, ``--protocol aggregate``; the ``lds`` section of RESULTS.md): one Spearman
+  correlation over the subsets between the summed harm and the MEAN validation objective. Not the
+  field's measure: the mean objective varies little between half-subsets beside retraining noise.
+- PER-EXAMPLE (``--protocol per-example``; the ``lds-per-example`` section and
+  ``defenses/lds_reference.json``): the field's (dattri, TRAK), described at the end of this docstring.
+
+Aggregate protocol. Set-up: MNIST (3,500 training images, 500 validation images), the reference SmallCNN, ERM with
 Adam (5 epochs, lr 1e-3, batch 64). M random 50% subsets of the training set are drawn with the
 seed; the full model and every subset model are trained from the SAME initialisation with the same
 schedule (the trainer re-initialises under the seed; the data order is seeded too). On each
@@ -39,7 +47,33 @@ by both objectives, its cost counted in the first), ``datainf``, ``ekfac`` and
     OMP_NUM_THREADS=1 PYTHONPATH=. .venv/bin/python -m experiments.lds            # full run
     OMP_NUM_THREADS=1 PYTHONPATH=. .venv/bin/python -m experiments.lds --quick    # smoke run
 
-Per-seed results are checkpointed under ``experiments/out/lds/`` (a rerun skips finished seeds;
+Per-example protocol (``--protocol per-example``). For each target image j (test images), the
+Spearman correlation over M random alpha-subsets S of the training set between
+``sum_{i in S} harm_ij`` (``harm_ij``: the method's harm on target j's own loss) and the output on j of
+the model retrained on S, averaged over the targets. Outputs: the loss on j (utility), and the loss at
+j's PGD point re-computed against each retrained model (robust); the scores take the targets at the
+PGD points of the scored model, held fixed (the per-target form of ``Robust``). Sign: by the paragraph
+above, kept harm correlates POSITIVELY with the loss, so a good method is near +1 and ``random`` near
+0. Every subset is retrained ``--runs`` times (default 2), each from its own seeded initialisation
+(``--init fresh``, the field's) or all from the seed's one initialisation with other data orders
+(``--init same``); the ground truth is the mean over the retrainings (dattri's), and the per-target
+Spearman between the two retrainings is printed as the retraining-noise ceiling. Options: ``--setup``
+(``logreg`` and ``mlp``: dattri's MNIST benchmarks, 5,000 training / 500 test images, 100 subsets,
+alpha 0.5; ``cnn``: the SmallCNN set-up above with 100 test targets and 40 subsets), ``--subsets``,
+``--alpha``, ``--runs``, ``--targets``, ``--init``, ``--seeds``, ``--methods``, ``--ensemble-sizes``.
+Scorers with a per-target matrix: ``ip``, ``trak``, ``ekfac``, ``kfac``
+(``influence(..., aggregate=False)``), ``tracin`` (the learning-rate-weighted sum of ip's matrix over
+the checkpoints) and ``random``; ``ip`` and ``trak`` also averaged over models trained on random
+halves (TRAK's recipe, ``--ensemble-sizes``); the others are listed with the reason in
+:data:`NOT_PER_TARGET`. Cost: scoring time (plus the ensemble's training) over one full training run,
+measured in the same process. Caches: ``experiments/out/lds/per_example/<setup>-<hash>/`` (the
+retraining outputs, saved after every subset, and each method's row as it finishes; a rerun resumes).
+``--report`` writes the section and the reference JSON from every cached set-up::
+
+    OMP_NUM_THREADS=1 PYTHONPATH=. .venv/bin/python -m experiments.lds --protocol per-example --setup cnn
+    OMP_NUM_THREADS=1 PYTHONPATH=. .venv/bin/python -m experiments.lds --protocol per-example --report
+
+Aggregate per-seed results are checkpointed under ``experiments/out/lds/`` (a rerun skips finished seeds;
 ``--seeds 1 2`` runs only those, e.g. in parallel processes, and writes nothing else);
 the full run writes ``experiments/out/lds.json``, ``experiments/plots/lds.png`` and the ``lds``
 section of ``experiments/RESULTS.md`` (the figures are there, not here).
@@ -77,12 +111,14 @@ from experiments._results import (cached, experiment_arguments, format_delta, me
 from robust_infl.datasets import load_dataset
 from robust_infl.io import atomic_save_npys, atomic_write_json, json_safe
 from robust_infl.methods.iterative import largest_eigenvalue
-from robust_infl.models import MLP, build_model
+from robust_infl.models import MLP, Normalize, build_model
 from robust_infl.options import ScoringOptions
 from robust_infl.preparation import prepared_problem
 
 __all__ = ["Config", "FULL", "QUICK", "METHODS", "CONTROL_METHODS", "MODELS", "OBJECTIVES", "subset_masks", "lds",
-           "run_seed", "main"]
+           "run_seed", "main", "Setup", "SETUPS", "PER_EXAMPLE_METHODS", "ENSEMBLE_METHODS", "NOT_PER_TARGET",
+           "columnwise_spearman", "per_example_lds", "retrained_outputs", "score_matrix", "per_example_seed",
+           "per_example_report", "per_example_main"]
 
 OUT = Path(__file__).resolve().parent / "out"
 REFERENCE = Path(__file__).resolve().parent.parent / "defenses" / "lds_reference.json"
@@ -387,22 +423,31 @@ class Setup:
     eps: float = 0.1
     pgd_alpha: float = 0.02
     pgd_steps: int = 10
-    proj_dim: int = 2048
+    proj_dim: int = 512
     checkpoints: int = 5
     scoring_batch: int = 250
+    normalize: bool = False
+
+
+MNIST_MEAN, MNIST_STD = 0.1307, 0.3081
+"""dattri's MNIST transform (``Normalize((0.1307,), (0.3081,))``), applied inside the model with ``normalize``, so
+that the attack still works on images in [0, 1]."""
 
 
 SETUPS = {
     # The project's SmallCNN set-up (the aggregate protocol's data and schedule), 100 test images as targets.
-    "cnn": Setup(proj_dim=1024),
+    "cnn": Setup(),
     # dattri's MNIST + MLP benchmark: 5,000 training / 500 test images, SGD (momentum 0.9) lr 0.01, 50 epochs,
     # batch 64, a 784-128-64-10 ReLU network (dattri's has dropout 0.1; this one none), 100 subsets, alpha 0.5.
     "mlp": Setup(data="mnist-full", model="mlp", hidden=(128, 64), n_train=5000, n_targets=500, n_subsets=100,
-                 epochs=50, lr=0.01, optimizer="sgd", proj_dim=1024),
+                 epochs=50, lr=0.01, optimizer="sgd", normalize=True),
     # dattri's MNIST + logistic regression: plain SGD lr 0.01, 20 epochs, batch 32; the project's SGD has momentum
     # 0.9, so lr 0.001 (the same steady-state step).
     "logreg": Setup(data="mnist-full", model="logreg", n_train=5000, n_targets=500, n_subsets=100, epochs=20,
-                    lr=1e-3, batch_size=32, optimizer="sgd"),
+                    lr=1e-3, batch_size=32, optimizer="sgd", normalize=True),
+    # The same on the raw images in [0, 1] (without dattri's normalisation).
+    "logreg-raw": Setup(data="mnist-full", model="logreg", n_train=5000, n_targets=500, n_subsets=100, epochs=20,
+                        lr=1e-3, batch_size=32, optimizer="sgd"),
     "quick": Setup(n_train=160, n_targets=12, n_subsets=8, epochs=1, proj_dim=64, checkpoints=1, scoring_batch=80),
 }
 INIT_MODES = ("fresh", "same")
@@ -428,11 +473,14 @@ def per_example_lds(scores: np.ndarray, masks: np.ndarray, outputs: np.ndarray) 
 
 
 def build(setup: Setup, shape: tuple, classes: int, seed: int) -> nn.Module:
-    """The set-up's model, initialised with ``seed`` (the MLP with the set-up's hidden widths)."""
+    """The set-up's model, initialised with ``seed`` (the MLP with the set-up's hidden widths), after dattri's
+    normalisation with ``setup.normalize``."""
     if setup.model != "mlp":
-        return build_model(setup.model, shape, classes, seed=seed)
-    with seeded(seed, numpy=False):
-        return MLP(int(np.prod(shape)), classes, setup.hidden)
+        model = build_model(setup.model, shape, classes, seed=seed)
+    else:
+        with seeded(seed, numpy=False):
+            model = MLP(int(np.prod(shape)), classes, setup.hidden)
+    return nn.Sequential(Normalize(MNIST_MEAN, MNIST_STD), model) if setup.normalize else model
 
 
 def setup_data(setup: Setup, seed: int) -> tuple:
@@ -826,7 +874,10 @@ def main(argv: Optional[list] = None) -> dict:
     plot(summaries, args.plots / f"{args.name}.png")
     if not args.quick:
         header = [
-            "## Linear datamodeling score on a deep model (experiments/lds.py)",
+            "## Linear datamodeling score on a deep model, aggregate protocol (experiments/lds.py)",
+            "",
+            "The AGGREGATE protocol (one correlation per seed, on the mean validation objective); the field's "
+            "per-example protocol is in the next section (lds-per-example).",
             "",
             f"MNIST, {cfg.n_train:,} training / {cfg.n_val} validation images, SmallCNN, ERM (Adam, {cfg.epochs} epochs, "
             f"lr {cfg.lr}, batch {cfg.batch_size}); {cfg.n_subsets} random 50% subsets per seed, each retrained from the "
