@@ -634,6 +634,7 @@ def per_example_seed(setup: Setup, seed: int, methods: tuple, sizes: tuple, fold
             continue
         seconds = time.perf_counter() - began
         result["rows"][f"{method} x1"] = {"method": method, "models": 1, "seconds": seconds,
+                                          **({"proj_dim": setup.proj_dim} if method == "trak" else {}),
                                           "cost": seconds / full_seconds, **_lds_pair(scores, masks, truth, t)}
         save()
     wanted = [m for m in ENSEMBLE_METHODS if m in methods]
@@ -655,6 +656,7 @@ def per_example_seed(setup: Setup, seed: int, methods: tuple, sizes: tuple, fold
                 if k + 1 in sizes:
                     result["rows"][f"{method} halves x{k + 1}"] = {
                         "method": f"{method} (halves)", "models": k + 1, "seconds": spent[method],
+                        **({"proj_dim": setup.proj_dim} if method == "trak" else {}),
                         "cost": spent[method] / full_seconds, **_lds_pair(sums[method] / (k + 1), masks, truth, t)}
             if k + 1 in sizes:
                 save()
@@ -685,20 +687,28 @@ def summarise_rows(per_seed: list) -> list:
     names = []
     for result in per_seed:
         names += [n for n in result["rows"] if n not in names]
+    order = list(PER_EXAMPLE_METHODS)
+
+    def rank(name: str) -> tuple:
+        method, _, models = name.rpartition(" x")
+        base = method.removesuffix(" halves")
+        return (method != base, order.index(base) if base in order else len(order), base, int(models))
+
+    names.sort(key=rank)
     entries = []
     for name in names:
         rows = [r["rows"][name] for r in per_seed if name in r["rows"] and "error" not in r["rows"][name]]
         errors = [r["rows"][name]["error"] for r in per_seed if "error" in r["rows"].get(name, {})]
         first = next((r["rows"][name] for r in per_seed if name in r["rows"]), {})
         entry = {"row": name, "method": first.get("method", name), "models": first.get("models", 1),
-                 "seeds": len(rows), "errors": errors}
+                 "seeds": len(rows), "errors": errors, "proj_dim": first.get("proj_dim")}
         if rows:
             entry["cost"] = float(np.mean([r["cost"] for r in rows]))
             for key in (*OBJECTIVES, *(f"{o}_one_run" for o in OBJECTIVES)):
                 stat = mean_std_stat([r[key] for r in rows])
                 half = half_width(stat)
-                entry[key] = {"mean": stat["mean"], "ci": [stat["mean"] - half, stat["mean"] + half],
-                              "values": [r[key] for r in rows]}
+                entry[key] = {"mean": stat["mean"], "values": [r[key] for r in rows],
+                              "ci": [stat["mean"] - half, stat["mean"] + half] if len(rows) > 1 else None}
         entries.append(entry)
     return entries
 
@@ -710,7 +720,7 @@ def per_example_table(name: str, setup: Setup, per_seed: list) -> list:
         if key not in entry:
             return "failed: " + "; ".join(entry["errors"])[:80]
         value = entry[key]
-        if entry["seeds"] < 2:
+        if value["ci"] is None:
             return f"{value['mean']:+.3f}"
         return f"{value['mean']:+.3f} [{value['ci'][0]:+.3f}, {value['ci'][1]:+.3f}]"
 
@@ -721,7 +731,9 @@ def per_example_table(name: str, setup: Setup, per_seed: list) -> list:
              f"cost (x one training run) |", "|---|---|---|---|---|---|"]
     for entry in summarise_rows(per_seed):
         cost = f"{entry['cost']:.2f}" if "cost" in entry else "-"
-        lines.append(f"| {entry['method']} | {entry['models']} | {cell(entry, 'utility')} | {cell(entry, 'robust')} | "
+        proj = entry.get("proj_dim") or (setup.proj_dim if entry["method"].startswith("trak") else None)
+        label = entry["method"] + (f", proj_dim {proj}" if proj else "")
+        lines.append(f"| {label} | {entry['models']} | {cell(entry, 'utility')} | {cell(entry, 'robust')} | "
                      f"{short(entry, 'utility_one_run')} / {short(entry, 'robust_one_run')} | {cost} |")
     noise = [r["noise"] for r in per_seed if r.get("noise")]
     if noise:
@@ -745,7 +757,9 @@ def reference_entries(name: str, setup: Setup, per_seed: list) -> list:
                 continue
             out.append({"data": "mnist", "setup": name, "model": MODEL_TITLES[setup.model], "objective": objective,
                         "method": entry["method"], "models": entry["models"], "lds": entry[objective]["mean"],
-                        "ci": entry[objective]["ci"], "seeds": entry["seeds"], "cost_vs_training": entry["cost"]})
+                        "ci": entry[objective]["ci"], "seeds": entry["seeds"], "cost_vs_training": entry["cost"],
+                        "init": setup.init, "subsets": setup.n_subsets, "retrainings": setup.runs,
+                        "n_train": setup.n_train, "targets": setup.n_targets})
     return out
 
 
@@ -778,7 +792,8 @@ def per_example_report(out: Path) -> list:
         per_seed = [json.loads(p.read_text()) for p in sorted(folder.glob("seed_*.json"))]
         if not per_seed:
             continue
-        lines += [f"### {MODEL_TITLES[setup.model]} ({name})", "", *per_example_table(name, setup, per_seed), ""]
+        lines += [f"### {MODEL_TITLES[setup.model]} ({name}, {setup.init} initialisation)", "",
+                  *per_example_table(name, setup, per_seed), ""]
         entries += reference_entries(name, setup, per_seed)
     lines.append(f"Regenerate: `{COMMAND} --protocol per-example --setup logreg|mlp|cnn --seeds 0 1 2`, then "
                  f"`{COMMAND} --protocol per-example --report`.")
