@@ -738,13 +738,13 @@ def per_example_table(name: str, setup: Setup, per_seed: list) -> list:
     def short(entry: dict, key: str) -> str:
         return f"{entry[key]['mean']:+.3f}" if key in entry else "-"
 
-    lines = [f"| method | models | LDS utility | LDS robust (PGD) | one retraining: utility / robust | "
-             f"cost (x one training run) |", "|---|---|---|---|---|---|"]
+    lines = [f"| method | models | seeds | LDS utility | LDS robust (PGD) | one retraining: utility / robust | "
+             f"cost (x one training run) |", "|---|---|---|---|---|---|---|"]
     for entry in summarise_rows(per_seed):
         cost = f"{entry['cost']:.2f}" if "cost" in entry else "-"
         proj = entry.get("proj_dim") or (setup.proj_dim if entry["method"].startswith("trak") else None)
         label = entry["method"] + (f", proj_dim {proj}" if proj else "")
-        lines.append(f"| {label} | {entry['models']} | {cell(entry, 'utility')} | {cell(entry, 'robust')} | "
+        lines.append(f"| {label} | {entry['models']} | {entry['seeds']} | {cell(entry, 'utility')} | {cell(entry, 'robust')} | "
                      f"{short(entry, 'utility_one_run')} / {short(entry, 'robust_one_run')} | {cost} |")
     noise = [r["noise"] for r in per_seed if r.get("noise")]
     if noise:
