@@ -867,6 +867,8 @@ def main(argv: Optional[list] = None) -> dict:
     if protocol.parse_known_args(argv)[0].protocol == "per-example":
         return per_example_main(argv)
     seeds_parser = argparse.ArgumentParser(add_help=False)
+    seeds_parser.add_argument("--protocol", choices=("aggregate",), default="aggregate",
+                              help="aggregate (this one) or per-example (see --protocol per-example --help)")
     seeds_parser.add_argument("--seeds", type=int, nargs="+", default=None,
                               help="run only these seeds (e.g. in parallel processes); writes no RESULTS.md section")
     seeds_parser.add_argument("--parts", nargs="+", choices=(*MODELS, "noise"), default=None,
