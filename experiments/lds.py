@@ -1,8 +1,16 @@
 """Linear datamodeling score: does the Hessian-free claim hold on a deep model?
 
 The LDS (Park et al. 2023, "TRAK"; used by dattri and Kronfluence) asks how well a method's scores,
-summed over a training subset, predict the objective of a model RETRAINED on that subset.
-Set-up: MNIST (3,500 training images, 500 validation images), the reference SmallCNN, ERM with
+summed over a training subset, predict the objective of a model RETRAINED on that subset. Two
+protocols, both here:
+
+- AGGREGATE (the default, ``--protocol aggregate``; the ``lds`` section of RESULTS.md): one Spearman
+  correlation over the subsets between the summed harm and the MEAN validation objective. Not the
+  field's measure: the mean objective varies little between half-subsets beside retraining noise.
+- PER-EXAMPLE (``--protocol per-example``; the ``lds-per-example`` section and
+  ``defenses/lds_reference.json``): the field's (dattri, TRAK), described at the end of this docstring.
+
+Aggregate protocol. Set-up: MNIST (3,500 training images, 500 validation images), the reference SmallCNN, ERM with
 Adam (5 epochs, lr 1e-3, batch 64). M random 50% subsets of the training set are drawn with the
 seed; the full model and every subset model are trained from the SAME initialisation with the same
 schedule (the trainer re-initialises under the seed; the data order is seeded too). On each
@@ -39,7 +47,33 @@ by both objectives, its cost counted in the first), ``datainf``, ``ekfac`` and
     OMP_NUM_THREADS=1 PYTHONPATH=. .venv/bin/python -m experiments.lds            # full run
     OMP_NUM_THREADS=1 PYTHONPATH=. .venv/bin/python -m experiments.lds --quick    # smoke run
 
-Per-seed results are checkpointed under ``experiments/out/lds/`` (a rerun skips finished seeds;
+Per-example protocol (``--protocol per-example``). For each target image j (test images), the
+Spearman correlation over M random alpha-subsets S of the training set between
+``sum_{i in S} harm_ij`` (``harm_ij``: the method's harm on target j's own loss) and the output on j of
+the model retrained on S, averaged over the targets. Outputs: the loss on j (utility), and the loss at
+j's PGD point re-computed against each retrained model (robust); the scores take the targets at the
+PGD points of the scored model, held fixed (the per-target form of ``Robust``). Sign: by the paragraph
+above, kept harm correlates POSITIVELY with the loss, so a good method is near +1 and ``random`` near
+0. Every subset is retrained ``--runs`` times (default 2), each from its own seeded initialisation
+(``--init fresh``, the field's) or all from the seed's one initialisation with other data orders
+(``--init same``); the ground truth is the mean over the retrainings (dattri's), and the per-target
+Spearman between the two retrainings is printed as the retraining-noise ceiling. Options: ``--setup``
+(``logreg`` and ``mlp``: dattri's MNIST benchmarks, 5,000 training / 500 test images, 100 subsets,
+alpha 0.5; ``cnn``: the SmallCNN set-up above with 100 test targets and 40 subsets), ``--subsets``,
+``--alpha``, ``--runs``, ``--targets``, ``--init``, ``--seeds``, ``--methods``, ``--ensemble-sizes``.
+Scorers with a per-target matrix: ``ip``, ``trak``, ``ekfac``, ``kfac``
+(``influence(..., aggregate=False)``), ``tracin`` (the learning-rate-weighted sum of ip's matrix over
+the checkpoints) and ``random``; ``ip`` and ``trak`` also averaged over models trained on random
+halves (TRAK's recipe, ``--ensemble-sizes``); the others are listed with the reason in
+:data:`NOT_PER_TARGET`. Cost: scoring time (plus the ensemble's training) over one full training run,
+measured in the same process. Caches: ``experiments/out/lds/per_example/<setup>-<hash>/`` (the
+retraining outputs, saved after every subset, and each method's row as it finishes; a rerun resumes).
+``--report`` writes the section and the reference JSON from every cached set-up::
+
+    OMP_NUM_THREADS=1 PYTHONPATH=. .venv/bin/python -m experiments.lds --protocol per-example --setup cnn
+    OMP_NUM_THREADS=1 PYTHONPATH=. .venv/bin/python -m experiments.lds --protocol per-example --report
+
+Aggregate per-seed results are checkpointed under ``experiments/out/lds/`` (a rerun skips finished seeds;
 ``--seeds 1 2`` runs only those, e.g. in parallel processes, and writes nothing else);
 the full run writes ``experiments/out/lds.json``, ``experiments/plots/lds.png`` and the ``lds``
 section of ``experiments/RESULTS.md`` (the figures are there, not here).
@@ -48,6 +82,9 @@ section of ``experiments/RESULTS.md`` (the figures are there, not here).
 from __future__ import annotations
 
 import argparse
+import copy
+import hashlib
+import json
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -61,23 +98,31 @@ from tqdm.auto import tqdm
 
 import attacks
 import robust_infl as ri
-from attacks.plumbing import make_generator
+from attacks.plumbing import make_generator, seeded
+from attacks.validation import check_int
 from defenses import CheckpointingERM, ERM
 from defenses.data import take
 from defenses.seed_results import SeedResults
+from defenses.stats import half_width
+from defenses.stats import mean_std as mean_std_stat
 from defenses.trainers import copy_for_training
 from experiments._results import (cached, experiment_arguments, format_delta, mean_std, save_figure, write_json,
                                   write_section)
 from robust_infl.datasets import load_dataset
+from robust_infl.io import atomic_save_npys, atomic_write_json, json_safe
 from robust_infl.methods.iterative import largest_eigenvalue
-from robust_infl.models import build_model
+from robust_infl.models import MLP, Normalize, build_model
 from robust_infl.options import ScoringOptions
 from robust_infl.preparation import prepared_problem
 
 __all__ = ["Config", "FULL", "QUICK", "METHODS", "CONTROL_METHODS", "MODELS", "OBJECTIVES", "subset_masks", "lds",
-           "run_seed", "main"]
+           "run_seed", "main", "Setup", "SETUPS", "PER_EXAMPLE_METHODS", "ENSEMBLE_METHODS", "NOT_PER_TARGET",
+           "columnwise_spearman", "per_example_lds", "retrained_outputs", "score_matrix", "per_example_seed",
+           "per_example_report", "per_example_main"]
 
 OUT = Path(__file__).resolve().parent / "out"
+REFERENCE = Path(__file__).resolve().parent.parent / "defenses" / "lds_reference.json"
+"""The per-example table as data, read to tell a user how far a method's scores can be trusted."""
 COMMAND = "OMP_NUM_THREADS=1 PYTHONPATH=. .venv/bin/python -m experiments.lds"
 OBJECTIVES = ("utility", "robust")
 METHODS = ("ip", "ip-ensemble", "ip-ensemble-strong", "tracin", "if-lissa", "datainf", "ekfac", "kfac", "self",
@@ -140,12 +185,14 @@ def method_call(method: str, cfg: Config, checkpoints: list, scale: float) -> tu
     return method, {}
 
 
-def subset_masks(n: int, m: int, seed: int) -> torch.Tensor:
-    """``(m, n)`` boolean masks, each keeping a seeded random half (``n // 2``) of the ``n`` samples."""
+def subset_masks(n: int, m: int, seed: int, alpha: float = 0.5) -> torch.Tensor:
+    """``(m, n)`` boolean masks, each keeping a seeded random ``int(alpha * n)`` of the ``n`` samples (a half,
+    ``n // 2``, by default)."""
     generator = make_generator(10_000 + seed)
     masks = torch.zeros(m, n, dtype=torch.bool)
+    keep = int(alpha * n)
     for row in range(m):
-        masks[row, torch.randperm(n, generator=generator)[: n // 2]] = True
+        masks[row, torch.randperm(n, generator=generator)[:keep]] = True
     return masks
 
 
@@ -335,9 +382,493 @@ def plot(summaries: dict, path: Path) -> None:
     save_figure(fig, path)
 
 
+
+# ---------------------------------------------------------------------------------------------------------------
+# The per-example protocol (the field's LDS: dattri, TRAK)
+# ---------------------------------------------------------------------------------------------------------------
+
+PER_EXAMPLE_METHODS = ("ip", "tracin", "trak", "ekfac", "kfac", "random")
+"""Single-model scorers of the per-example protocol (each gives a train x target matrix, see :func:`score_matrix`)."""
+ENSEMBLE_METHODS = ("ip", "trak")
+"""Scorers also averaged over models trained on random halves (TRAK's recipe)."""
+NOT_PER_TARGET = {
+    "ip-ensemble": "dropout-perturbed copies of one model; only aggregate scores (one call per target would be needed)",
+    "if-lissa": "one LiSSA solve per target sample (100-500 solves per seed)",
+    "if-cg": "one conjugate-gradient solve per target sample",
+    "if-exact": "the explicit Hessian is limited to small models (methods.hessian.MAX_PARAMS)",
+    "datainf": "only aggregate scores in the library",
+}
+"""Scorers of the toolkit the per-example table does not measure, and why."""
+MODEL_TITLES = {"cnn": "SmallCNN", "mlp": "MLP", "mlp-dropout": "MLP (dropout 0.1)", "logreg": "logistic regression"}
+DATTRI_DROPOUT = 0.1
+
+
+@dataclass(frozen=True)
+class Setup:
+    """One set-up of the per-example protocol: data, model, training, subsets and threat model. Everything here
+    identifies the retraining outputs (the per-seed caches); methods, ensemble sizes and seeds are run options."""
+
+    data: str = "mnist"
+    model: str = "cnn"
+    hidden: tuple = (64, 64)
+    n_train: int = 3500
+    n_targets: int = 100
+    n_subsets: int = 40
+    alpha: float = 0.5
+    runs: int = 2
+    init: str = "fresh"
+    epochs: int = 5
+    lr: float = 1e-3
+    batch_size: int = 64
+    optimizer: str = "adam"
+    eps: float = 0.1
+    pgd_alpha: float = 0.02
+    pgd_steps: int = 10
+    proj_dim: int = 512
+    checkpoints: int = 5
+    scoring_batch: int = 250
+    normalize: bool = False
+
+
+MNIST_MEAN, MNIST_STD = 0.1307, 0.3081
+"""dattri's MNIST transform (``Normalize((0.1307,), (0.3081,))``), applied inside the model with ``normalize``, so
+that the attack still works on images in [0, 1]."""
+
+
+SETUPS = {
+    # The project's SmallCNN set-up (the aggregate protocol's data and schedule), 100 test images as targets.
+    "cnn": Setup(),
+    # dattri's MNIST + MLP benchmark: 5,000 training / 500 test images, SGD (momentum 0.9) lr 0.01, 50 epochs,
+    # batch 64, its 784-128-64-10 ReLU network with dropout 0.1 after each hidden layer, 100 subsets, alpha 0.5.
+    "mlp": Setup(data="mnist-full", model="mlp-dropout", hidden=(128, 64), n_train=5000, n_targets=500,
+                 n_subsets=100, epochs=50, lr=0.01, optimizer="sgd", normalize=True),
+    # The same network without dropout (the project's MLP).
+    "mlp-nodropout": Setup(data="mnist-full", model="mlp", hidden=(128, 64), n_train=5000, n_targets=500,
+                           n_subsets=100, epochs=50, lr=0.01, optimizer="sgd", normalize=True),
+    # dattri's MNIST + logistic regression: plain SGD lr 0.01, 20 epochs, batch 32; the project's SGD has momentum
+    # 0.9, so lr 0.001 (the same steady-state step).
+    "logreg": Setup(data="mnist-full", model="logreg", n_train=5000, n_targets=500, n_subsets=100, epochs=20,
+                    lr=1e-3, batch_size=32, optimizer="sgd", normalize=True),
+    # The same on the raw images in [0, 1] (without dattri's normalisation).
+    "logreg-raw": Setup(data="mnist-full", model="logreg", n_train=5000, n_targets=500, n_subsets=100, epochs=20,
+                        lr=1e-3, batch_size=32, optimizer="sgd"),
+    "quick": Setup(n_train=160, n_targets=12, n_subsets=8, epochs=1, proj_dim=64, checkpoints=1, scoring_batch=80),
+}
+INIT_MODES = ("fresh", "same")
+
+
+def columnwise_spearman(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Spearman correlation between column j of ``a`` and column j of ``b`` (both ``(m, t)``), for every j, as
+    :func:`scipy.stats.spearmanr` (average ranks for ties); NaN where a column is constant."""
+    ra, rb = stats.rankdata(a, axis=0), stats.rankdata(b, axis=0)
+    ra, rb = ra - ra.mean(axis=0), rb - rb.mean(axis=0)
+    denominator = np.sqrt((ra * ra).sum(axis=0) * (rb * rb).sum(axis=0))
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(denominator > 0, (ra * rb).sum(axis=0) / denominator, np.nan)
+
+
+def per_example_lds(scores: np.ndarray, masks: np.ndarray, outputs: np.ndarray) -> np.ndarray:
+    """The per-example LDS of every target: Spearman over the subsets between ``sum_{i in S} scores[i, j]`` and
+    ``outputs[S, j]`` (the output on target j of the model retrained on subset S). ``scores``: ``(n_train, t)``
+    harms, ``masks``: ``(m, n_train)`` kept samples, ``outputs``: ``(m, t)``; returns ``(t,)`` (average it over
+    the targets for the LDS). Harm convention: kept harm correlates POSITIVELY with the target's loss."""
+    predicted = np.asarray(masks, dtype=np.float64) @ np.asarray(scores, dtype=np.float64)
+    return columnwise_spearman(predicted, np.asarray(outputs, dtype=np.float64))
+
+
+def build(setup: Setup, shape: tuple, classes: int, seed: int) -> nn.Module:
+    """The set-up's model, initialised with ``seed`` (the MLP with the set-up's hidden widths), after dattri's
+    normalisation with ``setup.normalize``."""
+    if setup.model == "mlp-dropout":  # dattri's MLP: dropout after each hidden layer's ReLU
+        layers, width = [nn.Flatten()], int(np.prod(shape))
+        with seeded(seed, numpy=False):
+            for h in setup.hidden:
+                layers += [nn.Linear(width, h), nn.ReLU(), nn.Dropout(DATTRI_DROPOUT)]
+                width = h
+            model = nn.Sequential(*layers, nn.Linear(width, classes))
+    elif setup.model == "mlp":
+        with seeded(seed, numpy=False):
+            model = MLP(int(np.prod(shape)), classes, setup.hidden)
+    else:
+        model = build_model(setup.model, shape, classes, seed=seed)
+    return nn.Sequential(Normalize(MNIST_MEAN, MNIST_STD), model) if setup.normalize else model
+
+
+def setup_data(setup: Setup, seed: int) -> tuple:
+    """``(train, targets, input_shape, classes)``: the seed's training set and target (test) images."""
+    splits = load_dataset(setup.data, seed=seed, n_train=setup.n_train, n_val=10, n_test=setup.n_targets)
+    return splits.train[:2], splits.test[:2], tuple(splits.input_shape), splits.num_classes
+
+
+def setup_trainer(setup: Setup) -> CheckpointingERM:
+    """The set-up's trainer; it keeps ``setup.checkpoints`` evenly spaced checkpoints (for tracin)."""
+    return CheckpointingERM(n_checkpoints=setup.checkpoints, epochs=setup.epochs, lr=setup.lr,
+                            batch_size=setup.batch_size, optimizer=setup.optimizer, progress=False)
+
+
+def setup_attack(setup: Setup, seed: int) -> attacks.PGD:
+    """The set-up's PGD (linf), seeded."""
+    return attacks.PGD(setup.eps, alpha=setup.pgd_alpha, steps=setup.pgd_steps, norm="linf", bounds=(0.0, 1.0),
+                       seed=seed)
+
+
+def target_losses(model: nn.Module, targets: tuple, pgd: attacks.PGD) -> tuple:
+    """Per-target losses ``(utility, robust)``: clean, and at PGD points computed against THIS model."""
+    x, y = targets
+    x_adv = pgd(model, x, y)
+    with torch.no_grad():
+        clean = torch.nn.functional.cross_entropy(model(x), y, reduction="none")
+        robust = torch.nn.functional.cross_entropy(model(x_adv), y, reduction="none")
+    return clean.numpy(), robust.numpy()
+
+
+def retrain_seed(setup: Setup, seed: int, subset: int, run: int) -> int:
+    """The training seed of retraining ``run`` of subset ``subset`` (distinct for every pair and seed)."""
+    return 1_000_000 * (seed + 1) + 1_000 * (run + 1) + subset
+
+
+def retrained_outputs(setup: Setup, seed: int, folder: Optional[Path], progress: bool) -> dict:
+    """The ground truth of seed ``seed``: every subset (``alpha`` of the training set, seeded) retrained ``runs``
+    times, from a fresh seeded initialisation per retraining (``init="fresh"``, the field's) or from the seed's
+    one initialisation with another data order (``"same"``), and its per-target losses, clean and at PGD points
+    re-computed against that model. ``{"utility", "robust"}: (n_subsets, runs, n_targets)`` and the training
+    seconds ``(n_subsets, runs)``; saved after every subset under ``folder`` (a rerun resumes)."""
+    train, targets, shape, classes = setup_data(setup, seed)
+    masks = subset_masks(setup.n_train, setup.n_subsets, seed, setup.alpha)
+    trainer = setup_trainer(setup)
+    pgd = setup_attack(setup, seed)
+    start = copy_for_training(build(setup, shape, classes, seed), "scratch", seed)
+    shapes = (setup.n_subsets, setup.runs, setup.n_targets)
+    paths = None if folder is None else {k: folder / f"truth_seed{seed}_{k}.npy" for k in ("utility", "robust", "seconds")}
+    if paths is not None and all(p.exists() for p in paths.values()):
+        truth = {k: np.load(p) for k, p in paths.items()}
+    else:
+        truth = {"utility": np.full(shapes, np.nan), "robust": np.full(shapes, np.nan),
+                 "seconds": np.full(shapes[:2], np.nan)}
+    todo = [row for row in range(setup.n_subsets) if np.isnan(truth["seconds"][row]).any()]
+    for row in tqdm(todo, desc=f"{setup.model} seed {seed} retraining", disable=not progress, leave=False):
+        for run in range(setup.runs):
+            began = time.perf_counter()
+            subset_seed = retrain_seed(setup, seed, row, run)
+            if setup.init == "fresh":
+                model = trainer.fit(start, take(train, masks[row]), seed=subset_seed)
+            else:
+                model = trainer.with_retrain("finetune").fit(start, take(train, masks[row]), seed=subset_seed)
+            truth["seconds"][row, run] = time.perf_counter() - began
+            truth["utility"][row, run], truth["robust"][row, run] = target_losses(model, targets, pgd)
+        if paths is not None:
+            atomic_save_npys({paths[k]: truth[k] for k in paths})
+    return truth
+
+
+def both_targets(model: nn.Module, targets: tuple, pgd: attacks.PGD) -> tuple:
+    """The targets twice: clean, then at their PGD points against ``model`` (held fixed: the per-target form of
+    ``Robust``). A per-target score on these ``2 t`` inputs under ``Utility`` gives the utility matrix (first
+    ``t`` columns) and the robust one (last ``t``) in one call."""
+    x, y = targets
+    return torch.cat([x, pgd(model, x, y)]), torch.cat([y, y])
+
+
+def score_matrix(method: str, model: nn.Module, train: tuple, targets: tuple, setup: Setup, seed: int,
+                 checkpoints: list) -> np.ndarray:
+    """The ``(n_train, 2 t)`` harm matrix of ``method`` on each target's own loss (clean, then at its PGD point):
+    ``influence(..., aggregate=False)`` for the methods registered per target (ip, trak, ekfac, kfac); tracin as
+    the sum over the checkpoints of ip's matrix at each (times the learning rate, a constant factor here);
+    random as seeded noise."""
+    common = dict(objective=ri.Utility(), seed=seed, batch_size=setup.scoring_batch, progress=False, aggregate=False)
+    if method == "random":
+        generator = make_generator(seed)
+        return torch.randn(setup.n_train, targets[0].shape[0], generator=generator, dtype=torch.float64).numpy()
+    if method == "tracin":
+        total = np.zeros((setup.n_train, targets[0].shape[0]))
+        for state in checkpoints:
+            at = copy.deepcopy(model)
+            at.load_state_dict(state)
+            total += setup.lr * ri.influence(at, train, targets, method="ip", **common).double().numpy()
+        return total
+    options = {"proj_dim": setup.proj_dim} if method == "trak" else {}
+    return ri.influence(model, train, targets, method=method, **common, **options).double().numpy()
+
+
+def _lds_pair(scores: np.ndarray, masks: np.ndarray, truth: dict, t: int) -> dict:
+    """Mean per-example LDS, utility and robust, against the mean output over the retrainings of each subset
+    (dattri's ground truth) and against the first retraining alone."""
+    out = {}
+    for index, objective in enumerate(OBJECTIVES):
+        block = scores[:, index * t:(index + 1) * t]
+        out[objective] = float(np.nanmean(per_example_lds(block, masks, truth[objective].mean(axis=1))))
+        out[f"{objective}_one_run"] = float(np.nanmean(per_example_lds(block, masks, truth[objective][:, 0])))
+    return out
+
+
+def noise_ceiling(truth: dict) -> dict:
+    """Per-target Spearman over the subsets between two retrainings of each subset, averaged over targets (the
+    retraining-noise ceiling; needs ``runs >= 2``)."""
+    if truth["utility"].shape[1] < 2:
+        return {}
+    return {o: float(np.nanmean(columnwise_spearman(truth[o][:, 0], truth[o][:, 1]))) for o in OBJECTIVES}
+
+
+def per_example_seed(setup: Setup, seed: int, methods: tuple, sizes: tuple, folder: Optional[Path],
+                     progress: bool) -> dict:
+    """Seed ``seed`` of the per-example protocol: the ground truth, the full model, every method's matrix and
+    LDS, and the ensembles over models trained on random halves (each row saved as it finishes)."""
+    path = None if folder is None else folder / f"seed_{seed}.json"
+    result = json.loads(path.read_text()) if path is not None and path.exists() else {"seed": seed, "rows": {}}
+    truth = retrained_outputs(setup, seed, folder, progress)
+    result["noise"] = noise_ceiling(truth)
+    result["retrain_seconds"] = float(np.mean(truth["seconds"]))
+    train, targets, shape, classes = setup_data(setup, seed)
+    masks = subset_masks(setup.n_train, setup.n_subsets, seed, setup.alpha).numpy()
+    pgd = setup_attack(setup, seed)
+    t = setup.n_targets
+    trainer = setup_trainer(setup)
+    began = time.perf_counter()
+    model = trainer.fit(build(setup, shape, classes, seed), train, seed=seed)
+    full_seconds = time.perf_counter() - began  # this process's: costs are ratios measured side by side
+    result.setdefault("full_train_seconds", full_seconds)
+    checkpoints = list(trainer.checkpoints)
+    both = both_targets(model, targets, pgd)
+
+    def save() -> None:
+        if path is not None:
+            atomic_write_json(path, result)
+
+    for method in methods:
+        if f"{method} x1" in result["rows"]:
+            continue
+        began = time.perf_counter()
+        try:
+            scores = score_matrix(method, model, train, both, setup, seed, checkpoints)
+        except (ValueError, ImportError) as err:  # recorded, not hidden
+            result["rows"][f"{method} x1"] = {"method": method, "models": 1, "error": str(err)}
+            save()
+            continue
+        seconds = time.perf_counter() - began
+        result["rows"][f"{method} x1"] = {"method": method, "models": 1, "seconds": seconds,
+                                          **({"proj_dim": setup.proj_dim} if method == "trak" else {}),
+                                          "cost": seconds / full_seconds, **_lds_pair(scores, masks, truth, t)}
+        save()
+    wanted = [m for m in ENSEMBLE_METHODS if m in methods]
+    if sizes and wanted and not all(f"{m} halves x{k}" in result["rows"] for m in wanted for k in sizes):
+        halves = subset_masks(setup.n_train, max(sizes), seed + 500_000, 0.5)
+        sums = {m: 0.0 for m in wanted}
+        spent = {m: 0.0 for m in wanted}
+        for k in tqdm(range(max(sizes)), desc=f"{setup.model} seed {seed} half models", disable=not progress,
+                      leave=False):
+            began = time.perf_counter()
+            member = trainer.fit(model, take(train, halves[k]), seed=retrain_seed(setup, seed, k, 900))
+            member_targets = both_targets(member, targets, pgd)
+            trained = time.perf_counter() - began
+            for method in wanted:
+                began = time.perf_counter()
+                sums[method] = sums[method] + score_matrix(method, member, train, member_targets, setup, seed + k,
+                                                           [])
+                spent[method] += trained + time.perf_counter() - began
+                if k + 1 in sizes:
+                    result["rows"][f"{method} halves x{k + 1}"] = {
+                        "method": f"{method} (halves)", "models": k + 1, "seconds": spent[method],
+                        **({"proj_dim": setup.proj_dim} if method == "trak" else {}),
+                        "cost": spent[method] / full_seconds, **_lds_pair(sums[method] / (k + 1), masks, truth, t)}
+            if k + 1 in sizes:
+                save()
+    save()
+    return result
+
+
+SCORING_FIELDS = ("proj_dim", "checkpoints", "scoring_batch")
+"""Fields of :class:`Setup` that only the scoring reads (left out of the cache folder's name)."""
+
+
+def setup_folder(out: Path, name: str, setup: Setup) -> Path:
+    """The cache folder of one set-up: ``out / <name>-<hash of the set-up but its scoring fields>`` (with its
+    settings in ``settings.json``), so that another data, model, training or subset configuration never reads
+    these results."""
+    settings = json_safe(asdict(setup))
+    identity = {k: v for k, v in settings.items() if k not in SCORING_FIELDS}
+    digest = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:10]
+    folder = out / f"{name}-{digest}"
+    folder.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(folder / "settings.json", {"name": name, "setup": settings})
+    return folder
+
+
+def summarise_rows(per_seed: list) -> list:
+    """One entry per row (method and number of models) over the seeds: mean LDS with its 95% t-interval over
+    seeds per objective, the one-retraining LDS, and the mean cost as a multiple of one training run."""
+    names = []
+    for result in per_seed:
+        names += [n for n in result["rows"] if n not in names]
+    order = list(PER_EXAMPLE_METHODS)
+
+    def rank(name: str) -> tuple:
+        method, _, models = name.rpartition(" x")
+        base = method.removesuffix(" halves")
+        return (method != base, order.index(base) if base in order else len(order), base, int(models))
+
+    names.sort(key=rank)
+    entries = []
+    for name in names:
+        rows = [r["rows"][name] for r in per_seed if name in r["rows"] and "error" not in r["rows"][name]]
+        errors = [r["rows"][name]["error"] for r in per_seed if "error" in r["rows"].get(name, {})]
+        first = next((r["rows"][name] for r in per_seed if name in r["rows"]), {})
+        entry = {"row": name, "method": first.get("method", name), "models": first.get("models", 1),
+                 "seeds": len(rows), "errors": errors, "proj_dim": first.get("proj_dim")}
+        if rows:
+            entry["cost"] = float(np.mean([r["cost"] for r in rows]))
+            for key in (*OBJECTIVES, *(f"{o}_one_run" for o in OBJECTIVES)):
+                stat = mean_std_stat([r[key] for r in rows])
+                half = half_width(stat)
+                entry[key] = {"mean": stat["mean"], "values": [r[key] for r in rows],
+                              "ci": [stat["mean"] - half, stat["mean"] + half] if len(rows) > 1 else None}
+        entries.append(entry)
+    return entries
+
+
+def per_example_table(name: str, setup: Setup, per_seed: list) -> list:
+    """Markdown lines of one set-up: every row's LDS (utility, robust; mean and 95% interval over seeds), the
+    one-retraining LDS, the cost, and the retraining-noise ceiling."""
+    def cell(entry: dict, key: str) -> str:
+        if key not in entry:
+            return "failed: " + "; ".join(entry["errors"])[:80]
+        value = entry[key]
+        if value["ci"] is None:
+            return f"{value['mean']:+.3f}"
+        return f"{value['mean']:+.3f} [{value['ci'][0]:+.3f}, {value['ci'][1]:+.3f}]"
+
+    def short(entry: dict, key: str) -> str:
+        return f"{entry[key]['mean']:+.3f}" if key in entry else "-"
+
+    lines = [f"| method | models | seeds | LDS utility | LDS robust (PGD) | one retraining: utility / robust | "
+             f"cost (x one training run) |", "|---|---|---|---|---|---|---|"]
+    for entry in summarise_rows(per_seed):
+        cost = f"{entry['cost']:.2f}" if "cost" in entry else "-"
+        proj = entry.get("proj_dim") or (setup.proj_dim if entry["method"].startswith("trak") else None)
+        label = entry["method"] + (f", proj_dim {proj}" if proj else "")
+        lines.append(f"| {label} | {entry['models']} | {entry['seeds']} | {cell(entry, 'utility')} | {cell(entry, 'robust')} | "
+                     f"{short(entry, 'utility_one_run')} / {short(entry, 'robust_one_run')} | {cost} |")
+    noise = [r["noise"] for r in per_seed if r.get("noise")]
+    if noise:
+        lines += ["", "Retraining-noise ceiling (per target, Spearman over the subsets between two retrainings of "
+                  f"each subset, averaged over targets): utility {np.mean([n['utility'] for n in noise]):+.3f}, robust "
+                  f"{np.mean([n['robust'] for n in noise]):+.3f} (mean over {len(noise)} seed(s))."]
+    full = np.mean([r["full_train_seconds"] for r in per_seed])
+    lines += ["", f"{setup.model} on {setup.data}, {setup.n_train:,} training images, {setup.n_targets} targets "
+              f"(test images), {setup.n_subsets} subsets of alpha = {setup.alpha}, {setup.runs} retraining(s) per "
+              f"subset ({setup.init} initialisation), seeds {', '.join(str(r['seed']) for r in per_seed)}; one full "
+              f"training run {full:.1f} s."]
+    return lines
+
+
+def reference_entries(name: str, setup: Setup, per_seed: list) -> list:
+    """The entries of ``defenses/lds_reference.json`` of one set-up."""
+    out = []
+    for entry in summarise_rows(per_seed):
+        for objective in OBJECTIVES:
+            if objective not in entry:
+                continue
+            out.append({"data": "mnist", "setup": name, "model": MODEL_TITLES[setup.model], "objective": objective,
+                        "method": entry["method"], "models": entry["models"], "lds": entry[objective]["mean"],
+                        "ci": entry[objective]["ci"], "seeds": entry["seeds"], "cost_vs_training": entry["cost"],
+                        "init": setup.init, "subsets": setup.n_subsets, "retrainings": setup.runs,
+                        "n_train": setup.n_train, "targets": setup.n_targets})
+    return out
+
+
+def per_example_report(out: Path) -> list:
+    """Every set-up cached under ``out`` (not the quick one): the RESULTS.md section ``lds-per-example`` and
+    ``defenses/lds_reference.json``. Returns the section's lines."""
+    lines = [
+        "## Per-example linear datamodeling score (experiments/lds.py --protocol per-example)",
+        "",
+        "The field's protocol (dattri, TRAK): for each target image j, the Spearman correlation over M random "
+        "alpha-subsets S between sum_{i in S} harm_ij and the loss on j of the model retrained on S, averaged over "
+        "the targets; utility = the loss on the clean target, robust = the loss at j's PGD point (linf 0.1, 10 "
+        "steps) re-computed against every retrained model (scores: at the PGD points of the scored model, held "
+        "fixed). Harm convention: kept harm correlates positively with the loss, so a good method is near +1, "
+        "random near 0. The ground truth is the mean over the retrainings of each subset (dattri's); 'one "
+        "retraining' uses the first alone. Interval: 95% t-interval over seeds. Cost: scoring time (plus, for "
+        "the ensembles, the training of their models) over the time of one full training run, measured in the "
+        "same process (one CPU thread). Half models: trained from fresh initialisations on random halves of the "
+        "training set (TRAK's recipe), scores averaged. Not measured per example: "
+        + "; ".join(f"{m} ({why})" for m, why in NOT_PER_TARGET.items()) + ".",
+        "",
+    ]
+    entries = []
+    for folder in sorted(p for p in out.iterdir() if (p / "settings.json").exists()):
+        settings = json.loads((folder / "settings.json").read_text())
+        name = settings["name"]
+        if name == "quick":
+            continue
+        setup = Setup(**{k: tuple(v) if isinstance(v, list) else v for k, v in settings["setup"].items()})
+        per_seed = [json.loads(p.read_text()) for p in sorted(folder.glob("seed_*.json"))]
+        if not per_seed:
+            continue
+        lines += [f"### {MODEL_TITLES[setup.model]} ({name}, {setup.init} initialisation)", "",
+                  *per_example_table(name, setup, per_seed), ""]
+        entries += reference_entries(name, setup, per_seed)
+    lines.append(f"Regenerate: `{COMMAND} --protocol per-example --setup logreg|mlp|cnn --seeds 0 1 2`, then "
+                 f"`{COMMAND} --protocol per-example --report`.")
+    atomic_write_json(REFERENCE, {"protocol": "per-example LDS (dattri / TRAK): Spearman over random alpha-subsets "
+                                              "between the summed harm of the kept samples and the retrained model's "
+                                              "loss on each target, averaged over targets",
+                                  "source": "experiments/lds.py", "entries": entries})
+    write_section("lds-per-example", "\n".join(lines))
+    return lines
+
+
+def per_example_main(argv: Optional[list] = None) -> dict:
+    """The per-example protocol's command line: run one set-up's seeds (resumable), print its table; with
+    ``--report``, write the RESULTS.md section and ``defenses/lds_reference.json`` from every cached set-up."""
+    parser = argparse.ArgumentParser(description="Per-example LDS (the field's protocol; see the module docstring)")
+    parser.add_argument("--protocol", choices=("aggregate", "per-example"), default="per-example")
+    parser.add_argument("--setup", choices=tuple(SETUPS), default="cnn",
+                        help="cnn (the project's SmallCNN), mlp / logreg (dattri's MNIST set-ups), quick")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--methods", nargs="+", choices=PER_EXAMPLE_METHODS, default=list(PER_EXAMPLE_METHODS))
+    parser.add_argument("--ensemble-sizes", type=int, nargs="*", default=[1, 5, 10],
+                        help="numbers of half models averaged (ip and trak); none: no ensembles")
+    parser.add_argument("--subsets", type=int, default=None, help="number M of random subsets")
+    parser.add_argument("--alpha", type=float, default=None, help="fraction of the training set kept per subset")
+    parser.add_argument("--runs", type=int, default=None, help="retrainings per subset (2: the noise ceiling)")
+    parser.add_argument("--targets", type=int, default=None, help="number of target (test) images")
+    parser.add_argument("--init", choices=INIT_MODES, default=None,
+                        help="fresh: each retraining from its own seeded initialisation (the field's); same: all "
+                             "from the seed's one initialisation, another data order")
+    parser.add_argument("--out", type=Path, default=OUT / "lds" / "per_example", help="cache folder")
+    parser.add_argument("--report", action="store_true",
+                        help="write the RESULTS.md section and defenses/lds_reference.json from every cached set-up")
+    parser.add_argument("--no-progress", action="store_true")
+    args = parser.parse_args(argv)
+    if args.report:
+        lines = per_example_report(args.out)
+        print("\n".join(lines))
+        return {"lines": lines}
+    overrides = {k: v for k, v in (("n_subsets", args.subsets), ("alpha", args.alpha), ("runs", args.runs),
+                                    ("n_targets", args.targets), ("init", args.init)) if v is not None}
+    setup = replace(SETUPS[args.setup], **overrides)
+    check_int(setup.n_subsets, "--subsets", minimum=2)
+    check_int(setup.runs, "--runs", minimum=1)
+    if not 0 < setup.alpha < 1:
+        raise SystemExit(f"--alpha: must be in (0, 1), got {setup.alpha}")
+    folder = setup_folder(args.out, args.setup, setup)
+    per_seed = [per_example_seed(setup, seed, tuple(args.methods), tuple(sorted(set(args.ensemble_sizes))), folder,
+                                 not args.no_progress) for seed in args.seeds]
+    lines = per_example_table(args.setup, setup, per_seed)
+    print("\n".join(lines))
+    return {"setup": asdict(setup), "per_seed": per_seed, "summary": summarise_rows(per_seed)}
+
+
 def main(argv: Optional[list] = None) -> dict:
-    """Run every seed, print the table, write the JSON, the plot and (full run) the RESULTS.md section."""
+    """Run every seed, print the table, write the JSON, the plot and (full run) the RESULTS.md section; with
+    ``--protocol per-example``, the per-example protocol instead (:func:`per_example_main`)."""
+    protocol = argparse.ArgumentParser(add_help=False)
+    protocol.add_argument("--protocol", choices=("aggregate", "per-example"), default="aggregate")
+    if protocol.parse_known_args(argv)[0].protocol == "per-example":
+        return per_example_main(argv)
     seeds_parser = argparse.ArgumentParser(add_help=False)
+    seeds_parser.add_argument("--protocol", choices=("aggregate",), default="aggregate",
+                              help="aggregate (this one) or per-example (see --protocol per-example --help)")
     seeds_parser.add_argument("--seeds", type=int, nargs="+", default=None,
                               help="run only these seeds (e.g. in parallel processes); writes no RESULTS.md section")
     seeds_parser.add_argument("--parts", nargs="+", choices=(*MODELS, "noise"), default=None,
@@ -372,7 +903,10 @@ def main(argv: Optional[list] = None) -> dict:
     plot(summaries, args.plots / f"{args.name}.png")
     if not args.quick:
         header = [
-            "## Linear datamodeling score on a deep model (experiments/lds.py)",
+            "## Linear datamodeling score on a deep model, aggregate protocol (experiments/lds.py)",
+            "",
+            "The AGGREGATE protocol (one correlation per seed, on the mean validation objective); the field's "
+            "per-example protocol is in the next section (lds-per-example).",
             "",
             f"MNIST, {cfg.n_train:,} training / {cfg.n_val} validation images, SmallCNN, ERM (Adam, {cfg.epochs} epochs, "
             f"lr {cfg.lr}, batch {cfg.batch_size}); {cfg.n_subsets} random 50% subsets per seed, each retrained from the "

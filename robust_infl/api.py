@@ -52,7 +52,7 @@ def influence(
             keywords) are documented in the docstring of its function, in the module named:
 
             - ``"ip"``: ``-<grad f, grad l_i>``, identity Hessian, one forward-mode pass
-              (``methods.ip``; ``renormalize``; the only method with ``aggregate=False``).
+              (``methods.ip``; ``renormalize``; ``aggregate=False`` also for ``trak``, ``ekfac``, ``kfac``).
             - ``"ip-ensemble"``: IP summed or averaged over seeded dropout-masked or weight-noised
               copies of the model (``methods.ensemble``; ``members``, ``perturbation``, ``scale``, ``combine``).
             - ``"tracin"``: learning-rate-weighted IP over saved checkpoints (``methods.tracin``;
@@ -66,7 +66,7 @@ def influence(
             - ``"datainf"``: DataInf's layer-wise closed-form inverse (``methods.datainf``; ``lambda_scale``).
             - ``"ekfac"``, ``"kfac"``: influence function with Kronfluence's (E)K-FAC curvature, factors
               cached per model (``methods.ekfac``; ``strategy``, ``use_empirical_fisher``; ``damping`` is
-              its ``damping_factor``); needs the ``ekfac`` extra.
+              its ``damping_factor``; ``aggregate``); needs the ``ekfac`` extra.
             - ``"trak"``: TRAK through TRAK's package ``traker``: projected per-sample margin gradients
               with a Gauss-Newton inverse in the projected space (``methods.trak``; ``proj_dim``,
               ``aggregate``; ``seed`` seeds its projector, ``damping`` is its ``lambda_reg``); needs

@@ -23,7 +23,10 @@ factors depend only on the model, the training set and the factor options, so th
 once per (model state-dict SHA-256, training-data fingerprint, scored modules, loss, options) and
 reused when the same model is scored against several objectives. The training set is handed to
 Kronfluence as tensors in memory (at the ``train_attack`` points for ``train_loss="adversarial"``).
-Only aggregate scores (one per training sample) are offered.
+With the scoring option ``aggregate=False`` the measurement is each target sample's own loss (at its
+attack point for ``Robust``), Kronfluence's per-query scores (``aggregate_query_gradients=False``): the
+``(n_train, n_target)`` matrix of harms on each target, whose row means are the aggregate scores of
+``Utility`` and ``Robust``.
 """
 
 from __future__ import annotations
@@ -130,6 +133,7 @@ def _task(problem: ScoringProblem, modules: list[str], prepared) -> Any:
     from kronfluence.task import Task
 
     loss_fn, objective, linear = problem.loss_fn, problem.objective, problem.objective.linear
+    aggregate = problem.aggregate
 
     class ObjectiveTask(Task):
         def compute_train_loss(self, batch, model, sample=False):
@@ -140,6 +144,8 @@ def _task(problem: ScoringProblem, modules: list[str], prepared) -> Any:
 
         def compute_measurement(self, batch, model):
             x, y, s = batch if len(batch) == 3 else (*batch, None)
+            if not aggregate:  # each query's own loss: Kronfluence takes per-query gradients of the sum
+                return loss_fn(model(x), y).sum()
             sums = objective.chunk_sums(model(x), y, s, loss_fn)
             if not linear and x.shape[0] != prepared.labels.shape[0]:
                 raise RuntimeError("a non-linear objective must be measured on the whole target set at once")
@@ -161,7 +167,7 @@ def _arguments(problem: ScoringProblem, strategy: str, use_empirical_fisher: boo
         gradient_covariance_dtype=dtype, per_sample_gradient_dtype=dtype, lambda_dtype=dtype,
     )
     score_args = ScoreArguments(
-        damping_factor=problem.damping if problem.damping > 0 else DEFAULT_DAMPING, aggregate_query_gradients=True,
+        damping_factor=problem.damping if problem.damping > 0 else DEFAULT_DAMPING, aggregate_query_gradients=problem.aggregate,
         per_sample_gradient_dtype=dtype, precondition_dtype=dtype, score_dtype=dtype,
     )
     return factor_args, score_args
@@ -201,7 +207,8 @@ def _target_set(prepared) -> TensorDataset:
 
 def kronfluence_scores(problem: ScoringProblem, strategy: str, use_empirical_fisher: bool) -> Tensor:
     """Kronfluence's summed pairwise scores of every training sample against the objective, ``(n_train,)``
-    (positive = helpful); the factors are fitted once per identity (see the module docstring)."""
+    (positive = helpful), or with ``problem.aggregate`` False the ``(n_train, n_target)`` scores against each
+    target's own loss; the factors are fitted once per identity (see the module docstring)."""
     _kronfluence()
     from kronfluence.analyzer import Analyzer, prepare_model
 
@@ -224,7 +231,7 @@ def kronfluence_scores(problem: ScoringProblem, strategy: str, use_empirical_fis
     analyzer = Analyzer("robust_infl", model, task, cpu=problem.device.type == "cpu",
                         disable_tqdm=not problem.progress, output_dir=str(_cache()))
     batch = problem.train.batch_size
-    query_batch = len(query) if not problem.objective.linear else min(len(query), batch)
+    query_batch = len(query) if problem.aggregate and not problem.objective.linear else min(len(query), batch)
     scores_name = f"{factors_name}-{hashlib.sha256(repr(score_args).encode()).hexdigest()[:8]}"
     with warnings.catch_warnings(), seeded(problem.seed, problem.device, numpy=False):
         warnings.filterwarnings("ignore", category=FutureWarning, module="kronfluence")  # its torch.cuda.amp use
@@ -236,14 +243,16 @@ def kronfluence_scores(problem: ScoringProblem, strategy: str, use_empirical_fis
         )
     scores = analyzer.load_pairwise_scores(scores_name)["all_modules"]
     shutil.rmtree(analyzer.scores_output_dir(scores_name), ignore_errors=True)
-    scores = scores.reshape(-1).to(device=problem.device, dtype=problem.dtype)
+    scores = (scores.reshape(-1) if problem.aggregate else scores.T).to(device=problem.device, dtype=problem.dtype)
     check_finite_results(scores, "Kronfluence scores", "the training set (increase damping)")
     return scores
 
 
-@register_method("ekfac")
+@register_method("ekfac", per_target=True)
 def ekfac_influence(problem: ScoringProblem, *, strategy: str = "ekfac", use_empirical_fisher: bool = False) -> Tensor:
-    """EK-FAC influence-function harm scores through Kronfluence, shape ``(n_train,)``.
+    """EK-FAC influence-function harm scores through Kronfluence, shape ``(n_train,)``; with the scoring option
+    ``aggregate=False`` the ``(n_train, n_target)`` matrix of harms on each target sample's own loss (``Utility``
+    and ``Robust``).
 
     Args:
         strategy: Kronfluence's curvature approximation: ``"ekfac"`` (default), ``"kfac"``,
@@ -259,7 +268,7 @@ def ekfac_influence(problem: ScoringProblem, *, strategy: str = "ekfac", use_emp
     return -kronfluence_scores(problem, strategy, use_empirical_fisher)
 
 
-@register_method("kfac")
+@register_method("kfac", per_target=True)
 def kfac_influence(problem: ScoringProblem, *, use_empirical_fisher: bool = False) -> Tensor:
     """K-FAC influence-function harm scores through Kronfluence (``"ekfac"`` with ``strategy="kfac"``)."""
     return -kronfluence_scores(problem, "kfac", use_empirical_fisher)

@@ -10,7 +10,8 @@ import pytest
 import torch
 from scipy import stats
 
-from experiments.lds import CONTROL_METHODS, METHODS, OBJECTIVES, lds, subset_masks
+from experiments.lds import (CONTROL_METHODS, METHODS, OBJECTIVES, columnwise_spearman, lds, per_example_lds,
+                             per_example_main, subset_masks)
 
 
 def test_subsets_are_seeded_halves():
@@ -28,6 +29,54 @@ def test_lds_is_plus_one_when_removals_change_the_objective_exactly_as_harm_pred
     measured = (2.0 - ((~masks).double() @ harm)).numpy()
     assert lds(harm, masks, measured) == pytest.approx(1.0)
     assert lds(-harm, masks, measured) == pytest.approx(-1.0)  # the helpfulness convention scores -1
+
+
+def test_subsets_keep_alpha_of_the_samples_and_a_half_by_default():
+    assert (subset_masks(20, 4, seed=1, alpha=0.3).sum(dim=1) == 6).all()
+    assert torch.equal(subset_masks(11, 6, seed=2, alpha=0.5), subset_masks(11, 6, seed=2))
+
+
+@pytest.mark.filterwarnings("ignore::scipy.stats.ConstantInputWarning")  # the constant target, on purpose
+def test_per_example_lds_equals_scipy_per_target():
+    generator = np.random.default_rng(0)
+    scores = generator.normal(size=(15, 4))
+    masks = subset_masks(15, 9, seed=0).numpy()
+    outputs = generator.normal(size=(9, 4))
+    outputs[:3, 1] = outputs[0, 1]  # ties: average ranks, as scipy
+    outputs[:, 3] = 1.0  # a constant target: NaN, as scipy
+    expected = [stats.spearmanr(masks.astype(float) @ scores[:, j], outputs[:, j]).statistic for j in range(4)]
+    np.testing.assert_allclose(per_example_lds(scores, masks, outputs), expected, rtol=1e-12, equal_nan=True)
+    np.testing.assert_allclose(columnwise_spearman(outputs[:, :3], outputs[:, :3]), 1.0)
+
+
+def test_per_example_lds_is_plus_one_when_each_target_moves_exactly_as_its_harm_predicts():
+    generator = np.random.default_rng(1)
+    harm = generator.normal(size=(30, 5))
+    masks = subset_masks(30, 12, seed=1).numpy()
+    losses = 3.0 - (~masks).astype(float) @ harm  # removing i lowers target j's loss by harm_ij
+    np.testing.assert_allclose(per_example_lds(harm, masks, losses), 1.0)
+    np.testing.assert_allclose(per_example_lds(-harm, masks, losses), -1.0)
+
+
+def test_per_example_quick(tmp_path):
+    methods = ["ip", "tracin", "trak", "random"] if importlib.util.find_spec("trak") else ["ip", "tracin", "random"]
+    result = per_example_main(["--setup", "quick", "--seeds", "0", "--out", str(tmp_path), "--ensemble-sizes", "1", "2",
+                               "--methods", *methods, "--no-progress"])
+    (seed_result,) = result["per_seed"]
+    rows = seed_result["rows"]
+    assert {f"{m} x1" for m in methods} <= set(rows) and "ip halves x2" in rows
+    for row in rows.values():
+        assert "error" not in row and row["cost"] >= 0
+        assert all(-1.0 <= row[o] <= 1.0 for o in (*OBJECTIVES, "utility_one_run", "robust_one_run"))
+    assert rows["tracin x1"]["utility"] == pytest.approx(rows["ip x1"]["utility"])  # one checkpoint: ip
+    assert set(seed_result["noise"]) == set(OBJECTIVES)
+    folder = next(tmp_path.glob("quick-*"))
+    utility = np.load(folder / "truth_seed0_utility.npy")
+    assert utility.shape == (8, 2, 12) and np.isfinite(utility).all()
+    assert np.load(folder / "truth_seed0_robust.npy").mean() > utility.mean()
+    again = per_example_main(["--setup", "quick", "--seeds", "0", "--out", str(tmp_path), "--ensemble-sizes", "1", "2",
+                              "--methods", *methods, "--no-progress"])  # resumed from the cache, same rows
+    assert again["per_seed"][0]["rows"] == rows
 
 
 @pytest.mark.skipif(importlib.util.find_spec("kronfluence") is None, reason="needs the ekfac extra (kronfluence)")

@@ -50,8 +50,9 @@ class DirectTask(Task):
         return F.cross_entropy(model(x), y, reduction="sum") / N_TARGET
 
 
-def direct_kronfluence(model, train, target, strategy, damping, tmp_path) -> torch.Tensor:
-    """Kronfluence's pairwise scores of every training sample, summed over the target samples."""
+def direct_kronfluence(model, train, target, strategy, damping, tmp_path, per_query: bool = False) -> torch.Tensor:
+    """Kronfluence's pairwise scores of every training sample, summed over the target samples (``per_query``:
+    the ``(n_target, n_train)`` scores of each target sample's loss / n_target)."""
     from torch.utils.data import TensorDataset
 
     task = DirectTask()
@@ -67,7 +68,8 @@ def direct_kronfluence(model, train, target, strategy, damping, tmp_path) -> tor
     analyzer.compute_pairwise_scores("s", "f", query_dataset=query, train_dataset=train_set,
                                      per_device_query_batch_size=7, per_device_train_batch_size=16,
                                      score_args=score_args)
-    return analyzer.load_pairwise_scores("s")["all_modules"].sum(dim=0)
+    scores = analyzer.load_pairwise_scores("s")["all_modules"]
+    return scores if per_query else scores.sum(dim=0)
 
 
 @pytest.mark.parametrize("method", ["ekfac", "kfac"])
@@ -88,6 +90,27 @@ def test_robust_objective_equals_kronfluence_on_the_fixed_adversarial_points(pro
     harm = ri.influence(model, train, target, objective=ri.Robust(attack), method="ekfac", damping=1e-3,
                         use_empirical_fisher=True, batch_size=16, progress=False)
     assert pearson(harm, expected) >= 0.999
+
+
+@pytest.mark.parametrize("method", ["ekfac", "kfac"])
+def test_per_target_matrix_equals_kronfluence_per_query_and_its_row_means_the_aggregate(problem, method, tmp_path):
+    model, train, target = problem
+    expected = -N_TARGET * direct_kronfluence(model, train, target, method, 1e-3, tmp_path, per_query=True).T
+    options = dict(objective=ri.Utility(), method=method, damping=1e-3, use_empirical_fisher=True, batch_size=16,
+                   progress=False)
+    harm = ri.influence(model, train, target, aggregate=False, **options)
+    assert harm.shape == (N_TRAIN, N_TARGET)
+    torch.testing.assert_close(harm, expected, rtol=1e-6, atol=1e-9 * float(expected.abs().max()))
+    aggregate = ri.influence(model, train, target, **options)
+    torch.testing.assert_close(harm.mean(dim=1), aggregate, rtol=1e-6, atol=1e-9 * float(aggregate.abs().max()))
+
+
+def test_per_target_identity_strategy_is_ip_per_target(problem):
+    model, train, target = problem
+    ip = ri.influence(model, train, target, objective=ri.Utility(), method="ip", aggregate=False, progress=False)
+    identity = ri.influence(model, train, target, objective=ri.Utility(), method="ekfac", strategy="identity",
+                            aggregate=False, progress=False)
+    torch.testing.assert_close(identity, ip, rtol=1e-6, atol=1e-9 * float(ip.abs().max()))
 
 
 def fairness_problem():
