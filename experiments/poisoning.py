@@ -210,13 +210,15 @@ def render_group(title: str, settings: dict) -> str:
           lambda c: _with_delta(c["clean_acc"], c["d_clean_acc"]))
     costs = {k: [cells[(k, a)]["cost_vs_base"] for a in attacks
                  if cells[(k, a)] is not None and cells[(k, a)]["cost_vs_base"] is not None] for k in keys}
-    lines.extend(["Recall / precision % of the removed samples against the true poisons; cost: CPU time of the "
-                  "defence (detection and retraining) / one training run, mean over the cells:", "",
-                  head[:-1] + "| cost × |", rule + "---|"])
+    timed = any(costs.values())  # the earlier settings' rows carry no cost
+    lines.extend(["Recall / precision % of the removed samples against the true poisons (rm: the share removed, "
+                  "where not the budget)" + ("; cost: CPU time of the defence (detection and retraining; `none`: "
+                  "the training itself) / one training run, mean over the cells:" if timed else ":"), "",
+                  head[:-1] + ("| cost × |" if timed else "|"), rule + ("---|" if timed else "")])
     for k in keys:
         texts = ["" if cells[(k, a)] is None else _flags(cells[(k, a)], budget) for a in attacks]
-        cost = f"{sum(costs[k]) / len(costs[k]):.2f}" if costs[k] else "–"
-        lines.append(f"| {_label(k)} | " + " | ".join(texts) + f" | {cost} |")
+        cost = (f" {sum(costs[k]) / len(costs[k]):.2f} |" if costs[k] else " – |") if timed else ""
+        lines.append(f"| {_label(k)} | " + " | ".join(texts) + " |" + cost)
     lines += ["", "Trigger unknown, ASR <= 5% at <= 1 point of clean accuracy (seed means):"]
     for a in attacks:
         unknown = [k for k in keys if k[1] is None and k[0] != "none" and cells[(k, a)] is not None]
