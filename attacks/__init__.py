@@ -7,8 +7,9 @@ paper's closed-form boundary crossing). Third-party attacks: :class:`TorchAttack
 that clips to [0, 1] run on unbounded data through an exact affine change of variables).
 :func:`evaluate` reports clean accuracy, robust accuracy and attack success rate (targeted with
 ``target_class``). Backdoor poisoning: the triggers (:class:`BackdoorTrigger`, also attack callables)
-:class:`Trigger` (patch / blend), :class:`SIGTrigger` (sinusoidal signal) and :class:`WaNetTrigger`
-(warping, with its noise mode); :func:`poison` (BadNets, clean-label, SIG, WaNet),
+:class:`Trigger` (patch / blend), :class:`SIGTrigger` (sinusoidal signal), :class:`WaNetTrigger`
+(warping, with its noise mode) and :class:`AdaptiveBlendTrigger` (Adap-Blend); :func:`poison` (BadNets, blend,
+clean-label, SIG, WaNet, Adap-Blend),
 :func:`label_consistent_poison` (PGD-hardened target-class samples) and :class:`ARTPoison` (ART's
 backdoor poisoning attacks).
 :func:`as_data` / :func:`to_model`: the one normaliser of the data given to the API (forms, dtype, device,
@@ -24,8 +25,8 @@ from .fgsm import FGSM
 from .inputs import as_data, to_model
 from .pgd import PGD
 from .plumbing import per_sample_loss
-from .poisoning import (ARTPoison, BackdoorTrigger, SIGTrigger, Trigger, WaNetTrigger, label_consistent_poison,
-                        poison)
+from .poisoning import (AdaptiveBlendTrigger, ARTPoison, BackdoorTrigger, SIGTrigger, Trigger, WaNetTrigger,
+                        label_consistent_poison, poison)
 from .registry import ATTACK_NAMES, make_attack
 
 __all__ = [
@@ -53,6 +54,7 @@ __all__ = [
     "Trigger",
     "SIGTrigger",
     "WaNetTrigger",
+    "AdaptiveBlendTrigger",
     "poison",
     "label_consistent_poison",
     "ARTPoison",

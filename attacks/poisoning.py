@@ -8,9 +8,12 @@
   Learning Model Supply Chain"): a share ``rate`` of the training set, drawn from the samples of
   the other classes, gets the trigger and the label ``target_class``; with ``clean_label=True``
   samples OF the target class get the trigger and keep their label.
+- :meth:`Trigger.random_blend`: the blended injection of Chen et al. 2017 with a seeded uniform noise pattern.
 - :class:`SIGTrigger` (Barni et al. 2019, clean-label sinusoidal signal) and :class:`WaNetTrigger`
   (Nguyen & Tran 2021, a smooth warp with its noise mode) are triggers of their own kind beside
   :class:`Trigger`; every trigger is a :class:`BackdoorTrigger` and serves :func:`poison`.
+- :class:`AdaptiveBlendTrigger` (Qi et al. 2023, Adap-Blend): a blend pattern cut into cells, a random half
+  of them on each poison and on as many cover samples under their true labels, the full pattern at test time.
 - :func:`label_consistent_poison` (Turner et al. 2019): target-class samples are made hard by PGD on
   a proxy model before the trigger is stamped; labels kept.
 - :class:`ARTPoison`: ART's ``PoisoningAttackBackdoor`` and ``PoisoningAttackCleanLabelBackdoor``
@@ -37,7 +40,7 @@ from .plumbing import frozen_in_eval, make_generator, seeded
 from .validation import (check_choice, check_fraction, check_int, check_model, check_number, check_positive,
                          check_seed)
 
-__all__ = ["BackdoorTrigger", "Trigger", "SIGTrigger", "WaNetTrigger", "poison", "label_consistent_poison",
+__all__ = ["BackdoorTrigger", "Trigger", "SIGTrigger", "WaNetTrigger", "AdaptiveBlendTrigger", "poison", "label_consistent_poison",
            "ARTPoison", "ART_POISON_NAMES", "check_rate", "check_target_class", "poison_count"]
 
 CORNERS = ("top-left", "top-right", "bottom-left", "bottom-right", "all")
@@ -53,9 +56,11 @@ class BackdoorTrigger(Attack):
     """A backdoor trigger: ``apply(x)`` stamps every sample of a batch of ``input_shape`` samples (same
     dtype and device). It is an attack callable ``trigger(model, x, y)`` (model and labels unused), so
     it serves ``robust_infl.Robust(trigger)`` and :func:`attacks.evaluate` (``target_class=c``: the
-    backdoor's attack success rate). ``noise_ratio`` > 0 (WaNet's noise mode): :func:`poison` also
-    gives ``noise_ratio`` times as many other samples the trigger's ``noise(x, generator)`` under their true
-    labels (:meth:`WaNetTrigger.noise`)."""
+    backdoor's attack success rate). ``noise_ratio`` > 0 (WaNet's noise mode, Adap-Blend's cover samples):
+    :func:`poison` also gives ``noise_ratio`` times as many other samples the trigger's ``noise(x, generator)``
+    under their true labels (:meth:`WaNetTrigger.noise`, :meth:`AdaptiveBlendTrigger.noise`). The poisons
+    themselves get ``train_stamp(x, generator)``: ``apply(x)`` unless the attack trains on another stamp than it
+    tests with (:class:`AdaptiveBlendTrigger`)."""
 
     noise_ratio = 0.0
 
@@ -71,6 +76,11 @@ class BackdoorTrigger(Attack):
     def apply(self, x: torch.Tensor) -> torch.Tensor:
         """The batch ``x`` (shape ``(n, *input_shape)``) with the trigger stamped on every sample."""
         return self._stamp(self._checked(x))
+
+    def train_stamp(self, x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        """The stamp :func:`poison` gives the poisons of the training set: :meth:`apply` (``generator``, a CPU
+        generator, unused) unless a subclass trains on another stamp."""
+        return self.apply(x)
 
     def _checked(self, x: torch.Tensor) -> torch.Tensor:
         """``x`` after checking it is a floating batch of ``input_shape`` samples."""
@@ -147,6 +157,14 @@ class Trigger(BackdoorTrigger):
         if not isinstance(pattern, torch.Tensor):
             raise TypeError(f"pattern: must be a floating-point tensor, got {type(pattern).__name__}")
         return cls(torch.full(pattern.shape, float(alpha), dtype=pattern.dtype), pattern)
+
+    @classmethod
+    def random_blend(cls, input_shape: Sequence[int], alpha: float = 0.2, seed: int = 0) -> "Trigger":
+        """Blended injection with a random pattern (Chen, Liu, Li, Lu & Song 2017, "Targeted Backdoor Attacks on
+        Deep Learning Systems Using Data Poisoning", arXiv:1712.05526): a pattern of ``input_shape`` ``(..., H, W)``
+        drawn uniformly in [0, 1) from ``seed``, blended over the whole image at ``alpha`` (the paper's 0.2, at
+        training and at test time) by :meth:`Trigger.blend`."""
+        return cls.blend(_random_pattern(input_shape, seed), alpha)
 
     @property
     def input_shape(self) -> tuple:
@@ -252,6 +270,100 @@ class WaNetTrigger(BackdoorTrigger):
         return f"WaNetTrigger({self._shape}, k={self.k}, s={self.s:g}, noise_ratio={self.noise_ratio:g}, seed={self.seed})"
 
 
+def _random_pattern(input_shape: Sequence[int], seed: int) -> torch.Tensor:
+    """A pattern of the image shape ``input_shape`` drawn uniformly in [0, 1) from ``seed`` (float32)."""
+    return torch.rand(_image_shape(input_shape), generator=make_generator(check_seed(seed)))
+
+
+class AdaptiveBlendTrigger(BackdoorTrigger):
+    """Adap-Blend, the adaptive blended backdoor of Qi, Xie, Li, Wang & Mittal 2023, "Revisiting the Assumption
+    of Latent Separability for Backdoor Defenses" (ICLR), built against defences that separate poisons from
+    clean samples in the model's latent space. The blend ``pattern`` is cut into a ``g`` x ``g`` grid of
+    ``pieces = g * g`` equal cells (cell ``c``: row block ``c // g``, column block ``c % g``). At training
+    (:meth:`train_stamp`) each poison, relabelled to the target class, carries the pattern on its own random
+    set of ``pieces - round(mask_rate * pieces)`` cells, ``x' = x + alpha * m * (pattern - x)``; and
+    ``noise_ratio`` times as many other samples (the paper's "cover" or regularisation samples) carry a random
+    set the same way under their TRUE labels (:meth:`noise`, through :func:`poison`'s noise mode), so that only
+    the full pattern, used at test time (:meth:`apply`: ``x + test_alpha * (pattern - x)``), activates the
+    backdoor. The paper's code defaults (``poison_tool_box/adaptive_blend.py``): 16 pieces, mask rate 0.5,
+    alpha 0.2 at training and test, as many cover samples as poisons. Its code draws the poisons from every
+    class; :func:`poison` draws them from the other classes, as for BadNets.
+
+    Arguments:
+        pattern: the blend pattern, one image ``(..., H, W)`` with values in [0, 1]; ``g`` must divide H and W.
+        alpha: blend weight of the training stamps, in (0, 1].
+        pieces: the number of cells, a square ``g * g`` >= 4.
+        mask_rate: share of the cells each training stamp leaves out, in [0, 1), leaving at least one.
+        noise_ratio: cover samples per poison, >= 0.
+        test_alpha: blend weight of the full pattern at test time (default: ``alpha``).
+    """
+
+    def __init__(self, pattern: torch.Tensor, alpha: float = 0.2, *, pieces: int = 16, mask_rate: float = 0.5,
+                 noise_ratio: float = 1.0, test_alpha: float = None):
+        if not isinstance(pattern, torch.Tensor) or not pattern.is_floating_point():
+            raise TypeError(f"pattern: must be a floating-point tensor, got "
+                            f"{pattern.dtype if isinstance(pattern, torch.Tensor) else type(pattern).__name__}")
+        shape = _image_shape(pattern.shape)
+        if not bool(torch.isfinite(pattern).all()) or float(pattern.min()) < 0 or float(pattern.max()) > 1:
+            raise ValueError("pattern: values must be finite and lie in [0, 1]")
+        self.alpha = check_fraction(alpha, "alpha", allow_one=True)
+        self.test_alpha = self.alpha if test_alpha is None else check_fraction(test_alpha, "test_alpha", allow_one=True)
+        self.pieces = check_int(pieces, "pieces", minimum=4)
+        side = math.isqrt(self.pieces)
+        if side * side != self.pieces or shape[-2] % side or shape[-1] % side:
+            raise ValueError(f"pieces: must be a square g * g whose side g divides the image's height and width "
+                             f"{shape[-2:]}, got {pieces}")
+        self.mask_rate = check_fraction(mask_rate, "mask_rate", allow_zero=True)
+        self.masked = round(self.mask_rate * self.pieces)
+        if self.masked >= self.pieces:
+            raise ValueError(f"mask_rate: {mask_rate:g} of {self.pieces} pieces leaves no cell of the pattern")
+        self.noise_ratio = check_positive(noise_ratio, "noise_ratio", allow_zero=True)
+        self.pattern = pattern.detach().clone()
+
+    @classmethod
+    def random(cls, input_shape: Sequence[int], seed: int = 0, **options) -> "AdaptiveBlendTrigger":
+        """Adap-Blend with the pattern of :meth:`Trigger.random_blend` (uniform in [0, 1), drawn from ``seed``);
+        ``options`` are those of the constructor."""
+        return cls(_random_pattern(input_shape, seed), **options)
+
+    @property
+    def input_shape(self) -> tuple:
+        """The pattern's shape."""
+        return tuple(self.pattern.shape)
+
+    def cell_masks(self, n: int, generator: torch.Generator) -> torch.Tensor:
+        """``n`` random cell masks of shape ``(n, H, W)`` (1: the pattern's cell is kept), each leaving out its
+        own ``round(mask_rate * pieces)`` cells, drawn from ``generator`` (a CPU generator)."""
+        side = math.isqrt(self.pieces)
+        order = torch.rand(n, self.pieces, generator=generator).argsort(dim=1)
+        kept = torch.ones(n, self.pieces)
+        kept.scatter_(1, order[:, :self.masked], 0.0)
+        height, width = self.input_shape[-2:]
+        cells = kept.view(n, side, side)
+        return cells.repeat_interleave(height // side, dim=1).repeat_interleave(width // side, dim=2)
+
+    def _blend(self, x: torch.Tensor, weight) -> torch.Tensor:
+        return x + weight * (self.pattern.to(device=x.device, dtype=x.dtype) - x)
+
+    def _stamp(self, x: torch.Tensor) -> torch.Tensor:
+        return self._blend(x, self.test_alpha)
+
+    def train_stamp(self, x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        """The poisons' stamp: each sample blended at ``alpha`` on its own random cells (:meth:`cell_masks`)."""
+        x = self._checked(x)
+        masks = self.cell_masks(x.shape[0], generator).to(device=x.device, dtype=x.dtype)
+        masks = masks.view(x.shape[0], *([1] * (x.dim() - 3)), *masks.shape[1:])
+        return self._blend(x, self.alpha * masks)
+
+    def noise(self, x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        """The cover samples' stamp, drawn as :meth:`train_stamp` (they keep their true labels)."""
+        return self.train_stamp(x, generator)
+
+    def __repr__(self) -> str:
+        return (f"AdaptiveBlendTrigger({self.input_shape}, alpha={self.alpha:g}, test_alpha={self.test_alpha:g}, "
+                f"pieces={self.pieces}, mask_rate={self.mask_rate:g}, noise_ratio={self.noise_ratio:g})")
+
+
 def _train_tensors(train) -> Tuple[torch.Tensor, torch.Tensor]:
     if not isinstance(train, (tuple, list)) or len(train) < 2:
         raise TypeError(f"train: must be a tuple (X, y), got {type(train).__name__}")
@@ -285,7 +397,8 @@ def _candidates(y: torch.Tensor, target_class: int, rate: float, clean_label: bo
 
 def _check_trigger(trigger) -> None:
     if not isinstance(trigger, BackdoorTrigger):
-        raise TypeError(f"trigger: must be an attacks.BackdoorTrigger (Trigger, SIGTrigger, WaNetTrigger), "
+        raise TypeError(f"trigger: must be an attacks.BackdoorTrigger (Trigger, SIGTrigger, WaNetTrigger, "
+                        f"AdaptiveBlendTrigger), "
                         f"got {type(trigger).__name__}")
 
 
@@ -313,8 +426,10 @@ def poison(train, trigger: BackdoorTrigger, *, target_class: int, rate: float, s
     Dirty-label (BadNets, default): ``round(rate * n)`` samples drawn (seeded) from the classes other
     than ``target_class`` are stamped and relabelled ``target_class``. ``clean_label=True``: samples
     of ``target_class`` are stamped and keep their label (SIG's setting). A trigger with a noise mode
-    (:class:`WaNetTrigger`) also gives ``noise_ratio`` times as many other samples a noisy warp under
-    their true labels; they are not in ``poisoned_index`` (they carry no backdoor). ``poisoned_index``
+    (:class:`WaNetTrigger`, :class:`AdaptiveBlendTrigger`) also gives ``noise_ratio`` times as many other
+    samples its ``noise`` stamp under their true labels; they are not in ``poisoned_index`` (they carry no
+    backdoor). The poisons get the trigger's :meth:`~BackdoorTrigger.train_stamp` (its ``apply`` but for
+    :class:`AdaptiveBlendTrigger`'s random cells). ``poisoned_index``
     is sorted; the inputs are not modified.
     """
     X, y = _train_tensors(train)
@@ -324,7 +439,7 @@ def poison(train, trigger: BackdoorTrigger, *, target_class: int, rate: float, s
     check_seed(seed)
     index = _candidates(y, target_class, rate, bool(clean_label), seed)
     X_out, y_out = X.clone(), y.clone()
-    X_out[index] = trigger.apply(X[index])
+    X_out[index] = trigger.train_stamp(X[index], make_generator(seed + 2))
     y_out[index] = target_class
     _noise_mode(X_out, X, index, trigger, seed, rate)
     return X_out, y_out, index

@@ -15,15 +15,20 @@
   completes (``resume=True`` reuses them after a crash); its options are the fields of :class:`RunConfig`.
 - :func:`run_demo`: the command line's demo (evasion on MNIST and Adult, a backdoor on MNIST), in
   :mod:`defenses.demo`.
+- :func:`scan_backdoor`: scan a training set for a backdoor, trigger unknown, with a small trusted clean set,
+  and a calibrated verdict (:class:`ScanResult`; :mod:`defenses.backdoor_scan`).
 - :func:`remove_poisons`: find backdoor poisons (with or without triggered evidence), remove them and
   retrain (:mod:`defenses.poison_removal`); :func:`run_poisoning`, the poisoning pipeline, measures it
   against the poisoning baselines (:mod:`defenses.poisoning`, recipes in :mod:`defenses.poison_recipes`,
   detectors in :mod:`defenses.poison_detection`); its options are the fields of :class:`PoisoningConfig`,
-  the backdoor threat model a :class:`PoisonSpec`.
+  the backdoor threat model a :class:`PoisonSpec`. :func:`anti_backdoor_learning`: the field's reference
+  training-time defence (Anti-Backdoor Learning, :mod:`defenses.abl`).
 - Recipes of both pipelines live in one registry (:func:`register_recipe`, :func:`available_recipes`).
 """
 
+from .abl import anti_backdoor_learning
 from .art_trainer import ARTTrainer
+from .backdoor_scan import ScanResult, scan_backdoor
 from .lookahead import LookaheadReweighting, LookaheadWeights
 from .config import PoisoningConfig, PoisonSpec, RunConfig
 from .demo import run_demo
@@ -62,6 +67,9 @@ __all__ = [
     "register_recipe",
     "available_recipes",
     "remove_poisons",
+    "anti_backdoor_learning",
+    "scan_backdoor",
+    "ScanResult",
     "PoisonSpec",
     "TRAINER_NAMES",
     "make_trainer",

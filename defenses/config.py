@@ -27,7 +27,7 @@ from .selection import check_budget
 __all__ = ["SharedConfig", "RunConfig", "PoisoningConfig", "PoisonSpec", "POISON_ATTACKS", "help_texts",
            "config_from_options"]
 
-POISON_ATTACKS = ("badnets", "clean-label", "sig", "wanet", "label-consistent")
+POISON_ATTACKS = ("badnets", "blend", "adaptive-blend", "clean-label", "sig", "wanet", "label-consistent")
 
 
 def _option(default: Any, help: str, *, factory: bool = False):
@@ -105,7 +105,12 @@ class PoisonSpec:
     """The backdoor threat model of :func:`defenses.run_poisoning` (each field's help in ``metadata["help"]``).
 
     ``badnets`` patches a corner of ``rate`` of the training split and relabels it to ``target_class``
-    (:func:`attacks.poison`); ``clean-label`` is ART's ``PoisoningAttackCleanLabelBackdoor``: target-class
+    (:func:`attacks.poison`); ``blend`` does the same with a seeded uniform noise pattern blended over the
+    whole image at alpha 0.2, at training and test time (:meth:`attacks.Trigger.random_blend`, drawn per
+    seed); ``adaptive-blend`` is Qi et al.'s Adap-Blend (:class:`attacks.AdaptiveBlendTrigger`, its code's
+    defaults): the same pattern cut into a 4 x 4 grid, each poison (relabelled) blended on a random half of the
+    cells, as many other samples on a random half under their true labels, the full pattern at test time;
+    ``clean-label`` is ART's ``PoisoningAttackCleanLabelBackdoor``: target-class
     samples, PGD-perturbed on a proxy model trained on the clean split with the same trainer, then patched,
     labels kept; ``label-consistent`` is the same attack done by :func:`attacks.label_consistent_poison`
     with the patch in all four corners (Turner et al. 2019's trigger; strong enough to backdoor). ``sig``
@@ -116,9 +121,12 @@ class PoisonSpec:
     """
 
     attack: str = _option("badnets", "the backdoor: badnets (corner patch, relabelled to the target class), "
-                                     "clean-label (ART's label-consistent backdoor), sig (sinusoidal signal on "
-                                     "target-class samples, labels kept), wanet (warping, with its noise mode) or "
-                                     "label-consistent (PGD-hardened target-class samples, four-corner patch)")
+                                     "blend (a seeded noise pattern blended at alpha 0.2, relabelled), "
+                                     "adaptive-blend (Adap-Blend: random halves of the pattern's 4 x 4 cells on the "
+                                     "poisons and on as many cover samples under true labels), clean-label (ART's "
+                                     "label-consistent backdoor), sig (sinusoidal signal on target-class samples, "
+                                     "labels kept), wanet (warping, with its noise mode) or label-consistent "
+                                     "(PGD-hardened target-class samples, four-corner patch)")
     rate: float = _option(0.05, "share of the training split poisoned")
     target_class: int = _option(0, "the backdoor's target class")
     evidence: tuple = _option((50,), "evidence sizes K: triggered validation inputs with their true labels")
@@ -175,7 +183,7 @@ class PoisoningConfig(SharedConfig):
     plus the backdoor threat model and the poisoning recipes."""
 
     poison: Any = _option("badnets", "the backdoor threat model: a PoisonSpec, a dict of its fields, or an attack "
-                                     "name (badnets, clean-label, sig, wanet, label-consistent) with the other "
+                                     "name (badnets, blend, adaptive-blend, clean-label, sig, wanet, label-consistent) with the other "
                                      "fields at their defaults")
     recipes: Any = _option(None, "poisoning recipe names from defenses.available_recipes('poisoning') (None: all "
                                  "of them)")

@@ -21,8 +21,10 @@ import robust_infl
 from attacks.plumbing import make_generator
 
 from . import poison_detection as detect
+from .abl import anti_backdoor_learning
 from .data import take
-from .poison_removal import contrast_detection, detect_and_retrain, evidence_repeats, with_evidence
+from .backdoor_scan import ScanResult, scan_backdoor
+from .poison_removal import contrast_detection, detect_and_retrain, evidence_repeats, scan_and_retrain, with_evidence
 from .recipes import register_recipe
 from .selection import budget_size, most_harmful
 
@@ -53,6 +55,14 @@ class PoisonContext:
         if "losses" not in self.cache:
             self.cache["losses"] = detect.training_losses(self.model, self.train)
         return self.cache["losses"]
+
+    def scan(self) -> ScanResult:
+        """The trigger-unknown backdoor scan of the training split, the validation split as trusted data
+        (:func:`~defenses.backdoor_scan.scan_backdoor`; cached per seed)."""
+        if "scan" not in self.cache:
+            self.cache["scan"] = scan_backdoor(self.model, self.train[:2], self.val[:2], budget=self.budget,
+                                               trainer=self.trainer, seed=self.seed, progress=self.progress)
+        return self.cache["scan"]
 
     def fit(self, data: tuple) -> nn.Module:
         """``data`` trained on by the trainer (from scratch, the seed's seed)."""
@@ -123,7 +133,19 @@ def _evidence_finetune(ctx: PoisonContext) -> Outcome:
 
 
 def _remove_poisons(ctx: PoisonContext) -> Outcome:
+    """:func:`remove_poisons` with the context's evidence; without any, the validation split is its trusted data."""
+    if ctx.evidence is None:
+        return _backdoor_scan(ctx)
     return Outcome(*detect_and_retrain(ctx.model, ctx.train[:2], ctx.evidence, ctx.trainer, ctx.budget, ctx.seed))
+
+
+def _backdoor_scan(ctx: PoisonContext) -> Outcome:
+    """The trigger-unknown scan with the validation split as trusted data; retrained without the flagged samples
+    when it finds a backdoor, the model unchanged when it finds none."""
+    scan = ctx.scan()
+    model, removed, _ = scan_and_retrain(ctx.model, ctx.train[:2], ctx.val[:2], ctx.trainer, ctx.budget, ctx.seed,
+                                         scan=scan)
+    return Outcome(model, removed, scan.scores)
 
 
 def _removal_only(ctx: PoisonContext) -> Outcome:
@@ -139,6 +161,12 @@ def _lead_recipe(ctx: PoisonContext) -> Outcome:
     removed = most_harmful(scores, ctx.budget)
     kept = with_evidence(take(ctx.train[:2], ~removed), ctx.evidence, evidence_repeats(ctx.trainer))
     return Outcome(ctx.fit(kept), removed, scores)
+
+
+def _abl(ctx: PoisonContext) -> Outcome:
+    """Anti-Backdoor Learning with its published defaults (isolation ratio 1%, not the budget)."""
+    model, isolated, scores = anti_backdoor_learning(ctx.model, ctx.train[:2], trainer=ctx.trainer, seed=ctx.seed)
+    return Outcome(model, isolated, scores)
 
 
 def _register(name: str, fn: Callable, threat: str, description: str) -> None:
@@ -162,7 +190,12 @@ _register("class-low-loss", by_scores("class-low-loss", _estimated_class_low_los
 _register("knn-label", by_scores("knn-label", lambda ctx: detect.label_disagreement_scores(
     detect.layer_features(ctx.model, ctx.train[0]), ctx.train[1])), "unknown",
     "largest k-NN label disagreement in the model's features")
-_register("remove-poisons-unknown", _remove_poisons, "unknown", "defenses.remove_poisons without evidence")
+_register("abl", _abl, "unknown", "Anti-Backdoor Learning (Li et al. 2021): LGA isolation of the lowest-loss 1%, "
+          "continued training without them, unlearning them by gradient ascent")
+_register("backdoor-scan", _backdoor_scan, "unknown",
+          "trigger-unknown scan (trusted: the validation split) with a verdict; removes nothing when nothing is found")
+_register("remove-poisons-unknown", _remove_poisons, "unknown",
+          "defenses.remove_poisons without evidence (the backdoor scan, the validation split as trusted data)")
 _register("evidence-retrain", _evidence_retrain, "evidence", "retrained on all samples plus the evidence")
 _register("evidence-finetune", _evidence_finetune, "evidence",
           "fine-tuned on the evidence plus the clean validation inputs")

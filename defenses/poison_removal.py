@@ -26,10 +26,12 @@ from attacks.inputs import as_data
 from attacks.validation import check_fraction, check_seed
 
 from . import poison_detection as detect
+from .backdoor_scan import ScanResult, check_trusted, scan_backdoor
 from .data import take
 from .selection import check_budget, most_harmful
 
-__all__ = ["remove_poisons", "detect_and_retrain", "contrast_detection", "with_evidence", "evidence_repeats"]
+__all__ = ["remove_poisons", "detect_and_retrain", "scan_and_retrain", "contrast_detection", "with_evidence",
+           "evidence_repeats"]
 
 
 def evidence_repeats(trainer) -> int:
@@ -90,24 +92,32 @@ def contrast_detection(model: nn.Module, train: tuple, evidence: Optional[tuple]
     return best[1], best[2], best[3]
 
 
-def remove_poisons(model: nn.Module, train, evidence, *, trainer, budget: float, seed: int = 0):
+def remove_poisons(model: nn.Module, train, evidence, *, trainer, budget: float, seed: int = 0, trusted=None,
+                   progress: bool = False):
     """Find backdoor poisons in ``train``, remove at most ``budget`` of it and retrain with ``trainer``.
 
     Args:
         model: the model trained on the (possibly poisoned) ``train``.
         train: ``(X, y)`` the model was trained on.
         evidence: ``(X_triggered, y_true)``, triggered inputs with their true labels (threat model
-            "evidence known"), or None ("trigger unknown": objective-free detection only).
+            "evidence known"), or None ("trigger unknown").
         trainer: has ``fit(model, data, *, seed)`` (e.g. :class:`defenses.ERM`, :class:`defenses.PGDAT`);
             the returned model is trained by it from scratch.
         budget: the largest share of ``train`` removed, in (0, 1) (about twice the poison rate).
-        seed: seed of the retraining.
+        seed: seed of the retraining (and of the scan's models).
+        trusted: ``(X, y)`` clean data the model was not trained on (e.g. the validation split); used when
+            ``evidence`` is None: the trigger-unknown scan :func:`~defenses.backdoor_scan.scan_backdoor`
+            decides whether there is a backdoor at all. Without it (and without evidence) the older
+            objective-free detector runs, which always removes samples.
+        progress: show the scan's progress bar.
 
     Returns:
         ``(retrained_model, removed_index)``: the model retrained from scratch on the kept samples
         (plus the evidence under its true labels, repeated x20 for plain training and x5 for
         adversarial trainers, when given) and the sorted indices of the removed training samples.
-        Detection: :func:`~defenses.poison_removal.contrast_detection`.
+        Detection: :func:`~defenses.poison_removal.contrast_detection`, or with ``trusted`` and no evidence
+        :func:`~defenses.backdoor_scan.scan_backdoor`: when its verdict is "nothing found", nothing is
+        removed and ``model`` itself is returned unchanged (not retrained).
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model: must be a torch.nn.Module, got {type(model).__name__}")
@@ -119,6 +129,10 @@ def remove_poisons(model: nn.Module, train, evidence, *, trainer, budget: float,
         raise TypeError(f"trainer: must have a fit() method, got {type(trainer).__name__}")
     if evidence is not None:
         evidence = detect.check_evidence(evidence, tuple(X.shape[1:]), int(y.max()) + 1)
+    elif trusted is not None:
+        trusted = check_trusted(trusted, X, y)
+        retrained, removed, _ = scan_and_retrain(model, (X, y), trusted, trainer, budget, seed, progress=progress)
+        return retrained, torch.nonzero(removed).flatten()
     retrained, removed, _ = detect_and_retrain(model, (X, y), evidence, trainer, budget, seed)
     return retrained, torch.nonzero(removed).flatten()
 
@@ -131,3 +145,18 @@ def detect_and_retrain(model: nn.Module, train: tuple, evidence: Optional[tuple]
     scores, removed, _ = contrast_detection(model, train, evidence, budget)
     kept = with_evidence(take(train, ~removed), evidence, evidence_repeats(trainer))
     return trainer.fit(model, kept, seed=seed), removed, scores
+
+
+def scan_and_retrain(model: nn.Module, train: tuple, trusted: tuple, trainer, budget: float, seed: int, *,
+                     progress: bool = False, scan: Optional[ScanResult] = None) -> tuple:
+    """The trigger-unknown work of :func:`remove_poisons` on checked inputs: ``(model, removed_mask, scan)``, the
+    model retrained from scratch without the flagged samples when the scan (``scan``, or run now) found a
+    backdoor, else ``model`` itself and an empty mask."""
+    if scan is None:
+        scan = scan_backdoor(model, train, trusted, budget=budget, trainer=trainer, seed=seed, progress=progress)
+    removed = torch.zeros(len(train[1]), dtype=torch.bool)
+    if not scan.found:
+        return model, removed, scan
+    removed[scan.flagged] = True
+    trainer = trainer.with_retrain("scratch") if callable(getattr(trainer, "with_retrain", None)) else trainer
+    return trainer.fit(model, take(train, ~removed), seed=seed), removed, scan

@@ -1,9 +1,10 @@
-"""The poisoning pipeline, :func:`run_poisoning`: per seed, poison the training split (BadNets patch, ART's
-clean-label backdoor, SIG, WaNet or the label-consistent backdoor), train the base model with the trainer, draw K triggered validation inputs of the
-other classes as evidence, run every poisoning recipe (:mod:`defenses.poison_recipes`) and report clean
-accuracy, backdoor ASR (``asr_backdoor``), detection precision / recall / AUROC at the budget and the
-evasion robust accuracy (``robust_acc_adaptive``: the attack re-run on each model), with paired 95%
-intervals against ``none`` and ``random`` (:func:`defenses.report.summarise_poisoned`).
+"""The poisoning pipeline, :func:`run_poisoning`: per seed, poison the training split (BadNets patch, blended
+noise pattern, Adap-Blend, ART's clean-label backdoor, SIG, WaNet or the label-consistent backdoor), train the
+base model with the trainer, draw K triggered validation inputs of the other classes as evidence, run every
+poisoning recipe (:mod:`defenses.poison_recipes`) and report clean accuracy, backdoor ASR (``asr_backdoor``),
+detection precision / recall / AUROC at the budget and the evasion robust accuracy (``robust_acc_adaptive``:
+the attack re-run on each model), with paired 95% intervals against ``none`` and ``random``
+(:func:`defenses.report.summarise_poisoned`).
 
 Its options are a :class:`~defenses.config.PoisoningConfig`, planned like the evasion pipeline's
 (:func:`defenses.plan.plan_run`); the per-seed loop and its resumable cache are
@@ -76,17 +77,21 @@ def _draw_evidence(val: tuple, trigger, target_class: int, size: int, seed: int)
 
 
 def _trigger(spec: PoisonSpec, input_shape: tuple, seed: int) -> attacks.BackdoorTrigger:
-    """The trigger of ``spec.attack`` (WaNet's warp drawn from ``seed``)."""
+    """The trigger of ``spec.attack`` (WaNet's warp and the blend pattern drawn from ``seed``)."""
     if spec.attack == "sig":
         return attacks.SIGTrigger(input_shape)
     if spec.attack == "wanet":
         return attacks.WaNetTrigger(input_shape, seed=seed)
+    if spec.attack == "blend":
+        return attacks.Trigger.random_blend(input_shape, seed=seed)
+    if spec.attack == "adaptive-blend":
+        return attacks.AdaptiveBlendTrigger.random(input_shape, seed=seed)
     corner = "all" if spec.attack == "label-consistent" else "bottom-right"
     return attacks.Trigger.patch(input_shape, size=spec.patch_size, corner=corner)
 
 
 def _poison_train(spec: PoisonSpec, train: tuple, trigger, trainer, model_for: Callable, seed: int):
-    if spec.attack in ("badnets", "sig", "wanet"):
+    if spec.attack in ("badnets", "blend", "adaptive-blend", "sig", "wanet"):
         return attacks.poison(train[:2], trigger, target_class=spec.target_class, rate=spec.rate, seed=seed,
                               clean_label=spec.attack == "sig")
     proxy = trainer.fit(model_for(seed), train[:2], seed=seed)

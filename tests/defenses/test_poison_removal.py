@@ -239,11 +239,8 @@ def test_the_backdoor_recommendation_is_the_cheapest_row_near_the_lowest_attack_
     assert recommend_poisoned(summary[:5])["evidence"] is None  # no evidence rows were run
 
 
-@pytest.mark.parametrize("with_evidence", [True, False])
-def test_the_remove_poisons_recipe_runs_the_detector_once_and_matches_the_public_call(poisoned_digits, monkeypatch,
-                                                                                      with_evidence):
+def test_the_remove_poisons_recipe_runs_the_detector_once_and_matches_the_public_call(poisoned_digits, monkeypatch):
     model, train, index, evidence, trainer, *_ = poisoned_digits
-    evidence = evidence if with_evidence else None
     calls = []
 
     def counted(*args, **kwargs):
@@ -251,7 +248,7 @@ def test_the_remove_poisons_recipe_runs_the_detector_once_and_matches_the_public
         return contrast_detection(*args, **kwargs)
 
     monkeypatch.setattr(defenses.poison_removal, "contrast_detection", counted)
-    recipe = get_recipe("remove-poisons" if with_evidence else "remove-poisons-unknown", pipeline="poisoning")
+    recipe = get_recipe("remove-poisons", pipeline="poisoning")  # without evidence: test_backdoor_scan.py
     outcome = recipe.fn(PoisonContext(model=model, train=train, val=train, evidence=evidence, trainer=trainer,
                                       budget=0.1, seed=0))
     assert len(calls) == 1

@@ -62,7 +62,7 @@ def test_run_poisoning_checks_its_options_before_any_training():
         defenses.run_poisoning("digits", poison={"rates": 0.1}, **TINY)
 
 
-@pytest.mark.parametrize("attack", ["sig", "wanet", "label-consistent"])
+@pytest.mark.parametrize("attack", ["blend", "adaptive-blend", "sig", "wanet", "label-consistent"])
 def test_run_poisoning_runs_each_backdoor_attack(attack):
     report = defenses.run_poisoning("digits", poison=dict(attack=attack, evidence=(10,), robust_n=20, patch_size=2),
                                     recipes=["none"], **TINY)

@@ -1,0 +1,210 @@
+"""Scan a training set for a backdoor without knowing the trigger: :func:`scan_backdoor`, with a verdict.
+
+The scan needs a small trusted clean set (e.g. the validation split) and trains two models of the scanned
+model's architecture, re-initialised, with plain training:
+
+- the *trusted* model, on the trusted set alone (``trusted_epochs``): it has never seen the trigger, so a
+  dirty-label poison (an image of class a labelled t) has a high loss under it;
+- the *one-epoch* model, one epoch on the (possibly poisoned) training set: a trigger is learnt before the
+  digits are, so the poisons' loss is already low.
+
+A sample's suspicion score is ``loss_trusted(x_i, y_i) - loss_one_epoch(x_i, y_i)``. The suspected target
+class is the label most over-represented among the budget's highest scores (its share there over its share
+of the training set). The flagged samples are those of that class above the Otsu split of its scores, at
+most the budget, most suspicious first.
+
+The verdict compares a statistic of the suspected class with a threshold calibrated on clean data
+(``experiments/scan_calibration.py``; section ``scan_calibration`` of ``experiments/RESULTS.md``): above
+it, a backdoor is found; otherwise nothing is flagged.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from attacks.inputs import as_data
+from attacks.validation import check_bool, check_fraction, check_int, check_model, check_seed
+
+from . import poison_detection as detect
+from .selection import budget_size, check_budget
+from .timing import timed
+from .trainers import ERM
+
+__all__ = ["ScanResult", "scan_backdoor", "scan_scores", "class_statistics", "check_trusted", "VERDICT_STATISTIC", "VERDICT_THRESHOLD",
+           "DEFAULT_SCAN_BUDGET", "TRUSTED_EPOCHS"]
+
+DEFAULT_SCAN_BUDGET = 0.1
+TRUSTED_EPOCHS = 30
+VERDICT_STATISTIC = "otsu_separation"
+VERDICT_THRESHOLD = 0.77
+
+
+@dataclass(frozen=True)
+class ScanResult:
+    """What :func:`scan_backdoor` found.
+
+    Attributes:
+        found: the verdict: a backdoor was found (``value > threshold``).
+        statistic: the name of the verdict statistic.
+        value: its value on the scanned data.
+        threshold: its threshold, calibrated on clean data.
+        target_class: the suspected target class (reported even when nothing is found).
+        flagged: int64 indices into the training set, most suspicious first; empty when nothing is found.
+        scores: the suspicion score of every training sample (higher = more suspicious), float64.
+        budget: the largest share of the training set that may be flagged.
+        timing: seconds of the scan's parts and, where known, the scan's cost over one training run.
+        statistics: every statistic the scan computed (the verdict's among them).
+    """
+
+    found: bool
+    statistic: str
+    value: float
+    threshold: float
+    target_class: Optional[int]
+    flagged: torch.Tensor
+    scores: torch.Tensor
+    budget: float
+    timing: dict
+    statistics: dict = field(default_factory=dict)
+
+    def as_dict(self) -> dict:
+        """The result as plain JSON-ready values (lists, floats)."""
+        return {"found": bool(self.found), "statistic": self.statistic, "value": float(self.value),
+                "threshold": float(self.threshold), "target_class": self.target_class,
+                "flagged": [int(i) for i in self.flagged.tolist()], "scores": [float(s) for s in self.scores.tolist()],
+                "budget": float(self.budget), "timing": {k: (None if v is None else float(v))
+                                                         for k, v in self.timing.items()},
+                "statistics": {k: float(v) for k, v in self.statistics.items()}}
+
+
+def _scan_trainer(trainer, epochs: int) -> ERM:
+    """Plain training with ``trainer``'s learning rate, batch size and optimizer (defaults without one)."""
+    options = {name: getattr(trainer, name) for name in ("lr", "batch_size", "optimizer", "weight_decay")
+               if trainer is not None and hasattr(trainer, name)}
+    return ERM(epochs=epochs, retrain="scratch", progress=False, **options)
+
+
+def scan_scores(model: nn.Module, train: tuple, trusted: tuple, *, trainer=None, trusted_epochs: int = TRUSTED_EPOCHS,
+                seed: int = 0, progress: bool = False) -> tuple:
+    """``(scores, seconds)``: the per-sample suspicion scores of :func:`scan_backdoor` on checked inputs, and the
+    seconds (wall and CPU) of training the trusted model, the one-epoch model and scoring."""
+    seconds = {}
+    with tqdm(total=3, desc="scan", disable=None if progress else True, leave=False) as bar:
+        bar.set_postfix_str("trusted model")
+        trusted_model, seconds["trusted"] = timed(_scan_trainer(trainer, trusted_epochs).fit, model, trusted,
+                                                  seed=seed)
+        bar.update()
+        bar.set_postfix_str("one-epoch model")
+        one_epoch, seconds["one_epoch"] = timed(_scan_trainer(trainer, 1).fit, model, train, seed=seed)
+        bar.update()
+        bar.set_postfix_str("scores")
+        scores, seconds["scoring"] = timed(
+            lambda: detect.training_losses(trusted_model, train) - detect.training_losses(one_epoch, train))
+        bar.update()
+    return scores, seconds
+
+
+def class_statistics(scores: torch.Tensor, y: torch.Tensor, k: int) -> tuple:
+    """``(target_class, flagged, statistics)``: the class most over-represented among the ``k`` highest
+    ``scores``, its samples above the Otsu split of their scores (at most ``k``, most suspicious first), and
+    the statistics the verdict may use: ``over_representation`` (the class's share among the top ``k`` over
+    its share of all samples) and ``otsu_separation`` (:func:`~defenses.poison_detection.otsu_split` of the
+    class's scores)."""
+    top = torch.zeros(len(y), dtype=torch.bool)
+    top[torch.sort(-scores, stable=True).indices[:k]] = True
+    classes = int(y.max()) + 1
+    share_top = torch.bincount(y[top], minlength=classes).double() / max(1, int(top.sum()))
+    share_all = torch.bincount(y, minlength=classes).double().clamp_min(1) / len(y)
+    ratio = share_top / share_all
+    target = int(torch.sort(-ratio, stable=True).indices[0])
+    in_class = torch.nonzero(y == target).flatten()
+    count, separation = detect.otsu_split(scores[in_class])
+    order = in_class[torch.sort(-scores[in_class], stable=True).indices]
+    flagged = order[:min(count, k)]
+    return target, flagged, {"over_representation": float(ratio[target]), "otsu_separation": float(separation),
+                             "otsu_count": float(count)}
+
+
+def _check_pair(data, name: str) -> tuple:
+    X, y = as_data(data, name)[:2]
+    if len(y) < 2:
+        raise ValueError(f"{name}: must hold at least 2 samples, got {len(y)}")
+    return X, y.long().cpu()
+
+
+def check_trusted(trusted, X: torch.Tensor, y: torch.Tensor) -> tuple:
+    """``trusted`` as ``(X, y)`` after checking it against the training inputs ``X`` and labels ``y``: at least
+    two samples of the same shape, labels within the training labels' range (``ValueError`` naming ``trusted``)."""
+    Xt, yt = _check_pair(trusted, "trusted")
+    if tuple(Xt.shape[1:]) != tuple(X.shape[1:]):
+        raise ValueError(f"trusted: samples must have the training samples' shape {tuple(X.shape[1:])}, "
+                         f"got {tuple(Xt.shape[1:])}")
+    if int(yt.min()) < 0 or int(yt.max()) > int(y.max()):
+        raise ValueError(f"trusted: labels must lie in the training labels' range [0, {int(y.max())}], "
+                         f"got [{int(yt.min())}, {int(yt.max())}]")
+    return Xt, yt
+
+
+def scan_backdoor(model: nn.Module, train, trusted, *, budget: float = DEFAULT_SCAN_BUDGET, trainer=None,
+                  seed: int = 0, progress: bool = False, trusted_epochs: int = TRUSTED_EPOCHS,
+                  training_seconds: Optional[float] = None, threshold: Optional[float] = None) -> ScanResult:
+    """Scan ``train`` for a backdoor, trigger unknown, with the help of the clean ``trusted`` set.
+
+    Args:
+        model: the model trained on ``train``; only its architecture is used (re-initialised for the scan's
+            own two models, which are trained with plain training).
+        train: ``(X, y)``, the possibly poisoned training set.
+        trusted: ``(X, y)``, clean data the model was not trained on (e.g. the validation split), samples of
+            the same shape and classes.
+        budget: the largest share of ``train`` that may be flagged, in (0, 1).
+        trainer: the trainer ``model`` was trained with (optional): the scan's models use its learning rate,
+            batch size and optimizer, and the cost ratio its epochs when it is plain training.
+        seed: seed of the scan's two models (initialisation and data order).
+        progress: show a progress bar.
+        trusted_epochs: epochs of the trusted model.
+        training_seconds: wall seconds one training run of ``model`` took, to report the scan's cost over it.
+        threshold: the verdict's threshold (default :data:`VERDICT_THRESHOLD`, calibrated on clean data).
+
+    Returns:
+        A :class:`ScanResult`: the verdict, its statistic, value and threshold, the suspected target class,
+        the flagged indices (empty when nothing is found), every sample's score, the budget and the timing.
+    """
+    check_model(model)
+    X, y = _check_pair(train, "train")
+    Xt, yt = check_trusted(trusted, X, y)
+    budget = check_fraction(budget, "budget")
+    check_budget(len(y), budget, "budget", "training samples", allow_none=False)
+    check_seed(seed)
+    check_bool(progress, "progress")
+    trusted_epochs = check_int(trusted_epochs, "trusted_epochs", minimum=1)
+    if trainer is not None and not callable(getattr(trainer, "fit", None)):
+        raise TypeError(f"trainer: must have a fit() method, got {type(trainer).__name__}")
+    if training_seconds is not None:
+        training_seconds = float(training_seconds)
+        if not math.isfinite(training_seconds) or training_seconds <= 0:
+            raise ValueError(f"training_seconds: must be a positive number, got {training_seconds}")
+    threshold = VERDICT_THRESHOLD if threshold is None else float(threshold)
+    scores, seconds = scan_scores(model, (X, y), (Xt, yt), trainer=trainer, trusted_epochs=trusted_epochs,
+                                  seed=seed, progress=progress)
+    k = budget_size(len(y), budget)
+    target, flagged, statistics = class_statistics(scores, y, k)
+    value = statistics[VERDICT_STATISTIC]
+    found = value > threshold
+    total = sum(part["wall"] for part in seconds.values())
+    epochs = getattr(trainer, "epochs", None) if trainer is not None and not hasattr(trainer, "eps") else None
+    estimated = None if epochs is None else seconds["one_epoch"]["wall"] * epochs
+    timing = {"scan_s": total, "trusted_model_s": seconds["trusted"]["wall"],
+              "one_epoch_s": seconds["one_epoch"]["wall"], "scoring_s": seconds["scoring"]["wall"],
+              "training_s": training_seconds if training_seconds is not None else estimated,
+              "vs_training": None}
+    if timing["training_s"]:
+        timing["vs_training"] = total / timing["training_s"]
+    return ScanResult(found=bool(found), statistic=VERDICT_STATISTIC, value=float(value), threshold=threshold,
+                      target_class=target, flagged=flagged if found else torch.zeros(0, dtype=torch.long),
+                      scores=scores.double(), budget=budget, timing=timing, statistics=statistics)
