@@ -36,14 +36,14 @@ except ImportError:  # run as a script: python experiments/poisoning.py
 # The rows of the tables, in order: no defence, the trigger-unknown detectors (baselines, then the
 # references of the field and the toolkit's scan), then the evidence-known removal. A recipe that this
 # version does not register is left out of the run (its rows are added later from the same caches).
+# remove-poisons-unknown (remove_poisons without evidence) is the backdoor-scan recipe itself (the same
+# scan and retraining: equal rows on the first seeds it ran), so it is no row of its own.
 UNKNOWN_RECIPES = ("low-loss", "knn-label", "activation-defence", "spectral-signature", "abl", "spectre", "asset",
-                   "backdoor-scan", "remove-poisons-unknown")
+                   "backdoor-scan")
 # PGD-AT retrains at ~3.5x the cost of plain training: its rows are cut to the strongest baselines, ABL and the scan.
-AT_UNKNOWN_RECIPES = ("knn-label", "spectral-signature", "abl", "backdoor-scan", "remove-poisons-unknown")
+AT_UNKNOWN_RECIPES = ("knn-label", "spectral-signature", "abl", "backdoor-scan")
 EVIDENCE = 10  # K of the evidence-known remove-poisons (BadNets settings only)
-# remove-poisons-unknown runs the trigger-unknown scan only once backdoor-scan is registered (before, it ran
-# an earlier detector, measured in the settings kept below)
-NEEDS = {"remove-poisons-unknown": "backdoor-scan"}
+ROWS = ("none", *UNKNOWN_RECIPES, "remove-poisons")
 DATA = {"mnist": "mnist", "fmnist": "fashion-mnist"}
 SIZES = dict(n_train=3500, n_val=500, n_test=1000)
 TRAINERS = {"erm": "erm", "pgdat": "pgd-at"}
@@ -85,7 +85,7 @@ def recipes_of(setting: tuple, available: tuple) -> list:
     _, trainer, attack, _ = setting
     unknown = UNKNOWN_RECIPES if trainer == "erm" else AT_UNKNOWN_RECIPES
     wanted = ["none", *unknown] + (["remove-poisons"] if attack == "badnets" else [])
-    return [r for r in wanted if r in available and NEEDS.get(r, r) in available]
+    return [r for r in wanted if r in available]
 
 
 def run_setting(name: str, seeds: int, out_dir: Path, progress: bool, quick: bool = False) -> dict:
@@ -102,8 +102,8 @@ def run_setting(name: str, seeds: int, out_dir: Path, progress: bool, quick: boo
 
 def load_setting(folder: Path) -> Optional[dict]:
     """A setting's measurements: ``{"data", "trainer", "attack", "rate", "budget", "base", "runs"}`` from its
-    per-seed files (each checked by :func:`defenses.seed_results.read_seed_file`), or for a kept setting from
-    its report; None where neither exists."""
+    per-seed files (each checked by :func:`defenses.seed_results.read_seed_file`; the rows of the grid's
+    recipes, :data:`ROWS`), or for a kept setting from its report (all its rows); None where neither exists."""
     paths = sorted((folder / SEEDS_DIR).glob("seed_*.json"), key=lambda p: int(p.stem.split("_")[1]))
     if folder.name in KEPT or not paths:
         if not (folder / "report.json").exists():
@@ -114,7 +114,7 @@ def load_setting(folder: Path) -> Optional[dict]:
         saved = [read_seed_file(p) for p in paths]
         config = saved[0]["settings"]
         base = [s["results"]["base"] for s in saved]
-        runs = [row for s in saved for row in s["results"]["runs"]]
+        runs = [row for s in saved for row in s["results"]["runs"] if row["recipe"] in ROWS]
     spec = config["poison"]
     return {"data": config["data"], "trainer": config["trainer"], "attack": spec["attack"], "rate": spec["rate"],
             "budget": spec["budget"], "base": base, "runs": runs}
@@ -129,7 +129,7 @@ def _label(key: tuple) -> str:
 
 
 def _row_order(keys) -> list:
-    order = ["none", *UNKNOWN_RECIPES, "remove-poisons"]
+    order = list(ROWS)
     return sorted(set(keys), key=lambda k: (order.index(k[0]) if k[0] in order else len(order), k[0], k[1] or 0))
 
 
@@ -254,7 +254,13 @@ def build_section(grid: dict, kept: dict, missing: list) -> str:
              "classes classified as class 0. Recall / precision: of the removed samples against the true poisons "
              "(– where a defence removes none by design). Δ are paired per seed against `none` (no defence); "
              "± the half-width of the 95% t-interval. Cost: CPU time of the defence over one training of the "
-             "base model, measured in the same process (`cost_vs_base` of the per-seed rows).", ""]
+             "base model, measured in the same process (`cost_vs_base` of the per-seed rows). `backdoor-scan`: "
+             "the trigger-unknown scan with the clean validation split as trusted data, retrained without what "
+             "it flags, the model unchanged when its verdict is \"nothing found\" (`remove_poisons(model, train, "
+             "None, ...)` runs the same: the recipe `remove-poisons-unknown` gives equal rows); `abl`: Anti-Backdoor "
+             "Learning with its published defaults (it isolates 1% whatever the budget); `remove-poisons K=10`: "
+             "`remove_poisons` with 10 triggered validation inputs as evidence (threat model \"evidence known\").",
+             ""]
     for key, settings in groups(grid).items():
         parts += [render_group(_title(key), settings), ""]
     if missing:
