@@ -184,32 +184,46 @@ class SIGTrigger(BackdoorTrigger):
     by Training Set Corruption without Label Poisoning" (ICIP): ``x' = clip(x + v, 0, 1)`` with
     ``v[..., i, j] = delta * sin(2 pi j frequency / m)`` along the ``m`` columns, the same on every row and
     channel. The paper poisons samples of the target class only, labels kept
-    (``poison(..., clean_label=True)``), with ``delta = 20/255`` and ``frequency = 6`` at training.
+    (``poison(..., clean_label=True)``), with ``delta = 20/255`` and ``frequency = 6`` at training, and
+    tests with a stronger signal than it trains with: :meth:`train_stamp` (the poisons) adds the signal of
+    amplitude ``delta``, :meth:`~BackdoorTrigger.apply` (test time) that of amplitude ``test_delta``.
 
     Arguments:
         input_shape: the shape of one image, ``(..., H, W)``.
-        delta: the signal's amplitude, in (0, 1].
+        delta: the signal's amplitude at training, in (0, 1].
         frequency: the number of periods across the image's width, > 0.
+        test_delta: the signal's amplitude at test time, in (0, 1] (default: ``delta``).
     """
 
-    def __init__(self, input_shape: Sequence[int], delta: float = 20 / 255, frequency: float = 6):
+    def __init__(self, input_shape: Sequence[int], delta: float = 20 / 255, frequency: float = 6, *,
+                 test_delta: float = None):
         self._shape = _image_shape(input_shape)
         self.delta = check_number(delta, "delta", minimum=0, maximum=1, include_minimum=False)
+        self.test_delta = self.delta if test_delta is None else check_number(
+            test_delta, "test_delta", minimum=0, maximum=1, include_minimum=False)
         self.frequency = check_positive(frequency, "frequency")
         width = self._shape[-1]
         columns = torch.arange(width, dtype=torch.float64)
-        self.signal = (self.delta * torch.sin(2 * math.pi * columns * self.frequency / width)).expand(self._shape)
+        self.wave = torch.sin(2 * math.pi * columns * self.frequency / width).expand(self._shape)
 
     @property
     def input_shape(self) -> tuple:
         """The image shape given."""
         return self._shape
 
+    def _add(self, x: torch.Tensor, signal: torch.Tensor) -> torch.Tensor:
+        return (x + signal.to(device=x.device, dtype=x.dtype)).clamp(0, 1)
+
     def _stamp(self, x: torch.Tensor) -> torch.Tensor:
-        return (x + self.signal.to(device=x.device, dtype=x.dtype)).clamp(0, 1)
+        return self._add(x, self.test_delta * self.wave)
+
+    def train_stamp(self, x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        """The poisons' stamp: the signal of amplitude ``delta`` (``generator`` unused)."""
+        return self._add(self._checked(x), self.delta * self.wave)
 
     def __repr__(self) -> str:
-        return f"SIGTrigger({self._shape}, delta={self.delta:g}, frequency={self.frequency:g})"
+        return (f"SIGTrigger({self._shape}, delta={self.delta:g}, test_delta={self.test_delta:g}, "
+                f"frequency={self.frequency:g})")
 
 
 class WaNetTrigger(BackdoorTrigger):
@@ -284,8 +298,8 @@ class AdaptiveBlendTrigger(BackdoorTrigger):
     set of ``pieces - round(mask_rate * pieces)`` cells, ``x' = x + alpha * m * (pattern - x)``; and
     ``noise_ratio`` times as many other samples (the paper's "cover" or regularisation samples) carry a random
     set the same way under their TRUE labels (:meth:`noise`, through :func:`poison`'s noise mode), so that only
-    the full pattern, used at test time (:meth:`apply`: ``x + test_alpha * (pattern - x)``), activates the
-    backdoor. The paper's code defaults (``poison_tool_box/adaptive_blend.py``): 16 pieces, mask rate 0.5,
+    the full pattern, used at test time (:meth:`~BackdoorTrigger.apply`: ``x + test_alpha * (pattern - x)``),
+    activates the backdoor. The paper's code defaults (``poison_tool_box/adaptive_blend.py``): 16 pieces, mask rate 0.5,
     alpha 0.2 at training and test, as many cover samples as poisons. Its code draws the poisons from every
     class; :func:`poison` draws them from the other classes, as for BadNets.
 
@@ -454,7 +468,7 @@ def label_consistent_poison(train, trigger: BackdoorTrigger, proxy: nn.Module, *
     are first made hard to classify by an untargeted :class:`~attacks.PGD` (``eps``, ``steps``, ``norm``,
     inputs kept in [0, 1]) on ``proxy``, a model trained on clean data (the paper uses an adversarially
     trained one: its perturbations change what the image shows, so the poisoned model has to lean on the
-    trigger), then stamped with ``trigger``; every label is kept.
+    trigger), then stamped with ``trigger`` (its :meth:`~BackdoorTrigger.train_stamp`); every label is kept.
     """
     X, y = _train_tensors(train)
     _check_trigger(trigger)
@@ -465,7 +479,7 @@ def label_consistent_poison(train, trigger: BackdoorTrigger, proxy: nn.Module, *
     attack = PGD(eps=eps, steps=steps, norm=norm, seed=seed)
     index = _candidates(y, target_class, rate, True, seed)
     X_out = X.clone()
-    X_out[index] = trigger.apply(attack(proxy, X[index], y[index]))
+    X_out[index] = trigger.train_stamp(attack(proxy, X[index], y[index]), make_generator(seed + 2))
     return X_out, y.clone(), index
 
 

@@ -97,7 +97,7 @@ def anti_backdoor_learning(model: nn.Module, train, *, trainer: Trainer, seed: i
         trainer: a :class:`~defenses.Trainer`; its optimiser, learning rate, batch size and weight decay
             drive the isolation, its own ``fit`` the continued training.
         seed: fixes every phase.
-        isolation_ratio: share of the training samples isolated (lowest loss), the paper's 1%.
+        isolation_ratio: share of the training samples isolated (lowest loss; at least one), the paper's 1%.
         gamma: the LGA loss floor, the paper's 0.5.
         isolation_epochs, continued_epochs: epochs of the first two phases (default: 20% and 60% of
             ``trainer.epochs``, at least 1, the paper's 20 and 60 of 100).
@@ -119,10 +119,10 @@ def anti_backdoor_learning(model: nn.Module, train, *, trainer: Trainer, seed: i
     continued_epochs = _phase_epochs(continued_epochs, "continued_epochs", trainer.epochs, _CONTINUED_SHARE)
     unlearning_epochs = check_int(unlearning_epochs, "unlearning_epochs", minimum=0)
     unlearning_lr = check_number(unlearning_lr, "unlearning_lr", minimum=0, include_minimum=False)
-    n_isolated = budget_size(len(y), isolation_ratio)
-    if not 0 < n_isolated < len(y):
-        raise ValueError(f"isolation_ratio: {isolation_ratio:g} of {len(y)} training samples isolates {n_isolated}; "
-                         "it must isolate at least one and leave at least one")
+    n_isolated = max(1, budget_size(len(y), isolation_ratio))
+    if n_isolated >= len(y):
+        raise ValueError(f"isolation_ratio: {isolation_ratio:g} of {len(y)} training samples isolates all of them; "
+                         "it must leave at least one")
     shared = dict(batch_size=trainer.batch_size, weight_decay=trainer.weight_decay, progress=False,
                   loss_fn=trainer.loss_fn)
     isolation = _LocalGradientAscent(gamma=gamma, epochs=isolation_epochs, lr=trainer.lr, optimizer=trainer.optimizer,

@@ -1,4 +1,4 @@
-"""The ``robust-infl`` command line: ``defend``, ``score``, ``attack`` and ``demo``.
+"""The ``robust-infl`` command line: ``defend``, ``score``, ``attack``, ``explain``, ``scan`` and ``demo``.
 
 Run ``robust-infl <command> --help`` for every flag. User errors print one line on stderr and exit
 with status 2 (``--debug`` shows the traceback instead).
@@ -24,21 +24,26 @@ import attacks
 import defenses
 import robust_infl
 from attacks.registry import ATTACK_NAMES, make_attack
+from defenses.backdoor_scan import DEFAULT_SCAN_BUDGET
 from defenses.config import POISON_ATTACKS, PoisoningConfig, PoisonSpec, RunConfig, help_texts
 from defenses.demo import run_demo
+from defenses.attribution import chosen_inputs, explain, read_inputs, write_explanation
 from defenses.plan import EmptyBudgetWarning
 from defenses.recipes import DEFAULT_RECIPES, available_recipes, get_recipe
 from defenses.registry import TRAINER_NAMES, make_trainer
 from defenses.report import render_markdown
+from defenses.scan_report import load_scan_data, prepare_scan_folder, statistic_line, write_scan_report
+from defenses.selection import check_budget
+from defenses.timing import timed
 from robust_infl.distributed import (SHARDED_METHODS, broadcast_module_state, init_process_group_from_env,
                                      rank_and_world_size, sharded_influence)
-from robust_infl.io import (atomic_save_npys, atomic_save_tensor, check_output_file, check_output_folder, lock_folder,
-                            output_errors, safe_load)
+from robust_infl.io import (atomic_save_npys, atomic_save_tensor, check_output_file, check_output_folder, held_output,
+                            lock_folder, output_errors, safe_load)
 from robust_infl.methods.hessian import check_exact_size
-from robust_infl.registry import (DATASET_NAMES, MODEL_NAMES, OBJECTIVE_NAMES, data_defaults, load_splits,
-                                  make_objective, model_factory)
+from robust_infl.registry import (DATASET_NAMES, MODEL_NAMES, OBJECTIVE_NAMES, USER_DATA_DEFAULTS, data_defaults,
+                                  load_splits, make_objective, model_factory)
 from robust_infl.store import check_store_folder
-from attacks.validation import SEED_MAX, check_device, check_number, check_seed
+from attacks.validation import SEED_MAX, check_device, check_fraction, check_int, check_number, check_seed
 from robust_infl.inputs import resolve_param_names
 
 __all__ = ["main", "build_parser"]
@@ -108,7 +113,7 @@ def _weights_options() -> argparse.ArgumentParser:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The argument parser of ``robust-infl`` with its four subcommands."""
+    """The argument parser of ``robust-infl`` with its five subcommands."""
     parser = _OneLineErrorParser(prog=PROG, description=(
         "Find the training samples that make a model easier to attack, prune or down-weight them, "
         "retrain, attack again and compare with honest baselines."))
@@ -230,6 +235,9 @@ def build_parser() -> argparse.ArgumentParser:
     attack.add_argument("--seed", type=_seed_value, default=0,
                         help="seed of split, training and attacks (default: 0)")
 
+    _explain_parser(commands, one_model, methods)
+    _scan_parser(commands, one_model)
+
     demo = commands.add_parser(
         "demo", help="the README demo: evasion (MNIST subset + small CNN + PGD, Adult + logistic regression) "
                      "and a backdoor (poisoned MNIST subset)",
@@ -248,6 +256,78 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
     parser.command_parsers = commands.choices  # for check_flag_rules: each command's defaults
     return parser
+
+
+def _explain_parser(commands, parents: list, methods: tuple) -> None:
+    """``explain``: the training samples behind a model's adversarial failures (:func:`defenses.explain`)."""
+    explain_cmd = commands.add_parser(
+        "explain", parents=parents, help="find the training samples most responsible for adversarial failures",
+        description="Train the model (or load --weights), attack the chosen test inputs, keep those the attack "
+                    "flips, and score every training sample's harm on the loss at their adversarial points (held "
+                    "fixed). Writes explanation.json, explanation.md and, for images, explanation.png in --out, "
+                    "with the measured per-example LDS of the method (how far to trust the ranking; "
+                    "experiments/RESULTS.md, section lds).")
+    chosen = explain_cmd.add_argument_group("inputs to explain (one of)").add_mutually_exclusive_group(required=True)
+    chosen.add_argument("--index", type=int, nargs="+", default=None, metavar="I",
+                        help="rows of the test split (seeded by --seed)")
+    chosen.add_argument("--inputs", default=None, metavar="FILE.npz",
+                        help="a .npz of X (floats shaped like the data's samples) and y (true labels), "
+                             "written with numpy.savez(path, X=..., y=...)")
+    explain_cmd.add_argument("--attack", choices=ATTACK_NAMES, default="pgd", help="attack (default: %(default)s)")
+    explain_cmd.add_argument("--method", choices=[m for m in methods if m not in CHECKPOINT_METHODS], default="ip",
+                             help="influence method (default: %(default)s; ip and trak rank per input, the others "
+                                  "over the set)")
+    explain_cmd.add_argument("--params", nargs="+", default=None, metavar="NAME",
+                             help="score only these parameters (e.g. the last layer for if-exact, which takes at "
+                                  "most 5,000); default: all trainable ones")
+    explain_cmd.add_argument("--damping", type=float, default=0.0,
+                             help=f"damping lambda of the Hessian methods {' / '.join(DAMPED_METHODS)} (default: 0)")
+    explain_cmd.add_argument("--top", type=int, default=10,
+                             help="training samples listed per input (default: %(default)s)")
+    explain_cmd.add_argument("--trainer", choices=TRAINER_NAMES, default="erm", help="training (default: %(default)s)")
+    explain_cmd.add_argument("--seed", type=_seed_value, default=0,
+                             help="seed of split, training, attack and scoring (default: 0)")
+    explain_cmd.add_argument("--out", default="runs/explain",
+                             help="output folder; its explanation.* files are replaced (default: %(default)s)")
+
+
+def _scan_parser(commands, one_model: list) -> None:
+    """``scan``: a trained model and its training data -> the backdoor verdict, the report and the kept indices."""
+    scan = commands.add_parser(
+        "scan", parents=one_model, help="scan training data for a backdoor (trigger unknown): verdict, report, "
+                                        "the most suspicious samples and the indices to keep",
+        description="Scan a training set for backdoor poisons without knowing the trigger "
+                    "(defenses.scan_backdoor), using a small clean trusted set: the validation split of --data, "
+                    "or --trusted FILE.npz beside --train FILE.npz. The model scanned is --weights (a state dict "
+                    "of --model trained on the training data); without --weights one is trained here. Writes "
+                    "scan.json, scan.md, scan_scores.npy and, for images, scan_grid.png into --out; --remove "
+                    "writes the training indices to keep. When nothing is found, nothing is flagged and every "
+                    "index is kept. The verdict's statistic and threshold: defenses.scan_backdoor; its calibration on "
+                    "clean data: experiments/RESULTS.md (section scan_calibration).")
+    files = scan.add_argument_group("your own data (instead of --data)")
+    files.add_argument("--train", default=None, metavar="FILE.npz",
+                       help="the training data to scan: a .npz of X (float; images (N, C, H, W) in [0, 1]) and y "
+                            "(class indices), numpy.savez(path, X=X, y=y); needs --trusted and --model")
+    files.add_argument("--trusted", default=None, metavar="FILE.npz",
+                       help="clean trusted samples of the same classes (e.g. a held-out validation split), a .npz "
+                            "of X, y; with --data the trusted set is the validation split")
+    scan.add_argument("--trainer", choices=TRAINER_NAMES, default="erm",
+                      help="training of the model when no --weights are given (default: %(default)s); the scan's "
+                           "own models train plainly with its learning rate and batch size")
+    scan.add_argument("--budget", type=float, default=DEFAULT_SCAN_BUDGET,
+                      help="the most the scan may flag, a share of the training samples in (0, 1) (default: "
+                           "%(default)s)")
+    scan.add_argument("--seed", type=_seed_value, default=0,
+                      help="seed of the split (--data), training and the scan (default: 0)")
+    scan.add_argument("--top", type=int, default=16,
+                      help="how many of the most suspicious samples to print and show in the grid (default: "
+                           "%(default)s; scan.json lists every flagged sample)")
+    scan.add_argument("--out", default="runs/scan", help="output folder (default: %(default)s)")
+    scan.add_argument("--overwrite", action="store_true",
+                      help="replace an earlier scan in --out (without it, a folder holding one is refused)")
+    scan.add_argument("--remove", default=None, metavar="FILE",
+                      help="write the training indices to KEEP (0-based positions in the training data, ascending, "
+                           "one per line: numpy.loadtxt(FILE, dtype=int)); every index when nothing is found")
 
 
 def _poison_recipes() -> tuple:
@@ -273,6 +353,10 @@ def _poison_options(defend: argparse.ArgumentParser) -> None:
                        help=f"{spec['clean_label_eps']} (default: %(default)s)")
     group.add_argument("--clean-label-steps", type=int, default=20,
                        help=f"{spec['clean_label_steps']} (default: %(default)s)")
+    for flag, name in (("--sig-delta", "sig_delta"), ("--sig-test-delta", "sig_test_delta"),
+                       ("--wanet-s", "wanet_s"), ("--wanet-noise-ratio", "wanet_noise_ratio")):
+        group.add_argument(flag, type=float, default=getattr(PoisonSpec, name),
+                           help=f"{spec[name]} (default: %(default).3g)")
     group.add_argument("--robust-n", type=int, default=500,
                        help="evasion robust accuracy on the first N test inputs (default: %(default)s)")
 
@@ -295,7 +379,8 @@ DEFEND_FLAGS = {
 POISON_FLAGS = {
     "attack": "--poison", "rate": "--poison-rate", "target_class": "--target-class", "evidence": "--evidence",
     "budget": "--budget", "patch_size": "--patch-size", "clean_label_eps": "--clean-label-eps",
-    "clean_label_steps": "--clean-label-steps", "robust_n": "--robust-n",
+    "clean_label_steps": "--clean-label-steps", "sig_delta": "--sig-delta", "sig_test_delta": "--sig-test-delta",
+    "wanet_s": "--wanet-s", "wanet_noise_ratio": "--wanet-noise-ratio", "robust_n": "--robust-n",
 }
 DEFEND_ONLY_FLAGS = ("--help", "--debug")  # flags of the command itself, not options of a run
 
@@ -349,7 +434,7 @@ def _rank() -> int:
 # (commands, flag, applies(args), where it is used)
 FLAG_RULES = (
     (("score",), "chunk-size", lambda a: a.store is not None or _world_size() > 1, "with --store (or under torchrun)"),
-    (("score", "defend"), "damping", lambda a: a.method in DAMPED_METHODS, f"by --method {', '.join(DAMPED_METHODS)}"),
+    (("score", "defend", "explain"), "damping", lambda a: a.method in DAMPED_METHODS, f"by --method {', '.join(DAMPED_METHODS)}"),
     (("score",), "attack", lambda a: a.objective == "robust", "with --objective robust"),
     (("score",), "checkpoints", lambda a: a.method in CHECKPOINT_METHODS,
      f"by --method {', '.join(CHECKPOINT_METHODS)}"),
@@ -364,6 +449,12 @@ FLAG_RULES = (
     (("defend",), "scheme", lambda a: a.mode == "reweight", "with --mode reweight"),
     (("defend",), "temperature", lambda a: a.mode == "reweight" and a.scheme == "smooth",
      "with --mode reweight --scheme smooth"),
+    (("scan",), "trusted", lambda a: a.train is not None, "with --train (with --data, the validation split)"),
+    (("scan",), "data", lambda a: a.train is None, "without --train"),
+    *((("scan",), flag, lambda a: a.train is None, "with --data") for flag in ("n-train", "n-val", "n-test")),
+    *((("scan",), flag, lambda a: a.trainer != "erm", "by an adversarial --trainer")
+      for flag in ("eps", "norm", "train-steps")),
+    (("scan",), "steps", lambda a: False, "by attacks; scan runs none"),
 )
 # API argument names in the library's messages -> the flag that sets them, where the two differ.
 FLAG_OF = {"defend": {"rate": "poison-rate", "fractions": "fraction", "target_class": "target-class",
@@ -396,19 +487,25 @@ def _setup(args):
     return splits, defaults, eps, norm, steps
 
 
-def _train(args, splits, defaults, eps, norm):
-    """The model of score / attack: trained (seed ``args.seed``), or loaded from ``--weights``."""
+def _trainer(args, splits, defaults, eps, norm, progress: bool = False):
+    """The trainer of score / attack / scan from the training flags (the data set's defaults where not given)."""
     def pick(value, default):
         return default if value is None else value
 
+    return make_trainer(args.trainer, epochs=pick(args.epochs, defaults.epochs), lr=pick(args.lr, defaults.lr),
+                        batch_size=pick(args.batch_size, defaults.batch_size), eps=eps, norm=norm,
+                        bounds=splits.bounds, train_steps=args.train_steps, progress=progress)
+
+
+def _train(args, splits, defaults, eps, norm, trainer=None):
+    """The model of score / attack / scan: trained with ``trainer`` (default: :func:`_trainer`'s; seed
+    ``args.seed``), or loaded from ``--weights``."""
     name = args.model or defaults.model
     model = model_factory(name, splits)(args.seed)
     if args.weights is not None:
         model = _load_weights(model, args.weights, name)
     else:
-        trainer = make_trainer(args.trainer, epochs=pick(args.epochs, defaults.epochs), lr=pick(args.lr, defaults.lr),
-                               batch_size=pick(args.batch_size, defaults.batch_size), eps=eps, norm=norm,
-                               bounds=splits.bounds, train_steps=args.train_steps, progress=False)
+        trainer = trainer or _trainer(args, splits, defaults, eps, norm)
         model = trainer.fit(model, splits.train, seed=args.seed, val=splits.val)
     return model
 
@@ -583,12 +680,131 @@ def _cmd_attack(args) -> int:
     return 0
 
 
+def _cmd_explain(args) -> int:
+    if args.top < 1:
+        raise ValueError(f"top: must be >= 1, got {args.top}")
+    check_number(args.damping, "damping", minimum=0)
+    check_output_folder(args.out, "out")
+    if args.save_weights is not None:
+        check_output_file(args.save_weights, "save-weights")
+    given = read_inputs(args.inputs) if args.inputs is not None else None
+    splits, defaults, eps, norm, steps = _setup(args)
+    X, y = chosen_inputs(splits.test, args.index, given, splits.num_classes)
+    _check_scored_params(args, splits, defaults)
+    attack = make_attack(args.attack, eps=eps, norm=norm, steps=steps, bounds=splits.bounds, seed=args.seed)
+    model = _train(args, splits, defaults, eps, norm)
+    try:
+        explanation = explain(model, splits.train[:2], X, y, attack=attack, method=args.method, top=args.top,
+                              seed=args.seed, progress=not args.no_progress, ids=args.index, damping=args.damping,
+                              params=args.params)
+    except ValueError as err:  # the inputs' error names the flag that chose them
+        if args.index is None or not str(err).startswith("inputs:"):
+            raise
+        raise ValueError("index:" + str(err)[len("inputs:"):]) from err
+    with held_output(args.out) as out:
+        paths = write_explanation(explanation, out)
+    print(explanation.to_markdown())
+    print(f"wrote {', '.join(str(path) for path in paths.values())}")
+    _save_weights(args, model)
+    return 0
+
+
+def _scan_setup(args):
+    """``(splits, defaults, eps, norm, described)`` of ``scan``: the built-in data set (its validation split is
+    the trusted set) or the user's ``--train`` / ``--trusted`` files, and the data's description."""
+    if args.train is None:
+        splits, defaults, eps, norm, _ = _setup(args)
+        described = (f"{args.data}, {len(splits.train[1])} training samples (seed {args.seed}'s split), trusted: its "
+                     f"{len(splits.val[1])}-sample validation split")
+        return splits, defaults, eps, norm, described
+    if args.trusted is None:
+        raise ValueError("trusted: required with --train: clean samples of the same classes (e.g. a held-out "
+                         "validation split) as a .npz of X, y")
+    if args.model is None:
+        raise ValueError(f"model: required with --train, one of {', '.join(MODEL_NAMES)} (cnn for images "
+                         "(N, C, H, W))")
+    splits = load_scan_data(args.train, args.trusted)
+    defaults = USER_DATA_DEFAULTS
+    described = (f"{args.train}, {len(splits.train[1])} training samples; trusted: {args.trusted}, "
+                 f"{len(splits.val[1])} samples")
+    eps = defaults.eps if args.eps is None else args.eps
+    return splits, defaults, eps, args.norm or defaults.norm, described
+
+
+def _cmd_scan(args) -> int:
+    start = time.perf_counter()
+    check_fraction(args.budget, "budget")
+    check_int(args.top, "top", minimum=0)
+    for path, flag in ((args.remove, "remove"), (args.save_weights, "save-weights")):
+        if path is not None:
+            check_output_file(path, flag)
+    progress = not args.no_progress
+    with held_output(args.out) as folder:
+        splits, defaults, eps, norm, described = _scan_setup(args)
+        check_budget(len(splits.train[1]), args.budget, "budget", "training samples", allow_none=False)
+        name = args.model or defaults.model
+        trainer = _trainer(args, splits, defaults, eps, norm, progress=progress)
+        model_factory(name, splits)  # a model that cannot take the data is refused before the folder is touched
+        given = _train(args, splits, defaults, eps, norm) if args.weights is not None else None  # checked first
+        prepare_scan_folder(folder, args.overwrite)
+        model, seconds = (given, None) if given is not None else timed(_train, args, splits, defaults, eps, norm,
+                                                                       trainer)
+        if args.weights is None:
+            made = (f"{name}, none given (--weights): trained here with {args.trainer} ({trainer.epochs} epochs, "
+                    f"seed {args.seed}); pass --weights FILE to scan your own model")
+        else:
+            made = f"{name}, weights {args.weights}"
+        result = defenses.scan_backdoor(model, splits.train[:2], splits.val[:2], seed=args.seed, progress=progress,
+                                        budget=args.budget, trainer=trainer,
+                                        training_seconds=None if seconds is None else seconds["wall"])
+        context = {"data": {"summary": described, "train": args.train or args.data, "trusted": args.trusted,
+                            "n_train": len(splits.train[1]), "n_trusted": len(splits.val[1]),
+                            "input_shape": list(splits.input_shape), "num_classes": splits.num_classes},
+                   "model": {"summary": made, "name": name, "weights": args.weights,
+                             "trained_here": args.weights is None, "trainer": args.trainer, "seed": args.seed}}
+        record = write_scan_report(result, splits.train, folder, top=args.top, remove=args.remove, context=context,
+                                   rows=splits.train_index if args.train is None else None)
+    _print_scan(record, args.top)
+    files = record["files"]
+    written = ", ".join(f for f in ("scan.json", files["markdown"], files["scores"], files["grid"]) if f)
+    print(f"wrote {written} in {folder} in {time.perf_counter() - start:.0f} s"
+          + (" (no image grid: the samples are not images)" if files.get("grid_note") else ""))
+    if args.remove is not None:
+        print(f"kept training indices ({record['verdict']['n_kept']} of {record['verdict']['n_train']}, one per "
+              f"line) in {args.remove}")
+    _save_weights(args, model)
+    return 0
+
+
+def _print_scan(record: dict, top: int) -> None:
+    """The verdict of a scan and its most suspicious samples on stdout."""
+    verdict = record["verdict"]
+    print(f"data: {record['data']['summary']}")
+    print(f"model: {record['model']['summary']}")
+    if verdict["found"]:
+        print(f"verdict: BACKDOOR FOUND, suspected target class {verdict['target_class']}: {verdict['n_flagged']} of "
+              f"{verdict['n_train']} training samples flagged (budget {100 * verdict['budget']:.3g}%)")
+        entries, heading = record["flagged"], "flagged, most suspicious first"
+    else:
+        print(f"verdict: no backdoor found; nothing flagged, all {verdict['n_train']} training samples kept")
+        entries, heading = record["highest_scores"], "highest scores (none flagged)"
+    print(f"  {statistic_line(verdict)}")
+    if entries[:top]:
+        print(f"{heading}; larger = more suspicious")
+        rows = "row" in entries[0]
+        print(f"{'rank':>4}  {'index':>6}  " + (f"{'row':>6}  " if rows else "") + f"{'label':>5}  {'score':>10}")
+        for entry in entries[:top]:
+            print(f"{entry['rank']:>4}  {entry['index']:>6}  " + (f"{entry['row']:>6}  " if rows else "")
+                  + f"{entry['label']:>5}  {entry['score']:>10.4g}")
+
+
 def _cmd_demo(args) -> int:
     run_demo(args.out, quick=args.quick, progress=not args.no_progress)
     return 0
 
 
-COMMANDS = {"defend": _cmd_defend, "score": _cmd_score, "attack": _cmd_attack, "demo": _cmd_demo}
+COMMANDS = {"defend": _cmd_defend, "score": _cmd_score, "attack": _cmd_attack, "explain": _cmd_explain,
+            "scan": _cmd_scan, "demo": _cmd_demo}
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

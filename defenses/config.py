@@ -19,7 +19,7 @@ from typing import Any, Optional
 
 from attacks.inputs import check_target_class
 from attacks.poisoning import check_rate, poison_count
-from attacks.validation import check_choice, check_fraction, check_int
+from attacks.validation import check_choice, check_fraction, check_int, check_number, check_positive
 
 from .recipes import DEFAULT_RECIPES
 from .selection import check_budget
@@ -27,6 +27,7 @@ from .selection import check_budget
 __all__ = ["SharedConfig", "RunConfig", "PoisoningConfig", "PoisonSpec", "POISON_ATTACKS", "help_texts",
            "config_from_options"]
 
+_OWN_OPTIONS = (("sig", "sig_"), ("wanet", "wanet_"))  # the PoisonSpec fields only one attack reads, by prefix
 POISON_ATTACKS = ("badnets", "blend", "adaptive-blend", "clean-label", "sig", "wanet", "label-consistent")
 
 
@@ -114,9 +115,11 @@ class PoisonSpec:
     samples, PGD-perturbed on a proxy model trained on the clean split with the same trainer, then patched,
     labels kept; ``label-consistent`` is the same attack done by :func:`attacks.label_consistent_poison`
     with the patch in all four corners (Turner et al. 2019's trigger; strong enough to backdoor). ``sig``
-    adds :class:`attacks.SIGTrigger`'s sinusoid (delta 20/255, 6 periods) to target-class samples, labels
-    kept; ``wanet`` warps ``rate`` of the split by :class:`attacks.WaNetTrigger` (k 4, s 0.5, seeded per
-    seed), relabelled, and twice as many others by a noisy warp under their true labels. The evidence sizes are nested: the first K of one draw of triggered validation inputs of
+    adds :class:`attacks.SIGTrigger`'s sinusoid (6 periods, amplitude ``sig_delta`` on the poisons and
+    ``sig_test_delta`` at test time) to target-class samples, labels kept (``rate`` is a share of the whole
+    split, as in BackdoorBench: the target class holds about a tenth of it); ``wanet`` warps ``rate`` of the
+    split by :class:`attacks.WaNetTrigger` (k 4, strength ``wanet_s``, seeded per seed), relabelled, and
+    ``wanet_noise_ratio`` times as many others by a noisy warp under their true labels. The evidence sizes are nested: the first K of one draw of triggered validation inputs of
     the other classes. Clean accuracy and the backdoor ASR are measured on the whole test split.
     """
 
@@ -136,6 +139,12 @@ class PoisonSpec:
     clean_label_eps: float = _option(0.3, "PGD budget (linf) of the clean-label and label-consistent attacks on "
                                           "their proxy model")
     clean_label_steps: int = _option(20, "PGD steps of the clean-label and label-consistent attacks")
+    sig_delta: float = _option(40 / 255, "SIG's signal amplitude on the poisons, in (0, 1] (BackdoorBench's 40/255)")
+    sig_test_delta: float = _option(0.5, "SIG's signal amplitude at test time, in (0, 1] (the paper tests with a "
+                                         "stronger signal than it trains with)")
+    wanet_s: float = _option(1.0, "WaNet's warping strength s, > 0 (twice the paper's default 0.5)")
+    wanet_noise_ratio: float = _option(2.0, "WaNet's noise-mode samples per poison, >= 0 (the paper's cross ratio "
+                                            "2; 0: no noise mode)")
     robust_n: Optional[int] = _option(500, "evasion robust accuracy on the first N test inputs (None: all)")
 
     def checked(self, num_classes: int, n_train: Optional[int] = None) -> "PoisonSpec":
@@ -152,6 +161,10 @@ class PoisonSpec:
             poison_count(rate, n_train)
             check_budget(n_train, budget, "budget", "training samples", allow_none=False)
         check_int(self.patch_size, "patch_size", minimum=1)
+        for name in ("sig_delta", "sig_test_delta"):
+            check_number(getattr(self, name), name, minimum=0, maximum=1, include_minimum=False)
+        check_positive(self.wanet_s, "wanet_s")
+        check_positive(self.wanet_noise_ratio, "wanet_noise_ratio", allow_zero=True)
         if self.robust_n is not None:
             check_int(self.robust_n, "robust_n", minimum=1)
         return replace(self, rate=rate, evidence=tuple(sorted(set(sizes))), budget=budget)
@@ -173,8 +186,11 @@ class PoisonSpec:
                         f"got {type(poison).__name__}")
 
     def as_dict(self) -> dict:
-        """The fields as a plain dict (the report's ``config["poison"]``)."""
-        return asdict(self)
+        """The fields as a plain dict (the report's ``config["poison"]``, part of the settings a per-seed cache is
+        checked against), without the options of the attacks not run (``sig_*`` but for ``sig``, ``wanet_*`` but
+        for ``wanet``): those do not change the run, so they do not invalidate its cache."""
+        return {name: value for name, value in asdict(self).items()
+                if not any(name.startswith(prefix) and self.attack != attack for attack, prefix in _OWN_OPTIONS)}
 
 
 @dataclass(frozen=True)

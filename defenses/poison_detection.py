@@ -35,6 +35,7 @@ from torch import nn
 from attacks.base import predict
 from attacks.inputs import as_data, to_model
 from attacks.plumbing import frozen_in_eval, model_device, seeded
+from attacks.validation import check_choice
 
 from .trainers import per_sample_loss
 
@@ -127,13 +128,16 @@ def estimate_target_class(losses: torch.Tensor, y: torch.Tensor, fraction: float
     return over_represented_class(flagged, y)
 
 
-def layer_features(model: nn.Module, X: torch.Tensor, *, batch_size: int = 512) -> torch.Tensor:
-    """The inputs of the model's first ``nn.Linear`` for every sample, flattened, float64 on the CPU."""
-    first = next((m for m in model.modules() if isinstance(m, nn.Linear)), None)
-    if first is None:
-        raise ValueError("model: the representation-contrast detector needs a model with an nn.Linear layer")
+def layer_features(model: nn.Module, X: torch.Tensor, *, batch_size: int = 512, linear: str = "first") -> torch.Tensor:
+    """The inputs of the model's first (``linear="first"``) or last (``"last"``: the penultimate features)
+    ``nn.Linear`` for every sample, flattened, float64 on the CPU."""
+    check_choice(linear, "linear", ("first", "last"))
+    linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
+    if not linears:
+        raise ValueError("model: the feature-based detectors need a model with an nn.Linear layer (they read its inputs)")
+    layer = linears[0] if linear == "first" else linears[-1]
     captured = []
-    handle = first.register_forward_pre_hook(lambda module, inputs: captured.append(inputs[0].detach().flatten(1)))
+    handle = layer.register_forward_pre_hook(lambda module, inputs: captured.append(inputs[0].detach().flatten(1)))
     try:
         with frozen_in_eval(model), torch.no_grad():
             for start in range(0, X.shape[0], batch_size):

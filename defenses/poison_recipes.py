@@ -18,15 +18,16 @@ import torch
 from torch import nn
 
 import robust_infl
-from attacks.plumbing import make_generator
 
 from . import poison_detection as detect
 from .abl import anti_backdoor_learning
+from .asset import asset_scores
+from .spectre import spectre_scores
 from .data import take
 from .backdoor_scan import ScanResult, scan_backdoor
 from .poison_removal import contrast_detection, detect_and_retrain, evidence_repeats, scan_and_retrain, with_evidence
 from .recipes import register_recipe
-from .selection import budget_size, most_harmful
+from .selection import budget_size, most_harmful, uniform_scores
 
 __all__ = ["PoisonContext", "Outcome", "by_scores"]
 
@@ -98,7 +99,7 @@ def _self_influence(ctx: PoisonContext) -> torch.Tensor:
 
 
 def _random(ctx: PoisonContext) -> torch.Tensor:
-    return torch.rand(len(ctx.train[1]), generator=make_generator(ctx.seed), dtype=torch.float64)
+    return uniform_scores(len(ctx.train[1]), ctx.seed)
 
 
 def _estimated_class_low_loss(ctx: PoisonContext) -> torch.Tensor:
@@ -192,6 +193,13 @@ _register("knn-label", by_scores("knn-label", lambda ctx: detect.label_disagreem
     "largest k-NN label disagreement in the model's features")
 _register("abl", _abl, "unknown", "Anti-Backdoor Learning (Li et al. 2021): LGA isolation of the lowest-loss 1%, "
           "continued training without them, unlearning them by gradient ascent")
+_register("spectre", by_scores("spectre", lambda ctx: spectre_scores(ctx.model, ctx.train, budget=ctx.budget)),
+          "unknown", "SPECTRE (Hayase et al. 2021): robust whitening and QUE scores of the penultimate features, "
+          "in the class with the largest QUE statistic")
+_register("asset", by_scores("asset", lambda ctx: asset_scores(ctx.model, ctx.train[:2], ctx.val[:2], seed=ctx.seed,
+                                                            batch_size=ctx.trainer.batch_size)),
+          "unknown", "ASSET (Pan et al. 2023): loss under a model offset between the clean validation split "
+          "and the training set")
 _register("backdoor-scan", _backdoor_scan, "unknown",
           "trigger-unknown scan (trusted: the validation split) with a verdict; removes nothing when nothing is found")
 _register("remove-poisons-unknown", _remove_poisons, "unknown",

@@ -79,9 +79,9 @@ def _draw_evidence(val: tuple, trigger, target_class: int, size: int, seed: int)
 def _trigger(spec: PoisonSpec, input_shape: tuple, seed: int) -> attacks.BackdoorTrigger:
     """The trigger of ``spec.attack`` (WaNet's warp and the blend pattern drawn from ``seed``)."""
     if spec.attack == "sig":
-        return attacks.SIGTrigger(input_shape)
+        return attacks.SIGTrigger(input_shape, delta=spec.sig_delta, test_delta=spec.sig_test_delta)
     if spec.attack == "wanet":
-        return attacks.WaNetTrigger(input_shape, seed=seed)
+        return attacks.WaNetTrigger(input_shape, s=spec.wanet_s, noise_ratio=spec.wanet_noise_ratio, seed=seed)
     if spec.attack == "blend":
         return attacks.Trigger.random_blend(input_shape, seed=seed)
     if spec.attack == "adaptive-blend":
@@ -158,8 +158,8 @@ def poisoned_seed(seed: int, splits, spec: PoisonSpec, recipes: Sequence[Recipe]
                                 evidence=None if size is None else (evidence[0][:size], evidence[1][:size]),
                                 progress=progress, cache=cache)
             outcome, seconds = timed(fn, ctx)
-            if outcome.model is base:
-                seconds = base_time
+            if threat == "none":  # no defence: its cost is the base training (a recipe that keeps the base
+                seconds = base_time  # model, e.g. a scan that found nothing, costs its own detection time)
             metrics = (dict(base_row) if outcome.model is base else
                        _test_metrics(outcome.model, test, trigger, spec.target_class, attack, eval_batch_size))
             metrics.pop("seed", None)

@@ -39,7 +39,7 @@ _INTERNAL = sorted(f"{package}.{module.name}" for package in ("attacks", "robust
                    for module in pkgutil.iter_modules([os.path.join(ROOT, package)]))
 nitpicky = True
 nitpick_ignore_regex = [
-    (r"py:.*", r"(torch|numpy|abc|typing|collections)\..*"),
+    (r"py:.*", r"(torch|numpy|abc|typing|collections|os)\..*"),
     (r"py:.*", r"(%s)(\..*)?" % "|".join(re.escape(name) for name in _INTERNAL)),
     (r"py:class", r"Module"),  # torch's own docstring of nn.Module.forward, inherited by our modules
 ]

@@ -1,4 +1,4 @@
-"""Benchmark against the peer libraries: Captum's TracInCP and dattri, at the same answers.
+"""Benchmark against the peer libraries: Captum's TracInCP, dattri and TRAK's traker, at the same answers.
 
 Set-up: the reference SmallCNN (~106k parameters) trained for one epoch on 4,000 MNIST
 images, 500 validation images attacked once with PGD (linf 0.1, 10 steps) and shared by every
@@ -26,6 +26,13 @@ d. a Hessian-based method against the Hessian-free one on the same aggregate obj
    before every repeat), and scoring again with the fitted factors (what a second objective costs),
    against ``"ip"``. Not the same quantity: the Pearson correlation says how far the curvature moves
    the scores; whether that helps is measured by ``experiments/lds.py``.
+e. TRAK: ours ``influence(method="trak", proj_dim=--proj-dim)`` (TRAK's code through the package ``traker``,
+   its CPU projector) vs ``TRAKer`` used directly as its documentation shows (``load_checkpoint``,
+   ``featurize`` and ``score`` per batch of ``--batch-size``, ``finalize_features``, ``finalize_scores``; float32,
+   the same projector seed and dimension, a fresh store folder per repeat). Its scores ``S_ij`` (the rise of
+   target ``j``'s margin when sample ``i`` is included) are mapped to our harm on each target's loss by
+   ``-(1 - p_j) S_ij``; the aggregate scores are their row means (TRAKer has no aggregate mode: one call gives
+   both, its time is used for both). The goal: no slower than ``TRAKer`` (ratio >= 1).
 
 Both wall-clock and process CPU time are measured; on a machine shared with other jobs the CPU
 time (with ``--threads 1``) is the steadier measure, and the verdict is given for both.
@@ -35,7 +42,11 @@ time (with ``--threads 1``) is the steadier measure, and the verdict is given fo
 
 from __future__ import annotations
 
+import copy
+import importlib.metadata
+import logging
 import os
+import tempfile
 
 os.environ.setdefault("TQDM_DISABLE", "1")  # the peers' progress bars; read by tqdm when it is imported
 
@@ -44,6 +55,7 @@ import time  # noqa: E402
 import warnings  # noqa: E402
 from typing import Callable  # noqa: E402
 
+import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from torch.utils.data import DataLoader, TensorDataset  # noqa: E402
@@ -62,7 +74,7 @@ from robust_infl.objectives import cross_entropy_loss  # noqa: E402
 from robust_infl.inputs import validate_target  # noqa: E402
 
 TARGETS = {"captum aggregate": 5.0, "dattri aggregate": 3.0, "captum matrix": 1.5, "dattri matrix": 1.5,
-           "materialised self": 3.0}
+           "materialised self": 3.0, "traker matrix": 1.0, "traker aggregate": 1.0}
 MIN_PEARSON = 0.9999
 
 
@@ -127,10 +139,33 @@ def dattri_grad_dot(model):
     return attributor
 
 
+def traker_direct(model, train, target, batch_size: int, proj_dim: int, seed: int) -> torch.Tensor:
+    """TRAK's own ``TRAKer`` on the CPU (float32, its store in a fresh temporary folder): the ``(n_train,
+    n_target)`` scores ``S_ij`` of the model as it is (one checkpoint), batch by batch as its documentation does."""
+    from trak import TRAKer
+
+    (x, y), (xt, yt) = train, target
+    with tempfile.TemporaryDirectory(prefix="bench-traker-") as folder:
+        traker = TRAKer(model=copy.deepcopy(model), task="image_classification", train_set_size=x.shape[0],
+                        save_dir=folder, device="cpu", proj_dim=proj_dim, use_half_precision=False,
+                        projector_seed=seed, logging_level=logging.WARNING)
+        traker.load_checkpoint(model.state_dict(), model_id=0)
+        for start in range(0, x.shape[0], batch_size):
+            batch = (x[start:start + batch_size], y[start:start + batch_size])
+            traker.featurize(batch=batch, num_samples=batch[0].shape[0])
+        traker.finalize_features()
+        traker.start_scoring_checkpoint("targets", model.state_dict(), model_id=0, num_targets=xt.shape[0])
+        for start in range(0, xt.shape[0], batch_size):
+            batch = (xt[start:start + batch_size], yt[start:start + batch_size])
+            traker.score(batch=batch, num_samples=batch[0].shape[0])
+        return torch.from_numpy(np.array(traker.finalize_scores("targets")))
+
+
 def main() -> None:
     """Run the benchmark; print timings, ratios, correlations and whether each target is met."""
     parser = scoring_benchmark_parser(__doc__, repeats=3)
     parser.add_argument("--epochs", type=int, default=1, help="training epochs of the CNN")
+    parser.add_argument("--proj-dim", type=int, default=2048, help="TRAK's projection dimension (TRAKer's default)")
     args = parse_benchmark_arguments(parser)
     warnings.filterwarnings("ignore", category=UserWarning)
 
@@ -156,6 +191,11 @@ def main() -> None:
                                                                   method="ekfac", **common))[1],
         "ekfac, fitted factors": lambda: ri.influence(model, train, target, objective=ri.Utility(), method="ekfac",
                                                       **common),
+        "trak matrix": lambda: ri.influence(model, train, target, objective=ri.Utility(), method="trak",
+                                            proj_dim=args.proj_dim, seed=args.seed, aggregate=False, **common),
+        "traker matrix": lambda: traker_direct(model, train, target, batch, args.proj_dim, args.seed),
+        "trak aggregate": lambda: ri.influence(model, train, target, objective=ri.Utility(), method="trak",
+                                               proj_dim=args.proj_dim, seed=args.seed, **common),
     }
     walls: dict[str, list[float]] = {name: [] for name in runs}
     cpus: dict[str, list[float]] = {name: [] for name in runs}
@@ -171,6 +211,11 @@ def main() -> None:
     cpu = {name: statistics.median(values) for name, values in cpus.items()}
     wall["dattri aggregate"], cpu["dattri aggregate"] = wall["dattri matrix"], cpu["dattri matrix"]
     results["dattri aggregate"] = results["dattri matrix"].sum(1) / m
+    with torch.no_grad():  # TRAK's margin scores -> harms on each target's loss: -(1 - p_j) S_ij
+        p_true = torch.softmax(model(target[0]), dim=1)[torch.arange(m), target[1]]
+    results["traker matrix"] = -results["traker matrix"] * (1 - p_true)[None, :]
+    wall["traker aggregate"], cpu["traker aggregate"] = wall["traker matrix"], cpu["traker matrix"]
+    results["traker aggregate"] = results["traker matrix"].mean(1)
 
     rows = []
     comparisons = [
@@ -179,6 +224,8 @@ def main() -> None:
         ("b. train x target", "ours matrix", "captum matrix"),
         ("b. train x target", "ours matrix", "dattri matrix"),
         ("c. self-influence", "ours self", "materialised self"),
+        ("e. TRAK, train x target", "trak matrix", "traker matrix"),
+        ("e. TRAK, aggregate", "trak aggregate", "traker aggregate"),
     ]
     def verdict(ratio: float, target: float, r: float) -> str:
         return "MET" if ratio >= target and r >= MIN_PEARSON else "NOT MET"
@@ -219,10 +266,15 @@ def main() -> None:
         f"(factors fitted), {cpu['ekfac, fitted factors'] / cpu['ours aggregate']:.0f}x for each further objective "
         f"of the same model; Pearson(ip, ekfac) = {pearson(results['ours aggregate'], results['ekfac fit + score']):.3f}"
         " (whether the curvature helps: the lds section).",
+        "",
+        f"e.: TRAK with proj_dim {args.proj_dim} (TRAK's CPU projector, float32, damping 0); traker "
+        f"{importlib.metadata.version('traker')}; ours / traker time: matrix {wall['trak matrix'] / wall['traker matrix']:.2f}"
+        f" wall, {cpu['trak matrix'] / cpu['traker matrix']:.2f} CPU; aggregate "
+        f"{wall['trak aggregate'] / wall['traker matrix']:.2f} wall, {cpu['trak aggregate'] / cpu['traker matrix']:.2f} CPU.",
     ]
     print("\n".join(lines))
     if args.write_results:
-        write_section("bench_peers", "## Speed against Captum and dattri (experiments/bench_peers.py)\n\n" + "\n".join(lines))
+        write_section("bench_peers", "## Speed against Captum, dattri and traker (experiments/bench_peers.py)\n\n" + "\n".join(lines))
 
 
 if __name__ == "__main__":

@@ -26,7 +26,8 @@ from pathlib import Path
 from typing import Optional
 
 import defenses
-from defenses.seed_results import SEEDS_DIR, read_seed_file
+from defenses.seed_results import SEEDS_DIR, read_seed_file, record_checksum
+from robust_infl.io import atomic_write_json
 
 try:
     from experiments._results import EXPERIMENTS, mean_std, paired_ci, save_figure, write_json, write_section
@@ -102,6 +103,21 @@ def run_setting(name: str, seeds: int, out_dir: Path, progress: bool, quick: boo
                                   poison=dict(attack=attack, rate=rate, target_class=0, evidence=(EVIDENCE,),
                                               patch_size=2 if data == "digits" else 3, robust_n=100),
                                   out=out_dir / name, resume=True, progress=progress, **sizes)
+
+
+def drop_rows(folder: Path, recipe: str) -> int:
+    """Delete ``recipe``'s rows from the per-seed files in ``folder`` (after its code changed), each file
+    rewritten atomically with its new checksum, so that the next run recomputes them; returns the rows deleted."""
+    dropped = 0
+    for path in sorted((folder / SEEDS_DIR).glob("seed_*.json")):
+        record = {k: v for k, v in read_seed_file(path).items() if k != "sha256"}
+        runs = record["results"]["runs"]
+        kept = [row for row in runs if row["recipe"] != recipe]
+        if len(kept) < len(runs):
+            record["results"]["runs"] = kept
+            atomic_write_json(path, {**record, "sha256": record_checksum(record)})
+            dropped += len(runs) - len(kept)
+    return dropped
 
 
 def load_setting(folder: Path) -> Optional[dict]:
@@ -316,6 +332,9 @@ def main(argv: Optional[list] = None) -> int:
     parser.add_argument("--write-results", action="store_true",
                         help="run nothing: write the poisoning section of RESULTS.md from the per-seed files of "
                              "every grid setting and the reports of the settings kept from earlier")
+    parser.add_argument("--rerun", nargs="+", default=[], metavar="RECIPE",
+                        help="first delete these recipes' rows from the settings' per-seed files (after their code "
+                             "changed), so that the run recomputes them")
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
     stem = "poisoning_quick" if args.quick else "poisoning"
@@ -330,6 +349,8 @@ def main(argv: Optional[list] = None) -> int:
         kept = {name: m for name in KEPT if (m := load_setting(folder / name)) is not None}
     else:
         for name in names:
+            for recipe in args.rerun:
+                print(f"{name}: {drop_rows(folder / name, recipe)} rows of {recipe} deleted to rerun", flush=True)
             run_setting(name, 1 if args.quick else args.seeds, folder, not args.no_progress, quick=args.quick)
             grid[name] = load_setting(folder / name)
     for key, settings in groups(grid).items():

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+from contextlib import ExitStack
 from typing import Any, Optional, Union
 
 from torch import Tensor, nn
 from torch.utils.data import Dataset
 
-from robust_infl.methods import check_aggregate, check_method_options, get_method
+from robust_infl.ensembles import Ensemble
+from robust_infl.methods import check_aggregate, check_method_options, get_ensemble, get_method
 from robust_infl.objectives import Objective
 from robust_infl.options import ScoringOptions, scoring_options
 from robust_infl.preparation import prepared_problem
@@ -16,7 +18,7 @@ __all__ = ["influence"]
 
 
 def influence(
-    model: nn.Module,
+    model: Union[nn.Module, Ensemble],
     train: Union[tuple[Tensor, Tensor], Dataset],
     target: Union[tuple[Tensor, Tensor], tuple[Tensor, Tensor, Tensor]],
     *,
@@ -36,7 +38,10 @@ def influence(
     :func:`robust_infl.distributed.sharded_influence`; they are checked before any compute.
 
     Args:
-        model: the trained ``nn.Module``; scored in eval mode, its train/eval mode is restored after.
+        model: the trained ``nn.Module``; scored in eval mode, its train/eval mode is restored after. Or an
+            :class:`~robust_infl.ensembles.Ensemble` of trained models of one architecture: the method's
+            scores averaged over them (for ``"trak"`` TRAK's own ensemble; ``"tracin"`` is refused), each
+            member scored with these same options (see :mod:`robust_infl.ensembles`).
         train: ``(X, y)`` tensors or arrays, a sized ``Dataset`` of ``(x, y)`` items (streamed, not
             shuffled) or a ``DataLoader`` over one (its dataset is streamed in ``batch_size`` batches).
         target: ``(X, y)`` or ``(X, y, s)`` with a sensitive attribute ``s`` in {0, 1}, or a
@@ -90,5 +95,11 @@ def influence(
     options, method_options = scoring_options(options, keywords)
     check_method_options(method, method_options)
     check_aggregate(method, options.aggregate, objective)
+    if isinstance(model, Ensemble):
+        ensemble_fn = get_ensemble(method)
+        with ExitStack() as stack:
+            problems = [stack.enter_context(prepared_problem(member, train, target, objective, options)).problem
+                        for member in model]
+            return ensemble_fn(problems, **method_options).detach()
     with prepared_problem(model, train, target, objective, options) as prepared:
         return method_fn(prepared.problem, **method_options).detach()

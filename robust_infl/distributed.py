@@ -52,6 +52,7 @@ from robust_infl.engine import (
     unflatten,
 )
 from robust_infl.grad_norms import BatchGradients, batch_gradients, squared_gradient_norms
+from robust_infl.ensembles import Ensemble
 from robust_infl.objectives import Objective, PreparedObjective
 from robust_infl.methods import check_aggregate
 from robust_infl.options import ScoringOptions, scoring_options
@@ -220,6 +221,9 @@ def sharded_influence(
         Every training sample's score (``(n_train,)`` or ``(n_train, n_target)``) on ``device``
         in the model's dtype, on every rank.
     """
+    if isinstance(model, Ensemble):
+        raise TypeError("model: sharded_influence scores one nn.Module; score an Ensemble with robust_infl.influence "
+                        "(or shard each member and average the scores)")
     if method not in SHARDED_METHODS:
         raise ValueError(f"method: sharded scoring offers {', '.join(SHARDED_METHODS)}, got {method!r}")
     options, unknown = scoring_options(options, keywords)

@@ -7,7 +7,8 @@ file, even if the process is killed mid-write; the temporary file is removed on 
 
 :func:`safe_load` reads tensors and state dicts with ``torch.load(weights_only=True)``: a file
 carrying pickled code (any object other than tensors, containers and plain values) is refused
-with a ``ValueError`` before anything in it runs.
+with a ``ValueError`` before anything in it runs. :func:`safe_load_npz` reads named arrays from a
+numpy ``.npz`` file by the same rule (``allow_pickle=False``).
 
 :func:`lock_folder` gives one run at a time an output folder; :func:`output_errors` turns a failed write
 (a full disk, a lost permission) into one line naming the argument and the file; :func:`write_checksum` /
@@ -50,6 +51,7 @@ __all__ = [
     "atomic_save_npy",
     "json_safe",
     "safe_load",
+    "safe_load_npz",
     "check_output_file",
     "check_output_folder",
     "atomic_save_npys",
@@ -188,13 +190,8 @@ def atomic_save_npy(path: PathLike, array: Any) -> Path:
     return atomic_write(path, lambda handle: np.save(handle, np.asarray(array), allow_pickle=False))
 
 
-def safe_load(path: PathLike, name: str = "path") -> Any:
-    """Tensors / a state dict saved with ``torch.save``, read with ``torch.load(weights_only=True)`` on the CPU.
-
-    Raises ``ValueError`` starting with ``name`` when ``path`` is not a file, is not a torch file,
-    or holds pickled objects other than tensors and plain containers (such a file could run code
-    when unpickled; it is refused before anything in it runs).
-    """
+def _check_input_file(path: Any, name: str, what: str) -> str:
+    """``path`` shown as text if it names a regular file; ``TypeError`` / ``ValueError`` starting with ``name``."""
     if not isinstance(path, (str, os.PathLike)):
         raise TypeError(f"{name}: expected a file path, got {type(path).__name__}")
     shown = os.fspath(path)
@@ -203,8 +200,18 @@ def safe_load(path: PathLike, name: str = "path") -> Any:
     if not os.path.exists(path):
         raise ValueError(f"{name}: no such file: {shown!r}")
     if not os.path.isfile(path):  # a device (/dev/null), a FIFO (reading it would block), a socket
-        raise ValueError(f"{name}: {shown!r} is not a regular file (a device, pipe or socket), expected a file "
-                         "saved with torch.save")
+        raise ValueError(f"{name}: {shown!r} is not a regular file (a device, pipe or socket), expected {what}")
+    return shown
+
+
+def safe_load(path: PathLike, name: str = "path") -> Any:
+    """Tensors / a state dict saved with ``torch.save``, read with ``torch.load(weights_only=True)`` on the CPU.
+
+    Raises ``ValueError`` starting with ``name`` when ``path`` is not a file, is not a torch file,
+    or holds pickled objects other than tensors and plain containers (such a file could run code
+    when unpickled; it is refused before anything in it runs).
+    """
+    shown = _check_input_file(path, name, "a file saved with torch.save")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
@@ -222,6 +229,39 @@ def safe_load(path: PathLike, name: str = "path") -> Any:
         raise ValueError(
             f"{name}: cannot read {shown!r} as a file saved with torch.save ({type(err).__name__}: {err})"
         ) from None
+
+
+def safe_load_npz(path: PathLike, name: str = "path", keys: tuple = ("X", "y")) -> tuple:
+    """The arrays ``keys`` of the numpy ``.npz`` file ``path`` (``numpy.savez(path, X=..., y=...)``), in that order.
+
+    Read with ``allow_pickle=False``: object arrays (pickled Python objects, which could run code when
+    loaded) are refused. Raises ``ValueError`` starting with ``name`` when ``path`` is not a readable
+    ``.npz`` file or lacks one of ``keys`` (the message lists the arrays it holds).
+    """
+    shown = _check_input_file(path, name, "a .npz file")
+    try:
+        archive = np.load(path, allow_pickle=False)
+    except Exception as err:  # noqa: BLE001 - np.load raises many types for a file that is not an archive
+        raise ValueError(f"{name}: cannot read {shown!r} as a .npz file ({type(err).__name__}: {err})") from None
+    if not isinstance(archive, np.lib.npyio.NpzFile):
+        raise ValueError(f"{name}: {shown!r} holds a single array (.npy), expected a .npz of "
+                         f"{', '.join(keys)} (numpy.savez(path, {', '.join(f'{k}=...' for k in keys)}))")
+    with archive:
+        missing = [key for key in keys if key not in archive.files]
+        if missing:
+            raise ValueError(f"{name}: {shown!r} has no array {missing[0]!r} (it holds: "
+                             f"{', '.join(archive.files) or 'nothing'}); save it with numpy.savez(path, "
+                             f"{', '.join(f'{k}=...' for k in keys)})")
+        arrays = []
+        for key in keys:
+            try:
+                arrays.append(archive[key])
+            except ValueError as err:  # object arrays under allow_pickle=False
+                raise ValueError(f"{name}: refused to load {key!r} from {shown!r}: it holds Python objects, "
+                                 f"which could run code when loaded ({err})") from None
+            except Exception as err:  # noqa: BLE001 - a damaged member
+                raise ValueError(f"{name}: cannot read {key!r} from {shown!r} ({type(err).__name__}: {err})") from None
+    return tuple(arrays)
 
 
 def atomic_save_npys(arrays: Mapping[PathLike, Any]) -> list:

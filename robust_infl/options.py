@@ -39,7 +39,8 @@ class ScoringOptions:
         progress: show tqdm progress bars.
         aggregate: ``True``: one harm score per training sample on the objective, shape
             ``(n_train,)``; ``False``: the ``(n_train, n_target)`` matrix of harms on each target
-            sample's own loss (method ``"ip"``; objectives ``Utility`` / ``Robust``).
+            sample's own loss (the methods of :func:`robust_infl.methods.per_target_methods`, e.g. ``"ip"``
+            and ``"trak"``; objectives ``Utility`` / ``Robust``).
     """
 
     loss_fn: Optional[LossFn] = None

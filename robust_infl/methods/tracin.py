@@ -79,7 +79,7 @@ def _tensors_from(state: Mapping[str, Tensor], reference: Mapping[str, Tensor], 
     return out
 
 
-@register_method("tracin")
+@register_method("tracin", single_model=True)
 def tracin_influence(
     problem: ScoringProblem,
     *,

@@ -55,7 +55,20 @@ def test_sig_poisons_only_target_class_samples_and_keeps_labels():
     assert torch.equal(X[idx], trigger.apply(x[idx]))
 
 
+def test_sig_trains_with_delta_and_tests_with_test_delta():
+    x, y = images(80, shape=(1, 6, 12))
+    trigger = attacks.SIGTrigger((1, 6, 12), delta=0.1, frequency=2, test_delta=0.3)
+    wave = torch.tensor([math.sin(2 * math.pi * j * 2 / 12) for j in range(12)])
+    assert torch.allclose(trigger.apply(x), torch.clamp(x + 0.3 * wave, 0, 1), atol=1e-7, rtol=0)
+    X, labels, idx = attacks.poison((x, y), trigger, target_class=1, rate=0.1, seed=0, clean_label=True)
+    assert torch.equal(labels, y) and bool((y[idx] == 1).all())
+    assert torch.allclose(X[idx], torch.clamp(x[idx] + 0.1 * wave, 0, 1), atol=1e-7, rtol=0)
+    assert attacks.SIGTrigger((1, 6, 12), delta=0.1).test_delta == 0.1
+
+
 def test_sig_rejects_bad_input():
+    with pytest.raises(ValueError, match="^test_delta"):
+        attacks.SIGTrigger((1, 8, 8), test_delta=0.0)
     with pytest.raises(ValueError, match="^delta"):
         attacks.SIGTrigger((1, 8, 8), delta=0.0)
     with pytest.raises(ValueError, match="^delta"):

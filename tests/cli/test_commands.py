@@ -1,4 +1,4 @@
-"""The robust-infl command line: help for every flag, the four commands on tiny settings, one-line errors."""
+"""The robust-infl command line: help for every flag, the commands on tiny settings, one-line errors."""
 
 import contextlib
 import io
@@ -45,7 +45,7 @@ def _documented_options(text: str) -> dict:
 
 def test_help_documents_every_flag_of_every_command():
     commands = re.findall(r"^    (\w+)  ", _help(), flags=re.M)
-    assert set(commands) == {"defend", "score", "attack", "demo"}
+    assert set(commands) == {"defend", "score", "attack", "explain", "scan", "demo"}
     flags = {}
     for name in commands:
         text = _help(name)

@@ -78,7 +78,7 @@ def test_abl_is_seeded():
     (dict(trainer=object()), "trainer"),
     (dict(isolation_ratio=0.0), "isolation_ratio"),
     (dict(isolation_ratio=1.5), "isolation_ratio"),
-    (dict(isolation_ratio=0.001), "isolation_ratio"),
+    (dict(isolation_ratio=0.999), "isolation_ratio"),
     (dict(gamma=-1.0), "gamma"),
     (dict(isolation_epochs=0), "isolation_epochs"),
     (dict(continued_epochs=0), "continued_epochs"),
@@ -105,3 +105,13 @@ def test_the_abl_recipe_is_the_public_call_with_the_published_ratio():
     assert int(outcome.removed.sum()) == 6  # 1% of 600, whatever the budget
     assert torch.equal(outcome.removed, isolated) and torch.equal(outcome.scores, scores)
     assert torch.equal(flat_params(outcome.model), flat_params(model))
+
+
+def test_under_adversarial_training_the_isolation_is_plain_and_the_continued_training_adversarial():
+    X, y, _ = planted_backdoor()
+    options = dict(epochs=5, lr=3e-2, batch_size=32, progress=False)
+    plain = anti_backdoor_learning(mlp(), (X, y), trainer=defenses.ERM(**options), seed=0, isolation_ratio=0.04)
+    adversarial = anti_backdoor_learning(mlp(), (X, y), trainer=defenses.PGDAT(eps=0.3, steps=2, **options), seed=0,
+                                         isolation_ratio=0.04)
+    assert torch.equal(plain[1], adversarial[1]) and torch.equal(plain[2], adversarial[2])
+    assert not torch.equal(flat_params(plain[0]), flat_params(adversarial[0]))

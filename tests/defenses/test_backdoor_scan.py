@@ -27,23 +27,23 @@ def digits():
 
 @pytest.fixture(scope="module")
 def poisoned(digits):
-    """5% of the training set carries a 2x2 corner patch and the label 0 (BadNets)."""
+    """10% of the training set carries a 2x2 corner patch and the label 0 (BadNets)."""
     train, _, _, _ = digits
-    X, y, index = attacks.poison(train, attacks.Trigger.patch((1, 8, 8), size=2), target_class=0, rate=0.05, seed=0)
+    X, y, index = attacks.poison(train, attacks.Trigger.patch((1, 8, 8), size=2), target_class=0, rate=0.1, seed=0)
     return (X, y), index
 
 
 @pytest.fixture(scope="module")
 def poisoned_scan(digits, poisoned):
     _, trusted, model, trainer = digits
-    return defenses.scan_backdoor(model, poisoned[0], trusted, budget=0.1, trainer=trainer, seed=0)
+    return defenses.scan_backdoor(model, poisoned[0], trusted, budget=0.2, trainer=trainer, seed=0)
 
 
 def test_the_scan_finds_a_strong_patch_its_class_and_its_poisons(poisoned, poisoned_scan):
     (_, y), index = poisoned
     scan = poisoned_scan
     assert scan.found and scan.value > scan.threshold and scan.target_class == 0
-    assert scan.flagged.dtype == torch.int64 and scan.flagged.numel() <= round(0.1 * len(y))
+    assert scan.flagged.dtype == torch.int64 and scan.flagged.numel() <= round(0.2 * len(y))
     hits = torch.isin(scan.flagged, index)
     assert hits.double().mean() >= 0.9 and hits.sum() >= 0.9 * index.numel()
     assert torch.all(scan.scores[scan.flagged[:-1]] >= scan.scores[scan.flagged[1:]])  # most suspicious first
@@ -54,17 +54,17 @@ def test_the_scan_finds_a_strong_patch_its_class_and_its_poisons(poisoned, poiso
 
 def test_on_clean_data_the_scan_finds_nothing_and_flags_nothing(digits):
     train, trusted, model, trainer = digits
-    scan = defenses.scan_backdoor(model, train, trusted, budget=0.1, trainer=trainer, seed=0)
+    scan = defenses.scan_backdoor(model, train, trusted, budget=0.2, trainer=trainer, seed=0)
     assert not scan.found and scan.value <= scan.threshold
     assert scan.flagged.numel() == 0 and scan.target_class is not None
 
 
 def test_the_scan_is_deterministic_in_its_seed(digits, poisoned, poisoned_scan):
     _, trusted, model, trainer = digits
-    again = defenses.scan_backdoor(model, poisoned[0], trusted, budget=0.1, trainer=trainer, seed=0)
+    again = defenses.scan_backdoor(model, poisoned[0], trusted, budget=0.2, trainer=trainer, seed=0)
     assert torch.equal(again.scores, poisoned_scan.scores) and torch.equal(again.flagged, poisoned_scan.flagged)
     assert again.value == poisoned_scan.value
-    other = defenses.scan_backdoor(model, poisoned[0], trusted, budget=0.1, trainer=trainer, seed=1)
+    other = defenses.scan_backdoor(model, poisoned[0], trusted, budget=0.2, trainer=trainer, seed=1)
     assert not torch.equal(other.scores, poisoned_scan.scores)
 
 
@@ -84,9 +84,11 @@ def test_the_scan_refuses_bad_inputs_naming_the_argument(digits, poisoned):
         (dict(progress=1), TypeError, "^progress"),
         (dict(trusted_epochs=0), ValueError, "^trusted_epochs"),
         (dict(training_seconds=-1), ValueError, "^training_seconds"),
+        (dict(threshold=float("nan")), ValueError, "^threshold"),
+        (dict(tail="8"), TypeError, "^tail"),
     ]
     for change, error, match in cases:
-        arguments = dict(model=model, train=(X, y), trusted=trusted, budget=0.1, trainer=trainer, seed=0)
+        arguments = dict(model=model, train=(X, y), trusted=trusted, budget=0.2, trainer=trainer, seed=0)
         arguments.update(change)
         with pytest.raises(error, match=match):
             defenses.scan_backdoor(arguments.pop("model"), arguments.pop("train"), arguments.pop("trusted"),
@@ -95,14 +97,14 @@ def test_the_scan_refuses_bad_inputs_naming_the_argument(digits, poisoned):
 
 def test_remove_poisons_with_trusted_data_runs_the_scan(digits, poisoned, poisoned_scan):
     train, trusted, model, trainer = digits
-    repaired, removed = defenses.remove_poisons(model, poisoned[0], None, trainer=trainer, budget=0.1, seed=0,
+    repaired, removed = defenses.remove_poisons(model, poisoned[0], None, trainer=trainer, budget=0.2, seed=0,
                                                 trusted=trusted)
     assert torch.equal(removed, torch.sort(poisoned_scan.flagged).values) and repaired is not model
-    unchanged, nothing = defenses.remove_poisons(model, train, None, trainer=trainer, budget=0.1, seed=0,
+    unchanged, nothing = defenses.remove_poisons(model, train, None, trainer=trainer, budget=0.2, seed=0,
                                                  trusted=trusted)
     assert unchanged is model and nothing.numel() == 0
     with pytest.raises(ValueError, match="^trusted"):
-        defenses.remove_poisons(model, train, None, trainer=trainer, budget=0.1, trusted=(trusted[0][:, :, :3],
+        defenses.remove_poisons(model, train, None, trainer=trainer, budget=0.2, trusted=(trusted[0][:, :, :3],
                                                                                           trusted[1]))
 
 
@@ -112,6 +114,6 @@ def test_the_scan_recipes_use_the_validation_split_as_trusted_data(digits, poiso
     recipe = get_recipe(name, pipeline="poisoning")
     assert recipe.threat == "unknown"
     outcome = recipe.fn(PoisonContext(model=model, train=poisoned[0], val=trusted, evidence=None, trainer=trainer,
-                                      budget=0.1, seed=0))
+                                      budget=0.2, seed=0))
     assert torch.equal(torch.nonzero(outcome.removed).flatten(), torch.sort(poisoned_scan.flagged).values)
     assert torch.equal(outcome.scores, poisoned_scan.scores)

@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import pytest
 import torch
 
+import attacks
 import defenses
 from defenses import recipes
+from defenses.config import PoisonSpec
 from defenses.poison_recipes import Outcome, PoisonContext
+from defenses.poisoning import _trigger
 from defenses.seed_results import record_checksum
 
 TINY = dict(seeds=1, n_train=300, n_val=150, n_test=100, epochs=5, progress=False)
@@ -60,6 +64,33 @@ def test_run_poisoning_checks_its_options_before_any_training():
         defenses.run_poisoning("digits", poison="sleeper", **TINY)
     with pytest.raises(ValueError, match=r"poison: unknown fields \['rates'\]"):
         defenses.run_poisoning("digits", poison={"rates": 0.1}, **TINY)
+
+
+@pytest.mark.parametrize("field,value", [("sig_delta", 0.0), ("sig_test_delta", 1.5), ("wanet_s", 0.0),
+                                         ("wanet_noise_ratio", -1.0)])
+def test_run_poisoning_refuses_bad_trigger_options_naming_them(field, value):
+    with pytest.raises(ValueError, match=f"^{field}: must be"):
+        defenses.run_poisoning("digits", poison={"attack": "sig", field: value}, **TINY)
+
+
+def test_the_spec_builds_each_trigger_with_its_options():
+    spec = PoisonSpec(sig_delta=0.1, sig_test_delta=0.3, wanet_s=0.7, wanet_noise_ratio=1.0)
+    sig = _trigger(replace(spec, attack="sig"), (1, 8, 8), seed=0)
+    assert (sig.delta, sig.test_delta) == (0.1, 0.3)
+    wanet = _trigger(replace(spec, attack="wanet"), (1, 8, 8), seed=2)
+    assert (wanet.s, wanet.noise_ratio, wanet.seed) == (0.7, 1.0, 2)
+    blend = _trigger(replace(spec, attack="blend"), (1, 8, 8), seed=3)
+    assert torch.equal(blend.pattern, attacks.Trigger.random_blend((1, 8, 8), seed=3).pattern)
+    adaptive = _trigger(replace(spec, attack="adaptive-blend"), (1, 8, 8), seed=3)
+    assert torch.equal(adaptive.pattern, blend.pattern) and (adaptive.pieces, adaptive.mask_rate) == (16, 0.5)
+
+
+def test_the_report_records_only_the_options_of_the_attack_run():
+    assert "sig_delta" not in PoisonSpec().as_dict() and "wanet_s" not in PoisonSpec().as_dict()
+    sig = PoisonSpec(attack="sig", sig_test_delta=0.4).as_dict()
+    assert sig["sig_test_delta"] == 0.4 and "wanet_s" not in sig and PoisonSpec.of(sig) == PoisonSpec(attack="sig",
+                                                                                                       sig_test_delta=0.4)
+    assert {"wanet_s", "wanet_noise_ratio"} <= set(PoisonSpec(attack="wanet").as_dict())
 
 
 @pytest.mark.parametrize("attack", ["blend", "adaptive-blend", "sig", "wanet", "label-consistent"])

@@ -1,5 +1,8 @@
 """Smoke test of experiments/poisoning.py --quick (tiny digits run, one seed, the grid's recipes)."""
 
+from defenses.seed_results import read_seed_file
+from experiments.poisoning import drop_rows
+
 
 def test_poisoning_quick(tmp_path, run_quick):
     result = run_quick("poisoning", tmp_path, timeout=400)
@@ -10,3 +13,8 @@ def test_poisoning_quick(tmp_path, run_quick):
     assert cells["none"]["recall"] is None and cells["none"]["d_asr_backdoor"] is None
     assert cells["remove-poisons K=10"]["removed_share"] <= 0.1 + 1e-9
     assert cells["low-loss"]["cost_vs_base"] > 0
+    # --rerun's deletion leaves a seed file that loads (checksum renewed), without the recipe's rows
+    folder = tmp_path / "poisoning" / "quick"
+    assert drop_rows(folder, "low-loss") == 1 and drop_rows(folder, "low-loss") == 0
+    runs = read_seed_file(folder / "seeds" / "seed_0.json")["results"]["runs"]
+    assert "low-loss" not in {r["recipe"] for r in runs} and "knn-label" in {r["recipe"] for r in runs}

@@ -14,7 +14,7 @@ import torch
 import robust_infl as ri
 from defenses.report import write_report
 from robust_infl.io import (atomic_save_npy, atomic_save_tensor, atomic_write, atomic_write_json, safe_load,
-                            write_checksum)
+                            safe_load_npz, write_checksum)
 from robust_infl.models import MLP
 from robust_infl.store import ChunkStore
 
@@ -147,3 +147,29 @@ def test_atomic_writes_get_ordinary_file_permissions(tmp_path):
         assert fresh.stat().st_mode & 0o777 == 0o640 and fresh.read_text() == "b"
     finally:
         os.umask(umask)
+
+
+def test_safe_load_npz_reads_named_arrays_and_refuses_pickled_objects_unrun(tmp_path):
+    X, y = np.arange(12, dtype=np.float32).reshape(3, 4), np.array([0, 1, 0])
+    np.savez(tmp_path / "data.npz", X=X, y=y, extra=np.ones(2))
+    read_X, read_y = safe_load_npz(tmp_path / "data.npz", "train")
+    assert np.array_equal(read_X, X) and read_X.dtype == X.dtype and np.array_equal(read_y, y)
+    marker = tmp_path / "MARKER_code_ran"
+    np.savez(tmp_path / "evil.npz", X=X, y=np.array([CreatesMarkerWhenUnpickled(marker)] * 3, dtype=object))
+    with pytest.raises(ValueError, match=r"^train: refused to load 'y' from .*evil.npz.*Python objects"):
+        safe_load_npz(tmp_path / "evil.npz", "train")
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize("make, message", [
+    (lambda p: np.savez(p, X=np.ones((2, 2))), r"^trusted: '.*f.npz' has no array 'y' \(it holds: X\); save it with "
+                                               r"numpy.savez\(path, X=..., y=...\)$"),
+    (lambda p: p.write_text("not an archive"), r"^trusted: cannot read '.*f.npz' as a .npz file"),
+    (lambda p: np.save(open(p, "wb"), np.ones(3)), r"^trusted: '.*f.npz' holds a single array \(.npy\)"),
+    (lambda p: p.mkdir(), r"^trusted: '.*f.npz' is a folder, expected a file$"),
+    (lambda p: None, r"^trusted: no such file: '.*f.npz'$"),
+])
+def test_safe_load_npz_names_the_argument_on_a_bad_file(tmp_path, make, message):
+    make(tmp_path / "f.npz")
+    with pytest.raises(ValueError, match=message):
+        safe_load_npz(tmp_path / "f.npz", "trusted")

@@ -248,3 +248,15 @@ def test_adversarial_training_points_equal_traker_featurized_there(problem, fgsm
     expected = -scores * (1 - true_class_probability(model, *target))[None, :]
     harm = trak(model, (x, y), target, damping=1e-3, aggregate=False, train_loss="adversarial", train_attack=attack)
     torch.testing.assert_close(harm, expected, rtol=1e-5, atol=1e-6 * float(expected.abs().max()))
+
+
+def test_the_projection_drawn_whole_equals_traks_block_by_block(problem, monkeypatch):
+    """Below ``WHOLE_MATRIX_BYTES`` the projection matrix is drawn once from TRAK's block generator states; above
+    it TRAK's ``BasicProjector`` draws the blocks at every batch: the same matrix, the same scores."""
+    from robust_infl.methods import trak as trak_module
+
+    model, train, target = problem
+    whole = trak(model, train, target, damping=1e-3, aggregate=False)
+    monkeypatch.setattr(trak_module, "WHOLE_MATRIX_BYTES", 0)
+    by_block = trak(model, train, target, damping=1e-3, aggregate=False)
+    torch.testing.assert_close(whole, by_block, rtol=1e-5, atol=1e-6 * float(by_block.abs().max()))

@@ -1,0 +1,361 @@
+"""Calibrate and measure the trigger-unknown backdoor scan (:func:`defenses.scan_backdoor`).
+
+Settings: MNIST and Fashion-MNIST, 3,500 training / 500 validation (the trusted set) / 1,000 test images per
+seed, the SmallCNN (``cnn``), target class 0. Attacks built with :func:`attacks.poison`: BadNets (3x3 patch in
+the bottom-right corner) and blend (a seeded uniform pattern over the whole image, alpha 0.2,
+:meth:`attacks.Trigger.blend`), at 1% and 5%.
+
+Parts (each a resumable per-seed cache under ``experiments/out/scan_calibration/<part>-<data>-<case>/seeds``):
+
+- ``clean``: the scan on data without poison, seeds 0-19 on each data set: the verdict's false positives;
+- ``erm`` / ``pgd-at``: on MNIST, the scan on the poisoned sets (seeds 0-4 per case: the verdict's detections,
+  the suspected class and precision / recall of the flagged samples; PGD-AT reuses the ``erm`` part's scan),
+  the base model trained on the poisoned set (plain training, 5 epochs, or PGD-AT, linf eps 0.1, 3 steps),
+  its clean accuracy and backdoor ASR on the test split, then the scan's flagged samples removed and the
+  model retrained from scratch with the same trainer (nothing removed and the base model kept when nothing
+  is found), its accuracy and ASR; the scan's cost over the base model's training, both timed in this
+  process (CPU time);
+- ``detect``: the scan alone on the poisoned Fashion-MNIST sets, seeds 0-4 per case;
+- ``influence``: within the scan's suspected class, the scan's ranking against renormalised ``ip`` and
+  ``tracin`` harm on the trusted split's loss (the model trained on the poisoned set; tracin on its three
+  checkpoints) and against the mean rank of the scan and ip, on sklearn's digits (600 training / 200
+  trusted images, the MLP, 30 epochs, a 2x2 patch or the blend at 5%; MNIST's is too slow for this run),
+  seeds 0-2: AUROC within the class and recall at the poison count.
+
+    OMP_NUM_THREADS=1 PYTHONPATH=. .venv/bin/python -m experiments.scan_calibration            # all parts
+    OMP_NUM_THREADS=1 PYTHONPATH=. .venv/bin/python -m experiments.scan_calibration --parts clean erm
+
+Writes ``experiments/out/scan_calibration.json`` and the ``scan_calibration`` section of
+``experiments/RESULTS.md`` from whatever the caches hold.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import time
+from pathlib import Path
+
+import torch
+from scipy.stats import rankdata
+
+import attacks
+import robust_infl
+from attacks.plumbing import make_generator
+from defenses import ERM, CheckpointingERM, make_trainer, scan_backdoor
+from defenses import poison_detection as detect
+from defenses.backdoor_scan import (SCORE_TAIL, TRUSTED_EPOCHS, VERDICT_STATISTIC, VERDICT_THRESHOLD,
+                                    class_statistics)
+from defenses.data import take
+from defenses.seed_results import SeedResults
+from defenses.selection import budget_size
+from experiments._results import EXPERIMENTS, SETTINGS_FINGERPRINT, cached, mean_std, write_json, write_section
+from robust_infl.registry import load_splits, model_factory
+
+OUT = EXPERIMENTS / "out" / "scan_calibration"
+SIZES = (3500, 500, 1000)
+DATA = ("mnist", "fashion-mnist")
+CASES = ("badnets-0.01", "blend-0.01", "badnets-0.05", "blend-0.05")
+CLEAN_SEEDS = tuple(range(20))
+POISON_SEEDS = tuple(range(5))
+INFLUENCE_SEEDS = tuple(range(3))
+INFLUENCE_DATA, INFLUENCE_MODEL, INFLUENCE_SIZES, INFLUENCE_PATCH = "digits", "mlp", (600, 200, 200), 2
+INFLUENCE_EPOCHS, INFLUENCE_BATCH = 30, 32
+INFLUENCE_CASES = ("badnets-0.05", "blend-0.05")
+TARGET = 0
+BLEND_ALPHA = 0.2
+PATCH = 3
+EPOCHS, LR, BATCH = 5, 1e-3, 64
+PGD = dict(eps=0.1, norm="linf", train_steps=3)
+PARTS = ("clean", "erm", "detect", "influence", "pgd-at")
+
+
+def trigger_for(attack: str, input_shape: tuple, seed: int, patch: int = PATCH) -> attacks.Trigger:
+    """BadNets' corner patch, or blend's seeded uniform pattern at alpha 0.2."""
+    if attack == "badnets":
+        return attacks.Trigger.patch(input_shape, size=patch, corner="bottom-right")
+    pattern = torch.rand(input_shape, generator=make_generator(seed + 1000))
+    return attacks.Trigger.blend(pattern, BLEND_ALPHA)
+
+
+def poisoned_split(case: str, splits, seed: int, patch: int = PATCH) -> tuple:
+    """``(train, poisoned_index, trigger)`` of ``case`` (``"clean"`` or ``"<attack>-<rate>"``)."""
+    if case == "clean":
+        return splits.train[:2], torch.zeros(0, dtype=torch.long), None
+    attack, rate = case.split("-")
+    trigger = trigger_for(attack, tuple(splits.input_shape), seed, patch)
+    X, y, index = attacks.poison(splits.train[:2], trigger, target_class=TARGET, rate=float(rate), seed=seed)
+    return (X, y), index, trigger
+
+
+def trainer_for(name: str, splits):
+    return make_trainer(name, epochs=EPOCHS, lr=LR, batch_size=BATCH, bounds=splits.bounds, progress=False,
+                        **(PGD if name == "pgd-at" else {}))
+
+
+def scan_row(scan, y: torch.Tensor, poisoned_index: torch.Tensor) -> dict:
+    """The scan's statistics and timing, and the samples it flags when its verdict is "found"
+    (:func:`~defenses.backdoor_scan.class_statistics` of its scores), with their precision / recall: the verdict
+    itself is applied by the report, with the current threshold."""
+    _, candidates, _ = class_statistics(scan.scores, y, budget_size(len(y), scan.budget))
+    removed = torch.zeros(len(y), dtype=torch.bool)
+    removed[candidates] = True
+    found = detect.detection_metrics(removed, poisoned_index, scan.scores) if poisoned_index.numel() else {}
+    return {"value": scan.value, "target_class": scan.target_class, "candidates": candidates.tolist(),
+            "statistics": scan.statistics, "scan_s": scan.timing["scan_s"],
+            "precision": found.get("precision"), "recall": found.get("recall"), "auroc": found.get("auroc")}
+
+
+def cpu_timed(fn, *args, **kwargs):
+    started = time.process_time()
+    value = fn(*args, **kwargs)
+    return value, time.process_time() - started
+
+
+def test_metrics(model, splits, trigger) -> dict:
+    report = attacks.evaluate(model, splits.test[:2], {"trigger": trigger}, target_class=TARGET, progress=False)
+    return {"clean_acc": report["clean_acc"], "asr": report["trigger"]["asr"]}
+
+
+def run_scan(splits, case: str, seed: int):
+    train, index, trigger = poisoned_split(case, splits, seed)
+    model = model_factory("cnn", splits)(seed)
+    scan, cpu = cpu_timed(scan_backdoor, model, train, splits.val[:2], budget=0.1,
+                          trainer=trainer_for("erm", splits), seed=seed)
+    row = scan_row(scan, train[1], index)
+    row["scan_cpu_s"] = cpu
+    return row, scan, train, index, trigger
+
+
+def compute_defence(splits, case: str, seed: int, trainer_name: str, scanned=None) -> dict:
+    """Base model, scan (``scanned``: the ``erm`` part's row of the same case and seed, whose scan is reused),
+    and the model retrained from scratch without the samples the scan flags when it finds a backdoor (computed
+    whatever the verdict; the report keeps the base model where nothing is found); the scan's and the base
+    training's CPU times side by side."""
+    train, index, trigger = poisoned_split(case, splits, seed)
+    if scanned is None:
+        row = run_scan(splits, case, seed)[0]
+    else:
+        row = {k: v for k, v in scanned.items() if k not in ("base", "retrained", "train_cpu_s", "scan_over_training")}
+    trainer = trainer_for(trainer_name, splits)
+    base, base_cpu = cpu_timed(trainer.fit, model_factory("cnn", splits)(seed), train, seed=seed)
+    row.update({"base": test_metrics(base, splits, trigger), "train_cpu_s": base_cpu,
+                "scan_over_training": row["scan_cpu_s"] / base_cpu})
+    kept = torch.ones(len(train[1]), dtype=torch.bool)
+    kept[torch.tensor(row["candidates"], dtype=torch.long)] = False
+    row["retrained"] = test_metrics(trainer.fit(base, take(train, kept), seed=seed), splits, trigger)
+    return row
+
+
+def compute_influence(splits, case: str, seed: int) -> dict:
+    """Within the scan's suspected class: AUROC and recall at the poison count of the scan's scores, of
+    renormalised ip / tracin harm on the trusted split's loss, and of the scan's and ip's mean rank."""
+    train, index, trigger = poisoned_split(case, splits, seed, patch=INFLUENCE_PATCH)
+    model = model_factory(INFLUENCE_MODEL, splits)(seed)
+    options = dict(epochs=INFLUENCE_EPOCHS, lr=LR, batch_size=INFLUENCE_BATCH, progress=False)
+    scan = scan_backdoor(model, train, splits.val[:2], budget=0.1, trainer=ERM(**options), seed=seed)
+    trainer = CheckpointingERM(n_checkpoints=3, **options)
+    base = trainer.fit(model, train, seed=seed)
+    y = train[1]
+    in_class = torch.nonzero(y == scan.target_class).flatten()
+    common = dict(objective=robust_infl.Utility(), renormalize=True, seed=seed, progress=False)
+    rankings = {"scan": scan.scores,
+                "ip": robust_infl.influence(base, train, splits.val[:2], method="ip", **common),
+                "tracin": robust_infl.influence(base, train, splits.val[:2], method="tracin",
+                                                checkpoints=trainer.checkpoints, **common)}
+    rankings["scan+ip"] = (torch.from_numpy(rankdata(rankings["scan"].double().numpy())) +
+                           torch.from_numpy(rankdata(rankings["ip"].double().cpu().numpy())))
+    out = {"target_class": scan.target_class, "value": scan.value, "k": int(index.numel())}
+    positives = torch.isin(in_class, index)
+    for name, scores in rankings.items():
+        scores = scores.double().cpu()[in_class]
+        top = torch.sort(-scores, stable=True).indices[:index.numel()]
+        auroc = None
+        if positives.any() and not positives.all():
+            ranks = torch.from_numpy(rankdata(scores.numpy()))
+            pos = int(positives.sum())
+            auroc = float((ranks[positives].sum() - pos * (pos + 1) / 2) / (pos * (len(in_class) - pos)))
+        out[name] = {"recall_at_k": float(positives[top].sum()) / max(1, index.numel()), "auroc_in_class": auroc}
+    return out
+
+
+def _settings(part: str, data: str, case: str) -> dict:
+    """What a cached row depends on: the rows hold the statistic, not the verdict, so they survive a change of the
+    threshold (the report applies the current one)."""
+    settings = {"part": part, "data": data, "case": case, "sizes": SIZES, "epochs": EPOCHS, "lr": LR,
+                "batch": BATCH, "pgd": PGD, "trusted_epochs": TRUSTED_EPOCHS, "tail": SCORE_TAIL,
+                "statistic": VERDICT_STATISTIC, "budget": 0.1, "blend_alpha": BLEND_ALPHA, "patch": PATCH}
+    if part == "influence":
+        settings.update(sizes=INFLUENCE_SIZES, epochs=INFLUENCE_EPOCHS, batch=INFLUENCE_BATCH, patch=INFLUENCE_PATCH,
+                        model=INFLUENCE_MODEL)
+    return settings
+
+
+def jobs(parts) -> list:
+    """``(part, data, case, seed)`` in the order they run, seed-major within a part (so that a run stopped early
+    holds balanced seeds): the clean calibration, the influence comparison (cheap), the ``erm`` part (MNIST's
+    detections) on seeds 0-2, PGD-AT on the 1% cases of seed 0, the other ``erm`` seeds, the Fashion-MNIST
+    detections on seeds 0-2, PGD-AT on the other 1% seeds, then on the 5% cases, the other Fashion-MNIST seeds."""
+    erm = [("erm", "mnist", case, seed) for seed in POISON_SEEDS for case in CASES]
+    pgd = [("pgd-at", "mnist", case, seed) for seed in POISON_SEEDS for case in CASES]
+    first_pgd = [job for job in pgd if job[3] == 0 and job[2] in CASES[:2]]
+    out = []
+    if "clean" in parts:
+        out += [("clean", data, "clean", seed) for seed in CLEAN_SEEDS for data in DATA]
+    if "influence" in parts:
+        out += [("influence", INFLUENCE_DATA, case, seed) for seed in INFLUENCE_SEEDS for case in INFLUENCE_CASES]
+    if "erm" in parts:
+        out += [job for job in erm if job[3] < 3]
+    if "pgd-at" in parts:
+        out += first_pgd
+    if "erm" in parts:
+        out += [job for job in erm if job[3] >= 3]
+    detect = [("detect", "fashion-mnist", case, seed) for seed in POISON_SEEDS for case in CASES]
+    if "detect" in parts:
+        out += [job for job in detect if job[3] < 3]
+    if "pgd-at" in parts:
+        out += [job for job in pgd if job not in first_pgd and job[2] in CASES[:2]]
+        out += [job for job in pgd if job[2] not in CASES[:2]]
+    if "detect" in parts:
+        out += [job for job in detect if job[3] >= 3]
+    return out
+
+
+def compute(part: str, data: str, case: str, seed: int) -> dict:
+    splits = load_splits(data, seed, *(INFLUENCE_SIZES if part == "influence" else SIZES))
+    if part in ("clean", "detect"):
+        return run_scan(splits, case, seed)[0]
+    if part == "influence":
+        return compute_influence(splits, case, seed)
+    scanned = None
+    if part == "pgd-at":
+        saved = _results("erm", data, case).load(seed, SETTINGS_FINGERPRINT)
+        scanned = None if saved is None else saved["result"]
+    return compute_defence(splits, case, seed, part, scanned)
+
+
+def _results(part: str, data: str, case: str) -> SeedResults:
+    return SeedResults(OUT / f"{part}-{data}-{case}", _settings(part, data, case))
+
+
+def load_all() -> dict:
+    """Every cached row: ``{(part, data, case): {seed: row}}``."""
+    rows = {}
+    for part, data, case, seed in jobs(PARTS):
+        saved = _results(part, data, case).load(seed, SETTINGS_FINGERPRINT)
+        if saved is not None:
+            rows.setdefault((part, data, case), {})[seed] = saved["result"]
+    return rows
+
+
+def _fmt(values, digits=1, scale=1.0) -> str:
+    values = [scale * v for v in values if v is not None]
+    if not values:
+        return "–"
+    m, s = mean_std(values)
+    return f"{m:.{digits}f} ± {s:.{digits}f}"
+
+
+def _range(values, digits=1) -> str:
+    values = [v for v in values if v is not None]
+    return f"{min(values):.{digits}f} to {max(values):.{digits}f}" if values else "–"
+
+
+def _verdict_applied(row: dict) -> dict:
+    """``row`` under the current threshold: found or not, what is flagged and removed, the model kept."""
+    found = row["value"] > VERDICT_THRESHOLD
+    out = dict(row, found=found, flagged=len(row["candidates"]) if found else 0)
+    out.pop("candidates")
+    if not found:
+        out.update(precision=None if row["precision"] is None else 0.0, recall=None if row["recall"] is None else 0.0)
+    if "retrained" in row:
+        out["after"] = row["retrained"] if found else row["base"]
+        out["removed_share"] = out["flagged"] / SIZES[0]
+    return out
+
+
+def report(rows: dict) -> dict:
+    """The summary JSON and the RESULTS.md section."""
+    lines = [f"Verdict statistic `{VERDICT_STATISTIC}` (per class: samples whose scan score exceeds "
+             f"{SCORE_TAIL:g} nats, excess over the other classes' rate, `(n - m) / sqrt(m + 1)`); threshold "
+             f"**{VERDICT_THRESHOLD:g}** (found when above). Trusted model: {TRUSTED_EPOCHS} epochs on the 500 "
+             f"validation images; one-epoch model on the 3,500 training images; budget 10%.", "",
+             "| part | data | case | seeds | found | statistic (min to max) | class right | flagged | precision "
+             "| recall |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    summary = {"threshold": VERDICT_THRESHOLD, "statistic": VERDICT_STATISTIC, "tail": SCORE_TAIL, "rows": {}}
+    for (part, data, case), by_seed in sorted(rows.items(), key=lambda kv: (PARTS.index(kv[0][0]), kv[0][1:])):
+        if part not in ("clean", "detect", "erm"):
+            continue
+        seeds = sorted(by_seed)
+        values = [by_seed[s]["value"] for s in seeds]
+        found = sum(v > VERDICT_THRESHOLD for v in values)
+        right = sum(by_seed[s]["target_class"] == TARGET for s in seeds) if case != "clean" else None
+        summary["rows"][f"{part}/{data}/{case}"] = {"seeds": seeds, "values": values, "found": found}
+        applied = [_verdict_applied(by_seed[s]) for s in seeds]
+        lines.append(f"| {part} | {data} | {case} | {len(seeds)} | {found}/{len(seeds)} | {_range(values)} | "
+                     f"{'–' if right is None else f'{right}/{len(seeds)}'} | "
+                     f"{_fmt([x['flagged'] for x in applied])} | "
+                     f"{_fmt([x['precision'] for x in applied], 1, 100)} | "
+                     f"{_fmt([x['recall'] for x in applied], 1, 100)} |")
+    lines += ["", "Removal and retraining on MNIST (the scan's flagged samples removed, retrained from scratch with "
+              "the same trainer; nothing found: the base model kept). Percentages, mean ± std over seeds; cost: "
+              "the scan's CPU time over one training run of the base model, measured side by side.", "",
+              "| trainer | case | seeds | found | ASR before | ASR after | clean before | clean change | removed | "
+              "recall | precision | scan / training |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for (part, data, case), by_seed in sorted(rows.items()):
+        if part not in ("erm", "pgd-at"):
+            continue
+        r = [_verdict_applied(by_seed[s]) for s in sorted(by_seed)]
+        summary["rows"][f"{part}/{data}/{case}"] = r
+        lines.append(
+            f"| {part} | {case} | {len(r)} | {sum(x['found'] for x in r)}/{len(r)} | "
+            f"{_fmt([x['base']['asr'] for x in r], 1, 100)} | {_fmt([x['after']['asr'] for x in r], 1, 100)} | "
+            f"{_fmt([x['base']['clean_acc'] for x in r], 1, 100)} | "
+            f"{_fmt([x['after']['clean_acc'] - x['base']['clean_acc'] for x in r], 2, 100)} | "
+            f"{_fmt([x['removed_share'] for x in r], 2, 100)} | {_fmt([x['recall'] for x in r], 1, 100)} | "
+            f"{_fmt([x['precision'] for x in r], 1, 100)} | {_fmt([x['scan_over_training'] for x in r], 2)} |")
+    influence = [(case, by_seed) for (part, _, case), by_seed in sorted(rows.items()) if part == "influence"]
+    if influence:
+        lines += ["", "Ranking within the scan's suspected class (sklearn digits, MLP, plain training, 5%): the "
+                  "scan's score against renormalised influence harm on the trusted split's loss (`ip` on the "
+                  "trained model, `tracin` on its 3 checkpoints) and the mean rank of the scan and `ip`; recall "
+                  "at the poison count and AUROC within the class, mean ± std over seeds.", "",
+                  "| case | seeds | class right | recall: scan | ip | tracin | scan+ip | AUROC: scan | ip | tracin "
+                  "| scan+ip |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+        rankers = ("scan", "ip", "tracin", "scan+ip")
+        for case, by_seed in influence:
+            r = [by_seed[s] for s in sorted(by_seed)]
+            summary["rows"][f"influence/{INFLUENCE_DATA}/{case}"] = r
+            cells = [f"{sum(x['target_class'] == TARGET for x in r)}/{len(r)}"]
+            cells += [_fmt([x[m]["recall_at_k"] for x in r], 1, 100) for m in rankers]
+            cells += [_fmt([x[m]["auroc_in_class"] for x in r], 3) for m in rankers]
+            lines.append(f"| {case} | {len(r)} | " + " | ".join(cells) + " |")
+    clean = [row for (part, _, _), by_seed in rows.items() if part == "clean" for row in by_seed.values()]
+    summary["false_positives"] = sum(row["value"] > VERDICT_THRESHOLD for row in clean)
+    summary["clean_seeds"] = len(clean)
+    lines += ["", f"False positives on clean data: {summary['false_positives']} of {summary['clean_seeds']} "
+              "seeds (both data sets). Written by `experiments/scan_calibration.py`."]
+    return summary, "\n".join(lines)
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--parts", nargs="+", choices=PARTS, default=list(PARTS))
+    parser.add_argument("--report-only", action="store_true", help="only rewrite the report from the caches")
+    args = parser.parse_args(argv)
+    if not args.report_only:
+        for part, data, case, seed in jobs(args.parts):
+            row, seconds = cached(_results(part, data, case), seed, lambda: compute(part, data, case, seed))
+            print(f"{part} {data} {case} seed {seed}: {seconds:.0f}s", {k: row[k] for k in ("found", "value")
+                                                                       if k in row}, flush=True)
+            summary, markdown = report(load_all())
+            write_json(OUT.with_suffix(".json"), summary)
+            write_section("scan_calibration", markdown)
+    summary, markdown = report(load_all())
+    write_json(OUT.with_suffix(".json"), summary)
+    write_section("scan_calibration", markdown)
+
+
+if __name__ == "__main__":
+    main()
