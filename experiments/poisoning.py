@@ -93,13 +93,15 @@ def recipes_of(setting: tuple, available: tuple) -> list:
     return [r for r in wanted if r in available]
 
 
-def run_setting(name: str, seeds: int, out_dir: Path, progress: bool, quick: bool = False) -> dict:
+def run_setting(name: str, seeds: int, out_dir: Path, progress: bool, quick: bool = False,
+                only: Optional[list] = None) -> dict:
     """Run (or resume, adding missing recipes) one grid setting (``--quick``: :data:`QUICK`) through
-    ``defenses.run_poisoning``."""
+    ``defenses.run_poisoning``; ``only``: of its recipes, ``none`` and these."""
     data, trainer, attack, rate = QUICK if quick else GRID[name]
+    recipes = recipes_of((data, trainer, attack, rate), defenses.available_recipes("poisoning"))
     sizes = dict(n_train=400, n_val=200, n_test=200) if quick else SIZES
     return defenses.run_poisoning(data, trainer=trainer, seeds=seeds, steps=10, train_steps=3,
-                                  recipes=recipes_of((data, trainer, attack, rate), defenses.available_recipes("poisoning")),
+                                  recipes=[r for r in recipes if only is None or r in ("none", *only)],
                                   poison=dict(attack=attack, rate=rate, target_class=0, evidence=(EVIDENCE,),
                                               patch_size=2 if data == "digits" else 3, robust_n=100),
                                   out=out_dir / name, resume=True, progress=progress, **sizes)
@@ -335,6 +337,8 @@ def main(argv: Optional[list] = None) -> int:
     parser.add_argument("--rerun", nargs="+", default=[], metavar="RECIPE",
                         help="first delete these recipes' rows from the settings' per-seed files (after their code "
                              "changed), so that the run recomputes them")
+    parser.add_argument("--only", nargs="+", default=None, metavar="RECIPE",
+                        help="run only these of the grid's recipes (and none); default: all that are registered")
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
     stem = "poisoning_quick" if args.quick else "poisoning"
@@ -351,7 +355,8 @@ def main(argv: Optional[list] = None) -> int:
         for name in names:
             for recipe in args.rerun:
                 print(f"{name}: {drop_rows(folder / name, recipe)} rows of {recipe} deleted to rerun", flush=True)
-            run_setting(name, 1 if args.quick else args.seeds, folder, not args.no_progress, quick=args.quick)
+            run_setting(name, 1 if args.quick else args.seeds, folder, not args.no_progress, quick=args.quick,
+                        only=args.only)
             grid[name] = load_setting(folder / name)
     for key, settings in groups(grid).items():
         print(render_group(_title(key), settings), "\n", flush=True)
