@@ -23,6 +23,7 @@ import attacks
 from attacks.inputs import as_data
 from attacks.plumbing import make_generator
 from robust_infl.io import held_output
+from robust_infl.store import model_hash
 
 from . import poison_detection as detect
 from .config import PoisoningConfig, PoisonSpec, config_from_options
@@ -129,7 +130,8 @@ def poisoned_seed(seed: int, splits, spec: PoisonSpec, recipes: Sequence[Recipe]
     """One seed of :func:`execute_poisoning`: poison the training split, train the base model, draw the evidence,
     run every recipe (an evidence recipe once per evidence size) and measure each model on the test split.
 
-    Returns ``{"base": row, "runs": [row, ...], "n_poisoned": int, "timing": {...}}``. Every row records the
+    Returns ``{"base": row, "runs": [row, ...], "n_poisoned": int, "base_model": hash, "timing": {...}}``
+    (``base_model``: :func:`robust_infl.store.model_hash` of the base model). Every row records the
     wall and CPU time of its recipe (detection and retraining; the base model's training for ``none``) as
     ``train_time`` / ``train_cpu_time``, and ``cost_vs_base``: that time over the base model's training, on
     the clock of :func:`~defenses.timing.cost_clock` (the first training of a process also pays torch's
@@ -170,7 +172,7 @@ def poisoned_seed(seed: int, splits, spec: PoisonSpec, recipes: Sequence[Recipe]
                          "train_time": seconds["wall"], "train_cpu_time": seconds["cpu"],
                          "cost_vs_base": seconds[clock] / base_time[clock]})
     train_time = base_time["wall"]
-    return {"base": base_row, "runs": runs, "n_poisoned": int(poisoned_index.numel()),
+    return {"base": base_row, "runs": runs, "n_poisoned": int(poisoned_index.numel()), "base_model": model_hash(base),
             "timing": {"train_s": train_time, "detection_s": detection_time,
                        "detection_over_epoch": detection_time / (train_time / max(1, getattr(trainer, "epochs", 1)))}}
 
@@ -178,7 +180,13 @@ def poisoned_seed(seed: int, splits, spec: PoisonSpec, recipes: Sequence[Recipe]
 def execute_poisoning(plan: RunPlan) -> dict:
     """Run the plan of a :class:`~defenses.config.PoisoningConfig` (see :func:`run_poisoning`) and return (and with
     ``out`` write) its report; the per-seed loop is :func:`defenses.seed_results.run_seeds`. ``out`` is held
-    for the whole run (:func:`robust_infl.io.held_output`: a second run into it is refused)."""
+    for the whole run (:func:`robust_infl.io.held_output`: a second run into it is refused).
+
+    A seed's file is keyed by every setting but the recipes: resumed, a seed that lacks some of the requested
+    recipes retrains its base model (the same weights: training is seeded), runs only those and adds their
+    rows, so the report equals that of one run of all the recipes (its timings aside); rows of recipes not
+    requested stay in the file and out of the report. A retrained base model that differs from the saved
+    one (another torch build or thread count) is refused with a ``ValueError`` naming ``resume``."""
     with held_output(plan.settings.out):
         return _execute_poisoning(plan)
 
@@ -188,20 +196,36 @@ def _execute_poisoning(plan: RunPlan) -> dict:
     if s.out is not None:
         prepare_out_folder(s.out, resume=s.resume, overwrite=s.overwrite)
     config = plan.poison_config()
-    saved = None if s.out is None else SeedResults(s.out, {k: v for k, v in config.items() if k != "seeds"})
+    saved = None if s.out is None else SeedResults(s.out, {k: v for k, v in config.items()
+                                                           if k not in ("seeds", "recipes")})
     with tqdm(total=len(plan.seeds), desc="poisoning", disable=None if s.progress else True) as bar:
-        def compute(seed, splits):
-            results = poisoned_seed(seed, splits, spec, plan.recipes, model_for=plan.model_for,
+        def compute(seed, splits, recipes):
+            results = poisoned_seed(seed, splits, spec, recipes, model_for=plan.model_for,
                                     trainer=plan.base_trainer, attack=plan.attack_for(seed, splits),
                                     eval_batch_size=s.eval_batch_size,
                                     on_recipe=lambda label: bar.set_postfix_str(f"seed {seed}: {label}"))
             bar.update()
             return results
 
-        per_seed = run_seeds(plan.seeds, plan.splits, compute, saved=saved, resume=s.resume,
-                             on_reused=lambda seed: bar.update())
+        def extend(seed, splits, done):
+            have = {row["recipe"] for row in done["runs"]}
+            missing = [r for r in plan.recipes if r.name not in have]
+            if not missing:
+                return None
+            added = compute(seed, splits, missing)
+            if added["base"] != done["base"] or added["base_model"] != done.get("base_model", added["base_model"]):
+                raise ValueError(f"resume: seed {seed}'s base model, retrained to add {', '.join(r.name for r in missing)}, "
+                                 f"differs from the one its saved rows were measured on ({added['base']} vs "
+                                 f"{done['base']}): training does not reproduce here; use another out folder or "
+                                 "overwrite=True")
+            return {**done, "runs": done["runs"] + added["runs"]}
+
+        per_seed = run_seeds(plan.seeds, plan.splits, lambda seed, splits: compute(seed, splits, plan.recipes),
+                             saved=saved, resume=s.resume, on_reused=lambda seed: bar.update(), extend=extend)
+    order = {r.name: i for i, r in enumerate(plan.recipes)}
     base_rows = [r["base"] for r in per_seed]
-    rows = [row for r in per_seed for row in r["runs"]]
+    rows = sorted((row for r in per_seed for row in r["runs"] if row["recipe"] in order),
+                  key=lambda row: (plan.seeds.index(row["seed"]), order[row["recipe"]], row["evidence"] or 0))
     report = {"config": config,
               "base": {m: mean_std(r[m] for r in base_rows) for m in POISON_BASE_METRICS},
               "per_seed": {"base": base_rows, "runs": rows, "timing": [r["timing"] for r in per_seed]},

@@ -168,12 +168,15 @@ class SeedResults:
 
 
 def run_seeds(seeds: Sequence[int], splits_for: Callable, compute: Callable, *, saved: Optional[SeedResults],
-              resume: bool, on_reused: Callable[[int], None]) -> list:
+              resume: bool, on_reused: Callable[[int], None], extend: Optional[Callable] = None) -> list:
     """The per-seed loop of a run: each seed's results, in order, from ``compute(seed, splits)``, or with
     ``resume`` the ones ``saved`` holds for that seed and its data (``on_reused(seed)`` is called then).
 
     Computed results are saved (``saved.save``) as each seed completes, keyed by a fingerprint of
     the seed's splits (:func:`robust_infl.store.data_hash`), so a crashed run loses at most one seed.
+    ``extend(seed, splits, saved_results)``, where given, completes reused results that lack some of the
+    run's parts (the poisoning pipeline's recipes): it returns the completed results, saved in their place,
+    or None when nothing is missing.
     """
     results = []
     for seed in seeds:
@@ -185,6 +188,11 @@ def run_seeds(seeds: Sequence[int], splits_for: Callable, compute: Callable, *, 
             if saved is not None:
                 saved.save(seed, fingerprint, done)
         else:
-            on_reused(seed)
+            extended = None if extend is None else extend(seed, splits, done)
+            if extended is None:
+                on_reused(seed)
+            else:
+                done = extended
+                saved.save(seed, fingerprint, done)
         results.append(done)
     return results

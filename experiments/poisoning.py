@@ -1,221 +1,372 @@
-"""Backdoor poisons: find and remove them (``defenses.remove_poisons``) against every baseline, 5 seeds.
+"""Backdoor poisons: the attack x defence table (BackdoorBench's layout) on MNIST and Fashion-MNIST, 5 seeds.
 
-Settings: MNIST 3,500 + SmallCNN and sklearn digits + MLP (a 2x2 patch on the 8x8 images); BadNets
-at 5% and 1% and ART's clean-label backdoor (5% of the training split, PGD linf 0.3 on a proxy);
-plain training (ERM) and PGD adversarial training (3 steps, linf 0.1); evidence K = 10 and 50
-triggered validation inputs with their true labels (threat model "evidence known") and none
-("trigger unknown"). Budget: twice the poison rate. Each setting runs through
-``defenses.run_poisoning`` with its per-seed cache in ``experiments/out/poisoning/<setting>``
-(``resume``), so an interrupted run continues where it stopped.
+Per data set, poison rate and trainer, one table per measure: rows are the poisoning recipes (defences),
+columns the attacks; backdoor ASR and clean accuracy (mean over seeds, with the paired difference against
+``none`` and its 95% interval), recall / precision of the samples a defence removes, and the cost of each
+defence (CPU time as a multiple of one training run). Data: MNIST and Fashion-MNIST, 3,500 training / 500
+validation / 1,000 test images, SmallCNN, 5 epochs; target class 0; budget twice the poison rate; plain
+training (ERM) or PGD adversarial training (3 steps, linf 0.1). The trigger-unknown recipes run in every
+setting; the evidence-known ``remove-poisons`` (K = 10 triggered validation inputs) in the BadNets settings.
 
-Settings run in separate processes (``--settings``); ``--write-results`` then writes the ``poisoning``
-section of ``experiments/RESULTS.md`` from their reports, with the seeds each one reached (``--quick``: a
-tiny digits run, written nowhere but its JSON). The figures live there, not here. On the shared 2-core
-machine the grid was cut to fit: MNIST with PGD-AT runs K = 50 only and no self-influence baseline; the
-section lists the seeds of every setting and the settings not run.
+Each setting runs through ``defenses.run_poisoning`` with its per-seed cache in
+``experiments/out/poisoning/<setting>`` (``resume``); a cached seed that lacks some of the requested recipes
+runs only those, so recipes added later (a new defence) extend the table without rerunning the others.
+Recipes not registered in this version are left out of the run. ``--write-results`` runs nothing: it writes
+the ``poisoning`` section of ``experiments/RESULTS.md`` from the per-seed files (and the reports of the
+earlier settings kept as they were), listing the seeds of every cell (``--quick``: a tiny digits run,
+written nowhere but its JSON). The figures live there, not here.
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 import json
 from pathlib import Path
 from typing import Optional
 
+import defenses
+from defenses.seed_results import SEEDS_DIR, read_seed_file, record_checksum
+from robust_infl.io import atomic_write_json
+
 try:
-    from experiments._results import EXPERIMENTS, format_delta, save_figure, write_json, write_section
+    from experiments._results import EXPERIMENTS, mean_std, paired_ci, save_figure, write_json, write_section
 except ImportError:  # run as a script: python experiments/poisoning.py
-    from _results import EXPERIMENTS, format_delta, save_figure, write_json, write_section
+    from _results import EXPERIMENTS, mean_std, paired_ci, save_figure, write_json, write_section
 
-ALL_RECIPES = ("none", "random", "low-loss", "self", "activation-defence", "spectral-signature", "knn-label",
-               "remove-poisons-unknown", "evidence-retrain", "evidence-finetune", "evidence-class-low-loss",
-               "remove-poisons")
-# On a machine shared by four jobs the grid is cut to what finishes in time: the renormalised-influence
-# detector ("evidence-influence", AUROC 0.91-0.93 on a first seed, see README) and the removal-only ablation
-# ("contrast-removal-only") are left out of it; both stay available as recipes.
-# MNIST with PGD adversarial training (3.5x the cost of a plain training per retraining) drops the
-# self-influence baseline (AUROC ~0.1 under plain training: it ranks the poisons last) and K = 10.
-AT_RECIPES = tuple(r for r in ALL_RECIPES if r != "self")
+# The rows of the tables, in order: no defence, the trigger-unknown detectors (baselines, then the
+# references of the field and the toolkit's scan), then the evidence-known removal. A recipe that this
+# version does not register is left out of the run (its rows are added later from the same caches).
+# remove-poisons-unknown (remove_poisons without evidence) is the backdoor-scan recipe itself (the same
+# scan and retraining: equal rows on the first seeds it ran), so it is no row of its own.
+UNKNOWN_RECIPES = ("low-loss", "knn-label", "activation-defence", "spectral-signature", "abl", "spectre", "asset",
+                   "backdoor-scan")
+# PGD-AT retrains at ~3.5x the cost of plain training: its rows are cut to the strongest baselines, ABL and the scan.
+AT_UNKNOWN_RECIPES = ("knn-label", "spectral-signature", "abl", "backdoor-scan")
+EVIDENCE = 10  # K of the evidence-known remove-poisons (BadNets settings only)
+ROWS = ("none", *UNKNOWN_RECIPES, "remove-poisons")
+DATA = {"mnist": "mnist", "fmnist": "fashion-mnist"}
+SIZES = dict(n_train=3500, n_val=500, n_test=1000)
+TRAINERS = {"erm": "erm", "pgdat": "pgd-at"}
+PRIORITY = {}
 
-# the recommended recipes and the ablation of one of them are not baselines of the goal check
-NOT_BASELINES = ("none", "remove-poisons", "remove-poisons-unknown", "contrast-removal-only")
 
-# name -> (data, trainer, attack, rate, patch size)
-SETTINGS = {
-    "mnist-erm-badnets5": ("mnist", "erm", "badnets", 0.05, 3),
-    "mnist-erm-badnets1": ("mnist", "erm", "badnets", 0.01, 3),
-    "mnist-erm-cleanlabel5": ("mnist", "erm", "clean-label", 0.05, 3),
-    "mnist-pgdat-badnets5": ("mnist", "pgd-at", "badnets", 0.05, 3),
-    "mnist-pgdat-badnets1": ("mnist", "pgd-at", "badnets", 0.01, 3),
-    "mnist-pgdat-cleanlabel5": ("mnist", "pgd-at", "clean-label", 0.05, 3),
-    "digits-erm-badnets5": ("digits", "erm", "badnets", 0.05, 2),
-    "digits-erm-badnets1": ("digits", "erm", "badnets", 0.01, 2),
-    "digits-erm-cleanlabel5": ("digits", "erm", "clean-label", 0.05, 2),
-    "digits-pgdat-badnets5": ("digits", "pgd-at", "badnets", 0.05, 2),
+def _grid(priority: int, data: str, trainer: str, attacks: tuple, rates: tuple) -> dict:
+    names = {}
+    for attack in attacks:
+        for rate in rates:
+            name = f"{data}-{trainer}-{attack}{rate:g}"
+            names[name] = (DATA[data], TRAINERS[trainer], attack, rate / 100)
+            PRIORITY[name] = priority
+    return names
+
+
+# name -> (data, trainer, attack, rate), in priority order (the order the runs were started in). Fashion-MNIST
+# at 5% comes early: at 1% its backdoors are weak (base ASR 0.46-0.58 BadNets, 0.09-0.12 blend in a probe).
+# SIG and WaNet at the rates where they backdoor at all (SIG 9.5%, nearly the whole target class; WaNet 10%,
+# still weak with this schedule) come last.
+GRID = {
+    **_grid(1, "mnist", "erm", ("badnets", "blend"), (1, 5)),
+    **_grid(1, "fmnist", "erm", ("badnets", "blend"), (1, 5)),
+    **_grid(2, "mnist", "pgdat", ("badnets",), (1,)),
+    **_grid(2, "mnist", "erm", ("label-consistent",), (5,)),
+    **_grid(2, "mnist", "erm", ("adaptive-blend",), (1,)),
+    **_grid(3, "mnist", "erm", ("adaptive-blend",), (5,)),
+    **_grid(3, "mnist", "pgdat", ("blend",), (1,)),
+    **_grid(3, "mnist", "erm", ("sig",), (9.5,)),
+    **_grid(3, "mnist", "erm", ("wanet",), (10,)),
 }
+# Settings measured by an earlier version of this script (other recipes, K = 10 and 50, the earlier
+# trigger-unknown detector as remove-poisons-unknown), kept as they were: the grid does not cover them.
+KEPT = ("digits-erm-badnets5", "digits-erm-badnets1", "digits-erm-cleanlabel5", "digits-pgdat-badnets5",
+        "mnist-erm-cleanlabel5", "mnist-pgdat-badnets5")
+QUICK = ("digits", "erm", "badnets", 0.05)  # the smoke test's setting (tiny splits, one seed)
 
 
-# Settings whose cached seeds predate a change of the code they exercise (named by the commit they ran at).
-NOTES: dict = {}
+def recipes_of(setting: tuple, available: tuple) -> list:
+    """The recipes a grid setting ``(data, trainer, attack, rate)`` runs: ``none``, the trigger-unknown ones
+    registered in ``available`` (a reduced list under PGD-AT) and, on BadNets, the evidence-known
+    ``remove-poisons``."""
+    _, trainer, attack, _ = setting
+    unknown = UNKNOWN_RECIPES if trainer == "erm" else AT_UNKNOWN_RECIPES
+    wanted = ["none", *unknown] + (["remove-poisons"] if attack == "badnets" else [])
+    return [r for r in wanted if r in available]
 
 
-def run_setting(name: str, seeds: int, out_dir: Path, progress: bool, quick: bool = False) -> dict:
-    """Run (or resume) one setting through ``defenses.run_poisoning`` and return its report."""
-    import defenses
-
-    data, trainer, attack, rate, patch = SETTINGS[name]
-    reduced = data == "mnist" and trainer != "erm"
-    recipes = AT_RECIPES if reduced else ALL_RECIPES
-    sizes = dict(n_train=400, n_val=200, n_test=200) if quick else {}
-    return defenses.run_poisoning(data, trainer=trainer, seeds=seeds, steps=10, train_steps=3, recipes=list(recipes),
-                        poison=dict(attack=attack, rate=rate, target_class=0, evidence=(50,) if reduced else (10, 50),
-                                    patch_size=patch,
-                                    robust_n=100 if quick else 500),
-                        out=out_dir / name, resume=True, progress=progress, **sizes)
-
-
-def _pct(stat: Optional[dict], digits: int = 1) -> str:
-    return "–" if stat is None else f"{100 * stat['mean']:.{digits}f}"
+def run_setting(name: str, seeds: int, out_dir: Path, progress: bool, quick: bool = False,
+                only: Optional[list] = None) -> dict:
+    """Run (or resume, adding missing recipes) one grid setting (``--quick``: :data:`QUICK`) through
+    ``defenses.run_poisoning``; ``only``: of its recipes, ``none`` and these."""
+    data, trainer, attack, rate = QUICK if quick else GRID[name]
+    recipes = recipes_of((data, trainer, attack, rate), defenses.available_recipes("poisoning"))
+    sizes = dict(n_train=400, n_val=200, n_test=200) if quick else SIZES
+    return defenses.run_poisoning(data, trainer=trainer, seeds=seeds, steps=10, train_steps=3,
+                                  recipes=[r for r in recipes if only is None or r in ("none", *only)],
+                                  poison=dict(attack=attack, rate=rate, target_class=0, evidence=(EVIDENCE,),
+                                              patch_size=2 if data == "digits" else 3, robust_n=100),
+                                  out=out_dir / name, resume=True, progress=progress, **sizes)
 
 
-def _goal(report: dict) -> list:
-    """Per recommended recipe: which parts of the goal it meets (from the seed means)."""
-    summary = {(e["recipe"], e["evidence"]): e for e in report["summary"]}
-    base_asr = report["base"]["asr_backdoor"]["mean"]
-    budget = report["config"]["poison"]["budget"]
-    lines = []
-    for key in [k for k in summary if k[0] in ("remove-poisons", "remove-poisons-unknown")]:
-        e = summary[key]
-        threat = "evidence" if key[0] == "remove-poisons" else "unknown"
-        rivals = [v for k, v in summary.items() if k != key and k[0] not in NOT_BASELINES
-                  and (threat == "evidence" and k[1] in (None, key[1]) or threat == "unknown" and v["threat"] == "unknown")]
-        asr, recall = e["asr_backdoor"]["mean"], e["recall"]["mean"]
-        best_rival_asr = min(v["asr_backdoor"]["mean"] for v in rivals)
-        best_rival_recall = max((v["recall"]["mean"] for v in rivals if v["recall"] is not None), default=0.0)
-        clean = e["vs_none"]["clean_acc"]["mean"] if "vs_none" in e else float("nan")
-        checks = {
-            "base ASR >= 0.9": base_asr >= 0.9,
-            "ASR <= 0.05": asr <= 0.05,
-            "clean cost <= 1 pt": clean >= -0.01,
-            f"removed <= {budget:g}": e["removed_share"]["mean"] <= budget + 1e-9,
-            "best ASR of all": asr <= best_rival_asr,
-            "best recall of all": recall >= best_rival_recall,
-        }
-        label = key[0] + ("" if key[1] is None else f" K={key[1]}")
-        met = ", ".join(f"{k} {'yes' if v else 'NO'}" for k, v in checks.items())
-        lines.append(f"- {label}: ASR {100 * asr:.1f}% (best other {100 * best_rival_asr:.1f}%), recall "
-                     f"{100 * recall:.1f}% (best other {100 * best_rival_recall:.1f}%), clean {100 * clean:+.1f} pts; {met}")
-    return lines
+def drop_rows(folder: Path, recipe: str) -> int:
+    """Delete ``recipe``'s rows from the per-seed files in ``folder`` (after its code changed), each file
+    rewritten atomically with its new checksum, so that the next run recomputes them; returns the rows deleted."""
+    dropped = 0
+    for path in sorted((folder / SEEDS_DIR).glob("seed_*.json")):
+        record = {k: v for k, v in read_seed_file(path).items() if k != "sha256"}
+        runs = record["results"]["runs"]
+        kept = [row for row in runs if row["recipe"] != recipe]
+        if len(kept) < len(runs):
+            record["results"]["runs"] = kept
+            atomic_write_json(path, {**record, "sha256": record_checksum(record)})
+            dropped += len(runs) - len(kept)
+    return dropped
 
 
-def render_setting(name: str, report: dict) -> str:
-    """One setting's table and goal check as Markdown."""
-    cfg, spec = report["config"], report["config"]["poison"]
-    rows = {(r["recipe"], r["evidence"], r["seed"]): r for r in report["per_seed"]["runs"]}
-    seeds = cfg["seeds"]
-    base = report["base"]
-    lines = [f"### {name}: {cfg['data']} / {cfg['model']} / {cfg['trainer']}, {spec['attack']} {100 * spec['rate']:g}%",
-             "",
-             f"Base model: clean {_pct(base['clean_acc'])}%, backdoor ASR {_pct(base['asr_backdoor'])}%, "
-             f"PGD robust {_pct(base['robust_acc_adaptive'])}%; budget {100 * spec['budget']:g}% removed; "
-             f"seeds {seeds}.",
-             *([""] + [NOTES[name]] if name in NOTES else []),
-             "",
-             "| recipe | K | clean % | Δ clean vs none [95% CI] | ASR % | Δ ASR vs none [95% CI] | recall % "
-             "| precision % | AUROC | robust % | removed % |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
-    for e in report["summary"]:
-        recipe, size = e["recipe"], e["evidence"]
-        mine = [rows[(recipe, size, s)] for s in seeds]
-        none = [rows[("none", None, s)] for s in seeds]
-        d_clean = "–" if recipe == "none" else format_delta([r["clean_acc"] for r in mine], [r["clean_acc"] for r in none], digits=1)
-        d_asr = "–" if recipe == "none" else format_delta([r["asr_backdoor"] for r in mine],
-                                                           [r["asr_backdoor"] for r in none], digits=1)
-        auroc = "–" if e["auroc"] is None else f"{e['auroc']['mean']:.3f}"
-        lines.append(f"| {recipe} | {size or '–'} | {_pct(e['clean_acc'])} | {d_clean} | {_pct(e['asr_backdoor'])} "
-                     f"| {d_asr} | {_pct(e['recall'])} | {_pct(e['precision'])} | {auroc} "
-                     f"| {_pct(e['robust_acc_adaptive'])} | {_pct(e['removed_share'])} |")
-    timing = report["per_seed"]["timing"]
-    ratio = sum(t["detection_over_epoch"] for t in timing) / len(timing)
-    lines += ["", f"Detection (trigger-unknown contrast detector over the training split) / one training epoch: "
-              f"{ratio:.2f} (mean over seeds, measured in the same run).", "", "Goal check:"] + _goal(report)
+def load_setting(folder: Path) -> Optional[dict]:
+    """A setting's measurements: ``{"data", "trainer", "attack", "rate", "budget", "base", "runs"}`` from its
+    per-seed files (each checked by :func:`defenses.seed_results.read_seed_file`; the rows of the grid's
+    recipes, :data:`ROWS`), or for a kept setting from its report (all its rows); None where neither exists."""
+    paths = sorted((folder / SEEDS_DIR).glob("seed_*.json"), key=lambda p: int(p.stem.split("_")[1]))
+    if folder.name in KEPT or not paths:
+        if not (folder / "report.json").exists():
+            return None
+        report = json.loads((folder / "report.json").read_text())
+        config, base, runs = report["config"], report["per_seed"]["base"], report["per_seed"]["runs"]
+    else:
+        saved = [read_seed_file(p) for p in paths]
+        config = saved[0]["settings"]
+        base = [s["results"]["base"] for s in saved]
+        runs = [row for s in saved for row in s["results"]["runs"] if row["recipe"] in ROWS]
+    spec = config["poison"]
+    return {"data": config["data"], "trainer": config["trainer"], "attack": spec["attack"], "rate": spec["rate"],
+            "budget": spec["budget"], "base": base, "runs": runs}
+
+
+def _row_key(row: dict) -> tuple:
+    return row["recipe"], row["evidence"]
+
+
+def _label(key: tuple) -> str:
+    return key[0] + ("" if key[1] is None else f" K={key[1]}")
+
+
+def _row_order(keys) -> list:
+    order = list(ROWS)
+    return sorted(set(keys), key=lambda k: (order.index(k[0]) if k[0] in order else len(order), k[0], k[1] or 0))
+
+
+def cell(setting: dict, key: tuple) -> Optional[dict]:
+    """One (recipe, K) row of one setting: per-metric means over its seeds, the paired differences of clean
+    accuracy and ASR against ``none`` on the same seeds, its mean cost, and the seeds."""
+    mine = {r["seed"]: r for r in setting["runs"] if _row_key(r) == key}
+    if not mine:
+        return None
+    none = {r["seed"]: r for r in setting["runs"] if r["recipe"] == "none"}
+    seeds = sorted(mine)
+    out = {"seeds": seeds}
+    for metric in ("clean_acc", "asr_backdoor", "recall", "precision", "removed_share", "cost_vs_base"):
+        values = [mine[s].get(metric) for s in seeds]
+        out[metric] = None if any(v is None for v in values) else mean_std(values)[0]
+    paired = [s for s in seeds if s in none]
+    for metric in ("clean_acc", "asr_backdoor"):
+        out["d_" + metric] = (None if key[0] == "none" or not paired else
+                              paired_ci([mine[s][metric] for s in paired], [none[s][metric] for s in paired]))
+    return out
+
+
+def _with_delta(value: float, delta: Optional[tuple]) -> str:
+    text = f"{100 * value:.1f}"
+    if delta is None:
+        return text
+    mean, (low, high) = delta
+    if not math.isfinite(low):
+        return f"{text} ({100 * mean:+.1f})"
+    return f"{text} ({100 * mean:+.1f} ± {100 * (high - low) / 2:.1f})"
+
+
+def _flags(c: dict, budget: float) -> str:
+    if c["recall"] is None:
+        return "–"
+    text = f"{100 * c['recall']:.0f} / {100 * c['precision']:.0f}"
+    removed = c["removed_share"]
+    return text if abs(removed - budget) < 0.0015 else f"{text} (rm {100 * removed:.1f}%)"
+
+
+def meets_goal(c: dict, budget: float) -> bool:
+    """The trigger-unknown goal on seed means: ASR <= 5%, clean accuracy at most 1 point below ``none``'s,
+    at most the budget removed."""
+    return (c["asr_backdoor"] <= 0.05 and c["d_clean_acc"] is not None and c["d_clean_acc"][0] >= -0.01
+            and (c["removed_share"] is None or c["removed_share"] <= budget + 1e-9))
+
+
+def render_group(title: str, settings: dict) -> str:
+    """The tables of one data set x rate x trainer: ``settings`` maps each attack to its setting's measurements."""
+    attacks = list(settings)
+    budget = next(iter(settings.values()))["budget"]
+    keys = _row_order(_row_key(r) for s in settings.values() for r in s["runs"])
+    cells = {(k, a): cell(settings[a], k) for k in keys for a in attacks}
+    head = "| recipe | " + " | ".join(attacks) + " |"
+    rule = "|---|" + "---|" * len(attacks)
+    seeds = "; ".join(f"{a} {len(settings[a]['base'])}" for a in attacks)
+    lines = [f"### {title}", "", f"Budget {100 * budget:g}% removed. Seeds per attack: {seeds} (a cell with fewer "
+             "seeds says so).", ""]
+
+    def table(caption: str, fmt) -> None:
+        lines.extend([caption, "", head, rule])
+        for k in keys:
+            texts = []
+            for a in attacks:
+                c = cells[(k, a)]
+                if c is None:
+                    texts.append("")
+                    continue
+                text = fmt(c)
+                short = len(c["seeds"]) < len(settings[a]["base"])
+                texts.append(text + (f" [{len(c['seeds'])} seeds]" if short else ""))
+            lines.append(f"| {_label(k)} | " + " | ".join(texts) + " |")
+        lines.append("")
+
+    table("Backdoor ASR % (paired Δ vs none ± 95% half-interval, points):",
+          lambda c: _with_delta(c["asr_backdoor"], c["d_asr_backdoor"]))
+    table("Clean accuracy % (paired Δ vs none ± 95% half-interval, points):",
+          lambda c: _with_delta(c["clean_acc"], c["d_clean_acc"]))
+    costs = {k: [cells[(k, a)]["cost_vs_base"] for a in attacks
+                 if cells[(k, a)] is not None and cells[(k, a)]["cost_vs_base"] is not None] for k in keys}
+    timed = any(costs.values())  # the earlier settings' rows carry no cost
+    lines.extend(["Recall / precision % of the removed samples against the true poisons (rm: the share removed, "
+                  "where not the budget)" + ("; cost: CPU time of the defence (detection and retraining; `none`: "
+                  "the training itself) / one training run, mean over the cells:" if timed else ":"), "",
+                  head[:-1] + ("| cost × |" if timed else "|"), rule + ("---|" if timed else "")])
+    for k in keys:
+        texts = ["" if cells[(k, a)] is None else _flags(cells[(k, a)], budget) for a in attacks]
+        cost = (f" {sum(costs[k]) / len(costs[k]):.2f} |" if costs[k] else " – |") if timed else ""
+        lines.append(f"| {_label(k)} | " + " | ".join(texts) + " |" + cost)
+    lines += ["", "Trigger unknown, ASR <= 5% at <= 1 point of clean accuracy (seed means):"]
+    for a in attacks:
+        unknown = [k for k in keys if k[1] is None and k[0] != "none" and cells[(k, a)] is not None]
+        if not unknown:
+            continue
+        best = min(unknown, key=lambda k: cells[(k, a)]["asr_backdoor"])
+        met = [_label(k) for k in unknown if meets_goal(cells[(k, a)], budget)]
+        lines.append(f"- {a}: {', '.join(met) if met else '**nothing**'} (lowest ASR: {_label(best)} "
+                     f"{100 * cells[(best, a)]['asr_backdoor']:.1f}%)")
     return "\n".join(lines)
 
 
-def build_section(reports: dict, skipped: list) -> str:
+def groups(measured: dict) -> dict:
+    """``{(data, trainer, rate): {attack: setting}}`` of the measured settings, in their order."""
+    out: dict = {}
+    for setting in measured.values():
+        out.setdefault((setting["data"], setting["trainer"], setting["rate"]), {})[setting["attack"]] = setting
+    return out
+
+
+def _title(key: tuple) -> str:
+    data, trainer, rate = key
+    return f"{data}, {trainer}, {100 * rate:g}% poisoned"
+
+
+def build_section(grid: dict, kept: dict, missing: list) -> str:
     """The ``poisoning`` section of RESULTS.md."""
     parts = ["## Poisoned training data (`experiments/poisoning.py`)", "",
-             "Backdoor ASR: triggered test inputs of the other classes classified as the target class 0. "
-             "Recall / precision: of the removed samples against the true poisons; AUROC of each detector's "
-             "scores (poisons vs clean). `remove-poisons` is `defenses.remove_poisons` with the evidence "
-             "(K triggered validation inputs, true labels), `remove-poisons-unknown` without it. Δ are paired per "
-             "seed against `none` (no defence) with 95% t-intervals. Robust %: PGD linf 0.1, 10 steps, re-run on "
-             "each model, first 500 test inputs.", ""]
-    for name, report in reports.items():
-        parts += [render_setting(name, report), ""]
-    if skipped:
-        parts += ["Not run (time): " + ", ".join(skipped) + "."]
+             "BackdoorBench's layout: per data set, poison rate and trainer, rows are defences (poisoning recipes) "
+             "and columns attacks. MNIST / Fashion-MNIST 3,500 training, 500 validation (10 of them triggered as "
+             "the evidence of `remove-poisons`, the rest the clean split every recipe may use), 1,000 test images, "
+             "SmallCNN, 5 epochs; target class 0; budget twice the rate. ASR: triggered test inputs of the other "
+             "classes classified as class 0. Recall / precision: of the removed samples against the true poisons "
+             "(– where a defence removes none by design). Δ are paired per seed against `none` (no defence); "
+             "± the half-width of the 95% t-interval. Cost: CPU time of the defence over one training of the "
+             "base model, measured in the same process (`cost_vs_base` of the per-seed rows). `backdoor-scan`: "
+             "the trigger-unknown scan with the clean validation split as trusted data, retrained without what "
+             "it flags, the model unchanged when its verdict is \"nothing found\" (`remove_poisons(model, train, "
+             "None, ...)` runs the same: the recipe `remove-poisons-unknown` gives equal rows); `abl`: Anti-Backdoor "
+             "Learning with its published defaults (it isolates 1% whatever the budget); `remove-poisons K=10`: "
+             "`remove_poisons` with 10 triggered validation inputs as evidence (threat model \"evidence known\").",
+             ""]
+    for key, settings in groups(grid).items():
+        parts += [render_group(_title(key), settings), ""]
+    if missing:
+        parts += ["Not run (time): " + ", ".join(missing) + ".", ""]
+    if kept:
+        parts += ["### Earlier settings, kept as they were", "",
+                  "Measured by an earlier version of this script (K = 10 and 50, `random` and `self`, the earlier "
+                  "trigger-unknown detector as `remove-poisons-unknown`); the grid does not cover them: digits "
+                  "(8x8, MLP, 2x2 patch), MNIST with ART's clean-label backdoor (too weak: base ASR 23-34%) and "
+                  "MNIST PGD-AT BadNets 5%.", ""]
+        for key, settings in groups(kept).items():
+            parts += [render_group(_title(key), settings).replace("### ", "#### ", 1), ""]
     return "\n".join(parts)
 
 
-def plot_asr(reports: dict, path: Path) -> None:
-    """One panel per setting: the backdoor ASR of every recipe (mean over seeds), the 5% goal dashed."""
+def plot_asr(measured: dict, path: Path) -> None:
+    """One heat map per data set x rate x trainer: the mean backdoor ASR of every recipe (rows) and attack."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(len(reports), 1, figsize=(8, 4.2 * len(reports)), squeeze=False)
-    for ax, (name, report) in zip(axes[:, 0], reports.items()):
-        entries = report["summary"]
-        labels = [e["recipe"] + ("" if e["evidence"] is None else f" K={e['evidence']}") for e in entries]
-        colours = ["tab:green" if e["recipe"].startswith("remove-poisons") else "tab:gray" for e in entries]
-        ax.barh(labels, [100 * e["asr_backdoor"]["mean"] for e in entries],
-                xerr=[100 * e["asr_backdoor"]["std"] for e in entries], color=colours)
-        ax.invert_yaxis()
-        ax.axvline(5, color="black", linestyle="--", linewidth=1)
-        ax.set_xlim(0, 105)
-        ax.set_title(name)
-        ax.set_xlabel("backdoor ASR (%), mean ± std over seeds")
+    grouped = groups(measured)
+    fig, axes = plt.subplots(len(grouped), 1, figsize=(8, 4.5 * len(grouped)), squeeze=False)
+    for ax, (key, settings) in zip(axes[:, 0], grouped.items()):
+        keys = _row_order(_row_key(r) for s in settings.values() for r in s["runs"])
+        values = [[(cell(s, k) or {"asr_backdoor": math.nan})["asr_backdoor"] * 100 for s in settings.values()]
+                  for k in keys]
+        ax.imshow(values, cmap="Reds", vmin=0, vmax=100, aspect="auto")
+        for i, row in enumerate(values):
+            for j, v in enumerate(row):
+                ax.text(j, i, "" if math.isnan(v) else f"{v:.0f}", ha="center", va="center", fontsize=8)
+        ax.set_xticks(range(len(settings)), list(settings))
+        ax.set_yticks(range(len(keys)), [_label(k) for k in keys])
+        ax.set_title(f"backdoor ASR %: {_title(key)}")
     save_figure(fig, path)
 
 
 def main(argv: Optional[list] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="tiny digits run for the smoke test (writes only its JSON)")
-    parser.add_argument("--settings", nargs="+", default=list(SETTINGS), choices=list(SETTINGS),
-                        help="settings to run (default: all)")
+    parser.add_argument("--settings", nargs="+", default=list(GRID), choices=list(GRID),
+                        help="grid settings to run (default: all, in priority order)")
     parser.add_argument("--seeds", type=int, default=5, help="seeds 0..N-1 (default: 5)")
     parser.add_argument("--out", type=Path, default=None,
-                        help="JSON of the summaries (default experiments/out/poisoning[_quick].json); the per-setting "
+                        help="JSON of the cells (default experiments/out/poisoning[_quick].json); the per-setting "
                              "reports and per-seed caches go in the folder of the same name without .json")
     parser.add_argument("--plots", type=Path, default=EXPERIMENTS / "plots", help="folder of the PNG")
     parser.add_argument("--write-results", action="store_true",
-                        help="run nothing: write the poisoning section of RESULTS.md from every setting whose "
-                             "report in the output folder has at least --seeds seeds")
+                        help="run nothing: write the poisoning section of RESULTS.md from the per-seed files of "
+                             "every grid setting and the reports of the settings kept from earlier")
+    parser.add_argument("--rerun", nargs="+", default=[], metavar="RECIPE",
+                        help="first delete these recipes' rows from the settings' per-seed files (after their code "
+                             "changed), so that the run recomputes them")
+    parser.add_argument("--only", nargs="+", default=None, metavar="RECIPE",
+                        help="run only these of the grid's recipes (and none); default: all that are registered")
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
     stem = "poisoning_quick" if args.quick else "poisoning"
     out = args.out or EXPERIMENTS / "out" / f"{stem}.json"
     folder = out.with_suffix("")
-    reports, skipped = {}, []
-    names = ["digits-erm-badnets5"] if args.quick else args.settings
-    for name in names:
-        if args.write_results:
-            path = folder / name / "report.json"
-            report = json.loads(path.read_text()) if path.exists() else None
-            if report is None or len(report["config"]["seeds"]) < args.seeds:
-                skipped.append(name)
-                continue
-        else:
-            report = run_setting(name, 1 if args.quick else args.seeds, folder, not args.no_progress, quick=args.quick)
-        reports[name] = report
-        print(render_setting(name, report), flush=True)
-    if reports:
-        write_json(out, {name: report["summary"] for name, report in reports.items()})
-        plot_asr(reports, args.plots / f"{stem}.png")
+    names = ["quick"] if args.quick else args.settings
+    grid, kept, missing = {}, {}, []
     if args.write_results:
-        write_section("poisoning", build_section(reports, skipped))
+        for name in GRID:
+            measured = load_setting(folder / name)
+            (missing.append(name) if measured is None else grid.__setitem__(name, measured))
+        kept = {name: m for name in KEPT if (m := load_setting(folder / name)) is not None}
+    else:
+        for name in names:
+            for recipe in args.rerun:
+                print(f"{name}: {drop_rows(folder / name, recipe)} rows of {recipe} deleted to rerun", flush=True)
+            run_setting(name, 1 if args.quick else args.seeds, folder, not args.no_progress, quick=args.quick,
+                        only=args.only)
+            grid[name] = load_setting(folder / name)
+    for key, settings in groups(grid).items():
+        print(render_group(_title(key), settings), "\n", flush=True)
+    measured = {**grid, **kept}
+    if measured:
+        write_json(out, {name: {_label(k): cell(m, k) for k in _row_order(_row_key(r) for r in m["runs"])}
+                         for name, m in measured.items()})
+        plot_asr(measured, args.plots / f"{stem}.png")
+    if args.write_results:
+        write_section("poisoning", build_section(grid, kept, missing))
     return 0
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import replace
 
 import pytest
@@ -13,6 +14,7 @@ from defenses import recipes
 from defenses.config import PoisonSpec
 from defenses.poison_recipes import Outcome, PoisonContext
 from defenses.poisoning import _trigger
+from defenses.seed_results import record_checksum
 
 TINY = dict(seeds=1, n_train=300, n_val=150, n_test=100, epochs=5, progress=False)
 
@@ -99,3 +101,49 @@ def test_run_poisoning_runs_each_backdoor_attack(attack):
     base = report["per_seed"]["base"][0]
     assert 0 <= base["asr_backdoor"] <= 1 and base["clean_acc"] > 0.5
     assert report["per_seed"]["runs"][0]["recipe"] == "none"
+
+
+TIMINGS = ("train_time", "train_cpu_time", "cost_vs_base")
+
+
+def _without_timings(report: dict) -> dict:
+    """The report's measurements: every entry but the clocks (and the recommendation, which weighs cost)."""
+    return {"config": report["config"], "base": report["base"], "per_seed_base": report["per_seed"]["base"],
+            "runs": [{k: v for k, v in row.items() if k not in TIMINGS} for row in report["per_seed"]["runs"]],
+            "summary": [{k: v for k, v in e.items() if k != "cost_vs_base"} for e in report["summary"]]}
+
+
+def test_a_resumed_seed_runs_only_the_recipes_it_lacks_and_reports_as_one_run(tmp_path, monkeypatch):
+    options = dict(TINY, seeds=2, poison=dict(evidence=(10,), robust_n=20, patch_size=2))
+    recipes_all = ["none", "low-loss", "remove-poisons"]
+    whole = defenses.run_poisoning("digits", recipes=recipes_all, out=tmp_path / "whole", **options)
+    defenses.run_poisoning("digits", recipes=["none", "remove-poisons"], out=tmp_path / "parts", **options)
+    ran = []
+    real = defenses.poisoning.poisoned_seed
+
+    def recording(seed, splits, spec, recipes, **kwargs):
+        ran.append((seed, [r.name for r in recipes]))
+        return real(seed, splits, spec, recipes, **kwargs)
+
+    monkeypatch.setattr(defenses.poisoning, "poisoned_seed", recording)
+    parts = defenses.run_poisoning("digits", recipes=recipes_all, out=tmp_path / "parts", resume=True, **options)
+    assert ran == [(0, ["low-loss"]), (1, ["low-loss"])]
+    assert _without_timings(parts) == _without_timings(whole)
+    # a later run of fewer recipes reuses the files as they are and reports only its own recipes
+    ran.clear()
+    fewer = defenses.run_poisoning("digits", recipes=["none", "low-loss"], out=tmp_path / "parts", resume=True,
+                                   **options)
+    assert ran == [] and [e["recipe"] for e in fewer["summary"]] == ["none", "low-loss"]
+    assert fewer["summary"][1]["asr_backdoor"] == whole["summary"][1]["asr_backdoor"]
+
+
+def test_a_resumed_seed_whose_base_model_does_not_reproduce_is_refused(tmp_path):
+    options = dict(TINY, poison=dict(evidence=(10,), robust_n=20, patch_size=2))
+    defenses.run_poisoning("digits", recipes=["none"], out=tmp_path, **options)
+    path = tmp_path / "seeds" / "seed_0.json"
+    record = json.loads(path.read_text())
+    record["results"]["base_model"] = "0" * 64
+    record["sha256"] = record_checksum(record)
+    path.write_text(json.dumps(record))
+    with pytest.raises(ValueError, match="resume: seed 0's base model, retrained to add low-loss, differs"):
+        defenses.run_poisoning("digits", recipes=["none", "low-loss"], out=tmp_path, resume=True, **options)

@@ -1,12 +1,20 @@
-"""Smoke test of experiments/poisoning.py --quick (tiny digits run, one seed)."""
+"""Smoke test of experiments/poisoning.py --quick (tiny digits run, one seed, the grid's recipes)."""
+
+from defenses.seed_results import read_seed_file
+from experiments.poisoning import drop_rows
 
 
 def test_poisoning_quick(tmp_path, run_quick):
     result = run_quick("poisoning", tmp_path, timeout=400)
-    entries = {(e["recipe"], e["evidence"]): e for e in result["digits-erm-badnets5"]}
-    assert {("none", None), ("remove-poisons", 10), ("remove-poisons", 50), ("remove-poisons-unknown", None),
-            ("activation-defence", None), ("spectral-signature", None)} <= set(entries)
-    for entry in entries.values():
-        assert 0 <= entry["asr_backdoor"]["mean"] <= 1 and 0 <= entry["clean_acc"]["mean"] <= 1
-    assert entries[("none", None)]["recall"] is None
-    assert entries[("remove-poisons", 50)]["removed_share"]["mean"] <= 0.1 + 1e-9
+    cells = result["quick"]
+    assert {"none", "low-loss", "knn-label", "activation-defence", "spectral-signature", "remove-poisons K=10"} <= set(cells)
+    for c in cells.values():
+        assert 0 <= c["asr_backdoor"] <= 1 and 0 <= c["clean_acc"] <= 1 and c["seeds"] == [0]
+    assert cells["none"]["recall"] is None and cells["none"]["d_asr_backdoor"] is None
+    assert cells["remove-poisons K=10"]["removed_share"] <= 0.1 + 1e-9
+    assert cells["low-loss"]["cost_vs_base"] > 0
+    # --rerun's deletion leaves a seed file that loads (checksum renewed), without the recipe's rows
+    folder = tmp_path / "poisoning" / "quick"
+    assert drop_rows(folder, "low-loss") == 1 and drop_rows(folder, "low-loss") == 0
+    runs = read_seed_file(folder / "seeds" / "seed_0.json")["results"]["runs"]
+    assert "low-loss" not in {r["recipe"] for r in runs} and "knn-label" in {r["recipe"] for r in runs}
