@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from defenses import cli
+from defenses.attribution import trust_text
 from robust_infl.registry import load_splits
 
 from conftest import CLI_TINY
@@ -22,8 +23,10 @@ def test_writes_the_tables_for_tabular_data_and_says_so(tmp_path, capsys):
     out = tmp_path / "run"
     assert cli.main(["explain", *CLI_TINY, *FLIPPED, "--top", "3", "--out", str(out)]) == 0
     printed = capsys.readouterr().out
-    assert "not images: tables only" in printed and "How far to trust it:** not measured" in printed
     report = json.loads((out / "explanation.json").read_text())
+    trust = report["trust"]  # from the benchmark's file shipped with the package, which measured ip
+    assert trust["measured"] and trust["method"] == "ip" and trust["objective"] == "robust" and trust["models"] == 1
+    assert "not images: tables only" in printed and f"How far to trust it:** {trust_text(report['trust'])}" in printed
     assert [e["input"] for e in report["explained"]] == [1, 3]  # the test-split rows
     assert report["dropped"] == [{"input": 0, "label": 1, "clean_prediction": 0, "adversarial_prediction": 0,
                                   "reason": "misclassified before the attack (nothing to flip)"}]
