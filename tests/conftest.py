@@ -126,6 +126,18 @@ CLI_TINY = ["--data", "moons", "--model", "logreg", "--epochs", "1", "--n-train"
 # Plain factories (import them: ``from conftest import gaussian_blobs``) build small, seeded data sets;
 # each call returns new tensors, so no test can change another's data.
 
+def seeded_images(n: int = 40, seed: int = 0, classes: int = 4, shape: tuple = (1, 8, 8),
+                  dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
+    """``n`` seeded uniform images of ``shape`` in [0, 1) and cyclic labels over ``classes``."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.rand(n, *shape, generator=g, dtype=dtype), torch.arange(n) % classes
+
+
+def same_bytes(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Same dtype, shape and bytes."""
+    return a.dtype == b.dtype and a.shape == b.shape and a.numpy().tobytes() == b.numpy().tobytes()
+
+
 def flat_params(model: torch.nn.Module) -> torch.Tensor:
     """Every parameter of ``model`` as one detached flat vector (to compare weights)."""
     return torch.cat([p.detach().flatten() for p in model.parameters()])

@@ -13,22 +13,14 @@ from torch.nn import functional as F
 
 import attacks
 from robust_infl.models import SmallCNN
-
-
-def images(n=40, seed=0, classes=4, shape=(1, 8, 8), dtype=torch.float32):
-    g = torch.Generator().manual_seed(seed)
-    return torch.rand(n, *shape, generator=g, dtype=dtype), torch.arange(n) % classes
-
-
-def same_bytes(a: torch.Tensor, b: torch.Tensor) -> bool:
-    return a.dtype == b.dtype and a.shape == b.shape and a.numpy().tobytes() == b.numpy().tobytes()
+from conftest import same_bytes, seeded_images
 
 
 # --- SIG -------------------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_sig_adds_the_closed_form_sinusoid_along_columns_and_clips(dtype):
-    x, y = images(6, shape=(2, 5, 10), dtype=dtype)
+    x, y = seeded_images(6, shape=(2, 5, 10), dtype=dtype)
     x[0] = 1.0  # clipped above
     x[1] = 0.0  # clipped below
     delta, f = 0.2, 3
@@ -46,7 +38,7 @@ def test_sig_adds_the_closed_form_sinusoid_along_columns_and_clips(dtype):
 
 
 def test_sig_poisons_only_target_class_samples_and_keeps_labels():
-    x, y = images(80)
+    x, y = seeded_images(80)
     trigger = attacks.SIGTrigger((1, 8, 8))
     X, labels, idx = attacks.poison((x, y), trigger, target_class=2, rate=0.1, seed=1, clean_label=True)
     assert torch.equal(labels, y) and bool((y[idx] == 2).all()) and idx.numel() == 8
@@ -56,7 +48,7 @@ def test_sig_poisons_only_target_class_samples_and_keeps_labels():
 
 
 def test_sig_trains_with_delta_and_tests_with_test_delta():
-    x, y = images(80, shape=(1, 6, 12))
+    x, y = seeded_images(80, shape=(1, 6, 12))
     trigger = attacks.SIGTrigger((1, 6, 12), delta=0.1, frequency=2, test_delta=0.3)
     wave = torch.tensor([math.sin(2 * math.pi * j * 2 / 12) for j in range(12)])
     assert torch.allclose(trigger.apply(x), torch.clamp(x + 0.3 * wave, 0, 1), atol=1e-7, rtol=0)
@@ -102,14 +94,14 @@ def field_by_hand(k, s, seed, height, width):
 
 
 def test_wanet_at_strength_zero_is_the_identity():
-    x, y = images(10, shape=(3, 9, 7))
+    x, y = seeded_images(10, shape=(3, 9, 7))
     trigger = attacks.WaNetTrigger((3, 9, 7), s=0.0)
     assert torch.allclose(trigger.apply(x), x, atol=1e-6, rtol=0)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_wanet_is_grid_sample_with_the_hand_computed_field(dtype):
-    x, y = images(10, shape=(2, 12, 12), dtype=dtype)
+    x, y = seeded_images(10, shape=(2, 12, 12), dtype=dtype)
     trigger = attacks.WaNetTrigger((2, 12, 12), k=4, s=0.5, seed=3)
     field = field_by_hand(4, 0.5, 3, 12, 12)
     expected = F.grid_sample(x, field.to(dtype).expand(10, -1, -1, -1), mode="bilinear", align_corners=True)
@@ -130,7 +122,7 @@ def test_wanet_is_grid_sample_with_the_hand_computed_field(dtype):
 
 
 def test_wanet_poison_is_reproducible_with_its_noise_mode():
-    x, y = images(100, shape=(1, 8, 8))
+    x, y = seeded_images(100, shape=(1, 8, 8))
     trigger = attacks.WaNetTrigger((1, 8, 8), seed=0)  # noise_ratio 2 (the paper's)
     X1, y1, idx1 = attacks.poison((x, y), trigger, target_class=1, rate=0.1, seed=5)
     X2, y2, idx2 = attacks.poison((x, y), trigger, target_class=1, rate=0.1, seed=5)
@@ -162,7 +154,7 @@ def test_wanet_rejects_bad_input():
         attacks.WaNetTrigger((1, 8, 8), seed=-1)
     with pytest.raises(ValueError, match="^input_shape"):
         attacks.WaNetTrigger((8, 8))
-    x, y = images(20)
+    x, y = seeded_images(20)
     with pytest.raises(ValueError, match="^rate"):  # 7 poisons and 14 noise-mode samples do not fit in 20
         attacks.poison((x, y), attacks.WaNetTrigger((1, 8, 8)), target_class=0, rate=0.35, seed=0)
     with pytest.raises(TypeError, match="^trigger"):
@@ -172,7 +164,7 @@ def test_wanet_rejects_bad_input():
 # --- label-consistent ------------------------------------------------------------------------------------------
 
 def test_four_corner_patch_stamps_every_corner():
-    x, _ = images()
+    x, _ = seeded_images()
     stamped = attacks.Trigger.patch((1, 8, 8), size=2, corner="all", value=0.5).apply(x)
     expected = x.clone()
     for rows in (slice(0, 2), slice(6, 8)):
@@ -184,7 +176,7 @@ def test_four_corner_patch_stamps_every_corner():
 def test_label_consistent_hardens_then_stamps_only_target_class_samples():
     torch.manual_seed(0)
     proxy = SmallCNN(1, 4, 8).eval()
-    x, y = images(80)
+    x, y = seeded_images(80)
     trigger = attacks.Trigger.patch((1, 8, 8), size=2, corner="all")
     X, labels, idx = attacks.label_consistent_poison((x, y), trigger, proxy, target_class=1, rate=0.1, seed=0,
                                                      eps=0.2, steps=3)
@@ -209,7 +201,7 @@ def test_label_consistent_hardens_then_stamps_only_target_class_samples():
 
 def test_label_consistent_rejects_bad_input():
     proxy = SmallCNN(1, 4, 8)
-    x, y = images()
+    x, y = seeded_images()
     trigger = attacks.Trigger.patch((1, 8, 8), size=2, corner="all")
     with pytest.raises(TypeError, match="^proxy"):
         attacks.label_consistent_poison((x, y), trigger, None, target_class=1, rate=0.1, seed=0)

@@ -8,22 +8,14 @@ import torch
 from torch import nn
 
 import attacks
-
-
-def images(n=40, seed=0, classes=4, shape=(1, 8, 8), dtype=torch.float32):
-    g = torch.Generator().manual_seed(seed)
-    return torch.rand(n, *shape, generator=g, dtype=dtype), torch.arange(n) % classes
-
-
-def same_bytes(a: torch.Tensor, b: torch.Tensor) -> bool:
-    return a.dtype == b.dtype and a.shape == b.shape and a.numpy().tobytes() == b.numpy().tobytes()
+from conftest import same_bytes, seeded_images
 
 
 # --- blend (random pattern) -------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_random_blend_blends_the_seeded_uniform_pattern(dtype):
-    x, y = images(6, shape=(2, 5, 7), dtype=dtype)
+    x, y = seeded_images(6, shape=(2, 5, 7), dtype=dtype)
     trigger = attacks.Trigger.random_blend((2, 5, 7), alpha=0.3, seed=4)
     pattern = torch.rand(2, 5, 7, generator=torch.Generator().manual_seed(4))  # uniform in [0, 1), seed 4
     expected = 0.7 * x + 0.3 * pattern.to(dtype)
@@ -38,7 +30,7 @@ def test_random_blend_blends_the_seeded_uniform_pattern(dtype):
 
 
 def test_random_blend_poison_is_reproducible_and_relabels_other_class_samples():
-    x, y = images(80)
+    x, y = seeded_images(80)
     trigger = attacks.Trigger.random_blend((1, 8, 8), seed=2)
     X1, y1, idx1 = attacks.poison((x, y), trigger, target_class=3, rate=0.1, seed=7)
     X2, y2, idx2 = attacks.poison((x, y), attacks.Trigger.random_blend((1, 8, 8), seed=2), target_class=3, rate=0.1,
@@ -78,7 +70,7 @@ def masks_by_hand(n, pieces, masked, height, width, seed):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_adaptive_blend_stamps_random_halves_at_training_and_the_full_pattern_at_test(dtype):
-    x, y = images(12, shape=(2, 8, 12), dtype=dtype)
+    x, y = seeded_images(12, shape=(2, 8, 12), dtype=dtype)
     pattern = torch.rand(2, 8, 12, generator=torch.Generator().manual_seed(1))
     trigger = attacks.AdaptiveBlendTrigger(pattern, alpha=0.3, test_alpha=0.25, pieces=16, mask_rate=0.5)
     full = x + 0.25 * (pattern.to(dtype) - x)
@@ -96,7 +88,7 @@ def test_adaptive_blend_stamps_random_halves_at_training_and_the_full_pattern_at
 
 
 def test_adaptive_blend_poison_is_reproducible_with_as_many_cover_samples():
-    x, y = images(100)
+    x, y = seeded_images(100)
     trigger = attacks.AdaptiveBlendTrigger.random((1, 8, 8), seed=3)
     assert torch.equal(trigger.pattern, attacks.Trigger.random_blend((1, 8, 8), seed=3).pattern)
     X1, y1, idx1 = attacks.poison((x, y), trigger, target_class=1, rate=0.1, seed=4)
@@ -145,4 +137,4 @@ def test_adaptive_blend_rejects_bad_input():
     with pytest.raises(ValueError, match="^x"):
         attacks.AdaptiveBlendTrigger(pattern).train_stamp(torch.zeros(2, 1, 8, 9), torch.Generator())
     with pytest.raises(ValueError, match="^rate"):  # 9 poisons and 9 covers do not fit in 15 samples
-        attacks.poison(images(15), attacks.AdaptiveBlendTrigger(pattern), target_class=0, rate=0.6, seed=0)
+        attacks.poison(seeded_images(15), attacks.AdaptiveBlendTrigger(pattern), target_class=0, rate=0.6, seed=0)
