@@ -143,11 +143,7 @@ def build_parser() -> argparse.ArgumentParser:
     defend.add_argument("--method", choices=[m for m in methods if m not in CHECKPOINT_METHODS], default="ip",
                         help="influence method (default: %(default)s; tracin needs checkpoints of the model it "
                              "scores, which defend trains itself: use score --checkpoints)")
-    defend.add_argument("--params", nargs="+", default=None, metavar="NAME",
-                        help="score only these parameters (e.g. the last layer for if-exact, which takes at most "
-                             "5,000); default: all trainable ones")
-    defend.add_argument("--damping", type=float, default=None,
-                        help=f"damping lambda of the Hessian methods {' / '.join(DAMPED_METHODS)} (default: 0)")
+    _add_parameter_flags(defend, damping_default=None)
     defend.add_argument("--fraction", type=float, nargs="+", default=[0.05], metavar="F",
                         help="budget(s): share of training samples pruned / down-weighted (default: 0.05)")
     defend.add_argument("--mode", choices=("prune", "reweight"), default="prune",
@@ -203,11 +199,7 @@ def build_parser() -> argparse.ArgumentParser:
     score.add_argument("--checkpoints", nargs="+", default=None, metavar="PATH",
                        help="state-dict files of the model during training, for --method tracin (read with "
                             "torch.load(weights_only=True)); the learning rate of each is --lr")
-    score.add_argument("--params", nargs="+", default=None, metavar="NAME",
-                       help="score only these parameters (e.g. the last layer for if-exact, which takes at most "
-                            "5,000); default: all trainable ones")
-    score.add_argument("--damping", type=float, default=0.0,
-                       help=f"damping lambda of the Hessian methods {' / '.join(DAMPED_METHODS)} (default: 0)")
+    _add_parameter_flags(score, damping_default=0.0)
     score.add_argument("--trainer", choices=TRAINER_NAMES, default="erm", help="training (default: %(default)s)")
     score.add_argument("--seed", type=_seed_value, default=0,
                        help="seed of split, training and scoring (default: 0)")
@@ -258,6 +250,16 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _add_parameter_flags(parser, damping_default: Optional[float]) -> None:
+    """``--params`` and ``--damping``, the scoring options of the commands that score (``defend``, ``score``,
+    ``explain``); ``damping_default`` None leaves the method's own default to the configuration."""
+    parser.add_argument("--params", nargs="+", default=None, metavar="NAME",
+                        help="score only these parameters (e.g. the last layer for if-exact, which takes at most "
+                             "5,000); default: all trainable ones")
+    parser.add_argument("--damping", type=float, default=damping_default,
+                        help=f"damping lambda of the Hessian methods {' / '.join(DAMPED_METHODS)} (default: 0)")
+
+
 def _explain_parser(commands, parents: list, methods: tuple) -> None:
     """``explain``: the training samples behind a model's adversarial failures (:func:`defenses.explain`)."""
     explain_cmd = commands.add_parser(
@@ -277,11 +279,7 @@ def _explain_parser(commands, parents: list, methods: tuple) -> None:
     explain_cmd.add_argument("--method", choices=[m for m in methods if m not in CHECKPOINT_METHODS], default="ip",
                              help="influence method (default: %(default)s; ip and trak rank per input, the others "
                                   "over the set)")
-    explain_cmd.add_argument("--params", nargs="+", default=None, metavar="NAME",
-                             help="score only these parameters (e.g. the last layer for if-exact, which takes at "
-                                  "most 5,000); default: all trainable ones")
-    explain_cmd.add_argument("--damping", type=float, default=0.0,
-                             help=f"damping lambda of the Hessian methods {' / '.join(DAMPED_METHODS)} (default: 0)")
+    _add_parameter_flags(explain_cmd, damping_default=0.0)
     explain_cmd.add_argument("--top", type=int, default=10,
                              help="training samples listed per input (default: %(default)s)")
     explain_cmd.add_argument("--trainer", choices=TRAINER_NAMES, default="erm", help="training (default: %(default)s)")
