@@ -83,7 +83,10 @@ class RunConfig(SharedConfig):
     selection, retraining, recipes, references and evaluation suite."""
 
     method: str = _option("ip", "influence method (robust_infl.available_methods(); not tracin)")
-    method_options: Optional[dict] = _option(None, "options of the influence method (e.g. params, damping)")
+    method_options: Optional[dict] = _option(None, "options of the influence method (e.g. params, damping); "
+                                                   "ensemble=n scores with n models trained on random halves of the "
+                                                   "training split instead of the base model (their training counted "
+                                                   "in the cost)")
     fractions: Any = _option((0.05,), "budgets: shares of the training set pruned / down-weighted; several give a "
                                       "plot")
     mode: str = _option("prune", "prune (train on the kept samples) or reweight")

@@ -33,7 +33,7 @@ from robust_infl.inputs import resolve_param_names
 from .art_trainer import ARTTrainer
 from .config import PoisoningConfig, PoisonSpec, RunConfig, SharedConfig
 from .eval_suite import resolve_suite
-from .recipes import available_recipes, get_recipe
+from .recipes import ENSEMBLE_OPTION, available_recipes, get_recipe
 from .references import reference_trainers
 from .registry import make_trainer
 from .selection import REWEIGHT_SCHEMES, check_budget
@@ -323,9 +323,11 @@ def _resume_settings(config: dict, model, bounds, train_steps: int, eval_batch_s
 def _check_method_fits(method: str, method_options: dict, model: nn.Module) -> None:
     """Before any training: the influence method can score the models this run trains (tracin needs
     their checkpoints, which do not exist yet; if-exact at most its parameter limit; ``params`` and
-    ``damping`` are valid)."""
+    ``damping`` are valid; ``ensemble``, the influence recipes' number of half models, is an integer >= 1)."""
     if "damping" in method_options:
         check_number(method_options["damping"], "damping", minimum=0)
+    if ENSEMBLE_OPTION in method_options:
+        check_int(method_options[ENSEMBLE_OPTION], f"method_options: {ENSEMBLE_OPTION}", minimum=1)
     if method == "tracin":
         raise ValueError("method: 'tracin' needs checkpoints of the model it scores, and defenses.run trains a new "
                          "model per seed; score a model you trained with robust_infl.influence(method='tracin')")

@@ -24,12 +24,19 @@ from .abl import anti_backdoor_learning
 from .asset import asset_scores
 from .spectre import spectre_scores
 from .data import take
+from .ensembles import train_ensemble
 from .backdoor_scan import ScanResult, scan_backdoor
 from .poison_removal import contrast_detection, detect_and_retrain, evidence_repeats, scan_and_retrain, with_evidence
 from .recipes import register_recipe
 from .selection import budget_size, most_harmful, uniform_scores
 
 __all__ = ["PoisonContext", "Outcome", "by_scores"]
+
+EVIDENCE_HALF_MODELS = 10
+"""Models trained on random halves that ``evidence-influence-trak`` averages TRAK over (TRAK's recipe; the best
+per-example LDS on the SmallCNN: ``experiments/RESULTS.md``, section lds-per-example)."""
+EVIDENCE_PROJ_DIM = 512
+"""TRAK's projection dimension in ``evidence-influence-trak`` (the LDS table's)."""
 
 
 @dataclass
@@ -116,6 +123,16 @@ def _evidence_influence(ctx: PoisonContext) -> torch.Tensor:
     """Renormalised IP harm on the loss of the triggered evidence under its true labels (= Robust(trigger))."""
     return robust_infl.influence(ctx.model, ctx.train[:2], ctx.evidence, objective=robust_infl.Utility(),
                                  method="ip", renormalize=True, seed=ctx.seed, progress=ctx.progress)
+
+
+def _evidence_trak(ctx: PoisonContext) -> torch.Tensor:
+    """TRAK harm (projection dimension :data:`EVIDENCE_PROJ_DIM`) on the loss of the triggered evidence under its
+    true labels, averaged over :data:`EVIDENCE_HALF_MODELS` models trained on random halves of the training split
+    by the run's trainer (:func:`defenses.ensembles.train_ensemble`, the context's seed); their training is part
+    of the recipe's cost."""
+    members = train_ensemble(ctx.model, ctx.train[:2], ctx.trainer, EVIDENCE_HALF_MODELS, subset=0.5, seed=ctx.seed)
+    return robust_infl.influence(members.ensemble, ctx.train[:2], ctx.evidence, objective=robust_infl.Utility(),
+                                 method="trak", proj_dim=EVIDENCE_PROJ_DIM, seed=ctx.seed, progress=ctx.progress)
 
 
 def _none(ctx: PoisonContext) -> Outcome:
@@ -209,6 +226,9 @@ _register("evidence-finetune", _evidence_finetune, "evidence",
           "fine-tuned on the evidence plus the clean validation inputs")
 _register("evidence-influence", by_scores("evidence-influence", _evidence_influence), "evidence",
           "renormalised ip harm on the evidence's loss under its true labels")
+_register("evidence-influence-trak", by_scores("evidence-influence-trak", _evidence_trak), "evidence",
+          f"TRAK harm on the evidence's loss under its true labels, averaged over {EVIDENCE_HALF_MODELS} models "
+          "trained on random halves (their training counted in the cost)")
 _register("evidence-class-low-loss", _lead_recipe, "evidence",
           "lowest losses within the evidence's class removed, retrained with the evidence")
 _register("contrast-removal-only", _removal_only, "evidence",

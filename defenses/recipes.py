@@ -14,7 +14,9 @@ Built in:
 - ``none``: no defence (scratch: the base model itself, which retraining on all data with the same
   seed reproduces exactly; finetune: fine-tuned on all data for the same epochs).
 - ``influence``: harm on ``Robust(attack)`` over the VALIDATION split (``robust_infl.influence``),
-  then prune (weight 0, so as many training steps as ``none``) / reweight by it.
+  then prune (weight 0, so as many training steps as ``none``) / reweight by it; with the method option
+  ``ensemble=n``, scored on ``n`` models trained on random halves instead of the base model
+  (:func:`influence_scores`).
 - ``random``: the same budget, chosen uniformly at random (seeded).
 - ``loss``: the same budget, the samples with the highest training loss under the base model.
 - ``influence-misclassified``: the largest harm among the samples the base model misclassifies (at
@@ -44,6 +46,7 @@ from attacks.base import predict
 from attacks.plumbing import frozen_in_eval, model_device
 from attacks.validation import check_choice
 
+from .ensembles import train_ensemble
 from .selection import budget_size, prune, reweight, uniform_scores
 from .trainers import per_sample_loss
 
@@ -75,7 +78,7 @@ class DefenceContext:
         seed: the run's seed.
         fraction: the budget (share of training samples), None for budget-free recipes.
         mode: ``"prune"`` or ``"reweight"``; ``scheme`` / ``temperature``: the reweighting rule.
-        method, method_options: the influence method and its options.
+        method, method_options: the influence method and its options (``ensemble``: see :func:`influence_scores`).
         train_attack: the training-point attack of an adversarial trainer (None for ERM): scores
             and training losses are then taken at the adversarial training points.
         progress: show progress bars.
@@ -203,13 +206,28 @@ def score_based(name: str, score_fn: Callable[[DefenceContext], torch.Tensor]) -
     return recipe
 
 
+ENSEMBLE_OPTION = "ensemble"
+"""The method option read by the influence recipes themselves (not by the method): score with that many models
+trained on random halves of the training split (TRAK's recipe) instead of the base model."""
+
+
 def influence_scores(ctx: DefenceContext) -> torch.Tensor:
-    """Harm of every training sample on ``Robust(attack)`` measured on the validation split."""
+    """Harm of every training sample on ``Robust(attack)`` measured on the validation split.
+
+    With ``method_options["ensemble"] = n``: scored instead on ``n`` models trained from their own seeded
+    initialisations on random halves of the training split by the run's trainer
+    (:func:`defenses.ensembles.train_ensemble` with the context's seed), as one ``robust_infl.Ensemble`` (the
+    mean of the members' scores; TRAK's own ensemble for ``trak``); their training is part of the recipe's cost.
+    """
+    options = dict(ctx.method_options)
+    members = options.pop(ENSEMBLE_OPTION, None)
+    model = ctx.model if members is None else train_ensemble(
+        ctx.model, ctx.train[:2], ctx.trainer.with_retrain("scratch"), members, subset=0.5, seed=ctx.seed).ensemble
     adversarial = ctx.train_attack is not None
     return robust_infl.influence(
-        ctx.model, ctx.train[:2], ctx.val, objective=robust_infl.Robust(ctx.attack), method=ctx.method,
+        model, ctx.train[:2], ctx.val, objective=robust_infl.Robust(ctx.attack), method=ctx.method,
         seed=ctx.seed, progress=ctx.progress, train_loss="adversarial" if adversarial else "clean",
-        train_attack=ctx.train_attack, **ctx.method_options)
+        train_attack=ctx.train_attack, **options)
 
 
 def random_scores(ctx: DefenceContext) -> torch.Tensor:
