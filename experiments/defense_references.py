@@ -11,6 +11,14 @@ points, and the worst case over PGD and APGD-CE there is reported (the full defa
 targeted APGD-DLR, costs too much per model on a shared 2-core machine for 5 seeds x 10 models).
 Cost is wall time over one ERM fit of the same schedule, measured in the same run, per seed.
 
+The influence recipe also runs with the best scorer of the per-example LDS table on the SmallCNN
+(``experiments/RESULTS.md``, section lds-per-example): TRAK (projection dimension 512) averaged over 10 models
+trained on random halves of the training split (``method_options={"ensemble": 10}``; their training counted in
+the row's cost). That is the setting ``mnist-cnn-trak``: ``none`` and ``influence`` alone, on the same data,
+schedule and seeds as ``mnist-cnn``, in its own folder (the per-seed files of ``mnist-cnn`` hold the ip rows and
+are reused as they are); its ``influence`` row joins the ``mnist-cnn`` table, and the section says whether the
+two runs' ``none`` rows (the same base models) agree.
+
 Settings: MNIST 3,500 training images / SmallCNN / PGD linf 0.1 (10 steps); Fashion-MNIST the same (3,500 /
 500 / 1,000 images drawn from its 60,000 / 10,000, the same epochs and suite, so the two rows compare); Adult / logistic
 regression / PGD L2 0.5; scikit-learn's breast_cancer (standardised, data the project was not tuned
@@ -35,6 +43,7 @@ from __future__ import annotations
 import sys
 import time
 from dataclasses import dataclass, field
+from typing import Optional
 
 import torch
 
@@ -45,19 +54,26 @@ from experiments._results import experiment_arguments, save_figure, write_json, 
 from robust_infl.datasets import find_fashion_mnist
 from robust_infl.models import LogisticRegression
 
-__all__ = ["Setting", "SETTINGS", "QUICK", "breast_cancer", "run_setting", "render", "main"]
+__all__ = ["Setting", "SETTINGS", "QUICK", "breast_cancer", "run_setting", "join_variants", "render", "main"]
 
 RECIPES = ("none", "influence", "random", "loss", "lookahead", "train+val")
 
 
 @dataclass(frozen=True)
 class Setting:
-    """One ``defenses.run`` of the benchmark (``options`` are its keyword arguments)."""
+    """One ``defenses.run`` of the benchmark (``options`` are its keyword arguments, ``recipes`` its recipes).
+
+    A variant (``joins``: the name of another setting) runs other scoring options on that setting's data,
+    schedule and seeds; its rows other than ``none`` join that setting's table, the recipe named with its method
+    (and number of half models).
+    """
 
     name: str
     data: object
     options: dict = field(default_factory=dict)
     seeds: int = 5
+    recipes: tuple = RECIPES
+    joins: Optional[str] = None
 
 
 def breast_cancer():
@@ -77,9 +93,14 @@ def _logreg(features: int):
     return build
 
 
+MNIST_CNN = dict(model="cnn", attack="pgd", eps=0.1, norm="linf", steps=10, epochs=5, train_steps=3,
+                 eval_attacks=["apgd-ce"], eval_subset=200)
+HALF_MODELS = 10  # the trak variant's ensemble
 SETTINGS = (
-    Setting("mnist-cnn", "mnist", dict(model="cnn", attack="pgd", eps=0.1, norm="linf", steps=10, epochs=5,
-                                       train_steps=3, eval_attacks=["apgd-ce"], eval_subset=200)),
+    Setting("mnist-cnn", "mnist", MNIST_CNN),
+    Setting("mnist-cnn-trak", "mnist", dict(MNIST_CNN, method="trak", references=(),
+                                            method_options={"proj_dim": 512, "ensemble": HALF_MODELS}),
+            recipes=("none", "influence"), joins="mnist-cnn"),
     Setting("fashion-mnist-cnn", "fashion-mnist", dict(model="cnn", attack="pgd", eps=0.1, norm="linf", steps=10,
                                                        epochs=5, train_steps=3, eval_attacks=["apgd-ce"],
                                                        eval_subset=200, n_train=3500, n_val=500, n_test=1000)),
@@ -88,13 +109,16 @@ SETTINGS = (
                                                           lr=0.01, batch_size=32)),
 )
 QUICK = dict(seeds=1, n_train=300, n_val=100, n_test=100, epochs=1, steps=3, eval_subset=20)
+QUICK_ENSEMBLE = dict(proj_dim=64, ensemble=2)  # a variant's scoring options in the smoke test
 
 
 def run_setting(setting: Setting, *, seeds: int, quick: bool, out, progress: bool) -> dict:
     """The ``defenses.run`` report of one setting (``out``: its folder), with the wall time of this call in
     minutes (seeds reused from the folder take none)."""
-    options = dict(setting.options, recipes=list(RECIPES), fractions=[0.05], seeds=seeds, out=out,
+    options = dict(setting.options, recipes=list(setting.recipes), fractions=[0.05], seeds=seeds, out=out,
                    progress=progress, resume=not quick)
+    if quick and "ensemble" in options.get("method_options", {}):
+        options["method_options"] = dict(options["method_options"], **QUICK_ENSEMBLE)
     data = setting.data
     if data == "breast_cancer":
         data, options["model"] = breast_cancer(), _logreg(30)
@@ -108,6 +132,34 @@ def run_setting(setting: Setting, *, seeds: int, quick: bool, out, progress: boo
     report = defenses.run(data, **options)
     report["minutes"] = (time.perf_counter() - start) / 60
     return report
+
+
+def join_variants(saved: dict) -> dict:
+    """``saved`` (setting name -> saved report) with every variant's rows other than ``none`` added to the
+    summary of the setting it joins (the recipe named with the variant's method and half models, e.g.
+    ``influence (trak, 10 half models)``) and the variants removed.
+
+    Each setting that received rows gets ``joined``: per variant its name, seeds, method and options, and
+    ``same_none``: whether the variant ran the setting's seeds and its ``none`` row (its base models) has the
+    setting's clean and robust accuracies (so the rows' Δ vs none, paired within the variant's run, are against
+    the same models)."""
+    out = {name: dict(report, summary=list(report["summary"])) for name, report in saved.items()}
+    for setting in SETTINGS:
+        if setting.joins is None or setting.name not in out or setting.joins not in out:
+            continue  # a variant whose setting was not run keeps a table of its own
+        variant = out.pop(setting.name)
+        parent, cfg = out[setting.joins], variant["config"]
+        members = cfg["method_options"].get("ensemble")
+        label = f"{cfg['method']}" + ("" if members is None else f", {members} half models")
+        nones = [next((e for e in r["summary"] if e["recipe"] == "none"), None) for r in (variant, parent)]
+        same = (None not in nones and cfg["seeds"] == parent["config"]["seeds"]
+                and all(nones[0][m]["mean"] == nones[1][m]["mean"] for m in ("clean_acc", "robust_acc_adaptive")))
+        parent["summary"] += [dict(e, recipe=f"{e['recipe']} ({label})", variant=setting.name)
+                              for e in variant["summary"] if e["recipe"] != "none"]
+        parent["joined"] = parent.get("joined", []) + [
+            {"setting": setting.name, "label": label, "seeds": cfg["seeds"], "method": cfg["method"],
+             "method_options": cfg["method_options"], "same_none": same}]
+    return out
 
 
 def _pct(stat: dict) -> str:
@@ -149,6 +201,13 @@ def render(reports: dict) -> str:
                          f"| {_pct(entry['clean_acc'])} | {_pct(entry['robust_acc_adaptive'])} "
                          f"| {_pct(entry['asr_adaptive'])} | {_pct(entry['worst_case'])} "
                          f"| {_delta(entry, 'robust_acc_adaptive')} | {_delta(entry, 'clean_acc')} |")
+        for joined in report.get("joined", []):
+            options = ", ".join(f"{k} {v}" for k, v in joined["method_options"].items())
+            agree = ("equals this table's (the same base models)" if joined["same_none"] else
+                     "**differs** from this table's (other seeds or base models: compare its Δ, not its accuracies)")
+            lines += ["", f"Rows ({joined['label']}): the run `{joined['setting']}` (method {joined['method']}, "
+                      f"{options}; seeds {', '.join(map(str, joined['seeds']))}), Δ paired against its own `none`, "
+                      f"which {agree}; its cost includes training the half models."]
         lines += ["", "Bold: the Pareto front of cost and adaptive robust accuracy. "
                   f"**Recommendation** ({name}): {report['recommendation']['reason']}", ""]
     lines += ["![robust accuracy against cost](plots/defense_references.png)", ""]
@@ -215,8 +274,8 @@ def main(argv=None) -> dict:
                                  progress=not args.no_progress)
             write_json(folder / f"{setting.name}.json",
                        {k: report[k] for k in ("config", "summary", "recommendation", "minutes")})
-    saved = {s.name: json.loads((folder / f"{s.name}.json").read_text()) for s in SETTINGS
-             if (folder / f"{s.name}.json").exists()}
+    saved = join_variants({s.name: json.loads((folder / f"{s.name}.json").read_text()) for s in SETTINGS
+                           if (folder / f"{s.name}.json").exists()})
     for report in saved.values():  # the rule of the current code, also for summaries saved by an earlier run
         report["recommendation"] = recommend(report["summary"])
     write_json(args.out, saved)

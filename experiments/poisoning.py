@@ -11,7 +11,15 @@ setting; the evidence-known ``remove-poisons`` (K = 10 triggered validation inpu
 Each setting runs through ``defenses.run_poisoning`` with its per-seed cache in
 ``experiments/out/poisoning/<setting>`` (``resume``); a cached seed that lacks some of the requested recipes
 runs only those, so recipes added later (a new defence) extend the table without rerunning the others.
-Recipes not registered in this version are left out of the run. ``--write-results`` runs nothing: it writes
+Recipes not registered in this version are left out of the run.
+
+The evidence-influence recipes (:data:`METHOD_RECIPES`: ``evidence-influence``, ip, and
+``evidence-influence-trak``, TRAK over 10 models trained on random halves, the best per-example LDS on the
+SmallCNN) run only where ``--only`` names them, into their own folder ``experiments/out/poisoning_methods``
+(``--out experiments/out/poisoning_methods.json``), so the grid's per-seed files stay as they are; the section
+takes their rows from there, seed by seed, where the base model is the grid's (its hash; otherwise refused).
+
+``--write-results`` runs nothing: it writes
 the ``poisoning`` section of ``experiments/RESULTS.md`` from the per-seed files (and the reports of the
 earlier settings kept as they were), listing the seeds of every cell (``--quick``: a tiny digits run,
 written nowhere but its JSON). The figures live there, not here.
@@ -44,7 +52,11 @@ UNKNOWN_RECIPES = ("low-loss", "knn-label", "activation-defence", "spectral-sign
 # PGD-AT retrains at ~3.5x the cost of plain training: its rows are cut to the strongest baselines, ABL and the scan.
 AT_UNKNOWN_RECIPES = ("knn-label", "spectral-signature", "abl", "backdoor-scan")
 EVIDENCE = 10  # K of the evidence-known remove-poisons (BadNets settings only)
-ROWS = ("none", *UNKNOWN_RECIPES, "remove-poisons")
+# The evidence-influence recipe with ip and with the best LDS method (TRAK over half models): opt-in (--only), in
+# their own folder (METHODS_FOLDER next to the grid's), their rows joined to the grid's tables seed by seed.
+METHOD_RECIPES = ("evidence-influence", "evidence-influence-trak")
+METHODS_FOLDER = "poisoning_methods"
+ROWS = ("none", *UNKNOWN_RECIPES, "remove-poisons", *METHOD_RECIPES)
 DATA = {"mnist": "mnist", "fmnist": "fashion-mnist"}
 SIZES = dict(n_train=3500, n_val=500, n_test=1000)
 TRAINERS = {"erm": "erm", "pgdat": "pgd-at"}
@@ -83,13 +95,16 @@ KEPT = ("digits-erm-badnets5", "digits-erm-badnets1", "digits-erm-cleanlabel5", 
 QUICK = ("digits", "erm", "badnets", 0.05)  # the smoke test's setting (tiny splits, one seed)
 
 
-def recipes_of(setting: tuple, available: tuple) -> list:
+def recipes_of(setting: tuple, available: tuple, only: Optional[list] = None) -> list:
     """The recipes a grid setting ``(data, trainer, attack, rate)`` runs: ``none``, the trigger-unknown ones
     registered in ``available`` (a reduced list under PGD-AT) and, on BadNets, the evidence-known
-    ``remove-poisons``."""
+    ``remove-poisons``; with ``only``, ``none`` and those of them named there, plus the :data:`METHOD_RECIPES`
+    named there (they run only when named)."""
     _, trainer, attack, _ = setting
     unknown = UNKNOWN_RECIPES if trainer == "erm" else AT_UNKNOWN_RECIPES
     wanted = ["none", *unknown] + (["remove-poisons"] if attack == "badnets" else [])
+    if only is not None:
+        wanted = [r for r in wanted if r in ("none", *only)] + [r for r in METHOD_RECIPES if r in only]
     return [r for r in wanted if r in available]
 
 
@@ -98,10 +113,9 @@ def run_setting(name: str, seeds: int, out_dir: Path, progress: bool, quick: boo
     """Run (or resume, adding missing recipes) one grid setting (``--quick``: :data:`QUICK`) through
     ``defenses.run_poisoning``; ``only``: of its recipes, ``none`` and these."""
     data, trainer, attack, rate = QUICK if quick else GRID[name]
-    recipes = recipes_of((data, trainer, attack, rate), defenses.available_recipes("poisoning"))
+    recipes = recipes_of((data, trainer, attack, rate), defenses.available_recipes("poisoning"), only)
     sizes = dict(n_train=400, n_val=200, n_test=200) if quick else SIZES
-    return defenses.run_poisoning(data, trainer=trainer, seeds=seeds, steps=10, train_steps=3,
-                                  recipes=[r for r in recipes if only is None or r in ("none", *only)],
+    return defenses.run_poisoning(data, trainer=trainer, seeds=seeds, steps=10, train_steps=3, recipes=recipes,
                                   poison=dict(attack=attack, rate=rate, target_class=0, evidence=(EVIDENCE,),
                                               patch_size=2 if data == "digits" else 3, robust_n=100),
                                   out=out_dir / name, resume=True, progress=progress, **sizes)
@@ -122,11 +136,33 @@ def drop_rows(folder: Path, recipe: str) -> int:
     return dropped
 
 
-def load_setting(folder: Path) -> Optional[dict]:
+def _seed_files(folder: Path) -> list:
+    return sorted((folder / SEEDS_DIR).glob("seed_*.json"), key=lambda p: int(p.stem.split("_")[1]))
+
+
+def method_rows(folder: Path, base_models: dict) -> list:
+    """The rows of :data:`METHOD_RECIPES` in the per-seed files of ``folder`` (none: []), of the seeds whose base
+    model has the hash ``base_models[seed]`` (the grid's); a seed trained on another base model is a ``ValueError``
+    naming the file, a seed the grid lacks is left out."""
+    rows = []
+    for path in _seed_files(folder):
+        results = read_seed_file(path)["results"]
+        seed = results["base"]["seed"]
+        if seed not in base_models:
+            continue
+        if results["base_model"] != base_models[seed]:
+            raise ValueError(f"{path}: its base model differs from the grid's of seed {seed}; rerun it")
+        rows += [row for row in results["runs"] if row["recipe"] in METHOD_RECIPES]
+    return rows
+
+
+def load_setting(folder: Path, methods: Optional[Path] = None) -> Optional[dict]:
     """A setting's measurements: ``{"data", "trainer", "attack", "rate", "budget", "base", "runs"}`` from its
     per-seed files (each checked by :func:`defenses.seed_results.read_seed_file`; the rows of the grid's
-    recipes, :data:`ROWS`), or for a kept setting from its report (all its rows); None where neither exists."""
-    paths = sorted((folder / SEEDS_DIR).glob("seed_*.json"), key=lambda p: int(p.stem.split("_")[1]))
+    recipes, :data:`ROWS`, with those of :data:`METHOD_RECIPES` from ``methods``, the setting's folder under
+    :data:`METHODS_FOLDER`, see :func:`method_rows`), or for a kept setting from its report (all its rows); None
+    where neither exists."""
+    paths = _seed_files(folder)
     if folder.name in KEPT or not paths:
         if not (folder / "report.json").exists():
             return None
@@ -137,6 +173,8 @@ def load_setting(folder: Path) -> Optional[dict]:
         config = saved[0]["settings"]
         base = [s["results"]["base"] for s in saved]
         runs = [row for s in saved for row in s["results"]["runs"] if row["recipe"] in ROWS]
+        if methods is not None:
+            runs += method_rows(methods, {s["results"]["base"]["seed"]: s["results"]["base_model"] for s in saved})
     spec = config["poison"]
     return {"data": config["data"], "trainer": config["trainer"], "attack": spec["attack"], "rate": spec["rate"],
             "budget": spec["budget"], "base": base, "runs": runs}
@@ -281,7 +319,12 @@ def build_section(grid: dict, kept: dict, missing: list) -> str:
              "it flags, the model unchanged when its verdict is \"nothing found\" (`remove_poisons(model, train, "
              "None, ...)` runs the same: the recipe `remove-poisons-unknown` gives equal rows); `abl`: Anti-Backdoor "
              "Learning with its published defaults (it isolates 1% whatever the budget); `remove-poisons K=10`: "
-             "`remove_poisons` with 10 triggered validation inputs as evidence (threat model \"evidence known\").",
+             "`remove_poisons` with 10 triggered validation inputs as evidence (threat model \"evidence known\"); "
+             "`evidence-influence K=10`: the budget's largest renormalised ip harms on the loss of the same 10 "
+             "inputs under their true labels removed, retrained; `evidence-influence-trak K=10`: the same with TRAK "
+             "(projection 512) over 10 models trained on random halves, their training in its cost (the best "
+             "per-example LDS on the SmallCNN, section lds-per-example); these two ran in "
+             "`experiments/out/poisoning_methods` on the grid's base models (same hash per seed).",
              ""]
     for key, settings in groups(grid).items():
         parts += [render_group(_title(key), settings), ""]
@@ -338,7 +381,9 @@ def main(argv: Optional[list] = None) -> int:
                         help="first delete these recipes' rows from the settings' per-seed files (after their code "
                              "changed), so that the run recomputes them")
     parser.add_argument("--only", nargs="+", default=None, metavar="RECIPE",
-                        help="run only these of the grid's recipes (and none); default: all that are registered")
+                        help="run only these of the grid's recipes (and none); default: all that are registered. "
+                             "The METHOD_RECIPES (evidence-influence, evidence-influence-trak) run only when named "
+                             "here, with --out experiments/out/poisoning_methods.json")
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
     stem = "poisoning_quick" if args.quick else "poisoning"
@@ -348,7 +393,7 @@ def main(argv: Optional[list] = None) -> int:
     grid, kept, missing = {}, {}, []
     if args.write_results:
         for name in GRID:
-            measured = load_setting(folder / name)
+            measured = load_setting(folder / name, folder.parent / METHODS_FOLDER / name)
             (missing.append(name) if measured is None else grid.__setitem__(name, measured))
         kept = {name: m for name in KEPT if (m := load_setting(folder / name)) is not None}
     else:

@@ -90,3 +90,10 @@ def test_defense_references_quick(tmp_path, run_quick):
         assert all(entry["cost_vs_erm"]["mean"] > 0 for entry in report["summary"])
         assert report["recommendation"]["recipe"] in rows
     assert result["mnist-cnn"]["config"]["eval_attacks"] == ["pgd", "apgd-ce"]
+    # the trak variant's influence row joins the mnist-cnn table, run on the same base models
+    joined = {entry["recipe"]: entry for entry in result["mnist-cnn"]["summary"]}["influence (trak, 2 half models)"]
+    assert joined["variant"] == "mnist-cnn-trak" and joined["cost_vs_erm"]["mean"] > 0
+    assert result["mnist-cnn"]["joined"] == [{"setting": "mnist-cnn-trak", "label": "trak, 2 half models",
+                                              "seeds": [0], "method": "trak",
+                                              "method_options": {"ensemble": "2", "proj_dim": "64"},
+                                              "same_none": True}]

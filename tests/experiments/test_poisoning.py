@@ -1,7 +1,10 @@
-"""Smoke test of experiments/poisoning.py --quick (tiny digits run, one seed, the grid's recipes)."""
+"""Smoke test of experiments/poisoning.py --quick (tiny digits run, one seed, the grid's recipes); the evidence-influence
+rows joined from their own folder."""
 
-from defenses.seed_results import read_seed_file
-from experiments.poisoning import drop_rows
+import pytest
+
+from defenses.seed_results import SeedResults, read_seed_file
+from experiments.poisoning import METHOD_RECIPES, drop_rows, load_setting
 
 
 def test_poisoning_quick(tmp_path, run_quick):
@@ -18,3 +21,26 @@ def test_poisoning_quick(tmp_path, run_quick):
     assert drop_rows(folder, "low-loss") == 1 and drop_rows(folder, "low-loss") == 0
     runs = read_seed_file(folder / "seeds" / "seed_0.json")["results"]["runs"]
     assert "low-loss" not in {r["recipe"] for r in runs} and "knn-label" in {r["recipe"] for r in runs}
+
+
+def _seed_file(folder, seed: int, base_model: str, recipes: tuple) -> None:
+    settings = {"data": "mnist", "trainer": "erm", "poison": {"attack": "badnets", "rate": 0.01, "budget": 0.02}}
+    base = {"seed": seed, "clean_acc": 0.9, "asr_backdoor": 0.9, "robust_acc_adaptive": 0.5}
+    runs = [{"seed": seed, "recipe": r, "evidence": None if r == "none" else 10, "clean_acc": 0.9,
+             "asr_backdoor": 0.1} for r in recipes]
+    SeedResults(folder, settings).save(seed, "fingerprint", {"base": base, "runs": runs, "base_model": base_model})
+
+
+def test_method_rows_join_the_grid_seed_by_seed_on_the_same_base_model(tmp_path):
+    grid, methods = tmp_path / "poisoning" / "mnist-erm-badnets1", tmp_path / "poisoning_methods" / "mnist-erm-badnets1"
+    for seed in (0, 1):
+        _seed_file(grid, seed, f"hash{seed}", ("none", "remove-poisons"))
+    for seed in (0, 1, 2):  # seed 2: the grid lacks it, left out
+        _seed_file(methods, seed, f"hash{seed}", ("none", *METHOD_RECIPES))
+    setting = load_setting(grid, methods)
+    keys = sorted((r["recipe"], r["seed"]) for r in setting["runs"])
+    assert keys == sorted([(r, s) for s in (0, 1) for r in ("none", "remove-poisons", *METHOD_RECIPES)])
+    assert load_setting(grid, tmp_path / "nothing")["runs"] == load_setting(grid)["runs"]
+    _seed_file(methods, 1, "another", ("none", *METHOD_RECIPES))
+    with pytest.raises(ValueError, match="seed_1.json: its base model differs from the grid's of seed 1"):
+        load_setting(grid, methods)
