@@ -49,7 +49,8 @@ import torch
 
 import defenses
 from defenses.report import pareto_front, recommend
-from defenses.stats import half_width
+from defenses.seed_results import SEEDS_DIR, read_seed_file
+from defenses.stats import half_width, paired_difference
 from experiments._results import experiment_arguments, save_figure, write_json, write_section
 from robust_infl.datasets import find_fashion_mnist
 from robust_infl.models import LogisticRegression
@@ -134,7 +135,25 @@ def run_setting(setting: Setting, *, seeds: int, quick: bool, out, progress: boo
     return report
 
 
-def join_variants(saved: dict) -> dict:
+def _per_seed(folder, recipe: str) -> dict:
+    """Seed -> the row of ``recipe`` in the per-seed files of a setting's ``folder``."""
+    rows = {}
+    for path in sorted((folder / SEEDS_DIR).glob("seed_*.json")):
+        rows.update({r["seed"]: r for r in read_seed_file(path)["results"]["runs"] if r["recipe"] == recipe})
+    return rows
+
+
+def _versus(folder, variant: str, parent: str, recipe: str, seeds: set) -> dict:
+    """Paired differences (:func:`defenses.stats.paired_difference`) of the clean and adaptive robust accuracy of
+    ``recipe`` in the variant's per-seed files against the same recipe in its setting's, on those of ``seeds``
+    both hold."""
+    mine, theirs = _per_seed(folder / variant, recipe), _per_seed(folder / parent, recipe)
+    seeds = sorted(set(mine) & set(theirs) & seeds)
+    return {"seeds": seeds, **{m: paired_difference([mine[k][m] for k in seeds], [theirs[k][m] for k in seeds])
+                               for m in ("robust_acc_adaptive", "clean_acc")}} if seeds else {}
+
+
+def join_variants(saved: dict, folder=None) -> dict:
     """``saved`` (setting name -> saved report) with every variant's rows other than ``none`` added to the
     summary of the setting it joins (the recipe named with the variant's method and half models, e.g.
     ``influence (trak, 10 half models)``) and the variants removed.
@@ -142,7 +161,8 @@ def join_variants(saved: dict) -> dict:
     Each setting that received rows gets ``joined``: per variant its name, seeds, method and options, and
     ``same_none``: whether the variant ran the setting's seeds and its ``none`` row (its base models) has the
     setting's clean and robust accuracies (so the rows' Δ vs none, paired within the variant's run, are against
-    the same models)."""
+    the same models); with ``folder`` (the settings' folders), ``versus``: per joined recipe, its paired
+    differences against the setting's own row of that recipe on their common seeds (:func:`_versus`)."""
     out = {name: dict(report, summary=list(report["summary"])) for name, report in saved.items()}
     for setting in SETTINGS:
         if setting.joins is None or setting.name not in out or setting.joins not in out:
@@ -156,9 +176,13 @@ def join_variants(saved: dict) -> dict:
                 and all(nones[0][m]["mean"] == nones[1][m]["mean"] for m in ("clean_acc", "robust_acc_adaptive")))
         parent["summary"] += [dict(e, recipe=f"{e['recipe']} ({label})", variant=setting.name)
                               for e in variant["summary"] if e["recipe"] != "none"]
+        versus = {} if folder is None else {
+            e["recipe"]: _versus(folder, setting.name, setting.joins, e["recipe"],
+                                 set(cfg["seeds"]) & set(parent["config"]["seeds"]))
+            for e in variant["summary"] if e["recipe"] != "none"}
         parent["joined"] = parent.get("joined", []) + [
             {"setting": setting.name, "label": label, "seeds": cfg["seeds"], "method": cfg["method"],
-             "method_options": cfg["method_options"], "same_none": same}]
+             "method_options": cfg["method_options"], "same_none": same, "versus": versus}]
     return out
 
 
@@ -166,12 +190,14 @@ def _pct(stat: dict) -> str:
     return f"{100 * stat['mean']:.1f} ± {100 * stat['std']:.1f}"
 
 
-def _delta(entry: dict, metric: str) -> str:
-    stat = entry.get("vs_none", {}).get(metric)
-    if stat is None:
-        return "–"
+def _interval(stat: dict) -> str:
     lo, hi = stat["ci95"] if stat.get("ci95") else (float("nan"), float("nan"))
     return f"{100 * stat['mean']:+.1f} [{100 * lo:+.1f}, {100 * hi:+.1f}]"
+
+
+def _delta(entry: dict, metric: str) -> str:
+    stat = entry.get("vs_none", {}).get(metric)
+    return "–" if stat is None else _interval(stat)
 
 
 def render(reports: dict) -> str:
@@ -208,6 +234,11 @@ def render(reports: dict) -> str:
             lines += ["", f"Rows ({joined['label']}): the run `{joined['setting']}` (method {joined['method']}, "
                       f"{options}; seeds {', '.join(map(str, joined['seeds']))}), Δ paired against its own `none`, "
                       f"which {agree}; its cost includes training the half models."]
+            for recipe, versus in joined.get("versus", {}).items():
+                if versus:
+                    lines[-1] += (f" Against this table's `{recipe}` row (method {report['config']['method']}), "
+                                  f"paired on seeds {', '.join(map(str, versus['seeds']))}: Δ robust "
+                                  f"{_interval(versus['robust_acc_adaptive'])}, Δ clean {_interval(versus['clean_acc'])}.")
         lines += ["", "Bold: the Pareto front of cost and adaptive robust accuracy. "
                   f"**Recommendation** ({name}): {report['recommendation']['reason']}", ""]
     lines += ["![robust accuracy against cost](plots/defense_references.png)", ""]
@@ -275,7 +306,7 @@ def main(argv=None) -> dict:
             write_json(folder / f"{setting.name}.json",
                        {k: report[k] for k in ("config", "summary", "recommendation", "minutes")})
     saved = join_variants({s.name: json.loads((folder / f"{s.name}.json").read_text()) for s in SETTINGS
-                           if (folder / f"{s.name}.json").exists()})
+                           if (folder / f"{s.name}.json").exists()}, folder)
     for report in saved.values():  # the rule of the current code, also for summaries saved by an earlier run
         report["recommendation"] = recommend(report["summary"])
     write_json(args.out, saved)

@@ -93,7 +93,11 @@ def test_defense_references_quick(tmp_path, run_quick):
     # the trak variant's influence row joins the mnist-cnn table, run on the same base models
     joined = {entry["recipe"]: entry for entry in result["mnist-cnn"]["summary"]}["influence (trak, 2 half models)"]
     assert joined["variant"] == "mnist-cnn-trak" and joined["cost_vs_erm"]["mean"] > 0
-    assert result["mnist-cnn"]["joined"] == [{"setting": "mnist-cnn-trak", "label": "trak, 2 half models",
-                                              "seeds": [0], "method": "trak",
-                                              "method_options": {"ensemble": "2", "proj_dim": "64"},
-                                              "same_none": True}]
+    (info,) = result["mnist-cnn"]["joined"]
+    assert {k: v for k, v in info.items() if k != "versus"} == {
+        "setting": "mnist-cnn-trak", "label": "trak, 2 half models", "seeds": [0], "method": "trak",
+        "method_options": {"ensemble": "2", "proj_dim": "64"}, "same_none": True}
+    ip = {entry["recipe"]: entry for entry in result["mnist-cnn"]["summary"]}["influence"]
+    versus = info["versus"]["influence"]
+    assert versus["seeds"] == [0] and versus["robust_acc_adaptive"]["mean"] == pytest.approx(
+        joined["robust_acc_adaptive"]["mean"] - ip["robust_acc_adaptive"]["mean"])
