@@ -36,7 +36,8 @@ EVIDENCE_HALF_MODELS = 10
 """Models trained on random halves that ``evidence-influence-trak`` averages TRAK over (TRAK's recipe; the best
 per-example LDS on the SmallCNN: ``experiments/RESULTS.md``, section lds-per-example)."""
 EVIDENCE_PROJ_DIM = 512
-"""TRAK's projection dimension in ``evidence-influence-trak`` (the LDS table's)."""
+"""TRAK's projection dimension in ``evidence-influence-trak`` (the LDS table's), at most the number of training
+samples and of model parameters (TRAK's ``Phi^T Phi`` is then invertible without damping)."""
 
 
 @dataclass
@@ -126,13 +127,14 @@ def _evidence_influence(ctx: PoisonContext) -> torch.Tensor:
 
 
 def _evidence_trak(ctx: PoisonContext) -> torch.Tensor:
-    """TRAK harm (projection dimension :data:`EVIDENCE_PROJ_DIM`) on the loss of the triggered evidence under its
+    """TRAK harm (projection dimension :data:`EVIDENCE_PROJ_DIM`, or fewer, see there) on the loss of the triggered evidence under its
     true labels, averaged over :data:`EVIDENCE_HALF_MODELS` models trained on random halves of the training split
     by the run's trainer (:func:`defenses.ensembles.train_ensemble`, the context's seed); their training is part
     of the recipe's cost."""
     members = train_ensemble(ctx.model, ctx.train[:2], ctx.trainer, EVIDENCE_HALF_MODELS, subset=0.5, seed=ctx.seed)
+    proj_dim = min(EVIDENCE_PROJ_DIM, len(ctx.train[1]), sum(p.numel() for p in ctx.model.parameters()))
     return robust_infl.influence(members.ensemble, ctx.train[:2], ctx.evidence, objective=robust_infl.Utility(),
-                                 method="trak", proj_dim=EVIDENCE_PROJ_DIM, seed=ctx.seed, progress=ctx.progress)
+                                 method="trak", proj_dim=proj_dim, seed=ctx.seed, progress=ctx.progress)
 
 
 def _none(ctx: PoisonContext) -> Outcome:

@@ -102,9 +102,10 @@ def test_a_bad_ensemble_is_refused_before_training(value, error, message):
                      recipes=["none", "influence"], method_options={"ensemble": value}, progress=False)
 
 
-def test_evidence_influence_trak_removes_the_largest_trak_harms_over_half_models(monkeypatch):
+@pytest.mark.parametrize("proj_dim, used", [(16, 16), (512, 40)])  # at most the 40 samples (the MLP has 44 weights)
+def test_evidence_influence_trak_removes_the_largest_trak_harms_over_half_models(monkeypatch, proj_dim, used):
     pytest.importorskip("trak")
-    monkeypatch.setattr(poison_recipes, "EVIDENCE_PROJ_DIM", 16)  # at most the tiny model's 44 parameters
+    monkeypatch.setattr(poison_recipes, "EVIDENCE_PROJ_DIM", proj_dim)
     trainer = ERM(epochs=2, lr=0.05, batch_size=16, progress=False)
     train = gaussian_blobs(40, 4, seed=0, shift=2.0)
     evidence = gaussian_blobs(6, 4, seed=2, shift=2.0)
@@ -113,7 +114,7 @@ def test_evidence_influence_trak_removes_the_largest_trak_harms_over_half_models
                         trainer=trainer, budget=0.1, seed=5)
     outcome = get_recipe("evidence-influence-trak", "poisoning").fn(ctx)
     members = train_ensemble(base, train, trainer, EVIDENCE_HALF_MODELS, subset=0.5, seed=5)
-    expected = ri.influence(members.ensemble, train, evidence, objective=ri.Utility(), method="trak", proj_dim=16,
+    expected = ri.influence(members.ensemble, train, evidence, objective=ri.Utility(), method="trak", proj_dim=used,
                             seed=5, progress=False).double()
     assert torch.allclose(outcome.scores, expected, rtol=1e-4, atol=1e-9)
     assert torch.equal(outcome.removed, most_harmful(outcome.scores, 0.1)) and int(outcome.removed.sum()) == 4
