@@ -78,7 +78,8 @@ class DefenceContext:
         seed: the run's seed.
         fraction: the budget (share of training samples), None for budget-free recipes.
         mode: ``"prune"`` or ``"reweight"``; ``scheme`` / ``temperature``: the reweighting rule.
-        method, method_options: the influence method and its options (``ensemble``: see :func:`influence_scores`).
+        method, method_options: the influence method and its options (``ensemble``: models trained on random
+            halves scored instead of the base model, see ``influence_scores``).
         train_attack: the training-point attack of an adversarial trainer (None for ERM): scores
             and training losses are then taken at the adversarial training points.
         progress: show progress bars.
