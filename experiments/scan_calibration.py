@@ -7,7 +7,10 @@ the bottom-right corner) and blend (a seeded uniform pattern over the whole imag
 
 Parts (each a resumable per-seed cache under ``experiments/out/scan_calibration/<part>-<data>-<case>/seeds``):
 
-- ``clean``: the scan on data without poison, seeds 0-19 on each data set: the verdict's false positives;
+- ``clean``: the scan on data without poison, seeds 0-19 on each data set: the verdict's false positives (the
+  threshold was chosen after seeing these seeds);
+- ``fresh``: the same on seeds 20-39, never used before the threshold was fixed: the pre-registered check of
+  the threshold's false-positive rate;
 - ``erm`` / ``pgd-at``: on MNIST, the scan on the poisoned sets (seeds 0-4 per case: the verdict's detections,
   the suspected class and precision / recall of the flagged samples; PGD-AT reuses the ``erm`` part's scan),
   the base model trained on the poisoned set (plain training, 5 epochs, or PGD-AT, linf eps 0.1, 3 steps),
@@ -57,6 +60,8 @@ SIZES = (3500, 500, 1000)
 DATA = ("mnist", "fashion-mnist")
 CASES = ("badnets-0.01", "blend-0.01", "badnets-0.05", "blend-0.05")
 CLEAN_SEEDS = tuple(range(20))
+FRESH_SEEDS = tuple(range(20, 40))
+CLEAN_PARTS = {"clean": CLEAN_SEEDS, "fresh": FRESH_SEEDS}  # clean data, seeds seen / unseen by the calibration
 POISON_SEEDS = tuple(range(5))
 INFLUENCE_SEEDS = tuple(range(3))
 INFLUENCE_DATA, INFLUENCE_MODEL, INFLUENCE_SIZES, INFLUENCE_PATCH = "digits", "mlp", (600, 200, 200), 2
@@ -67,7 +72,7 @@ BLEND_ALPHA = 0.2
 PATCH = 3
 EPOCHS, LR, BATCH = 5, 1e-3, 64
 PGD = dict(eps=0.1, norm="linf", train_steps=3)
-PARTS = ("clean", "erm", "detect", "influence", "pgd-at")
+PARTS = ("clean", "fresh", "erm", "detect", "influence", "pgd-at")
 
 
 def trigger_for(attack: str, input_shape: tuple, seed: int, patch: int = PATCH) -> attacks.Trigger:
@@ -200,8 +205,9 @@ def jobs(parts) -> list:
     pgd = [("pgd-at", "mnist", case, seed) for seed in POISON_SEEDS for case in CASES]
     first_pgd = [job for job in pgd if job[3] == 0 and job[2] in CASES[:2]]
     out = []
-    if "clean" in parts:
-        out += [("clean", data, "clean", seed) for seed in CLEAN_SEEDS for data in DATA]
+    for part, seeds in CLEAN_PARTS.items():
+        if part in parts:
+            out += [(part, data, "clean", seed) for seed in seeds for data in DATA]
     if "influence" in parts:
         out += [("influence", INFLUENCE_DATA, case, seed) for seed in INFLUENCE_SEEDS for case in INFLUENCE_CASES]
     if "erm" in parts:
@@ -223,7 +229,7 @@ def jobs(parts) -> list:
 
 def compute(part: str, data: str, case: str, seed: int) -> dict:
     splits = load_splits(data, seed, *(INFLUENCE_SIZES if part == "influence" else SIZES))
-    if part in ("clean", "detect"):
+    if part in CLEAN_PARTS or part == "detect":
         return run_scan(splits, case, seed)[0]
     if part == "influence":
         return compute_influence(splits, case, seed)
@@ -285,7 +291,7 @@ def report(rows: dict) -> dict:
              "|---|---|---|---|---|---|---|---|---|---|"]
     summary = {"threshold": VERDICT_THRESHOLD, "statistic": VERDICT_STATISTIC, "tail": SCORE_TAIL, "rows": {}}
     for (part, data, case), by_seed in sorted(rows.items(), key=lambda kv: (PARTS.index(kv[0][0]), kv[0][1:])):
-        if part not in ("clean", "detect", "erm"):
+        if part not in (*CLEAN_PARTS, "detect", "erm"):
             continue
         seeds = sorted(by_seed)
         values = [by_seed[s]["value"] for s in seeds]
@@ -331,11 +337,16 @@ def report(rows: dict) -> dict:
             cells += [_fmt([x[m]["recall_at_k"] for x in r], 1, 100) for m in rankers]
             cells += [_fmt([x[m]["auroc_in_class"] for x in r], 3) for m in rankers]
             lines.append(f"| {case} | {len(r)} | " + " | ".join(cells) + " |")
-    clean = [row for (part, _, _), by_seed in rows.items() if part == "clean" for row in by_seed.values()]
-    summary["false_positives"] = sum(row["value"] > VERDICT_THRESHOLD for row in clean)
-    summary["clean_seeds"] = len(clean)
-    lines += ["", f"False positives on clean data: {summary['false_positives']} of {summary['clean_seeds']} "
-              "seeds (both data sets). Written by `experiments/scan_calibration.py`."]
+    for part, label in (("clean", "seeds 0-19, seen when the threshold was chosen"),
+                        ("fresh", "fresh seeds 20-39, threshold fixed beforehand")):
+        clean = [row["value"] for (name, _, _), by_seed in rows.items() if name == part for row in by_seed.values()]
+        if not clean:
+            continue
+        summary[part] = {"false_positives": sum(v > VERDICT_THRESHOLD for v in clean), "seeds": len(clean),
+                         "max": max(clean)}
+        lines += ["", f"False positives on clean data ({label}): {summary[part]['false_positives']} of "
+                  f"{len(clean)} seeds (both data sets); the statistic's largest value {max(clean):.1f}."]
+    lines += ["", "Written by `experiments/scan_calibration.py`."]
     return summary, "\n".join(lines)
 
 
