@@ -45,9 +45,7 @@ Writes ``experiments/out/scan_calibration.json`` and the ``scan_calibration`` se
 from __future__ import annotations
 
 import argparse
-import math
 import time
-from pathlib import Path
 
 import torch
 from scipy.stats import rankdata
