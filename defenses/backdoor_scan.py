@@ -3,14 +3,15 @@
 The scan needs a small trusted clean set (e.g. the validation split) and trains two models of the scanned
 model's architecture, re-initialised, with plain training:
 
-- the *trusted* model, on the trusted set alone (``trusted_epochs``): it has never seen the trigger, so a
-  dirty-label poison (an image of class a labelled t) has a high loss under it;
-- the *one-epoch* model, one epoch on the (possibly poisoned) training set: a trigger is learnt before the
-  digits are, so the poisons' loss is already low.
+- the *trusted* model, on the trusted set alone (``trusted_epochs``, default :data:`TRUSTED_EPOCHS`): it has
+  never seen the trigger, so a dirty-label poison (an image of class a labelled t) has a high loss under it;
+- the *early* model, a few epochs on the (possibly poisoned) training set (``early_epochs``, default
+  :data:`EARLY_EPOCHS`): a trigger is learnt before the rare hard samples are, so the poisons' loss is
+  already low.
 
-A sample's suspicion score is ``loss_trusted(x_i, y_i) - loss_one_epoch(x_i, y_i)`` (in nats): a dirty-label
+A sample's suspicion score is ``loss_trusted(x_i, y_i) - loss_early(x_i, y_i)`` (in nats): a dirty-label
 poison is a clear image of another class, which the trusted model assigns confidently to that class, while the
-one-epoch model, trained on it, already gives its label some weight. Natural hard samples score high too, but
+early model, trained on it, already gives its label weight. Natural hard samples score high too, but
 spread over the classes; poisons pile up in the target class. The verdict statistic, ``tail_excess``
 (:func:`tail_excess`), counts per class the samples scoring above :data:`SCORE_TAIL` nats and measures the
 largest class's excess over the rate of the other classes; that class is the suspected target. The flagged
@@ -19,7 +20,9 @@ first.
 
 A backdoor is found when the statistic exceeds :data:`VERDICT_THRESHOLD`, calibrated on clean data
 (``experiments/scan_calibration.py``; section ``scan_calibration`` of ``experiments/RESULTS.md``, where the
-statistic's distribution on clean and poisoned seeds is listed); otherwise nothing is flagged.
+statistic's distribution on clean and poisoned seeds is listed, on the seeds the defaults were chosen on and on
+fresh seeds checked afterwards); otherwise nothing is flagged. The defaults (trusted epochs, early epochs, tail,
+threshold) were calibrated together, for MNIST and Fashion-MNIST with a small CNN: change one and recalibrate.
 """
 
 from __future__ import annotations
@@ -41,12 +44,13 @@ from .timing import timed
 from .trainers import ERM
 
 __all__ = ["ScanResult", "scan_backdoor", "scan_scores", "class_statistics", "tail_excess", "check_trusted",
-           "VERDICT_STATISTIC", "VERDICT_THRESHOLD", "DEFAULT_SCAN_BUDGET", "TRUSTED_EPOCHS", "SCORE_TAIL",
-           "FLAG_SCORE"]
+           "VERDICT_STATISTIC", "VERDICT_THRESHOLD", "DEFAULT_SCAN_BUDGET", "TRUSTED_EPOCHS", "EARLY_EPOCHS",
+           "SCORE_TAIL", "FLAG_SCORE"]
 
 DEFAULT_SCAN_BUDGET = 0.1
-TRUSTED_EPOCHS = 25
-SCORE_TAIL = 8.0
+TRUSTED_EPOCHS = 10
+EARLY_EPOCHS = 2
+SCORE_TAIL = 5.0
 FLAG_SCORE = 2.0
 VERDICT_STATISTIC = "tail_excess"
 VERDICT_THRESHOLD = 10.0
@@ -65,10 +69,10 @@ class ScanResult:
         flagged: int64 indices into the training set, most suspicious first; empty when nothing is found.
         scores: the suspicion score of every training sample (higher = more suspicious), float64.
         budget: the largest share of the training set that may be flagged.
-        timing: wall seconds of the scan (``scan_s``) and its parts (``trusted_model_s``, ``one_epoch_s``,
+        timing: wall seconds of the scan (``scan_s``) and its parts (``trusted_model_s``, ``early_model_s``,
             ``scoring_s``); ``training_s``, one training run of the scanned model (given as
-            ``training_seconds``, else estimated as the one-epoch model's time times the epochs of a plain
-            ``trainer``, else None), and ``vs_training``, the scan's time over it (None when unknown).
+            ``training_seconds``, else estimated as the early model's time per epoch times the epochs of a
+            plain ``trainer``, else None), and ``vs_training``, the scan's time over it (None when unknown).
         statistics: every statistic the scan computed (the verdict's among them).
     """
 
@@ -101,21 +105,21 @@ def _scan_trainer(trainer, epochs: int) -> ERM:
 
 
 def scan_scores(model: nn.Module, train: tuple, trusted: tuple, *, trainer=None, trusted_epochs: int = TRUSTED_EPOCHS,
-                seed: int = 0, progress: bool = False) -> tuple:
+                early_epochs: int = EARLY_EPOCHS, seed: int = 0, progress: bool = False) -> tuple:
     """``(scores, seconds)``: the per-sample suspicion scores of :func:`scan_backdoor` on checked inputs, and the
-    seconds (wall and CPU) of training the trusted model, the one-epoch model and scoring."""
+    seconds (wall and CPU) of training the trusted model, the early model and scoring."""
     seconds = {}
     with tqdm(total=3, desc="scan", disable=None if progress else True, leave=False) as bar:
         bar.set_postfix_str("trusted model")
         trusted_model, seconds["trusted"] = timed(_scan_trainer(trainer, trusted_epochs).fit, model, trusted,
                                                   seed=seed)
         bar.update()
-        bar.set_postfix_str("one-epoch model")
-        one_epoch, seconds["one_epoch"] = timed(_scan_trainer(trainer, 1).fit, model, train, seed=seed)
+        bar.set_postfix_str("early model")
+        early, seconds["early"] = timed(_scan_trainer(trainer, early_epochs).fit, model, train, seed=seed)
         bar.update()
         bar.set_postfix_str("scores")
         scores, seconds["scoring"] = timed(
-            lambda: detect.training_losses(trusted_model, train) - detect.training_losses(one_epoch, train))
+            lambda: detect.training_losses(trusted_model, train) - detect.training_losses(early, train))
         bar.update()
     return scores, seconds
 
@@ -175,8 +179,8 @@ def check_trusted(trusted, X: torch.Tensor, y: torch.Tensor) -> tuple:
 
 def scan_backdoor(model: nn.Module, train, trusted, *, budget: float = DEFAULT_SCAN_BUDGET, trainer=None,
                   seed: int = 0, progress: bool = False, trusted_epochs: int = TRUSTED_EPOCHS,
-                  training_seconds: Optional[float] = None, threshold: Optional[float] = None,
-                  tail: float = SCORE_TAIL) -> ScanResult:
+                  early_epochs: int = EARLY_EPOCHS, training_seconds: Optional[float] = None,
+                  threshold: Optional[float] = None, tail: float = SCORE_TAIL) -> ScanResult:
     """Scan ``train`` for a backdoor, trigger unknown, with the help of the clean ``trusted`` set.
 
     Args:
@@ -191,13 +195,14 @@ def scan_backdoor(model: nn.Module, train, trusted, *, budget: float = DEFAULT_S
         seed: seed of the scan's two models (initialisation and data order).
         progress: show a progress bar.
         trusted_epochs: epochs of the trusted model.
+        early_epochs: epochs of the early model.
         training_seconds: wall seconds one training run of ``model`` took, to report the scan's cost over it.
         threshold: the verdict's threshold (default :data:`~defenses.backdoor_scan.VERDICT_THRESHOLD`,
             calibrated on clean data).
         tail: the score (nats) above which a sample counts towards the verdict statistic (default
             :data:`~defenses.backdoor_scan.SCORE_TAIL`); the default threshold is calibrated for the default
-            tail, on MNIST and Fashion-MNIST with a small CNN: recalibrate both on clean data of your own
-            elsewhere.
+            tail and epochs, on MNIST and Fashion-MNIST with a small CNN: recalibrate them on clean data of
+            your own elsewhere.
 
     Returns:
         A :class:`~defenses.ScanResult`: the verdict, its statistic, value and threshold, the suspected target class,
@@ -211,6 +216,7 @@ def scan_backdoor(model: nn.Module, train, trusted, *, budget: float = DEFAULT_S
     check_seed(seed)
     check_bool(progress, "progress")
     trusted_epochs = check_int(trusted_epochs, "trusted_epochs", minimum=1)
+    early_epochs = check_int(early_epochs, "early_epochs", minimum=1)
     if trainer is not None and not callable(getattr(trainer, "fit", None)):
         raise TypeError(f"trainer: must have a fit() method, got {type(trainer).__name__}")
     if training_seconds is not None:
@@ -218,16 +224,16 @@ def scan_backdoor(model: nn.Module, train, trusted, *, budget: float = DEFAULT_S
     threshold = VERDICT_THRESHOLD if threshold is None else check_number(threshold, "threshold")
     tail = check_number(tail, "tail")
     scores, seconds = scan_scores(model, (X, y), (Xt, yt), trainer=trainer, trusted_epochs=trusted_epochs,
-                                  seed=seed, progress=progress)
+                                  early_epochs=early_epochs, seed=seed, progress=progress)
     k = budget_size(len(y), budget)
     target, flagged, statistics = class_statistics(scores, y, k, tail)
     value = statistics[VERDICT_STATISTIC]
     found = value > threshold
     total = sum(part["wall"] for part in seconds.values())
     epochs = getattr(trainer, "epochs", None) if trainer is not None and not hasattr(trainer, "eps") else None
-    estimated = None if epochs is None else seconds["one_epoch"]["wall"] * epochs
+    estimated = None if epochs is None else seconds["early"]["wall"] * epochs / early_epochs
     timing = {"scan_s": total, "trusted_model_s": seconds["trusted"]["wall"],
-              "one_epoch_s": seconds["one_epoch"]["wall"], "scoring_s": seconds["scoring"]["wall"],
+              "early_model_s": seconds["early"]["wall"], "scoring_s": seconds["scoring"]["wall"],
               "training_s": training_seconds if training_seconds is not None else estimated,
               "vs_training": None}
     if timing["training_s"]:

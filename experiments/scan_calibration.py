@@ -5,15 +5,27 @@ seed, the SmallCNN (``cnn``), target class 0. Attacks built with :func:`attacks.
 the bottom-right corner) and blend (a seeded uniform pattern over the whole image, alpha 0.2,
 :meth:`attacks.Trigger.blend`), at 1% and 5%.
 
-Parts (each a resumable per-seed cache under ``experiments/out/scan_calibration/<part>-<data>-<case>/seeds``):
+Two versions of the scan are measured side by side (``--scan``): ``first``, the scan as first calibrated (a
+trusted model of 25 epochs, a one-epoch early model, tail 8 nats, threshold 10), and ``current``, the library's
+defaults (:data:`~defenses.backdoor_scan.TRUSTED_EPOCHS`, :data:`~defenses.backdoor_scan.EARLY_EPOCHS`,
+:data:`~defenses.backdoor_scan.SCORE_TAIL`, :data:`~defenses.backdoor_scan.VERDICT_THRESHOLD`), chosen afterwards
+on seeds 0-4 of the poisoned cases and clean seeds 0-19, then checked on clean seeds never used.
 
-- ``clean``: the scan on data without poison, seeds 0-19 on each data set: the verdict's false positives;
-- ``erm`` / ``pgd-at``: on MNIST, the scan on the poisoned sets (seeds 0-4 per case: the verdict's detections,
-  the suspected class and precision / recall of the flagged samples; PGD-AT reuses the ``erm`` part's scan),
-  the base model trained on the poisoned set (plain training, 5 epochs, or PGD-AT, linf eps 0.1, 3 steps),
-  its clean accuracy and backdoor ASR on the test split, then the scan's flagged samples removed and the
-  model retrained from scratch with the same trainer (nothing removed and the base model kept when nothing
-  is found), its accuracy and ASR; the scan's cost over the base model's training, both timed in this
+Parts (each a resumable per-seed cache under ``experiments/out/scan_calibration/[<scan>/]<part>-<data>-<case>/seeds``,
+``<scan>`` naming the version's settings, absent for ``first``):
+
+- ``clean``: the scan on data without poison, seeds 0-19 on each data set: the verdict's false positives (the
+  threshold was chosen after seeing these seeds);
+- ``fresh``: the same on seeds 20-39, never used before the first scan's threshold was fixed: the pre-registered
+  check of its false-positive rate (not used either when the current defaults were chosen);
+- ``fresh-2``: the same on seeds 40-59, never used before the current defaults were fixed: their check;
+- ``erm`` / ``pgd-at``: on MNIST (``erm`` also with Adap-Blend at 1%, :class:`attacks.AdaptiveBlendTrigger`),
+  the scan on the poisoned sets (seeds 0-4 per case: the verdict's detections, the suspected class and
+  precision / recall of the flagged samples; PGD-AT reuses the ``erm`` part's scan), the base model trained on
+  the poisoned set (plain training, 5 epochs, or PGD-AT, linf eps 0.1, 3 steps), its clean accuracy and
+  backdoor ASR on the test split, then the scan's flagged samples removed and the model retrained from scratch
+  with the same trainer (nothing removed and the base model kept when nothing is found), its accuracy and ASR;
+  the scan's cost over the base model's training, both timed in this
   process (CPU time);
 - ``detect``: the scan alone on the poisoned Fashion-MNIST sets, seeds 0-4 per case;
 - ``influence``: within the scan's suspected class, the scan's ranking against renormalised ``ip`` and
@@ -24,6 +36,7 @@ Parts (each a resumable per-seed cache under ``experiments/out/scan_calibration/
 
     OMP_NUM_THREADS=1 PYTHONPATH=. .venv/bin/python -m experiments.scan_calibration            # all parts
     OMP_NUM_THREADS=1 PYTHONPATH=. .venv/bin/python -m experiments.scan_calibration --parts clean erm
+    OMP_NUM_THREADS=1 PYTHONPATH=. .venv/bin/python -m experiments.scan_calibration --scan first --parts fresh
 
 Writes ``experiments/out/scan_calibration.json`` and the ``scan_calibration`` section of
 ``experiments/RESULTS.md`` from whatever the caches hold.
@@ -32,9 +45,7 @@ Writes ``experiments/out/scan_calibration.json`` and the ``scan_calibration`` se
 from __future__ import annotations
 
 import argparse
-import math
 import time
-from pathlib import Path
 
 import torch
 from scipy.stats import rankdata
@@ -44,7 +55,7 @@ import robust_infl
 from attacks.plumbing import make_generator
 from defenses import ERM, CheckpointingERM, make_trainer, scan_backdoor
 from defenses import poison_detection as detect
-from defenses.backdoor_scan import (SCORE_TAIL, TRUSTED_EPOCHS, VERDICT_STATISTIC, VERDICT_THRESHOLD,
+from defenses.backdoor_scan import (EARLY_EPOCHS, SCORE_TAIL, TRUSTED_EPOCHS, VERDICT_STATISTIC, VERDICT_THRESHOLD,
                                     class_statistics)
 from defenses.data import take
 from defenses.seed_results import SeedResults
@@ -57,6 +68,18 @@ SIZES = (3500, 500, 1000)
 DATA = ("mnist", "fashion-mnist")
 CASES = ("badnets-0.01", "blend-0.01", "badnets-0.05", "blend-0.05")
 CLEAN_SEEDS = tuple(range(20))
+# clean data: seeds seen by the calibration, then seeds never used before the first / the current scan was fixed
+CLEAN_PARTS = {"clean": CLEAN_SEEDS, "fresh": tuple(range(20, 40)), "fresh-2": tuple(range(40, 60))}
+CLEAN_LABELS = {"first": {"clean": "seeds 0-19, seen when the threshold was chosen",
+                          "fresh": "fresh seeds 20-39, threshold fixed beforehand"},
+                "current": {"clean": "seeds 0-19, seen when these defaults were chosen",
+                            "fresh": "seeds 20-39, not used in choosing these defaults",
+                            "fresh-2": "fresh seeds 40-59, defaults fixed beforehand"}}
+MNIST_CASES = CASES + ("adaptive-blend-0.01",)
+# The scan's versions: its settings as first calibrated, and the library's defaults.
+SCANS = {"first": {"trusted_epochs": 25, "early_epochs": 1, "tail": 8.0, "threshold": 10.0},
+         "current": {"trusted_epochs": TRUSTED_EPOCHS, "early_epochs": EARLY_EPOCHS, "tail": SCORE_TAIL,
+                     "threshold": VERDICT_THRESHOLD}}
 POISON_SEEDS = tuple(range(5))
 INFLUENCE_SEEDS = tuple(range(3))
 INFLUENCE_DATA, INFLUENCE_MODEL, INFLUENCE_SIZES, INFLUENCE_PATCH = "digits", "mlp", (600, 200, 200), 2
@@ -67,13 +90,16 @@ BLEND_ALPHA = 0.2
 PATCH = 3
 EPOCHS, LR, BATCH = 5, 1e-3, 64
 PGD = dict(eps=0.1, norm="linf", train_steps=3)
-PARTS = ("clean", "erm", "detect", "influence", "pgd-at")
+PARTS = ("clean", "fresh", "fresh-2", "erm", "detect", "influence", "pgd-at")
 
 
 def trigger_for(attack: str, input_shape: tuple, seed: int, patch: int = PATCH) -> attacks.Trigger:
-    """BadNets' corner patch, or blend's seeded uniform pattern at alpha 0.2."""
+    """BadNets' corner patch, blend's seeded uniform pattern at alpha 0.2, or Adap-Blend (its code's defaults, the
+    pattern drawn from ``seed`` as the poisoning pipeline draws it)."""
     if attack == "badnets":
         return attacks.Trigger.patch(input_shape, size=patch, corner="bottom-right")
+    if attack == "adaptive-blend":
+        return attacks.AdaptiveBlendTrigger.random(input_shape, seed=seed)
     pattern = torch.rand(input_shape, generator=make_generator(seed + 1000))
     return attacks.Trigger.blend(pattern, BLEND_ALPHA)
 
@@ -82,7 +108,7 @@ def poisoned_split(case: str, splits, seed: int, patch: int = PATCH) -> tuple:
     """``(train, poisoned_index, trigger)`` of ``case`` (``"clean"`` or ``"<attack>-<rate>"``)."""
     if case == "clean":
         return splits.train[:2], torch.zeros(0, dtype=torch.long), None
-    attack, rate = case.split("-")
+    attack, rate = case.rsplit("-", 1)
     trigger = trigger_for(attack, tuple(splits.input_shape), seed, patch)
     X, y, index = attacks.poison(splits.train[:2], trigger, target_class=TARGET, rate=float(rate), seed=seed)
     return (X, y), index, trigger
@@ -93,11 +119,11 @@ def trainer_for(name: str, splits):
                         **(PGD if name == "pgd-at" else {}))
 
 
-def scan_row(scan, y: torch.Tensor, poisoned_index: torch.Tensor) -> dict:
+def scan_row(scan, y: torch.Tensor, poisoned_index: torch.Tensor, tail: float) -> dict:
     """The scan's statistics and timing, and the samples it flags when its verdict is "found"
     (:func:`~defenses.backdoor_scan.class_statistics` of its scores), with their precision / recall: the verdict
     itself is applied by the report, with the current threshold."""
-    _, candidates, _ = class_statistics(scan.scores, y, budget_size(len(y), scan.budget))
+    _, candidates, _ = class_statistics(scan.scores, y, budget_size(len(y), scan.budget), tail)
     removed = torch.zeros(len(y), dtype=torch.bool)
     removed[candidates] = True
     found = detect.detection_metrics(removed, poisoned_index, scan.scores) if poisoned_index.numel() else {}
@@ -117,24 +143,30 @@ def test_metrics(model, splits, trigger) -> dict:
     return {"clean_acc": report["clean_acc"], "asr": report["trigger"]["asr"]}
 
 
-def run_scan(splits, case: str, seed: int):
+def scan_options(scan: str) -> dict:
+    """The keyword arguments of :func:`~defenses.scan_backdoor` for the scan version ``scan``."""
+    return dict(SCANS[scan])
+
+
+def run_scan(splits, case: str, seed: int, scan_name: str):
     train, index, trigger = poisoned_split(case, splits, seed)
     model = model_factory("cnn", splits)(seed)
+    options = scan_options(scan_name)
     scan, cpu = cpu_timed(scan_backdoor, model, train, splits.val[:2], budget=0.1,
-                          trainer=trainer_for("erm", splits), seed=seed)
-    row = scan_row(scan, train[1], index)
+                          trainer=trainer_for("erm", splits), seed=seed, **options)
+    row = scan_row(scan, train[1], index, options["tail"])
     row["scan_cpu_s"] = cpu
     return row, scan, train, index, trigger
 
 
-def compute_defence(splits, case: str, seed: int, trainer_name: str, scanned=None) -> dict:
+def compute_defence(splits, case: str, seed: int, trainer_name: str, scan_name: str, scanned=None) -> dict:
     """Base model, scan (``scanned``: the ``erm`` part's row of the same case and seed, whose scan is reused),
     and the model retrained from scratch without the samples the scan flags when it finds a backdoor (computed
     whatever the verdict; the report keeps the base model where nothing is found); the scan's and the base
     training's CPU times side by side."""
     train, index, trigger = poisoned_split(case, splits, seed)
     if scanned is None:
-        row = run_scan(splits, case, seed)[0]
+        row = run_scan(splits, case, seed, scan_name)[0]
     else:
         row = {k: v for k, v in scanned.items() if k not in ("base", "retrained", "train_cpu_s", "scan_over_training")}
     trainer = trainer_for(trainer_name, splits)
@@ -153,7 +185,8 @@ def compute_influence(splits, case: str, seed: int) -> dict:
     train, index, trigger = poisoned_split(case, splits, seed, patch=INFLUENCE_PATCH)
     model = model_factory(INFLUENCE_MODEL, splits)(seed)
     options = dict(epochs=INFLUENCE_EPOCHS, lr=LR, batch_size=INFLUENCE_BATCH, progress=False)
-    scan = scan_backdoor(model, train, splits.val[:2], budget=0.1, trainer=ERM(**options), seed=seed)
+    scan = scan_backdoor(model, train, splits.val[:2], budget=0.1, trainer=ERM(**options), seed=seed,
+                         **scan_options("first"))
     trainer = CheckpointingERM(n_checkpoints=3, **options)
     base = trainer.fit(model, train, seed=seed)
     y = train[1]
@@ -179,30 +212,34 @@ def compute_influence(splits, case: str, seed: int) -> dict:
     return out
 
 
-def _settings(part: str, data: str, case: str) -> dict:
+def _settings(part: str, data: str, case: str, scan: str) -> dict:
     """What a cached row depends on: the rows hold the statistic, not the verdict, so they survive a change of the
-    threshold (the report applies the current one)."""
+    threshold (the report applies the version's); the first version's rows predate ``early_epochs`` (1 then)."""
+    config = SCANS[scan]
     settings = {"part": part, "data": data, "case": case, "sizes": SIZES, "epochs": EPOCHS, "lr": LR,
-                "batch": BATCH, "pgd": PGD, "trusted_epochs": TRUSTED_EPOCHS, "tail": SCORE_TAIL,
+                "batch": BATCH, "pgd": PGD, "trusted_epochs": config["trusted_epochs"], "tail": config["tail"],
                 "statistic": VERDICT_STATISTIC, "budget": 0.1, "blend_alpha": BLEND_ALPHA, "patch": PATCH}
+    if config["early_epochs"] != 1:
+        settings["early_epochs"] = config["early_epochs"]
     if part == "influence":
         settings.update(sizes=INFLUENCE_SIZES, epochs=INFLUENCE_EPOCHS, batch=INFLUENCE_BATCH, patch=INFLUENCE_PATCH,
                         model=INFLUENCE_MODEL)
     return settings
 
 
-def jobs(parts) -> list:
+def jobs(parts, scan: str = "current") -> list:
     """``(part, data, case, seed)`` in the order they run, seed-major within a part (so that a run stopped early
     holds balanced seeds): the clean calibration, the influence comparison (cheap), the ``erm`` part (MNIST's
     detections) on seeds 0-2, PGD-AT on the 1% cases of seed 0, the other ``erm`` seeds, the Fashion-MNIST
     detections on seeds 0-2, PGD-AT on the other 1% seeds, then on the 5% cases, the other Fashion-MNIST seeds."""
-    erm = [("erm", "mnist", case, seed) for seed in POISON_SEEDS for case in CASES]
+    erm = [("erm", "mnist", case, seed) for seed in POISON_SEEDS for case in MNIST_CASES]
     pgd = [("pgd-at", "mnist", case, seed) for seed in POISON_SEEDS for case in CASES]
     first_pgd = [job for job in pgd if job[3] == 0 and job[2] in CASES[:2]]
     out = []
-    if "clean" in parts:
-        out += [("clean", data, "clean", seed) for seed in CLEAN_SEEDS for data in DATA]
-    if "influence" in parts:
+    for part, seeds in CLEAN_PARTS.items():
+        if part in parts:
+            out += [(part, data, "clean", seed) for seed in seeds for data in DATA]
+    if "influence" in parts and scan == "first":
         out += [("influence", INFLUENCE_DATA, case, seed) for seed in INFLUENCE_SEEDS for case in INFLUENCE_CASES]
     if "erm" in parts:
         out += [job for job in erm if job[3] < 3]
@@ -221,30 +258,39 @@ def jobs(parts) -> list:
     return out
 
 
-def compute(part: str, data: str, case: str, seed: int) -> dict:
+def compute(part: str, data: str, case: str, seed: int, scan: str) -> dict:
     splits = load_splits(data, seed, *(INFLUENCE_SIZES if part == "influence" else SIZES))
-    if part in ("clean", "detect"):
-        return run_scan(splits, case, seed)[0]
+    if part in CLEAN_PARTS or part == "detect":
+        return run_scan(splits, case, seed, scan)[0]
     if part == "influence":
         return compute_influence(splits, case, seed)
     scanned = None
     if part == "pgd-at":
-        saved = _results("erm", data, case).load(seed, SETTINGS_FINGERPRINT)
+        saved = _results("erm", data, case, scan).load(seed, SETTINGS_FINGERPRINT)
         scanned = None if saved is None else saved["result"]
-    return compute_defence(splits, case, seed, part, scanned)
+    return compute_defence(splits, case, seed, part, scan, scanned)
 
 
-def _results(part: str, data: str, case: str) -> SeedResults:
-    return SeedResults(OUT / f"{part}-{data}-{case}", _settings(part, data, case))
+def scan_tag(scan: str) -> str:
+    """The cache folder of scan version ``scan``'s rows, relative to ``OUT`` ('' for the first version's)."""
+    if scan == "first":
+        return ""
+    config = SCANS[scan]
+    return f"trusted{config['trusted_epochs']}-early{config['early_epochs']}-tail{config['tail']:g}"
+
+
+def _results(part: str, data: str, case: str, scan: str) -> SeedResults:
+    return SeedResults(OUT / scan_tag(scan) / f"{part}-{data}-{case}", _settings(part, data, case, scan))
 
 
 def load_all() -> dict:
-    """Every cached row: ``{(part, data, case): {seed: row}}``."""
+    """Every cached row: ``{(scan, part, data, case): {seed: row}}``."""
     rows = {}
-    for part, data, case, seed in jobs(PARTS):
-        saved = _results(part, data, case).load(seed, SETTINGS_FINGERPRINT)
-        if saved is not None:
-            rows.setdefault((part, data, case), {})[seed] = saved["result"]
+    for scan in SCANS:
+        for part, data, case, seed in jobs(PARTS, scan):
+            saved = _results(part, data, case, scan).load(seed, SETTINGS_FINGERPRINT)
+            if saved is not None:
+                rows.setdefault((scan, part, data, case), {})[seed] = saved["result"]
     return rows
 
 
@@ -261,9 +307,9 @@ def _range(values, digits=1) -> str:
     return f"{min(values):.{digits}f} to {max(values):.{digits}f}" if values else "–"
 
 
-def _verdict_applied(row: dict) -> dict:
-    """``row`` under the current threshold: found or not, what is flagged and removed, the model kept."""
-    found = row["value"] > VERDICT_THRESHOLD
+def _verdict_applied(row: dict, threshold: float) -> dict:
+    """``row`` under ``threshold``: found or not, what is flagged and removed, the model kept."""
+    found = row["value"] > threshold
     out = dict(row, found=found, flagged=len(row["candidates"]) if found else 0)
     out.pop("candidates")
     if not found:
@@ -274,26 +320,42 @@ def _verdict_applied(row: dict) -> dict:
     return out
 
 
+def _describe(scan: str) -> str:
+    config = SCANS[scan]
+    return (f"`{scan}`: trusted model {config['trusted_epochs']} epochs on the 500 validation images, early model "
+            f"{config['early_epochs']} epoch(s) on the 3,500 training images, tail {config['tail']:g} nats, threshold "
+            f"**{config['threshold']:g}**")
+
+
+def _sort_key(key: tuple) -> tuple:
+    scan, part, data, case = key
+    return list(SCANS).index(scan), PARTS.index(part), data, case
+
+
 def report(rows: dict) -> dict:
     """The summary JSON and the RESULTS.md section."""
-    lines = [f"Verdict statistic `{VERDICT_STATISTIC}` (per class: samples whose scan score exceeds "
-             f"{SCORE_TAIL:g} nats, excess over the other classes' rate, `(n - m) / sqrt(m + 1)`); threshold "
-             f"**{VERDICT_THRESHOLD:g}** (found when above). Trusted model: {TRUSTED_EPOCHS} epochs on the 500 "
-             f"validation images; one-epoch model on the 3,500 training images; budget 10%.", "",
-             "| part | data | case | seeds | found | statistic (min to max) | class right | flagged | precision "
+    lines = [f"Verdict statistic `{VERDICT_STATISTIC}` (per class: samples whose scan score `loss_trusted - "
+             "loss_early` exceeds the tail, excess over the other classes' rate, `(n - m) / sqrt(m + 1)`; found when "
+             "above the threshold); budget 10%. Two versions of the scan, side by side: " +
+             "; ".join(_describe(scan) for scan in SCANS) + ". The current defaults were chosen after the first "
+             "version's measurements, on seeds 0-4 of the poisoned cases and clean seeds 0-19 (a probe of trusted "
+             "epochs 8-25, early epochs 1-3 and tails 4-8 nats), then checked on clean seeds never used.", "",
+             "| scan | part | data | case | seeds | found | statistic (min to max) | class right | flagged | precision "
              "| recall |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
-    summary = {"threshold": VERDICT_THRESHOLD, "statistic": VERDICT_STATISTIC, "tail": SCORE_TAIL, "rows": {}}
-    for (part, data, case), by_seed in sorted(rows.items(), key=lambda kv: (PARTS.index(kv[0][0]), kv[0][1:])):
-        if part not in ("clean", "detect", "erm"):
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    summary = {"statistic": VERDICT_STATISTIC, "scans": SCANS, "rows": {}, "false_positives": {}}
+    for key, by_seed in sorted(rows.items(), key=lambda kv: _sort_key(kv[0])):
+        scan, part, data, case = key
+        if part not in (*CLEAN_PARTS, "detect", "erm"):
             continue
+        threshold = SCANS[scan]["threshold"]
         seeds = sorted(by_seed)
         values = [by_seed[s]["value"] for s in seeds]
-        found = sum(v > VERDICT_THRESHOLD for v in values)
+        found = sum(v > threshold for v in values)
         right = sum(by_seed[s]["target_class"] == TARGET for s in seeds) if case != "clean" else None
-        summary["rows"][f"{part}/{data}/{case}"] = {"seeds": seeds, "values": values, "found": found}
-        applied = [_verdict_applied(by_seed[s]) for s in seeds]
-        lines.append(f"| {part} | {data} | {case} | {len(seeds)} | {found}/{len(seeds)} | {_range(values)} | "
+        summary["rows"][f"{scan}/{part}/{data}/{case}"] = {"seeds": seeds, "values": values, "found": found}
+        applied = [_verdict_applied(by_seed[s], threshold) for s in seeds]
+        lines.append(f"| {scan} | {part} | {data} | {case} | {len(seeds)} | {found}/{len(seeds)} | {_range(values)} | "
                      f"{'–' if right is None else f'{right}/{len(seeds)}'} | "
                      f"{_fmt([x['flagged'] for x in applied])} | "
                      f"{_fmt([x['precision'] for x in applied], 1, 100)} | "
@@ -301,24 +363,25 @@ def report(rows: dict) -> dict:
     lines += ["", "Removal and retraining on MNIST (the scan's flagged samples removed, retrained from scratch with "
               "the same trainer; nothing found: the base model kept). Percentages, mean ± std over seeds; cost: "
               "the scan's CPU time over one training run of the base model, measured side by side.", "",
-              "| trainer | case | seeds | found | ASR before | ASR after | clean before | clean change | removed | "
-              "recall | precision | scan / training |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
-    for (part, data, case), by_seed in sorted(rows.items()):
+              "| scan | trainer | case | seeds | found | ASR before | ASR after | clean before | clean change | "
+              "removed | recall | precision | scan / training |", "|---" * 13 + "|"]
+    for key, by_seed in sorted(rows.items(), key=lambda kv: (kv[0][1], kv[0][3], list(SCANS).index(kv[0][0]))):
+        scan, part, data, case = key
         if part not in ("erm", "pgd-at"):
             continue
-        r = [_verdict_applied(by_seed[s]) for s in sorted(by_seed)]
-        summary["rows"][f"{part}/{data}/{case}"] = r
+        r = [_verdict_applied(by_seed[s], SCANS[scan]["threshold"]) for s in sorted(by_seed)]
+        summary["rows"][f"{scan}/{part}/{data}/{case}"] = r
         lines.append(
-            f"| {part} | {case} | {len(r)} | {sum(x['found'] for x in r)}/{len(r)} | "
+            f"| {scan} | {part} | {case} | {len(r)} | {sum(x['found'] for x in r)}/{len(r)} | "
             f"{_fmt([x['base']['asr'] for x in r], 1, 100)} | {_fmt([x['after']['asr'] for x in r], 1, 100)} | "
             f"{_fmt([x['base']['clean_acc'] for x in r], 1, 100)} | "
             f"{_fmt([x['after']['clean_acc'] - x['base']['clean_acc'] for x in r], 2, 100)} | "
             f"{_fmt([x['removed_share'] for x in r], 2, 100)} | {_fmt([x['recall'] for x in r], 1, 100)} | "
             f"{_fmt([x['precision'] for x in r], 1, 100)} | {_fmt([x['scan_over_training'] for x in r], 2)} |")
-    influence = [(case, by_seed) for (part, _, case), by_seed in sorted(rows.items()) if part == "influence"]
+    influence = [(case, by_seed) for (_, part, _, case), by_seed in sorted(rows.items()) if part == "influence"]
     if influence:
-        lines += ["", "Ranking within the scan's suspected class (sklearn digits, MLP, plain training, 5%): the "
-                  "scan's score against renormalised influence harm on the trusted split's loss (`ip` on the "
+        lines += ["", "Ranking within the scan's suspected class (`first` scan; sklearn digits, MLP, plain training, "
+                  "5%): the scan's score against renormalised influence harm on the trusted split's loss (`ip` on the "
                   "trained model, `tracin` on its 3 checkpoints) and the mean rank of the scan and `ip`; recall "
                   "at the poison count and AUROC within the class, mean ± std over seeds.", "",
                   "| case | seeds | class right | recall: scan | ip | tracin | scan+ip | AUROC: scan | ip | tracin "
@@ -326,35 +389,49 @@ def report(rows: dict) -> dict:
         rankers = ("scan", "ip", "tracin", "scan+ip")
         for case, by_seed in influence:
             r = [by_seed[s] for s in sorted(by_seed)]
-            summary["rows"][f"influence/{INFLUENCE_DATA}/{case}"] = r
+            summary["rows"][f"first/influence/{INFLUENCE_DATA}/{case}"] = r
             cells = [f"{sum(x['target_class'] == TARGET for x in r)}/{len(r)}"]
             cells += [_fmt([x[m]["recall_at_k"] for x in r], 1, 100) for m in rankers]
             cells += [_fmt([x[m]["auroc_in_class"] for x in r], 3) for m in rankers]
             lines.append(f"| {case} | {len(r)} | " + " | ".join(cells) + " |")
-    clean = [row for (part, _, _), by_seed in rows.items() if part == "clean" for row in by_seed.values()]
-    summary["false_positives"] = sum(row["value"] > VERDICT_THRESHOLD for row in clean)
-    summary["clean_seeds"] = len(clean)
-    lines += ["", f"False positives on clean data: {summary['false_positives']} of {summary['clean_seeds']} "
-              "seeds (both data sets). Written by `experiments/scan_calibration.py`."]
+    lines.append("")
+    for scan, labels in CLEAN_LABELS.items():
+        threshold = SCANS[scan]["threshold"]
+        for part, label in labels.items():
+            clean = [row["value"] for (name, kind, _, _), by_seed in rows.items() if (name, kind) == (scan, part)
+                     for row in by_seed.values()]
+            if not clean:
+                continue
+            counted = {"false_positives": sum(v > threshold for v in clean), "seeds": len(clean), "max": max(clean)}
+            summary["false_positives"].setdefault(scan, {})[part] = counted
+            lines.append(f"- `{scan}` scan, false positives on clean data ({label}): {counted['false_positives']} of "
+                         f"{len(clean)} seeds (both data sets); the statistic's largest value {max(clean):.1f} "
+                         f"(threshold {threshold:g}).")
+    lines += ["", "Written by `experiments/scan_calibration.py`."]
     return summary, "\n".join(lines)
+
+
+def write_report() -> None:
+    summary, markdown = report(load_all())
+    write_json(OUT.with_suffix(".json"), summary)
+    write_section("scan_calibration", markdown)
 
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--parts", nargs="+", choices=PARTS, default=list(PARTS))
+    parser.add_argument("--scan", choices=list(SCANS), default="current",
+                        help="the scan's version: its first calibration or the library's current defaults")
     parser.add_argument("--report-only", action="store_true", help="only rewrite the report from the caches")
     args = parser.parse_args(argv)
     if not args.report_only:
-        for part, data, case, seed in jobs(args.parts):
-            row, seconds = cached(_results(part, data, case), seed, lambda: compute(part, data, case, seed))
-            print(f"{part} {data} {case} seed {seed}: {seconds:.0f}s", {k: row[k] for k in ("found", "value")
-                                                                       if k in row}, flush=True)
-            summary, markdown = report(load_all())
-            write_json(OUT.with_suffix(".json"), summary)
-            write_section("scan_calibration", markdown)
-    summary, markdown = report(load_all())
-    write_json(OUT.with_suffix(".json"), summary)
-    write_section("scan_calibration", markdown)
+        for part, data, case, seed in jobs(args.parts, args.scan):
+            row, seconds = cached(_results(part, data, case, args.scan), seed,
+                                  lambda: compute(part, data, case, seed, args.scan))
+            print(f"{args.scan} {part} {data} {case} seed {seed}: {seconds:.0f}s",
+                  {k: row[k] for k in ("found", "value") if k in row}, flush=True)
+            write_report()
+    write_report()
 
 
 if __name__ == "__main__":

@@ -148,7 +148,7 @@ def _scan(data, out, *extra) -> list:
     """The scan of ``data / extra[0]``: an MLP, its schedule that of the scan's known-answer test (the scan's
     models take its learning rate and batch size), 20% budget."""
     return ["scan", "--train", str(data / extra[0]), "--trusted", str(data / "trusted.npz"), "--model", "mlp",
-            "--epochs", "5", "--batch-size", "32", "--budget", "0.2", "--out", str(out), *extra[1:]]
+            "--epochs", "5", "--lr", "0.003", "--batch-size", "32", "--budget", "0.2", "--out", str(out), *extra[1:]]
 
 
 def test_a_poisoned_set_is_found_its_poisons_flagged_and_left_out_of_the_kept_list(data, tmp_path, capsys):
