@@ -205,7 +205,7 @@ class PoisoningConfig(SharedConfig):
                                      "name (badnets, blend, adaptive-blend, clean-label, sig, wanet, label-consistent) with the other "
                                      "fields at their defaults")
     recipes: Any = _option(None, "poisoning recipe names from defenses.available_recipes('poisoning') (None: all "
-                                 "of them)")
+                                 "of them but the expensive evidence-influence-trak)")
 
 
 def help_texts(config_class) -> dict:

@@ -216,9 +216,10 @@ def plan_run(config: SharedConfig) -> RunPlan:
 
 
 def _chosen_recipes(recipes, pipeline: str) -> list:
-    """The registered recipes of ``pipeline`` named by ``recipes`` (distinct; a poisoning run's None: all of them)."""
+    """The registered recipes of ``pipeline`` named by ``recipes`` (distinct; a poisoning run's None: all of them
+    registered ``by_default``)."""
     if pipeline == "poisoning" and recipes is None:
-        recipes = available_recipes(pipeline)
+        recipes = [name for name in available_recipes(pipeline) if get_recipe(name, pipeline).by_default]
     if isinstance(recipes, str) or not isinstance(recipes, (list, tuple)) or not recipes:
         raise ValueError(f"recipes: must be a non-empty list of recipe names, got {recipes!r}")
     chosen = [get_recipe(name, pipeline) for name in recipes]

@@ -189,9 +189,9 @@ def _abl(ctx: PoisonContext) -> Outcome:
     return Outcome(model, isolated, scores)
 
 
-def _register(name: str, fn: Callable, threat: str, description: str) -> None:
+def _register(name: str, fn: Callable, threat: str, description: str, by_default: bool = True) -> None:
     register_recipe(name, fn, uses_budget=threat != "none", description=description, pipeline="poisoning",
-                    threat=threat)
+                    threat=threat, by_default=by_default)
 
 
 _register("none", _none, "none", "no defence: the model trained on the poisoned split")
@@ -230,7 +230,8 @@ _register("evidence-influence", by_scores("evidence-influence", _evidence_influe
           "renormalised ip harm on the evidence's loss under its true labels")
 _register("evidence-influence-trak", by_scores("evidence-influence-trak", _evidence_trak), "evidence",
           f"TRAK harm on the evidence's loss under its true labels, averaged over {EVIDENCE_HALF_MODELS} models "
-          "trained on random halves (their training counted in the cost)")
+          "trained on random halves (their training counted in the cost; about 20 trainings, so run only when "
+          "named)", by_default=False)
 _register("evidence-class-low-loss", _lead_recipe, "evidence",
           "lowest losses within the evidence's class removed, retrained with the evidence")
 _register("contrast-removal-only", _removal_only, "evidence",

@@ -44,7 +44,7 @@ from torch import nn
 import robust_infl
 from attacks.base import predict
 from attacks.plumbing import frozen_in_eval, model_device
-from attacks.validation import check_choice
+from attacks.validation import check_bool, check_choice
 
 from .ensembles import train_ensemble
 from .selection import budget_size, prune, reweight, uniform_scores
@@ -114,7 +114,8 @@ class Recipe:
     ``pipeline`` is ``"evasion"`` (:func:`defenses.run`: ``fn(DefenceContext) -> nn.Module``) or
     ``"poisoning"`` (:func:`defenses.run_poisoning`: ``fn(PoisonContext) -> Outcome``, see
     :mod:`defenses.poison_recipes`); ``threat`` is a poisoning recipe's defender threat model: ``"none"`` (no
-    defence), ``"unknown"`` (trigger unknown) or ``"evidence"`` (run once per evidence size K).
+    defence), ``"unknown"`` (trigger unknown) or ``"evidence"`` (run once per evidence size K). ``by_default``
+    False: a poisoning run naming no recipes leaves it out (an expensive recipe, run only when named).
     """
 
     name: str
@@ -123,17 +124,19 @@ class Recipe:
     description: str
     pipeline: str = "evasion"
     threat: Optional[str] = None
+    by_default: bool = True
 
 
 _RECIPES: dict = {}  # (pipeline, name) -> Recipe
 
 
 def register_recipe(name: str, fn: Callable, *, uses_budget: bool = True, description: str = "",
-                    pipeline: str = "evasion", threat: Optional[str] = None) -> Recipe:
+                    pipeline: str = "evasion", threat: Optional[str] = None, by_default: bool = True) -> Recipe:
     """Register ``fn`` under ``name`` (unique within its ``pipeline``) and return the :class:`~defenses.recipes.Recipe`.
 
     A poisoning recipe (``pipeline="poisoning"``) needs its ``threat``: ``"none"``, ``"unknown"`` or
-    ``"evidence"``; an evasion recipe has none.
+    ``"evidence"``; an evasion recipe has none. ``by_default=False`` keeps a poisoning recipe out of a run that
+    names no recipes (for the expensive ones).
     """
     if not isinstance(name, str) or not name:
         raise ValueError(f"name: must be a non-empty string, got {name!r}")
@@ -147,7 +150,8 @@ def register_recipe(name: str, fn: Callable, *, uses_budget: bool = True, descri
     key = (pipeline, name)
     if key in _RECIPES and _RECIPES[key].fn is not fn:
         raise ValueError(f"name: {pipeline} recipe {name!r} is already registered")
-    _RECIPES[key] = Recipe(name, fn, bool(uses_budget), description, pipeline, threat)
+    check_bool(by_default, "by_default")
+    _RECIPES[key] = Recipe(name, fn, bool(uses_budget), description, pipeline, threat, by_default)
     return _RECIPES[key]
 
 

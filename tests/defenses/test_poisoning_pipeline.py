@@ -34,6 +34,19 @@ def test_one_registry_holds_both_pipelines_recipes_apart():
         defenses.register_recipe("mine", lambda ctx: None, threat="unknown")
 
 
+def test_a_run_naming_no_recipes_leaves_out_those_registered_opt_in(monkeypatch):
+    from defenses.plan import _chosen_recipes
+    monkeypatch.setattr(recipes, "_RECIPES", dict(recipes._RECIPES))
+    defenses.register_recipe("costly", lambda ctx: None, pipeline="poisoning", threat="unknown", by_default=False)
+    chosen = [r.name for r in _chosen_recipes(None, "poisoning")]
+    assert "costly" not in chosen and "evidence-influence-trak" not in chosen and "remove-poisons" in chosen
+    opt_in = ("costly", "evidence-influence-trak")
+    assert chosen == [n for n in defenses.available_recipes("poisoning") if n not in opt_in]
+    assert [r.name for r in _chosen_recipes(["none", "costly"], "poisoning")] == ["none", "costly"]
+    with pytest.raises(TypeError, match="by_default: must be True or False, got int"):
+        defenses.register_recipe("other", lambda ctx: None, pipeline="poisoning", threat="unknown", by_default=1)
+
+
 def test_a_registered_poisoning_recipe_runs_in_run_poisoning(monkeypatch):
     monkeypatch.setattr(recipes, "_RECIPES", dict(recipes._RECIPES))
     seen = []
