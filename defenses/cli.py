@@ -297,7 +297,8 @@ def _scan_parser(commands, one_model: list) -> None:
         description="Scan a training set for backdoor poisons without knowing the trigger "
                     "(defenses.scan_backdoor), using a small clean trusted set: the validation split of --data, "
                     "or --trusted FILE.npz beside --train FILE.npz. The model scanned is --weights (a state dict "
-                    "of --model trained on the training data); without --weights one is trained here. Writes "
+                    "of --model trained on the training data); the scan itself uses only its architecture, so "
+                    "without --weights none is trained (unless --save-weights asks for one). Writes "
                     "scan.json, scan.md, scan_scores.npy and, for images, scan_grid.png into --out; --remove "
                     "writes the training indices to keep. When nothing is found, nothing is flagged and every "
                     "index is kept. The verdict's statistic and threshold: defenses.scan_backdoor; its calibration on "
@@ -310,8 +311,9 @@ def _scan_parser(commands, one_model: list) -> None:
                        help="clean trusted samples of the same classes (e.g. a held-out validation split), a .npz "
                             "of X, y; with --data the trusted set is the validation split")
     scan.add_argument("--trainer", choices=TRAINER_NAMES, default="erm",
-                      help="training of the model when no --weights are given (default: %(default)s); the scan's "
-                           "own models train plainly with its learning rate and batch size")
+                      help="the model's training (default: %(default)s): the schedule the scan's cost is stated "
+                           "over, and the training of the model --save-weights writes; the scan's own models train "
+                           "plainly with its learning rate and batch size")
     scan.add_argument("--budget", type=float, default=DEFAULT_SCAN_BUDGET,
                       help="the most the scan may flag, a share of the training samples in (0, 1) (default: "
                            "%(default)s)")
@@ -742,16 +744,20 @@ def _cmd_scan(args) -> int:
         check_budget(len(splits.train[1]), args.budget, "budget", "training samples", allow_none=False)
         name = args.model or defaults.model
         trainer = _trainer(args, splits, defaults, eps, norm, progress=progress)
-        model_factory(name, splits)  # a model that cannot take the data is refused before the folder is touched
+        factory = model_factory(name, splits)  # a model that cannot take the data is refused before the folder
         given = _train(args, splits, defaults, eps, norm) if args.weights is not None else None  # checked first
         prepare_scan_folder(folder, args.overwrite)
-        model, seconds = (given, None) if given is not None else timed(_train, args, splits, defaults, eps, norm,
-                                                                       trainer)
-        if args.weights is None:
+        seconds, trained_here = None, args.weights is None and args.save_weights is not None
+        if given is not None:
+            model, made = given, f"{name}, weights {args.weights}"
+        elif trained_here:  # a model is wanted (--save-weights): train it, and time the scan against it
+            model, seconds = timed(_train, args, splits, defaults, eps, norm, trainer)
             made = (f"{name}, none given (--weights): trained here with {args.trainer} ({trainer.epochs} epochs, "
-                    f"seed {args.seed}); pass --weights FILE to scan your own model")
-        else:
-            made = f"{name}, weights {args.weights}"
+                    f"seed {args.seed}) for --save-weights")
+        else:  # the scan trains its own two models and takes only the architecture: no model is trained
+            model = factory(args.seed)
+            made = (f"{name}, none given (--weights): the scan uses only the architecture, so none was trained; "
+                    f"the cost is over an estimated {args.trainer} training of {trainer.epochs} epochs")
         result = defenses.scan_backdoor(model, splits.train[:2], splits.val[:2], seed=args.seed, progress=progress,
                                         budget=args.budget, trainer=trainer,
                                         training_seconds=None if seconds is None else seconds["wall"])
@@ -759,7 +765,7 @@ def _cmd_scan(args) -> int:
                             "n_train": len(splits.train[1]), "n_trusted": len(splits.val[1]),
                             "input_shape": list(splits.input_shape), "num_classes": splits.num_classes},
                    "model": {"summary": made, "name": name, "weights": args.weights,
-                             "trained_here": args.weights is None, "trainer": args.trainer, "seed": args.seed}}
+                             "trained_here": trained_here, "trainer": args.trainer, "seed": args.seed}}
         record = write_scan_report(result, splits.train, folder, top=args.top, remove=args.remove, context=context,
                                    rows=splits.train_index if args.train is None else None)
     _print_scan(record, args.top)

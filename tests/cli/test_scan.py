@@ -157,9 +157,10 @@ def test_a_poisoned_set_is_found_its_poisons_flagged_and_left_out_of_the_kept_li
     printed = capsys.readouterr()
     assert printed.err == ""  # no progress bar off a terminal, no warning
     assert re.search(r"verdict: BACKDOOR FOUND, suspected target class 0: \d+ of 600", printed.out)
-    assert "trained here with erm (5 epochs, seed 0)" in printed.out
+    assert "none was trained; the cost is over an estimated erm training of 5 epochs" in printed.out
     record = json.loads((out / "scan.json").read_text())
     verdict, poisons = record["verdict"], set(np.load(data / "poisons.npy").tolist())
+    assert record["model"]["trained_here"] is False and record["timing"]["vs_training"] > 0  # over the estimate
     assert verdict["found"] and verdict["target_class"] == 0 and verdict["value"] > verdict["threshold"]
     flagged = [entry["index"] for entry in record["flagged"]]
     assert len(flagged) == verdict["n_flagged"] <= 0.2 * 600 and len(set(flagged) & poisons) >= 0.9 * len(poisons)
