@@ -527,29 +527,36 @@ def retrain_seed(setup: Setup, seed: int, subset: int, run: int) -> int:
     return 1_000_000 * (seed + 1) + 1_000 * (run + 1) + subset
 
 
-def retrained_outputs(setup: Setup, seed: int, folder: Optional[Path], progress: bool) -> dict:
-    """The ground truth of seed ``seed``: every subset (``alpha`` of the training set, seeded) retrained ``runs``
-    times, from a fresh seeded initialisation per retraining (``init="fresh"``, the field's) or from the seed's
-    one initialisation with another data order (``"same"``), and its per-target losses, clean and at PGD points
-    re-computed against that model. ``{"utility", "robust"}: (n_subsets, runs, n_targets)`` and the training
-    seconds ``(n_subsets, runs)``; saved after every subset under ``folder`` (a rerun resumes)."""
+def retrained_outputs(setup: Setup, seed: int, folder: Optional[Path], progress: bool,
+                      total_runs: Optional[int] = None) -> dict:
+    """The ground truth of seed ``seed``: every subset (``alpha`` of the training set, seeded) retrained
+    ``total_runs`` times (default ``setup.runs``), from a fresh seeded initialisation per retraining
+    (``init="fresh"``, the field's) or from the seed's one initialisation with another data order (``"same"``),
+    and its per-target losses, clean and at PGD points re-computed against that model. ``{"utility", "robust"}:
+    (n_subsets, runs, n_targets)`` and the training seconds ``(n_subsets, runs)``; saved after every subset under
+    ``folder`` (a rerun resumes; a larger ``total_runs`` adds retrainings to the cached ones, never recomputes
+    them, and ``runs`` is at least what the cache holds)."""
+    total = setup.runs if total_runs is None else max(setup.runs, total_runs)
     train, targets, shape, classes = setup_data(setup, seed)
     masks = subset_masks(setup.n_train, setup.n_subsets, seed, setup.alpha)
     trainer = setup_trainer(setup)
     pgd = setup_attack(setup, seed)
     start = copy_for_training(build(setup, shape, classes, seed), "scratch", seed)
-    shapes = (setup.n_subsets, setup.runs, setup.n_targets)
     paths = None if folder is None else {k: folder / f"truth_seed{seed}_{k}.npy" for k in ("utility", "robust", "seconds")}
+    truth = {"utility": np.full((setup.n_subsets, 0, setup.n_targets), np.nan),
+             "robust": np.full((setup.n_subsets, 0, setup.n_targets), np.nan),
+             "seconds": np.full((setup.n_subsets, 0), np.nan)}
     if paths is not None and all(p.exists() for p in paths.values()):
         truth = {k: np.load(p) for k, p in paths.items()}
-    else:
-        truth = {"utility": np.full(shapes, np.nan), "robust": np.full(shapes, np.nan),
-                 "seconds": np.full(shapes[:2], np.nan)}
+    missing = total - truth["seconds"].shape[1]
+    if missing > 0:  # more retrainings asked for than cached: new NaN columns, the cached ones kept
+        truth = {k: np.concatenate([v, np.full((v.shape[0], missing, *v.shape[2:]), np.nan)], axis=1)
+                 for k, v in truth.items()}
     todo = [row for row in range(setup.n_subsets) if np.isnan(truth["seconds"][row]).any()]
     for row in tqdm(todo, desc=f"{setup.model} seed {seed} retraining", disable=not progress, leave=False):
-        for run in range(setup.runs):
+        for run in np.flatnonzero(np.isnan(truth["seconds"][row])):
             began = time.perf_counter()
-            subset_seed = retrain_seed(setup, seed, row, run)
+            subset_seed = retrain_seed(setup, seed, row, int(run))
             if setup.init == "fresh":
                 model = trainer.fit(start, take(train, masks[row]), seed=subset_seed)
             else:
@@ -590,32 +597,61 @@ def score_matrix(method: str, model: nn.Module, train: tuple, targets: tuple, se
     return ri.influence(model, train, targets, method=method, **common, **options).double().numpy()
 
 
-def _lds_pair(scores: np.ndarray, masks: np.ndarray, truth: dict, t: int) -> dict:
-    """Mean per-example LDS, utility and robust, against the mean output over the retrainings of each subset
-    (dattri's ground truth) and against the first retraining alone."""
-    out = {}
+def _lds_pair(scores: np.ndarray, masks: np.ndarray, truth: dict, t: int, runs: int) -> dict:
+    """Mean per-example LDS, utility and robust, against the mean output over the first ``runs`` retrainings of
+    each subset (dattri's ground truth; the headline), against the first retraining alone, and, where the cache
+    holds more retrainings, against the mean of the first r for every r (``by_runs``)."""
+    out: dict = {}
+    total = truth["utility"].shape[1]
     for index, objective in enumerate(OBJECTIVES):
         block = scores[:, index * t:(index + 1) * t]
-        out[objective] = float(np.nanmean(per_example_lds(block, masks, truth[objective].mean(axis=1))))
+        out[objective] = float(np.nanmean(per_example_lds(block, masks, truth[objective][:, :runs].mean(axis=1))))
         out[f"{objective}_one_run"] = float(np.nanmean(per_example_lds(block, masks, truth[objective][:, 0])))
+        if total > runs:
+            for r in range(1, total + 1):
+                value = float(np.nanmean(per_example_lds(block, masks, truth[objective][:, :r].mean(axis=1))))
+                out.setdefault("by_runs", {}).setdefault(str(r), {})[objective] = value
     return out
 
 
 def noise_ceiling(truth: dict) -> dict:
     """Per-target Spearman over the subsets between two retrainings of each subset, averaged over targets (the
-    retraining-noise ceiling; needs ``runs >= 2``)."""
-    if truth["utility"].shape[1] < 2:
+    retraining-noise ceiling; needs ``runs >= 2``): between the first two (``utility``, ``robust``) and averaged
+    over every pair of the cached retrainings (``pairs``)."""
+    runs = truth["utility"].shape[1]
+    if runs < 2:
         return {}
-    return {o: float(np.nanmean(columnwise_spearman(truth[o][:, 0], truth[o][:, 1]))) for o in OBJECTIVES}
+    out = {o: float(np.nanmean(columnwise_spearman(truth[o][:, 0], truth[o][:, 1]))) for o in OBJECTIVES}
+    if runs > 2:
+        out["pairs"] = {o: float(np.mean([np.nanmean(columnwise_spearman(truth[o][:, a], truth[o][:, b]))
+                                           for a in range(runs) for b in range(a + 1, runs)])) for o in OBJECTIVES}
+        out["runs"] = runs
+    return out
+
+
+def noise_cap(correlation: float, runs: int) -> float:
+    """The LDS a perfect predictor of each subset's expected output would reach against the mean of ``runs``
+    retrainings when two single retrainings correlate ``correlation`` (output = the subset's effect + independent
+    noise; Spearman taken as Pearson): ``sqrt(runs c / (1 + (runs - 1) c))``."""
+    c = max(float(correlation), 0.0)
+    return float(np.sqrt(runs * c / (1 + (runs - 1) * c))) if c > 0 else 0.0
 
 
 def per_example_seed(setup: Setup, seed: int, methods: tuple, sizes: tuple, folder: Optional[Path],
-                     progress: bool) -> dict:
-    """Seed ``seed`` of the per-example protocol: the ground truth, the full model, every method's matrix and
-    LDS, and the ensembles over models trained on random halves (each row saved as it finishes)."""
+                     progress: bool, total_runs: Optional[int] = None) -> dict:
+    """Seed ``seed`` of the per-example protocol: the ground truth (``total_runs`` retrainings per subset, see
+    :func:`retrained_outputs`), the full model, every method's matrix and LDS, and the ensembles over models
+    trained on random halves (each row saved as it finishes; a cached row is re-scored only when the cache holds
+    more retrainings than its ``by_runs``)."""
     path = None if folder is None else folder / f"seed_{seed}.json"
     result = json.loads(path.read_text()) if path is not None and path.exists() else {"seed": seed, "rows": {}}
-    truth = retrained_outputs(setup, seed, folder, progress)
+    truth = retrained_outputs(setup, seed, folder, progress, total_runs)
+    held = truth["utility"].shape[1]
+
+    def done(name: str) -> bool:
+        row = result["rows"].get(name)
+        return row is not None and ("error" in row or held <= setup.runs or str(held) in row.get("by_runs", {}))
+
     result["noise"] = noise_ceiling(truth)
     result["retrain_seconds"] = float(np.mean(truth["seconds"]))
     train, targets, shape, classes = setup_data(setup, seed)
@@ -635,7 +671,7 @@ def per_example_seed(setup: Setup, seed: int, methods: tuple, sizes: tuple, fold
             atomic_write_json(path, result)
 
     for method in methods:
-        if f"{method} x1" in result["rows"]:
+        if done(f"{method} x1"):
             continue
         began = time.perf_counter()
         try:
@@ -647,10 +683,10 @@ def per_example_seed(setup: Setup, seed: int, methods: tuple, sizes: tuple, fold
         seconds = time.perf_counter() - began
         result["rows"][f"{method} x1"] = {"method": method, "models": 1, "seconds": seconds,
                                           **({"proj_dim": setup.proj_dim} if method == "trak" else {}),
-                                          "cost": seconds / full_seconds, **_lds_pair(scores, masks, truth, t)}
+                                          "cost": seconds / full_seconds, **_lds_pair(scores, masks, truth, t, setup.runs)}
         save()
     wanted = [m for m in ENSEMBLE_METHODS if m in methods]
-    if sizes and wanted and not all(f"{m} halves x{k}" in result["rows"] for m in wanted for k in sizes):
+    if sizes and wanted and not all(done(f"{m} halves x{k}") for m in wanted for k in sizes):
         halves = subset_masks(setup.n_train, max(sizes), seed + 500_000, 0.5)
         sums = {m: 0.0 for m in wanted}
         spent = {m: 0.0 for m in wanted}
@@ -669,7 +705,7 @@ def per_example_seed(setup: Setup, seed: int, methods: tuple, sizes: tuple, fold
                     result["rows"][f"{method} halves x{k + 1}"] = {
                         "method": f"{method} (halves)", "models": k + 1, "seconds": spent[method],
                         **({"proj_dim": setup.proj_dim} if method == "trak" else {}),
-                        "cost": spent[method] / full_seconds, **_lds_pair(sums[method] / (k + 1), masks, truth, t)}
+                        "cost": spent[method] / full_seconds, **_lds_pair(sums[method] / (k + 1), masks, truth, t, setup.runs)}
             if k + 1 in sizes:
                 save()
     save()
@@ -831,6 +867,10 @@ def per_example_main(argv: Optional[list] = None) -> dict:
     parser.add_argument("--subsets", type=int, default=None, help="number M of random subsets")
     parser.add_argument("--alpha", type=float, default=None, help="fraction of the training set kept per subset")
     parser.add_argument("--runs", type=int, default=None, help="retrainings per subset (2: the noise ceiling)")
+    parser.add_argument("--total-runs", type=int, default=None,
+                        help="retrainings per subset to hold in the cache (at least --runs; added to the cached "
+                             "ones): rows then also give the LDS against the mean of the first r, r = 1..this "
+                             "(the headline stays the mean of the first --runs)")
     parser.add_argument("--targets", type=int, default=None, help="number of target (test) images")
     parser.add_argument("--init", choices=INIT_MODES, default=None,
                         help="fresh: each retraining from its own seeded initialisation (the field's); same: all "
@@ -849,11 +889,13 @@ def per_example_main(argv: Optional[list] = None) -> dict:
     setup = replace(SETUPS[args.setup], **overrides)
     check_int(setup.n_subsets, "--subsets", minimum=2)
     check_int(setup.runs, "--runs", minimum=1)
+    if args.total_runs is not None:
+        check_int(args.total_runs, "--total-runs", minimum=setup.runs)
     if not 0 < setup.alpha < 1:
         raise SystemExit(f"--alpha: must be in (0, 1), got {setup.alpha}")
     folder = setup_folder(args.out, args.setup, setup)
     per_seed = [per_example_seed(setup, seed, tuple(args.methods), tuple(sorted(set(args.ensemble_sizes))), folder,
-                                 not args.no_progress) for seed in args.seeds]
+                                 not args.no_progress, args.total_runs) for seed in args.seeds]
     lines = per_example_table(args.setup, setup, per_seed)
     print("\n".join(lines))
     return {"setup": asdict(setup), "per_seed": per_seed, "summary": summarise_rows(per_seed)}
