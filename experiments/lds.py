@@ -100,7 +100,7 @@ import attacks
 import robust_infl as ri
 from attacks.plumbing import make_generator, seeded
 from attacks.validation import check_int
-from defenses import CheckpointingERM, ERM
+from defenses import CheckpointingERM, ERM, TrainedEnsemble, train_ensemble
 from defenses.data import take
 from defenses.seed_results import SeedResults
 from defenses.stats import half_width
@@ -687,29 +687,60 @@ def per_example_seed(setup: Setup, seed: int, methods: tuple, sizes: tuple, fold
         save()
     wanted = [m for m in ENSEMBLE_METHODS if m in methods]
     if sizes and wanted and not all(done(f"{m} halves x{k}") for m in wanted for k in sizes):
-        halves = subset_masks(setup.n_train, max(sizes), seed + 500_000, 0.5)
-        sums = {m: 0.0 for m in wanted}
-        spent = {m: 0.0 for m in wanted}
-        for k in tqdm(range(max(sizes)), desc=f"{setup.model} seed {seed} half models", disable=not progress,
-                      leave=False):
-            began = time.perf_counter()
-            member = trainer.fit(model, take(train, halves[k]), seed=retrain_seed(setup, seed, k, 900))
-            member_targets = both_targets(member, targets, pgd)
-            trained = time.perf_counter() - began
-            for method in wanted:
+        n = max(sizes)
+        members = half_models(model, train, trainer, setup, seed, n)
+        per_member = members.seconds["wall"] / n
+        for method in wanted:
+            for k in sizes:
+                name = f"{method} halves x{k}"
+                if done(name):
+                    continue
                 began = time.perf_counter()
-                sums[method] = sums[method] + score_matrix(method, member, train, member_targets, setup, seed + k,
-                                                           [])
-                spent[method] += trained + time.perf_counter() - began
-                if k + 1 in sizes:
-                    result["rows"][f"{method} halves x{k + 1}"] = {
-                        "method": f"{method} (halves)", "models": k + 1, "seconds": spent[method],
-                        **({"proj_dim": setup.proj_dim} if method == "trak" else {}),
-                        "cost": spent[method] / full_seconds, **_lds_pair(sums[method] / (k + 1), masks, truth, t, setup.runs)}
-            if k + 1 in sizes:
+                scores = ensemble_matrix(method, ri.Ensemble(list(members.models[:k])), train, targets, setup, seed,
+                                         pgd)
+                seconds = k * per_member + time.perf_counter() - began
+                result["rows"][name] = {"method": f"{method} (halves)", "models": k, "seconds": seconds,
+                                        **({"proj_dim": setup.proj_dim} if method == "trak" else {}),
+                                        "cost": seconds / full_seconds,
+                                        **_lds_pair(scores, masks, truth, t, setup.runs)}
                 save()
     save()
     return result
+
+
+def half_models(model: nn.Module, train: tuple, trainer: CheckpointingERM, setup: Setup, seed: int,
+                n: int) -> TrainedEnsemble:
+    """The seed's ``n`` models trained on random halves (TRAK's recipe), through :func:`defenses.train_ensemble`:
+    member ``k`` on the k-th half drawn by :func:`subset_masks` (seed + 500,000) from its own seeded
+    initialisation (:func:`retrain_seed` with run 900)."""
+    halves = subset_masks(setup.n_train, n, seed + 500_000, 0.5)
+    return train_ensemble(model, train, trainer, n, subsets=list(halves),
+                          seeds=[retrain_seed(setup, seed, k, 900) for k in range(n)])
+
+
+class AttackSecondCopy:
+    """An attack on targets given twice (clean, then again): the first copy kept, ``attack`` run on the second.
+    Under :class:`robust_infl.Robust` (attack at each model's own parameters, held fixed) one per-target matrix
+    then holds the clean losses (first ``t`` columns) and those at each model's own PGD points (last ``t``)."""
+
+    def __init__(self, attack: attacks.PGD):
+        self.attack = attack
+
+    def __call__(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        t = x.shape[0] // 2
+        return torch.cat([x[:t], self.attack(model, x[t:], y[t:])])
+
+
+def ensemble_matrix(method: str, ensemble: ri.Ensemble, train: tuple, targets: tuple, setup: Setup, seed: int,
+                    pgd: attacks.PGD) -> np.ndarray:
+    """The ``(n_train, 2 t)`` harm matrix of ``method`` over an :class:`robust_infl.Ensemble` (the library's
+    combination: the members' mean for ``ip``, TRAK's own ensemble for ``trak``), each member at its own PGD
+    points for the robust half (:class:`AttackSecondCopy`)."""
+    x, y = targets
+    options = {"proj_dim": setup.proj_dim} if method == "trak" else {}
+    return ri.influence(ensemble, train, (torch.cat([x, x]), torch.cat([y, y])), method=method,
+                        objective=ri.Robust(AttackSecondCopy(pgd)), seed=seed, batch_size=setup.scoring_batch,
+                        progress=False, aggregate=False, **options).double().numpy()
 
 
 SCORING_FIELDS = ("proj_dim", "checkpoints", "scoring_batch")
