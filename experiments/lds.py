@@ -868,7 +868,7 @@ def per_example_table(name: str, setup: Setup, per_seed: list) -> list:
         lines += ["", f"Best method at a cost of at most 2 training runs (robust, headline): {best['method']} x"
                   f"{best['models']} ({best['robust']['mean']:+.3f}, cost {best['cost']:.2f})."]
         best_more = best_within([{**e["more"], "method": e["method"], "models": e["models"], "cost": e["cost"]}
-                                 for e in entries if e.get("more", {}).get("runs") == more])
+                                 for e in entries if more and e.get("more", {}).get("runs") == more])
         if best_more is not None:
             lines[-1] += (f" Against the mean of {more} retrainings: {best_more['method']} x{best_more['models']} "
                           f"({best_more['robust']['mean']:+.3f}, cost {best_more['cost']:.2f}).")
@@ -932,7 +932,8 @@ def per_example_report(out: Path) -> list:
         per_seed = [json.loads(p.read_text()) for p in sorted(folder.glob("seed_*.json"))]
         if not per_seed:
             continue
-        lines += [f"### {MODEL_TITLES[setup.model]} ({name}, {setup.init} initialisation)", "",
+        lines += [f"### {MODEL_TITLES[setup.model]} ({name}, {setup.n_subsets} subsets, {setup.runs} retraining(s) "
+                  f"per subset, {setup.init} initialisation)", "",
                   *per_example_table(name, setup, per_seed), ""]
         entries += reference_entries(name, setup, per_seed)
     lines.append(f"Regenerate: `{COMMAND} --protocol per-example --setup logreg|mlp|cnn --seeds 0 1 2`, then "
