@@ -277,8 +277,8 @@ def _explain_parser(commands, parents: list, methods: tuple) -> None:
                              "written with numpy.savez(path, X=..., y=...)")
     explain_cmd.add_argument("--attack", choices=ATTACK_NAMES, default="pgd", help="attack (default: %(default)s)")
     explain_cmd.add_argument("--method", choices=[m for m in methods if m not in CHECKPOINT_METHODS], default="ip",
-                             help="influence method (default: %(default)s; ip and trak rank per input, the others "
-                                  "over the set)")
+                             help="influence method (default: %(default)s; the methods with per-target matrices, e.g. "
+                                  "ip, trak, ekfac, datainf, rank per input, the others over the set)")
     _add_parameter_flags(explain_cmd, damping_default=0.0)
     explain_cmd.add_argument("--top", type=int, default=10,
                              help="training samples listed per input (default: %(default)s)")

@@ -11,7 +11,7 @@ epochs over its subset).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Optional, Sequence
 
 import numpy as np
 import torch
@@ -72,8 +72,31 @@ def _subset_taker(data: Any):
     return tensors[0].shape[0], (lambda index: take(tensors, index))
 
 
+def _explicit_members(subsets: Sequence, seeds: Sequence, n: int, n_samples: int) -> tuple[list, list]:
+    """The given members' sorted training indices (from index tensors or boolean masks) and seeds, checked."""
+    if isinstance(subsets, (str, bytes)) or not isinstance(subsets, Sequence) or len(subsets) != n:
+        raise ValueError(f"subsets: must be a list of n = {n} index tensors or boolean masks, got "
+                         f"{len(subsets) if isinstance(subsets, Sequence) else type(subsets).__name__}")
+    if isinstance(seeds, (str, bytes)) or not isinstance(seeds, Sequence) or len(seeds) != n:
+        raise ValueError(f"seeds: must be a list of n = {n} seeds, got "
+                         f"{len(seeds) if isinstance(seeds, Sequence) else type(seeds).__name__}")
+    chosen = []
+    for index, given in enumerate(subsets):
+        given = torch.as_tensor(given)
+        if given.dtype == torch.bool:
+            if given.shape != (n_samples,):
+                raise ValueError(f"subsets: mask {index} must have shape ({n_samples},), got {tuple(given.shape)}")
+            given = torch.nonzero(given).flatten()
+        given = given.long().flatten().unique()  # sorted, distinct
+        if given.numel() == 0 or int(given.min()) < 0 or int(given.max()) >= n_samples:
+            raise ValueError(f"subsets: subset {index} must hold indices in [0, {n_samples}), at least one")
+        chosen.append(given)
+    return chosen, [check_seed(s, f"seeds[{index}]") for index, s in enumerate(seeds)]
+
+
 def train_ensemble(model: nn.Module, data: Any, trainer: Any, n: int, *, subset: float = 0.5, seed: int = 0,
-                   progress: bool = False) -> TrainedEnsemble:
+                   progress: bool = False, subsets: Optional[Sequence] = None,
+                   seeds: Optional[Sequence[int]] = None) -> TrainedEnsemble:
     """Train ``n`` members of an ensemble with ``trainer``, each on its own seeded random subset of ``data``.
 
     Args:
@@ -88,6 +111,10 @@ def train_ensemble(model: nn.Module, data: Any, trainer: Any, n: int, *, subset:
             TRAK's recipe; ``1``: every member on all the data, only the seeds differ).
         seed: member ``k`` trains under the seeds :func:`defenses.ensembles.member_seeds` ``(seed, k)``.
         progress: show a progress bar over the members.
+        subsets, seeds: the members given explicitly instead (both or neither): member ``k`` trains on
+            ``subsets[k]`` (indices into ``data``, or a boolean mask over it) under seed ``seeds[k]``, e.g. to
+            re-create an ensemble whose subsets and seeds were drawn elsewhere; ``subset`` and ``seed`` are then
+            not used, and the cost is the members' sizes summed over the size of ``data``.
 
     Returns:
         A :class:`TrainedEnsemble`: the models, their subsets and seeds, and the cost.
@@ -102,20 +129,25 @@ def train_ensemble(model: nn.Module, data: Any, trainer: Any, n: int, *, subset:
     subset = check_fraction(subset, "subset", allow_one=True)
     check_seed(seed)
     check_bool(progress, "progress")
+    if (subsets is None) != (seeds is None):
+        raise ValueError("subsets: give the members' subsets and seeds together, or neither")
     n_samples, restrict = _subset_taker(data)
-    size = max(1, round(subset * n_samples))
-    models, subsets, seeds = [], [], []
+    if subsets is None:
+        size = max(1, round(subset * n_samples))
+        draws = [member_seeds(seed, index) for index in range(n)]
+        seeds = [train_seed for train_seed, _ in draws]
+        subsets = [torch.randperm(n_samples, generator=torch.Generator().manual_seed(subset_seed))[:size].sort().values
+                   if size < n_samples else torch.arange(n_samples) for _, subset_seed in draws]
+    else:
+        subsets, seeds = _explicit_members(subsets, seeds, n, n_samples)
+    models = []
     seconds = {"wall": 0.0, "cpu": 0.0}
-    for index in tqdm(range(n), desc="ensemble members", disable=None if progress else True, leave=False):
-        train_seed, subset_seed = member_seeds(seed, index)
-        generator = torch.Generator().manual_seed(subset_seed)
-        chosen = (torch.randperm(n_samples, generator=generator)[:size].sort().values if size < n_samples
-                  else torch.arange(n_samples))
-        member, spent = timed(trainer.fit, model, data if size == n_samples else restrict(chosen), seed=train_seed)
+    for chosen, train_seed in tqdm(list(zip(subsets, seeds)), desc="ensemble members",
+                                   disable=None if progress else True, leave=False):
+        whole = chosen.numel() == n_samples
+        member, spent = timed(trainer.fit, model, data if whole else restrict(chosen), seed=train_seed)
         for clock in seconds:
             seconds[clock] += spent[clock]
         models.append(member)
-        subsets.append(chosen)
-        seeds.append(train_seed)
     return TrainedEnsemble(models=tuple(models), subsets=tuple(subsets), seeds=tuple(seeds), seconds=seconds,
-                           clock=cost_clock(model), trainings=n * size / n_samples)
+                           clock=cost_clock(model), trainings=sum(c.numel() for c in subsets) / n_samples)

@@ -52,7 +52,8 @@ def influence(
             keywords) are documented in the docstring of its function, in the module named:
 
             - ``"ip"``: ``-<grad f, grad l_i>``, identity Hessian, one forward-mode pass
-              (``methods.ip``; ``renormalize``; ``aggregate=False`` also for ``trak``, ``ekfac``, ``kfac``).
+              (``methods.ip``; ``renormalize``; ``aggregate=False`` also for ``ip-ensemble``, ``datainf``, ``trak``,
+              ``ekfac``, ``kfac``).
             - ``"ip-ensemble"``: IP summed or averaged over seeded dropout-masked or weight-noised
               copies of the model (``methods.ensemble``; ``members``, ``perturbation``, ``scale``, ``combine``).
             - ``"tracin"``: learning-rate-weighted IP over saved checkpoints (``methods.tracin``;

@@ -15,7 +15,9 @@ fixed perturbed functions of it, drawn from a ``torch.Generator`` seeded with th
 - ``perturbation="gaussian"``: N(0, scale^2) noise added to every scored parameter (the paper
   uses 0.01 for logistic regression).
 
-For ``Robust`` objectives the attack is recomputed on each member.
+For ``Robust`` objectives the attack is recomputed on each member. With the scoring option
+``aggregate=False`` every member gives IP's ``(n_train, n_target)`` matrix (each target sample's own
+loss, at the member's own attack point for ``Robust``), combined the same way.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from attacks.plumbing import make_generator
 from attacks.validation import check_choice, check_fraction, check_int, check_positive
 from robust_infl.engine import ForwardFn, ScoringProblem, harm_along, objective_gradient
 from robust_infl.methods import register_method
+from robust_infl.methods.ip import per_target_harm
 
 __all__ = ["ip_ensemble_influence", "dropout_layers", "dropout_forward"]
 
@@ -99,10 +102,12 @@ def _draw_masks(
 
 
 def _ip(problem: ScoringProblem, params: dict[str, Tensor]) -> Tensor:
+    if not problem.aggregate:
+        return per_target_harm(problem, params)
     return harm_along(problem, params, objective_gradient(problem, params))
 
 
-@register_method("ip-ensemble")
+@register_method("ip-ensemble", per_target=True)
 def ip_ensemble_influence(
     problem: ScoringProblem,
     *,
@@ -111,7 +116,8 @@ def ip_ensemble_influence(
     scale: float = 0.01,
     combine: str = "sum",
 ) -> Tensor:
-    """IP harm combined over ``members`` models (member 0 unperturbed), shape ``(n_train,)``.
+    """IP harm combined over ``members`` models (member 0 unperturbed), shape ``(n_train,)`` (with
+    ``aggregate=False`` the ``(n_train, n_target)`` matrix, see the module docstring).
 
     Args:
         members: number of models M >= 1 (``members=1`` is exactly ``"ip"``).

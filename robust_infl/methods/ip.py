@@ -23,7 +23,7 @@ from robust_infl.engine import (
 from robust_infl.grad_norms import renormalised
 from robust_infl.methods import register_method
 
-__all__ = ["inner_product_influence"]
+__all__ = ["inner_product_influence", "per_target_harm"]
 
 
 @register_method("ip", per_target=True)
@@ -47,9 +47,16 @@ def inner_product_influence(problem: ScoringProblem, *, renormalize: bool = Fals
     if problem.aggregate:
         scores = harm_along(problem, params, objective_gradient(problem, params))
         return renormalised(problem, params, scores) if renormalize else scores
+    out = per_target_harm(problem, params)
+    return renormalised(problem, params, out.T).T if renormalize else out
+
+
+def per_target_harm(problem: ScoringProblem, params: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The ``(n_train, n_target)`` IP matrix ``-<grad f_j, grad l_i>`` at ``params`` (``f_j``: target sample j's
+    own loss, at its adversarial point for ``Robust``), from per-sample gradients in batches."""
     target = target_gradients(problem, params)
     out = torch.empty(problem.n_train, target.shape[0], dtype=problem.dtype, device=problem.device)
     for start, x, y in train_batches(problem, params, desc="ip train x target"):
         where = f"the training batch starting at index {start}"
         out[start : start + x.shape[0]] = -(per_sample_gradients(problem, params, (x, y), where) @ target.T)
-    return renormalised(problem, params, out.T).T if renormalize else out
+    return out

@@ -109,3 +109,23 @@ def test_bad_inputs_are_refused_naming_the_argument(data):
         train_ensemble(mlp(), data, trainer(), 2, seed=-1)
     with pytest.raises(TypeError, match="^data: "):
         train_ensemble(mlp(), "data", trainer(), 2)
+
+
+def test_members_given_explicitly_are_those_trainings(data):
+    mask = torch.zeros(N, dtype=torch.bool)
+    mask[::3] = True
+    result = train_ensemble(mlp(), data, trainer(), 2, subsets=[mask, torch.tensor([5, 1, 9, 2])], seeds=[11, 12])
+    assert torch.equal(result.subsets[0], torch.arange(0, N, 3)) and torch.equal(result.subsets[1],
+                                                                                 torch.tensor([1, 2, 5, 9]))
+    assert result.seeds == (11, 12) and result.trainings == (mask.sum().item() + 4) / N
+    assert same_weights(result.models[0], trainer().fit(mlp(), (data[0][mask], data[1][mask]), seed=11))
+    index = torch.tensor([1, 2, 5, 9])
+    assert same_weights(result.models[1], trainer().fit(mlp(), (data[0][index], data[1][index]), seed=12))
+    with pytest.raises(ValueError, match="^subsets: give the members' subsets and seeds together"):
+        train_ensemble(mlp(), data, trainer(), 1, subsets=[mask])
+    with pytest.raises(ValueError, match="^subsets: must be a list of n = 2"):
+        train_ensemble(mlp(), data, trainer(), 2, subsets=[mask], seeds=[1, 2])
+    with pytest.raises(ValueError, match=r"^subsets: subset 0 must hold indices in \[0, 40\)"):
+        train_ensemble(mlp(), data, trainer(), 1, subsets=[torch.tensor([N])], seeds=[1])
+    with pytest.raises(ValueError, match="^seeds\\[0\\]: "):
+        train_ensemble(mlp(), data, trainer(), 1, subsets=[mask], seeds=[-1])

@@ -10,8 +10,11 @@ import pytest
 import torch
 from scipy import stats
 
-from experiments.lds import (CONTROL_METHODS, METHODS, OBJECTIVES, columnwise_spearman, lds, per_example_lds,
-                             per_example_main, subset_masks)
+import robust_infl as ri
+from experiments.lds import (CONTROL_METHODS, METHODS, OBJECTIVES, SETUPS, build, both_targets, columnwise_spearman,
+                             ensemble_matrix, half_models, lds, noise_cap, per_example_lds, per_example_main,
+                             retrain_seed, score_matrix, setup_attack, setup_data, setup_trainer, subset_masks)
+from defenses.data import take
 
 
 def test_subsets_are_seeded_halves():
@@ -110,3 +113,35 @@ def test_lds_quick(tmp_path, run_quick):
         assert noise["again"]["utility"] != seed_result["measured"]["utility"][: noise["subsets"]]  # another order
     for summary, methods in ((result["summary"], METHODS), (result["control_summary"], CONTROL_METHODS)):
         assert set(summary) == set(methods) and all(set(summary[m]) == set(OBJECTIVES) for m in methods)
+
+
+def test_half_models_scored_as_a_library_ensemble_equal_the_members_scored_one_by_one():
+    setup = SETUPS["quick"]
+    train, targets, shape, classes = setup_data(setup, 0)
+    trainer, pgd = setup_trainer(setup), setup_attack(setup, 0)
+    model = trainer.fit(build(setup, shape, classes, 0), train, seed=0)
+    members = half_models(model, train, trainer, setup, 0, 2)
+    halves = subset_masks(setup.n_train, 2, 500_000, 0.5)
+    one_by_one = []
+    for k in range(2):  # what the experiment did before: each member trained and scored on its own, averaged
+        member = trainer.fit(model, take(train, halves[k]), seed=retrain_seed(setup, 0, k, 900))
+        assert all(torch.equal(a, b) for a, b in zip(member.state_dict().values(),
+                                                      members.models[k].state_dict().values()))
+        one_by_one.append(score_matrix("ip", member, train, both_targets(member, targets, pgd), setup, k, []))
+    np.testing.assert_allclose(ensemble_matrix("ip", ri.Ensemble(list(members.models)), train, targets, setup, 0, pgd),
+                               np.mean(one_by_one, axis=0), rtol=1e-5, atol=1e-9)
+    if importlib.util.find_spec("trak"):  # one member: TRAK's ensemble is TRAK on that model
+        member = members.models[0]
+        np.testing.assert_allclose(ensemble_matrix("trak", ri.Ensemble([member]), train, targets, setup, 0, pgd),
+                                   score_matrix("trak", member, train, both_targets(member, targets, pgd), setup, 0,
+                                                []), rtol=1e-4, atol=1e-7)
+
+
+def test_noise_cap_is_the_correlation_of_a_perfect_predictor_with_the_mean_of_r_noisy_runs():
+    assert noise_cap(1.0, 3) == pytest.approx(1.0) and noise_cap(0.0, 5) == 0.0
+    assert noise_cap(0.11, 2) == pytest.approx(math.sqrt(0.22 / 1.11))
+    generator = np.random.default_rng(0)  # effect + independent noise with var ratio giving c = 0.2 between runs
+    effect = generator.normal(size=200_000)
+    runs = effect[:, None] + generator.normal(scale=2.0, size=(200_000, 4))
+    c = np.corrcoef(runs[:, 0], runs[:, 1])[0, 1]
+    assert np.corrcoef(effect, runs.mean(axis=1))[0, 1] == pytest.approx(noise_cap(c, 4), abs=0.01)

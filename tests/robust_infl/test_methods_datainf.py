@@ -63,3 +63,22 @@ def test_datainf_groups_weight_and_bias_of_a_module_and_scores_only_chosen_param
 def test_bad_lambda_scale_is_rejected_by_name(mlp_and_data):
     with pytest.raises(ValueError, match=r"^lambda_scale: must be a finite number > 0"):
         ri.influence(*mlp_and_data, objective=ri.Utility(), method="datainf", lambda_scale=0.0, progress=False)
+
+
+def test_per_target_datainf_is_the_formula_on_each_target_alone(mlp_and_data, fgsm_attack):
+    model, train, target = mlp_and_data
+    layers = [torch.arange(0, 25), torch.arange(25, 43)]
+    matrix = ri.influence(model, train, target, objective=ri.Utility(), method="datainf", aggregate=False,
+                          batch_size=7, progress=False)
+    assert matrix.shape == (N_TRAIN, 9)
+    for j in (0, 4, 8):
+        one = (target[0][j : j + 1], target[1][j : j + 1])
+        torch.testing.assert_close(matrix[:, j], brute_force_datainf(model, train, one, layers, 0.1))
+    aggregate = ri.influence(model, train, target, objective=ri.Utility(), method="datainf", batch_size=7,
+                             progress=False)
+    torch.testing.assert_close(matrix.mean(dim=1), aggregate)
+    robust = ri.Robust(fgsm_attack(0.1))  # the row means are the aggregate scores for Robust too
+    torch.testing.assert_close(
+        ri.influence(model, train, target, objective=robust, method="datainf", aggregate=False, batch_size=7,
+                     progress=False).mean(dim=1),
+        ri.influence(model, train, target, objective=robust, method="datainf", batch_size=7, progress=False))

@@ -141,3 +141,22 @@ def test_dropout_needs_a_hidden_layer():
 def test_bad_options_are_rejected_by_name(mlp_and_data, options, message):
     with pytest.raises(ValueError, match=message):
         score(*mlp_and_data, method="ip-ensemble", **options)
+
+
+@pytest.mark.parametrize("perturbation", ["dropout", "gaussian"])
+def test_per_target_matrix_is_the_ensemble_on_each_target_alone(mlp_and_data, perturbation):
+    model, train, target = mlp_and_data
+    options = dict(method="ip-ensemble", members=3, perturbation=perturbation, scale=0.3, seed=5, batch_size=8,
+                   progress=False)
+    matrix = ri.influence(model, train, target, objective=ri.Utility(), aggregate=False, **options)
+    assert matrix.shape == (23, 11)
+    for j in (0, 5, 10):  # the same seeded members score each target alone
+        alone = ri.influence(model, train, (target[0][j : j + 1], target[1][j : j + 1]), objective=ri.Utility(),
+                             **options)
+        torch.testing.assert_close(matrix[:, j], alone)
+    torch.testing.assert_close(matrix.mean(dim=1), ri.influence(model, train, target, objective=ri.Utility(),
+                                                                **options))
+    one = ri.influence(model, train, target, objective=ri.Utility(), aggregate=False,
+                       **{**options, "members": 1})
+    assert torch.equal(one, ri.influence(model, train, target, objective=ri.Utility(), method="ip", aggregate=False,
+                                         batch_size=8, progress=False))
