@@ -6,7 +6,9 @@ columns the attacks; backdoor ASR and clean accuracy (mean over seeds, with the 
 defence (CPU time as a multiple of one training run). Data: MNIST and Fashion-MNIST, 3,500 training / 500
 validation / 1,000 test images, SmallCNN, 5 epochs; target class 0; budget twice the poison rate; plain
 training (ERM) or PGD adversarial training (3 steps, linf 0.1). The trigger-unknown recipes run in every
-setting; the evidence-known ``remove-poisons`` (K = 10 triggered validation inputs) in the BadNets settings.
+setting; the evidence-known ``remove-poisons`` (K = 10 triggered validation inputs) in the BadNets settings,
+beside its honest baselines that use the same evidence alone (``evidence-retrain``: retrained with it;
+``evidence-finetune``: the poisoned model fine-tuned on it and the clean validation split).
 
 Each setting runs through ``defenses.run_poisoning`` with its per-seed cache in
 ``experiments/out/poisoning/<setting>`` (``resume``); a cached seed that lacks some of the requested recipes
@@ -51,12 +53,15 @@ UNKNOWN_RECIPES = ("low-loss", "knn-label", "activation-defence", "spectral-sign
                    "backdoor-scan")
 # PGD-AT retrains at ~3.5x the cost of plain training: its rows are cut to the strongest baselines, ABL and the scan.
 AT_UNKNOWN_RECIPES = ("knn-label", "spectral-signature", "abl", "backdoor-scan")
-EVIDENCE = 10  # K of the evidence-known remove-poisons (BadNets settings only)
+EVIDENCE = 10  # K of the evidence-known recipes (BadNets settings only)
+# The evidence-known rows: the evidence alone (retrained with it, fine-tuned on it), the honest baselines of
+# remove-poisons, which removes samples with the same K triggered inputs.
+EVIDENCE_RECIPES = ("evidence-retrain", "evidence-finetune", "remove-poisons")
 # The evidence-influence recipe with ip and with the best LDS method (TRAK over half models): opt-in (--only), in
 # their own folder (METHODS_FOLDER next to the grid's), their rows joined to the grid's tables seed by seed.
 METHOD_RECIPES = ("evidence-influence", "evidence-influence-trak")
 METHODS_FOLDER = "poisoning_methods"
-ROWS = ("none", *UNKNOWN_RECIPES, "remove-poisons", *METHOD_RECIPES)
+ROWS = ("none", *UNKNOWN_RECIPES, *EVIDENCE_RECIPES, *METHOD_RECIPES)
 DATA = {"mnist": "mnist", "fmnist": "fashion-mnist"}
 SIZES = dict(n_train=3500, n_val=500, n_test=1000)
 TRAINERS = {"erm": "erm", "pgdat": "pgd-at"}
@@ -97,12 +102,12 @@ QUICK = ("digits", "erm", "badnets", 0.05)  # the smoke test's setting (tiny spl
 
 def recipes_of(setting: tuple, available: tuple, only: Optional[list] = None) -> list:
     """The recipes a grid setting ``(data, trainer, attack, rate)`` runs: ``none``, the trigger-unknown ones
-    registered in ``available`` (a reduced list under PGD-AT) and, on BadNets, the evidence-known
-    ``remove-poisons``; with ``only``, ``none`` and those of them named there, plus the :data:`METHOD_RECIPES`
-    named there (they run only when named)."""
+    registered in ``available`` (a reduced list under PGD-AT) and, on BadNets, the evidence-known ones
+    (:data:`EVIDENCE_RECIPES`: the evidence alone, then ``remove-poisons``); with ``only``, ``none`` and those of
+    them named there, plus the :data:`METHOD_RECIPES` named there (they run only when named)."""
     _, trainer, attack, _ = setting
     unknown = UNKNOWN_RECIPES if trainer == "erm" else AT_UNKNOWN_RECIPES
-    wanted = ["none", *unknown] + (["remove-poisons"] if attack == "badnets" else [])
+    wanted = ["none", *unknown] + (list(EVIDENCE_RECIPES) if attack == "badnets" else [])
     if only is not None:
         wanted = [r for r in wanted if r in ("none", *only)] + [r for r in METHOD_RECIPES if r in only]
     return [r for r in wanted if r in available]
@@ -320,6 +325,10 @@ def build_section(grid: dict, kept: dict, missing: list) -> str:
              "None, ...)` runs the same: the recipe `remove-poisons-unknown` gives equal rows); `abl`: Anti-Backdoor "
              "Learning with its published defaults (it isolates 1% whatever the budget); `remove-poisons K=10`: "
              "`remove_poisons` with 10 triggered validation inputs as evidence (threat model \"evidence known\"); "
+             "`evidence-retrain K=10` / `evidence-finetune K=10`: the same evidence alone, nothing removed "
+             "(retrained from scratch on the training split plus the evidence under its true labels, repeated; "
+             "the poisoned model fine-tuned on the evidence plus the clean validation split), the baselines "
+             "that show what the removal adds; "
              "`evidence-influence K=10`: the budget's largest renormalised ip harms on the loss of the same 10 "
              "inputs under their true labels removed, retrained; `evidence-influence-trak K=10`: the same with TRAK "
              "(projection 512) over 10 models trained on random halves, their training in its cost (the best "

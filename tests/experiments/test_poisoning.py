@@ -4,7 +4,7 @@ rows joined from their own folder."""
 import pytest
 
 from defenses.seed_results import SeedResults, read_seed_file
-from experiments.poisoning import METHOD_RECIPES, drop_rows, load_setting
+from experiments.poisoning import METHOD_RECIPES, ROWS, drop_rows, load_setting, recipes_of
 
 
 def test_poisoning_quick(tmp_path, run_quick):
@@ -15,6 +15,9 @@ def test_poisoning_quick(tmp_path, run_quick):
         assert 0 <= c["asr_backdoor"] <= 1 and 0 <= c["clean_acc"] <= 1 and c["seeds"] == [0]
     assert cells["none"]["recall"] is None and cells["none"]["d_asr_backdoor"] is None
     assert cells["remove-poisons K=10"]["removed_share"] <= 0.1 + 1e-9
+    # the evidence alone, the baselines of remove-poisons: same K, nothing removed
+    for name in ("evidence-retrain K=10", "evidence-finetune K=10"):
+        assert cells[name]["removed_share"] == 0 and cells[name]["recall"] is None
     assert cells["low-loss"]["cost_vs_base"] > 0
     # --rerun's deletion leaves a seed file that loads (checksum renewed), without the recipe's rows
     folder = tmp_path / "poisoning" / "quick"
@@ -44,3 +47,18 @@ def test_method_rows_join_the_grid_seed_by_seed_on_the_same_base_model(tmp_path)
     _seed_file(methods, 1, "another", ("none", *METHOD_RECIPES))
     with pytest.raises(ValueError, match="seed_1.json: its base model differs from the grid's of seed 1"):
         load_setting(grid, methods)
+
+
+def test_evidence_rows_only_where_remove_poisons_runs():
+    available = tuple(ROWS)
+    badnets = recipes_of(("mnist", "erm", "badnets", 0.01), available)
+    assert badnets[-3:] == ["evidence-retrain", "evidence-finetune", "remove-poisons"]
+    assert recipes_of(("mnist", "pgd-at", "badnets", 0.01), available)[-3:] == badnets[-3:]
+    for attack in ("blend", "adaptive-blend", "label-consistent"):
+        assert not {"evidence-retrain", "evidence-finetune", "remove-poisons"} & set(
+            recipes_of(("mnist", "erm", attack, 0.05), available))
+    assert not set(METHOD_RECIPES) & set(badnets)  # opt-in: only when named in only
+    assert recipes_of(("mnist", "erm", "badnets", 0.01), available, only=["evidence-influence-trak"]) == [
+        "none", "evidence-influence-trak"]
+    # a recipe this version does not register is left out
+    assert "evidence-retrain" not in recipes_of(("mnist", "erm", "badnets", 0.01), ("none", "remove-poisons"))
