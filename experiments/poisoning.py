@@ -6,7 +6,8 @@ columns the attacks; backdoor ASR and clean accuracy (mean over seeds, with the 
 defence (CPU time as a multiple of one training run). Data: MNIST and Fashion-MNIST, 3,500 training / 500
 validation / 1,000 test images, SmallCNN, 5 epochs; target class 0; budget twice the poison rate; plain
 training (ERM) or PGD adversarial training (3 steps, linf 0.1). The trigger-unknown recipes run in every
-setting; the evidence-known ``remove-poisons`` (K = 10 triggered validation inputs) in the BadNets settings,
+setting; the evidence-known ``remove-poisons`` (K = 10 triggered validation inputs) in the dirty-label settings
+(BadNets, blend, adaptive blend),
 beside its honest baselines that use the same evidence alone (``evidence-retrain``: retrained with it;
 ``evidence-finetune``: the poisoned model fine-tuned on it and the clean validation split).
 
@@ -53,10 +54,11 @@ UNKNOWN_RECIPES = ("low-loss", "knn-label", "activation-defence", "spectral-sign
                    "backdoor-scan")
 # PGD-AT retrains at ~3.5x the cost of plain training: its rows are cut to the strongest baselines, ABL and the scan.
 AT_UNKNOWN_RECIPES = ("knn-label", "spectral-signature", "abl", "backdoor-scan")
-EVIDENCE = 10  # K of the evidence-known recipes (BadNets settings only)
+EVIDENCE = 10  # K of the evidence-known recipes (dirty-label settings only)
 # The evidence-known rows: the evidence alone (retrained with it, fine-tuned on it), the honest baselines of
 # remove-poisons, which removes samples with the same K triggered inputs.
 EVIDENCE_RECIPES = ("evidence-retrain", "evidence-finetune", "remove-poisons")
+DIRTY_LABEL = ("badnets", "blend", "adaptive-blend")  # the attacks whose settings run EVIDENCE_RECIPES
 # The evidence-influence recipe with ip and with the best LDS method (TRAK over half models): opt-in (--only), in
 # their own folder (METHODS_FOLDER next to the grid's), their rows joined to the grid's tables seed by seed.
 METHOD_RECIPES = ("evidence-influence", "evidence-influence-trak")
@@ -102,12 +104,12 @@ QUICK = ("digits", "erm", "badnets", 0.05)  # the smoke test's setting (tiny spl
 
 def recipes_of(setting: tuple, available: tuple, only: Optional[list] = None) -> list:
     """The recipes a grid setting ``(data, trainer, attack, rate)`` runs: ``none``, the trigger-unknown ones
-    registered in ``available`` (a reduced list under PGD-AT) and, on BadNets, the evidence-known ones
-    (:data:`EVIDENCE_RECIPES`: the evidence alone, then ``remove-poisons``); with ``only``, ``none`` and those of
-    them named there, plus the :data:`METHOD_RECIPES` named there (they run only when named)."""
+    registered in ``available`` (a reduced list under PGD-AT) and, on the dirty-label attacks (:data:`DIRTY_LABEL`),
+    the evidence-known ones (:data:`EVIDENCE_RECIPES`: the evidence alone, then ``remove-poisons``); with ``only``,
+    ``none`` and those of them named there, plus the :data:`METHOD_RECIPES` named there (they run only when named)."""
     _, trainer, attack, _ = setting
     unknown = UNKNOWN_RECIPES if trainer == "erm" else AT_UNKNOWN_RECIPES
-    wanted = ["none", *unknown] + (list(EVIDENCE_RECIPES) if attack == "badnets" else [])
+    wanted = ["none", *unknown] + (list(EVIDENCE_RECIPES) if attack in DIRTY_LABEL else [])
     if only is not None:
         wanted = [r for r in wanted if r in ("none", *only)] + [r for r in METHOD_RECIPES if r in only]
     return [r for r in wanted if r in available]

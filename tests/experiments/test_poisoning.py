@@ -49,12 +49,14 @@ def test_method_rows_join_the_grid_seed_by_seed_on_the_same_base_model(tmp_path)
         load_setting(grid, methods)
 
 
-def test_evidence_rows_only_where_remove_poisons_runs():
+def test_evidence_rows_only_in_the_dirty_label_settings():
     available = tuple(ROWS)
     badnets = recipes_of(("mnist", "erm", "badnets", 0.01), available)
     assert badnets[-3:] == ["evidence-retrain", "evidence-finetune", "remove-poisons"]
     assert recipes_of(("mnist", "pgd-at", "badnets", 0.01), available)[-3:] == badnets[-3:]
-    for attack in ("blend", "adaptive-blend", "label-consistent"):
+    for attack in ("blend", "adaptive-blend"):  # dirty-label: the evidence rows too
+        assert recipes_of(("mnist", "erm", attack, 0.05), available)[-3:] == badnets[-3:]
+    for attack in ("label-consistent", "sig", "wanet"):  # clean-label or warping: none
         assert not {"evidence-retrain", "evidence-finetune", "remove-poisons"} & set(
             recipes_of(("mnist", "erm", attack, 0.05), available))
     assert not set(METHOD_RECIPES) & set(badnets)  # opt-in: only when named in only
