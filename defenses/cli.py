@@ -29,7 +29,7 @@ from defenses.config import POISON_ATTACKS, PoisoningConfig, PoisonSpec, RunConf
 from defenses.demo import run_demo
 from defenses.attribution import chosen_inputs, explain, read_inputs, write_explanation
 from defenses.plan import EmptyBudgetWarning
-from defenses.recipes import DEFAULT_RECIPES, available_recipes, get_recipe
+from defenses.recipes import DEFAULT_RECIPES, ENSEMBLE_OPTION, available_recipes, get_recipe
 from defenses.registry import TRAINER_NAMES, make_trainer
 from defenses.report import render_markdown
 from defenses.scan_report import load_scan_data, prepare_scan_folder, statistic_line, write_scan_report
@@ -53,6 +53,14 @@ CHECKPOINT_METHODS = ("tracin",)  # methods that need checkpoints of the scored 
 DAMPED_METHODS = ("if-exact", "if-cg", "if-lissa", "ekfac", "kfac")  # methods that take --damping
 THIRD_PARTY_MODULES = r"(?!(robust_infl|attacks|defenses|experiments)(\.|$))"
 USER_ERRORS = (ValueError, TypeError, OSError, ImportError, FloatingPointError)
+
+
+def _members_value(text: str) -> int:
+    """argparse type of ``--ensemble``: a number of models, at least 1 (the error names the flag)."""
+    try:
+        return check_int(int(text), "ensemble", minimum=1)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {text}") from None
 
 
 def _seed_value(text: str) -> int:
@@ -144,6 +152,10 @@ def build_parser() -> argparse.ArgumentParser:
                         help="influence method (default: %(default)s; tracin needs checkpoints of the model it "
                              "scores, which defend trains itself: use score --checkpoints)")
     _add_parameter_flags(defend, damping_default=None)
+    defend.add_argument("--ensemble", type=_members_value, default=None, metavar="N",
+                        help="score with N models trained on random halves of the training split (TRAK's recipe) "
+                             "instead of the base model; their training counts in the row's cost (default: the "
+                             "base model alone)")
     defend.add_argument("--fraction", type=float, nargs="+", default=[0.05], metavar="F",
                         help="budget(s): share of training samples pruned / down-weighted (default: 0.05)")
     defend.add_argument("--mode", choices=("prune", "reweight"), default="prune",
@@ -371,7 +383,7 @@ DEFEND_FLAGS = {
     "n_train": ("--n-train",), "n_val": ("--n-val",), "n_test": ("--n-test",),
     "eval_batch_size": ("--eval-batch-size",), "out": ("--out",), "resume": ("--resume",),
     "overwrite": ("--overwrite",), "progress": ("--no-progress",), "method": ("--method",),
-    "method_options": ("--params", "--damping"), "fractions": ("--fraction",), "mode": ("--mode",),
+    "method_options": ("--params", "--damping", "--ensemble"), "fractions": ("--fraction",), "mode": ("--mode",),
     "scheme": ("--scheme",), "temperature": ("--temperature",), "retrain": ("--retrain",), "recipes": ("--recipes",),
     "references": ("--references",), "eval_attacks": ("--eval-attacks",), "eval_subset": ("--eval-subset",),
     "poison": ("--poison",),
@@ -405,7 +417,8 @@ def _flag_value(args, flag: str):
 def _defend_options(args, config_class) -> dict:
     """The options of ``config_class`` (:class:`RunConfig` or :class:`PoisoningConfig`) from ``defend``'s flags."""
     converted = {
-        "method_options": {k: v for k, v in (("params", args.params), ("damping", args.damping)) if v is not None}
+        "method_options": {k: v for k, v in (("params", args.params), ("damping", args.damping),
+                                             (ENSEMBLE_OPTION, args.ensemble)) if v is not None}
         or None,
         "fractions": args.fraction, "progress": not args.no_progress, "bounds": _bounds_option(args.bounds),
         "references": "auto" if args.references is None else args.references,
@@ -442,6 +455,7 @@ FLAG_RULES = (
     (("defend",), "target-class", lambda a: a.poison is not None, "with --poison"),
     (("defend",), "evidence", lambda a: a.poison is not None, "with --poison"),
     (("defend",), "budget", lambda a: a.poison is not None, "with --poison"),
+    (("defend",), "ensemble", lambda a: a.poison is None, "without --poison (the poisoning recipes score by themselves)"),
     (("defend",), "method", lambda a: a.poison is None, "without --poison (the poisoning recipes score by themselves)"),
     (("defend",), "fraction", lambda a: a.poison is None, "without --poison (its budget is --budget)"),
     (("defend",), "mode", lambda a: a.poison is None, "without --poison"),

@@ -111,6 +111,8 @@ CLI_ROWS = [
                                                  "--n-val", "20", "--n-test", "20", "--method", "if-exact",
                                                  "--out", "{tmp}/d"], 2,
      r"defend: error: params: method 'if-exact' supports at most 5000 scored parameters"),
+    ("defend --ensemble 0", ["defend", *TINY, "--ensemble", "0", "--out", "{tmp}/d"], 2,
+     r"defend: error: argument --ensemble: must be an integer >= 1, got 0"),
     ("score --damping -1", ["score", *TINY, "--method", "if-cg", "--damping", "-1", "--out", "{tmp}/s.npy"], 2,
      r"score: error: damping: must be a finite number >= 0, got -1.0"),
     ("defend --damping -1", ["defend", *TINY, "--method", "if-cg", "--damping", "-1", "--out", "{tmp}/d"], 2,

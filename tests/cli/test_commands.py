@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+import defenses.recipes
 from defenses import cli
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -88,6 +89,17 @@ def test_defend_picks_references_and_the_evaluation_suite(tmp_path, capsys):
     assert cli.main([*args, "--overwrite", "--references", "--eval-attacks"]) == 0
     report = json.loads((tmp_path / "report.json").read_text())
     assert report["config"]["references"] == [] and report["config"]["eval_attacks"] == ["pgd"]
+
+
+def test_defend_ensemble_reaches_the_influence_recipe(tmp_path, monkeypatch):
+    calls = []
+    original = defenses.recipes.train_ensemble
+    monkeypatch.setattr(defenses.recipes, "train_ensemble",
+                        lambda *args, **kwargs: calls.append((args[3], kwargs)) or original(*args, **kwargs))
+    assert cli.main(["defend", *TINY, *SMALL, "--seeds", "1", "--recipes", "influence", "--references",
+                     "--eval-attacks", "--ensemble", "3", "--out", str(tmp_path)]) == 0
+    assert calls == [(3, {"subset": 0.5, "seed": 0})]
+    assert json.loads((tmp_path / "report.json").read_text())["config"]["method_options"] == {"ensemble": "3"}
 
 
 def test_score_saves_one_harm_per_training_sample_and_prints_the_ranking(tmp_path, capsys):

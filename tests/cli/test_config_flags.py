@@ -55,10 +55,10 @@ def test_the_flags_give_the_configurations_defaults():
 def test_flags_reach_the_options():
     args = _defend_parser().parse_args(["--fraction", "0.1", "0.2", "--params", "fc.weight", "--damping", "0.5",
                                         "--bounds", "none", "--no-progress", "--eval-batch-size", "64",
-                                        "--recipes", "none", "random"])
+                                        "--recipes", "none", "random", "--ensemble", "3"])
     options = _defend_options(args, RunConfig)
     assert options["fractions"] == [0.1, 0.2] and options["method_options"] == {"params": ["fc.weight"],
-                                                                                 "damping": 0.5}
+                                                                                 "damping": 0.5, "ensemble": 3}
     assert options["bounds"] is None and options["progress"] is False and options["eval_batch_size"] == 64
     assert options["recipes"] == ["none", "random"]
     args = _defend_parser().parse_args(["--poison", "clean-label", "--poison-rate", "0.01", "--evidence", "10", "50",

@@ -88,6 +88,8 @@ FILE_ROWS = [
      r"score: error: attack: only used with --objective robust; drop --attack"),
     ("defend --poison-rate without --poison", ["defend", *TINY, "--poison-rate", "0.1", "--out", "{tmp}/d"],
      r"defend: error: poison-rate: only used with --poison; drop --poison-rate"),
+    ("defend --ensemble with --poison", ["defend", *POISON, "--ensemble", "2", "--out", "{tmp}/d"],
+     r"defend: error: ensemble: only used without --poison"),
     ("defend --budget without --poison", ["defend", *TINY, "--budget", "0.1", "--out", "{tmp}/d"],
      r"defend: error: budget: only used with --poison"),
     ("defend --poison with --fraction", ["defend", *POISON, "--fraction", "0.1", "--out", "{tmp}/d"],
