@@ -60,7 +60,8 @@ class Explanation:
         dropped: one dict per input not explained: ``input``, ``label``, ``clean_prediction``,
             ``adversarial_prediction`` and ``reason``.
         aggregate: the top training samples on the mean adversarial loss over every explained input.
-        per_input: whether the method scores each input's own loss (``aggregate=False``: ``ip``, ``trak``).
+        per_input: whether the method scores each input's own loss (``aggregate=False``: the methods of
+            :func:`robust_infl.methods.per_target_methods`).
         scores: ``(n_train, n_explained)`` harms on each explained input's adversarial loss, or None
             (``per_input`` False).
         aggregate_scores: ``(n_train,)`` harms on the mean adversarial loss of the explained inputs.

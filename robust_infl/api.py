@@ -52,8 +52,8 @@ def influence(
             keywords) are documented in the docstring of its function, in the module named:
 
             - ``"ip"``: ``-<grad f, grad l_i>``, identity Hessian, one forward-mode pass
-              (``methods.ip``; ``renormalize``; ``aggregate=False`` also for ``ip-ensemble``, ``datainf``, ``trak``,
-              ``ekfac``, ``kfac``).
+              (``methods.ip``; ``renormalize``; ``aggregate=False`` also for ``ip-ensemble``, ``if-exact``, ``if-cg``,
+              ``if-lissa``, ``datainf``, ``trak``, ``ekfac``, ``kfac``).
             - ``"ip-ensemble"``: IP summed or averaged over seeded dropout-masked or weight-noised
               copies of the model (``methods.ensemble``; ``members``, ``perturbation``, ``scale``, ``combine``).
             - ``"tracin"``: learning-rate-weighted IP over saved checkpoints (``methods.tracin``;
@@ -82,7 +82,7 @@ def influence(
             ``params`` (the scored parameters), ``seed`` (same seed, same scores), ``train_loss`` /
             ``train_attack`` (training losses at ``train_attack(model, x, y)``), ``device``, ``progress``
             and ``aggregate`` (``False``: the ``(n_train, n_target)`` matrix of harms on each target
-            sample's own loss, methods ``"ip"`` and ``"trak"``).
+            sample's own loss; ``robust_infl.methods.per_target_methods()`` lists the methods that give it).
         **keywords: any field of ``options`` by name, and the method's options (see ``method``);
             a name the method does not take raises ``TypeError``.
 

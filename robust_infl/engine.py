@@ -55,6 +55,7 @@ __all__ = [
     "directional_derivatives",
     "flat_objective_gradient",
     "harm_along",
+    "harm_matrix",
     "per_sample_gradients",
     "hessian_vector_products",
     "check_finite_results",
@@ -448,6 +449,18 @@ def harm_along(problem: ScoringProblem, params: Params, direction: Union[Mapping
     the objective.
     """
     return -directional_derivatives(problem, params, direction)
+
+
+def harm_matrix(problem: ScoringProblem, params: Params, directions: Tensor) -> Tensor:
+    """The ``(n_train, k)`` matrix ``-<grad l_i(params), directions[j]>``: :func:`harm_along` for each row of
+    ``directions`` (``(k, n_params)``, e.g. the target gradients ``grad f_j`` or ``H^{-1} grad f_j``), from
+    per-sample gradients in training batches (memory ``O((batch + k) * n_params)``)."""
+    directions = directions.to(device=problem.device, dtype=problem.dtype)
+    out = torch.empty(problem.n_train, directions.shape[0], dtype=problem.dtype, device=problem.device)
+    for start, x, y in train_batches(problem, params, desc="train x target harms"):
+        where = f"the training batch starting at index {start}"
+        out[start : start + x.shape[0]] = -(per_sample_gradients(problem, params, (x, y), where) @ directions.T)
+    return out
 
 
 def per_sample_gradients(

@@ -15,7 +15,8 @@ from __future__ import annotations
 import torch
 
 from attacks.validation import check_int
-from robust_infl.engine import ScoringProblem, flat_objective_gradient, harm_along, hessian_vector_products
+from robust_infl.engine import (ScoringProblem, flat_objective_gradient, harm_along, harm_matrix,
+                                hessian_vector_products, target_gradients)
 from robust_infl.methods import register_method
 from robust_infl.inputs import resolve_param_names
 
@@ -48,9 +49,11 @@ def damped_hessian(problem: ScoringProblem, hvp_chunk_size: int = 256) -> torch.
     return hessian + problem.damping * torch.eye(problem.n_params, dtype=torch.float64, device=problem.device)
 
 
-@register_method("if-exact")
+@register_method("if-exact", per_target=True)
 def exact_influence(problem: ScoringProblem, *, hvp_chunk_size: int = 256) -> torch.Tensor:
-    """Exact-Hessian harm scores ``-grad f^T H^{-1} grad l_i``, shape ``(n_train,)``.
+    """Exact-Hessian harm scores ``-grad f^T H^{-1} grad l_i``, shape ``(n_train,)``; with the scoring option
+    ``aggregate=False`` the ``(n_train, n_target)`` matrix ``-grad f_j^T H^{-1} grad l_i`` (``f_j``: target
+    sample j's own loss), one solve with every target gradient as a right-hand side.
 
     ``hvp_chunk_size`` bounds how many Hessian columns are computed at once (memory). Raises
     ``ValueError`` naming ``params`` above :data:`MAX_PARAMS` scored parameters, and naming
@@ -58,11 +61,16 @@ def exact_influence(problem: ScoringProblem, *, hvp_chunk_size: int = 256) -> to
     """
     check_int(hvp_chunk_size, "hvp_chunk_size", minimum=1)
     hessian = damped_hessian(problem, hvp_chunk_size)
-    gradient = flat_objective_gradient(problem, problem.params).double()
+    if problem.aggregate:
+        gradients = flat_objective_gradient(problem, problem.params).double()[:, None]
+    else:
+        gradients = target_gradients(problem, problem.params).double().T
     try:
-        direction = torch.linalg.solve(hessian, gradient)
+        directions = torch.linalg.solve(hessian, gradients).T
     except torch.linalg.LinAlgError as err:
         raise ValueError(
             f"damping: the damped Hessian is singular (damping={problem.damping}); use damping > 0"
         ) from err
-    return harm_along(problem, problem.params, direction)
+    if problem.aggregate:
+        return harm_along(problem, problem.params, directions[0])
+    return harm_matrix(problem, problem.params, directions)

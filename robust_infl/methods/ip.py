@@ -12,14 +12,7 @@ from __future__ import annotations
 import torch
 
 from attacks.validation import check_bool
-from robust_infl.engine import (
-    ScoringProblem,
-    harm_along,
-    objective_gradient,
-    per_sample_gradients,
-    target_gradients,
-    train_batches,
-)
+from robust_infl.engine import ScoringProblem, harm_along, harm_matrix, objective_gradient, target_gradients
 from robust_infl.grad_norms import renormalised
 from robust_infl.methods import register_method
 
@@ -54,9 +47,4 @@ def inner_product_influence(problem: ScoringProblem, *, renormalize: bool = Fals
 def per_target_harm(problem: ScoringProblem, params: dict[str, torch.Tensor]) -> torch.Tensor:
     """The ``(n_train, n_target)`` IP matrix ``-<grad f_j, grad l_i>`` at ``params`` (``f_j``: target sample j's
     own loss, at its adversarial point for ``Robust``), from per-sample gradients in batches."""
-    target = target_gradients(problem, params)
-    out = torch.empty(problem.n_train, target.shape[0], dtype=problem.dtype, device=problem.device)
-    for start, x, y in train_batches(problem, params, desc="ip train x target"):
-        where = f"the training batch starting at index {start}"
-        out[start : start + x.shape[0]] = -(per_sample_gradients(problem, params, (x, y), where) @ target.T)
-    return out
+    return harm_matrix(problem, params, target_gradients(problem, params))

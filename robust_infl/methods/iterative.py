@@ -37,7 +37,9 @@ from robust_infl.engine import (
     flat_objective_gradient,
     flatten,
     harm_along,
+    harm_matrix,
     hessian_vector_products,
+    target_gradients,
     unflatten,
 )
 from robust_infl.methods import register_method
@@ -45,6 +47,7 @@ from robust_infl.inputs import call_attack
 
 __all__ = [
     "conjugate_gradient_influence",
+    "conjugate_gradient_solve",
     "lissa_influence",
     "damped_hvp",
     "sampled_batch",
@@ -62,12 +65,15 @@ def damped_hvp(problem: ScoringProblem, vector: Tensor) -> Tensor:
     return product + problem.damping * vector
 
 
-@register_method("if-cg")
+@register_method("if-cg", per_target=True)
 def conjugate_gradient_influence(problem: ScoringProblem, *, tol: float = 1e-6, max_iter: int = 100) -> Tensor:
     """Influence-function harm with ``(H + damping I)^{-1} grad f`` solved by conjugate gradient.
 
+    With the scoring option ``aggregate=False``: the ``(n_train, n_target)`` matrix, one solve per target
+    sample's own loss gradient ``grad f_j``, all run side by side (:func:`conjugate_gradient_solve`).
+
     Args:
-        tol: stop when ``||residual|| <= tol * ||grad f||``.
+        tol: stop when ``||residual|| <= tol * ||grad f||`` (per right-hand side).
         max_iter: at most this many iterations (one pass of HVPs over the training set each); a
             ``RuntimeWarning`` reports the residual if ``tol`` is not reached.
 
@@ -76,36 +82,55 @@ def conjugate_gradient_influence(problem: ScoringProblem, *, tol: float = 1e-6, 
     """
     tol = check_positive(tol, "tol")
     max_iter = check_int(max_iter, "max_iter", minimum=1)
-    b = flat_objective_gradient(problem, problem.params).double()
-    x = torch.zeros_like(b)
-    residual, direction = b.clone(), b.clone()
-    target, rr = tol * float(b.norm()), float(residual @ residual)
+    if problem.aggregate:
+        rhs = flat_objective_gradient(problem, problem.params).double()[None]
+    else:
+        rhs = target_gradients(problem, problem.params).double()
+    directions = conjugate_gradient_solve(problem, rhs, tol=tol, max_iter=max_iter)
+    if problem.aggregate:
+        return harm_along(problem, problem.params, directions[0])
+    return harm_matrix(problem, problem.params, directions)
+
+
+def conjugate_gradient_solve(problem: ScoringProblem, rhs: Tensor, *, tol: float, max_iter: int) -> Tensor:
+    """``(H + damping I)^{-1} b`` for each row ``b`` of ``rhs`` (``(k, n_params)``, float64) by conjugate gradient,
+    the k solves side by side: one vectorised pass of HVPs over the training set per iteration, rows leaving
+    once ``||residual|| <= tol * ||b||``. ``RuntimeWarning`` with the largest relative residual when some row
+    has not converged after ``max_iter`` iterations; ``ValueError`` naming ``damping`` at non-positive
+    curvature."""
+    x = torch.zeros_like(rhs)
+    residual, direction = rhs.clone(), rhs.clone()
+    norms = rhs.norm(dim=1)
+    targets, rr = tol * norms, (residual * residual).sum(dim=1)
     bar = tqdm(range(max_iter), desc="if-cg iterations", disable=None if problem.progress else True, leave=False)
     for _ in bar:
-        if math.sqrt(rr) <= target:
+        active = torch.nonzero(rr.sqrt() > targets).flatten()
+        if active.numel() == 0:
             break
-        product = damped_hvp(problem, direction)
-        curvature = float(direction @ product)
-        if curvature <= 0:
+        p = direction[active]
+        product = damped_hvp(problem, p)
+        curvature = (p * product).sum(dim=1)
+        if bool((curvature <= 0).any()):
             raise ValueError(
-                f"damping: the damped Hessian is not positive definite (curvature {curvature:.3g} along a CG "
-                f"direction, damping={problem.damping}); increase damping"
+                f"damping: the damped Hessian is not positive definite (curvature {float(curvature.min()):.3g} "
+                f"along a CG direction, damping={problem.damping}); increase damping"
             )
-        step = rr / curvature
-        x += step * direction
-        residual -= step * product
-        rr_next = float(residual @ residual)
-        direction = residual + (rr_next / rr) * direction
-        rr = rr_next
+        step = rr[active] / curvature
+        x[active] += step[:, None] * p
+        residual[active] -= step[:, None] * product
+        rr_next = (residual[active] * residual[active]).sum(dim=1)
+        direction[active] = residual[active] + (rr_next / rr[active])[:, None] * p
+        rr[active] = rr_next
     bar.close()
-    if math.sqrt(rr) > target:
+    relative = rr.sqrt() / norms.clamp_min(1e-300)
+    if bool((rr.sqrt() > targets).any()):
         warnings.warn(
             f"max_iter: conjugate gradient stopped after {max_iter} iterations with relative residual "
-            f"{math.sqrt(rr) / max(float(b.norm()), 1e-300):.3g} > tol={tol}",
+            f"{float(relative.max()):.3g} > tol={tol}",
             RuntimeWarning,
-            stacklevel=2,
+            stacklevel=3,
         )
-    return harm_along(problem, problem.params, x)
+    return x
 
 
 def sampled_batch(problem: ScoringProblem, params: Params, indices: Tensor, seed: int) -> tuple[Tensor, Tensor]:
@@ -165,7 +190,7 @@ def largest_eigenvalue(problem: ScoringProblem, iterations: int = 20) -> float:
     return abs(eigenvalue)
 
 
-@register_method("if-lissa")
+@register_method("if-lissa", per_target=True)
 def lissa_influence(
     problem: ScoringProblem,
     *,
@@ -175,6 +200,9 @@ def lissa_influence(
     hvp_batch_size: Optional[int] = None,
 ) -> Tensor:
     """Influence-function harm with ``(H + damping I)^{-1} grad f`` estimated by LiSSA.
+
+    With the scoring option ``aggregate=False``: the ``(n_train, n_target)`` matrix, one recursion per target
+    sample's own loss gradient ``grad f_j``, side by side, every step's minibatch shared by all targets.
 
     Args:
         depth: recursion steps per repeat (one minibatch HVP each).
@@ -195,17 +223,23 @@ def lissa_influence(
     batch = problem.train.batch_size if hvp_batch_size is None else check_int(hvp_batch_size, "hvp_batch_size", minimum=1)
     if scale is None:
         scale = 1.5 * largest_eigenvalue(problem) or 1.0
-    v = flat_objective_gradient(problem, problem.params).double()
+    if problem.aggregate:
+        v = flat_objective_gradient(problem, problem.params).double()[None]
+    else:
+        v = target_gradients(problem, problem.params).double()
+    targets = v.shape[0]
     full_batch = batch >= problem.n_train
-    rows = 1 if full_batch else repeats  # the recursions run side by side, one row each
+    rows = 1 if full_batch else repeats  # the recursions run side by side, targets within each repeat
     generator = make_generator(problem.seed)
-    h = v.expand(rows, -1).clone()
-    limit = DIVERGENCE_FACTOR * max(float(v.norm()), 1e-300)
+    v = v.repeat(rows, 1)
+    h = v.clone()
+    limit = DIVERGENCE_FACTOR * max(float(v.norm(dim=1).max()), 1e-300)
     for step in tqdm(range(depth), desc="if-lissa steps", disable=None if problem.progress else True, leave=False):
         if full_batch:
             product = hessian_vector_products(problem, problem.params, h).double()
         else:
             x, y = _sampled_batches(problem, rows, batch, generator)
+            x, y = x.repeat_interleave(targets, dim=0), y.repeat_interleave(targets, dim=0)
             product = batch_hessian_vector_products(problem, problem.params, x, y, h).double()
         h = v + h - (product + problem.damping * h) / scale
         if not bool(torch.isfinite(h).all()) or float(h.norm(dim=1).max()) > limit:
@@ -213,7 +247,10 @@ def lissa_influence(
                 f"scale: the LiSSA recursion diverged at step {step + 1} (scale={scale:.4g}); scale must "
                 "exceed the largest eigenvalue of the damped Hessian: increase it"
             )
-    return harm_along(problem, problem.params, h.mean(dim=0) / scale)
+    directions = h.reshape(rows, targets, -1).mean(dim=0) / scale
+    if problem.aggregate:
+        return harm_along(problem, problem.params, directions[0])
+    return harm_matrix(problem, problem.params, directions)
 
 
 def _sampled_batches(

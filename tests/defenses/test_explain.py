@@ -111,8 +111,11 @@ def test_per_input_rows_average_to_the_set_and_a_set_only_method_says_so(problem
     explanation = defenses.explain(model, train, two, torch.tensor([0, 0]), eps=0.8, bounds=None)
     assert explanation.scores.shape == (41, 2) and len(explanation.explained) == 2
     torch.testing.assert_close(explanation.aggregate_scores, explanation.scores.mean(1))
-    pooled = defenses.explain(model, train, two, torch.tensor([0, 0]), eps=0.8, bounds=None, method="if-exact",
-                              damping=WEIGHT_DECAY)
+    exact = defenses.explain(model, train, two, torch.tensor([0, 0]), eps=0.8, bounds=None, method="if-exact",
+                             damping=WEIGHT_DECAY)
+    assert exact.per_input and exact.scores.shape == (41, 2)
+    torch.testing.assert_close(exact.aggregate_scores, exact.scores.mean(1))
+    pooled = defenses.explain(model, train, two, torch.tensor([0, 0]), eps=0.8, bounds=None, method="self")
     assert pooled.scores is None and all(entry["top"] is None for entry in pooled.explained)
     assert "gives one score per training sample over the set" in pooled.to_markdown()
 

@@ -101,6 +101,57 @@ def test_lissa_with_too_small_scale_reports_divergence(small_model):
         score(small_model, "if-lissa", depth=500, scale=0.01, batch_size=N_TRAIN)
 
 
+def brute_force_per_target(model, train, target):
+    """``-grad l_i^T (H + DAMPING I)^{-1} grad l_j`` from the explicit Hessian of the mean training loss
+    (``torch.autograd.functional.hessian`` over the flattened parameters), ``(n_train, n_target)``."""
+    names = [name for name, _ in model.named_parameters()]
+    shapes = [p.shape for _, p in model.named_parameters()]
+    theta = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+
+    def losses(flat, x, y):
+        params, offset = {}, 0
+        for name, shape in zip(names, shapes):
+            params[name] = flat[offset:offset + shape.numel()].reshape(shape)
+            offset += shape.numel()
+        return F.cross_entropy(torch.func.functional_call(model, params, (x,)), y, reduction="none")
+
+    hessian = torch.autograd.functional.hessian(lambda t: losses(t, *train).mean(), theta)
+    jacobian = torch.autograd.functional.jacobian
+    train_grads, target_grads = jacobian(lambda t: losses(t, *train), theta), jacobian(lambda t: losses(t, *target), theta)
+    solved = torch.linalg.solve(hessian + DAMPING * torch.eye(len(theta), dtype=theta.dtype), target_grads.T)
+    return -train_grads @ solved
+
+
+@pytest.mark.parametrize("method, options", [("if-exact", {}), ("if-cg", {"tol": 1e-10}),
+                                             ("if-lissa", {"depth": 300, "scale": 1.0, "batch_size": N_TRAIN})])
+def test_per_target_matrices_match_the_explicit_hessian(small_model, method, options):
+    model, train, (xt, yt, _) = small_model
+    expected = brute_force_per_target(model, train, (xt, yt))
+    matrix = score(small_model, method, aggregate=False, **options)
+    assert matrix.shape == (N_TRAIN, len(yt))
+    if method == "if-lissa":  # converges geometrically, not to round-off
+        error = float((matrix - expected).norm() / expected.norm())
+        print(f"relative error of the per-target full-batch LiSSA matrix: {error:.3g}")
+        assert error < 1e-2
+    else:
+        torch.testing.assert_close(matrix, expected, rtol=1e-6, atol=1e-6 * float(expected.abs().max()))
+    # utility is the mean of the targets' own losses: the aggregate scores are the row means
+    torch.testing.assert_close(matrix.mean(dim=1), score(small_model, method, **options), rtol=1e-6,
+                               atol=1e-6 * float(expected.abs().max()))
+
+
+def test_per_target_lissa_column_equals_lissa_on_that_target_alone(small_model):
+    model, train, (xt, yt, _) = small_model
+    options = dict(depth=60, scale=1.0, hvp_batch_size=16, repeats=3, seed=2, damping=DAMPING, batch_size=50,
+                   progress=False)
+    matrix = ri.influence(model, train, (xt[:4], yt[:4]), objective=ri.Utility(), method="if-lissa",
+                          aggregate=False, **options)
+    for j in range(4):
+        alone = ri.influence(model, train, (xt[j:j + 1], yt[j:j + 1]), objective=ri.Utility(), method="if-lissa",
+                             **options)
+        torch.testing.assert_close(matrix[:, j], alone)
+
+
 def negated_bce(outputs, targets):
     """A concave loss: its Hessian is negative definite for a linear model."""
     return -F.binary_cross_entropy_with_logits(outputs[:, 0], targets.to(outputs.dtype), reduction="none")

@@ -185,5 +185,5 @@ def test_options_are_checked_before_any_member_is_scored(data):
     ensemble = ri.Ensemble([mlp(0), mlp(1)])
     with pytest.raises(TypeError, match="^method_options: method 'ip' does not accept"):
         ri.influence(ensemble, train, target, objective=ri.Utility(), members=3)
-    with pytest.raises(ValueError, match="^aggregate: method 'if-exact'"):
-        ri.influence(ensemble, train, target, objective=ri.Utility(), method="if-exact", aggregate=False)
+    with pytest.raises(ValueError, match="^aggregate: method 'self'"):
+        ri.influence(ensemble, train, target, objective=ri.Utility(), method="self", aggregate=False)
