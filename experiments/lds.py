@@ -64,8 +64,9 @@ alpha 0.5; ``cnn``: the SmallCNN set-up above with 100 test targets and 40 subse
 Scorers with a per-target matrix: ``ip``, ``ip-ensemble`` (6 dropout-perturbed copies, rates U(0, 0.01),
 the paper's; ``ip-ensemble-strong``: U(0, 0.2)), ``datainf``, ``trak``, ``ekfac``, ``kfac``
 (``influence(..., aggregate=False)``), ``tracin`` (the learning-rate-weighted sum of ip's matrix over
-the checkpoints) and ``random``; ``ip`` and ``trak`` also over models trained on random halves (TRAK's
-recipe, ``--ensemble-sizes``: trained by :func:`defenses.train_ensemble`, scored as one
+the checkpoints), ``if-cg`` / ``if-lissa`` (one solve per target, side by side; only where named in
+``--methods``, see :data:`ON_REQUEST`) and ``random``; ``ip`` and ``trak`` also over models trained on
+random halves (TRAK's recipe, ``--ensemble-sizes``: trained by :func:`defenses.train_ensemble`, scored as one
 :class:`robust_infl.Ensemble`, i.e. the members' mean for ip and TRAK's own ensemble for trak, each member
 at its own PGD points); the others are listed with the reason in :data:`NOT_PER_TARGET`. More retrainings
 (``--total-runs R``): added to the cached ones; the headline stays the mean of the first ``--runs`` (2, as
@@ -123,7 +124,7 @@ from robust_infl.preparation import prepared_problem
 
 __all__ = ["Config", "FULL", "QUICK", "METHODS", "CONTROL_METHODS", "MODELS", "OBJECTIVES", "subset_masks", "lds",
            "run_seed", "main", "Setup", "SETUPS", "PER_EXAMPLE_METHODS", "ENSEMBLE_METHODS", "NOT_PER_TARGET",
-           "columnwise_spearman", "per_example_lds", "retrained_outputs", "score_matrix", "per_example_seed",
+           "ON_REQUEST", "columnwise_spearman", "per_example_lds", "retrained_outputs", "score_matrix", "per_example_seed",
            "per_example_report", "per_example_main"]
 
 OUT = Path(__file__).resolve().parent / "out"
@@ -185,6 +186,8 @@ def method_call(method: str, cfg: Config, checkpoints: list, scale: float) -> tu
         return "ip-ensemble", {"members": cfg.ensemble_members, "perturbation": "dropout", "scale": cfg.strong_scale}
     if method == "tracin":
         return "tracin", {"checkpoints": checkpoints, "lrs": cfg.lr}
+    if method == "if-cg":
+        return "if-cg", {"damping": cfg.lissa_damping, "max_iter": 100}
     if method == "if-lissa":
         return "if-lissa", {"damping": cfg.lissa_damping, "depth": cfg.lissa_depth, "hvp_batch_size": cfg.lissa_batch,
                             "scale": scale}
@@ -393,17 +396,25 @@ def plot(summaries: dict, path: Path) -> None:
 # The per-example protocol (the field's LDS: dattri, TRAK)
 # ---------------------------------------------------------------------------------------------------------------
 
-PER_EXAMPLE_METHODS = ("ip", "ip-ensemble", "ip-ensemble-strong", "tracin", "datainf", "trak", "ekfac", "kfac", "random")
+PER_EXAMPLE_METHODS = ("ip", "ip-ensemble", "ip-ensemble-strong", "tracin", "if-cg", "if-lissa", "datainf", "trak", "ekfac",
+                       "kfac", "random")
 """Single-model scorers of the per-example protocol (each gives a train x target matrix, see :func:`score_matrix`)."""
 ENSEMBLE_METHODS = ("ip", "trak")
 """Scorers also averaged over models trained on random halves (TRAK's recipe)."""
 NOT_PER_TARGET = {
-    "if-lissa": "one LiSSA solve per target sample: 200 targets x 100 minibatch HVPs per seed, about 200 times the "
-                "aggregate call, i.e. hours per seed on the CNN",
-    "if-cg": "one conjugate-gradient solve per target sample: 200 targets x up to 100 full-data HVPs per seed",
-    "if-exact": "the explicit Hessian is limited to small models (methods.hessian.MAX_PARAMS)",
+    "if-exact": "the explicit Hessian is limited to small models (methods.hessian.MAX_PARAMS scored parameters; "
+                "logistic regression on MNIST has 7,850)",
 }
 """Scorers of the toolkit the per-example table does not measure, and why."""
+ON_REQUEST = {
+    "if-cg": "damping 0.01, at most 100 iterations, each a pass of HVPs over the training set for every target side "
+             "by side: run on logistic regression (its row gives the cost), not on the networks (the SmallCNN: 200 "
+             "targets x up to 100 HVP passes per seed, hours on this machine)",
+    "if-lissa": "the aggregate protocol's settings (damping 0.01, 100 steps on minibatches of 256, scale 1.5 x a "
+                "power iteration), one recursion per target side by side: run on logistic regression, not on the "
+                "networks (the SmallCNN: 200 targets x 100 minibatch HVPs per seed)",
+}
+"""Per-target scorers run only where ``--methods`` names them (cost), with their settings and where they ran."""
 MODEL_TITLES = {"cnn": "SmallCNN", "mlp": "MLP", "mlp-dropout": "MLP (dropout 0.1)", "logreg": "logistic regression"}
 DATTRI_DROPOUT = 0.1
 
@@ -584,9 +595,9 @@ def both_targets(model: nn.Module, targets: tuple, pgd: attacks.PGD) -> tuple:
 def score_matrix(method: str, model: nn.Module, train: tuple, targets: tuple, setup: Setup, seed: int,
                  checkpoints: list) -> np.ndarray:
     """The ``(n_train, 2 t)`` harm matrix of ``method`` on each target's own loss (clean, then at its PGD point):
-    ``influence(..., aggregate=False)`` for the methods registered per target (ip, trak, ekfac, kfac); tracin as
-    the sum over the checkpoints of ip's matrix at each (times the learning rate, a constant factor here);
-    random as seeded noise."""
+    ``influence(..., aggregate=False)`` for the methods registered per target (ip, if-cg, if-lissa, datainf, trak,
+    ekfac, kfac); tracin as the sum over the checkpoints of ip's matrix at each (times the learning rate, a
+    constant factor here); random as seeded noise."""
     common = dict(objective=ri.Utility(), seed=seed, batch_size=setup.scoring_batch, progress=False, aggregate=False)
     if method == "random":
         generator = make_generator(seed)
@@ -919,7 +930,8 @@ def per_example_report(out: Path) -> list:
         "subset, a further column gives the LDS against their mean, with the noise-limited cap of each ground "
         "truth below the table: a less noisy but CHANGED ground truth, beside the field's, not instead of it. "
         "Not measured per example: "
-        + "; ".join(f"{m} ({why})" for m, why in NOT_PER_TARGET.items()) + ".",
+        + "; ".join(f"{m} ({why})" for m, why in NOT_PER_TARGET.items()) + ". Only where named: "
+        + "; ".join(f"{m} ({why})" for m, why in ON_REQUEST.items()) + ".",
         "",
     ]
     entries = []
@@ -954,7 +966,9 @@ def per_example_main(argv: Optional[list] = None) -> dict:
     parser.add_argument("--setup", choices=tuple(SETUPS), default="cnn",
                         help="cnn (the project's SmallCNN), mlp / logreg (dattri's MNIST set-ups), quick")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--methods", nargs="+", choices=PER_EXAMPLE_METHODS, default=list(PER_EXAMPLE_METHODS))
+    parser.add_argument("--methods", nargs="+", choices=PER_EXAMPLE_METHODS,
+                        default=[m for m in PER_EXAMPLE_METHODS if m not in ON_REQUEST],
+                        help=f"default: all but {', '.join(ON_REQUEST)} (run only where named: cost)")
     parser.add_argument("--ensemble-sizes", type=int, nargs="*", default=[1, 5, 10],
                         help="numbers of half models averaged (ip and trak); none: no ensembles")
     parser.add_argument("--subsets", type=int, default=None, help="number M of random subsets")
