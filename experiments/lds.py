@@ -878,6 +878,11 @@ def per_example_table(name: str, setup: Setup, per_seed: list) -> list:
                   f"each subset, averaged over targets): utility {np.mean([n['utility'] for n in noise]):+.3f}, robust "
                   f"{np.mean([n['robust'] for n in noise]):+.3f} (mean over {len(noise)} seed(s))."]
         pairs = [n["pairs"] for n in noise if "pairs" in n]
+        if not (pairs and more):  # the headline ground truth's cap (with more retrainings: in the next sentence)
+            c = {o: float(np.mean([n[o] for n in noise])) for o in OBJECTIVES}
+            lines[-1] += (f" The noise-limited cap, the LDS a perfect predictor of each subset's expected output would "
+                          f"reach against the mean of {setup.runs} retrainings, sqrt(r c / (1 + (r - 1) c)): utility "
+                          f"{noise_cap(c['utility'], setup.runs):.2f}, robust {noise_cap(c['robust'], setup.runs):.2f}.")
         if pairs and more:
             c = {o: float(np.mean([p[o] for p in pairs])) for o in OBJECTIVES}
             caps = "; ".join(f"mean of {r}: utility {noise_cap(c['utility'], r):.2f}, robust {noise_cap(c['robust'], r):.2f}"
