@@ -19,6 +19,7 @@ and ``begin_step`` (called before every optimisation step with the step and epoc
 from __future__ import annotations
 
 import copy
+import math
 from typing import Callable, Optional
 
 import torch
@@ -52,11 +53,13 @@ __all__ = [
     "model_device",
     "RETRAIN_MODES",
     "OPTIMIZERS",
+    "LR_SCHEDULES",
     "NORMS",
 ]
 
 RETRAIN_MODES = ("scratch", "finetune")
 OPTIMIZERS = ("adam", "sgd")
+LR_SCHEDULES = ("constant", "cosine")
 NORMS = ("linf", "l2")
 
 
@@ -134,6 +137,11 @@ def make_optimizer(model: nn.Module, name: str, lr: float, weight_decay: float) 
     return torch.optim.SGD(params, lr=lr, momentum=0.9, weight_decay=weight_decay)
 
 
+def _cosine_lr(lr: float, step: int, total: int) -> float:
+    """The cosine-annealed learning rate of step ``step`` (from 0) of ``total``: ``lr (1 + cos(pi step / total)) / 2``."""
+    return lr * (1.0 + math.cos(math.pi * step / total)) / 2.0
+
+
 def copy_for_training(model: nn.Module, retrain: str, seed: int) -> nn.Module:
     """Deep-copy ``model``; for ``retrain="scratch"`` re-initialise it with ``reset_parameters`` under ``seed``.
 
@@ -166,6 +174,9 @@ class Trainer:
         batch_size: samples per step (default 64).
         optimizer: ``"adam"`` or ``"sgd"`` (momentum 0.9).
         weight_decay: L2 penalty of the optimizer.
+        lr_schedule: ``"constant"`` (the default) or ``"cosine"``: the learning rate of step ``t`` of ``T``
+            is ``lr * (1 + cos(pi t / T)) / 2``, annealed to 0 over the run, updated every step (as
+            ``torch.optim.lr_scheduler.CosineAnnealingLR(T_max=T)`` stepped after every batch).
         retrain: ``"scratch"`` (re-initialise a copy) or ``"finetune"`` (continue from the given model).
         progress: show a tqdm progress bar (on a terminal only).
         loss_fn: per-sample loss ``(outputs, targets) -> (n,)``; default :func:`per_sample_loss`.
@@ -182,12 +193,14 @@ class Trainer:
         retrain: str = "scratch",
         progress: bool = True,
         loss_fn: Optional[Callable] = None,
+        lr_schedule: str = "constant",
     ):
         self.epochs = check_int(epochs, "epochs", minimum=1)
         self.lr = check_positive(lr, "lr")
         self.batch_size = check_int(batch_size, "batch_size", minimum=1)
         self.optimizer = check_choice(optimizer, "optimizer", OPTIMIZERS)
         self.weight_decay = check_positive(weight_decay, "weight_decay", allow_zero=True)
+        self.lr_schedule = check_choice(lr_schedule, "lr_schedule", LR_SCHEDULES)
         self.retrain = check_choice(retrain, "retrain", RETRAIN_MODES)
         self.progress = check_bool(progress, "progress")
         if loss_fn is not None and not callable(loss_fn):
@@ -202,7 +215,8 @@ class Trainer:
 
     def __repr__(self) -> str:
         return (f"{type(self).__name__}(epochs={self.epochs}, lr={self.lr}, batch_size={self.batch_size}, "
-                f"optimizer={self.optimizer!r}, retrain={self.retrain!r})")
+                f"optimizer={self.optimizer!r}, retrain={self.retrain!r}"
+                + (f", lr_schedule={self.lr_schedule!r})" if self.lr_schedule != "constant" else ")"))
 
     def training_attack(self, seed: int) -> Optional[Callable]:
         """The attack ``attack(model, x, y) -> x_adv`` whose points this trainer's loss is taken at, built
@@ -280,6 +294,9 @@ class Trainer:
                                                      " try a smaller learning rate")
                         optimizer.zero_grad(set_to_none=True)
                         loss.backward()
+                        if self.lr_schedule == "cosine":
+                            for group in optimizer.param_groups:
+                                group["lr"] = _cosine_lr(self.lr, step, self.epochs * steps_per_epoch)
                         optimizer.step()
                         step += 1
                         bar.update()

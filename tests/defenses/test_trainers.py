@@ -239,6 +239,7 @@ def test_scratch_refuses_parameters_it_cannot_reset():
         (dict(optimizer="rmsprop"), "^optimizer: must be one of"),
         (dict(retrain="warm"), "^retrain: must be one of"),
         (dict(weight_decay=-0.1), "^weight_decay: must be a finite number >= 0"),
+        (dict(lr_schedule="step"), "^lr_schedule: must be one of"),
     ],
 )
 def test_constructor_validation(kwargs, message):
@@ -290,3 +291,36 @@ def test_checkpoints_are_the_weights_of_shorter_erm_runs_and_training_is_erms():
 def test_checkpoint_count_is_checked_against_the_epochs(n_checkpoints, error):
     with pytest.raises(error, match="^n_checkpoints: must be"):
         CheckpointingERM(n_checkpoints=n_checkpoints, epochs=6)
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "adam"])
+def test_cosine_schedule_is_torchs_cosine_annealing_stepped_every_batch(optimizer):
+    X, y = gaussian_blobs(n=40, classes=3)
+    start = copy_for_training(MLP(5, 3, hidden=(6,)), "scratch", 7)
+    epochs, batch, lr, decay = 3, 16, 0.05, 1e-3
+    trainer = ERM(epochs=epochs, lr=lr, batch_size=batch, optimizer=optimizer, weight_decay=decay,
+                  lr_schedule="cosine", retrain="finetune", progress=False)
+    trained = trainer.fit(start, (X, y), seed=7)
+    # the same run by hand: torch's optimizer and CosineAnnealingLR(T_max = all steps), the trainer's data order
+    model = copy_for_training(start, "finetune", 0)
+    params = list(model.parameters())
+    opt = (torch.optim.SGD(params, lr=lr, momentum=0.9, weight_decay=decay) if optimizer == "sgd"
+           else torch.optim.Adam(params, lr=lr, weight_decay=decay))
+    steps = epochs * 3  # 40 samples in batches of 16
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=steps)
+    order_generator = torch.Generator().manual_seed(7)
+    seen = []
+    for _ in range(epochs):
+        order = torch.randperm(40, generator=order_generator)
+        for start_at in range(0, 40, batch):
+            idx = order[start_at:start_at + batch]
+            opt.zero_grad()
+            per_sample_loss(model(X[idx]), y[idx]).mean().backward()
+            seen.append(opt.param_groups[0]["lr"])
+            opt.step()
+            scheduler.step()
+    assert seen[0] == lr and 0 < seen[-1] < 0.05 * lr
+    assert torch.allclose(flat_params(trained), flat_params(model), atol=1e-6)
+    constant = ERM(epochs=epochs, lr=lr, batch_size=batch, optimizer=optimizer, weight_decay=decay,
+                   retrain="finetune", progress=False).fit(start, (X, y), seed=7)
+    assert not torch.allclose(flat_params(constant), flat_params(trained), atol=1e-4)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import math
 
@@ -13,7 +14,8 @@ from scipy import stats
 import robust_infl as ri
 from experiments.lds import (CONTROL_METHODS, METHODS, OBJECTIVES, SETUPS, build, both_targets, columnwise_spearman,
                              ensemble_matrix, half_models, lds, noise_cap, per_example_lds, per_example_main,
-                             retrain_seed, score_matrix, setup_attack, setup_data, setup_trainer, subset_masks)
+                             retrain_seed, score_matrix, setup_attack, setup_data, setup_folder, setup_trainer,
+                             subset_masks)
 from defenses.data import take
 
 
@@ -145,3 +147,14 @@ def test_noise_cap_is_the_correlation_of_a_perfect_predictor_with_the_mean_of_r_
     runs = effect[:, None] + generator.normal(scale=2.0, size=(200_000, 4))
     c = np.corrcoef(runs[:, 0], runs[:, 1])[0, 1]
     assert np.corrcoef(effect, runs.mean(axis=1))[0, 1] == pytest.approx(noise_cap(c, 4), abs=0.01)
+
+
+def test_later_setup_fields_keep_the_earlier_cache_folders_and_reach_the_trainer(tmp_path):
+    cnn = dataclasses.replace(SETUPS["cnn"], n_subsets=30)  # the cached cnn rows' folders, as before the new fields
+    assert setup_folder(tmp_path, "cnn", cnn).name == "cnn-8c0faa14f8"
+    assert setup_folder(tmp_path, "cnn", dataclasses.replace(cnn, init="same")).name == "cnn-8cb9276c8e"
+    assert setup_folder(tmp_path, "cnn", dataclasses.replace(cnn, weight_decay=1e-4)).name != "cnn-8c0faa14f8"
+    trainer = setup_trainer(SETUPS["cnn-sgd"])
+    wanted = SETUPS["cnn-sgd"]
+    assert (trainer.optimizer, trainer.lr, trainer.epochs, trainer.weight_decay, trainer.lr_schedule) == (
+        wanted.optimizer, wanted.lr, wanted.epochs, wanted.weight_decay, wanted.lr_schedule)
