@@ -234,8 +234,8 @@ class LookaheadReweighting(Trainer):
         if not isinstance(base, (ERM, PGDAT)):
             raise TypeError(f"base: must be an ERM or PGDAT trainer, got {type(base).__name__}")
         super().__init__(epochs=base.epochs, lr=base.lr, batch_size=base.batch_size, optimizer=base.optimizer,
-                         weight_decay=base.weight_decay, retrain=base.retrain, progress=base.progress,
-                         loss_fn=base.loss_fn)
+                         weight_decay=base.weight_decay, lr_schedule=base.lr_schedule, retrain=base.retrain,
+                         progress=base.progress, loss_fn=base.loss_fn)
         if not callable(attack):
             raise TypeError(f"attack: must be callable attack(model, x, y), got {type(attack).__name__}")
         self.base = base

@@ -21,10 +21,12 @@ REFERENCE_TRAINERS = ("fast-at", "pgd-at", "trades")
 
 
 def _schedule(trainer: Trainer) -> dict:
-    """The schedule shared with ``trainer``: epochs, lr, batch size, optimizer, weight decay, loss, progress."""
+    """The schedule shared with ``trainer``: epochs, lr and its schedule, batch size, optimizer, weight decay, loss,
+    progress."""
     loss_fn = None if trainer.loss_fn is per_sample_loss else trainer.loss_fn
     return dict(epochs=trainer.epochs, lr=trainer.lr, batch_size=trainer.batch_size, optimizer=trainer.optimizer,
-                weight_decay=trainer.weight_decay, progress=trainer.progress, loss_fn=loss_fn, retrain="scratch")
+                weight_decay=trainer.weight_decay, lr_schedule=trainer.lr_schedule, progress=trainer.progress,
+                loss_fn=loss_fn, retrain="scratch")
 
 
 def reference_trainers(trainer, references: Union[str, Sequence[str], None], *, eps: Optional[float],

@@ -7,6 +7,8 @@ from torch import nn
 from attacks.pgd import pgd_ascent
 from attacks.steps import random_delta
 from defenses import ERM, PGDAT, TRADES, CheckpointingERM, FastAT, Trainer, per_sample_loss
+from defenses.lookahead import LookaheadReweighting
+from defenses.references import reference_trainers
 from defenses.trainers import copy_for_training
 from robust_infl.models import MLP, LogisticRegression
 
@@ -324,3 +326,13 @@ def test_cosine_schedule_is_torchs_cosine_annealing_stepped_every_batch(optimize
     constant = ERM(epochs=epochs, lr=lr, batch_size=batch, optimizer=optimizer, weight_decay=decay,
                    retrain="finetune", progress=False).fit(start, (X, y), seed=7)
     assert not torch.allclose(flat_params(constant), flat_params(trained), atol=1e-4)
+
+
+def test_derived_trainers_inherit_the_learning_rate_schedule():
+    base = ERM(epochs=3, lr=0.05, optimizer="sgd", weight_decay=5e-4, lr_schedule="cosine", progress=False)
+    references = reference_trainers(base, ["fast-at", "pgd-at", "trades"], eps=0.1, norm="linf", bounds=(0, 1),
+                                    train_steps=2)
+    lookahead = LookaheadReweighting(base, attack=lambda model, x, y: x)
+    for derived in (*references.values(), lookahead):
+        assert (derived.lr_schedule, derived.lr, derived.epochs, derived.optimizer, derived.weight_decay) == \
+            ("cosine", 0.05, 3, "sgd", 5e-4)
