@@ -434,9 +434,14 @@ def report(rows: dict) -> dict:
             if not clean:
                 continue
             counted = {"false_positives": sum(v > threshold for v in clean), "seeds": len(clean), "max": max(clean)}
+            per_data = {data: [row["value"] for row in by_seed.values()]
+                        for (name, kind, data, _), by_seed in sorted(rows.items()) if (name, kind) == (scan, part)}
+            counted["per_data"] = {data: sum(v > threshold for v in values) for data, values in per_data.items()}
             summary["false_positives"].setdefault(scan, {})[part] = counted
+            split = ", ".join(f"{data} {sum(v > threshold for v in values)} of {len(values)}"
+                              for data, values in per_data.items())
             lines.append(f"- `{scan}` scan, false positives on clean data ({label}): {counted['false_positives']} of "
-                         f"{len(clean)} seeds (both data sets); the statistic's largest value {max(clean):.1f} "
+                         f"{len(clean)} seeds ({split}); the statistic's largest value {max(clean):.1f} "
                          f"(threshold {threshold:g}).")
     lines += ["", "Written by `experiments/scan_calibration.py`."]
     return summary, "\n".join(lines)

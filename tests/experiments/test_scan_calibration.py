@@ -18,15 +18,16 @@ def test_false_positives_are_counted_per_version_and_seed_set_with_its_threshold
             ("current", "fresh-3", "fashion-mnist", "clean"): {60: _row(4.0), 61: _row(6.0), 62: _row(2.0)}}
     summary, markdown = sc.report(rows)
     counted = summary["false_positives"]
-    assert counted["first"]["clean"] == {"false_positives": 1, "seeds": 2, "max": 11.0}
-    assert counted["first"]["fresh"] == {"false_positives": 0, "seeds": 1, "max": 9.9}
+    assert counted["first"]["clean"] == {"false_positives": 1, "seeds": 2, "max": 11.0, "per_data": {"mnist": 1}}
+    assert counted["first"]["fresh"] == {"false_positives": 0, "seeds": 1, "max": 9.9, "per_data": {"mnist": 0}}
     assert counted["current"]["clean"]["false_positives"] == 1  # 7.0 is above the current threshold 5
-    assert counted["current"]["fresh-3"] == {"false_positives": 1, "seeds": 3, "max": 6.0}
+    assert counted["current"]["fresh-3"] == {"false_positives": 1, "seeds": 3, "max": 6.0,
+                                             "per_data": {"fashion-mnist": 1}}
     assert "fresh" not in counted["current"]  # no rows, no line
     assert summary["rows"]["first/clean/mnist/clean"]["found"] == 1
     assert summary["rows"]["current/clean/mnist/clean"]["found"] == 1
     assert "| first | clean | mnist | clean | 2 | 1/2 | 7.0 to 11.0 |" in markdown
-    assert "fresh seeds 60-79, k-NN cuts and threshold fixed beforehand): 1 of 3 seeds" in markdown
+    assert "fresh seeds 60-79, k-NN cuts and threshold fixed beforehand): 1 of 3 seeds (fashion-mnist 1 of 3)" in markdown
 
 
 def test_a_version_keeps_its_own_cache_folder_and_settings(monkeypatch):
