@@ -10,8 +10,8 @@
   ``ActivationDefence`` (Chen et al. 2018, clustering of the last hidden layer's activations per
   class) and ``SpectralSignatureDefense`` (Tran et al. 2018, projection on the top singular vector
   per class), on the model's last hidden layer.
-- :func:`layer_features`, :func:`label_disagreement_scores`, :func:`contrast_scores` and
-  :func:`separated_top`: the representation-contrast detector behind :func:`defenses.remove_poisons`.
+- :func:`layer_features` (with the training losses from the same pass: :func:`losses_and_features`),
+  :func:`label_disagreement_scores`, :func:`contrast_scores` and :func:`separated_top`: the representation-contrast detector behind :func:`defenses.remove_poisons`.
   A sample's features are the inputs of the model's first ``nn.Linear`` (the flattened convolutional
   features of a CNN, the raw input of an MLP), where a trigger stays visible. Poisons labelled with
   the target class resemble the triggered evidence more than the class's own samples do:
@@ -53,13 +53,14 @@ __all__ = [
     "check_evidence",
     "layer_features",
     "label_disagreement_scores",
+    "losses_and_features",
     "contrast_scores",
     "separated_top",
 ]
 
 
 def training_losses(model: nn.Module, data, *, train_attack: Optional[Callable] = None,
-                    batch_size: int = 512) -> torch.Tensor:
+                    batch_size: int = 128) -> torch.Tensor:
     """Per-sample loss of ``model`` on ``data`` (at ``train_attack``'s points when given), float64 on the CPU."""
     X, y = as_data(data, "data")[:2]
     device = model_device(model)
@@ -131,20 +132,31 @@ def estimate_target_class(losses: torch.Tensor, y: torch.Tensor, fraction: float
 def layer_features(model: nn.Module, X: torch.Tensor, *, batch_size: int = 512, linear: str = "first") -> torch.Tensor:
     """The inputs of the model's first (``linear="first"``) or last (``"last"``: the penultimate features)
     ``nn.Linear`` for every sample, flattened, float64 on the CPU."""
+    return _features_and_outputs(model, X, batch_size, linear)[0]
+
+
+def losses_and_features(model: nn.Module, data, *, batch_size: int = 128, linear: str = "first") -> tuple:
+    """``(training_losses(model, data), layer_features(model, X))`` from one pass over ``data = (X, y)``."""
+    X, y = as_data(data, "data")[:2]
+    features, outputs = _features_and_outputs(model, X, batch_size, linear)
+    return per_sample_loss(outputs, y.to(outputs.device)).double().cpu(), features
+
+
+def _features_and_outputs(model: nn.Module, X: torch.Tensor, batch_size: int, linear: str) -> tuple:
     check_choice(linear, "linear", ("first", "last"))
     linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
     if not linears:
         raise ValueError("model: the feature-based detectors need a model with an nn.Linear layer (they read its inputs)")
     layer = linears[0] if linear == "first" else linears[-1]
-    captured = []
+    captured, outputs = [], []
     handle = layer.register_forward_pre_hook(lambda module, inputs: captured.append(inputs[0].detach().flatten(1)))
     try:
         with frozen_in_eval(model), torch.no_grad():
             for start in range(0, X.shape[0], batch_size):
-                model(to_model(X[start:start + batch_size], model))
+                outputs.append(model(to_model(X[start:start + batch_size], model)))
     finally:
         handle.remove()
-    return torch.cat(captured).double().cpu()
+    return torch.cat(captured).double().cpu(), torch.cat(outputs)
 
 
 def _unit(features: torch.Tensor) -> torch.Tensor:
@@ -152,17 +164,19 @@ def _unit(features: torch.Tensor) -> torch.Tensor:
 
 
 def label_disagreement_scores(features: torch.Tensor, y: torch.Tensor, *, k: int = 20,
-                              chunk: int = 1024) -> torch.Tensor:
+                              chunk: int = 1024, rows: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Share of each sample's ``k`` nearest neighbours (cosine similarity of ``features``, itself excluded)
-    whose label differs from its own (deep k-NN, Peri et al. 2020)."""
+    whose label differs from its own (deep k-NN, Peri et al. 2020); with ``rows`` (int64 indices), only for
+    those samples (their neighbours still drawn from all), in their order."""
     unit, y = _unit(features), y.cpu()
-    out = torch.empty(len(y), dtype=torch.float64)
-    for start in range(0, len(y), chunk):
-        sim = unit[start:start + chunk] @ unit.T
-        rows = torch.arange(sim.shape[0])
-        sim[rows, rows + start] = -math.inf
+    rows = torch.arange(len(y)) if rows is None else rows.cpu()
+    out = torch.empty(len(rows), dtype=torch.float64)
+    for start in range(0, len(rows), chunk):
+        block = rows[start:start + chunk]
+        sim = unit[block] @ unit.T
+        sim[torch.arange(len(block)), block] = -math.inf
         neighbours = sim.topk(min(k, len(y) - 1), dim=1).indices
-        out[start:start + chunk] = (y[neighbours] != y[start:start + chunk, None]).double().mean(1)
+        out[start:start + chunk] = (y[neighbours] != y[block, None]).double().mean(1)
     return out
 
 

@@ -5,11 +5,15 @@ seed, the SmallCNN (``cnn``), target class 0. Attacks built with :func:`attacks.
 the bottom-right corner) and blend (a seeded uniform pattern over the whole image, alpha 0.2,
 :meth:`attacks.Trigger.blend`), at 1% and 5%.
 
-Two versions of the scan are measured side by side (``--scan``): ``first``, the scan as first calibrated (a
-trusted model of 25 epochs, a one-epoch early model, tail 8 nats, threshold 10), and ``current``, the library's
-defaults (:data:`~defenses.backdoor_scan.TRUSTED_EPOCHS`, :data:`~defenses.backdoor_scan.EARLY_EPOCHS`,
-:data:`~defenses.backdoor_scan.SCORE_TAIL`, :data:`~defenses.backdoor_scan.VERDICT_THRESHOLD`), chosen afterwards
-on seeds 0-4 of the poisoned cases and clean seeds 0-19, then checked on clean seeds never used.
+Three versions of the scan are measured side by side (``--scan``): ``first``, the scan as first calibrated (a
+trusted model of 25 epochs, a one-epoch early model, tail 8 nats, threshold 10, flag cut 2 nats); ``previous``
+(10 trusted epochs, two early epochs, tail 5 nats, chosen afterwards on seeds 0-4 of the poisoned cases and clean
+seeds 0-19, then checked on clean seeds never used); and ``current``, the library's defaults
+(:data:`~defenses.backdoor_scan.TRUSTED_EPOCHS`, :data:`~defenses.backdoor_scan.EARLY_EPOCHS`,
+:data:`~defenses.backdoor_scan.SCORE_TAIL`, :data:`~defenses.backdoor_scan.VERDICT_THRESHOLD`,
+:data:`~defenses.backdoor_scan.FLAG_SCORE`), which adds the k-NN count to the verdict
+(:data:`~defenses.backdoor_scan.KNN_SCORE`, :data:`~defenses.backdoor_scan.KNN_DISAGREEMENT`, chosen on the
+same seeds, checked on fresh clean seeds 60-79) and lowers the flag cut from 2 nats.
 
 Parts (each a resumable per-seed cache under ``experiments/out/scan_calibration/[<scan>/]<part>-<data>-<case>/seeds``,
 ``<scan>`` naming the version's settings, absent for ``first``):
@@ -18,7 +22,9 @@ Parts (each a resumable per-seed cache under ``experiments/out/scan_calibration/
   threshold was chosen after seeing these seeds);
 - ``fresh``: the same on seeds 20-39, never used before the first scan's threshold was fixed: the pre-registered
   check of its false-positive rate (not used either when the current defaults were chosen);
-- ``fresh-2``: the same on seeds 40-59, never used before the current defaults were fixed: their check;
+- ``fresh-2``: the same on seeds 40-59, never used before the previous defaults were fixed: their check;
+- ``fresh-3``: the same on seeds 60-79, never used before the current verdict (the k-NN count's cuts and the
+  threshold) was fixed: its pre-registered check;
 - ``erm`` / ``pgd-at``: on MNIST (``erm`` also with Adap-Blend at 1%, :class:`attacks.AdaptiveBlendTrigger`),
   the scan on the poisoned sets (seeds 0-4 per case: the verdict's detections, the suspected class and
   precision / recall of the flagged samples; PGD-AT reuses the ``erm`` part's scan), the base model trained on
@@ -55,8 +61,8 @@ import robust_infl
 from attacks.plumbing import make_generator
 from defenses import ERM, CheckpointingERM, make_trainer, scan_backdoor
 from defenses import poison_detection as detect
-from defenses.backdoor_scan import (EARLY_EPOCHS, SCORE_TAIL, TRUSTED_EPOCHS, VERDICT_STATISTIC, VERDICT_THRESHOLD,
-                                    class_statistics)
+from defenses.backdoor_scan import (EARLY_EPOCHS, FLAG_SCORE, KNN_DISAGREEMENT, KNN_SCORE, SCORE_TAIL, TRUSTED_EPOCHS,
+                                    VERDICT_STATISTIC, VERDICT_THRESHOLD, class_statistics)
 from defenses.data import take
 from defenses.seed_results import SeedResults
 from defenses.selection import budget_size
@@ -68,18 +74,28 @@ SIZES = (3500, 500, 1000)
 DATA = ("mnist", "fashion-mnist")
 CASES = ("badnets-0.01", "blend-0.01", "badnets-0.05", "blend-0.05")
 CLEAN_SEEDS = tuple(range(20))
-# clean data: seeds seen by the calibration, then seeds never used before the first / the current scan was fixed
-CLEAN_PARTS = {"clean": CLEAN_SEEDS, "fresh": tuple(range(20, 40)), "fresh-2": tuple(range(40, 60))}
+# clean data: seeds seen by the calibration, then seeds never used before the first / previous / current scan was fixed
+CLEAN_PARTS = {"clean": CLEAN_SEEDS, "fresh": tuple(range(20, 40)), "fresh-2": tuple(range(40, 60)),
+               "fresh-3": tuple(range(60, 80))}
 CLEAN_LABELS = {"first": {"clean": "seeds 0-19, seen when the threshold was chosen",
                           "fresh": "fresh seeds 20-39, threshold fixed beforehand"},
-                "current": {"clean": "seeds 0-19, seen when these defaults were chosen",
-                            "fresh": "seeds 20-39, not used in choosing these defaults",
-                            "fresh-2": "fresh seeds 40-59, defaults fixed beforehand"}}
+                "previous": {"clean": "seeds 0-19, seen when these defaults were chosen",
+                             "fresh": "seeds 20-39, not used in choosing these defaults",
+                             "fresh-2": "fresh seeds 40-59, defaults fixed beforehand"},
+                "current": {"clean": "seeds 0-19, seen when the k-NN count's cuts were chosen",
+                            "fresh": "seeds 20-39, not used in choosing the k-NN count",
+                            "fresh-2": "seeds 40-59, not used in choosing the k-NN count",
+                            "fresh-3": "fresh seeds 60-79, k-NN cuts and threshold fixed beforehand"}}
 MNIST_CASES = CASES + ("adaptive-blend-0.01",)
-# The scan's versions: its settings as first calibrated, and the library's defaults.
-SCANS = {"first": {"trusted_epochs": 25, "early_epochs": 1, "tail": 8.0, "threshold": 10.0},
+# The scan's versions: as first calibrated, the previous defaults (the tail count alone, flag cut 2 nats), and the
+# library's defaults. ``statistic``: the verdict's (``tail_excess``: the tail count alone, the k-NN count left out).
+SCANS = {"first": {"trusted_epochs": 25, "early_epochs": 1, "tail": 8.0, "threshold": 10.0, "flag_score": 2.0,
+                   "statistic": "tail_excess"},
+         "previous": {"trusted_epochs": 10, "early_epochs": 2, "tail": 5.0, "threshold": 10.0, "flag_score": 2.0,
+                      "statistic": "tail_excess"},
          "current": {"trusted_epochs": TRUSTED_EPOCHS, "early_epochs": EARLY_EPOCHS, "tail": SCORE_TAIL,
-                     "threshold": VERDICT_THRESHOLD}}
+                     "threshold": VERDICT_THRESHOLD, "flag_score": FLAG_SCORE, "statistic": VERDICT_STATISTIC}}
+FIRST_FLAG_SCORE = 2.0  # the flag cut before the current version; another one adds to the cache folder's name
 POISON_SEEDS = tuple(range(5))
 INFLUENCE_SEEDS = tuple(range(3))
 INFLUENCE_DATA, INFLUENCE_MODEL, INFLUENCE_SIZES, INFLUENCE_PATCH = "digits", "mlp", (600, 200, 200), 2
@@ -90,7 +106,7 @@ BLEND_ALPHA = 0.2
 PATCH = 3
 EPOCHS, LR, BATCH = 5, 1e-3, 64
 PGD = dict(eps=0.1, norm="linf", train_steps=3)
-PARTS = ("clean", "fresh", "fresh-2", "erm", "detect", "influence", "pgd-at")
+PARTS = ("clean", "fresh", "fresh-2", "fresh-3", "erm", "detect", "influence", "pgd-at")
 
 
 def trigger_for(attack: str, input_shape: tuple, seed: int, patch: int = PATCH) -> attacks.Trigger:
@@ -119,15 +135,20 @@ def trainer_for(name: str, splits):
                         **(PGD if name == "pgd-at" else {}))
 
 
-def scan_row(scan, y: torch.Tensor, poisoned_index: torch.Tensor, tail: float) -> dict:
-    """The scan's statistics and timing, and the samples it flags when its verdict is "found"
-    (:func:`~defenses.backdoor_scan.class_statistics` of its scores), with their precision / recall: the verdict
-    itself is applied by the report, with the current threshold."""
-    _, candidates, _ = class_statistics(scan.scores, y, budget_size(len(y), scan.budget), tail)
+def scan_row(scan, y: torch.Tensor, poisoned_index: torch.Tensor, config: dict) -> dict:
+    """The scan's statistic (``config``'s) and timing, and the samples it flags when its verdict is "found"
+    (its candidates; for a version whose statistic is the tail count alone,
+    :func:`~defenses.backdoor_scan.class_statistics` of its scores without the k-NN count), with their precision /
+    recall: the verdict itself is applied by the report, with the version's threshold."""
+    target, candidates, value = scan.target_class, scan.candidates, scan.value
+    if config["statistic"] != VERDICT_STATISTIC:
+        target, candidates, statistics = class_statistics(scan.scores, y, budget_size(len(y), scan.budget),
+                                                          config["tail"], config["flag_score"])
+        value = statistics[config["statistic"]]
     removed = torch.zeros(len(y), dtype=torch.bool)
     removed[candidates] = True
     found = detect.detection_metrics(removed, poisoned_index, scan.scores) if poisoned_index.numel() else {}
-    return {"value": scan.value, "target_class": scan.target_class, "candidates": candidates.tolist(),
+    return {"value": value, "target_class": target, "candidates": candidates.tolist(),
             "statistics": scan.statistics, "scan_s": scan.timing["scan_s"],
             "precision": found.get("precision"), "recall": found.get("recall"), "auroc": found.get("auroc")}
 
@@ -145,7 +166,7 @@ def test_metrics(model, splits, trigger) -> dict:
 
 def scan_options(scan: str) -> dict:
     """The keyword arguments of :func:`~defenses.scan_backdoor` for the scan version ``scan``."""
-    return dict(SCANS[scan])
+    return {k: v for k, v in SCANS[scan].items() if k != "statistic"}
 
 
 def run_scan(splits, case: str, seed: int, scan_name: str):
@@ -154,7 +175,7 @@ def run_scan(splits, case: str, seed: int, scan_name: str):
     options = scan_options(scan_name)
     scan, cpu = cpu_timed(scan_backdoor, model, train, splits.val[:2], budget=0.1,
                           trainer=trainer_for("erm", splits), seed=seed, **options)
-    row = scan_row(scan, train[1], index, options["tail"])
+    row = scan_row(scan, train[1], index, SCANS[scan_name])
     row["scan_cpu_s"] = cpu
     return row, scan, train, index, trigger
 
@@ -218,9 +239,11 @@ def _settings(part: str, data: str, case: str, scan: str) -> dict:
     config = SCANS[scan]
     settings = {"part": part, "data": data, "case": case, "sizes": SIZES, "epochs": EPOCHS, "lr": LR,
                 "batch": BATCH, "pgd": PGD, "trusted_epochs": config["trusted_epochs"], "tail": config["tail"],
-                "statistic": VERDICT_STATISTIC, "budget": 0.1, "blend_alpha": BLEND_ALPHA, "patch": PATCH}
+                "statistic": config["statistic"], "budget": 0.1, "blend_alpha": BLEND_ALPHA, "patch": PATCH}
     if config["early_epochs"] != 1:
         settings["early_epochs"] = config["early_epochs"]
+    if config["flag_score"] != FIRST_FLAG_SCORE:
+        settings["flag_score"] = config["flag_score"]
     if part == "influence":
         settings.update(sizes=INFLUENCE_SIZES, epochs=INFLUENCE_EPOCHS, batch=INFLUENCE_BATCH, patch=INFLUENCE_PATCH,
                         model=INFLUENCE_MODEL)
@@ -272,11 +295,14 @@ def compute(part: str, data: str, case: str, seed: int, scan: str) -> dict:
 
 
 def scan_tag(scan: str) -> str:
-    """The cache folder of scan version ``scan``'s rows, relative to ``OUT`` ('' for the first version's)."""
+    """The cache folder of scan version ``scan``'s rows, relative to ``OUT`` ('' for the first version's); the
+    verdict with the k-NN count adds ``-knn``, a flag cut other than the first one's ``-flag<cut>``."""
     if scan == "first":
         return ""
     config = SCANS[scan]
-    return f"trusted{config['trusted_epochs']}-early{config['early_epochs']}-tail{config['tail']:g}"
+    tag = f"trusted{config['trusted_epochs']}-early{config['early_epochs']}-tail{config['tail']:g}"
+    tag += "-knn" if config["statistic"] == VERDICT_STATISTIC else ""
+    return tag + (f"-flag{config['flag_score']:g}" if config["flag_score"] != FIRST_FLAG_SCORE else "")
 
 
 def _results(part: str, data: str, case: str, scan: str) -> SeedResults:
@@ -324,7 +350,7 @@ def _describe(scan: str) -> str:
     config = SCANS[scan]
     return (f"`{scan}`: trusted model {config['trusted_epochs']} epochs on the 500 validation images, early model "
             f"{config['early_epochs']} epoch(s) on the 3,500 training images, tail {config['tail']:g} nats, threshold "
-            f"**{config['threshold']:g}**")
+            f"**{config['threshold']:g}**, flag cut {config['flag_score']:g} nats")
 
 
 def _sort_key(key: tuple) -> tuple:
@@ -334,16 +360,21 @@ def _sort_key(key: tuple) -> tuple:
 
 def report(rows: dict) -> dict:
     """The summary JSON and the RESULTS.md section."""
-    lines = [f"Verdict statistic `{VERDICT_STATISTIC}` (per class: samples whose scan score `loss_trusted - "
-             "loss_early` exceeds the tail, excess over the other classes' rate, `(n - m) / sqrt(m + 1)`; found when "
-             "above the threshold); budget 10%. Two versions of the scan, side by side: " +
-             "; ".join(_describe(scan) for scan in SCANS) + ". The current defaults were chosen after the first "
-             "version's measurements, on seeds 0-4 of the poisoned cases and clean seeds 0-19 (a probe of trusted "
-             "epochs 8-25, early epochs 1-3 and tails 4-8 nats), then checked on clean seeds never used.", "",
+    lines = ["Verdict statistics: `tail_excess` (per class: samples whose scan score `loss_trusted - loss_early` "
+             "exceeds the tail, excess over the other classes' rate, `(n - m) / sqrt(m + 1)`) and, in `current`, "
+             f"`{VERDICT_STATISTIC}`: per class the larger of `tail_excess` and the same excess of the samples scoring "
+             f"above {KNN_SCORE:g} nats whose 20 nearest neighbours under the trusted model carry another label in at "
+             f"least {KNN_DISAGREEMENT:.0%} (k-NN count); found when above the threshold; budget 10%. Three versions "
+             "of the scan, side by side: " + "; ".join(_describe(scan) for scan in SCANS) +
+             ". The `previous` defaults were chosen after the first version's measurements, on seeds 0-4 of the "
+             "poisoned cases and clean seeds 0-19 (a probe of trusted epochs 8-25, early epochs 1-3 and tails 4-8 "
+             "nats), then checked on clean seeds never used. `current` adds the k-NN count (its cuts chosen on the "
+             "same seeds, then checked on fresh clean seeds 60-79) and lowers the flag cut (which samples of the "
+             "found class are removed, chosen on Fashion-MNIST 5%, seeds 0-4).", "",
              "| scan | part | data | case | seeds | found | statistic (min to max) | class right | flagged | precision "
              "| recall |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
-    summary = {"statistic": VERDICT_STATISTIC, "scans": SCANS, "rows": {}, "false_positives": {}}
+    summary = {"statistic": {scan: config["statistic"] for scan, config in SCANS.items()}, "scans": SCANS, "rows": {}, "false_positives": {}}
     for key, by_seed in sorted(rows.items(), key=lambda kv: _sort_key(kv[0])):
         scan, part, data, case = key
         if part not in (*CLEAN_PARTS, "detect", "erm"):
@@ -403,9 +434,14 @@ def report(rows: dict) -> dict:
             if not clean:
                 continue
             counted = {"false_positives": sum(v > threshold for v in clean), "seeds": len(clean), "max": max(clean)}
+            per_data = {data: [row["value"] for row in by_seed.values()]
+                        for (name, kind, data, _), by_seed in sorted(rows.items()) if (name, kind) == (scan, part)}
+            counted["per_data"] = {data: sum(v > threshold for v in values) for data, values in per_data.items()}
             summary["false_positives"].setdefault(scan, {})[part] = counted
+            split = ", ".join(f"{data} {sum(v > threshold for v in values)} of {len(values)}"
+                              for data, values in per_data.items())
             lines.append(f"- `{scan}` scan, false positives on clean data ({label}): {counted['false_positives']} of "
-                         f"{len(clean)} seeds (both data sets); the statistic's largest value {max(clean):.1f} "
+                         f"{len(clean)} seeds ({split}); the statistic's largest value {max(clean):.1f} "
                          f"(threshold {threshold:g}).")
     lines += ["", "Written by `experiments/scan_calibration.py`."]
     return summary, "\n".join(lines)
@@ -421,7 +457,7 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--parts", nargs="+", choices=PARTS, default=list(PARTS))
     parser.add_argument("--scan", choices=list(SCANS), default="current",
-                        help="the scan's version: its first calibration or the library's current defaults")
+                        help="the scan's version: its first calibration, the previous defaults or the library's current ones")
     parser.add_argument("--report-only", action="store_true", help="only rewrite the report from the caches")
     args = parser.parse_args(argv)
     if not args.report_only:

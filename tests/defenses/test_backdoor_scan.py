@@ -11,6 +11,8 @@ from torch import nn
 
 import attacks
 import defenses
+from defenses import poison_detection as detect
+from defenses.backdoor_scan import FLAG_SCORE, KNN_SCORE, class_statistics, knn_candidates
 from defenses.poison_recipes import PoisonContext
 from defenses.recipes import get_recipe
 from robust_infl.datasets import load_dataset
@@ -88,6 +90,73 @@ def test_the_score_is_the_trusted_models_loss_minus_the_early_models(digits, poi
     assert scan.timing["training_s"] == pytest.approx(scan.timing["early_model_s"] * trainer.epochs / 3)
 
 
+def test_the_flag_cut_takes_the_found_class_above_it_most_suspicious_first_within_the_budget():
+    """A constructed case: 10 classes of 100; class 3 holds 20 samples far in the tail (6 nats) and 15 just above
+    the default flag cut (0.75 nats, below the first cut of 2); every other sample scores 0, some of other classes
+    1.5. The found class is 3; its 35 samples above half a nat are flagged by default, the 20 above 2 with the
+    first cut, and the budget caps them; nothing of another class is flagged, whatever its score."""
+    y = torch.arange(1000) % 10
+    scores = torch.zeros(1000, dtype=torch.float64)
+    in_class = torch.nonzero(y == 3).flatten()
+    scores[in_class[:20]] = 6.0 + torch.arange(20, dtype=torch.float64) / 100
+    scores[in_class[20:35]] = 0.75
+    scores[torch.nonzero(y == 5).flatten()[:15]] = 1.5
+    target, flagged, statistics = class_statistics(scores, y, k=100)
+    assert FLAG_SCORE == 0.5
+    assert target == 3 and statistics["tail_count"] == 20
+    assert torch.equal(torch.sort(flagged).values, torch.sort(in_class[:35]).values)
+    assert torch.equal(flagged[:20], in_class[:20].flip(0))  # most suspicious first
+    _, old_cut, _ = class_statistics(scores, y, k=100, flag_score=2.0)
+    assert torch.equal(torch.sort(old_cut).values, torch.sort(in_class[:20]).values)
+    _, capped, _ = class_statistics(scores, y, k=25)
+    assert torch.equal(capped[:20], in_class[:20].flip(0)) and capped.numel() == 25
+
+
+def test_the_knn_count_finds_a_class_whose_poisons_stay_below_the_tail():
+    """A constructed case: 20 classes of 50; class 3 holds 15 samples scoring 4 nats (above the k-NN count's score,
+    below the 5-nat tail), each among the samples of another class in feature space (its source class); class 5
+    holds 15 such scores too, but among samples of its own label. The tail finds nothing (excess 0 everywhere);
+    the k-NN count finds class 3 and its 15 samples."""
+    y = torch.arange(1000) % 20
+    scores = torch.zeros(1000, dtype=torch.float64)
+    poisons = torch.nonzero(y == 3).flatten()[:15]
+    hard = torch.nonzero(y == 5).flatten()[:15]
+    scores[poisons] = scores[hard] = 4.0
+    source = y.clone()
+    source[poisons] = torch.tensor([c for c in range(20) if c != 3][:15])
+    noise = torch.randn(1000, 20, generator=torch.Generator().manual_seed(0)).double()
+    features = torch.nn.functional.one_hot(source, 20).double() + 0.01 * noise
+    knn = knn_candidates(scores, features, y)
+    assert torch.equal(torch.nonzero(knn).flatten(), poisons)
+    assert not knn_candidates(scores, features, y, score=4.5).any()  # at or below the score: not counted
+    target, flagged, statistics = class_statistics(scores, y, k=100, knn=knn)
+    assert target == 3 and statistics["tail_excess"] == 0.0 and statistics["excess"] == statistics["knn_excess"]
+    assert statistics["excess"] == pytest.approx(15.0)  # 15 against none expected: (15 - 0) / sqrt(0 + 1)
+    assert torch.equal(torch.sort(flagged).values, poisons)
+    assert class_statistics(scores, y, k=100)[2]["excess"] == 0.0  # the tail alone finds nothing
+    assert KNN_SCORE < 4.0 < defenses.backdoor_scan.SCORE_TAIL
+
+
+def test_disagreement_for_some_rows_equals_the_full_computation_and_one_pass_gives_losses_and_features(digits):
+    features = torch.randn(300, 16, generator=torch.Generator().manual_seed(1)).double()
+    y = torch.arange(300) % 4
+    rows = torch.tensor([299, 0, 17, 150])
+    full = detect.label_disagreement_scores(features, y)
+    assert torch.equal(detect.label_disagreement_scores(features, y, rows=rows, chunk=3), full[rows])
+    train, _, model, _ = digits
+    losses, got = detect.losses_and_features(model, train)
+    assert torch.allclose(losses, detect.training_losses(model, train), atol=1e-6)
+    assert torch.equal(got, detect.layer_features(model, train[0]))
+
+
+def test_the_flag_cut_changes_what_is_flagged_not_the_verdict(digits, poisoned, poisoned_scan):
+    _, trusted, model, trainer = digits
+    strict = defenses.scan_backdoor(model, poisoned[0], trusted, budget=0.2, trainer=trainer, seed=0, flag_score=4.0)
+    assert strict.found == poisoned_scan.found and strict.value == poisoned_scan.value
+    assert torch.all(strict.scores[strict.flagged] > 4.0)
+    assert torch.equal(strict.flagged, poisoned_scan.flagged[:strict.flagged.numel()])
+
+
 def test_the_scan_refuses_bad_inputs_naming_the_argument(digits, poisoned):
     train, trusted, model, trainer = digits
     X, y = poisoned[0]
@@ -108,6 +177,7 @@ def test_the_scan_refuses_bad_inputs_naming_the_argument(digits, poisoned):
         (dict(training_seconds=-1), ValueError, "^training_seconds"),
         (dict(threshold=float("nan")), ValueError, "^threshold"),
         (dict(tail="8"), TypeError, "^tail"),
+        (dict(flag_score=float("inf")), ValueError, "^flag_score"),
     ]
     for change, error, match in cases:
         arguments = dict(model=model, train=(X, y), trusted=trusted, budget=0.2, trainer=trainer, seed=0)
