@@ -301,10 +301,17 @@ def _label(obj) -> str:
     return getattr(obj, "__name__", type(obj).__name__)
 
 
+LATER_TRAINER_DEFAULTS = {"lr_schedule": "constant"}
+"""Trainer parameters added after per-seed results were first saved, with the default that reproduces the earlier
+behaviour: left out of the resume settings at that default, so that those results stay resumable."""
+
+
 def _trainer_settings(trainer) -> dict:
-    """Every parameter of ``trainer`` that changes a number, except those the config holds already."""
+    """Every parameter of ``trainer`` that changes a number, except those the config holds already and those of
+    :data:`LATER_TRAINER_DEFAULTS` at their default."""
     covered = ("progress", "epochs", "lr", "batch_size", "retrain")  # in the config (or the trainer's repr)
-    return {k: v for k, v in attack_settings(trainer).items() if k not in covered}
+    return {k: v for k, v in attack_settings(trainer).items()
+            if k not in covered and not (k in LATER_TRAINER_DEFAULTS and v == LATER_TRAINER_DEFAULTS[k])}
 
 
 def _resume_settings(config: dict, model, bounds, train_steps: int, eval_batch_size: int, *, trainer,

@@ -133,6 +133,9 @@ def test_resume_refuses_seeds_computed_with_another_trainer_or_model(tmp_path):
     with pytest.raises(ValueError, match=r"differs in trainer_settings"):
         run_user(attacks.FGSM(0.1, bounds=None), out=tmp_path, resume=True,
                  trainer=defenses.ERM(epochs=1, lr=0.05, batch_size=32, weight_decay=0.1))
+    with pytest.raises(ValueError, match=r"differs in .*trainer_settings"):
+        run_user(attacks.FGSM(0.1, bounds=None), out=tmp_path, resume=True,
+                 trainer=defenses.ERM(epochs=1, lr=0.05, batch_size=32, lr_schedule="cosine"))
     with pytest.raises(ValueError, match=r"differs in .*model_hash"):
         run_user(attacks.FGSM(0.1, bounds=None), out=tmp_path, resume=True,
                  trainer=defenses.ERM(epochs=1, lr=0.05, batch_size=32),
