@@ -190,10 +190,21 @@ def _poison_cost(entry: dict) -> float:
 
 
 def _pick_against_backdoor(entries: list, none: Optional[dict], tolerance: float) -> dict:
-    return _cheapest_near_best(entries, none, tolerance, lambda e: -e["asr_backdoor"]["mean"], _poison_cost)[0]
+    """The cheapest row near the lowest attack success (:func:`_cheapest_near_best`); ``none`` itself where it is
+    among those rows: no defence lowers the attack success by more than ``tolerance``, so none is worth paying
+    for (a timing-noise-cheaper row that does nothing is not a pick)."""
+    pick, best, allowed = _cheapest_near_best(entries, none, tolerance, lambda e: -e["asr_backdoor"]["mean"],
+                                              _poison_cost)
+    if any(e is none for e in allowed) and none["asr_backdoor"]["mean"] <= best["asr_backdoor"]["mean"] + tolerance:
+        return none
+    return pick
 
 
-def _describe_pick(entry: dict, none: Optional[dict]) -> str:
+def _describe_pick(entry: dict, none: Optional[dict], tolerance: float) -> str:
+    if entry is none:
+        return (f"pick none (no defence): no row that keeps clean accuracy within {100 * tolerance:g} point(s) lowers "
+                f"the backdoor ASR ({100 * entry['asr_backdoor']['mean']:.1f}) by more than "
+                f"{100 * tolerance:g} point(s)")
     parts = [f"backdoor ASR {100 * entry['asr_backdoor']['mean']:.1f}"
              + ("" if none is None else f" (none {100 * none['asr_backdoor']['mean']:.1f})")]
     if entry.get("recall") is not None:
@@ -210,7 +221,8 @@ def recommend_poisoned(summary: list, *, tolerance: float = 0.01) -> dict:
     threat model: with the trigger unknown (the rows that need no evidence) and with evidence known (every
     row). Among the rows whose clean accuracy is at most ``tolerance`` below ``none``'s (all rows when none
     qualifies or ``none`` was not run), the cheapest (mean ``cost_vs_base``) whose mean backdoor ASR is
-    within ``tolerance`` of the lowest.
+    within ``tolerance`` of the lowest; ``none`` when it is itself within ``tolerance`` of that lowest ASR
+    (no row that keeps clean accuracy lowers the attack success).
 
     Returns ``{"unknown": label or None, "evidence": label or None, "reason": one line}`` (labels as in
     the report: ``recipe`` or ``recipe K=<evidence size>``; figures in %). The reason also names the
@@ -221,14 +233,15 @@ def recommend_poisoned(summary: list, *, tolerance: float = 0.01) -> dict:
     picks = {"unknown": _pick_against_backdoor(unknown, none, tolerance) if unknown else None,
              "evidence": (_pick_against_backdoor(summary, none, tolerance)
                           if len(unknown) < len(summary) else None)}
-    clauses = [f"{threat}: {_describe_pick(pick, none)}"
+    clauses = [f"{threat}: {_describe_pick(pick, none, tolerance)}"
                for threat, pick in (("trigger unknown", picks["unknown"]), ("evidence known", picks["evidence"]))
                if pick is not None]
     others = [e for e in summary if e["recipe"] != "none" and all(e is not p for p in picks.values())]
     if others:
         best = min(others, key=lambda e: e["asr_backdoor"]["mean"])
         clauses.append(f"best other row: {_poison_label(best)}, "
-                       f"backdoor ASR {100 * best['asr_backdoor']['mean']:.1f}")
+                       f"backdoor ASR {100 * best['asr_backdoor']['mean']:.1f} at clean "
+                       f"{100 * best['clean_acc']['mean']:.1f}, {_poison_cost(best):.2f}x")
     labels = {key: None if pick is None else _poison_label(pick) for key, pick in picks.items()}
     return {**labels, "reason": "; ".join(clauses) + "."}
 

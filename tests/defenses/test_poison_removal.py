@@ -229,7 +229,7 @@ def test_the_backdoor_recommendation_is_the_cheapest_row_near_the_lowest_attack_
     assert pick["evidence"] == "activation-defence"  # the evidence-known defender may use every row
     assert pick["reason"].startswith("trigger unknown: pick activation-defence: backdoor ASR 1.2 (none 99.0), 70.0% "
                                      "of the poisons removed, clean 92.8 (none 93.0), 0.90x the base model's training;")
-    assert pick["reason"].endswith("best other row: knn-label, backdoor ASR 0.0.")
+    assert pick["reason"].endswith("best other row: knn-label, backdoor ASR 0.0 at clean 91.0, 0.50x.")
     summary[4]["cost_vs_base"]["mean"] = 1.5
     pick = recommend_poisoned(summary)
     assert (pick["unknown"], pick["evidence"]) == ("low-loss", "low-loss")
@@ -237,6 +237,19 @@ def test_the_backdoor_recommendation_is_the_cheapest_row_near_the_lowest_attack_
     pick = recommend_poisoned(summary)
     assert (pick["unknown"], pick["evidence"]) == ("remove-poisons-unknown", "remove-poisons K=10")
     assert recommend_poisoned(summary[:5])["evidence"] is None  # no evidence rows were run
+
+
+def test_no_defence_is_recommended_where_every_row_that_keeps_clean_accuracy_leaves_the_backdoor():
+    summary = [
+        summary_entry("none", None, "none", 0.938, 0.990, 1.00),
+        summary_entry("low-loss", None, "unknown", 0.933, 0.984, 0.96, 0.58),   # cheaper by timing noise, does nothing
+        summary_entry("remove-poisons-unknown", None, "unknown", 0.927, 0.000, 1.76, 0.99),  # loses 1.1 clean points
+    ]
+    pick = recommend_poisoned(summary)
+    assert pick["unknown"] == "none"
+    assert pick["reason"] == ("trigger unknown: pick none (no defence): no row that keeps clean accuracy within 1 "
+                              "point(s) lowers the backdoor ASR (99.0) by more than 1 point(s); best other row: "
+                              "remove-poisons-unknown, backdoor ASR 0.0 at clean 92.7, 1.76x.")
 
 
 def test_the_remove_poisons_recipe_runs_the_detector_once_and_matches_the_public_call(poisoned_digits, monkeypatch):
