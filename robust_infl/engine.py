@@ -56,6 +56,8 @@ __all__ = [
     "flat_objective_gradient",
     "harm_along",
     "harm_matrix",
+    "solve_right_hand_sides",
+    "harm_of_directions",
     "per_sample_gradients",
     "hessian_vector_products",
     "check_finite_results",
@@ -461,6 +463,23 @@ def harm_matrix(problem: ScoringProblem, params: Params, directions: Tensor) -> 
         where = f"the training batch starting at index {start}"
         out[start : start + x.shape[0]] = -(per_sample_gradients(problem, params, (x, y), where) @ directions.T)
     return out
+
+
+def solve_right_hand_sides(problem: ScoringProblem) -> Tensor:
+    """What an influence function solves ``(H + damping I) x = b`` for, as the rows ``b`` of a float64
+    ``(k, n_params)`` matrix: the objective's gradient (one row) or, with ``aggregate=False``, each target
+    sample's own loss gradient; :func:`harm_of_directions` turns the solutions into scores."""
+    if problem.aggregate:
+        return flat_objective_gradient(problem, problem.params).double()[None]
+    return target_gradients(problem, problem.params).double()
+
+
+def harm_of_directions(problem: ScoringProblem, directions: Tensor) -> Tensor:
+    """The scores along the solutions for :func:`solve_right_hand_sides`' rows: ``(n_train,)`` by
+    :func:`harm_along` (aggregate), else the ``(n_train, n_target)`` :func:`harm_matrix`."""
+    if problem.aggregate:
+        return harm_along(problem, problem.params, directions[0])
+    return harm_matrix(problem, problem.params, directions)
 
 
 def per_sample_gradients(

@@ -15,8 +15,8 @@ from __future__ import annotations
 import torch
 
 from attacks.validation import check_int
-from robust_infl.engine import (ScoringProblem, flat_objective_gradient, harm_along, harm_matrix,
-                                hessian_vector_products, target_gradients)
+from robust_infl.engine import (ScoringProblem, harm_of_directions, hessian_vector_products,
+                                solve_right_hand_sides)
 from robust_infl.methods import register_method
 from robust_infl.inputs import resolve_param_names
 
@@ -61,16 +61,10 @@ def exact_influence(problem: ScoringProblem, *, hvp_chunk_size: int = 256) -> to
     """
     check_int(hvp_chunk_size, "hvp_chunk_size", minimum=1)
     hessian = damped_hessian(problem, hvp_chunk_size)
-    if problem.aggregate:
-        gradients = flat_objective_gradient(problem, problem.params).double()[:, None]
-    else:
-        gradients = target_gradients(problem, problem.params).double().T
     try:
-        directions = torch.linalg.solve(hessian, gradients).T
+        directions = torch.linalg.solve(hessian, solve_right_hand_sides(problem).T).T
     except torch.linalg.LinAlgError as err:
         raise ValueError(
             f"damping: the damped Hessian is singular (damping={problem.damping}); use damping > 0"
         ) from err
-    if problem.aggregate:
-        return harm_along(problem, problem.params, directions[0])
-    return harm_matrix(problem, problem.params, directions)
+    return harm_of_directions(problem, directions)

@@ -17,7 +17,6 @@ d x d Hessian), then score every training sample with one forward-mode pass:
 
 from __future__ import annotations
 
-import math
 import warnings
 from typing import Optional
 
@@ -34,12 +33,10 @@ from robust_infl.engine import (
     Params,
     ScoringProblem,
     check_finite_results,
-    flat_objective_gradient,
     flatten,
-    harm_along,
-    harm_matrix,
+    harm_of_directions,
     hessian_vector_products,
-    target_gradients,
+    solve_right_hand_sides,
     unflatten,
 )
 from robust_infl.methods import register_method
@@ -82,14 +79,8 @@ def conjugate_gradient_influence(problem: ScoringProblem, *, tol: float = 1e-6, 
     """
     tol = check_positive(tol, "tol")
     max_iter = check_int(max_iter, "max_iter", minimum=1)
-    if problem.aggregate:
-        rhs = flat_objective_gradient(problem, problem.params).double()[None]
-    else:
-        rhs = target_gradients(problem, problem.params).double()
-    directions = conjugate_gradient_solve(problem, rhs, tol=tol, max_iter=max_iter)
-    if problem.aggregate:
-        return harm_along(problem, problem.params, directions[0])
-    return harm_matrix(problem, problem.params, directions)
+    directions = conjugate_gradient_solve(problem, solve_right_hand_sides(problem), tol=tol, max_iter=max_iter)
+    return harm_of_directions(problem, directions)
 
 
 def conjugate_gradient_solve(problem: ScoringProblem, rhs: Tensor, *, tol: float, max_iter: int) -> Tensor:
@@ -223,10 +214,7 @@ def lissa_influence(
     batch = problem.train.batch_size if hvp_batch_size is None else check_int(hvp_batch_size, "hvp_batch_size", minimum=1)
     if scale is None:
         scale = 1.5 * largest_eigenvalue(problem) or 1.0
-    if problem.aggregate:
-        v = flat_objective_gradient(problem, problem.params).double()[None]
-    else:
-        v = target_gradients(problem, problem.params).double()
+    v = solve_right_hand_sides(problem)
     targets = v.shape[0]
     full_batch = batch >= problem.n_train
     rows = 1 if full_batch else repeats  # the recursions run side by side, targets within each repeat
@@ -247,10 +235,7 @@ def lissa_influence(
                 f"scale: the LiSSA recursion diverged at step {step + 1} (scale={scale:.4g}); scale must "
                 "exceed the largest eigenvalue of the damped Hessian: increase it"
             )
-    directions = h.reshape(rows, targets, -1).mean(dim=0) / scale
-    if problem.aggregate:
-        return harm_along(problem, problem.params, directions[0])
-    return harm_matrix(problem, problem.params, directions)
+    return harm_of_directions(problem, h.reshape(rows, targets, -1).mean(dim=0) / scale)
 
 
 def _sampled_batches(
