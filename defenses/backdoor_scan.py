@@ -21,22 +21,40 @@ as its excess over the rate of the other classes (:func:`class_excess`):
   looks like its source class to a model that never saw the trigger). This count finds poisons whose trigger
   the early model has only half learnt (Adap-Blend's partial triggers at 1%), too few of them in the tail.
 
-The verdict statistic, ``excess``, is per class the larger of the two; the class where it is largest is the
-suspected target. The flagged samples are those of that class scoring above :data:`FLAG_SCORE` nats, at most
-the budget, most suspicious first (the flag cut decides what is removed once a backdoor is found, not the
-verdict; at half a nat rather than the first 2, it finds the poisons of Fashion-MNIST whose source classes resemble
-the target, at a small loss of precision).
+The statistic ``excess`` is per class the larger of the two; the class where it is largest is its suspected
+target. Its flagged samples are those of that class scoring above :data:`FLAG_SCORE` nats, at most the budget,
+most suspicious first (the flag cut decides what is removed once a backdoor is found, not the verdict; at half a
+nat rather than the first 2, it finds the poisons of Fashion-MNIST whose source classes resemble the target, at a
+small loss of precision).
 
-A backdoor is found when the statistic exceeds :data:`VERDICT_THRESHOLD`, calibrated on clean data
+A clean-label poison (SIG's signal added to images of the target class, under their own label) has a low loss
+under both models and looks like its class to the trusted model: neither count sees it. It shifts the
+distribution of its class, though, away from the trusted set's, which holds no trigger. The second statistic,
+``shift`` (:func:`shift_scores`, :func:`class_shift`), measures that per class: the samples of each class and the
+trusted samples of the same class are split in :data:`SHIFT_FOLDS` folds; the direction from the trusted
+samples' mean to the training samples' mean in the trusted model's features (standardised), taken on the other
+folds, scores each held-out sample; the class's statistic is the Mann-Whitney z-score of its training samples'
+scores against its trusted samples', per fold, summed over folds over the square root of their count. Where the
+trusted set is drawn like the training data, the held-out scores of the two are exchangeable and the statistic
+is about standard normal, whatever the features; a triggered share of the class moves it up (SIG at 9.5%: about
+10, the most that 50 trusted samples per class allow). Its flagged samples are those of its class whose
+conformal p-value against the same fold's trusted scores is at most :data:`SHIFT_FLAG_P`, most suspicious first.
+
+A backdoor is found when ``excess`` exceeds :data:`VERDICT_THRESHOLD` or ``shift`` exceeds
+:data:`SHIFT_THRESHOLD`, both calibrated on clean data
 (``experiments/scan_calibration.py``; section ``scan_calibration`` of ``experiments/RESULTS.md``, where the
 statistic's distribution on clean and poisoned seeds is listed, on the seeds the defaults were chosen on and on
-fresh seeds checked afterwards); otherwise nothing is flagged. The defaults (trusted epochs, early epochs, tail,
-k-NN cuts, threshold) were calibrated together, for MNIST and Fashion-MNIST with a small CNN: change one and
-recalibrate.
+fresh seeds checked afterwards); otherwise nothing is flagged. The verdict names the statistic that decided it:
+``excess`` when it is above its threshold, else ``shift`` when that one is, else (nothing found) the one closer
+to its threshold; its class is the suspected target and its flagged samples are removed. The defaults (trusted
+epochs, early epochs, tail, k-NN cuts, thresholds, folds) were calibrated together, for MNIST and Fashion-MNIST
+with a small CNN: change one and recalibrate. The shift statistic assumes that the trusted set is drawn like the
+training data: a trusted set from another source shifts every class.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -53,9 +71,11 @@ from .selection import budget_size, check_budget
 from .timing import timed
 from .trainers import ERM
 
-__all__ = ["ScanResult", "scan_backdoor", "scan_scores", "class_statistics", "tail_excess", "class_excess",
-           "knn_candidates", "check_trusted", "VERDICT_STATISTIC", "VERDICT_THRESHOLD", "DEFAULT_SCAN_BUDGET",
-           "TRUSTED_EPOCHS", "EARLY_EPOCHS", "SCORE_TAIL", "FLAG_SCORE", "KNN_SCORE", "KNN_DISAGREEMENT"]
+__all__ = ["ScanResult", "ScanScores", "scan_backdoor", "scan_scores", "class_statistics", "tail_excess",
+           "class_excess", "knn_candidates", "shift_scores", "class_shift", "shift_flags", "check_trusted",
+           "VERDICT_STATISTIC", "VERDICT_THRESHOLD", "SHIFT_STATISTIC", "SHIFT_THRESHOLD", "SHIFT_FOLDS",
+           "SHIFT_FLAG_P", "DEFAULT_SCAN_BUDGET", "TRUSTED_EPOCHS", "EARLY_EPOCHS", "SCORE_TAIL", "FLAG_SCORE",
+           "KNN_SCORE", "KNN_DISAGREEMENT"]
 
 DEFAULT_SCAN_BUDGET = 0.1
 TRUSTED_EPOCHS = 10
@@ -66,6 +86,10 @@ KNN_SCORE = 3.0
 KNN_DISAGREEMENT = 0.95
 VERDICT_STATISTIC = "excess"
 VERDICT_THRESHOLD = 10.0
+SHIFT_STATISTIC = "shift"
+SHIFT_THRESHOLD = 6.0
+SHIFT_FOLDS = 2
+SHIFT_FLAG_P = 0.1
 
 
 @dataclass(frozen=True)
@@ -74,12 +98,13 @@ class ScanResult:
 
     Attributes:
         found: the verdict: a backdoor was found (``value > threshold``).
-        statistic: the name of the verdict statistic.
+        statistic: the name of the statistic that decided the verdict (``excess`` or ``shift``; see the module).
         value: its value on the scanned data.
         threshold: its threshold, calibrated on clean data.
         target_class: the suspected target class (reported even when nothing is found).
         flagged: int64 indices into the training set, most suspicious first; empty when nothing is found.
-        scores: the suspicion score of every training sample (higher = more suspicious), float64.
+        scores: the suspicion score of every training sample under the deciding statistic (higher = more
+            suspicious), float64: ``loss_gap`` for ``excess``, ``shift_scores`` for ``shift``.
         budget: the largest share of the training set that may be flagged.
         timing: wall seconds of the scan (``scan_s``) and its parts (``trusted_model_s``, ``early_model_s``,
             ``scoring_s``); ``training_s``, one training run of the scanned model (given as
@@ -88,6 +113,8 @@ class ScanResult:
         statistics: every statistic the scan computed (the verdict's among them).
         candidates: the samples the scan flags when it finds a backdoor, whatever its verdict (``flagged`` when
             found), most suspicious first.
+        loss_gap: every sample's ``loss_trusted - loss_early`` (nats), the score of ``excess``.
+        shift_scores: every sample's held-out shift score (:func:`shift_scores`), the score of ``shift``.
     """
 
     found: bool
@@ -101,6 +128,8 @@ class ScanResult:
     timing: dict
     statistics: dict = field(default_factory=dict)
     candidates: torch.Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.long))
+    loss_gap: torch.Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.float64))
+    shift_scores: torch.Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.float64))
 
     def as_dict(self) -> dict:
         """The result as plain JSON-ready values (lists, floats)."""
@@ -119,11 +148,33 @@ def _scan_trainer(trainer, epochs: int) -> ERM:
     return ERM(epochs=epochs, retrain="scratch", progress=False, **options)
 
 
+@dataclass(frozen=True)
+class ScanScores:
+    """The per-sample scores of one scan (:func:`scan_scores`).
+
+    Attributes:
+        loss_gap: ``loss_trusted - loss_early`` of every training sample (nats), float64.
+        knn: the :func:`knn_candidates` mask among them.
+        shift: the held-out shift score of every training sample (:func:`shift_scores`), float64.
+        shift_z: the per-class shift statistic (:func:`class_shift`).
+        shift_p: every training sample's conformal p-value against its class's trusted shift scores.
+        seconds: wall and CPU seconds of training the trusted model, the early model, and scoring.
+    """
+
+    loss_gap: torch.Tensor
+    knn: torch.Tensor
+    shift: torch.Tensor
+    shift_z: torch.Tensor
+    shift_p: torch.Tensor
+    seconds: dict
+
+
 def scan_scores(model: nn.Module, train: tuple, trusted: tuple, *, trainer=None, trusted_epochs: int = TRUSTED_EPOCHS,
-                early_epochs: int = EARLY_EPOCHS, seed: int = 0, progress: bool = False) -> tuple:
-    """``(scores, knn, seconds)``: the per-sample suspicion scores of :func:`scan_backdoor` on checked inputs,
-    the :func:`knn_candidates` among them (under the trusted model), and the seconds (wall and CPU) of training
-    the trusted model, the early model and scoring (the k-NN search included)."""
+                early_epochs: int = EARLY_EPOCHS, seed: int = 0, progress: bool = False) -> ScanScores:
+    """The per-sample scores of :func:`scan_backdoor` on checked inputs (:class:`ScanScores`): the loss gap, the
+    :func:`knn_candidates` among them (under the trusted model), the shift scores, statistic and p-values (the
+    trusted model's features), and the seconds of training the trusted model, the early model and scoring (the
+    k-NN search and the shift included)."""
     seconds = {}
     with tqdm(total=3, desc="scan", disable=None if progress else True, leave=False) as bar:
         bar.set_postfix_str("trusted model")
@@ -134,15 +185,99 @@ def scan_scores(model: nn.Module, train: tuple, trusted: tuple, *, trainer=None,
         early, seconds["early"] = timed(_scan_trainer(trainer, early_epochs).fit, model, train, seed=seed)
         bar.update()
         bar.set_postfix_str("scores")
-        (scores, knn), seconds["scoring"] = timed(_scores_and_knn, trusted_model, early, train)
+        parts, seconds["scoring"] = timed(_score_parts, trusted_model, early, train, trusted, seed)
         bar.update()
-    return scores, knn, seconds
+    return ScanScores(*parts, seconds=seconds)
 
 
-def _scores_and_knn(trusted_model: nn.Module, early: nn.Module, train: tuple) -> tuple:
+def _score_parts(trusted_model: nn.Module, early: nn.Module, train: tuple, trusted: tuple, seed: int) -> tuple:
     trusted_losses, features = detect.losses_and_features(trusted_model, train)
-    scores = trusted_losses - detect.training_losses(early, train)
-    return scores, knn_candidates(scores, features, train[1])
+    gap = trusted_losses - detect.training_losses(early, train)
+    trusted_features = detect.losses_and_features(trusted_model, trusted)[1]
+    shift, trusted_shift, fold, trusted_fold = shift_scores(features, train[1], trusted_features, trusted[1], seed=seed)
+    z, p = class_shift(shift, trusted_shift, train[1], trusted[1], fold, trusted_fold)
+    return gap, knn_candidates(gap, features, train[1]), shift, z, p
+
+
+def _folds(y: torch.Tensor, folds: int, generator: torch.Generator) -> torch.Tensor:
+    """A seeded fold (0..folds-1) per sample, balanced within each label of ``y``."""
+    order = torch.randperm(len(y), generator=generator)
+    order = order[torch.sort(y[order], stable=True).indices]  # by label, random within each label
+    starts = torch.searchsorted(y[order], y[order], right=False)
+    fold = torch.empty(len(y), dtype=torch.long)
+    fold[order] = (torch.arange(len(y)) - starts) % folds
+    return fold
+
+
+def shift_scores(features: torch.Tensor, y: torch.Tensor, trusted_features: torch.Tensor, yt: torch.Tensor, *,
+                 folds: int = SHIFT_FOLDS, seed: int = 0) -> tuple:
+    """``(scores, trusted_scores, fold, trusted_fold)``: cross-fitted mean-difference scores of the training
+    samples (``features``, labels ``y``) and the trusted ones (``trusted_features``, ``yt``). Features are
+    standardised over both sets; the samples of each class are split in ``folds`` seeded folds (balanced per
+    class, training and trusted apart); a sample of class ``c`` in fold ``k`` scores its inner product with
+    the mean of the training samples of class ``c`` outside fold ``k`` minus the mean of the trusted ones there
+    (higher: more like the training set's share that the trusted set lacks). A class or fold without samples
+    on either side leaves its samples at 0."""
+    X, Xt = features.double().cpu(), trusted_features.double().cpu()
+    y, yt = y.long().cpu(), yt.long().cpu()
+    both = torch.cat([X, Xt])
+    mean, std = both.mean(0), both.std(0).clamp_min(1e-12)
+    generator = torch.Generator().manual_seed(seed)
+    fold, trusted_fold = _folds(y, folds, generator), _folds(yt, folds, generator)
+    groups = (int(max(y.max(), yt.max())) + 1) * folds
+    means = []  # per (class, fold): the mean of the standardised samples of that class outside the fold
+    for data, group in ((X, y * folds + fold), (Xt, yt * folds + trusted_fold)):
+        sums = torch.zeros(groups, X.shape[1], dtype=X.dtype).index_add_(0, group, data).view(-1, folds, X.shape[1])
+        counts = torch.bincount(group, minlength=groups).double().view(-1, folds, 1)
+        outside_sums = (sums.sum(1, keepdim=True) - sums).view(groups, -1)
+        outside = (counts.sum(1, keepdim=True) - counts).view(groups, 1)
+        means.append(((outside_sums / outside.clamp_min(1) - mean) / std, outside > 0))
+    (train_mean, n), (trusted_mean, m) = means
+    direction = torch.where(n & m, train_mean - trusted_mean, torch.zeros_like(train_mean))
+    weights = direction / std  # (x - mean) / std . d = x . (d / std) - mean . (d / std)
+    offsets = weights @ mean
+    scores = (X @ weights.T).gather(1, (y * folds + fold)[:, None]).squeeze(1) - offsets[y * folds + fold]
+    trusted_group = yt * folds + trusted_fold
+    trusted_scores = (Xt @ weights.T).gather(1, trusted_group[:, None]).squeeze(1) - offsets[trusted_group]
+    return scores, trusted_scores, fold, trusted_fold
+
+
+def class_shift(scores: torch.Tensor, trusted_scores: torch.Tensor, y: torch.Tensor, yt: torch.Tensor,
+                fold: torch.Tensor, trusted_fold: torch.Tensor) -> tuple:
+    """``(z, p)`` of held-out :func:`shift_scores`: per class, the Mann-Whitney z-score of its training samples'
+    scores against its trusted samples' in each fold (ties counted half), summed over the folds holding both
+    over the square root of their count (0 where none does); per training sample, its conformal p-value
+    ``(1 + #trusted of its class and fold scoring at least as high) / (1 + #trusted of its class and fold)``
+    (1 where that fold holds no trusted sample)."""
+    y, yt = y.long().cpu(), yt.long().cpu()
+    classes = int(max(y.max(), yt.max())) + 1
+    folds = int(max(fold.max(), trusted_fold.max())) + 1
+    z, p = torch.zeros(classes, dtype=torch.float64), torch.ones(len(y), dtype=torch.float64)
+    for c in range(classes):
+        parts = []
+        for k in range(folds):
+            rows = torch.nonzero((y == c) & (fold == k)).flatten()
+            reference = torch.sort(trusted_scores[(yt == c) & (trusted_fold == k)].double()).values
+            n, m = rows.numel(), reference.numel()
+            if n == 0 or m == 0:
+                continue
+            values = scores[rows].double()
+            below = torch.searchsorted(reference, values, right=False).double()
+            at_most = torch.searchsorted(reference, values, right=True).double()
+            p[rows] = (1 + m - below) / (1 + m)
+            u = float((below + at_most).sum()) / 2
+            parts.append((u / (n * m) - 0.5) / math.sqrt((n + m + 1) / (12 * n * m)))
+        if parts:
+            z[c] = sum(parts) / math.sqrt(len(parts))
+    return z, p
+
+
+def shift_flags(scores: torch.Tensor, p: torch.Tensor, y: torch.Tensor, target: int, k: int,
+                flag_p: float = SHIFT_FLAG_P) -> torch.Tensor:
+    """The samples of class ``target`` whose shift p-value is at most ``flag_p``, highest shift score first, at
+    most ``k``."""
+    rows = torch.nonzero((y == target) & (p <= flag_p)).flatten()
+    return rows[torch.sort(-scores[rows], stable=True).indices][:k]
 
 
 def knn_candidates(scores: torch.Tensor, features: torch.Tensor, y: torch.Tensor, *, score: float = KNN_SCORE,
@@ -229,7 +364,8 @@ def scan_backdoor(model: nn.Module, train, trusted, *, budget: float = DEFAULT_S
                   seed: int = 0, progress: bool = False, trusted_epochs: int = TRUSTED_EPOCHS,
                   early_epochs: int = EARLY_EPOCHS, training_seconds: Optional[float] = None,
                   threshold: Optional[float] = None, tail: float = SCORE_TAIL,
-                  flag_score: float = FLAG_SCORE) -> ScanResult:
+                  flag_score: float = FLAG_SCORE, shift: bool = True,
+                  shift_threshold: Optional[float] = None) -> ScanResult:
     """Scan ``train`` for a backdoor, trigger unknown, with the help of the clean ``trusted`` set.
 
     Args:
@@ -254,6 +390,10 @@ def scan_backdoor(model: nn.Module, train, trusted, *, budget: float = DEFAULT_S
             your own elsewhere.
         flag_score: the score (nats) above which a sample of the suspected class is flagged when a backdoor is
             found (default :data:`~defenses.backdoor_scan.FLAG_SCORE`); it does not change the verdict.
+        shift: whether the ``shift`` statistic takes part in the verdict (False: ``excess`` alone, the scan
+            before clean-label poisons were covered; the shift scores are computed either way).
+        shift_threshold: the threshold of the ``shift`` statistic, > 0 (default
+            :data:`~defenses.backdoor_scan.SHIFT_THRESHOLD`, calibrated on clean data).
 
     Returns:
         A :class:`~defenses.ScanResult`: the verdict, its statistic, value and threshold, the suspected target class,
@@ -273,14 +413,25 @@ def scan_backdoor(model: nn.Module, train, trusted, *, budget: float = DEFAULT_S
     if training_seconds is not None:
         training_seconds = check_positive(training_seconds, "training_seconds")
     threshold = VERDICT_THRESHOLD if threshold is None else check_number(threshold, "threshold")
+    check_bool(shift, "shift")
+    shift_threshold = SHIFT_THRESHOLD if shift_threshold is None else check_positive(shift_threshold, "shift_threshold")
     tail = check_number(tail, "tail")
     flag_score = check_number(flag_score, "flag_score")
-    scores, knn, seconds = scan_scores(model, (X, y), (Xt, yt), trainer=trainer, trusted_epochs=trusted_epochs,
-                                       early_epochs=early_epochs, seed=seed, progress=progress)
+    parts = scan_scores(model, (X, y), (Xt, yt), trainer=trainer, trusted_epochs=trusted_epochs,
+                        early_epochs=early_epochs, seed=seed, progress=progress)
     k = budget_size(len(y), budget)
-    target, flagged, statistics = class_statistics(scores, y, k, tail, flag_score, knn)
-    value = statistics[VERDICT_STATISTIC]
-    found = value > threshold
+    target, flagged, statistics = class_statistics(parts.loss_gap, y, k, tail, flag_score, parts.knn)
+    shift_target = int(torch.sort(-parts.shift_z, stable=True).indices[0])
+    statistics[SHIFT_STATISTIC] = float(parts.shift_z[shift_target])
+    excess, shifted = statistics[VERDICT_STATISTIC], statistics[SHIFT_STATISTIC]
+    closer = threshold > 0 and shifted / shift_threshold > excess / threshold  # nothing found: the one nearer
+    if shift and excess <= threshold and (shifted > shift_threshold or closer):
+        statistic, value, limit, target, scores = SHIFT_STATISTIC, shifted, shift_threshold, shift_target, parts.shift
+        flagged = shift_flags(parts.shift, parts.shift_p, y, target, k)
+    else:
+        statistic, value, limit, scores = VERDICT_STATISTIC, excess, threshold, parts.loss_gap
+    found = value > limit
+    seconds = parts.seconds
     total = sum(part["wall"] for part in seconds.values())
     epochs = getattr(trainer, "epochs", None) if trainer is not None and not hasattr(trainer, "eps") else None
     estimated = None if epochs is None else seconds["early"]["wall"] * epochs / early_epochs
@@ -290,7 +441,7 @@ def scan_backdoor(model: nn.Module, train, trusted, *, budget: float = DEFAULT_S
               "vs_training": None}
     if timing["training_s"]:
         timing["vs_training"] = total / timing["training_s"]
-    return ScanResult(found=bool(found), statistic=VERDICT_STATISTIC, value=float(value), threshold=threshold,
+    return ScanResult(found=bool(found), statistic=statistic, value=float(value), threshold=limit,
                       target_class=target, flagged=flagged if found else torch.zeros(0, dtype=torch.long),
                       scores=scores.double(), budget=budget, timing=timing, statistics=statistics,
-                      candidates=flagged)
+                      candidates=flagged, loss_gap=parts.loss_gap.double(), shift_scores=parts.shift.double())

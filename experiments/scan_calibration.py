@@ -5,15 +5,17 @@ seed, the SmallCNN (``cnn``), target class 0. Attacks built with :func:`attacks.
 the bottom-right corner) and blend (a seeded uniform pattern over the whole image, alpha 0.2,
 :meth:`attacks.Trigger.blend`), at 1% and 5%.
 
-Three versions of the scan are measured side by side (``--scan``): ``first``, the scan as first calibrated (a
+Four versions of the scan are measured side by side (``--scan``): ``first``, the scan as first calibrated (a
 trusted model of 25 epochs, a one-epoch early model, tail 8 nats, threshold 10, flag cut 2 nats); ``previous``
 (10 trusted epochs, two early epochs, tail 5 nats, chosen afterwards on seeds 0-4 of the poisoned cases and clean
-seeds 0-19, then checked on clean seeds never used); and ``current``, the library's defaults
-(:data:`~defenses.backdoor_scan.TRUSTED_EPOCHS`, :data:`~defenses.backdoor_scan.EARLY_EPOCHS`,
-:data:`~defenses.backdoor_scan.SCORE_TAIL`, :data:`~defenses.backdoor_scan.VERDICT_THRESHOLD`,
-:data:`~defenses.backdoor_scan.FLAG_SCORE`), which adds the k-NN count to the verdict
+seeds 0-19, then checked on clean seeds never used); ``knn``, which adds the k-NN count to the verdict
 (:data:`~defenses.backdoor_scan.KNN_SCORE`, :data:`~defenses.backdoor_scan.KNN_DISAGREEMENT`, chosen on the
-same seeds, checked on fresh clean seeds 60-79) and lowers the flag cut from 2 nats.
+same seeds, checked on fresh clean seeds 60-79) and lowers the flag cut from 2 nats; and ``current``, the
+library's defaults (:data:`~defenses.backdoor_scan.TRUSTED_EPOCHS`, :data:`~defenses.backdoor_scan.EARLY_EPOCHS`,
+:data:`~defenses.backdoor_scan.SCORE_TAIL`, :data:`~defenses.backdoor_scan.VERDICT_THRESHOLD`,
+:data:`~defenses.backdoor_scan.FLAG_SCORE`), which adds the ``shift`` statistic for clean-label poisons
+(:data:`~defenses.backdoor_scan.SHIFT_THRESHOLD`, chosen on clean seeds 0-19, checked on fresh clean seeds
+80-99; SIG itself is measured in ``experiments/poisoning.py``'s grid).
 
 Parts (each a resumable per-seed cache under ``experiments/out/scan_calibration/[<scan>/]<part>-<data>-<case>/seeds``,
 ``<scan>`` naming the version's settings, absent for ``first``):
@@ -23,8 +25,10 @@ Parts (each a resumable per-seed cache under ``experiments/out/scan_calibration/
 - ``fresh``: the same on seeds 20-39, never used before the first scan's threshold was fixed: the pre-registered
   check of its false-positive rate (not used either when the current defaults were chosen);
 - ``fresh-2``: the same on seeds 40-59, never used before the previous defaults were fixed: their check;
-- ``fresh-3``: the same on seeds 60-79, never used before the current verdict (the k-NN count's cuts and the
+- ``fresh-3``: the same on seeds 60-79, never used before the ``knn`` verdict (the k-NN count's cuts and the
   threshold) was fixed: its pre-registered check;
+- ``fresh-4``: the same on seeds 80-99, never used before the ``shift`` threshold was fixed: its pre-registered
+  check;
 - ``erm`` / ``pgd-at``: on MNIST (``erm`` also with Adap-Blend at 1%, :class:`attacks.AdaptiveBlendTrigger`),
   the scan on the poisoned sets (seeds 0-4 per case: the verdict's detections, the suspected class and
   precision / recall of the flagged samples; PGD-AT reuses the ``erm`` part's scan), the base model trained on
@@ -61,8 +65,9 @@ import robust_infl
 from attacks.plumbing import make_generator
 from defenses import ERM, CheckpointingERM, make_trainer, scan_backdoor
 from defenses import poison_detection as detect
-from defenses.backdoor_scan import (EARLY_EPOCHS, FLAG_SCORE, KNN_DISAGREEMENT, KNN_SCORE, SCORE_TAIL, TRUSTED_EPOCHS,
-                                    VERDICT_STATISTIC, VERDICT_THRESHOLD, class_statistics)
+from defenses.backdoor_scan import (EARLY_EPOCHS, FLAG_SCORE, KNN_DISAGREEMENT, KNN_SCORE, SCORE_TAIL, SHIFT_FLAG_P,
+                                    SHIFT_FOLDS, SHIFT_STATISTIC, SHIFT_THRESHOLD, TRUSTED_EPOCHS, VERDICT_STATISTIC,
+                                    VERDICT_THRESHOLD, class_statistics)
 from defenses.data import take
 from defenses.seed_results import SeedResults
 from defenses.selection import budget_size
@@ -76,25 +81,36 @@ CASES = ("badnets-0.01", "blend-0.01", "badnets-0.05", "blend-0.05")
 CLEAN_SEEDS = tuple(range(20))
 # clean data: seeds seen by the calibration, then seeds never used before the first / previous / current scan was fixed
 CLEAN_PARTS = {"clean": CLEAN_SEEDS, "fresh": tuple(range(20, 40)), "fresh-2": tuple(range(40, 60)),
-               "fresh-3": tuple(range(60, 80))}
+               "fresh-3": tuple(range(60, 80)), "fresh-4": tuple(range(80, 100))}
 CLEAN_LABELS = {"first": {"clean": "seeds 0-19, seen when the threshold was chosen",
                           "fresh": "fresh seeds 20-39, threshold fixed beforehand"},
                 "previous": {"clean": "seeds 0-19, seen when these defaults were chosen",
                              "fresh": "seeds 20-39, not used in choosing these defaults",
                              "fresh-2": "fresh seeds 40-59, defaults fixed beforehand"},
-                "current": {"clean": "seeds 0-19, seen when the k-NN count's cuts were chosen",
-                            "fresh": "seeds 20-39, not used in choosing the k-NN count",
-                            "fresh-2": "seeds 40-59, not used in choosing the k-NN count",
-                            "fresh-3": "fresh seeds 60-79, k-NN cuts and threshold fixed beforehand"}}
+                "knn": {"clean": "seeds 0-19, seen when the k-NN count's cuts were chosen",
+                        "fresh": "seeds 20-39, not used in choosing the k-NN count",
+                        "fresh-2": "seeds 40-59, not used in choosing the k-NN count",
+                        "fresh-3": "fresh seeds 60-79, k-NN cuts and threshold fixed beforehand"},
+                "current": {"clean": "seeds 0-19, seen when the shift threshold was chosen",
+                            "fresh": "seeds 20-39, not used in choosing the shift threshold",
+                            "fresh-2": "seeds 40-59, not used in choosing the shift threshold",
+                            "fresh-3": "seeds 60-79, not used in choosing the shift threshold",
+                            "fresh-4": "fresh seeds 80-99, shift threshold fixed beforehand"}}
 MNIST_CASES = CASES + ("adaptive-blend-0.01",)
-# The scan's versions: as first calibrated, the previous defaults (the tail count alone, flag cut 2 nats), and the
-# library's defaults. ``statistic``: the verdict's (``tail_excess``: the tail count alone, the k-NN count left out).
+# The scan's versions: as first calibrated, the previous defaults (the tail count alone, flag cut 2 nats), the
+# k-NN count added (``excess`` alone), and the library's defaults (``excess`` or ``shift``). ``statistic``: the
+# verdict's (``tail_excess``: the tail count alone, the k-NN count left out); ``shift``: whether the shift statistic
+# takes part in the verdict.
 SCANS = {"first": {"trusted_epochs": 25, "early_epochs": 1, "tail": 8.0, "threshold": 10.0, "flag_score": 2.0,
-                   "statistic": "tail_excess"},
+                   "statistic": "tail_excess", "shift": False},
          "previous": {"trusted_epochs": 10, "early_epochs": 2, "tail": 5.0, "threshold": 10.0, "flag_score": 2.0,
-                      "statistic": "tail_excess"},
+                      "statistic": "tail_excess", "shift": False},
+         "knn": {"trusted_epochs": TRUSTED_EPOCHS, "early_epochs": EARLY_EPOCHS, "tail": SCORE_TAIL,
+                 "threshold": VERDICT_THRESHOLD, "flag_score": FLAG_SCORE, "statistic": VERDICT_STATISTIC,
+                 "shift": False},
          "current": {"trusted_epochs": TRUSTED_EPOCHS, "early_epochs": EARLY_EPOCHS, "tail": SCORE_TAIL,
-                     "threshold": VERDICT_THRESHOLD, "flag_score": FLAG_SCORE, "statistic": VERDICT_STATISTIC}}
+                     "threshold": VERDICT_THRESHOLD, "flag_score": FLAG_SCORE, "statistic": VERDICT_STATISTIC,
+                     "shift": True, "shift_threshold": SHIFT_THRESHOLD}}
 FIRST_FLAG_SCORE = 2.0  # the flag cut before the current version; another one adds to the cache folder's name
 POISON_SEEDS = tuple(range(5))
 INFLUENCE_SEEDS = tuple(range(3))
@@ -106,7 +122,7 @@ BLEND_ALPHA = 0.2
 PATCH = 3
 EPOCHS, LR, BATCH = 5, 1e-3, 64
 PGD = dict(eps=0.1, norm="linf", train_steps=3)
-PARTS = ("clean", "fresh", "fresh-2", "fresh-3", "erm", "detect", "influence", "pgd-at")
+PARTS = ("clean", "fresh", "fresh-2", "fresh-3", "fresh-4", "erm", "detect", "influence", "pgd-at")
 
 
 def trigger_for(attack: str, input_shape: tuple, seed: int, patch: int = PATCH) -> attacks.Trigger:
@@ -244,6 +260,8 @@ def _settings(part: str, data: str, case: str, scan: str) -> dict:
         settings["early_epochs"] = config["early_epochs"]
     if config["flag_score"] != FIRST_FLAG_SCORE:
         settings["flag_score"] = config["flag_score"]
+    if config["shift"]:
+        settings.update(shift_threshold=config["shift_threshold"], shift_folds=SHIFT_FOLDS, shift_flag_p=SHIFT_FLAG_P)
     if part == "influence":
         settings.update(sizes=INFLUENCE_SIZES, epochs=INFLUENCE_EPOCHS, batch=INFLUENCE_BATCH, patch=INFLUENCE_PATCH,
                         model=INFLUENCE_MODEL)
@@ -296,13 +314,15 @@ def compute(part: str, data: str, case: str, seed: int, scan: str) -> dict:
 
 def scan_tag(scan: str) -> str:
     """The cache folder of scan version ``scan``'s rows, relative to ``OUT`` ('' for the first version's); the
-    verdict with the k-NN count adds ``-knn``, a flag cut other than the first one's ``-flag<cut>``."""
+    verdict with the k-NN count adds ``-knn``, a flag cut other than the first one's ``-flag<cut>``, the shift
+    statistic in the verdict ``-shift<threshold>``."""
     if scan == "first":
         return ""
     config = SCANS[scan]
     tag = f"trusted{config['trusted_epochs']}-early{config['early_epochs']}-tail{config['tail']:g}"
     tag += "-knn" if config["statistic"] == VERDICT_STATISTIC else ""
-    return tag + (f"-flag{config['flag_score']:g}" if config["flag_score"] != FIRST_FLAG_SCORE else "")
+    tag += f"-flag{config['flag_score']:g}" if config["flag_score"] != FIRST_FLAG_SCORE else ""
+    return tag + (f"-shift{config['shift_threshold']:g}" if config["shift"] else "")
 
 
 def _results(part: str, data: str, case: str, scan: str) -> SeedResults:
@@ -333,9 +353,20 @@ def _range(values, digits=1) -> str:
     return f"{min(values):.{digits}f} to {max(values):.{digits}f}" if values else "–"
 
 
-def _verdict_applied(row: dict, threshold: float) -> dict:
-    """``row`` under ``threshold``: found or not, what is flagged and removed, the model kept."""
-    found = row["value"] > threshold
+def row_found(row: dict, scan: str) -> bool:
+    """The verdict of version ``scan`` on a cached row: its statistic above the threshold, or (a version with the
+    shift statistic) ``shift`` above its threshold."""
+    config = SCANS[scan]
+    if config["shift"]:
+        statistics = row["statistics"]
+        return (statistics[VERDICT_STATISTIC] > config["threshold"] or
+                statistics[SHIFT_STATISTIC] > config["shift_threshold"])
+    return row["value"] > config["threshold"]
+
+
+def _verdict_applied(row: dict, scan: str) -> dict:
+    """``row`` under version ``scan``'s verdict: found or not, what is flagged and removed, the model kept."""
+    found = row_found(row, scan)
     out = dict(row, found=found, flagged=len(row["candidates"]) if found else 0)
     out.pop("candidates")
     if not found:
@@ -350,7 +381,17 @@ def _describe(scan: str) -> str:
     config = SCANS[scan]
     return (f"`{scan}`: trusted model {config['trusted_epochs']} epochs on the 500 validation images, early model "
             f"{config['early_epochs']} epoch(s) on the 3,500 training images, tail {config['tail']:g} nats, threshold "
-            f"**{config['threshold']:g}**, flag cut {config['flag_score']:g} nats")
+            f"**{config['threshold']:g}**, flag cut {config['flag_score']:g} nats" +
+            (f", or `{SHIFT_STATISTIC}` above **{config['shift_threshold']:g}**" if config["shift"] else ""))
+
+
+def excess_value(row: dict, scan: str) -> float:
+    """The row's value of its version's verdict statistic (``excess`` where the version adds ``shift``)."""
+    return row["statistics"][VERDICT_STATISTIC] if SCANS[scan]["shift"] else row["value"]
+
+
+def _shift_range(rows: list, scan: str) -> str:
+    return _range([row["statistics"][SHIFT_STATISTIC] for row in rows]) if SCANS[scan]["shift"] else "–"
 
 
 def _sort_key(key: tuple) -> tuple:
@@ -361,32 +402,38 @@ def _sort_key(key: tuple) -> tuple:
 def report(rows: dict) -> dict:
     """The summary JSON and the RESULTS.md section."""
     lines = ["Verdict statistics: `tail_excess` (per class: samples whose scan score `loss_trusted - loss_early` "
-             "exceeds the tail, excess over the other classes' rate, `(n - m) / sqrt(m + 1)`) and, in `current`, "
+             "exceeds the tail, excess over the other classes' rate, `(n - m) / sqrt(m + 1)`) and, in `knn` and `current`, "
              f"`{VERDICT_STATISTIC}`: per class the larger of `tail_excess` and the same excess of the samples scoring "
              f"above {KNN_SCORE:g} nats whose 20 nearest neighbours under the trusted model carry another label in at "
-             f"least {KNN_DISAGREEMENT:.0%} (k-NN count); found when above the threshold; budget 10%. Three versions "
+             f"least {KNN_DISAGREEMENT:.0%} (k-NN count); found when above the threshold; budget 10%. Four versions "
              "of the scan, side by side: " + "; ".join(_describe(scan) for scan in SCANS) +
              ". The `previous` defaults were chosen after the first version's measurements, on seeds 0-4 of the "
              "poisoned cases and clean seeds 0-19 (a probe of trusted epochs 8-25, early epochs 1-3 and tails 4-8 "
-             "nats), then checked on clean seeds never used. `current` adds the k-NN count (its cuts chosen on the "
+             "nats), then checked on clean seeds never used. `knn` adds the k-NN count (its cuts chosen on the "
              "same seeds, then checked on fresh clean seeds 60-79) and lowers the flag cut (which samples of the "
-             "found class are removed, chosen on Fashion-MNIST 5%, seeds 0-4).", "",
-             "| scan | part | data | case | seeds | found | statistic (min to max) | class right | flagged | precision "
-             "| recall |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "found class are removed, chosen on Fashion-MNIST 5%, seeds 0-4). `current` "
+             f"adds `{SHIFT_STATISTIC}` (per class, the Mann-Whitney z-score of the training samples' held-out "
+             "mean-difference scores against the trusted samples' of the class, in the trusted model's features, "
+             f"{SHIFT_FOLDS} folds): a backdoor is found when either statistic exceeds its threshold; where `shift` "
+             f"decides, the class's samples with a conformal p-value at most {SHIFT_FLAG_P:g} are flagged. Its "
+             "threshold was chosen on clean seeds 0-19 (largest value there about 3.7), before fresh seeds 80-99 ran.",
+             "",
+             "| scan | part | data | case | seeds | found | statistic (min to max) | shift (min to max) | class right "
+             "| flagged | precision | recall |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     summary = {"statistic": {scan: config["statistic"] for scan, config in SCANS.items()}, "scans": SCANS, "rows": {}, "false_positives": {}}
     for key, by_seed in sorted(rows.items(), key=lambda kv: _sort_key(kv[0])):
         scan, part, data, case = key
         if part not in (*CLEAN_PARTS, "detect", "erm"):
             continue
-        threshold = SCANS[scan]["threshold"]
         seeds = sorted(by_seed)
-        values = [by_seed[s]["value"] for s in seeds]
-        found = sum(v > threshold for v in values)
+        values = [excess_value(by_seed[s], scan) for s in seeds]
+        found = sum(row_found(by_seed[s], scan) for s in seeds)
         right = sum(by_seed[s]["target_class"] == TARGET for s in seeds) if case != "clean" else None
         summary["rows"][f"{scan}/{part}/{data}/{case}"] = {"seeds": seeds, "values": values, "found": found}
-        applied = [_verdict_applied(by_seed[s], threshold) for s in seeds]
+        applied = [_verdict_applied(by_seed[s], scan) for s in seeds]
         lines.append(f"| {scan} | {part} | {data} | {case} | {len(seeds)} | {found}/{len(seeds)} | {_range(values)} | "
+                     f"{_shift_range([by_seed[s] for s in seeds], scan)} | "
                      f"{'–' if right is None else f'{right}/{len(seeds)}'} | "
                      f"{_fmt([x['flagged'] for x in applied])} | "
                      f"{_fmt([x['precision'] for x in applied], 1, 100)} | "
@@ -400,7 +447,7 @@ def report(rows: dict) -> dict:
         scan, part, data, case = key
         if part not in ("erm", "pgd-at"):
             continue
-        r = [_verdict_applied(by_seed[s], SCANS[scan]["threshold"]) for s in sorted(by_seed)]
+        r = [_verdict_applied(by_seed[s], scan) for s in sorted(by_seed)]
         summary["rows"][f"{scan}/{part}/{data}/{case}"] = r
         lines.append(
             f"| {scan} | {part} | {case} | {len(r)} | {sum(x['found'] for x in r)}/{len(r)} | "
@@ -427,22 +474,27 @@ def report(rows: dict) -> dict:
             lines.append(f"| {case} | {len(r)} | " + " | ".join(cells) + " |")
     lines.append("")
     for scan, labels in CLEAN_LABELS.items():
-        threshold = SCANS[scan]["threshold"]
+        config = SCANS[scan]
         for part, label in labels.items():
-            clean = [row["value"] for (name, kind, _, _), by_seed in rows.items() if (name, kind) == (scan, part)
-                     for row in by_seed.values()]
+            per_data = {data: list(by_seed.values()) for (name, kind, data, _), by_seed in sorted(rows.items())
+                        if (name, kind) == (scan, part)}
+            clean = [row for values in per_data.values() for row in values]
             if not clean:
                 continue
-            counted = {"false_positives": sum(v > threshold for v in clean), "seeds": len(clean), "max": max(clean)}
-            per_data = {data: [row["value"] for row in by_seed.values()]
-                        for (name, kind, data, _), by_seed in sorted(rows.items()) if (name, kind) == (scan, part)}
-            counted["per_data"] = {data: sum(v > threshold for v in values) for data, values in per_data.items()}
+            largest = max(excess_value(row, scan) for row in clean)
+            counted = {"false_positives": sum(row_found(row, scan) for row in clean), "seeds": len(clean),
+                       "max": largest, "per_data": {data: sum(row_found(row, scan) for row in values)
+                                                    for data, values in per_data.items()}}
+            shift_note = ""
+            if config["shift"]:
+                counted["max_shift"] = max(row["statistics"][SHIFT_STATISTIC] for row in clean)
+                shift_note = (f"; `{SHIFT_STATISTIC}`'s largest {counted['max_shift']:.2f} (threshold "
+                              f"{config['shift_threshold']:g})")
             summary["false_positives"].setdefault(scan, {})[part] = counted
-            split = ", ".join(f"{data} {sum(v > threshold for v in values)} of {len(values)}"
-                              for data, values in per_data.items())
+            split = ", ".join(f"{data} {found} of {len(per_data[data])}" for data, found in counted["per_data"].items())
             lines.append(f"- `{scan}` scan, false positives on clean data ({label}): {counted['false_positives']} of "
-                         f"{len(clean)} seeds ({split}); the statistic's largest value {max(clean):.1f} "
-                         f"(threshold {threshold:g}).")
+                         f"{len(clean)} seeds ({split}); the statistic's largest value {largest:.1f} "
+                         f"(threshold {config['threshold']:g}){shift_note}.")
     lines += ["", "Written by `experiments/scan_calibration.py`."]
     return summary, "\n".join(lines)
 
@@ -457,7 +509,8 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--parts", nargs="+", choices=PARTS, default=list(PARTS))
     parser.add_argument("--scan", choices=list(SCANS), default="current",
-                        help="the scan's version: its first calibration, the previous defaults or the library's current ones")
+                        help="the scan's version: its first calibration, the previous defaults, the k-NN count "
+                             "added, or the library's current ones (the shift statistic added)")
     parser.add_argument("--report-only", action="store_true", help="only rewrite the report from the caches")
     args = parser.parse_args(argv)
     if not args.report_only:

@@ -1,18 +1,23 @@
-"""The trigger-unknown backdoor scan: a known answer on a tiny poisoned set, the verdict on clean data, bad inputs,
-seed determinism, and its use by remove_poisons and the poisoning recipes."""
+"""The trigger-unknown backdoor scan: a known answer on a tiny poisoned set (dirty-label and clean-label), the
+verdict on clean data, the shift statistic against brute force and scipy, bad inputs, seed determinism, and its use
+by remove_poisons and the poisoning recipes."""
 
 from __future__ import annotations
 
 import json
 
+import math
+
 import pytest
 import torch
+from scipy.stats import mannwhitneyu
 from torch import nn
 
 import attacks
 import defenses
 from defenses import poison_detection as detect
-from defenses.backdoor_scan import FLAG_SCORE, KNN_SCORE, class_statistics, knn_candidates
+from defenses.backdoor_scan import (FLAG_SCORE, KNN_SCORE, SHIFT_FLAG_P, class_shift, class_statistics,
+                                    knn_candidates, shift_flags, shift_scores)
 from defenses.poison_recipes import PoisonContext
 from defenses.recipes import get_recipe
 from robust_infl.datasets import load_dataset
@@ -84,7 +89,9 @@ def test_the_score_is_the_trusted_models_loss_minus_the_early_models(digits, poi
         fitted = defenses.ERM(epochs=epochs, **options).fit(model, data, seed=3)
         with torch.no_grad():
             losses.append(nn.functional.cross_entropy(fitted(X), y, reduction="none").double())
-    assert torch.allclose(scan.scores, losses[0] - losses[1], atol=1e-5)
+    assert torch.allclose(scan.loss_gap, losses[0] - losses[1], atol=1e-5)
+    # the scores are those of the statistic that decided (nothing is found here: the one nearer its threshold)
+    assert torch.equal(scan.scores, scan.loss_gap if scan.statistic == "excess" else scan.shift_scores)
     assert scan.timing["early_model_s"] > 0 and scan.timing["trusted_model_s"] > 0
     # the training run's time is estimated from the early model's time per epoch
     assert scan.timing["training_s"] == pytest.approx(scan.timing["early_model_s"] * trainer.epochs / 3)
@@ -178,6 +185,8 @@ def test_the_scan_refuses_bad_inputs_naming_the_argument(digits, poisoned):
         (dict(threshold=float("nan")), ValueError, "^threshold"),
         (dict(tail="8"), TypeError, "^tail"),
         (dict(flag_score=float("inf")), ValueError, "^flag_score"),
+        (dict(shift="yes"), TypeError, "^shift"),
+        (dict(shift_threshold=0), ValueError, "^shift_threshold"),
     ]
     for change, error, match in cases:
         arguments = dict(model=model, train=(X, y), trusted=trusted, budget=0.2, trainer=trainer, seed=0)
@@ -209,3 +218,80 @@ def test_the_scan_recipes_use_the_validation_split_as_trusted_data(digits, poiso
                                       budget=0.2, seed=0))
     assert torch.equal(torch.nonzero(outcome.removed).flatten(), torch.sort(poisoned_scan.flagged).values)
     assert torch.equal(outcome.scores, poisoned_scan.scores)
+
+
+def _brute_force_shift(F, y, Ft, yt, fold, trusted_fold):
+    """The shift scores by hand: per class and fold, one sample at a time."""
+    both = torch.cat([F, Ft]).double()
+    mean, std = both.mean(0), both.std(0)
+    Z, Zt = (F.double() - mean) / std, (Ft.double() - mean) / std
+    scores, trusted_scores = torch.zeros(len(y), dtype=torch.float64), torch.zeros(len(yt), dtype=torch.float64)
+    for c in range(int(y.max()) + 1):
+        for k in range(int(fold.max()) + 1):
+            direction = (Z[(y == c) & (fold != k)].mean(0) - Zt[(yt == c) & (trusted_fold != k)].mean(0))
+            for i in torch.nonzero((y == c) & (fold == k)).flatten().tolist():
+                scores[i] = Z[i] @ direction
+            for j in torch.nonzero((yt == c) & (trusted_fold == k)).flatten().tolist():
+                trusted_scores[j] = Zt[j] @ direction
+    return scores, trusted_scores
+
+
+def test_shift_scores_equal_the_per_sample_brute_force_and_folds_are_balanced_per_class():
+    generator = torch.Generator().manual_seed(0)
+    F, Ft = torch.randn(300, 7, generator=generator), torch.randn(90, 7, generator=generator) * 2 + 1
+    y, yt = torch.arange(300) % 3, torch.arange(90) % 3
+    scores, trusted_scores, fold, trusted_fold = shift_scores(F, y, Ft, yt, folds=3, seed=4)
+    expected, expected_trusted = _brute_force_shift(F, y, Ft, yt, fold, trusted_fold)
+    assert torch.allclose(scores, expected, atol=1e-9) and torch.allclose(trusted_scores, expected_trusted, atol=1e-9)
+    for labels, folds in ((y, fold), (yt, trusted_fold)):
+        counts = torch.bincount(labels * 3 + folds, minlength=9)
+        assert counts.max() - counts.min() <= 1  # 100 / 30 per class, split 34/33/33 or 10/10/10
+    again = shift_scores(F, y, Ft, yt, folds=3, seed=4)
+    assert torch.equal(again[0], scores) and torch.equal(again[2], fold)
+    assert not torch.equal(shift_scores(F, y, Ft, yt, folds=3, seed=5)[2], fold)
+
+
+def test_class_shift_is_scipys_mann_whitney_z_per_fold_and_p_the_conformal_p_value():
+    generator = torch.Generator().manual_seed(1)
+    y, yt = torch.arange(200) % 2, torch.arange(60) % 2
+    fold, trusted_fold = (torch.arange(200) // 2) % 2, (torch.arange(60) // 2) % 2
+    scores = (torch.randn(200, generator=generator).double() + (y == 1) * 1.5).round(decimals=1)  # class 1 shifted
+    trusted_scores = torch.randn(60, generator=generator).double().round(decimals=1)  # rounded: some ties
+    z, p = class_shift(scores, trusted_scores, y, yt, fold, trusted_fold)
+    for c in range(2):
+        parts = []
+        for k in range(2):
+            a = scores[(y == c) & (fold == k)].numpy()
+            b = trusted_scores[(yt == c) & (trusted_fold == k)].numpy()
+            u = mannwhitneyu(a, b).statistic
+            n, m = len(a), len(b)
+            parts.append((u / (n * m) - 0.5) / math.sqrt((n + m + 1) / (12 * n * m)))
+        assert z[c] == pytest.approx(sum(parts) / math.sqrt(2), rel=1e-9)
+    assert z[1] > 3 > abs(float(z[0]))
+    i = 7
+    same = trusted_scores[(yt == y[i]) & (trusted_fold == fold[i])]
+    assert p[i] == pytest.approx((1 + int((same >= scores[i]).sum())) / (1 + same.numel()))
+    flagged = shift_flags(scores, p, y, 1, k=5)
+    assert flagged.numel() <= 5 and torch.all(y[flagged] == 1) and torch.all(p[flagged] <= SHIFT_FLAG_P)
+    assert torch.all(scores[flagged[:-1]] >= scores[flagged[1:]])
+
+
+def test_the_shift_statistic_finds_a_clean_label_signal_that_the_excess_misses(digits):
+    """SIG's clean-label poisons: 90% of class 0's training images carry the sinusoidal signal, under their own
+    label; the trusted images do not. The shift statistic finds class 0 and flags its signal-bearing images; the
+    verdict on ``excess`` alone (``shift=False``) finds nothing."""
+    train, trusted, model, trainer = digits
+    X, y = train
+    in_class = torch.nonzero(y == 0).flatten()
+    poisoned = in_class[: int(0.9 * in_class.numel())]
+    X = X.clone()
+    X[poisoned] = attacks.SIGTrigger((1, 8, 8), delta=0.1).train_stamp(X[poisoned], torch.Generator())
+    scan = defenses.scan_backdoor(model, (X, y), trusted, budget=0.3, trainer=trainer, seed=0)
+    assert scan.found and scan.statistic == "shift" and scan.target_class == 0
+    assert scan.value == scan.statistics["shift"] > scan.threshold
+    assert torch.equal(scan.scores, scan.shift_scores)
+    hits = torch.isin(scan.flagged, poisoned)
+    assert hits.double().mean() >= 0.9 and hits.sum() >= 0.6 * poisoned.numel()
+    excess_alone = defenses.scan_backdoor(model, (X, y), trusted, budget=0.3, trainer=trainer, seed=0, shift=False)
+    assert not excess_alone.found and excess_alone.statistic == "excess" and excess_alone.flagged.numel() == 0
+    assert excess_alone.statistics["shift"] == scan.statistics["shift"]  # computed either way
