@@ -293,8 +293,10 @@ def render_group(title: str, settings: dict) -> str:
             continue
         best = min(unknown, key=lambda k: cells[(k, a)]["asr_backdoor"])
         met = [_label(k) for k in unknown if meets_goal(cells[(k, a)], budget)]
+        clean = cells[(best, a)]["d_clean_acc"]
+        clean = "" if clean is None else f", clean {100 * clean[0]:+.1f}"
         lines.append(f"- {a}: {', '.join(met) if met else '**nothing**'} (lowest ASR: {_label(best)} "
-                     f"{100 * cells[(best, a)]['asr_backdoor']:.1f}%)")
+                     f"{100 * cells[(best, a)]['asr_backdoor']:.1f}%{clean})")
     return "\n".join(lines)
 
 
