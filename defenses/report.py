@@ -30,7 +30,7 @@ from .stats import half_width, mean_std, paired_difference
 
 __all__ = ["METRICS", "POISON_METRICS", "POISON_BASE_METRICS", "mean_std", "paired_difference", "format_interval",
            "summarise", "summarise_base", "summarise_poisoned", "without_timing", "TIMING_KEYS", "recommend",
-           "recommend_poisoned",
+           "recommend_poisoned", "BACKDOOR_REMOVED",
            "pareto_front", "is_poisoning", "render_markdown", "plot_robust_vs_fraction", "plot_robust_vs_cost",
            "plot_asr_by_recipe", "write_report"]
 
@@ -38,6 +38,10 @@ METRICS = ("clean_acc", "robust_acc_adaptive", "robust_acc_transfer", "asr_adapt
            "train_cpu_time", "cost_vs_erm")
 POISON_METRICS = ("clean_acc", "asr_backdoor", "robust_acc_adaptive", "precision", "recall", "auroc", "removed_share")
 POISON_BASE_METRICS = ("clean_acc", "asr_backdoor", "robust_acc_adaptive")
+BACKDOOR_REMOVED = 0.05
+"""The mean backdoor ASR at or below which a row removes the backdoor (the trigger-unknown goal's 5%): where no
+row that keeps clean accuracy lowers the attack success, :func:`recommend_poisoned` picks such a row, its clean
+cost stated, rather than no defence."""
 _ATTACK_METRICS = ("robust_acc", "asr")
 
 
@@ -190,30 +194,47 @@ def _poison_cost(entry: dict) -> float:
 
 
 def _pick_against_backdoor(entries: list, none: Optional[dict], tolerance: float) -> dict:
-    """The cheapest row near the lowest attack success (:func:`_cheapest_near_best`); ``none`` itself where it is
-    among those rows: no defence lowers the attack success by more than ``tolerance``, so none is worth paying
-    for (a timing-noise-cheaper row that does nothing is not a pick)."""
+    """The cheapest row near the lowest attack success among those that keep clean accuracy
+    (:func:`_cheapest_near_best`). Where ``none`` is among those rows (no row that keeps clean accuracy lowers the
+    attack success by more than ``tolerance``; a timing-noise-cheaper row that does nothing is no pick): the row
+    with the highest clean accuracy among those that remove the backdoor (mean ASR at most
+    :data:`BACKDOOR_REMOVED`; ties to the cheaper), its clean cost stated by :func:`_describe_pick`, else ``none``
+    (no row removes it, or there is no backdoor to remove)."""
     pick, best, allowed = _cheapest_near_best(entries, none, tolerance, lambda e: -e["asr_backdoor"]["mean"],
                                               _poison_cost)
-    if any(e is none for e in allowed) and none["asr_backdoor"]["mean"] <= best["asr_backdoor"]["mean"] + tolerance:
-        return none
-    return pick
+    if not (any(e is none for e in allowed) and
+            none["asr_backdoor"]["mean"] <= best["asr_backdoor"]["mean"] + tolerance):
+        return pick
+    removing = [e for e in entries if e is not none and e["asr_backdoor"]["mean"] <= BACKDOOR_REMOVED]
+    if removing and none["asr_backdoor"]["mean"] > BACKDOOR_REMOVED:
+        return max(removing, key=lambda e: (e["clean_acc"]["mean"], -_poison_cost(e)))
+    return none
 
 
 def _describe_pick(entry: dict, none: Optional[dict], tolerance: float) -> str:
     if entry is none:
+        asr = 100 * entry["asr_backdoor"]["mean"]
+        if entry["asr_backdoor"]["mean"] <= BACKDOOR_REMOVED:
+            return f"pick none (no defence): the backdoor does not take (ASR {asr:.1f} without a defence)"
         return (f"pick none (no defence): no row that keeps clean accuracy within {100 * tolerance:g} point(s) lowers "
-                f"the backdoor ASR ({100 * entry['asr_backdoor']['mean']:.1f}) by more than "
-                f"{100 * tolerance:g} point(s)")
+                f"the backdoor ASR ({asr:.1f}) by more than {100 * tolerance:g} point(s), and no row brings it to "
+                f"{100 * BACKDOOR_REMOVED:g}% or below")
     parts = [f"backdoor ASR {100 * entry['asr_backdoor']['mean']:.1f}"
              + ("" if none is None else f" (none {100 * none['asr_backdoor']['mean']:.1f})")]
     if entry.get("recall") is not None:
         parts.append(f"{100 * entry['recall']['mean']:.1f}% of the poisons removed")
-    parts.append(f"clean {100 * entry['clean_acc']['mean']:.1f}"
-                 + ("" if none is None else f" (none {100 * none['clean_acc']['mean']:.1f})"))
+    costly = none is not None and entry["clean_acc"]["mean"] < none["clean_acc"]["mean"] - tolerance
+    clean = f"clean {100 * entry['clean_acc']['mean']:.1f}"
+    if none is not None:
+        change = entry.get("vs_none", {}).get("clean_acc")
+        clean += f" (none {100 * none['clean_acc']['mean']:.1f}" + (
+            f"; {100 * change['mean']:+.1f}{format_interval(change)})" if costly and change else ")")
+    parts.append(clean)
     cost = _poison_cost(entry)
     parts.append("cost not measured" if math.isinf(cost) else f"{cost:.2f}x the base model's training")
-    return f"pick {_poison_label(entry)}: " + ", ".join(parts)
+    why = (f", the row that removes the backdoor at the least clean accuracy (no row within {100 * tolerance:g} "
+           "point(s) of clean accuracy lowers its ASR)" if costly else "")
+    return f"pick {_poison_label(entry)}{why}: " + ", ".join(parts)
 
 
 def recommend_poisoned(summary: list, *, tolerance: float = 0.01) -> dict:
@@ -221,8 +242,10 @@ def recommend_poisoned(summary: list, *, tolerance: float = 0.01) -> dict:
     threat model: with the trigger unknown (the rows that need no evidence) and with evidence known (every
     row). Among the rows whose clean accuracy is at most ``tolerance`` below ``none``'s (all rows when none
     qualifies or ``none`` was not run), the cheapest (mean ``cost_vs_base``) whose mean backdoor ASR is
-    within ``tolerance`` of the lowest; ``none`` when it is itself within ``tolerance`` of that lowest ASR
-    (no row that keeps clean accuracy lowers the attack success).
+    within ``tolerance`` of the lowest. Where ``none`` is itself within ``tolerance`` of that lowest ASR (no row
+    that keeps clean accuracy lowers the attack success): the row that removes the backdoor (mean ASR at most
+    :data:`BACKDOOR_REMOVED`) at the highest clean accuracy, with its clean change and paired interval in the
+    reason, else ``none``. A backdoor left in place is a hole; a clean cost is stated and can be weighed.
 
     Returns ``{"unknown": label or None, "evidence": label or None, "reason": one line}`` (labels as in
     the report: ``recipe`` or ``recipe K=<evidence size>``; figures in %). The reason also names the

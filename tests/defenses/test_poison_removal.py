@@ -239,17 +239,37 @@ def test_the_backdoor_recommendation_is_the_cheapest_row_near_the_lowest_attack_
     assert recommend_poisoned(summary[:5])["evidence"] is None  # no evidence rows were run
 
 
-def test_no_defence_is_recommended_where_every_row_that_keeps_clean_accuracy_leaves_the_backdoor():
+def test_where_no_row_that_keeps_clean_accuracy_lowers_the_backdoor_the_row_that_removes_it_is_picked_with_its_cost():
+    """The demo's case: low-loss does nothing (cheaper only by timing noise), the scan removes the backdoor but its
+    mean clean accuracy is 1.1 points below none's. The scan is picked, its clean change and interval stated;
+    no defence only where no row brings the ASR to 5% or below, or where there is no backdoor."""
     summary = [
         summary_entry("none", None, "none", 0.938, 0.990, 1.00),
         summary_entry("low-loss", None, "unknown", 0.933, 0.984, 0.96, 0.58),   # cheaper by timing noise, does nothing
         summary_entry("remove-poisons-unknown", None, "unknown", 0.927, 0.000, 1.76, 0.99),  # loses 1.1 clean points
+        summary_entry("knn-label", None, "unknown", 0.900, 0.010, 1.05, 0.90),  # removes it too, at 3.8 points
     ]
+    summary[2]["vs_none"] = {"clean_acc": {"mean": -0.011, "std": 0.026, "ci95": [-0.076, 0.053]}}
+    pick = recommend_poisoned(summary)
+    assert pick["unknown"] == "remove-poisons-unknown"
+    assert pick["reason"] == ("trigger unknown: pick remove-poisons-unknown, the row that removes the backdoor at the "
+                              "least clean accuracy (no row within 1 point(s) of clean accuracy lowers its ASR): "
+                              "backdoor ASR 0.0 (none 99.0), 99.0% of the poisons removed, clean 92.7 (none 93.8; "
+                              "-1.1 [-7.6, +5.3]), 1.76x the base model's training; best other row: knn-label, "
+                              "backdoor ASR 1.0 at clean 90.0, 1.05x.")
+    for entry in summary[2:]:
+        entry["asr_backdoor"]["mean"] = 0.30  # lowered, but not removed, at a clean cost
     pick = recommend_poisoned(summary)
     assert pick["unknown"] == "none"
-    assert pick["reason"] == ("trigger unknown: pick none (no defence): no row that keeps clean accuracy within 1 "
-                              "point(s) lowers the backdoor ASR (99.0) by more than 1 point(s); best other row: "
-                              "remove-poisons-unknown, backdoor ASR 0.0 at clean 92.7, 1.76x.")
+    assert pick["reason"].startswith("trigger unknown: pick none (no defence): no row that keeps clean accuracy "
+                                     "within 1 point(s) lowers the backdoor ASR (99.0) by more than 1 point(s), and "
+                                     "no row brings it to 5% or below;")
+    summary[0]["asr_backdoor"]["mean"] = summary[1]["asr_backdoor"]["mean"] = 0.004  # no backdoor to remove
+    summary[2]["asr_backdoor"]["mean"] = 0.0
+    pick = recommend_poisoned(summary)
+    assert pick["unknown"] == "none"
+    assert pick["reason"].startswith("trigger unknown: pick none (no defence): the backdoor does not take (ASR 0.4 "
+                                     "without a defence);")
 
 
 def test_the_remove_poisons_recipe_runs_the_detector_once_and_matches_the_public_call(poisoned_digits, monkeypatch):
