@@ -139,7 +139,7 @@ def _run_parts(folder: Path, quick: bool, progress: bool, echo: Callable[[str], 
         echo(render_markdown(reports[part]))
         echo(f"[{part}: {time.perf_counter() - start:.0f} s, files in {folder / part}]\n")
         echo("Which row to pick against the backdoor (the cheapest within 1 point of the lowest attack success, "
-             "clean accuracy kept):")
+             "clean accuracy kept; else the one that removes it at the least clean cost):")
         echo(f"  {part}: {reports[part]['recommendation']['reason']}")
     echo(f"demo finished in {time.perf_counter() - total:.0f} s")
     return reports
