@@ -37,7 +37,9 @@ folds, scores each held-out sample; the class's statistic is the Mann-Whitney z-
 scores against its trusted samples', per fold, summed over folds over the square root of their count. Where the
 trusted set is drawn like the training data, the held-out scores of the two are exchangeable and the statistic
 is about standard normal, whatever the features; a triggered share of the class moves it up (SIG at 9.5%: about
-10, the most that 50 trusted samples per class allow). Its flagged samples are those of its class whose
+10). Its largest possible value, when every training sample outscores every trusted one, is about
+``sqrt(3 m)`` for ``m`` trusted samples of the class (about 11.4 at 50, 6.6 at 20 with 60 training samples): with
+fewer than about 15 trusted samples per class it cannot pass the default threshold. Its flagged samples are those of its class whose
 conformal p-value against the same fold's trusted scores is at most :data:`SHIFT_FLAG_P`, most suspicious first.
 
 A backdoor is found when ``excess`` exceeds :data:`VERDICT_THRESHOLD` or ``shift`` exceeds
