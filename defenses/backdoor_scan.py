@@ -195,7 +195,7 @@ def scan_scores(model: nn.Module, train: tuple, trusted: tuple, *, trainer=None,
 def _score_parts(trusted_model: nn.Module, early: nn.Module, train: tuple, trusted: tuple, seed: int) -> tuple:
     trusted_losses, features = detect.losses_and_features(trusted_model, train)
     gap = trusted_losses - detect.training_losses(early, train)
-    trusted_features = detect.losses_and_features(trusted_model, trusted)[1]
+    trusted_features = detect.layer_features(trusted_model, trusted[0], batch_size=128)
     shift, trusted_shift, fold, trusted_fold = shift_scores(features, train[1], trusted_features, trusted[1], seed=seed)
     z, p = class_shift(shift, trusted_shift, train[1], trusted[1], fold, trusted_fold)
     return gap, knn_candidates(gap, features, train[1]), shift, z, p

@@ -357,11 +357,8 @@ def row_found(row: dict, scan: str) -> bool:
     """The verdict of version ``scan`` on a cached row: its statistic above the threshold, or (a version with the
     shift statistic) ``shift`` above its threshold."""
     config = SCANS[scan]
-    if config["shift"]:
-        statistics = row["statistics"]
-        return (statistics[VERDICT_STATISTIC] > config["threshold"] or
-                statistics[SHIFT_STATISTIC] > config["shift_threshold"])
-    return row["value"] > config["threshold"]
+    return (excess_value(row, scan) > config["threshold"] or
+            config["shift"] and row["statistics"][SHIFT_STATISTIC] > config["shift_threshold"])
 
 
 def _verdict_applied(row: dict, scan: str) -> dict:
