@@ -5,8 +5,9 @@
    report's recommendation says which row to pick.
 2. Backdoor (:data:`DEMO_BACKDOOR`): BadNets poisons 5% of the MNIST subset into class 0, and
    :func:`defenses.run_poisoning` runs :func:`defenses.remove_poisons` with 10 triggered inputs
-   known and without evidence, beside ART's activation clustering, the lowest-loss baseline and the
-   evidence alone (fine-tuning on it, retraining with it); its
+   known and without evidence, beside ART's activation clustering, spectral signatures, Anti-Backdoor
+   Learning, k-NN label disagreement, the lowest-loss baseline and the evidence alone (fine-tuning on it,
+   retraining with it); its
    recommendation (:func:`defenses.report.recommend_poisoned`) is the verdict.
 
 Each part writes its report into its own subfolder of ``out``; ``out/demo.json`` records every run
@@ -46,11 +47,13 @@ DEMO_QUICK = {
     "adult": dict(seeds=1, n_train=1000, n_val=300, n_test=500, epochs=2),
 }
 # The backdoor part: plain training on the poisoned MNIST subset, the recommended recipe with and without
-# evidence beside ART's activation clustering, lowest loss and the evidence alone (fine-tuning on it, or
+# evidence beside the strongest simple references: ART's activation clustering, spectral signatures,
+# Anti-Backdoor Learning, k-NN label disagreement, lowest loss and the evidence alone (fine-tuning on it, or
 # retraining with it) (the removal budget: twice the poison rate).
 DEMO_BACKDOOR = {
     "mnist-backdoor": dict(data="mnist", model="cnn", attack="pgd", eps=0.1, norm="linf", steps=10, seeds=3,
-                           epochs=5, recipes=["none", "low-loss", "activation-defence", "remove-poisons-unknown",
+                           epochs=5, recipes=["none", "low-loss", "knn-label", "activation-defence",
+                                              "spectral-signature", "abl", "remove-poisons-unknown",
                                               "evidence-finetune", "evidence-retrain", "remove-poisons"],
                            poison=dict(attack="badnets", rate=0.05, target_class=0, evidence=(10,), robust_n=200)),
 }

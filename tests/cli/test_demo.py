@@ -53,12 +53,14 @@ def test_demo_runs_the_evasion_and_the_backdoor_parts_and_ends_with_the_verdict(
     assert out.index("Which row to pick against evasion") < out.index("# Poisoning report: mnist / cnn / trainer erm")
     assert "badnets at rate 0.05, target class 0" in out
     for row in ("| none | none | – |", "| low-loss | unknown | – |", "| activation-defence | unknown | – |",
+                "| knn-label | unknown | – |", "| spectral-signature | unknown | – |", "| abl | unknown | – |",
                 "| remove-poisons-unknown | unknown | – |", "| evidence-finetune | evidence | 10 |",
                 "| evidence-retrain | evidence | 10 |", "| remove-poisons | evidence | 10 |"):
         assert row in out
     report = json.loads((tmp_path / "mnist-backdoor" / "report.json").read_text())
     verdict = report["recommendation"]
-    assert {verdict["unknown"], verdict["evidence"]} <= {"none", "low-loss", "activation-defence",
+    assert {verdict["unknown"], verdict["evidence"]} <= {"none", "low-loss", "activation-defence", "knn-label",
+                                                        "spectral-signature", "abl",
                                                         "remove-poisons-unknown", "evidence-finetune K=10",
                                                         "evidence-retrain K=10", "remove-poisons K=10"}
     lines = out.rstrip().splitlines()
