@@ -42,13 +42,23 @@ is about standard normal, whatever the features; a triggered share of the class 
 fewer than about 15 trusted samples per class it cannot pass the default threshold. Its flagged samples are those of its class whose
 conformal p-value against the same fold's trusted scores is at most :data:`SHIFT_FLAG_P`, most suspicious first.
 
-A backdoor is found when ``excess`` exceeds :data:`VERDICT_THRESHOLD` or ``shift`` exceeds
-:data:`SHIFT_THRESHOLD`, both calibrated on clean data
+A third statistic, ``mislabel``, counts per class (:func:`class_excess`) the samples that look mislabelled to the
+trusted model alone (:func:`knn_candidates` of the trusted loss: above :data:`MISLABEL_LOSS` nats, the 20 nearest
+neighbours carrying another label in at least :data:`KNN_DISAGREEMENT`), whatever the early model made of them. It
+finds dirty-label poisons whose trigger the early model has not learnt at all (Adap-Blend at 1%, where the
+regularisation samples slow the trigger's learning: then the loss gap is small and neither count of ``excess``
+passes its threshold). Its clean-data spread is narrower than the tail count's, hence its own, lower threshold
+:data:`MISLABEL_THRESHOLD`. Where it decides, the flagged samples are those of its class scoring above
+:data:`FLAG_SCORE` nats of loss gap, as for ``excess``.
+
+A backdoor is found when ``excess`` exceeds :data:`VERDICT_THRESHOLD`, ``shift`` exceeds :data:`SHIFT_THRESHOLD`
+or ``mislabel`` exceeds :data:`MISLABEL_THRESHOLD`, each calibrated on clean data
 (``experiments/scan_calibration.py``; section ``scan_calibration`` of ``experiments/RESULTS.md``, where the
 statistic's distribution on clean and poisoned seeds is listed, on the seeds the defaults were chosen on and on
 fresh seeds checked afterwards); otherwise nothing is flagged. The verdict names the statistic that decided it:
-``excess`` when it is above its threshold, else ``shift`` when that one is, else (nothing found) the one closer
-to its threshold; its class is the suspected target and its flagged samples are removed. The defaults (trusted
+the first of ``excess``, ``shift`` and ``mislabel`` above its threshold, else (nothing found) the one closest
+to its threshold (the largest value over threshold); its class is the suspected target and its flagged samples
+are removed. The defaults (trusted
 epochs, early epochs, tail, k-NN cuts, thresholds, folds) were calibrated together, for MNIST and Fashion-MNIST
 with a small CNN: change one and recalibrate. The shift statistic assumes that the trusted set is drawn like the
 training data: a trusted set from another source shifts every class.
@@ -74,10 +84,10 @@ from .timing import timed
 from .trainers import ERM
 
 __all__ = ["ScanResult", "ScanScores", "scan_backdoor", "scan_scores", "class_statistics", "tail_excess",
-           "class_excess", "knn_candidates", "shift_scores", "class_shift", "shift_flags", "check_trusted",
+           "class_excess", "gap_flags", "knn_candidates", "shift_scores", "class_shift", "shift_flags", "check_trusted",
            "VERDICT_STATISTIC", "VERDICT_THRESHOLD", "SHIFT_STATISTIC", "SHIFT_THRESHOLD", "SHIFT_FOLDS",
-           "SHIFT_FLAG_P", "DEFAULT_SCAN_BUDGET", "TRUSTED_EPOCHS", "EARLY_EPOCHS", "SCORE_TAIL", "FLAG_SCORE",
-           "KNN_SCORE", "KNN_DISAGREEMENT"]
+           "SHIFT_FLAG_P", "MISLABEL_STATISTIC", "MISLABEL_THRESHOLD", "MISLABEL_LOSS", "DEFAULT_SCAN_BUDGET",
+           "TRUSTED_EPOCHS", "EARLY_EPOCHS", "SCORE_TAIL", "FLAG_SCORE", "KNN_SCORE", "KNN_DISAGREEMENT"]
 
 DEFAULT_SCAN_BUDGET = 0.1
 TRUSTED_EPOCHS = 10
@@ -92,6 +102,9 @@ SHIFT_STATISTIC = "shift"
 SHIFT_THRESHOLD = 6.0
 SHIFT_FOLDS = 2
 SHIFT_FLAG_P = 0.1
+MISLABEL_STATISTIC = "mislabel"
+MISLABEL_LOSS = 5.0
+MISLABEL_THRESHOLD = 7.0
 
 
 @dataclass(frozen=True)
@@ -100,13 +113,14 @@ class ScanResult:
 
     Attributes:
         found: the verdict: a backdoor was found (``value > threshold``).
-        statistic: the name of the statistic that decided the verdict (``excess`` or ``shift``; see the module).
+        statistic: the name of the statistic that decided the verdict (``excess``, ``shift`` or ``mislabel``; see
+            the module).
         value: its value on the scanned data.
         threshold: its threshold, calibrated on clean data.
         target_class: the suspected target class (reported even when nothing is found).
         flagged: int64 indices into the training set, most suspicious first; empty when nothing is found.
         scores: the suspicion score of every training sample under the deciding statistic (higher = more
-            suspicious), float64: ``loss_gap`` for ``excess``, ``shift_scores`` for ``shift``.
+            suspicious), float64: ``loss_gap`` for ``excess`` and ``mislabel``, ``shift_scores`` for ``shift``.
         budget: the largest share of the training set that may be flagged.
         timing: wall seconds of the scan (``scan_s``) and its parts (``trusted_model_s``, ``early_model_s``,
             ``scoring_s``); ``training_s``, one training run of the scanned model (given as
@@ -157,6 +171,8 @@ class ScanScores:
     Attributes:
         loss_gap: ``loss_trusted - loss_early`` of every training sample (nats), float64.
         knn: the :func:`knn_candidates` mask among them.
+        mislabel: the mask of the samples that look mislabelled to the trusted model (:func:`knn_candidates` of its
+            loss, above :data:`MISLABEL_LOSS` nats).
         shift: the held-out shift score of every training sample (:func:`shift_scores`), float64.
         shift_z: the per-class shift statistic (:func:`class_shift`).
         shift_p: every training sample's conformal p-value against its class's trusted shift scores.
@@ -165,6 +181,7 @@ class ScanScores:
 
     loss_gap: torch.Tensor
     knn: torch.Tensor
+    mislabel: torch.Tensor
     shift: torch.Tensor
     shift_z: torch.Tensor
     shift_p: torch.Tensor
@@ -174,7 +191,7 @@ class ScanScores:
 def scan_scores(model: nn.Module, train: tuple, trusted: tuple, *, trainer=None, trusted_epochs: int = TRUSTED_EPOCHS,
                 early_epochs: int = EARLY_EPOCHS, seed: int = 0, progress: bool = False) -> ScanScores:
     """The per-sample scores of :func:`scan_backdoor` on checked inputs (:class:`ScanScores`): the loss gap, the
-    :func:`knn_candidates` among them (under the trusted model), the shift scores, statistic and p-values (the
+    :func:`knn_candidates` among them (under the trusted model), the samples that look mislabelled to it, the shift scores, statistic and p-values (the
     trusted model's features), and the seconds of training the trusted model, the early model and scoring (the
     k-NN search and the shift included)."""
     seconds = {}
@@ -198,7 +215,8 @@ def _score_parts(trusted_model: nn.Module, early: nn.Module, train: tuple, trust
     trusted_features = detect.layer_features(trusted_model, trusted[0], batch_size=128)
     shift, trusted_shift, fold, trusted_fold = shift_scores(features, train[1], trusted_features, trusted[1], seed=seed)
     z, p = class_shift(shift, trusted_shift, train[1], trusted[1], fold, trusted_fold)
-    return gap, knn_candidates(gap, features, train[1]), shift, z, p
+    mislabel = knn_candidates(trusted_losses, features, train[1], score=MISLABEL_LOSS)
+    return gap, knn_candidates(gap, features, train[1]), mislabel, shift, z, p
 
 
 def _folds(y: torch.Tensor, folds: int, generator: torch.Generator) -> torch.Tensor:
@@ -312,6 +330,13 @@ def tail_excess(scores: torch.Tensor, y: torch.Tensor, tail: float = SCORE_TAIL)
     return class_excess(scores > tail, y)
 
 
+def gap_flags(scores: torch.Tensor, y: torch.Tensor, target: int, k: int, flag_score: float = FLAG_SCORE) -> torch.Tensor:
+    """The samples of class ``target`` scoring above ``flag_score``, highest score first, at most ``k``."""
+    in_class = torch.nonzero(y == target).flatten()
+    order = in_class[torch.sort(-scores[in_class], stable=True).indices]
+    return order[:min(int((scores[order] > flag_score).sum()), k)]
+
+
 def class_statistics(scores: torch.Tensor, y: torch.Tensor, k: int, tail: float = SCORE_TAIL,
                      flag_score: float = FLAG_SCORE, knn: Optional[torch.Tensor] = None) -> tuple:
     """``(target_class, flagged, statistics)`` of per-sample ``scores`` with labels ``y`` (and ``knn``, the
@@ -331,8 +356,7 @@ def class_statistics(scores: torch.Tensor, y: torch.Tensor, k: int, tail: float 
     in_class = torch.nonzero(y == target).flatten()
     share_top = float((top & (y == target)).sum()) / max(1, int(top.sum()))
     _, separation = detect.otsu_split(scores[in_class])
-    order = in_class[torch.sort(-scores[in_class], stable=True).indices]
-    flagged = order[:min(int((scores[order] > flag_score).sum()), k)]
+    flagged = gap_flags(scores, y, target, k, flag_score)
     statistics = {"excess": float(excess[target]), "tail_excess": float(tails.max())}
     if knn is not None:
         statistics["knn_excess"] = float(class_excess(knn, y).max())
@@ -367,7 +391,8 @@ def scan_backdoor(model: nn.Module, train, trusted, *, budget: float = DEFAULT_S
                   early_epochs: int = EARLY_EPOCHS, training_seconds: Optional[float] = None,
                   threshold: Optional[float] = None, tail: float = SCORE_TAIL,
                   flag_score: float = FLAG_SCORE, shift: bool = True,
-                  shift_threshold: Optional[float] = None) -> ScanResult:
+                  shift_threshold: Optional[float] = None, mislabel: bool = True,
+                  mislabel_threshold: Optional[float] = None) -> ScanResult:
     """Scan ``train`` for a backdoor, trigger unknown, with the help of the clean ``trusted`` set.
 
     Args:
@@ -396,6 +421,10 @@ def scan_backdoor(model: nn.Module, train, trusted, *, budget: float = DEFAULT_S
             before clean-label poisons were covered; the shift scores are computed either way).
         shift_threshold: the threshold of the ``shift`` statistic, > 0 (default
             :data:`~defenses.backdoor_scan.SHIFT_THRESHOLD`, calibrated on clean data).
+        mislabel: whether the ``mislabel`` statistic takes part in the verdict (False: ``excess`` and ``shift``,
+            the scan before it was added; the statistic is computed either way).
+        mislabel_threshold: the threshold of the ``mislabel`` statistic, > 0 (default
+            :data:`~defenses.backdoor_scan.MISLABEL_THRESHOLD`, calibrated on clean data).
 
     Returns:
         A :class:`~defenses.ScanResult`: the verdict, its statistic, value and threshold, the suspected target class,
@@ -417,6 +446,9 @@ def scan_backdoor(model: nn.Module, train, trusted, *, budget: float = DEFAULT_S
     threshold = VERDICT_THRESHOLD if threshold is None else check_number(threshold, "threshold")
     check_bool(shift, "shift")
     shift_threshold = SHIFT_THRESHOLD if shift_threshold is None else check_positive(shift_threshold, "shift_threshold")
+    check_bool(mislabel, "mislabel")
+    mislabel_threshold = (MISLABEL_THRESHOLD if mislabel_threshold is None
+                          else check_positive(mislabel_threshold, "mislabel_threshold"))
     tail = check_number(tail, "tail")
     flag_score = check_number(flag_score, "flag_score")
     parts = scan_scores(model, (X, y), (Xt, yt), trainer=trainer, trusted_epochs=trusted_epochs,
@@ -425,13 +457,22 @@ def scan_backdoor(model: nn.Module, train, trusted, *, budget: float = DEFAULT_S
     target, flagged, statistics = class_statistics(parts.loss_gap, y, k, tail, flag_score, parts.knn)
     shift_target = int(torch.sort(-parts.shift_z, stable=True).indices[0])
     statistics[SHIFT_STATISTIC] = float(parts.shift_z[shift_target])
-    excess, shifted = statistics[VERDICT_STATISTIC], statistics[SHIFT_STATISTIC]
-    closer = threshold > 0 and shifted / shift_threshold > excess / threshold  # nothing found: the one nearer
-    if shift and excess <= threshold and (shifted > shift_threshold or closer):
-        statistic, value, limit, target, scores = SHIFT_STATISTIC, shifted, shift_threshold, shift_target, parts.shift
-        flagged = shift_flags(parts.shift, parts.shift_p, y, target, k)
-    else:
-        statistic, value, limit, scores = VERDICT_STATISTIC, excess, threshold, parts.loss_gap
+    mislabels = class_excess(parts.mislabel, y)
+    mislabel_target = int(torch.sort(-mislabels, stable=True).indices[0])
+    statistics[MISLABEL_STATISTIC] = float(mislabels[mislabel_target])
+    # (statistic, threshold, target class, scores, flags), in the verdict's order of precedence
+    verdicts = [(VERDICT_STATISTIC, threshold, target, parts.loss_gap, lambda: flagged)]
+    if shift:
+        verdicts.append((SHIFT_STATISTIC, shift_threshold, shift_target, parts.shift,
+                         lambda: shift_flags(parts.shift, parts.shift_p, y, shift_target, k)))
+    if mislabel:
+        verdicts.append((MISLABEL_STATISTIC, mislabel_threshold, mislabel_target, parts.loss_gap,
+                         lambda: gap_flags(parts.loss_gap, y, mislabel_target, k, flag_score)))
+    passed = [verdict for verdict in verdicts if statistics[verdict[0]] > verdict[1]]
+    # nothing found: the one closest to its threshold (``excess`` where its threshold is not positive)
+    closest = max(verdicts, key=lambda v: statistics[v[0]] / v[1] if v[1] > 0 else math.inf)
+    statistic, limit, target, scores, flags = passed[0] if passed else closest
+    value, flagged = statistics[statistic], flags()
     found = value > limit
     seconds = parts.seconds
     total = sum(part["wall"] for part in seconds.values())

@@ -187,6 +187,8 @@ def test_the_scan_refuses_bad_inputs_naming_the_argument(digits, poisoned):
         (dict(flag_score=float("inf")), ValueError, "^flag_score"),
         (dict(shift="yes"), TypeError, "^shift"),
         (dict(shift_threshold=0), ValueError, "^shift_threshold"),
+        (dict(mislabel=None), TypeError, "^mislabel"),
+        (dict(mislabel_threshold=-1.0), ValueError, "^mislabel_threshold"),
     ]
     for change, error, match in cases:
         arguments = dict(model=model, train=(X, y), trusted=trusted, budget=0.2, trainer=trainer, seed=0)
@@ -279,7 +281,7 @@ def test_class_shift_is_scipys_mann_whitney_z_per_fold_and_p_the_conformal_p_val
 def test_the_shift_statistic_finds_a_clean_label_signal_that_the_excess_misses(digits):
     """SIG's clean-label poisons: 90% of class 0's training images carry the sinusoidal signal, under their own
     label; the trusted images do not. The shift statistic finds class 0 and flags its signal-bearing images; the
-    verdict on ``excess`` alone (``shift=False``) finds nothing."""
+    verdict on ``excess`` alone (``shift=False, mislabel=False``) finds nothing."""
     train, trusted, model, trainer = digits
     X, y = train
     in_class = torch.nonzero(y == 0).flatten()
@@ -292,7 +294,8 @@ def test_the_shift_statistic_finds_a_clean_label_signal_that_the_excess_misses(d
     assert torch.equal(scan.scores, scan.shift_scores)
     hits = torch.isin(scan.flagged, poisoned)
     assert hits.double().mean() >= 0.9 and hits.sum() >= 0.6 * poisoned.numel()
-    excess_alone = defenses.scan_backdoor(model, (X, y), trusted, budget=0.3, trainer=trainer, seed=0, shift=False)
+    excess_alone = defenses.scan_backdoor(model, (X, y), trusted, budget=0.3, trainer=trainer, seed=0, shift=False,
+                                          mislabel=False)
     assert not excess_alone.found and excess_alone.statistic == "excess" and excess_alone.flagged.numel() == 0
     assert excess_alone.statistics["shift"] == scan.statistics["shift"]  # computed either way
 
@@ -308,3 +311,39 @@ def test_a_trusted_set_from_another_source_shifts_every_class_and_is_reported(di
     assert scan.found and scan.statistic == "shift" and scan.statistics["shift"] > scan.threshold
     own = defenses.scan_backdoor(model, train, trusted, budget=0.2, trainer=trainer, seed=0)
     assert own.statistics["shift"] < 6.0 and not own.found
+
+
+def test_the_mislabel_statistic_counts_what_the_trusted_model_alone_sees_mislabelled(digits):
+    """Dirty-label poisons without any trigger (30 images of other digits labelled 0): nothing for the early model
+    to learn early, the limiting case of a trigger it has not learnt. With ``excess`` muted (its threshold out of
+    reach), ``mislabel`` decides: class 0, its 30 relabelled images flagged. Brute force: the trusted model trained
+    by hand, the samples above 5 nats of its loss whose 20 nearest neighbours in its features carry another label
+    in at least 95%, counted per class, the excess over the other classes' rate. ``mislabel=False`` leaves the
+    verdict to the other two statistics (nothing found here)."""
+    train, trusted, model, trainer = digits
+    X, y = train
+    others = torch.nonzero(y != 0).flatten()
+    relabelled = others[torch.randperm(others.numel(), generator=torch.Generator().manual_seed(0))[:30]]
+    y = y.clone()
+    y[relabelled] = 0
+    scan = defenses.scan_backdoor(model, (X, y), trusted, budget=0.1, trainer=trainer, seed=0, threshold=100.0)
+    assert scan.found and scan.statistic == "mislabel" and scan.target_class == 0
+    assert scan.value == scan.statistics["mislabel"] > scan.threshold == defenses.backdoor_scan.MISLABEL_THRESHOLD
+    assert torch.equal(scan.scores, scan.loss_gap)  # flagged by the loss gap, as for excess
+    assert torch.equal(torch.sort(scan.flagged).values, torch.sort(relabelled).values)
+    fitted = defenses.ERM(epochs=defenses.backdoor_scan.TRUSTED_EPOCHS, lr=trainer.lr, batch_size=trainer.batch_size,
+                          progress=False).fit(model, trusted, seed=0)
+    losses, features = detect.losses_and_features(fitted, (X, y))
+    unit = torch.nn.functional.normalize(features, dim=1)
+    similarity = unit @ unit.T
+    similarity.fill_diagonal_(-math.inf)
+    disagreement = (y[similarity.topk(20, dim=1).indices] != y[:, None]).double().mean(1)
+    counted = (losses > defenses.backdoor_scan.MISLABEL_LOSS) & (disagreement >= 0.95)
+    n = torch.bincount(y[counted], minlength=10).double()
+    size = torch.bincount(y, minlength=10).double()
+    expected = size * (n.sum() - n) / (size.sum() - size)
+    assert scan.statistics["mislabel"] == pytest.approx(float(((n - expected) / (expected + 1).sqrt()).max()))
+    without = defenses.scan_backdoor(model, (X, y), trusted, budget=0.1, trainer=trainer, seed=0, threshold=100.0,
+                                     mislabel=False)
+    assert not without.found and without.statistic != "mislabel" and without.flagged.numel() == 0
+    assert without.statistics["mislabel"] == scan.statistics["mislabel"]  # computed either way
