@@ -232,7 +232,7 @@ def _describe_pick(entry: dict, none: Optional[dict], tolerance: float) -> str:
     parts.append(clean)
     cost = _poison_cost(entry)
     parts.append("cost not measured" if math.isinf(cost) else f"{cost:.2f}x the base model's training")
-    why = (f", the row that removes the backdoor at the least clean accuracy (no row within {100 * tolerance:g} "
+    why = (f", the row that removes the backdoor at the smallest clean cost (no row within {100 * tolerance:g} "
            "point(s) of clean accuracy lowers its ASR)" if costly else "")
     return f"pick {_poison_label(entry)}{why}: " + ", ".join(parts)
 

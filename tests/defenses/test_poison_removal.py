@@ -253,7 +253,7 @@ def test_where_no_row_that_keeps_clean_accuracy_lowers_the_backdoor_the_row_that
     pick = recommend_poisoned(summary)
     assert pick["unknown"] == "remove-poisons-unknown"
     assert pick["reason"] == ("trigger unknown: pick remove-poisons-unknown, the row that removes the backdoor at the "
-                              "least clean accuracy (no row within 1 point(s) of clean accuracy lowers its ASR): "
+                              "smallest clean cost (no row within 1 point(s) of clean accuracy lowers its ASR): "
                               "backdoor ASR 0.0 (none 99.0), 99.0% of the poisons removed, clean 92.7 (none 93.8; "
                               "-1.1 [-7.6, +5.3]), 1.76x the base model's training; best other row: knn-label, "
                               "backdoor ASR 1.0 at clean 90.0, 1.05x.")
