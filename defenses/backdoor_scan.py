@@ -209,7 +209,15 @@ def scan_scores(model: nn.Module, train: tuple, trusted: tuple, *, trainer=None,
     return ScanScores(*parts, seconds=seconds)
 
 
+def _for_inference(model: nn.Module, X: torch.Tensor) -> nn.Module:
+    """One of the scan's own models, for its forward passes: where the inputs are image batches (4-D), its 4-D
+    weights in channels-last memory format (the same function; a SmallCNN's forward pass over MNIST about 3x
+    faster on one CPU thread, outputs equal up to float rounding, about 1e-6)."""
+    return model.to(memory_format=torch.channels_last) if X.dim() == 4 else model
+
+
 def _score_parts(trusted_model: nn.Module, early: nn.Module, train: tuple, trusted: tuple, seed: int) -> tuple:
+    trusted_model, early = _for_inference(trusted_model, train[0]), _for_inference(early, train[0])
     trusted_losses, features = detect.losses_and_features(trusted_model, train)
     gap = trusted_losses - detect.training_losses(early, train)
     trusted_features = detect.layer_features(trusted_model, trusted[0], batch_size=128)

@@ -347,3 +347,18 @@ def test_the_mislabel_statistic_counts_what_the_trusted_model_alone_sees_mislabe
                                      mislabel=False)
     assert not without.found and without.statistic != "mislabel" and without.flagged.numel() == 0
     assert without.statistics["mislabel"] == scan.statistics["mislabel"]  # computed either way
+
+
+def test_the_scans_forward_passes_run_a_cnn_in_channels_last_with_the_same_outputs():
+    """The scan's own models score the training set with their 4-D weights in channels-last memory format (faster
+    on a CPU): the same outputs up to float rounding; flat inputs leave the model as it is."""
+    from defenses.backdoor_scan import _for_inference
+    model = build_model("cnn", (1, 28, 28), 10, seed=0).eval()
+    X = torch.rand(64, 1, 28, 28, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        before = model(X)
+        fast = _for_inference(model, X)
+        assert fast.features[0].weight.is_contiguous(memory_format=torch.channels_last)
+        assert torch.allclose(fast(X), before, atol=1e-5)
+    flat = build_model("mlp", (1, 8, 8), 10, seed=0)
+    assert _for_inference(flat, torch.rand(4, 64)) is flat
