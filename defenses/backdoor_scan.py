@@ -39,8 +39,9 @@ trusted set is drawn like the training data, the held-out scores of the two are 
 is about standard normal, whatever the features; a triggered share of the class moves it up (SIG at 9.5%: about
 10). Its largest possible value, when every training sample outscores every trusted one, is about
 ``sqrt(3 m)`` for ``m`` trusted samples of the class (about 11.4 at 50, 6.6 at 20 with 60 training samples): with
-fewer than about 15 trusted samples per class it cannot pass the default threshold. Its flagged samples are those of its class whose
-conformal p-value against the same fold's trusted scores is at most :data:`SHIFT_FLAG_P`, most suspicious first.
+fewer than about 15 trusted samples per class it cannot pass the default threshold. Its flagged samples are those
+of its class whose conformal p-value against the same fold's trusted scores is at most :data:`SHIFT_FLAG_P`, most
+suspicious first.
 
 A third statistic, ``mislabel``, counts per class (:func:`class_excess`) the samples that look mislabelled to the
 trusted model alone (:func:`knn_candidates` of the trusted loss: above :data:`MISLABEL_LOSS` nats, the 20 nearest
@@ -191,9 +192,9 @@ class ScanScores:
 def scan_scores(model: nn.Module, train: tuple, trusted: tuple, *, trainer=None, trusted_epochs: int = TRUSTED_EPOCHS,
                 early_epochs: int = EARLY_EPOCHS, seed: int = 0, progress: bool = False) -> ScanScores:
     """The per-sample scores of :func:`scan_backdoor` on checked inputs (:class:`ScanScores`): the loss gap, the
-    :func:`knn_candidates` among them (under the trusted model), the samples that look mislabelled to it, the shift scores, statistic and p-values (the
-    trusted model's features), and the seconds of training the trusted model, the early model and scoring (the
-    k-NN search and the shift included)."""
+    :func:`knn_candidates` among them (under the trusted model), the samples that look mislabelled to it, the
+    shift scores, statistic and p-values (the trusted model's features), and the seconds of training the trusted
+    model, the early model and scoring (the k-NN search and the shift included)."""
     seconds = {}
     with tqdm(total=3, desc="scan", disable=None if progress else True, leave=False) as bar:
         bar.set_postfix_str("trusted model")
@@ -223,8 +224,9 @@ def _score_parts(trusted_model: nn.Module, early: nn.Module, train: tuple, trust
     trusted_features = detect.layer_features(trusted_model, trusted[0], batch_size=128)
     shift, trusted_shift, fold, trusted_fold = shift_scores(features, train[1], trusted_features, trusted[1], seed=seed)
     z, p = class_shift(shift, trusted_shift, train[1], trusted[1], fold, trusted_fold)
-    mislabel = knn_candidates(trusted_losses, features, train[1], score=MISLABEL_LOSS)
-    return gap, knn_candidates(gap, features, train[1]), mislabel, shift, z, p
+    knn_rows, mislabel_rows = gap > KNN_SCORE, trusted_losses > MISLABEL_LOSS
+    disagreeing = _disagreeing(features, train[1], knn_rows | mislabel_rows)  # one k-NN search for both counts
+    return gap, knn_rows & disagreeing, mislabel_rows & disagreeing, shift, z, p
 
 
 def _folds(y: torch.Tensor, folds: int, generator: torch.Generator) -> torch.Tensor:
@@ -314,11 +316,23 @@ def knn_candidates(scores: torch.Tensor, features: torch.Tensor, y: torch.Tensor
     trusted model's, :func:`~defenses.poison_detection.label_disagreement_scores`) carry another label in at
     least a share ``disagreement``: a dirty-label poison looks like its source class to a model that never saw
     the trigger, even where the early model has not fitted it well enough for the tail."""
+    return _disagreeing(features, y, scores > score, disagreement)
+
+
+def _disagreeing(features: torch.Tensor, y: torch.Tensor, candidates: torch.Tensor,
+                 disagreement: float = KNN_DISAGREEMENT) -> torch.Tensor:
+    """The mask of the ``candidates`` (a boolean mask) whose 20 nearest neighbours in ``features`` carry another
+    label in at least a share ``disagreement``; the k-NN search runs for the candidates alone."""
     mask = torch.zeros(len(y), dtype=torch.bool)
-    rows = torch.nonzero(scores > score).flatten()
+    rows = torch.nonzero(candidates).flatten()
     if rows.numel():
         mask[rows] = detect.label_disagreement_scores(features, y, rows=rows) >= disagreement
     return mask
+
+
+def _top_class(per_class: torch.Tensor) -> int:
+    """The class where a per-class statistic is largest (the smallest such class on ties)."""
+    return int(torch.sort(-per_class, stable=True).indices[0])
 
 
 def class_excess(flags: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -338,7 +352,8 @@ def tail_excess(scores: torch.Tensor, y: torch.Tensor, tail: float = SCORE_TAIL)
     return class_excess(scores > tail, y)
 
 
-def gap_flags(scores: torch.Tensor, y: torch.Tensor, target: int, k: int, flag_score: float = FLAG_SCORE) -> torch.Tensor:
+def gap_flags(scores: torch.Tensor, y: torch.Tensor, target: int, k: int,
+              flag_score: float = FLAG_SCORE) -> torch.Tensor:
     """The samples of class ``target`` scoring above ``flag_score``, highest score first, at most ``k``."""
     in_class = torch.nonzero(y == target).flatten()
     order = in_class[torch.sort(-scores[in_class], stable=True).indices]
@@ -358,7 +373,7 @@ def class_statistics(scores: torch.Tensor, y: torch.Tensor, k: int, tail: float 
     :func:`~defenses.poison_detection.otsu_split`)."""
     tails = tail_excess(scores, y, tail)
     excess = tails if knn is None else torch.maximum(tails, class_excess(knn, y))
-    target = int(torch.sort(-excess, stable=True).indices[0])
+    target = _top_class(excess)
     top = torch.zeros(len(y), dtype=torch.bool)
     top[torch.sort(-scores, stable=True).indices[:k]] = True
     in_class = torch.nonzero(y == target).flatten()
@@ -425,8 +440,8 @@ def scan_backdoor(model: nn.Module, train, trusted, *, budget: float = DEFAULT_S
             your own elsewhere.
         flag_score: the score (nats) above which a sample of the suspected class is flagged when a backdoor is
             found (default :data:`~defenses.backdoor_scan.FLAG_SCORE`); it does not change the verdict.
-        shift: whether the ``shift`` statistic takes part in the verdict (False: ``excess`` alone, the scan
-            before clean-label poisons were covered; the shift scores are computed either way).
+        shift: whether the ``shift`` statistic takes part in the verdict (False: the others alone, as before
+            clean-label poisons were covered; the shift scores are computed either way).
         shift_threshold: the threshold of the ``shift`` statistic, > 0 (default
             :data:`~defenses.backdoor_scan.SHIFT_THRESHOLD`, calibrated on clean data).
         mislabel: whether the ``mislabel`` statistic takes part in the verdict (False: ``excess`` and ``shift``,
@@ -463,10 +478,10 @@ def scan_backdoor(model: nn.Module, train, trusted, *, budget: float = DEFAULT_S
                         early_epochs=early_epochs, seed=seed, progress=progress)
     k = budget_size(len(y), budget)
     target, flagged, statistics = class_statistics(parts.loss_gap, y, k, tail, flag_score, parts.knn)
-    shift_target = int(torch.sort(-parts.shift_z, stable=True).indices[0])
+    shift_target = _top_class(parts.shift_z)
     statistics[SHIFT_STATISTIC] = float(parts.shift_z[shift_target])
     mislabels = class_excess(parts.mislabel, y)
-    mislabel_target = int(torch.sort(-mislabels, stable=True).indices[0])
+    mislabel_target = _top_class(mislabels)
     statistics[MISLABEL_STATISTIC] = float(mislabels[mislabel_target])
     # (statistic, threshold, target class, scores, flags), in the verdict's order of precedence
     verdicts = [(VERDICT_STATISTIC, threshold, target, parts.loss_gap, lambda: flagged)]

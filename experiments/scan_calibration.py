@@ -126,6 +126,9 @@ SCANS = {"first": {"trusted_epochs": 25, "early_epochs": 1, "tail": 8.0, "thresh
          "shift": dict(_KNN, shift=True, shift_threshold=SHIFT_THRESHOLD),
          "current": dict(_KNN, shift=True, shift_threshold=SHIFT_THRESHOLD, mislabel=True,
                          mislabel_threshold=MISLABEL_THRESHOLD)}
+# The statistics a version may add to the verdict: its switch in SCANS is the statistic's name, its threshold
+# ``<name>_threshold``.
+ADDED_STATISTICS = (SHIFT_STATISTIC, MISLABEL_STATISTIC)
 FIRST_FLAG_SCORE = 2.0  # the flag cut before the current version; another one adds to the cache folder's name
 POISON_SEEDS = tuple(range(5))
 INFLUENCE_SEEDS = tuple(range(3))
@@ -375,9 +378,8 @@ def row_found(row: dict, scan: str) -> bool:
     """The verdict of version ``scan`` on a cached row: its statistic above the threshold, or (a version with the
     shift / mislabel statistic) that one above its threshold."""
     config = SCANS[scan]
-    return (excess_value(row, scan) > config["threshold"] or
-            config["shift"] and row["statistics"][SHIFT_STATISTIC] > config["shift_threshold"] or
-            config["mislabel"] and row["statistics"][MISLABEL_STATISTIC] > config["mislabel_threshold"])
+    return excess_value(row, scan) > config["threshold"] or any(
+        row["statistics"][name] > config[f"{name}_threshold"] for name in ADDED_STATISTICS if config[name])
 
 
 def _verdict_applied(row: dict, scan: str) -> dict:
@@ -398,8 +400,8 @@ def _describe(scan: str) -> str:
     return (f"`{scan}`: trusted model {config['trusted_epochs']} epochs on the 500 validation images, early model "
             f"{config['early_epochs']} epoch(s) on the 3,500 training images, tail {config['tail']:g} nats, threshold "
             f"**{config['threshold']:g}**, flag cut {config['flag_score']:g} nats" +
-            (f", or `{SHIFT_STATISTIC}` above **{config['shift_threshold']:g}**" if config["shift"] else "") +
-            (f", or `{MISLABEL_STATISTIC}` above **{config['mislabel_threshold']:g}**" if config["mislabel"] else ""))
+            "".join(f", or `{name}` above **{config[f'{name}_threshold']:g}**" for name in ADDED_STATISTICS
+                    if config[name]))
 
 
 def excess_value(row: dict, scan: str) -> float:
@@ -512,20 +514,16 @@ def report(rows: dict) -> dict:
             counted = {"false_positives": sum(row_found(row, scan) for row in clean), "seeds": len(clean),
                        "max": largest, "per_data": {data: sum(row_found(row, scan) for row in values)
                                                     for data, values in per_data.items()}}
-            shift_note = ""
-            if config["shift"]:
-                counted["max_shift"] = max(row["statistics"][SHIFT_STATISTIC] for row in clean)
-                shift_note = (f"; `{SHIFT_STATISTIC}`'s largest {counted['max_shift']:.2f} (threshold "
-                              f"{config['shift_threshold']:g})")
-            if config["mislabel"]:
-                counted["max_mislabel"] = max(row["statistics"][MISLABEL_STATISTIC] for row in clean)
-                shift_note += (f"; `{MISLABEL_STATISTIC}`'s largest {counted['max_mislabel']:.2f} (threshold "
-                               f"{config['mislabel_threshold']:g})")
+            added = ""
+            for name in [name for name in ADDED_STATISTICS if config[name]]:
+                counted[f"max_{name}"] = max(row["statistics"][name] for row in clean)
+                added += (f"; `{name}`'s largest {counted[f'max_{name}']:.2f} "
+                          f"(threshold {config[f'{name}_threshold']:g})")
             summary["false_positives"].setdefault(scan, {})[part] = counted
             split = ", ".join(f"{data} {found} of {len(per_data[data])}" for data, found in counted["per_data"].items())
             lines.append(f"- `{scan}` scan, false positives on clean data ({label}): {counted['false_positives']} of "
                          f"{len(clean)} seeds ({split}); the statistic's largest value {largest:.1f} "
-                         f"(threshold {config['threshold']:g}){shift_note}.")
+                         f"(threshold {config['threshold']:g}){added}.")
     lines += ["", "Written by `experiments/scan_calibration.py`."]
     return summary, "\n".join(lines)
 
